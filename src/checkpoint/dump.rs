@@ -1,0 +1,128 @@
+//! The `dump` checkpoint backend: a logical `pg_dump -Fc` of one database, for
+//! any PostgreSQL URL. Restore renames the damaged database to
+//! `<db>_backstop_<run>` (kept, connections disabled) and recreates the original
+//! name from the dump with `pg_restore --create`. Needs a role that may create
+//! databases. The data-loss window is everything written after the dump.
+
+use std::path::PathBuf;
+
+use chrono::Utc;
+
+use super::{tree_size, Checkpoint, CheckpointError, CheckpointRecord, RecoveryPoint, RestoreRecord};
+use crate::db::{ident, Database};
+use crate::pgbin;
+
+/// Settings of the dump backend.
+#[derive(Debug, Clone)]
+pub struct DumpBackend {
+    /// PostgreSQL client programs.
+    pub bindir: PathBuf,
+    /// Where dumps are kept (`<state>/checkpoints`).
+    pub store: PathBuf,
+}
+
+impl DumpBackend {
+    fn kept_name(db: &Database, run_id: &str) -> String {
+        let mut name = format!("{}_backstop_{}", db.dbname(), run_id.replace('-', "_"));
+        name.truncate(63);
+        name
+    }
+}
+
+#[async_trait::async_trait]
+impl Checkpoint for DumpBackend {
+    fn name(&self) -> &'static str {
+        "dump"
+    }
+
+    async fn preflight(&self, db: &Database) -> Result<(), CheckpointError> {
+        db.connect().await?;
+        Ok(())
+    }
+
+    async fn create(&self, db: &Database, run_id: &str) -> Result<CheckpointRecord, CheckpointError> {
+        let dir = self.store.join(run_id);
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|source| CheckpointError::Io { step: "create dump folder", path: dir.clone(), source })?;
+        let file = dir.join(format!("{}.dump", db.dbname()));
+        let started_at = Utc::now();
+        let mut cmd = pgbin::command(&self.bindir, "pg_dump", None);
+        cmd.envs(db.libpq_env()).args(["-Fc", "--no-password", "-f"]).arg(&file);
+        pgbin::run(cmd, "pg_dump")
+            .await
+            .map_err(|source| CheckpointError::Tool { step: format!("pg_dump of {}", db.describe()), source })?;
+        Ok(CheckpointRecord {
+            backend: self.name().into(),
+            location: file.display().to_string(),
+            database: db.describe(),
+            started_at,
+            completed_at: Utc::now(),
+            size_bytes: tree_size(&file),
+            restore_drill: "not run (dump backend)".into(),
+        })
+    }
+
+    async fn restore(
+        &self,
+        db: &Database,
+        checkpoint: &CheckpointRecord,
+        _target: &RecoveryPoint,
+        run_id: &str,
+    ) -> Result<RestoreRecord, CheckpointError> {
+        let started_at = Utc::now();
+        let name = db.dbname().to_string();
+        let kept = Self::kept_name(db, run_id);
+        let admin = db.sibling("postgres");
+        let client = admin.connect().await?;
+        let database = admin.describe();
+        let query = |step: &'static str| {
+            let database = database.clone();
+            move |source| CheckpointError::Query { database, step, source }
+        };
+        let exists = |n: String| {
+            let client = &client;
+            async move {
+                client
+                    .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&n])
+                    .await
+                    .map(|r| r.is_some())
+            }
+        };
+        let terminate = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()";
+        if exists(kept.clone()).await.map_err(query("looking for the kept database"))? {
+            // Resumed: the damaged database is already kept; a database under the
+            // original name is our own half-finished restore.
+            if exists(name.clone()).await.map_err(query("looking for the database"))? {
+                client.execute(terminate, &[&name]).await.map_err(query("closing sessions"))?;
+                client
+                    .batch_execute(&format!("DROP DATABASE {}", ident(&name)))
+                    .await
+                    .map_err(query("dropping a partial restore"))?;
+            }
+        } else {
+            client
+                .batch_execute(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS false", ident(&name)))
+                .await
+                .map_err(query("refusing new connections"))?;
+            client.execute(terminate, &[&name]).await.map_err(query("closing sessions"))?;
+            client
+                .batch_execute(&format!("ALTER DATABASE {} RENAME TO {}", ident(&name), ident(&kept)))
+                .await
+                .map_err(query("keeping the damaged database"))?;
+        }
+        let mut cmd = pgbin::command(&self.bindir, "pg_restore", None);
+        cmd.envs(db.sibling("postgres").libpq_env())
+            .args(["--create", "--exit-on-error", "--no-password", "-d", "postgres"])
+            .arg(&checkpoint.location);
+        pgbin::run(cmd, "pg_restore")
+            .await
+            .map_err(|source| CheckpointError::Tool { step: format!("pg_restore into {}", db.describe()), source })?;
+        Ok(RestoreRecord {
+            started_at,
+            finished_at: Utc::now(),
+            target: format!("dump taken at {}", checkpoint.completed_at.to_rfc3339()),
+            kept: format!("database {kept}"),
+        })
+    }
+}

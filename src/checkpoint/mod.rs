@@ -1,0 +1,105 @@
+//! Checkpoints: the trait every backend implements (take a checkpoint before a
+//! migration, restore to a recovery point after a failure) and the records a
+//! run keeps of them. Backends: [`local`] (physical base backup + WAL archive,
+//! real PITR) and [`dump`] (logical `pg_dump -Fc` / `pg_restore`).
+
+pub mod dump;
+pub mod local;
+
+use std::path::PathBuf;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::db::{Database, DbError};
+use crate::pgbin::PgBinError;
+
+/// Failures of checkpoint backends.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{database} is not archiving WAL ({detail}); the local backend needs archive_mode = on and an archive_command writing to {archive}")]
+    NotArchiving { database: String, detail: String, archive: PathBuf },
+    #[error("local checkpoints need {what}")]
+    Misconfigured { what: String },
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("query on {database} failed while {step}")]
+    Query { database: String, step: &'static str, source: tokio_postgres::Error },
+    #[error("{step} failed")]
+    Tool { step: String, source: PgBinError },
+    #[error("failed to {step} at {path}")]
+    Io { step: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("the restored server at {pgdata} did not finish recovery within {seconds}s")]
+    RecoveryTimeout { pgdata: PathBuf, seconds: u64 },
+}
+
+/// What a run keeps of a checkpoint it took.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    /// Backend name (`local`, `dump`).
+    pub backend: String,
+    /// Where the checkpoint is.
+    pub location: String,
+    /// The database it covers (no secrets).
+    pub database: String,
+    pub started_at: DateTime<Utc>,
+    pub completed_at: DateTime<Utc>,
+    pub size_bytes: u64,
+    /// Result of a restore drill, where the backend runs one.
+    pub restore_drill: String,
+}
+
+/// The point a restore goes back to: read over the database connection just
+/// before the migration starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryPoint {
+    pub time: DateTime<Utc>,
+    /// `pg_current_wal_insert_lsn()` at that time.
+    pub lsn: String,
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreRecord {
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    /// The recovery target used, in the backend's terms.
+    pub target: String,
+    /// Where the state before the restore was kept (never deleted).
+    pub kept: String,
+}
+
+/// A checkpoint backend.
+#[async_trait::async_trait]
+pub trait Checkpoint: Send + Sync {
+    /// Backend name for records and reports.
+    fn name(&self) -> &'static str;
+    /// Checks, before anything is touched, that a checkpoint can be taken.
+    async fn preflight(&self, db: &Database) -> Result<(), CheckpointError>;
+    /// Takes a checkpoint of `db` for run `run_id`. A partial checkpoint left
+    /// by an interrupted earlier attempt of the same run is replaced.
+    async fn create(&self, db: &Database, run_id: &str) -> Result<CheckpointRecord, CheckpointError>;
+    /// Brings `db` back to `target` from `checkpoint`. Safe to call again after
+    /// an interruption: the state before the first attempt stays kept.
+    async fn restore(
+        &self,
+        db: &Database,
+        checkpoint: &CheckpointRecord,
+        target: &RecoveryPoint,
+        run_id: &str,
+    ) -> Result<RestoreRecord, CheckpointError>;
+}
+
+/// Size in bytes of all files below `path`.
+pub(crate) fn tree_size(path: &std::path::Path) -> u64 {
+    let Ok(meta) = std::fs::symlink_metadata(path) else { return 0 };
+    if !meta.is_dir() {
+        return meta.len();
+    }
+    std::fs::read_dir(path)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| tree_size(&e.path()))
+        .sum()
+}

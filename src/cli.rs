@@ -1,0 +1,230 @@
+//! The command line: clap definitions (every flag also reads `BACKSTOP_<FLAG>`),
+//! dispatch to the library, and the exit codes of DESIGN section 9:
+//! 0 success or nothing to do; 1 a run failed and was rolled back as designed;
+//! 2 bad input or configuration (nothing was touched); 3 remediation itself
+//! failed and a person must act.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::journal::Journal;
+use crate::local::{self, BackupBackend, LocalOptions};
+use crate::manifests::RevertMode;
+use crate::report::{self, Report};
+use crate::run::{EngineError, Outcome, RunStore};
+
+/// Exit code: success or nothing to do.
+pub const EXIT_OK: u8 = 0;
+/// Exit code: a run failed and was rolled back as designed.
+pub const EXIT_ROLLED_BACK: u8 = 1;
+/// Exit code: bad input or configuration; nothing was touched.
+pub const EXIT_BAD_INPUT: u8 = 2;
+/// Exit code: remediation failed; a person must act.
+pub const EXIT_NEEDS_PERSON: u8 = 3;
+
+/// Makes database migrations in a GitOps repo reversible: checkpoint, migrate,
+/// verify, promote; or roll back code and data together.
+#[derive(Debug, Parser)]
+#[command(name = "backstop", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the whole story on a throwaway PostgreSQL server and git repo: one
+    /// migration succeeds, one fails and is rolled back (code and data).
+    Demo {
+        /// Keep the demo folder (remote, state, reports) instead of deleting it.
+        #[arg(long, env = "BACKSTOP_KEEP")]
+        keep: bool,
+    },
+    /// Local mode: guard the migrations pushed to the upstream branch of a git
+    /// remote, moving the gate branch only past migrations that succeeded.
+    Run(RunArgs),
+    /// List runs with their phase and outcome.
+    Status {
+        /// State directory holding the journal.
+        #[arg(long, env = "BACKSTOP_STATE", default_value = ".backstop")]
+        state: PathBuf,
+        /// Print JSON: a list of {id, commit, phase, outcome, migrations, report}.
+        #[arg(long, env = "BACKSTOP_JSON")]
+        json: bool,
+    },
+    /// Print one run's evidence report (by id, id prefix or commit prefix).
+    Report {
+        /// Run id.
+        run: String,
+        /// State directory holding the journal.
+        #[arg(long, env = "BACKSTOP_STATE", default_value = ".backstop")]
+        state: PathBuf,
+        /// Print the JSON report instead of Markdown.
+        #[arg(long, env = "BACKSTOP_JSON")]
+        json: bool,
+    },
+}
+
+/// Flags of `backstop run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The sre repository: a path or URL git can fetch from and push to.
+    #[arg(long, env = "BACKSTOP_REPO")]
+    pub repo: String,
+    /// Branch people commit to.
+    #[arg(long, env = "BACKSTOP_UPSTREAM", default_value = "main")]
+    pub upstream: String,
+    /// Branch Flux follows; only backstop moves it, only forward.
+    #[arg(long, env = "BACKSTOP_GATE", default_value = "backstop/gate")]
+    pub gate: String,
+    /// Folder of the repo to guard (a Kustomization's spec.path); default: all.
+    #[arg(long, env = "BACKSTOP_PATH", default_value = "")]
+    pub path: String,
+    /// What `backstop.dev/checkpoint: backup` means: `local` (base backup + WAL
+    /// archive, real PITR; needs --pgdata and --wal-archive) or `dump`.
+    #[arg(long, env = "BACKSTOP_CHECKPOINT", value_enum, default_value = "local")]
+    pub checkpoint: BackupBackend,
+    /// Data directory of the PostgreSQL server (local checkpoints).
+    #[arg(long, env = "BACKSTOP_PGDATA")]
+    pub pgdata: Option<PathBuf>,
+    /// Folder the server's archive_command writes WAL segments to (local checkpoints).
+    #[arg(long, env = "BACKSTOP_WAL_ARCHIVE")]
+    pub wal_archive: Option<PathBuf>,
+    /// How to revert code on failure; overrides the carriers' backstop.dev/revert.
+    #[arg(long, env = "BACKSTOP_REVERT", value_parser = parse_revert)]
+    pub revert: Option<RevertMode>,
+    /// State directory: journal, checkpoints, runs/<id>/report.{md,json}.
+    #[arg(long, env = "BACKSTOP_STATE", default_value = ".backstop")]
+    pub state: PathBuf,
+    /// Process what is pending, then exit (default: keep watching).
+    #[arg(long, env = "BACKSTOP_ONCE")]
+    pub once: bool,
+    /// Seconds between passes when watching.
+    #[arg(long, env = "BACKSTOP_INTERVAL", default_value_t = 30)]
+    pub interval: u64,
+}
+
+fn parse_revert(s: &str) -> Result<RevertMode, String> {
+    match s {
+        "commit" => Ok(RevertMode::Commit),
+        "pull-request" => Ok(RevertMode::PullRequest),
+        other => Err(format!("unknown revert mode {other:?} (expected commit or pull-request)")),
+    }
+}
+
+/// Runs the command; returns the exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<u8> {
+    match cli.command {
+        Command::Demo { keep } => {
+            crate::demo::run(keep).await.context("backstop demo failed")?;
+            Ok(EXIT_OK)
+        }
+        Command::Run(args) => run_local(args).await,
+        Command::Status { state, json } => status(&state, json).await,
+        Command::Report { run, state, json } => print_report(&state, &run, json),
+    }
+}
+
+async fn run_local(args: RunArgs) -> anyhow::Result<u8> {
+    let opts = LocalOptions {
+        repo: args.repo.clone(),
+        upstream: args.upstream,
+        gate: args.gate,
+        path: args.path,
+        checkpoint: args.checkpoint,
+        pgdata: args.pgdata,
+        wal_archive: args.wal_archive,
+        revert: args.revert,
+        state: args.state,
+        env: Default::default(),
+    };
+    let engine = match local::engine(&opts).await {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("backstop: {}", crate::run::chain(&e));
+            return Ok(EXIT_BAD_INPUT);
+        }
+    };
+    loop {
+        let code = match engine.pass().await {
+            Ok(report) => {
+                if let Some(w) = &report.waiting {
+                    eprintln!("backstop: waiting: {w}");
+                }
+                let mut code = EXIT_OK;
+                for (id, outcome, location) in &report.runs {
+                    println!("{id} {outcome:?} {location}");
+                    code = code.max(match outcome {
+                        Outcome::Succeeded => EXIT_OK,
+                        Outcome::RolledBack => EXIT_ROLLED_BACK,
+                        Outcome::Failed => EXIT_NEEDS_PERSON,
+                    });
+                }
+                code
+            }
+            Err(e) => {
+                eprintln!("backstop: {}", crate::run::chain(&e));
+                match e {
+                    EngineError::Plan(_) | EngineError::Git(_) => EXIT_BAD_INPUT,
+                    EngineError::Store(_) => EXIT_NEEDS_PERSON,
+                }
+            }
+        };
+        if args.once {
+            return Ok(code);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(args.interval)) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(code),
+        }
+    }
+}
+
+async fn status(state: &std::path::Path, json: bool) -> anyhow::Result<u8> {
+    let journal = Journal::new(state);
+    let runs = journal.list().await.context("reading the journal")?;
+    if json {
+        let list: Vec<serde_json::Value> = runs
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "id": r.id,
+                    "commit": r.commit.sha,
+                    "phase": r.phase.as_str(),
+                    "outcome": r.outcome(),
+                    "migrations": r.migrations.iter().map(|m| m.id.clone()).collect::<Vec<_>>(),
+                    "report": journal.run_dir(&r.id).join("report.md"),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else if runs.is_empty() {
+        println!("no runs in {}", state.display());
+    } else {
+        println!("{:<26} {:<8} {:<14} {:<11} migrations", "RUN", "COMMIT", "PHASE", "OUTCOME");
+        for r in &runs {
+            let outcome = r.outcome().map(|o| format!("{o:?}")).unwrap_or_else(|| "-".into());
+            let ids: Vec<&str> = r.migrations.iter().map(|m| m.id.as_str()).collect();
+            println!("{:<26} {:<8} {:<14} {:<11} {}", r.id, r.commit.short(), r.phase.as_str(), outcome, ids.join(","));
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+fn print_report(state: &std::path::Path, id: &str, json: bool) -> anyhow::Result<u8> {
+    let journal = Journal::new(state);
+    let Some(run) = journal.find(id).context("reading the journal")? else {
+        eprintln!("backstop: no run {id:?} in {} (see `backstop status`)", state.display());
+        return Ok(EXIT_BAD_INPUT);
+    };
+    let report = Report::from_run(&run);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report::markdown(&report));
+    }
+    Ok(EXIT_OK)
+}

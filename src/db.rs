@@ -1,0 +1,147 @@
+//! Connection targets: a database reference resolved to something connectable,
+//! with the password kept out of `Debug`, logs, command lines and reports.
+
+use tokio_postgres::config::Host;
+use tokio_postgres::{Client, NoTls};
+
+use crate::manifests::DatabaseRef;
+
+/// Failures to reach a database.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("environment variable {var} (named by database url:{var}) is not set")]
+    MissingVar { var: String },
+    #[error("environment variable {var} does not hold a valid libpq URL")]
+    BadUrl { var: String, source: tokio_postgres::Error },
+    #[error("failed to connect to database {database}")]
+    Connect { database: String, source: tokio_postgres::Error },
+}
+
+/// A database backstop can connect to.
+#[derive(Clone)]
+pub struct Database {
+    /// What the carrier named.
+    pub reference: DatabaseRef,
+    config: tokio_postgres::Config,
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Database({})", self.describe())
+    }
+}
+
+impl Database {
+    /// Builds a target from a libpq URL or key=value string.
+    pub fn from_url(reference: DatabaseRef, url: &str, database_name: Option<&str>) -> Result<Self, DbError> {
+        let var = match &reference {
+            DatabaseRef::Url { var } => var.clone(),
+            other => other.to_string(),
+        };
+        let mut config: tokio_postgres::Config = url.parse().map_err(|source| DbError::BadUrl { var, source })?;
+        if let Some(name) = database_name {
+            config.dbname(name);
+        }
+        Ok(Self { reference, config })
+    }
+
+    /// Resolves `url:VAR` from the environment. Other references need a cluster.
+    pub fn from_env(reference: &DatabaseRef, database_name: Option<&str>) -> Result<Self, DbError> {
+        let DatabaseRef::Url { var } = reference else {
+            return Err(DbError::MissingVar { var: reference.to_string() });
+        };
+        let url = std::env::var(var).map_err(|_| DbError::MissingVar { var: var.clone() })?;
+        Self::from_url(reference.clone(), &url, database_name)
+    }
+
+    /// The database name inside the server.
+    pub fn dbname(&self) -> &str {
+        self.config.get_dbname().unwrap_or("postgres")
+    }
+
+    /// `user@host:port/db` without secrets, for messages.
+    pub fn describe(&self) -> String {
+        let host = self.config.get_hosts().first().map(host_text).unwrap_or_else(|| "localhost".into());
+        let port = self.config.get_ports().first().copied().unwrap_or(5432);
+        let user = self.config.get_user().unwrap_or("");
+        format!("{} ({user}@{host}:{port}/{})", self.reference, self.dbname())
+    }
+
+    /// Opens a connection; the connection task runs on the runtime.
+    pub async fn connect(&self) -> Result<Client, DbError> {
+        let (client, connection) = self
+            .config
+            .connect(NoTls)
+            .await
+            .map_err(|source| DbError::Connect { database: self.describe(), source })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "database connection closed");
+            }
+        });
+        Ok(client)
+    }
+
+    /// A connection to another database of the same server (e.g. `postgres`).
+    pub fn sibling(&self, dbname: &str) -> Self {
+        let mut config = self.config.clone();
+        config.dbname(dbname);
+        Self { reference: self.reference.clone(), config }
+    }
+
+    /// Arguments and environment for libpq tools (`pg_dump`, `pg_basebackup`):
+    /// the password travels in `PGPASSWORD`, never on the command line.
+    pub fn libpq_env(&self) -> Vec<(&'static str, String)> {
+        let mut env = Vec::new();
+        if let Some(h) = self.config.get_hosts().first() {
+            env.push(("PGHOST", host_text(h)));
+        }
+        if let Some(p) = self.config.get_ports().first() {
+            env.push(("PGPORT", p.to_string()));
+        }
+        if let Some(u) = self.config.get_user() {
+            env.push(("PGUSER", u.to_string()));
+        }
+        if let Some(pw) = self.config.get_password() {
+            env.push(("PGPASSWORD", String::from_utf8_lossy(pw).into_owned()));
+        }
+        env.push(("PGDATABASE", self.dbname().to_string()));
+        env
+    }
+}
+
+fn host_text(h: &Host) -> String {
+    match h {
+        Host::Tcp(s) => s.clone(),
+        Host::Unix(p) => p.display().to_string(),
+    }
+}
+
+/// Quotes an SQL identifier.
+pub fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_and_describe_hide_the_password() {
+        let db = Database::from_url(
+            DatabaseRef::Url { var: "X".into() },
+            "postgresql://app:s3cret@127.0.0.1:5433/shop",
+            None,
+        )
+        .unwrap();
+        assert!(!format!("{db:?}").contains("s3cret"));
+        assert_eq!(db.describe(), "url:X (app@127.0.0.1:5433/shop)");
+        assert!(db.libpq_env().contains(&("PGPASSWORD", "s3cret".to_string())));
+    }
+
+    #[test]
+    fn unset_variable_is_named() {
+        let err = Database::from_env(&DatabaseRef::Url { var: "BACKSTOP_TEST_UNSET_VAR".into() }, None).unwrap_err();
+        assert_eq!(err.to_string(), "environment variable BACKSTOP_TEST_UNSET_VAR (named by database url:BACKSTOP_TEST_UNSET_VAR) is not set");
+    }
+}

@@ -1,0 +1,162 @@
+//! `backstop demo`: the whole story on a throwaway PostgreSQL server and git
+//! remote built from the embedded `examples/sre-repo`: one migration that
+//! succeeds, one that fails after committing and is rolled back (PITR restore
+//! of the data, revert commit of the code), with both evidence reports.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use crate::local::{self, BackupBackend, LocalOptions};
+use crate::pgserver::PgServer;
+use crate::run::{Engine, Outcome, PassReport};
+use crate::sandbox::{BareRemote, Change};
+
+macro_rules! example {
+    ($path:literal) => {
+        ($path, include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/sre-repo/", $path)))
+    };
+}
+
+/// The sample repo without its migrations.
+const BASE: &[(&str, &str)] = &[
+    example!("README.md"),
+    example!("clusters/develop/shop.yaml"),
+    example!("clusters/staging/shop.yaml"),
+    example!("clusters/production/shop.yaml"),
+    example!("infrastructure/databases/develop/app-db.yaml"),
+    example!("infrastructure/databases/staging/app-db.yaml"),
+    example!("infrastructure/databases/production/app-db.yaml"),
+    example!("apps/shop/kustomization.yaml"),
+    example!("apps/shop/base/deployment.yaml"),
+    example!("apps/shop/migrations/kustomization.yaml"),
+];
+const GOOD: (&str, &str) = example!("apps/shop/migrations/0001-create-orders.yaml");
+const BAD: (&str, &str) = example!("apps/shop/migrations/0002-backfill-order-totals.yaml");
+
+/// Failures of the demo's own setup (not of the runs it shows).
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("failed to start the throwaway PostgreSQL server")]
+    Server(#[from] crate::pgserver::PgServerError),
+    #[error("failed to build the throwaway git remote")]
+    Git(#[from] git2::Error),
+    #[error("failed to set up local mode")]
+    Local(#[from] local::LocalError),
+    #[error("a backstop pass failed")]
+    Engine(#[from] crate::run::EngineError),
+    #[error("demo database query failed")]
+    Query(#[from] tokio_postgres::Error),
+    #[error("demo database connection failed")]
+    Db(#[from] crate::db::DbError),
+    #[error("failed to create the demo folder")]
+    Io(#[from] std::io::Error),
+    #[error("the demo did not go as designed: {0}")]
+    Unexpected(String),
+}
+
+/// Runs the demo; `keep` leaves the folder (repo, state, reports) behind.
+pub async fn run(keep: bool) -> Result<(), DemoError> {
+    say("starting a throwaway PostgreSQL server (WAL archiving on)");
+    let server = PgServer::start().await?;
+    server.create_database("shop").await?;
+    let work = tempfile::Builder::new().prefix("backstop-demo-").tempdir()?;
+    let root: PathBuf = if keep { work.keep() } else { work.path().to_path_buf() };
+    let remote = BareRemote::init(&root.join("sre.git"))?;
+    let files: Vec<Change> = BASE.iter().map(|(p, c)| Change::Write(p, c)).collect();
+    let base = remote.commit("main", &files, "Initial sre repo: shop app, Flux wiring, CNPG clusters")?;
+    remote.set_branch("backstop/gate", &base)?;
+    say(&format!("sre remote {} with main and gate at {}", remote.path().display(), &base[..7]));
+
+    let opts = LocalOptions {
+        repo: remote.path().display().to_string(),
+        upstream: "main".into(),
+        gate: "backstop/gate".into(),
+        path: "apps/shop".into(),
+        checkpoint: BackupBackend::Local,
+        pgdata: Some(server.data_dir()),
+        wal_archive: Some(server.archive()),
+        revert: None,
+        state: root.join("state"),
+        env: HashMap::from([("SHOP_DATABASE_URL".to_string(), server.url("shop"))]),
+    };
+    let engine = local::engine(&opts).await?;
+
+    say("commit 1: migration 0001-create-orders (expand)");
+    let c1 = remote.commit("main", &[Change::Write(GOOD.0, GOOD.1)], "shop: create orders table")?;
+    let first = pass(&engine).await?;
+    expect(&first, Outcome::Succeeded)?;
+    if remote.head("backstop/gate")?.as_deref() != Some(c1.as_str()) {
+        return Err(DemoError::Unexpected("the gate did not move to commit 1".into()));
+    }
+    say(&format!("gate fast-forwarded to {}", &c1[..7]));
+
+    let client = server.database("shop")?.connect().await?;
+    client
+        .batch_execute(
+            "INSERT INTO orders (customer, quantity, unit_price_cents) VALUES ('ada', 2, 1250), ('grace', 1, 990), ('linus', 3, 400)",
+        )
+        .await?;
+    say("the app writes 3 orders");
+    drop(client);
+
+    say("commit 2: migration 0002-backfill-order-totals (migrate) with a buggy backfill");
+    let c2 = remote.commit("main", &[Change::Write(BAD.0, BAD.1)], "shop: backfill order totals")?;
+    let second = pass(&engine).await?;
+    expect(&second, Outcome::RolledBack)?;
+
+    let client = server.database("shop")?.connect().await?;
+    let orders: i64 = client.query_one("SELECT count(*) FROM orders", &[]).await?.get(0);
+    let column: i64 = client
+        .query_one("SELECT count(*) FROM information_schema.columns WHERE table_name = 'orders' AND column_name = 'total_cents'", &[])
+        .await?
+        .get(0);
+    let gate = remote.head("backstop/gate")?.unwrap_or_default();
+    let log = remote.log("main")?;
+    say(&format!(
+        "after rollback: {orders} orders kept, column total_cents {}, gate still at {} (not {}), main: {}",
+        if column == 0 { "gone (schema restored)" } else { "STILL THERE" },
+        &gate[..7.min(gate.len())],
+        &c2[..7],
+        log.first().cloned().unwrap_or_default()
+    ));
+    if orders != 3 || column != 0 || gate != c1 || !log.first().is_some_and(|s| s.starts_with("Revert \"")) {
+        return Err(DemoError::Unexpected("code and data were not both rolled back".into()));
+    }
+    let journal = crate::journal::Journal::new(&opts.state);
+    for (id, _, _) in first.runs.iter().chain(second.runs.iter()) {
+        if let Ok(Some(run)) = journal.find(id) {
+            say(&format!("evidence report of run {id}"));
+            println!("{}", crate::report::markdown(&crate::report::Report::from_run(&run)));
+        }
+    }
+    say("report files:");
+    for (id, outcome, location) in first.runs.iter().chain(second.runs.iter()) {
+        println!("  {id}  {outcome:?}  {location}");
+    }
+    if keep {
+        say(&format!("kept everything under {}", root.display()));
+    } else {
+        say("the demo folder is deleted on exit; `backstop demo --keep` keeps it");
+    }
+    say("done: one migration promoted, one failure rolled back (code and data)");
+    Ok(())
+}
+
+async fn pass(engine: &Engine) -> Result<PassReport, DemoError> {
+    say("backstop run --once");
+    Ok(engine.pass().await?)
+}
+
+fn expect(report: &PassReport, outcome: Outcome) -> Result<(), DemoError> {
+    match report.runs.last() {
+        Some((id, got, _)) if *got == outcome => {
+            say(&format!("run {id}: {got:?}"));
+            Ok(())
+        }
+        other => Err(DemoError::Unexpected(format!("expected a run that {outcome:?}, got {other:?}"))),
+    }
+}
+
+fn say(text: &str) {
+    println!("==> {text}");
+}

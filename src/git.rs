@@ -1,0 +1,398 @@
+//! The GitOps repository: a bare mirror of the `sre` remote (git2), the commits
+//! pending between the gate and upstream branches, tree snapshots and diffs
+//! limited to a path, fast-forward pushes of the gate, and revert commits.
+//!
+//! git2 is blocking: every public method runs its work on tokio's blocking pool.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use git2::{Oid, Repository};
+use serde::{Deserialize, Serialize};
+
+use crate::manifests::Snapshot;
+
+/// Failures of git operations; each names the step and the ref or remote.
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    #[error("failed to open git mirror {path}")]
+    Open { path: PathBuf, source: git2::Error },
+    #[error("failed to fetch from {url}")]
+    Fetch { url: String, source: git2::Error },
+    #[error("branch {branch:?} does not exist on {url}")]
+    MissingBranch { branch: String, url: String },
+    #[error("gate branch {gate:?} ({gate_sha}) is not an ancestor of upstream {upstream:?}: the branches diverged; move the gate by hand to a commit of upstream that is deployed")]
+    Diverged { gate: String, gate_sha: String, upstream: String },
+    #[error("failed to read commit {sha}")]
+    Read { sha: String, source: git2::Error },
+    #[error("push of {sha} to {branch:?} on {url} was rejected: {reason}")]
+    Rejected { sha: String, branch: String, url: String, reason: String },
+    #[error("failed to push {sha} to {branch:?} on {url}")]
+    Push { sha: String, branch: String, url: String, source: git2::Error },
+    #[error("reverting {sha} on top of {onto} conflicts in: {paths}")]
+    RevertConflict { sha: String, onto: String, paths: String },
+    #[error("failed to write the revert commit of {sha}")]
+    Revert { sha: String, source: git2::Error },
+    #[error("git worker task failed")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+type Result<T> = std::result::Result<T, GitError>;
+
+/// What a report needs to know about a commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitInfo {
+    pub sha: String,
+    pub subject: String,
+    pub author: String,
+    /// Commit time, RFC 3339.
+    pub time: String,
+    /// Trailers such as `Backstop-Approved-By` (key, value).
+    pub trailers: Vec<(String, String)>,
+}
+
+impl CommitInfo {
+    /// First seven characters of the sha.
+    pub fn short(&self) -> &str {
+        &self.sha[..self.sha.len().min(7)]
+    }
+}
+
+/// A bare mirror of one remote, kept under the state directory.
+#[derive(Debug, Clone)]
+pub struct GitRepo {
+    mirror: PathBuf,
+    url: String,
+}
+
+/// Identity backstop writes its commits with.
+const BOT_NAME: &str = "backstop";
+const BOT_EMAIL: &str = "backstop@localhost";
+
+impl GitRepo {
+    /// Opens the mirror at `mirror`, creating it (bare, remote `origin` = `url`) if needed.
+    pub async fn open(mirror: &Path, url: &str) -> Result<Self> {
+        let mirror = mirror.to_path_buf();
+        let url = url.to_string();
+        let (m, u) = (mirror.clone(), url.clone());
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            let open_err = |source| GitError::Open { path: m.clone(), source };
+            let repo = match Repository::open_bare(&m) {
+                Ok(r) => r,
+                Err(_) => Repository::init_bare(&m).map_err(open_err)?,
+            };
+            match repo.find_remote("origin") {
+                Ok(r) if r.url().ok() == Some(u.as_str()) => {}
+                Ok(_) => repo.remote_set_url("origin", &u).map_err(open_err)?,
+                Err(_) => {
+                    repo.remote("origin", &u).map_err(open_err)?;
+                }
+            }
+            Ok(())
+        })
+        .await??;
+        Ok(Self { mirror, url })
+    }
+
+    /// The remote URL or path.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn repo(&self) -> Result<Repository> {
+        Repository::open_bare(&self.mirror).map_err(|source| GitError::Open { path: self.mirror.clone(), source })
+    }
+
+    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&Self) -> Result<T> + Send + 'static) -> Result<T> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || f(&this)).await?
+    }
+
+    /// Fetches every branch of the remote (pruning deleted ones).
+    pub async fn fetch(&self) -> Result<()> {
+        self.blocking(|this| {
+            let repo = this.repo()?;
+            let err = |source| GitError::Fetch { url: this.url.clone(), source };
+            let mut remote = repo.find_remote("origin").map_err(err)?;
+            let mut opts = git2::FetchOptions::new();
+            opts.prune(git2::FetchPrune::On);
+            remote
+                .fetch(&["+refs/heads/*:refs/remotes/origin/*"], Some(&mut opts), None)
+                .map_err(err)
+        })
+        .await
+    }
+
+    /// The commit a remote branch points at (as of the last fetch).
+    pub async fn branch(&self, branch: &str) -> Result<Option<String>> {
+        let branch = branch.to_string();
+        self.blocking(move |this| {
+            let repo = this.repo()?;
+            Ok(repo
+                .refname_to_id(&format!("refs/remotes/origin/{branch}"))
+                .ok()
+                .map(|o| o.to_string()))
+        })
+        .await
+    }
+
+    /// Like [`branch`](Self::branch) but an absent branch is an error.
+    pub async fn require_branch(&self, branch: &str) -> Result<String> {
+        self.branch(branch).await?.ok_or_else(|| GitError::MissingBranch {
+            branch: branch.to_string(),
+            url: self.url.clone(),
+        })
+    }
+
+    /// Commits in `gate..upstream`, oldest first (first-parent history of
+    /// upstream). Fails when the gate is not an ancestor of upstream.
+    pub async fn pending(&self, gate: &str, upstream: &str, names: (&str, &str)) -> Result<Vec<CommitInfo>> {
+        let (gate, upstream) = (gate.to_string(), upstream.to_string());
+        let (gate_name, upstream_name) = (names.0.to_string(), names.1.to_string());
+        self.blocking(move |this| {
+            let repo = this.repo()?;
+            let g = oid(&gate)?;
+            let u = oid(&upstream)?;
+            if g == u {
+                return Ok(Vec::new());
+            }
+            let read = |source| GitError::Read { sha: upstream.clone(), source };
+            if !repo.graph_descendant_of(u, g).map_err(read)? {
+                return Err(GitError::Diverged { gate: gate_name, gate_sha: gate.clone(), upstream: upstream_name });
+            }
+            let mut walk = repo.revwalk().map_err(read)?;
+            walk.push(u).map_err(read)?;
+            walk.hide(g).map_err(read)?;
+            walk.simplify_first_parent().map_err(read)?;
+            walk.set_sorting(git2::Sort::TOPOLOGICAL | git2::Sort::REVERSE).map_err(read)?;
+            let mut out = Vec::new();
+            for id in walk {
+                let id = id.map_err(read)?;
+                out.push(commit_info(&repo, id)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Metadata of one commit.
+    pub async fn commit(&self, sha: &str) -> Result<CommitInfo> {
+        let sha = sha.to_string();
+        self.blocking(move |this| commit_info(&this.repo()?, oid(&sha)?)).await
+    }
+
+    /// Every file under `prefix` (empty = whole tree) at `sha`.
+    pub async fn snapshot(&self, sha: &str, prefix: &str) -> Result<Snapshot> {
+        let (sha, prefix) = (sha.to_string(), normalize_prefix(prefix));
+        self.blocking(move |this| {
+            let repo = this.repo()?;
+            let read = |source| GitError::Read { sha: sha.clone(), source };
+            let tree = repo.find_commit(oid(&sha)?).and_then(|c| c.tree()).map_err(read)?;
+            let mut snap = Snapshot::new();
+            let mut failure = None;
+            tree.walk(git2::TreeWalkMode::PreOrder, |dir, entry| {
+                if entry.kind() != Some(git2::ObjectType::Blob) {
+                    return git2::TreeWalkResult::Ok;
+                }
+                let path = format!("{dir}{}", entry.name().unwrap_or(""));
+                if !under(&path, &prefix) {
+                    return git2::TreeWalkResult::Ok;
+                }
+                match repo.find_blob(entry.id()) {
+                    Ok(blob) => {
+                        snap.insert(path, blob.content().to_vec());
+                        git2::TreeWalkResult::Ok
+                    }
+                    Err(e) => {
+                        failure = Some(e);
+                        git2::TreeWalkResult::Abort
+                    }
+                }
+            })
+            .map_err(read)?;
+            match failure {
+                Some(e) => Err(read(e)),
+                None => Ok(snap),
+            }
+        })
+        .await
+    }
+
+    /// Paths under `prefix` that differ between two commits (`from` = None: the
+    /// commit's first parent, or everything for a root commit).
+    pub async fn changed_paths(&self, from: Option<&str>, to: &str, prefix: &str) -> Result<BTreeSet<String>> {
+        let (from, to, prefix) = (from.map(str::to_string), to.to_string(), normalize_prefix(prefix));
+        self.blocking(move |this| {
+            let repo = this.repo()?;
+            let read = |source| GitError::Read { sha: to.clone(), source };
+            let to_commit = repo.find_commit(oid(&to)?).map_err(read)?;
+            let to_tree = to_commit.tree().map_err(read)?;
+            let from_tree = match &from {
+                Some(f) => Some(repo.find_commit(oid(f)?).and_then(|c| c.tree()).map_err(read)?),
+                None => to_commit.parent(0).ok().map(|p| p.tree()).transpose().map_err(read)?,
+            };
+            let diff = repo.diff_tree_to_tree(from_tree.as_ref(), Some(&to_tree), None).map_err(read)?;
+            let mut out = BTreeSet::new();
+            for delta in diff.deltas() {
+                for file in [delta.old_file(), delta.new_file()] {
+                    if let Some(p) = file.path().and_then(|p| p.to_str()) {
+                        if under(p, &prefix) {
+                            out.insert(p.to_string());
+                        }
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Pushes `sha` to `branch` on the remote without force: the remote refuses
+    /// anything but a fast-forward (or a new branch).
+    pub async fn push(&self, sha: &str, branch: &str) -> Result<()> {
+        let (sha, branch) = (sha.to_string(), branch.to_string());
+        self.blocking(move |this| {
+            let repo = this.repo()?;
+            let err = |source| GitError::Push {
+                sha: sha.clone(),
+                branch: branch.clone(),
+                url: this.url.clone(),
+                source,
+            };
+            let local = "refs/backstop/push";
+            repo.reference(local, oid(&sha)?, true, "backstop push").map_err(err)?;
+            let mut remote = repo.find_remote("origin").map_err(err)?;
+            let mut rejected: Option<String> = None;
+            {
+                let mut callbacks = git2::RemoteCallbacks::new();
+                callbacks.push_update_reference(|_, status| {
+                    if let Some(msg) = status {
+                        rejected = Some(msg.to_string());
+                    }
+                    Ok(())
+                });
+                let mut opts = git2::PushOptions::new();
+                opts.remote_callbacks(callbacks);
+                let refspec = format!("{local}:refs/heads/{branch}");
+                remote.push(&[refspec.as_str()], Some(&mut opts)).map_err(err)?;
+            }
+            if let Some(reason) = rejected {
+                return Err(GitError::Rejected { sha: sha.clone(), branch: branch.clone(), url: this.url.clone(), reason });
+            }
+            // Keep the mirror's view of the remote in step with what we pushed.
+            repo.reference(&format!("refs/remotes/origin/{branch}"), oid(&sha)?, true, "backstop push")
+                .map_err(err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Writes (without pushing) a commit on top of `onto` that reverts `sha`.
+    /// `body` follows the `This reverts commit` line; `trailer` ends the message.
+    pub async fn revert(&self, sha: &str, onto: &str, body: &str, trailer: &str) -> Result<String> {
+        let (sha, onto, body, trailer) = (sha.to_string(), onto.to_string(), body.to_string(), trailer.to_string());
+        self.blocking(move |this| {
+            let repo = this.repo()?;
+            let err = |source| GitError::Revert { sha: sha.clone(), source };
+            let commit = repo.find_commit(oid(&sha)?).map_err(err)?;
+            let onto_commit = repo.find_commit(oid(&onto)?).map_err(err)?;
+            let mainline = if commit.parent_count() > 1 { 1 } else { 0 };
+            let mut index = repo.revert_commit(&commit, &onto_commit, mainline, None).map_err(err)?;
+            if index.has_conflicts() {
+                let paths: Vec<String> = index
+                    .conflicts()
+                    .map_err(err)?
+                    .filter_map(|c| c.ok())
+                    .filter_map(|c| c.our.or(c.their).or(c.ancestor))
+                    .map(|e| String::from_utf8_lossy(&e.path).into_owned())
+                    .collect();
+                return Err(GitError::RevertConflict { sha: sha.clone(), onto: onto.clone(), paths: paths.join(", ") });
+            }
+            let tree_id = index.write_tree_to(&repo).map_err(err)?;
+            let tree = repo.find_tree(tree_id).map_err(err)?;
+            let sig = git2::Signature::now(BOT_NAME, BOT_EMAIL).map_err(err)?;
+            let subject = commit.summary().ok().flatten().unwrap_or("");
+            let message = format!("Revert \"{subject}\"\n\nThis reverts commit {sha}.\n\n{}\n\n{trailer}\n", body.trim());
+            let id = repo.commit(None, &sig, &sig, &message, &tree, &[&onto_commit]).map_err(err)?;
+            Ok(id.to_string())
+        })
+        .await
+    }
+
+    /// The newest commit of `branch` (first-parent, at most `depth` back) whose
+    /// message contains `needle`: how a resumed run finds a revert it already made.
+    pub async fn find_on_branch(&self, branch: &str, needle: &str, depth: usize) -> Result<Option<String>> {
+        let Some(head) = self.branch(branch).await? else { return Ok(None) };
+        let needle = needle.to_string();
+        self.blocking(move |this| {
+            let repo = this.repo()?;
+            let read = |source| GitError::Read { sha: head.clone(), source };
+            let mut commit = repo.find_commit(oid(&head)?).map_err(read)?;
+            for _ in 0..depth {
+                if commit.message().unwrap_or("").contains(&needle) {
+                    return Ok(Some(commit.id().to_string()));
+                }
+                match commit.parent(0) {
+                    Ok(p) => commit = p,
+                    Err(_) => break,
+                }
+            }
+            Ok(None)
+        })
+        .await
+    }
+}
+
+fn oid(sha: &str) -> Result<Oid> {
+    Oid::from_str(sha).map_err(|source| GitError::Read { sha: sha.to_string(), source })
+}
+
+fn normalize_prefix(prefix: &str) -> String {
+    prefix.trim_start_matches("./").trim_matches('/').to_string()
+}
+
+fn under(path: &str, prefix: &str) -> bool {
+    prefix.is_empty() || path == prefix || path.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/'))
+}
+
+fn commit_info(repo: &Repository, id: Oid) -> Result<CommitInfo> {
+    let c = repo.find_commit(id).map_err(|source| GitError::Read { sha: id.to_string(), source })?;
+    let author = c.author();
+    let time = chrono::DateTime::from_timestamp(c.time().seconds(), 0).map(|t| t.to_rfc3339()).unwrap_or_default();
+    let message = c.message().unwrap_or("");
+    Ok(CommitInfo {
+        sha: id.to_string(),
+        subject: c.summary().ok().flatten().unwrap_or("").to_string(),
+        author: format!("{} <{}>", author.name().unwrap_or(""), author.email().unwrap_or("")),
+        time,
+        trailers: trailers(message),
+    })
+}
+
+/// `Key: value` lines of the message's last paragraph.
+fn trailers(message: &str) -> Vec<(String, String)> {
+    let last = message.trim_end().rsplit("\n\n").next().unwrap_or("");
+    last.lines()
+        .filter_map(|l| l.split_once(": "))
+        .filter(|(k, _)| !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trailers_come_from_the_last_paragraph() {
+        let t = trailers("Subject\n\nBody: not a trailer? yes it is here\n\nBackstop-Run: r1\nSigned-off-by: a <b>\n");
+        assert_eq!(t, vec![("Backstop-Run".into(), "r1".into()), ("Signed-off-by".into(), "a <b>".into())]);
+    }
+
+    #[test]
+    fn prefix_matching_is_by_path_component() {
+        assert!(under("apps/shop/a.yaml", "apps/shop"));
+        assert!(!under("apps/shopping/a.yaml", "apps/shop"));
+        assert!(under("x", ""));
+    }
+}

@@ -1,0 +1,113 @@
+//! The local-mode run store: one JSON file per run under `<state>/journal/`,
+//! replaced atomically (write, fsync, rename) on every change, and the
+//! evidence reports under `<state>/runs/<run-id>/report.{md,json}`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::report::{self, Report};
+use crate::run::{RunRecord, RunStore, StoreError};
+
+/// Journal rooted at a state directory.
+#[derive(Debug, Clone)]
+pub struct Journal {
+    state: PathBuf,
+}
+
+impl Journal {
+    /// A journal in `state` (created on first write).
+    pub fn new(state: &Path) -> Self {
+        Self { state: state.to_path_buf() }
+    }
+
+    fn journal_dir(&self) -> PathBuf {
+        self.state.join("journal")
+    }
+
+    /// Folder of one run's reports.
+    pub fn run_dir(&self, id: &str) -> PathBuf {
+        self.state.join("runs").join(id)
+    }
+
+    /// Reads one run by id (or unique id prefix).
+    pub fn find(&self, id: &str) -> Result<Option<RunRecord>, StoreError> {
+        let runs = self.read_all()?;
+        if let Some(r) = runs.iter().find(|r| r.id == id) {
+            return Ok(Some(r.clone()));
+        }
+        let matching: Vec<&RunRecord> = runs.iter().filter(|r| r.id.starts_with(id) || r.commit.sha.starts_with(id)).collect();
+        Ok(match matching.as_slice() {
+            [one] => Some((*one).clone()),
+            _ => None,
+        })
+    }
+
+    fn read_all(&self) -> Result<Vec<RunRecord>, StoreError> {
+        let dir = self.journal_dir();
+        let err = |action, source: Box<dyn std::error::Error + Send + Sync>| StoreError { action, run: "*".into(), source };
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(err("read the journal", e.into())),
+        };
+        let mut runs = Vec::new();
+        for entry in entries {
+            let path = entry.map_err(|e| err("read the journal", e.into()))?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let text = std::fs::read(&path).map_err(|e| err("read a journal entry", e.into()))?;
+            let run: RunRecord = serde_json::from_slice(&text).map_err(|e| StoreError {
+                action: "parse the journal entry",
+                run: path.display().to_string(),
+                source: e.into(),
+            })?;
+            runs.push(run);
+        }
+        runs.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        Ok(runs)
+    }
+}
+
+/// Writes `bytes` to `path` atomically.
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+#[async_trait::async_trait]
+impl RunStore for Journal {
+    async fn save(&self, run: &RunRecord) -> Result<(), StoreError> {
+        let path = self.journal_dir().join(format!("{}.json", run.id));
+        let bytes = serde_json::to_vec_pretty(run).map_err(|e| StoreError { action: "encode the run", run: run.id.clone(), source: e.into() })?;
+        let id = run.id.clone();
+        tokio::task::spawn_blocking(move || write_atomic(&path, &bytes))
+            .await
+            .map_err(|e| StoreError { action: "write the journal", run: id.clone(), source: e.into() })?
+            .map_err(|e| StoreError { action: "write the journal", run: id, source: e.into() })
+    }
+
+    async fn list(&self) -> Result<Vec<RunRecord>, StoreError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.read_all())
+            .await
+            .map_err(|e| StoreError { action: "read the journal", run: "*".into(), source: e.into() })?
+    }
+
+    async fn write_report(&self, run: &RunRecord, report: &Report) -> Result<String, StoreError> {
+        let dir = self.run_dir(&run.id);
+        let err = |e: std::io::Error| StoreError { action: "write the report", run: run.id.clone(), source: e.into() };
+        let json = serde_json::to_vec_pretty(report).map_err(|e| StoreError { action: "encode the report", run: run.id.clone(), source: e.into() })?;
+        write_atomic(&dir.join("report.json"), &json).map_err(err)?;
+        write_atomic(&dir.join("report.md"), report::markdown(report).as_bytes()).map_err(err)?;
+        Ok(dir.join("report.md").display().to_string())
+    }
+}

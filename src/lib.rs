@@ -1,0 +1,40 @@
+//! backstop: a Flux companion that makes database migrations in a GitOps
+//! repository reversible.
+//!
+//! A run takes one pending commit of the upstream branch through
+//! lock → plan → checkpoint → migrate → verify → promote → unlock, and on any
+//! failure through remediation (restore the data if anything committed, revert
+//! the code) instead. The pieces:
+//!
+//! - [`git`]: the `sre` repository (fetch, pending commits, gate pushes, reverts)
+//! - [`manifests`]: migration carriers and the annotation contract
+//! - [`sql`]: statements parsed with the real PostgreSQL grammar
+//! - [`plan`]: what runs, in which commit, and whether it may
+//! - [`run`]: the state machine, driving the traits below, durable through a [`run::RunStore`]
+//! - [`checkpoint`]: backends that checkpoint and restore ([`checkpoint::local`] PITR, [`checkpoint::dump`])
+//! - [`runner`]: migration runners and the history table
+//! - [`cluster`]: lock / health / database resolution ([`cluster::LocalCluster`] in local mode)
+//! - [`forge`]: revert pull requests
+//! - [`journal`], [`report`]: the local run store and the evidence report
+//! - [`local`], [`demo`], [`cli`]: wiring for the command line
+//! - [`db`], [`pgbin`], [`pgserver`], [`sandbox`]: connections, PostgreSQL programs,
+//!   throwaway servers and git remotes (demo, tests, benchmarks)
+
+pub mod checkpoint;
+pub mod cli;
+pub mod cluster;
+pub mod db;
+pub mod demo;
+pub mod forge;
+pub mod git;
+pub mod journal;
+pub mod local;
+pub mod manifests;
+pub mod pgbin;
+pub mod pgserver;
+pub mod plan;
+pub mod report;
+pub mod run;
+pub mod runner;
+pub mod sandbox;
+pub mod sql;

@@ -1,0 +1,95 @@
+//! Local mode wiring (`backstop run`): the engine over a git remote given as a
+//! path or URL, databases from `url:VAR`, the `local` or `dump` checkpoint
+//! backend, and the journal in `--state`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::checkpoint::{dump::DumpBackend, local::LocalBackend, Checkpoint};
+use crate::cluster::LocalCluster;
+use crate::forge::NoForge;
+use crate::git::{GitError, GitRepo};
+use crate::journal::Journal;
+use crate::manifests::{CheckpointKind, RevertMode};
+use crate::pgbin::{self, PgBinError};
+use crate::run::{CheckpointSet, Engine, Settings};
+use crate::runner::SqlRunner;
+
+/// What `backstop.dev/checkpoint: backup` means in local mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackupBackend {
+    /// Physical base backup + WAL archive, restored by real PITR.
+    Local,
+    /// Logical pg_dump / pg_restore.
+    Dump,
+}
+
+/// Everything local mode needs.
+#[derive(Debug, Clone)]
+pub struct LocalOptions {
+    pub repo: String,
+    pub upstream: String,
+    pub gate: String,
+    pub path: String,
+    pub checkpoint: BackupBackend,
+    pub pgdata: Option<PathBuf>,
+    pub wal_archive: Option<PathBuf>,
+    pub revert: Option<RevertMode>,
+    pub state: PathBuf,
+    /// `url:VAR` values that take precedence over the environment.
+    pub env: HashMap<String, String>,
+}
+
+/// Failures to set local mode up.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error("failed to create the state directory {path}")]
+    State { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Git(#[from] GitError),
+    #[error(transparent)]
+    Bin(#[from] PgBinError),
+}
+
+/// Builds the engine for local mode.
+pub async fn engine(opts: &LocalOptions) -> Result<Engine, LocalError> {
+    std::fs::create_dir_all(&opts.state).map_err(|source| LocalError::State { path: opts.state.clone(), source })?;
+    let repo = if std::path::Path::new(&opts.repo).exists() {
+        std::fs::canonicalize(&opts.repo).map(|p| p.display().to_string()).unwrap_or_else(|_| opts.repo.clone())
+    } else {
+        opts.repo.clone()
+    };
+    let git = GitRepo::open(&opts.state.join("git").join("mirror.git"), &repo).await?;
+    let bindir = pgbin::bindir()?;
+    let store = opts.state.join("checkpoints");
+    let dump: Arc<dyn Checkpoint> = Arc::new(DumpBackend { bindir: bindir.clone(), store: store.clone() });
+    let backup: Arc<dyn Checkpoint> = match opts.checkpoint {
+        BackupBackend::Dump => dump.clone(),
+        BackupBackend::Local => Arc::new(LocalBackend {
+            bindir,
+            pgdata: opts.pgdata.clone().unwrap_or_default(),
+            wal_archive: opts.wal_archive.clone().unwrap_or_default(),
+            store,
+            recovery_timeout: Duration::from_secs(600),
+        }),
+    };
+    let mut checkpoints = CheckpointSet::new();
+    checkpoints.insert(CheckpointKind::Backup, backup);
+    checkpoints.insert(CheckpointKind::Dump, dump);
+    Ok(Engine {
+        git,
+        cluster: Arc::new(LocalCluster { overrides: opts.env.clone() }),
+        runner: Arc::new(SqlRunner),
+        checkpoints,
+        forge: Arc::new(NoForge),
+        store: Arc::new(Journal::new(&opts.state)),
+        settings: Settings {
+            upstream: opts.upstream.clone(),
+            gate: opts.gate.clone(),
+            path: opts.path.clone(),
+            revert: opts.revert,
+        },
+    })
+}

@@ -1,0 +1,26 @@
+//! The `backstop` binary: parses the command line and hands over to the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BACKSTOP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let cli = backstop::cli::Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("backstop: failed to start the async runtime: {e}");
+            return ExitCode::from(backstop::cli::EXIT_NEEDS_PERSON);
+        }
+    };
+    match runtime.block_on(backstop::cli::run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("backstop: {e:#}");
+            ExitCode::from(backstop::cli::EXIT_NEEDS_PERSON)
+        }
+    }
+}

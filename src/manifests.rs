@@ -1,0 +1,630 @@
+//! Migration carriers: Kubernetes manifests annotated `backstop.dev/migration`,
+//! parsed straight from multi-document YAML (no kustomize build), with every
+//! annotation of the contract validated and its default applied.
+//!
+//! Errors name the file, the line and the annotation key. Files are read from a
+//! [`Snapshot`] (a git tree or a folder), never from wherever the process runs.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::sql::{self, Statement};
+
+/// Annotation prefix of the contract.
+pub const PREFIX: &str = "backstop.dev/";
+
+/// Annotations that may appear on a carrier. Anything else under the prefix is
+/// a typo and refused (a misspelt `verify` would otherwise skip verification).
+const KNOWN_KEYS: &[&str] = &[
+    "migration",
+    "database",
+    "database-name",
+    "phase",
+    "order",
+    "run",
+    "sql",
+    "verify",
+    "checkpoint",
+    "revert",
+    "timeout",
+    "approved-by",
+    "soak",
+];
+
+/// Files of a tree: repo-relative path (with `/`) to content.
+pub type Snapshot = BTreeMap<String, Vec<u8>>;
+
+/// A carrier or YAML file that is not valid input.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("{file}:{line}: {}{message}", key.as_ref().map(|k| format!("{k}: ")).unwrap_or_default())]
+pub struct ManifestError {
+    /// Repo-relative file.
+    pub file: String,
+    /// 1-based line.
+    pub line: usize,
+    /// The annotation or data key concerned, if any.
+    pub key: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Which database a migration runs against.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum DatabaseRef {
+    /// A CloudNativePG cluster.
+    Cnpg { namespace: String, cluster: String },
+    /// A libpq URL held by an environment variable (local mode).
+    Url { var: String },
+}
+
+impl std::fmt::Display for DatabaseRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DatabaseRef::Cnpg { namespace, cluster } => write!(f, "cnpg:{namespace}/{cluster}"),
+            DatabaseRef::Url { var } => write!(f, "url:{var}"),
+        }
+    }
+}
+
+macro_rules! keyword_enum {
+    ($(#[$m:meta])* $name:ident { $($variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name { $(#[serde(rename = $text)] $variant),+ }
+        impl $name {
+            const ALL: &'static [(&'static str, $name)] = &[$(($text, $name::$variant)),+];
+            /// The annotation value.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+            fn parse(value: &str) -> Result<Self, String> {
+                Self::ALL.iter().find(|(t, _)| *t == value).map(|(_, v)| *v).ok_or_else(|| {
+                    let allowed: Vec<&str> = Self::ALL.iter().map(|(t, _)| *t).collect();
+                    format!("unknown value {value:?} (expected one of: {})", allowed.join(", "))
+                })
+            }
+        }
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { f.write_str(self.as_str()) }
+        }
+    };
+}
+
+keyword_enum!(
+    /// Expand/contract phase of a migration.
+    Phase { Expand = "expand", Migrate = "migrate", Contract = "contract" }
+);
+keyword_enum!(
+    /// When the migration runs relative to Flux applying the commit's manifests.
+    Order { BeforeApply = "before-apply", AfterApply = "after-apply" }
+);
+keyword_enum!(
+    /// How the migration is executed.
+    RunKind { Sql = "sql", Job = "job" }
+);
+keyword_enum!(
+    /// What checkpoint is taken before the migration.
+    CheckpointKind { Backup = "backup", Snapshot = "snapshot", Dump = "dump", None = "none" }
+);
+keyword_enum!(
+    /// How the code is reverted on failure.
+    RevertMode { PullRequest = "pull-request", Commit = "commit" }
+);
+
+/// A parsed, validated migration carrier.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Carrier {
+    /// Repo-relative file holding the manifest.
+    pub file: String,
+    /// 1-based line where the manifest's document starts.
+    pub line: usize,
+    /// `kind/namespace/name` of the manifest.
+    pub object: String,
+    /// Migration id (`backstop.dev/migration`).
+    pub id: String,
+    pub database: DatabaseRef,
+    /// `backstop.dev/database-name`; `None` means the default (`app`, or the
+    /// database named in a `url:` URL).
+    pub database_name: Option<String>,
+    pub phase: Phase,
+    pub order: Order,
+    pub run: RunKind,
+    pub checkpoint: CheckpointKind,
+    pub revert: RevertMode,
+    /// Bound on migrate + verify.
+    #[serde(with = "duration_secs")]
+    pub timeout: Duration,
+    pub approved_by: Option<String>,
+    /// Statements in execution order (empty for `run: job`).
+    pub statements: Vec<Statement>,
+    /// Verify query, if any.
+    pub verify: Option<String>,
+    /// Repo files (other than `file`) this carrier takes SQL from.
+    pub sql_files: Vec<String>,
+    /// sha256 of the normalized statements.
+    pub checksum: String,
+}
+
+mod duration_secs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_secs())
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_secs(u64::deserialize(d)?))
+    }
+}
+
+/// Parses a duration such as `90s`, `10m`, `1h30m`, `24h`, `2d`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let mut total = 0u64;
+    let mut number = String::new();
+    let bad = || format!("invalid duration {text:?} (expected e.g. 90s, 10m, 1h30m, 24h)");
+    for c in text.trim().chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86400,
+            _ => return Err(bad()),
+        };
+        let n: u64 = number.parse().map_err(|_| bad())?;
+        total = total.checked_add(n.checked_mul(unit).ok_or_else(bad)?).ok_or_else(bad)?;
+        number.clear();
+    }
+    if !number.is_empty() || total == 0 {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs(total))
+}
+
+/// Whether a path looks like a YAML manifest.
+pub fn is_yaml(path: &str) -> bool {
+    path.ends_with(".yaml") || path.ends_with(".yml")
+}
+
+/// One YAML document of a file with the line it starts on.
+struct Document<'a> {
+    text: &'a str,
+    first_line: usize,
+}
+
+/// Splits a multi-document YAML file on `---` lines, keeping line numbers.
+fn documents(text: &str) -> Vec<Document<'_>> {
+    let mut docs = Vec::new();
+    let mut start = 0usize;
+    let mut start_line = 1usize;
+    let mut offset = 0usize;
+    for (index, line) in text.split_inclusive('\n').enumerate() {
+        let trimmed = line.trim_end();
+        if trimmed == "---" || trimmed.starts_with("--- ") || trimmed == "..." {
+            docs.push(Document { text: &text[start..offset], first_line: start_line });
+            start = offset + line.len();
+            start_line = index + 2;
+        }
+        offset += line.len();
+    }
+    docs.push(Document { text: &text[start..], first_line: start_line });
+    docs
+}
+
+/// Parses every carrier in the YAML files of `snapshot` whose path is in
+/// `files`. Errors of all files are collected rather than stopping at the first.
+pub fn parse_carriers<'a>(
+    snapshot: &Snapshot,
+    files: impl IntoIterator<Item = &'a String>,
+) -> (Vec<Carrier>, Vec<ManifestError>) {
+    let mut carriers = Vec::new();
+    let mut errors = Vec::new();
+    for file in files {
+        let Some(bytes) = snapshot.get(file) else { continue };
+        match parse_file(snapshot, file, bytes) {
+            Ok(mut found) => carriers.append(&mut found),
+            Err(mut errs) => errors.append(&mut errs),
+        }
+    }
+    (carriers, errors)
+}
+
+/// Parses the carriers of one YAML file.
+pub fn parse_file(snapshot: &Snapshot, file: &str, bytes: &[u8]) -> Result<Vec<Carrier>, Vec<ManifestError>> {
+    let text = std::str::from_utf8(bytes).map_err(|_| {
+        vec![ManifestError {
+            file: file.to_string(),
+            line: 1,
+            key: None,
+            message: "file is not UTF-8".into(),
+        }]
+    })?;
+    let mut carriers = Vec::new();
+    let mut errors = Vec::new();
+    for doc in documents(text) {
+        let value: serde_yaml::Value = match serde_yaml::from_str(doc.text) {
+            Ok(v) => v,
+            Err(e) => {
+                let line = doc.first_line + e.location().map(|l| l.line().saturating_sub(1)).unwrap_or(0);
+                let message = e.to_string();
+                let message = message.split(" at line ").next().unwrap_or(&message).to_string();
+                errors.push(ManifestError {
+                    file: file.into(),
+                    line,
+                    key: None,
+                    message: format!("YAML does not parse: {message}"),
+                });
+                continue;
+            }
+        };
+        if value.is_null() {
+            continue;
+        }
+        let ctx = DocContext { file, doc: &doc };
+        match parse_carrier(snapshot, &ctx, &value) {
+            Ok(Some(c)) => carriers.push(c),
+            Ok(None) => {}
+            Err(e) => errors.push(e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(carriers)
+    } else {
+        Err(errors)
+    }
+}
+
+struct DocContext<'a> {
+    file: &'a str,
+    doc: &'a Document<'a>,
+}
+
+impl DocContext<'_> {
+    /// Line of the first occurrence of `needle` in the document (else its start).
+    fn line_of(&self, needle: &str) -> usize {
+        self.doc
+            .text
+            .lines()
+            .position(|l| l.contains(needle))
+            .map(|i| self.doc.first_line + i)
+            .unwrap_or(self.doc.first_line)
+    }
+
+    fn error(&self, key: &str, message: impl Into<String>) -> ManifestError {
+        let full = format!("{PREFIX}{key}");
+        ManifestError {
+            file: self.file.into(),
+            line: self.line_of(&full),
+            key: Some(full),
+            message: message.into(),
+        }
+    }
+}
+
+fn get_str<'v>(value: &'v serde_yaml::Value, path: &[&str]) -> Option<&'v str> {
+    let mut v = value;
+    for p in path {
+        v = v.get(*p)?;
+    }
+    v.as_str()
+}
+
+fn parse_carrier(
+    snapshot: &Snapshot,
+    ctx: &DocContext<'_>,
+    value: &serde_yaml::Value,
+) -> Result<Option<Carrier>, ManifestError> {
+    let Some(annotations) = value.get("metadata").and_then(|m| m.get("annotations")) else {
+        return Ok(None);
+    };
+    let Some(map) = annotations.as_mapping() else {
+        return Ok(None);
+    };
+    let mut ann: BTreeMap<String, String> = BTreeMap::new();
+    for (k, v) in map {
+        let Some(k) = k.as_str() else { continue };
+        let Some(key) = k.strip_prefix(PREFIX) else { continue };
+        let text = match v {
+            serde_yaml::Value::String(s) => s.clone(),
+            serde_yaml::Value::Number(n) => n.to_string(),
+            serde_yaml::Value::Bool(b) => b.to_string(),
+            _ => return Err(ctx.error(key, "annotation values must be strings")),
+        };
+        ann.insert(key.to_string(), text);
+    }
+    let Some(id) = ann.get("migration").cloned() else {
+        return Ok(None);
+    };
+    for key in ann.keys() {
+        if !KNOWN_KEYS.contains(&key.as_str()) {
+            return Err(ctx.error(
+                key,
+                format!("unknown annotation on a migration carrier (known: {})", KNOWN_KEYS.join(", ")),
+            ));
+        }
+    }
+    let id = id.trim().to_string();
+    if id.is_empty() || id.chars().any(|c| c.is_whitespace() || c == '/') {
+        return Err(ctx.error("migration", "migration id must be non-empty without spaces or '/'"));
+    }
+    let kind = get_str(value, &["kind"]).unwrap_or("");
+    let name = get_str(value, &["metadata", "name"]).unwrap_or("");
+    let namespace = get_str(value, &["metadata", "namespace"]).unwrap_or("default");
+    let object = format!("{kind}/{namespace}/{name}");
+
+    let database = match ann.get("database") {
+        None => return Err(ctx.error("database", "required annotation is missing")),
+        Some(d) => parse_database(d, namespace).map_err(|m| ctx.error("database", m))?,
+    };
+    let phase = match ann.get("phase") {
+        Some(p) => Phase::parse(p).map_err(|m| ctx.error("phase", m))?,
+        None => Phase::Expand,
+    };
+    let order = match ann.get("order") {
+        Some(o) => Order::parse(o).map_err(|m| ctx.error("order", m))?,
+        None if phase == Phase::Contract => Order::AfterApply,
+        None => Order::BeforeApply,
+    };
+    let run = match ann.get("run") {
+        Some(r) => RunKind::parse(r).map_err(|m| ctx.error("run", m))?,
+        None => RunKind::Sql,
+    };
+    let checkpoint = match ann.get("checkpoint") {
+        Some(c) => CheckpointKind::parse(c).map_err(|m| ctx.error("checkpoint", m))?,
+        None => CheckpointKind::Backup,
+    };
+    let revert = match ann.get("revert") {
+        Some(r) => RevertMode::parse(r).map_err(|m| ctx.error("revert", m))?,
+        None => RevertMode::PullRequest,
+    };
+    let timeout = match ann.get("timeout") {
+        Some(t) => parse_duration(t).map_err(|m| ctx.error("timeout", m))?,
+        None => Duration::from_secs(600),
+    };
+    if let Some(soak) = ann.get("soak") {
+        parse_duration(soak).map_err(|m| ctx.error("soak", m))?;
+    }
+    let database_name = ann.get("database-name").map(|s| s.trim().to_string());
+    if database_name.as_deref() == Some("") {
+        return Err(ctx.error("database-name", "must not be empty"));
+    }
+
+    let folder = ctx.file.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+    let data = value.get("data").and_then(|d| d.as_mapping());
+    let data_value = |key: &str| -> Option<String> {
+        data.and_then(|m| m.get(key)).and_then(|v| v.as_str()).map(str::to_string)
+    };
+    let data_line = |key: &str| ctx.line_of(&format!("{key}:")) + 1;
+
+    // The verify query: a data key of this ConfigMap, else literal SQL.
+    let (verify, verify_key) = match ann.get("verify") {
+        None => (None, None),
+        Some(v) if kind == "ConfigMap" && data_value(v.trim()).is_some() => {
+            (data_value(v.trim()), Some(v.trim().to_string()))
+        }
+        Some(v) => (Some(v.clone()), None),
+    };
+    if let Some(q) = &verify {
+        let origin = format!("{}#verify", ctx.file);
+        let parsed = sql::split(&origin, q, ctx.line_of(&format!("{PREFIX}verify"))).map_err(|e| {
+            let mut err = ctx.error("verify", format!("SQL does not parse: {}", e.message));
+            err.line = e.line;
+            err
+        })?;
+        if parsed.len() != 1 || parsed[0].kind != "SelectStmt" {
+            return Err(ctx.error("verify", "must be exactly one SELECT returning a boolean first column"));
+        }
+    }
+
+    let mut statements = Vec::new();
+    let mut sql_files = Vec::new();
+    if run == RunKind::Sql {
+        match ann.get("sql") {
+            Some(list) => {
+                for rel in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                    let path = join_path(folder, rel);
+                    let Some(bytes) = snapshot.get(&path) else {
+                        return Err(ctx.error("sql", format!("names {rel:?}, but {path} is not in the repository")));
+                    };
+                    let text = std::str::from_utf8(bytes)
+                        .map_err(|_| ctx.error("sql", format!("{path} is not UTF-8")))?;
+                    let mut stmts = sql::split(&path, text, 1).map_err(|e| ManifestError {
+                        file: path.clone(),
+                        line: e.line,
+                        key: Some(format!("{PREFIX}sql")),
+                        message: format!("SQL does not parse: {}", e.message),
+                    })?;
+                    statements.append(&mut stmts);
+                    sql_files.push(path);
+                }
+            }
+            None => {
+                let Some(data) = data.filter(|_| kind == "ConfigMap") else {
+                    return Err(ctx.error(
+                        "sql",
+                        "run: sql needs SQL: a ConfigMap with data keys ending .sql, or backstop.dev/sql naming files",
+                    ));
+                };
+                let mut keys: Vec<&str> = data
+                    .keys()
+                    .filter_map(|k| k.as_str())
+                    .filter(|k| k.ends_with(".sql") && Some(*k) != verify_key.as_deref())
+                    .collect();
+                keys.sort_unstable();
+                for key in keys {
+                    let text = data_value(key).unwrap_or_default();
+                    let origin = format!("{}#{key}", ctx.file);
+                    let mut stmts = sql::split(&origin, &text, data_line(key)).map_err(|e| ManifestError {
+                        file: ctx.file.into(),
+                        line: e.line,
+                        key: Some(key.to_string()),
+                        message: format!("SQL does not parse: {}", e.message),
+                    })?;
+                    statements.append(&mut stmts);
+                }
+            }
+        }
+        if statements.is_empty() {
+            return Err(ctx.error("sql", "the migration has no SQL statements"));
+        }
+        if let Some(s) = statements.iter().find(|s| sql::is_transaction_control(s)) {
+            return Err(ManifestError {
+                file: ctx.file.into(),
+                line: s.line,
+                key: Some(s.origin.clone()),
+                message: format!(
+                    "transaction control ({:?}) is not allowed in a migration: backstop runs the statements in one transaction when it can",
+                    s.sql
+                ),
+            });
+        }
+    } else if ann.contains_key("sql") {
+        return Err(ctx.error("sql", "only valid with run: sql"));
+    }
+    let checksum = sql::checksum(&statements);
+    Ok(Some(Carrier {
+        file: ctx.file.into(),
+        line: ctx.doc.first_line,
+        object,
+        id,
+        database,
+        database_name,
+        phase,
+        order,
+        run,
+        checkpoint,
+        revert,
+        timeout,
+        approved_by: ann.get("approved-by").cloned(),
+        statements,
+        verify,
+        sql_files,
+        checksum,
+    }))
+}
+
+fn parse_database(text: &str, namespace: &str) -> Result<DatabaseRef, String> {
+    let text = text.trim();
+    if let Some(rest) = text.strip_prefix("cnpg:") {
+        let (ns, cluster) = match rest.split_once('/') {
+            Some((ns, c)) => (ns.to_string(), c.to_string()),
+            None => (namespace.to_string(), rest.to_string()),
+        };
+        if ns.is_empty() || cluster.is_empty() || cluster.contains('/') {
+            return Err(format!("invalid {text:?} (expected cnpg:<cluster> or cnpg:<namespace>/<cluster>)"));
+        }
+        return Ok(DatabaseRef::Cnpg { namespace: ns, cluster });
+    }
+    if let Some(var) = text.strip_prefix("url:") {
+        if var.is_empty() || !var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("invalid {text:?} (expected url:<ENV_VAR_NAME>)"));
+        }
+        return Ok(DatabaseRef::Url { var: var.to_string() });
+    }
+    Err(format!("invalid {text:?} (expected cnpg:<cluster>, cnpg:<namespace>/<cluster> or url:<ENV_VAR>)"))
+}
+
+/// Joins a carrier-relative path onto its folder, resolving `.` and `..`.
+fn join_path(folder: &str, rel: &str) -> String {
+    let mut parts: Vec<&str> = folder.split('/').filter(|p| !p.is_empty()).collect();
+    for p in rel.split('/') {
+        match p {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            other => parts.push(other),
+        }
+    }
+    parts.join("/")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(files: &[(&str, &str)]) -> Snapshot {
+        files.iter().map(|(p, c)| (p.to_string(), c.as_bytes().to_vec())).collect()
+    }
+
+    const CARRIER: &str = r#"apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: m1
+  namespace: shop
+  annotations:
+    backstop.dev/migration: "0001-init"
+    backstop.dev/database: cnpg:app-db
+    backstop.dev/verify: check
+data:
+  001.sql: |
+    CREATE TABLE t (id int);
+  check: SELECT true
+"#;
+
+    #[test]
+    fn defaults_apply_and_namespace_completes_the_cluster() {
+        let s = snap(&[("a/m.yaml", CARRIER)]);
+        let c = parse_file(&s, "a/m.yaml", CARRIER.as_bytes()).unwrap().remove(0);
+        assert_eq!(c.id, "0001-init");
+        assert_eq!(c.database, DatabaseRef::Cnpg { namespace: "shop".into(), cluster: "app-db".into() });
+        assert_eq!(c.phase, Phase::Expand);
+        assert_eq!(c.order, Order::BeforeApply);
+        assert_eq!(c.checkpoint, CheckpointKind::Backup);
+        assert_eq!(c.revert, RevertMode::PullRequest);
+        assert_eq!(c.timeout, Duration::from_secs(600));
+        assert_eq!(c.statements.len(), 1);
+        assert_eq!(c.statements[0].line, 12);
+        assert_eq!(c.verify.as_deref(), Some("SELECT true"));
+    }
+
+    #[test]
+    fn unknown_phase_names_file_line_and_key() {
+        let text = CARRIER.replace("    backstop.dev/verify: check\n", "    backstop.dev/verify: check\n    backstop.dev/phase: expnd\n");
+        let text = format!("kind: Namespace\nmetadata: {{name: x}}\n---\n{text}");
+        let s = snap(&[("a/m.yaml", &text)]);
+        let errs = parse_file(&s, "a/m.yaml", text.as_bytes()).unwrap_err();
+        assert_eq!(errs[0].line, 13);
+        assert_eq!(errs[0].key.as_deref(), Some("backstop.dev/phase"));
+        assert!(errs[0].to_string().starts_with("a/m.yaml:13: backstop.dev/phase: unknown value \"expnd\""), "{}", errs[0]);
+    }
+
+    #[test]
+    fn broken_yaml_reports_its_line() {
+        let text = "kind: ConfigMap\nmetadata:\n  name: [unclosed\n";
+        let errs = parse_file(&Snapshot::new(), "x.yaml", text.as_bytes()).unwrap_err();
+        assert_eq!(errs[0].file, "x.yaml");
+        assert!(errs[0].message.contains("YAML does not parse"), "{}", errs[0]);
+    }
+
+    #[test]
+    fn sql_files_are_resolved_relative_to_the_carrier() {
+        let text = "kind: Job\nmetadata:\n  name: j\n  annotations:\n    backstop.dev/migration: m\n    backstop.dev/database: url:DB\n    backstop.dev/sql: ../sql/a.sql, b.sql\n";
+        let s = snap(&[("apps/x/j.yaml", text), ("apps/sql/a.sql", "SELECT 1;"), ("apps/x/b.sql", "SELECT 2;")]);
+        let c = parse_file(&s, "apps/x/j.yaml", text.as_bytes()).unwrap().remove(0);
+        assert_eq!(c.sql_files, vec!["apps/sql/a.sql", "apps/x/b.sql"]);
+        let s = snap(&[("apps/x/j.yaml", text)]);
+        let errs = parse_file(&s, "apps/x/j.yaml", text.as_bytes()).unwrap_err();
+        assert_eq!(errs[0].line, 7);
+        assert!(errs[0].message.contains("apps/sql/a.sql is not in the repository"));
+    }
+
+    #[test]
+    fn misspelt_annotation_is_refused() {
+        let text = CARRIER.replace("backstop.dev/verify:", "backstop.dev/verfy:");
+        let errs = parse_file(&snap(&[]), "m.yaml", text.as_bytes()).unwrap_err();
+        assert_eq!(errs[0].key.as_deref(), Some("backstop.dev/verfy"));
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("x").is_err());
+    }
+}

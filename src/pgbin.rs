@@ -1,0 +1,103 @@
+//! PostgreSQL's own programs (`pg_basebackup`, `pg_ctl`, `pg_dump`, ...): where
+//! they are, and running them, as the data directory's owner when backstop is
+//! root (PostgreSQL refuses to run its server as root).
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use tokio::process::Command;
+
+/// Failures to find or run a PostgreSQL program.
+#[derive(Debug, thiserror::Error)]
+pub enum PgBinError {
+    #[error("PostgreSQL server programs not found (looked at $BACKSTOP_PG_BINDIR, `pg_config --bindir`, /usr/lib/postgresql/*/bin); install the PostgreSQL server package")]
+    NotFound,
+    #[error("failed to start {program}")]
+    Spawn { program: String, source: std::io::Error },
+    #[error("{program} failed ({status}): {stderr}")]
+    Failed { program: String, status: String, stderr: String },
+    #[error("failed to inspect {path}")]
+    Inspect { path: PathBuf, source: std::io::Error },
+}
+
+/// The folder holding `initdb`, `pg_ctl`, `pg_basebackup`, ...
+pub fn bindir() -> Result<PathBuf, PgBinError> {
+    let has_server = |d: &Path| d.join("pg_ctl").is_file() && d.join("pg_basebackup").is_file();
+    if let Ok(dir) = std::env::var("BACKSTOP_PG_BINDIR") {
+        let dir = PathBuf::from(dir);
+        if has_server(&dir) {
+            return Ok(dir);
+        }
+    }
+    if let Ok(out) = std::process::Command::new("pg_config").arg("--bindir").output() {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if out.status.success() && has_server(&dir) {
+            return Ok(dir);
+        }
+    }
+    let mut candidates: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse().ok()?;
+            Some((version, e.path().join("bin")))
+        })
+        .filter(|(_, d)| has_server(d))
+        .collect();
+    candidates.sort();
+    candidates.pop().map(|(_, d)| d).ok_or(PgBinError::NotFound)
+}
+
+/// Owner (uid, gid) of `path`.
+pub fn owner_of(path: &Path) -> Result<(u32, u32), PgBinError> {
+    let meta = std::fs::metadata(path).map_err(|source| PgBinError::Inspect { path: path.into(), source })?;
+    Ok((meta.uid(), meta.gid()))
+}
+
+/// A command for `program` in `bindir` that runs as `owner` when we are root.
+pub fn command(bindir: &Path, program: &str, owner: Option<(u32, u32)>) -> Command {
+    let mut cmd = Command::new(bindir.join(program));
+    if let Some((uid, gid)) = owner {
+        if nix::unistd::geteuid().is_root() && uid != 0 {
+            cmd.uid(uid).gid(gid);
+        }
+    }
+    cmd.stdin(Stdio::null()).kill_on_drop(true);
+    cmd
+}
+
+/// Runs `cmd` to completion; a non-zero exit is an error carrying stderr's tail.
+pub async fn run(mut cmd: Command, program: &str) -> Result<String, PgBinError> {
+    let out = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .await
+        .map_err(|source| PgBinError::Spawn { program: program.into(), source })?;
+    if !out.status.success() {
+        return Err(PgBinError::Failed {
+            program: program.into(),
+            status: out.status.to_string(),
+            stderr: tail(&String::from_utf8_lossy(&out.stderr), 20),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.trim_end().lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Gives `path` (recursively) to `owner` when we are root; no-op otherwise.
+pub async fn chown_tree(path: &Path, owner: (u32, u32)) -> Result<(), PgBinError> {
+    if !nix::unistd::geteuid().is_root() || owner.0 == 0 {
+        return Ok(());
+    }
+    let mut cmd = Command::new("chown");
+    cmd.arg("-R").arg(format!("{}:{}", owner.0, owner.1)).arg(path);
+    run(cmd, "chown").await.map(|_| ())
+}

@@ -1,0 +1,266 @@
+//! The evidence report (go/no-go package) of a run: one structure, written as
+//! JSON and rendered as Markdown with the same content. It is the body of a
+//! revert pull request and what `backstop report` prints.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{CheckpointRecord, RecoveryPoint, RestoreRecord};
+use crate::run::{Outcome, RevertRecord, RunRecord, Step};
+
+/// One migration as the report shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrationEvidence {
+    pub id: String,
+    pub file: String,
+    pub line: usize,
+    pub database: String,
+    pub phase: String,
+    pub order: String,
+    pub checksum: String,
+    pub statements: usize,
+    pub transactional: bool,
+    pub verify: Option<String>,
+    pub timeout_seconds: u64,
+}
+
+/// The report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub run: String,
+    /// `Succeeded`, `RolledBack`, `Failed`, or the phase of an unfinished run.
+    pub outcome: String,
+    pub commit: String,
+    pub subject: String,
+    pub author: String,
+    pub upstream_branch: String,
+    pub gate_branch: String,
+    pub gate_before: String,
+    pub plan_hash: String,
+    pub migrations: Vec<MigrationEvidence>,
+    pub already_applied: Vec<String>,
+    /// Findings of the safety analysis (none recorded yet in this version).
+    pub findings: Vec<String>,
+    pub approvals: Vec<String>,
+    pub checkpoint: Option<CheckpointRecord>,
+    pub recovery_point: Option<RecoveryPoint>,
+    pub steps: Vec<Step>,
+    pub verify: Vec<(String, bool, String)>,
+    pub health: Vec<String>,
+    pub failure: Option<String>,
+    pub remediation: Option<String>,
+    pub restore: Option<RestoreRecord>,
+    pub revert: Option<RevertRecord>,
+    pub remediation_errors: Vec<String>,
+    /// From the state the database went back to, until the restore started.
+    pub data_loss_window: Option<DataLossWindow>,
+    pub rollback_conditions: Vec<String>,
+}
+
+/// Writes between `from` and `to` are lost by the restore.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DataLossWindow {
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub seconds: f64,
+}
+
+impl Report {
+    /// Builds the report of `run` as it stands.
+    pub fn from_run(run: &RunRecord) -> Self {
+        let data_loss_window = run.restore.as_ref().map(|r| {
+            // A dump holds the state when it was taken; PITR goes to the recovery point.
+            let from = match (&run.checkpoint, &run.recovery_point) {
+                (Some(c), _) if c.backend == "dump" => c.started_at,
+                (_, Some(p)) => p.time,
+                (Some(c), None) => c.completed_at,
+                (None, None) => r.started_at,
+            };
+            DataLossWindow { from, to: r.started_at, seconds: (r.started_at - from).num_milliseconds() as f64 / 1000.0 }
+        });
+        let timeout = run.migrations.first().map(|m| m.timeout.as_secs()).unwrap_or(0);
+        let mut rollback_conditions = vec![
+            format!("any migration statement fails, or migrate + verify exceed {timeout}s"),
+            "a verify query returns no row whose first column is true".to_string(),
+            "the gate cannot be moved to the commit".to_string(),
+            "the target is not healthy at the new revision after promotion".to_string(),
+        ];
+        rollback_conditions.push(match &run.checkpoint {
+            Some(c) => format!("data is restored from the {} checkpoint when anything was committed", c.backend),
+            None => "no checkpoint: committed changes cannot be restored automatically".to_string(),
+        });
+        Report {
+            run: run.id.clone(),
+            outcome: match run.outcome() {
+                Some(Outcome::Succeeded) => "Succeeded".into(),
+                Some(Outcome::RolledBack) => "RolledBack".into(),
+                Some(Outcome::Failed) => "Failed".into(),
+                None => run.phase.to_string(),
+            },
+            commit: run.commit.sha.clone(),
+            subject: run.commit.subject.clone(),
+            author: run.commit.author.clone(),
+            upstream_branch: run.upstream_branch.clone(),
+            gate_branch: run.gate_branch.clone(),
+            gate_before: run.gate_before.clone(),
+            plan_hash: run.plan_hash.clone(),
+            migrations: run
+                .migrations
+                .iter()
+                .map(|m| MigrationEvidence {
+                    id: m.id.clone(),
+                    file: m.file.clone(),
+                    line: m.line,
+                    database: m.database.to_string(),
+                    phase: m.phase.to_string(),
+                    order: m.order.to_string(),
+                    checksum: m.checksum.clone(),
+                    statements: m.statements.len(),
+                    transactional: m.statements.iter().all(|s| s.transactional),
+                    verify: m.verify.clone(),
+                    timeout_seconds: m.timeout.as_secs(),
+                })
+                .collect(),
+            already_applied: run.already_applied.clone(),
+            findings: Vec::new(),
+            approvals: run.migrations.iter().filter_map(|m| m.approved_by.clone()).collect(),
+            checkpoint: run.checkpoint.clone(),
+            recovery_point: run.recovery_point.clone(),
+            steps: run.steps.clone(),
+            verify: run.verify_results.iter().map(|(id, v)| (id.clone(), v.passed, v.detail.clone())).collect(),
+            health: run.steps.iter().filter(|s| s.name == "health").map(|s| s.detail.clone()).collect(),
+            failure: run.failure.as_ref().map(|f| format!("{} in {}", f.message, f.phase)),
+            remediation: run.restore_decision.clone(),
+            restore: run.restore.clone(),
+            revert: run.revert.clone(),
+            remediation_errors: run.remediation_errors.clone(),
+            data_loss_window,
+            rollback_conditions,
+        }
+    }
+}
+
+/// The Markdown rendering.
+pub fn markdown(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let verdict = match r.outcome.as_str() {
+        "Succeeded" => "GO: migration applied and verified",
+        "RolledBack" => "NO-GO: failed and rolled back (code and data)",
+        "Failed" => "NO-GO: failed and remediation is incomplete; a person must act",
+        _ => "in progress",
+    };
+    let _ = writeln!(s, "# backstop run {}\n", r.run);
+    let _ = writeln!(s, "**Outcome: {}** ({verdict})\n", r.outcome);
+    let _ = writeln!(s, "| | |\n|---|---|");
+    let _ = writeln!(s, "| commit | `{}` {} |", r.commit, r.subject.replace('|', "\\|"));
+    let _ = writeln!(s, "| author | {} |", r.author);
+    let _ = writeln!(s, "| branches | upstream `{}`, gate `{}` (was `{}`) |", r.upstream_branch, r.gate_branch, short(&r.gate_before));
+    let _ = writeln!(s, "| plan hash | `{}` |", r.plan_hash);
+    let approvals = if r.approvals.is_empty() { "none".to_string() } else { r.approvals.join(", ") };
+    let _ = writeln!(s, "| approvals | {approvals} |\n");
+
+    let _ = writeln!(s, "## Migrations\n");
+    let _ = writeln!(s, "| id | file | database | phase | order | statements | transaction | checksum |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    for m in &r.migrations {
+        let _ = writeln!(
+            s,
+            "| {} | {}:{} | {} | {} | {} | {} | {} | `{}` |",
+            m.id,
+            m.file,
+            m.line,
+            m.database,
+            m.phase,
+            m.order,
+            m.statements,
+            if m.transactional { "one" } else { "none (non-transactional)" },
+            short(&m.checksum)
+        );
+    }
+    if !r.already_applied.is_empty() {
+        let _ = writeln!(s, "\nAlready applied (skipped): {}", r.already_applied.join(", "));
+    }
+    let _ = writeln!(s, "\nLint findings: {}\n", if r.findings.is_empty() { "none".into() } else { r.findings.join("; ") });
+
+    let _ = writeln!(s, "## Checkpoint\n");
+    match &r.checkpoint {
+        Some(c) => {
+            let _ = writeln!(s, "- backend: {}\n- location: `{}`\n- database: {}", c.backend, c.location, c.database);
+            let _ = writeln!(s, "- taken: {} to {} ({} bytes)", c.started_at.to_rfc3339(), c.completed_at.to_rfc3339(), c.size_bytes);
+            let _ = writeln!(s, "- restore drill: {}", c.restore_drill);
+        }
+        None => {
+            let _ = writeln!(s, "- none taken");
+        }
+    }
+    if let Some(p) = &r.recovery_point {
+        let _ = writeln!(s, "- recovery point: {} (LSN {})", p.time.to_rfc3339(), p.lsn);
+    }
+
+    let _ = writeln!(s, "\n## Steps\n\n| step | phase | started | finished | result | detail |\n|---|---|---|---|---|---|");
+    for st in &r.steps {
+        let result = match st.ok {
+            Some(true) => "ok",
+            Some(false) => "FAILED",
+            None => "interrupted",
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {result} | {} |",
+            st.name,
+            st.phase,
+            st.started_at.format("%H:%M:%S%.3f"),
+            st.finished_at.map(|t| t.format("%H:%M:%S%.3f").to_string()).unwrap_or_default(),
+            st.detail.replace('|', "\\|").replace('\n', " ")
+        );
+    }
+    if !r.verify.is_empty() {
+        let _ = writeln!(s, "\n## Verify\n");
+        for (id, passed, detail) in &r.verify {
+            let _ = writeln!(s, "- {id}: {} ({detail})", if *passed { "passed" } else { "FAILED" });
+        }
+    }
+    if !r.health.is_empty() {
+        let _ = writeln!(s, "\n## Health\n");
+        for h in &r.health {
+            let _ = writeln!(s, "- {h}");
+        }
+    }
+    if r.failure.is_some() || r.remediation.is_some() || r.revert.is_some() {
+        let _ = writeln!(s, "\n## Remediation\n");
+        if let Some(f) = &r.failure {
+            let _ = writeln!(s, "- failure: {f}");
+        }
+        if let Some(d) = &r.remediation {
+            let _ = writeln!(s, "- decision: {d}");
+        }
+        if let Some(rs) = &r.restore {
+            let _ = writeln!(s, "- restore: to {}, {} to {}; previous state kept at `{}`", rs.target, rs.started_at.to_rfc3339(), rs.finished_at.to_rfc3339(), rs.kept);
+        }
+        match &r.data_loss_window {
+            Some(w) => {
+                let _ = writeln!(s, "- data-loss window: writes from {} to {} ({:.3}s) are not in the restored database", w.from.to_rfc3339(), w.to.to_rfc3339(), w.seconds);
+            }
+            None => {
+                let _ = writeln!(s, "- data-loss window: none (no restore)");
+            }
+        }
+        if let Some(v) = &r.revert {
+            let pr = v.pull_request.as_ref().map(|u| format!(", pull request {u}")).unwrap_or_default();
+            let _ = writeln!(s, "- revert ({}): commit `{}` on `{}`{pr} ({})", v.mode, v.commit, v.branch, v.note);
+        }
+        for e in &r.remediation_errors {
+            let _ = writeln!(s, "- **needs a person**: {e}");
+        }
+    }
+    let _ = writeln!(s, "\n## Rollback conditions in force\n");
+    for c in &r.rollback_conditions {
+        let _ = writeln!(s, "- {c}");
+    }
+    s
+}
+
+fn short(sha: &str) -> &str {
+    &sha[..sha.len().min(12)]
+}

@@ -1,0 +1,274 @@
+//! Migration runners: the trait the run state machine drives, and the `sql`
+//! runner on tokio-postgres (one transaction unless a statement cannot run in
+//! one, a session advisory lock per database, the history table
+//! `backstop.migration_history`).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::RecoveryPoint;
+use crate::db::{Database, DbError};
+use crate::manifests::Carrier;
+
+/// Failures to talk to the database (not failures of the migration itself,
+/// which are reported in [`MigrateOutcome`]).
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("query on {database} failed while {step}")]
+    Query { database: String, step: &'static str, source: tokio_postgres::Error },
+}
+
+/// A row of `backstop.migration_history`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryRow {
+    pub id: String,
+    pub checksum: String,
+    pub commit: String,
+    pub run_id: String,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// What happened when a migration ran.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateOutcome {
+    /// All statements ran in one transaction.
+    pub transactional: bool,
+    /// Statements that completed.
+    pub statements_done: usize,
+    pub statements_total: usize,
+    /// The error, if the migration failed.
+    pub error: Option<String>,
+    /// Whether the database may hold changes from this migration. False only
+    /// when a single transaction failed (PostgreSQL rolled it back).
+    pub committed: bool,
+    pub duration_ms: u64,
+}
+
+/// What a verify query returned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyOutcome {
+    pub passed: bool,
+    pub detail: String,
+}
+
+/// Identity of the run a migration belongs to (written into history).
+#[derive(Debug, Clone)]
+pub struct RunIdentity<'a> {
+    pub run_id: &'a str,
+    pub commit: &'a str,
+}
+
+/// Executes migrations and answers questions about the database.
+#[async_trait::async_trait]
+pub trait Runner: Send + Sync {
+    /// The successful history row of migration `id`, if any.
+    async fn applied(&self, db: &Database, id: &str) -> Result<Option<HistoryRow>, RunnerError>;
+    /// The recovery point: now, as the server sees it.
+    async fn recovery_point(&self, db: &Database) -> Result<RecoveryPoint, RunnerError>;
+    /// Runs the migration; a failing statement is an outcome, not an error.
+    async fn migrate(&self, db: &Database, m: &Carrier, who: RunIdentity<'_>) -> Result<MigrateOutcome, RunnerError>;
+    /// Runs the verify query.
+    async fn verify(&self, db: &Database, sql: &str, timeout: Duration) -> Result<VerifyOutcome, RunnerError>;
+}
+
+/// Advisory lock key serializing backstop migrations on one database ("backstop" in ASCII).
+const LOCK_KEY: i64 = 0x6261_636b_7374_6f70;
+
+const HISTORY_DDL: &str = "SET client_min_messages = warning;
+CREATE SCHEMA IF NOT EXISTS backstop;
+CREATE TABLE IF NOT EXISTS backstop.migration_history (
+    seq bigserial PRIMARY KEY,
+    id text NOT NULL,
+    checksum text NOT NULL,
+    phase text NOT NULL,
+    commit text NOT NULL,
+    run_id text NOT NULL,
+    started_at timestamptz NOT NULL,
+    finished_at timestamptz,
+    success boolean NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS migration_history_applied ON backstop.migration_history (id) WHERE success;";
+
+const INSERT_HISTORY: &str = "INSERT INTO backstop.migration_history (id, checksum, phase, commit, run_id, started_at, finished_at, success) VALUES ($1, $2, $3, $4, $5, $6, now(), $7)";
+
+/// The `sql` runner.
+#[derive(Debug, Default, Clone)]
+pub struct SqlRunner;
+
+fn query_err<'a>(db: &'a Database, step: &'static str) -> impl FnOnce(tokio_postgres::Error) -> RunnerError + 'a {
+    move |source| RunnerError::Query { database: db.describe(), step, source }
+}
+
+/// Database error text with PostgreSQL's detail, for outcomes and reports.
+fn pg_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut m = format!("{}: {}", db.severity(), db.message());
+            if let Some(d) = db.detail() {
+                m.push_str(&format!(" ({d})"));
+            }
+            m
+        }
+        None => e.to_string(),
+    }
+}
+
+#[async_trait::async_trait]
+impl Runner for SqlRunner {
+    async fn applied(&self, db: &Database, id: &str) -> Result<Option<HistoryRow>, RunnerError> {
+        let client = db.connect().await?;
+        let exists: bool = client
+            .query_one("SELECT to_regclass('backstop.migration_history') IS NOT NULL", &[])
+            .await
+            .map_err(query_err(db, "looking for the history table"))?
+            .get(0);
+        if !exists {
+            return Ok(None);
+        }
+        let row = client
+            .query_opt(
+                "SELECT id, checksum, commit, run_id, finished_at FROM backstop.migration_history WHERE id = $1 AND success ORDER BY seq DESC LIMIT 1",
+                &[&id],
+            )
+            .await
+            .map_err(query_err(db, "reading migration history"))?;
+        Ok(row.map(|r| HistoryRow {
+            id: r.get(0),
+            checksum: r.get(1),
+            commit: r.get(2),
+            run_id: r.get(3),
+            finished_at: r.get(4),
+        }))
+    }
+
+    async fn recovery_point(&self, db: &Database) -> Result<RecoveryPoint, RunnerError> {
+        let client = db.connect().await?;
+        let row = client
+            .query_one("SELECT clock_timestamp(), pg_current_wal_insert_lsn()::text", &[])
+            .await
+            .map_err(query_err(db, "reading the recovery point"))?;
+        Ok(RecoveryPoint { time: row.get(0), lsn: row.get(1) })
+    }
+
+    async fn migrate(&self, db: &Database, m: &Carrier, who: RunIdentity<'_>) -> Result<MigrateOutcome, RunnerError> {
+        let started = std::time::Instant::now();
+        let started_at = Utc::now();
+        let client = db.connect().await?;
+        client.batch_execute(HISTORY_DDL).await.map_err(query_err(db, "creating the history table"))?;
+        // Serialize with any other backstop on this database, bounded by the timeout.
+        let deadline = tokio::time::Instant::now() + m.timeout;
+        loop {
+            let got: bool = client
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK_KEY])
+                .await
+                .map_err(query_err(db, "taking the migration lock"))?
+                .get(0);
+            if got {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Ok(MigrateOutcome {
+                    transactional: true,
+                    statements_done: 0,
+                    statements_total: m.statements.len(),
+                    error: Some("another session holds backstop's migration lock on this database".into()),
+                    committed: false,
+                    duration_ms: started.elapsed().as_millis() as u64,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let timeout_ms = m.timeout.as_millis().to_string();
+        client
+            .batch_execute(&format!("SET statement_timeout = {timeout_ms}"))
+            .await
+            .map_err(query_err(db, "setting statement_timeout"))?;
+
+        let transactional = m.statements.iter().all(|s| s.transactional);
+        let total = m.statements.len();
+        let mut done = 0usize;
+        let phase = m.phase.as_str();
+        let history = |success: bool| {
+            let client = &client;
+            let (id, checksum) = (m.id.clone(), m.checksum.clone());
+            let (commit, run_id) = (who.commit.to_string(), who.run_id.to_string());
+            async move {
+                client
+                    .execute(INSERT_HISTORY, &[&id, &checksum, &phase, &commit, &run_id, &started_at, &success])
+                    .await
+            }
+        };
+        let work = async {
+            if transactional {
+                client.batch_execute("BEGIN").await?;
+            }
+            for s in &m.statements {
+                let span = tracing::debug_span!("statement", origin = %s.origin, line = s.line);
+                let _g = span.enter();
+                client.batch_execute(&s.sql).await?;
+                done += 1;
+            }
+            history(true).await?;
+            if transactional {
+                client.batch_execute("COMMIT").await?;
+            }
+            Ok::<(), tokio_postgres::Error>(())
+        };
+        let result = tokio::time::timeout(m.timeout, work).await;
+        let error = match result {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(pg_message(&e)),
+            Err(_) => {
+                let _ = client.cancel_token().cancel_query(tokio_postgres::NoTls).await;
+                Some(format!("timed out after {}s", m.timeout.as_secs()))
+            }
+        };
+        if error.is_some() && transactional {
+            // A failed or cancelled transaction is rolled back by PostgreSQL; make
+            // it explicit (or close the connection) and record the attempt.
+            if client.batch_execute("ROLLBACK").await.is_ok() {
+                let _ = history(false).await;
+            }
+        }
+        let _ = client.query_one("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY]).await;
+        Ok(MigrateOutcome {
+            transactional,
+            statements_done: done,
+            statements_total: total,
+            committed: error.is_none() || !transactional,
+            error,
+            duration_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+
+    async fn verify(&self, db: &Database, sql: &str, timeout: Duration) -> Result<VerifyOutcome, RunnerError> {
+        let client = db.connect().await?;
+        client
+            .batch_execute(&format!("SET statement_timeout = {}", timeout.as_millis()))
+            .await
+            .map_err(query_err(db, "setting statement_timeout"))?;
+        let rows = match client.simple_query(sql).await {
+            Ok(rows) => rows,
+            Err(e) => return Ok(VerifyOutcome { passed: false, detail: format!("verify query failed: {}", pg_message(&e)) }),
+        };
+        let firsts: Vec<Option<String>> = rows
+            .iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).map(str::to_string)),
+                _ => None,
+            })
+            .collect();
+        let passed = firsts.iter().any(|v| v.as_deref() == Some("t"));
+        let detail = if firsts.is_empty() {
+            "verify returned no rows".to_string()
+        } else {
+            let shown: Vec<String> = firsts.iter().take(5).map(|v| v.clone().unwrap_or_else(|| "NULL".into())).collect();
+            format!("verify returned {} row(s); first column: {}", firsts.len(), shown.join(", "))
+        };
+        Ok(VerifyOutcome { passed, detail })
+    }
+}
