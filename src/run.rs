@@ -923,13 +923,17 @@ fn blocked_by(runs: &[RunRecord], prepared: &Prepared) -> Option<String> {
     None
 }
 
-/// Test hook (debug builds only): `BACKSTOP_TEST_CRASH_AT=<Phase>` aborts the
-/// process when a run enters that phase, after the journal recorded it.
+/// Exit status of the test crash switch.
+pub const TEST_CRASH_EXIT: i32 = 86;
+
+/// Test hook (debug builds only): `BACKSTOP_TEST_CRASH_AT=<Phase>` ends the
+/// process abruptly (exit 86, no cleanup) when a run enters that phase, right
+/// after the journal recorded it.
 fn crash_point(phase: Phase) {
     #[cfg(debug_assertions)]
     if std::env::var("BACKSTOP_TEST_CRASH_AT").ok().as_deref() == Some(phase.as_str()) {
         eprintln!("backstop: test crash at phase {phase}");
-        std::process::abort();
+        std::process::exit(TEST_CRASH_EXIT);
     }
     #[cfg(not(debug_assertions))]
     let _ = phase;

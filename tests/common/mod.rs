@@ -1,0 +1,282 @@
+//! Fixtures shared by the integration tests: a real PostgreSQL server, a bare
+//! git remote holding a small sre repo, the `backstop` binary run against
+//! them, and small builders for migration carriers.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use backstop::pgserver::PgServer;
+use backstop::sandbox::{BareRemote, Change};
+
+pub const GATE: &str = "backstop/gate";
+pub const DB_VAR: &str = "SHOP_DATABASE_URL";
+
+/// A carrier (ConfigMap) under `apps/shop/migrations/`.
+pub struct CarrierBuilder {
+    id: String,
+    phase: Option<String>,
+    database: String,
+    sql: Vec<(String, String)>,
+    verify: Option<String>,
+    revert: Option<String>,
+    extra: Vec<(String, String)>,
+}
+
+pub fn carrier(id: &str) -> CarrierBuilder {
+    CarrierBuilder {
+        id: id.into(),
+        phase: None,
+        database: format!("url:{DB_VAR}"),
+        sql: Vec::new(),
+        verify: None,
+        revert: None,
+        extra: Vec::new(),
+    }
+}
+
+impl CarrierBuilder {
+    pub fn sql(mut self, key: &str, text: &str) -> Self {
+        self.sql.push((key.into(), text.into()));
+        self
+    }
+    pub fn verify(mut self, q: &str) -> Self {
+        self.verify = Some(q.into());
+        self
+    }
+    pub fn phase(mut self, p: &str) -> Self {
+        self.phase = Some(p.into());
+        self
+    }
+    pub fn database(mut self, d: &str) -> Self {
+        self.database = d.into();
+        self
+    }
+    pub fn revert(mut self, r: &str) -> Self {
+        self.revert = Some(r.into());
+        self
+    }
+    pub fn annotation(mut self, k: &str, v: &str) -> Self {
+        self.extra.push((k.into(), v.into()));
+        self
+    }
+    pub fn path(&self) -> String {
+        format!("apps/shop/migrations/{}.yaml", self.id)
+    }
+    pub fn yaml(&self) -> String {
+        let mut y = format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: m-{}\n  annotations:\n    backstop.dev/migration: \"{}\"\n    backstop.dev/database: {}\n",
+            self.id, self.id, self.database
+        );
+        if let Some(p) = &self.phase {
+            y.push_str(&format!("    backstop.dev/phase: {p}\n"));
+        }
+        if let Some(r) = &self.revert {
+            y.push_str(&format!("    backstop.dev/revert: {r}\n"));
+        }
+        if self.verify.is_some() {
+            y.push_str("    backstop.dev/verify: verify\n");
+        }
+        for (k, v) in &self.extra {
+            y.push_str(&format!("    backstop.dev/{k}: {v}\n"));
+        }
+        y.push_str("data:\n");
+        for (k, text) in &self.sql {
+            y.push_str(&format!("  {k}: |\n"));
+            for line in text.lines() {
+                y.push_str(&format!("    {line}\n"));
+            }
+        }
+        if let Some(v) = &self.verify {
+            y.push_str(&format!("  verify: |\n    {v}\n"));
+        }
+        y
+    }
+}
+
+/// A server, a remote and a state directory.
+pub struct Fixture {
+    pub server: PgServer,
+    pub remote: BareRemote,
+    pub dir: tempfile::TempDir,
+    pub base: String,
+}
+
+impl Fixture {
+    /// Server with database `shop`, remote with a base commit on main and the gate there.
+    pub async fn new() -> Self {
+        let server = PgServer::start().await.expect("start PostgreSQL");
+        server.create_database("shop").await.expect("create database");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let remote = BareRemote::init(&dir.path().join("sre.git")).expect("init remote");
+        let base = remote
+            .commit(
+                "main",
+                &[
+                    Change::Write("apps/shop/base/deployment.yaml", "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: shop\n"),
+                    Change::Write("clusters/develop/shop.yaml", "apiVersion: kustomize.toolkit.fluxcd.io/v1\nkind: Kustomization\nmetadata:\n  name: shop\n"),
+                ],
+                "base",
+            )
+            .expect("base commit");
+        remote.set_branch(GATE, &base).expect("gate");
+        Self { server, remote, dir, base }
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Commits a carrier on main.
+    pub fn commit_carrier(&self, c: &CarrierBuilder, message: &str) -> String {
+        self.remote.commit("main", &[Change::Write(&c.path(), &c.yaml())], message).expect("commit")
+    }
+
+    pub fn commit_files(&self, files: &[(&str, &str)], message: &str) -> String {
+        let changes: Vec<Change> = files.iter().map(|(p, c)| Change::Write(p, c)).collect();
+        self.remote.commit("main", &changes, message).expect("commit")
+    }
+
+    /// `backstop run --once` with local checkpoints (extra args appended).
+    pub async fn run(&self, extra: &[&str]) -> Output {
+        self.run_env(extra, &[]).await
+    }
+
+    pub async fn run_env(&self, extra: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_backstop"));
+        cmd.arg("run")
+            .arg("--repo")
+            .arg(self.remote.path())
+            .arg("--path")
+            .arg("apps/shop")
+            .arg("--state")
+            .arg(self.state())
+            .arg("--pgdata")
+            .arg(self.server.data_dir())
+            .arg("--wal-archive")
+            .arg(self.server.archive())
+            .arg("--once")
+            .args(extra)
+            .env(DB_VAR, self.server.url("shop"))
+            .env("BACKSTOP_LOG", "info")
+            .env_remove("BACKSTOP_TEST_CRASH_AT");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().await.expect("run backstop")
+    }
+
+    pub fn gate(&self) -> String {
+        self.remote.head(GATE).expect("gate").expect("gate exists")
+    }
+
+    pub fn main(&self) -> String {
+        self.remote.head("main").expect("main").expect("main exists")
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        self.server.database("shop").unwrap().connect().await.expect("connect")
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        self.client().await.query_one(sql, &[]).await.expect(sql).get(0)
+    }
+
+    /// `pg_dump --schema-only` of the shop database.
+    pub async fn schema(&self) -> String {
+        let out = tokio::process::Command::new(self.server.bindir().join("pg_dump"))
+            .args(["--schema-only", "--no-owner"])
+            .arg(self.server.url("shop"))
+            .output()
+            .await
+            .expect("pg_dump");
+        assert!(out.status.success(), "pg_dump: {}", String::from_utf8_lossy(&out.stderr));
+        // pg_dump 15.14+ writes a random \restrict token per dump.
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Parsed `report.json` files, one per run.
+    pub fn reports(&self) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        let Ok(entries) = std::fs::read_dir(self.state().join("runs")) else { return out };
+        let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path().join("report.json")).collect();
+        paths.sort();
+        for p in paths {
+            out.push(serde_json::from_slice::<serde_json::Value>(&std::fs::read(&p).expect("report")).expect("json"));
+        }
+        // Oldest run first (ids of runs in the same second sort by sha).
+        out.sort_by_key(|r| r["steps"][0]["started_at"].as_str().unwrap_or("").to_string());
+        out
+    }
+
+    /// Journal entries.
+    pub fn journal_len(&self) -> usize {
+        std::fs::read_dir(self.state().join("journal")).map(|d| d.count()).unwrap_or(0)
+    }
+
+    /// Folders of local checkpoints taken.
+    pub fn checkpoints(&self) -> usize {
+        std::fs::read_dir(self.state().join("checkpoints")).map(|d| d.count()).unwrap_or(0)
+    }
+
+    /// Data directories kept by restores.
+    pub fn kept_data_dirs(&self) -> usize {
+        kept_in(self.server.root())
+    }
+
+    /// `git log --format=%s` of a branch, via git itself.
+    pub fn git_log(&self, branch: &str) -> Vec<String> {
+        git(self.remote.path(), &["log", "--format=%s", branch]).lines().map(str::to_string).collect()
+    }
+
+    /// Number of commits on main carrying the `Backstop-Run:` trailer.
+    pub fn revert_commits(&self, branch: &str) -> usize {
+        git(self.remote.path(), &["log", "--format=%B%x00", branch])
+            .split('\0')
+            .filter(|m| m.contains("Backstop-Run: "))
+            .count()
+    }
+}
+
+fn kept_in(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("data.backstop-")).count())
+        .unwrap_or(0)
+}
+
+/// Runs git itself in `dir`.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git").arg("-C").arg(dir).args(args).output().expect("git");
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// The first migration of most tests: table `orders`.
+pub fn orders_table() -> CarrierBuilder {
+    carrier("0001-orders")
+        .sql("001.sql", "CREATE TABLE orders (id bigserial PRIMARY KEY, customer text NOT NULL, qty int NOT NULL);")
+        .verify("SELECT count(*) = 1 FROM information_schema.tables WHERE table_name = 'orders'")
+}
+
+/// Fixture with `orders` applied through backstop and three rows written by "the app".
+pub async fn with_orders() -> (Fixture, String) {
+    let f = Fixture::new().await;
+    let c1 = f.commit_carrier(&orders_table(), "create orders");
+    let out = f.run(&[]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    f.client()
+        .await
+        .batch_execute("INSERT INTO orders (customer, qty) VALUES ('ada', 2), ('grace', 1), ('linus', 3)")
+        .await
+        .unwrap();
+    (f, c1)
+}

@@ -1,0 +1,183 @@
+//! The local pipeline end to end against a real PostgreSQL server and a real
+//! git remote: success, failures with and without restore, both revert modes,
+//! both checkpoint backends, and commits without migrations.
+
+mod common;
+
+use common::*;
+
+#[tokio::test]
+async fn success_writes_history_moves_gate_and_reports_succeeded() {
+    let f = Fixture::new().await;
+    let c1 = f.commit_carrier(&orders_table(), "create orders");
+    let out = f.run(&[]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(f.gate(), c1, "gate fast-forwarded to the migration's commit");
+    let rows = f
+        .count("SELECT count(*) FROM backstop.migration_history WHERE id = '0001-orders' AND success AND commit = (SELECT commit FROM backstop.migration_history LIMIT 1)")
+        .await;
+    assert_eq!(rows, 1);
+    let commit: String = f
+        .client()
+        .await
+        .query_one("SELECT commit FROM backstop.migration_history WHERE id = '0001-orders'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(commit, c1);
+    let reports = f.reports();
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0]["outcome"], "Succeeded");
+    assert_eq!(reports[0]["commit"], c1.as_str());
+    assert!(reports[0]["checkpoint"]["backend"] == "local");
+    assert_eq!(f.checkpoints(), 1);
+    // A second pass finds nothing to do.
+    let again = f.run(&[]).await;
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again));
+    assert_eq!(f.journal_len(), 1);
+}
+
+#[tokio::test]
+async fn commits_without_carriers_fast_forward_the_gate_with_no_run() {
+    let f = Fixture::new().await;
+    f.commit_files(&[("apps/shop/base/deployment.yaml", "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: shop\n  labels: {v: '2'}\n")], "bump");
+    let head = f.commit_files(&[("clusters/develop/other.yaml", "kind: ConfigMap\nmetadata: {name: x}\n")], "other");
+    let out = f.run(&[]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(f.gate(), head);
+    assert_eq!(f.journal_len(), 0);
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args(["status", "--json", "--state"])
+        .arg(f.state())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&status.stdout).trim(), "[]");
+}
+
+/// A migration that fails inside its single transaction.
+fn failing_in_transaction() -> CarrierBuilder {
+    carrier("0002-broken")
+        .phase("expand")
+        .sql("001.sql", "ALTER TABLE orders ADD COLUMN note text;\nINSERT INTO orders (customer, qty) VALUES ('eve', 9);")
+        .sql("002.sql", "INSERT INTO no_such_table VALUES (1);")
+}
+
+#[tokio::test]
+async fn failure_inside_one_transaction_reverts_on_upstream_without_restore() {
+    let (f, c1) = with_orders().await;
+    let schema = f.schema().await;
+    let c2 = f.commit_carrier(&failing_in_transaction(), "add note column");
+    let out = f.run(&["--revert", "commit"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(f.gate(), c1, "gate unchanged");
+    let log = f.git_log("main");
+    assert_eq!(log[0], "Revert \"add note column\"", "{log:?}");
+    let message = git(f.remote.path(), &["log", "-1", "--format=%B", "main"]);
+    assert!(message.contains(&format!("This reverts commit {c2}.")), "{message}");
+    assert!(message.contains("Backstop-Run: "), "{message}");
+    assert!(message.contains("0002-broken"), "{message}");
+    // The revert removes the carrier again.
+    assert_eq!(git(f.remote.path(), &["ls-tree", "-r", "--name-only", "main", "apps/shop/migrations/"]).trim(), "apps/shop/migrations/0001-orders.yaml");
+    assert_eq!(f.schema().await, schema, "schema unchanged");
+    assert_eq!(f.count("SELECT count(*) FROM orders").await, 3);
+    assert_eq!(f.kept_data_dirs(), 0, "no restore");
+    let report = f.reports().pop().unwrap();
+    assert_eq!(report["outcome"], "RolledBack");
+    assert!(report["restore"].is_null());
+    assert!(report["remediation"].as_str().unwrap().contains("zero data loss"), "{report}");
+    // The next pass fast-forwards the gate through the commit and its revert.
+    let next = f.run(&["--revert", "commit"]).await;
+    assert_eq!(next.status.code(), Some(0), "{}", text(&next));
+    assert_eq!(f.gate(), f.main());
+}
+
+#[tokio::test]
+async fn failure_inside_one_transaction_in_pull_request_mode_pushes_a_revert_branch() {
+    let (f, c1) = with_orders().await;
+    let c2 = f.commit_carrier(&failing_in_transaction(), "add note column");
+    let out = f.run(&[]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(f.gate(), c1);
+    assert_eq!(f.main(), c2, "upstream untouched in pull-request mode");
+    let branch = format!("backstop/revert-{}", &c2[..7]);
+    let log = f.git_log(&branch);
+    assert_eq!(log[0], "Revert \"add note column\"");
+    assert_eq!(git(f.remote.path(), &["rev-parse", &format!("{branch}^")]).trim(), c2, "revert sits on the upstream head");
+    // The failed (migration, checksum) is not retried: the gate waits.
+    let again = f.run(&[]).await;
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again));
+    assert!(text(&again).contains("waiting"), "{}", text(&again));
+    assert_eq!(f.journal_len(), 2, "no new run: the orders run and the failed one");
+    assert_eq!(f.gate(), c1);
+}
+
+async fn assert_restored(f: &Fixture, c1: &str, schema: &str) {
+    assert_eq!(f.gate(), c1, "gate unchanged");
+    assert_eq!(f.schema().await, schema, "schema back to before the migration");
+    assert_eq!(f.count("SELECT count(*) FROM orders").await, 3, "rows written before the checkpoint are present");
+    assert_eq!(f.count("SELECT count(*) FROM orders WHERE customer = 'mallory'").await, 0, "rows the migration wrote are gone");
+    assert_eq!(f.git_log("main")[0].starts_with("Revert \""), true);
+    let report = f.reports().pop().unwrap();
+    assert_eq!(report["outcome"], "RolledBack");
+    assert!(!report["restore"].is_null(), "{report}");
+    let window = &report["data_loss_window"];
+    assert!(window["seconds"].as_f64().unwrap() >= 0.0, "{report}");
+    assert!(window["from"].is_string() && window["to"].is_string());
+}
+
+fn committed_then_verify_fails() -> CarrierBuilder {
+    carrier("0002-backfill")
+        .phase("migrate")
+        .sql("001.sql", "ALTER TABLE orders ADD COLUMN total int;\nUPDATE orders SET total = qty * 10 WHERE qty > 1;\nINSERT INTO orders (customer, qty) VALUES ('mallory', 1);")
+        .verify("SELECT count(*) = 0 FROM orders WHERE total IS NULL")
+}
+
+#[tokio::test]
+async fn failed_verify_after_commit_restores_by_pitr_and_reverts() {
+    let (f, c1) = with_orders().await;
+    let schema = f.schema().await;
+    f.commit_carrier(&committed_then_verify_fails(), "backfill totals");
+    let out = f.run(&["--revert", "commit"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_restored(&f, &c1, &schema).await;
+    assert_eq!(f.kept_data_dirs(), 1, "the previous data directory is kept");
+    let report = f.reports().pop().unwrap();
+    assert!(report["restore"]["target"].as_str().unwrap().starts_with("lsn "), "{report}");
+}
+
+#[tokio::test]
+async fn failure_after_create_index_concurrently_restores_by_pitr() {
+    let (f, c1) = with_orders().await;
+    let schema = f.schema().await;
+    let m = carrier("0002-index")
+        .sql("001.sql", "CREATE INDEX CONCURRENTLY orders_customer ON orders (customer);")
+        .sql("002.sql", "INSERT INTO orders (customer, qty) VALUES ('mallory', 1);\nALTER TABLE no_such_table ADD COLUMN x int;");
+    f.commit_carrier(&m, "index customers");
+    let out = f.run(&["--revert", "commit"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_restored(&f, &c1, &schema).await;
+    let report = f.reports().pop().unwrap();
+    assert_eq!(report["migrations"][0]["transactional"], false);
+}
+
+#[tokio::test]
+async fn failed_verify_with_dump_checkpoint_restores_from_the_dump() {
+    let f = Fixture::new().await;
+    let c1 = f.commit_carrier(&orders_table(), "create orders");
+    let out = f.run(&["--checkpoint", "dump"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    f.client()
+        .await
+        .batch_execute("INSERT INTO orders (customer, qty) VALUES ('ada', 2), ('grace', 1), ('linus', 3)")
+        .await
+        .unwrap();
+    let schema = f.schema().await;
+    f.commit_carrier(&committed_then_verify_fails(), "backfill totals");
+    let out = f.run(&["--checkpoint", "dump", "--revert", "commit"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_restored(&f, &c1, &schema).await;
+    let report = f.reports().pop().unwrap();
+    assert_eq!(report["checkpoint"]["backend"], "dump");
+    let kept = f.count("SELECT count(*) FROM pg_database WHERE datname LIKE 'shop_backstop_%'").await;
+    assert_eq!(kept, 1, "the damaged database is kept under another name");
+}
