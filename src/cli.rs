@@ -111,7 +111,9 @@ fn parse_revert(s: &str) -> Result<RevertMode, String> {
     match s {
         "commit" => Ok(RevertMode::Commit),
         "pull-request" => Ok(RevertMode::PullRequest),
-        other => Err(format!("unknown revert mode {other:?} (expected commit or pull-request)")),
+        other => Err(format!(
+            "unknown revert mode {other:?} (expected commit or pull-request)"
+        )),
     }
 }
 
@@ -204,11 +206,21 @@ async fn status(state: &std::path::Path, json: bool) -> anyhow::Result<u8> {
     } else if runs.is_empty() {
         println!("no runs in {}", state.display());
     } else {
-        println!("{:<26} {:<8} {:<14} {:<11} migrations", "RUN", "COMMIT", "PHASE", "OUTCOME");
+        println!(
+            "{:<26} {:<8} {:<14} {:<11} migrations",
+            "RUN", "COMMIT", "PHASE", "OUTCOME"
+        );
         for r in &runs {
             let outcome = r.outcome().map(|o| format!("{o:?}")).unwrap_or_else(|| "-".into());
             let ids: Vec<&str> = r.migrations.iter().map(|m| m.id.as_str()).collect();
-            println!("{:<26} {:<8} {:<14} {:<11} {}", r.id, r.commit.short(), r.phase.as_str(), outcome, ids.join(","));
+            println!(
+                "{:<26} {:<8} {:<14} {:<11} {}",
+                r.id,
+                r.commit.short(),
+                r.phase.as_str(),
+                outcome,
+                ids.join(",")
+            );
         }
     }
     Ok(EXIT_OK)

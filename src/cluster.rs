@@ -13,7 +13,9 @@ use crate::manifests::DatabaseRef;
 pub enum ClusterError {
     #[error(transparent)]
     Db(#[from] DbError),
-    #[error("database {reference} needs the Kubernetes controller (`backstop controller`); local mode takes url:<ENV_VAR>")]
+    #[error(
+        "database {reference} needs the Kubernetes controller (`backstop controller`); local mode takes url:<ENV_VAR>"
+    )]
     Unsupported { reference: String },
     #[error("{0}")]
     Other(String),
@@ -47,7 +49,9 @@ impl Cluster for LocalCluster {
                 Some(url) => Ok(Database::from_url(reference.clone(), url, database_name)?),
                 None => Ok(Database::from_env(reference, database_name)?),
             },
-            other => Err(ClusterError::Unsupported { reference: other.to_string() }),
+            other => Err(ClusterError::Unsupported {
+                reference: other.to_string(),
+            }),
         }
     }
 
@@ -56,7 +60,9 @@ impl Cluster for LocalCluster {
     }
 
     async fn promote(&self, _run_id: &str, commit: &str) -> Result<String, ClusterError> {
-        Ok(format!("local mode: gate moved to {commit}; no cluster health to wait for"))
+        Ok(format!(
+            "local mode: gate moved to {commit}; no cluster health to wait for"
+        ))
     }
 
     async fn unlock(&self, _run_id: &str) -> Result<String, ClusterError> {

@@ -14,7 +14,10 @@ pub enum DbError {
     #[error("environment variable {var} does not hold a valid libpq URL")]
     BadUrl { var: String, source: tokio_postgres::Error },
     #[error("failed to connect to database {database}")]
-    Connect { database: String, source: tokio_postgres::Error },
+    Connect {
+        database: String,
+        source: tokio_postgres::Error,
+    },
 }
 
 /// A database backstop can connect to.
@@ -48,7 +51,9 @@ impl Database {
     /// Resolves `url:VAR` from the environment. Other references need a cluster.
     pub fn from_env(reference: &DatabaseRef, database_name: Option<&str>) -> Result<Self, DbError> {
         let DatabaseRef::Url { var } = reference else {
-            return Err(DbError::MissingVar { var: reference.to_string() });
+            return Err(DbError::MissingVar {
+                var: reference.to_string(),
+            });
         };
         let url = std::env::var(var).map_err(|_| DbError::MissingVar { var: var.clone() })?;
         Self::from_url(reference.clone(), &url, database_name)
@@ -61,7 +66,12 @@ impl Database {
 
     /// `user@host:port/db` without secrets, for messages.
     pub fn describe(&self) -> String {
-        let host = self.config.get_hosts().first().map(host_text).unwrap_or_else(|| "localhost".into());
+        let host = self
+            .config
+            .get_hosts()
+            .first()
+            .map(host_text)
+            .unwrap_or_else(|| "localhost".into());
         let port = self.config.get_ports().first().copied().unwrap_or(5432);
         let user = self.config.get_user().unwrap_or("");
         format!("{} ({user}@{host}:{port}/{})", self.reference, self.dbname())
@@ -69,11 +79,10 @@ impl Database {
 
     /// Opens a connection; the connection task runs on the runtime.
     pub async fn connect(&self) -> Result<Client, DbError> {
-        let (client, connection) = self
-            .config
-            .connect(NoTls)
-            .await
-            .map_err(|source| DbError::Connect { database: self.describe(), source })?;
+        let (client, connection) = self.config.connect(NoTls).await.map_err(|source| DbError::Connect {
+            database: self.describe(),
+            source,
+        })?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "database connection closed");
@@ -86,7 +95,10 @@ impl Database {
     pub fn sibling(&self, dbname: &str) -> Self {
         let mut config = self.config.clone();
         config.dbname(dbname);
-        Self { reference: self.reference.clone(), config }
+        Self {
+            reference: self.reference.clone(),
+            config,
+        }
     }
 
     /// Arguments and environment for libpq tools (`pg_dump`, `pg_basebackup`):
@@ -141,7 +153,16 @@ mod tests {
 
     #[test]
     fn unset_variable_is_named() {
-        let err = Database::from_env(&DatabaseRef::Url { var: "BACKSTOP_TEST_UNSET_VAR".into() }, None).unwrap_err();
-        assert_eq!(err.to_string(), "environment variable BACKSTOP_TEST_UNSET_VAR (named by database url:BACKSTOP_TEST_UNSET_VAR) is not set");
+        let err = Database::from_env(
+            &DatabaseRef::Url {
+                var: "BACKSTOP_TEST_UNSET_VAR".into(),
+            },
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "environment variable BACKSTOP_TEST_UNSET_VAR (named by database url:BACKSTOP_TEST_UNSET_VAR) is not set"
+        );
     }
 }

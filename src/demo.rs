@@ -13,7 +13,10 @@ use crate::sandbox::{BareRemote, Change};
 
 macro_rules! example {
     ($path:literal) => {
-        ($path, include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/sre-repo/", $path)))
+        (
+            $path,
+            include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/sre-repo/", $path)),
+        )
     };
 }
 
@@ -43,7 +46,7 @@ pub enum DemoError {
     #[error("failed to set up local mode")]
     Local(#[from] local::LocalError),
     #[error("a backstop pass failed")]
-    Engine(#[from] crate::run::EngineError),
+    Engine(#[source] Box<crate::run::EngineError>),
     #[error("demo database query failed")]
     Query(#[from] tokio_postgres::Error),
     #[error("demo database connection failed")]
@@ -65,7 +68,11 @@ pub async fn run(keep: bool) -> Result<(), DemoError> {
     let files: Vec<Change> = BASE.iter().map(|(p, c)| Change::Write(p, c)).collect();
     let base = remote.commit("main", &files, "Initial sre repo: shop app, Flux wiring, CNPG clusters")?;
     remote.set_branch("backstop/gate", &base)?;
-    say(&format!("sre remote {} with main and gate at {}", remote.path().display(), &base[..7]));
+    say(&format!(
+        "sre remote {} with main and gate at {}",
+        remote.path().display(),
+        &base[..7]
+    ));
 
     let opts = LocalOptions {
         repo: remote.path().display().to_string(),
@@ -114,7 +121,11 @@ pub async fn run(keep: bool) -> Result<(), DemoError> {
     let log = remote.log("main")?;
     say(&format!(
         "after rollback: {orders} orders kept, column total_cents {}, gate still at {} (not {}), main: {}",
-        if column == 0 { "gone (schema restored)" } else { "STILL THERE" },
+        if column == 0 {
+            "gone (schema restored)"
+        } else {
+            "STILL THERE"
+        },
         &gate[..7.min(gate.len())],
         &c2[..7],
         log.first().cloned().unwrap_or_default()
@@ -144,7 +155,7 @@ pub async fn run(keep: bool) -> Result<(), DemoError> {
 
 async fn pass(engine: &Engine) -> Result<PassReport, DemoError> {
     say("backstop run --once");
-    Ok(engine.pass().await?)
+    engine.pass().await.map_err(|e| DemoError::Engine(Box::new(e)))
 }
 
 fn expect(report: &PassReport, outcome: Outcome) -> Result<(), DemoError> {
@@ -153,7 +164,9 @@ fn expect(report: &PassReport, outcome: Outcome) -> Result<(), DemoError> {
             say(&format!("run {id}: {got:?}"));
             Ok(())
         }
-        other => Err(DemoError::Unexpected(format!("expected a run that {outcome:?}, got {other:?}"))),
+        other => Err(DemoError::Unexpected(format!(
+            "expected a run that {outcome:?}, got {other:?}"
+        ))),
     }
 }
 

@@ -22,13 +22,27 @@ pub enum GitError {
     #[error("branch {branch:?} does not exist on {url}")]
     MissingBranch { branch: String, url: String },
     #[error("gate branch {gate:?} ({gate_sha}) is not an ancestor of upstream {upstream:?}: the branches diverged; move the gate by hand to a commit of upstream that is deployed")]
-    Diverged { gate: String, gate_sha: String, upstream: String },
+    Diverged {
+        gate: String,
+        gate_sha: String,
+        upstream: String,
+    },
     #[error("failed to read commit {sha}")]
     Read { sha: String, source: git2::Error },
     #[error("push of {sha} to {branch:?} on {url} was rejected: {reason}")]
-    Rejected { sha: String, branch: String, url: String, reason: String },
+    Rejected {
+        sha: String,
+        branch: String,
+        url: String,
+        reason: String,
+    },
     #[error("failed to push {sha} to {branch:?} on {url}")]
-    Push { sha: String, branch: String, url: String, source: git2::Error },
+    Push {
+        sha: String,
+        branch: String,
+        url: String,
+        source: git2::Error,
+    },
     #[error("reverting {sha} on top of {onto} conflicts in: {paths}")]
     RevertConflict { sha: String, onto: String, paths: String },
     #[error("failed to write the revert commit of {sha}")]
@@ -76,7 +90,10 @@ impl GitRepo {
         let url = url.to_string();
         let (m, u) = (mirror.clone(), url.clone());
         tokio::task::spawn_blocking(move || -> Result<()> {
-            let open_err = |source| GitError::Open { path: m.clone(), source };
+            let open_err = |source| GitError::Open {
+                path: m.clone(),
+                source,
+            };
             let repo = match Repository::open_bare(&m) {
                 Ok(r) => r,
                 Err(_) => Repository::init_bare(&m).map_err(open_err)?,
@@ -100,7 +117,10 @@ impl GitRepo {
     }
 
     fn repo(&self) -> Result<Repository> {
-        Repository::open_bare(&self.mirror).map_err(|source| GitError::Open { path: self.mirror.clone(), source })
+        Repository::open_bare(&self.mirror).map_err(|source| GitError::Open {
+            path: self.mirror.clone(),
+            source,
+        })
     }
 
     async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&Self) -> Result<T> + Send + 'static) -> Result<T> {
@@ -112,7 +132,10 @@ impl GitRepo {
     pub async fn fetch(&self) -> Result<()> {
         self.blocking(|this| {
             let repo = this.repo()?;
-            let err = |source| GitError::Fetch { url: this.url.clone(), source };
+            let err = |source| GitError::Fetch {
+                url: this.url.clone(),
+                source,
+            };
             let mut remote = repo.find_remote("origin").map_err(err)?;
             let mut opts = git2::FetchOptions::new();
             opts.prune(git2::FetchPrune::On);
@@ -156,15 +179,23 @@ impl GitRepo {
             if g == u {
                 return Ok(Vec::new());
             }
-            let read = |source| GitError::Read { sha: upstream.clone(), source };
+            let read = |source| GitError::Read {
+                sha: upstream.clone(),
+                source,
+            };
             if !repo.graph_descendant_of(u, g).map_err(read)? {
-                return Err(GitError::Diverged { gate: gate_name, gate_sha: gate.clone(), upstream: upstream_name });
+                return Err(GitError::Diverged {
+                    gate: gate_name,
+                    gate_sha: gate.clone(),
+                    upstream: upstream_name,
+                });
             }
             let mut walk = repo.revwalk().map_err(read)?;
             walk.push(u).map_err(read)?;
             walk.hide(g).map_err(read)?;
             walk.simplify_first_parent().map_err(read)?;
-            walk.set_sorting(git2::Sort::TOPOLOGICAL | git2::Sort::REVERSE).map_err(read)?;
+            walk.set_sorting(git2::Sort::TOPOLOGICAL | git2::Sort::REVERSE)
+                .map_err(read)?;
             let mut out = Vec::new();
             for id in walk {
                 let id = id.map_err(read)?;
@@ -186,7 +217,10 @@ impl GitRepo {
         let (sha, prefix) = (sha.to_string(), normalize_prefix(prefix));
         self.blocking(move |this| {
             let repo = this.repo()?;
-            let read = |source| GitError::Read { sha: sha.clone(), source };
+            let read = |source| GitError::Read {
+                sha: sha.clone(),
+                source,
+            };
             let tree = repo.find_commit(oid(&sha)?).and_then(|c| c.tree()).map_err(read)?;
             let mut snap = Snapshot::new();
             let mut failure = None;
@@ -224,14 +258,19 @@ impl GitRepo {
         let (from, to, prefix) = (from.map(str::to_string), to.to_string(), normalize_prefix(prefix));
         self.blocking(move |this| {
             let repo = this.repo()?;
-            let read = |source| GitError::Read { sha: to.clone(), source };
+            let read = |source| GitError::Read {
+                sha: to.clone(),
+                source,
+            };
             let to_commit = repo.find_commit(oid(&to)?).map_err(read)?;
             let to_tree = to_commit.tree().map_err(read)?;
             let from_tree = match &from {
                 Some(f) => Some(repo.find_commit(oid(f)?).and_then(|c| c.tree()).map_err(read)?),
                 None => to_commit.parent(0).ok().map(|p| p.tree()).transpose().map_err(read)?,
             };
-            let diff = repo.diff_tree_to_tree(from_tree.as_ref(), Some(&to_tree), None).map_err(read)?;
+            let diff = repo
+                .diff_tree_to_tree(from_tree.as_ref(), Some(&to_tree), None)
+                .map_err(read)?;
             let mut out = BTreeSet::new();
             for delta in diff.deltas() {
                 for file in [delta.old_file(), delta.new_file()] {
@@ -277,11 +316,21 @@ impl GitRepo {
                 remote.push(&[refspec.as_str()], Some(&mut opts)).map_err(err)?;
             }
             if let Some(reason) = rejected {
-                return Err(GitError::Rejected { sha: sha.clone(), branch: branch.clone(), url: this.url.clone(), reason });
+                return Err(GitError::Rejected {
+                    sha: sha.clone(),
+                    branch: branch.clone(),
+                    url: this.url.clone(),
+                    reason,
+                });
             }
             // Keep the mirror's view of the remote in step with what we pushed.
-            repo.reference(&format!("refs/remotes/origin/{branch}"), oid(&sha)?, true, "backstop push")
-                .map_err(err)?;
+            repo.reference(
+                &format!("refs/remotes/origin/{branch}"),
+                oid(&sha)?,
+                true,
+                "backstop push",
+            )
+            .map_err(err)?;
             Ok(())
         })
         .await
@@ -293,7 +342,10 @@ impl GitRepo {
         let (sha, onto, body, trailer) = (sha.to_string(), onto.to_string(), body.to_string(), trailer.to_string());
         self.blocking(move |this| {
             let repo = this.repo()?;
-            let err = |source| GitError::Revert { sha: sha.clone(), source };
+            let err = |source| GitError::Revert {
+                sha: sha.clone(),
+                source,
+            };
             let commit = repo.find_commit(oid(&sha)?).map_err(err)?;
             let onto_commit = repo.find_commit(oid(&onto)?).map_err(err)?;
             let mainline = if commit.parent_count() > 1 { 1 } else { 0 };
@@ -306,14 +358,23 @@ impl GitRepo {
                     .filter_map(|c| c.our.or(c.their).or(c.ancestor))
                     .map(|e| String::from_utf8_lossy(&e.path).into_owned())
                     .collect();
-                return Err(GitError::RevertConflict { sha: sha.clone(), onto: onto.clone(), paths: paths.join(", ") });
+                return Err(GitError::RevertConflict {
+                    sha: sha.clone(),
+                    onto: onto.clone(),
+                    paths: paths.join(", "),
+                });
             }
             let tree_id = index.write_tree_to(&repo).map_err(err)?;
             let tree = repo.find_tree(tree_id).map_err(err)?;
             let sig = git2::Signature::now(BOT_NAME, BOT_EMAIL).map_err(err)?;
             let subject = commit.summary().ok().flatten().unwrap_or("");
-            let message = format!("Revert \"{subject}\"\n\nThis reverts commit {sha}.\n\n{}\n\n{trailer}\n", body.trim());
-            let id = repo.commit(None, &sig, &sig, &message, &tree, &[&onto_commit]).map_err(err)?;
+            let message = format!(
+                "Revert \"{subject}\"\n\nThis reverts commit {sha}.\n\n{}\n\n{trailer}\n",
+                body.trim()
+            );
+            let id = repo
+                .commit(None, &sig, &sig, &message, &tree, &[&onto_commit])
+                .map_err(err)?;
             Ok(id.to_string())
         })
         .await
@@ -322,11 +383,16 @@ impl GitRepo {
     /// The newest commit of `branch` (first-parent, at most `depth` back) whose
     /// message contains `needle`: how a resumed run finds a revert it already made.
     pub async fn find_on_branch(&self, branch: &str, needle: &str, depth: usize) -> Result<Option<String>> {
-        let Some(head) = self.branch(branch).await? else { return Ok(None) };
+        let Some(head) = self.branch(branch).await? else {
+            return Ok(None);
+        };
         let needle = needle.to_string();
         self.blocking(move |this| {
             let repo = this.repo()?;
-            let read = |source| GitError::Read { sha: head.clone(), source };
+            let read = |source| GitError::Read {
+                sha: head.clone(),
+                source,
+            };
             let mut commit = repo.find_commit(oid(&head)?).map_err(read)?;
             for _ in 0..depth {
                 if commit.message().unwrap_or("").contains(&needle) {
@@ -344,7 +410,10 @@ impl GitRepo {
 }
 
 fn oid(sha: &str) -> Result<Oid> {
-    Oid::from_str(sha).map_err(|source| GitError::Read { sha: sha.to_string(), source })
+    Oid::from_str(sha).map_err(|source| GitError::Read {
+        sha: sha.to_string(),
+        source,
+    })
 }
 
 fn normalize_prefix(prefix: &str) -> String {
@@ -356,9 +425,14 @@ fn under(path: &str, prefix: &str) -> bool {
 }
 
 fn commit_info(repo: &Repository, id: Oid) -> Result<CommitInfo> {
-    let c = repo.find_commit(id).map_err(|source| GitError::Read { sha: id.to_string(), source })?;
+    let c = repo.find_commit(id).map_err(|source| GitError::Read {
+        sha: id.to_string(),
+        source,
+    })?;
     let author = c.author();
-    let time = chrono::DateTime::from_timestamp(c.time().seconds(), 0).map(|t| t.to_rfc3339()).unwrap_or_default();
+    let time = chrono::DateTime::from_timestamp(c.time().seconds(), 0)
+        .map(|t| t.to_rfc3339())
+        .unwrap_or_default();
     let message = c.message().unwrap_or("");
     Ok(CommitInfo {
         sha: id.to_string(),
@@ -386,7 +460,13 @@ mod tests {
     #[test]
     fn trailers_come_from_the_last_paragraph() {
         let t = trailers("Subject\n\nBody: not a trailer? yes it is here\n\nBackstop-Run: r1\nSigned-off-by: a <b>\n");
-        assert_eq!(t, vec![("Backstop-Run".into(), "r1".into()), ("Signed-off-by".into(), "a <b>".into())]);
+        assert_eq!(
+            t,
+            vec![
+                ("Backstop-Run".into(), "r1".into()),
+                ("Signed-off-by".into(), "a <b>".into())
+            ]
+        );
     }
 
     #[test]

@@ -17,7 +17,9 @@ pub struct Journal {
 impl Journal {
     /// A journal in `state` (created on first write).
     pub fn new(state: &Path) -> Self {
-        Self { state: state.to_path_buf() }
+        Self {
+            state: state.to_path_buf(),
+        }
     }
 
     fn journal_dir(&self) -> PathBuf {
@@ -35,7 +37,10 @@ impl Journal {
         if let Some(r) = runs.iter().find(|r| r.id == id) {
             return Ok(Some(r.clone()));
         }
-        let matching: Vec<&RunRecord> = runs.iter().filter(|r| r.id.starts_with(id) || r.commit.sha.starts_with(id)).collect();
+        let matching: Vec<&RunRecord> = runs
+            .iter()
+            .filter(|r| r.id.starts_with(id) || r.commit.sha.starts_with(id))
+            .collect();
         Ok(match matching.as_slice() {
             [one] => Some((*one).clone()),
             _ => None,
@@ -44,7 +49,11 @@ impl Journal {
 
     fn read_all(&self) -> Result<Vec<RunRecord>, StoreError> {
         let dir = self.journal_dir();
-        let err = |action, source: Box<dyn std::error::Error + Send + Sync>| StoreError { action, run: "*".into(), source };
+        let err = |action, source: Box<dyn std::error::Error + Send + Sync>| StoreError {
+            action,
+            run: "*".into(),
+            source,
+        };
         let entries = match std::fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -87,25 +96,49 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 impl RunStore for Journal {
     async fn save(&self, run: &RunRecord) -> Result<(), StoreError> {
         let path = self.journal_dir().join(format!("{}.json", run.id));
-        let bytes = serde_json::to_vec_pretty(run).map_err(|e| StoreError { action: "encode the run", run: run.id.clone(), source: e.into() })?;
+        let bytes = serde_json::to_vec_pretty(run).map_err(|e| StoreError {
+            action: "encode the run",
+            run: run.id.clone(),
+            source: e.into(),
+        })?;
         let id = run.id.clone();
         tokio::task::spawn_blocking(move || write_atomic(&path, &bytes))
             .await
-            .map_err(|e| StoreError { action: "write the journal", run: id.clone(), source: e.into() })?
-            .map_err(|e| StoreError { action: "write the journal", run: id, source: e.into() })
+            .map_err(|e| StoreError {
+                action: "write the journal",
+                run: id.clone(),
+                source: e.into(),
+            })?
+            .map_err(|e| StoreError {
+                action: "write the journal",
+                run: id,
+                source: e.into(),
+            })
     }
 
     async fn list(&self) -> Result<Vec<RunRecord>, StoreError> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.read_all())
             .await
-            .map_err(|e| StoreError { action: "read the journal", run: "*".into(), source: e.into() })?
+            .map_err(|e| StoreError {
+                action: "read the journal",
+                run: "*".into(),
+                source: e.into(),
+            })?
     }
 
     async fn write_report(&self, run: &RunRecord, report: &Report) -> Result<String, StoreError> {
         let dir = self.run_dir(&run.id);
-        let err = |e: std::io::Error| StoreError { action: "write the report", run: run.id.clone(), source: e.into() };
-        let json = serde_json::to_vec_pretty(report).map_err(|e| StoreError { action: "encode the report", run: run.id.clone(), source: e.into() })?;
+        let err = |e: std::io::Error| StoreError {
+            action: "write the report",
+            run: run.id.clone(),
+            source: e.into(),
+        };
+        let json = serde_json::to_vec_pretty(report).map_err(|e| StoreError {
+            action: "encode the report",
+            run: run.id.clone(),
+            source: e.into(),
+        })?;
         write_atomic(&dir.join("report.json"), &json).map_err(err)?;
         write_atomic(&dir.join("report.md"), report::markdown(report).as_bytes()).map_err(err)?;
         Ok(dir.join("report.md").display().to_string())

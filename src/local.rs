@@ -55,16 +55,24 @@ pub enum LocalError {
 
 /// Builds the engine for local mode.
 pub async fn engine(opts: &LocalOptions) -> Result<Engine, LocalError> {
-    std::fs::create_dir_all(&opts.state).map_err(|source| LocalError::State { path: opts.state.clone(), source })?;
+    std::fs::create_dir_all(&opts.state).map_err(|source| LocalError::State {
+        path: opts.state.clone(),
+        source,
+    })?;
     let repo = if std::path::Path::new(&opts.repo).exists() {
-        std::fs::canonicalize(&opts.repo).map(|p| p.display().to_string()).unwrap_or_else(|_| opts.repo.clone())
+        std::fs::canonicalize(&opts.repo)
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| opts.repo.clone())
     } else {
         opts.repo.clone()
     };
     let git = GitRepo::open(&opts.state.join("git").join("mirror.git"), &repo).await?;
     let bindir = pgbin::bindir()?;
     let store = opts.state.join("checkpoints");
-    let dump: Arc<dyn Checkpoint> = Arc::new(DumpBackend { bindir: bindir.clone(), store: store.clone() });
+    let dump: Arc<dyn Checkpoint> = Arc::new(DumpBackend {
+        bindir: bindir.clone(),
+        store: store.clone(),
+    });
     let backup: Arc<dyn Checkpoint> = match opts.checkpoint {
         BackupBackend::Dump => dump.clone(),
         BackupBackend::Local => Arc::new(LocalBackend {
@@ -80,7 +88,9 @@ pub async fn engine(opts: &LocalOptions) -> Result<Engine, LocalError> {
     checkpoints.insert(CheckpointKind::Dump, dump);
     Ok(Engine {
         git,
-        cluster: Arc::new(LocalCluster { overrides: opts.env.clone() }),
+        cluster: Arc::new(LocalCluster {
+            overrides: opts.env.clone(),
+        }),
         runner: Arc::new(SqlRunner),
         checkpoints,
         forge: Arc::new(NoForge),

@@ -177,7 +177,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             _ => return Err(bad()),
         };
         let n: u64 = number.parse().map_err(|_| bad())?;
-        total = total.checked_add(n.checked_mul(unit).ok_or_else(bad)?).ok_or_else(bad)?;
+        total = total
+            .checked_add(n.checked_mul(unit).ok_or_else(bad)?)
+            .ok_or_else(bad)?;
         number.clear();
     }
     if !number.is_empty() || total == 0 {
@@ -206,13 +208,19 @@ fn documents(text: &str) -> Vec<Document<'_>> {
     for (index, line) in text.split_inclusive('\n').enumerate() {
         let trimmed = line.trim_end();
         if trimmed == "---" || trimmed.starts_with("--- ") || trimmed == "..." {
-            docs.push(Document { text: &text[start..offset], first_line: start_line });
+            docs.push(Document {
+                text: &text[start..offset],
+                first_line: start_line,
+            });
             start = offset + line.len();
             start_line = index + 2;
         }
         offset += line.len();
     }
-    docs.push(Document { text: &text[start..], first_line: start_line });
+    docs.push(Document {
+        text: &text[start..],
+        first_line: start_line,
+    });
     docs
 }
 
@@ -344,7 +352,10 @@ fn parse_carrier(
         if !KNOWN_KEYS.contains(&key.as_str()) {
             return Err(ctx.error(
                 key,
-                format!("unknown annotation on a migration carrier (known: {})", KNOWN_KEYS.join(", ")),
+                format!(
+                    "unknown annotation on a migration carrier (known: {})",
+                    KNOWN_KEYS.join(", ")
+                ),
             ));
         }
     }
@@ -397,7 +408,9 @@ fn parse_carrier(
     let folder = ctx.file.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
     let data = value.get("data").and_then(|d| d.as_mapping());
     let data_value = |key: &str| -> Option<String> {
-        data.and_then(|m| m.get(key)).and_then(|v| v.as_str()).map(str::to_string)
+        data.and_then(|m| m.get(key))
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
     };
     let data_line = |key: &str| ctx.line_of(&format!("{key}:")) + 1;
 
@@ -431,8 +444,8 @@ fn parse_carrier(
                     let Some(bytes) = snapshot.get(&path) else {
                         return Err(ctx.error("sql", format!("names {rel:?}, but {path} is not in the repository")));
                     };
-                    let text = std::str::from_utf8(bytes)
-                        .map_err(|_| ctx.error("sql", format!("{path} is not UTF-8")))?;
+                    let text =
+                        std::str::from_utf8(bytes).map_err(|_| ctx.error("sql", format!("{path} is not UTF-8")))?;
                     let mut stmts = sql::split(&path, text, 1).map_err(|e| ManifestError {
                         file: path.clone(),
                         line: e.line,
@@ -516,7 +529,9 @@ fn parse_database(text: &str, namespace: &str) -> Result<DatabaseRef, String> {
             None => (namespace.to_string(), rest.to_string()),
         };
         if ns.is_empty() || cluster.is_empty() || cluster.contains('/') {
-            return Err(format!("invalid {text:?} (expected cnpg:<cluster> or cnpg:<namespace>/<cluster>)"));
+            return Err(format!(
+                "invalid {text:?} (expected cnpg:<cluster> or cnpg:<namespace>/<cluster>)"
+            ));
         }
         return Ok(DatabaseRef::Cnpg { namespace: ns, cluster });
     }
@@ -526,7 +541,9 @@ fn parse_database(text: &str, namespace: &str) -> Result<DatabaseRef, String> {
         }
         return Ok(DatabaseRef::Url { var: var.to_string() });
     }
-    Err(format!("invalid {text:?} (expected cnpg:<cluster>, cnpg:<namespace>/<cluster> or url:<ENV_VAR>)"))
+    Err(format!(
+        "invalid {text:?} (expected cnpg:<cluster>, cnpg:<namespace>/<cluster> or url:<ENV_VAR>)"
+    ))
 }
 
 /// Joins a carrier-relative path onto its folder, resolving `.` and `..`.
@@ -549,7 +566,10 @@ mod tests {
     use super::*;
 
     fn snap(files: &[(&str, &str)]) -> Snapshot {
-        files.iter().map(|(p, c)| (p.to_string(), c.as_bytes().to_vec())).collect()
+        files
+            .iter()
+            .map(|(p, c)| (p.to_string(), c.as_bytes().to_vec()))
+            .collect()
     }
 
     const CARRIER: &str = r#"apiVersion: v1
@@ -572,7 +592,13 @@ data:
         let s = snap(&[("a/m.yaml", CARRIER)]);
         let c = parse_file(&s, "a/m.yaml", CARRIER.as_bytes()).unwrap().remove(0);
         assert_eq!(c.id, "0001-init");
-        assert_eq!(c.database, DatabaseRef::Cnpg { namespace: "shop".into(), cluster: "app-db".into() });
+        assert_eq!(
+            c.database,
+            DatabaseRef::Cnpg {
+                namespace: "shop".into(),
+                cluster: "app-db".into()
+            }
+        );
         assert_eq!(c.phase, Phase::Expand);
         assert_eq!(c.order, Order::BeforeApply);
         assert_eq!(c.checkpoint, CheckpointKind::Backup);
@@ -585,13 +611,22 @@ data:
 
     #[test]
     fn unknown_phase_names_file_line_and_key() {
-        let text = CARRIER.replace("    backstop.dev/verify: check\n", "    backstop.dev/verify: check\n    backstop.dev/phase: expnd\n");
+        let text = CARRIER.replace(
+            "    backstop.dev/verify: check\n",
+            "    backstop.dev/verify: check\n    backstop.dev/phase: expnd\n",
+        );
         let text = format!("kind: Namespace\nmetadata: {{name: x}}\n---\n{text}");
         let s = snap(&[("a/m.yaml", &text)]);
         let errs = parse_file(&s, "a/m.yaml", text.as_bytes()).unwrap_err();
         assert_eq!(errs[0].line, 13);
         assert_eq!(errs[0].key.as_deref(), Some("backstop.dev/phase"));
-        assert!(errs[0].to_string().starts_with("a/m.yaml:13: backstop.dev/phase: unknown value \"expnd\""), "{}", errs[0]);
+        assert!(
+            errs[0]
+                .to_string()
+                .starts_with("a/m.yaml:13: backstop.dev/phase: unknown value \"expnd\""),
+            "{}",
+            errs[0]
+        );
     }
 
     #[test]
@@ -605,7 +640,11 @@ data:
     #[test]
     fn sql_files_are_resolved_relative_to_the_carrier() {
         let text = "kind: Job\nmetadata:\n  name: j\n  annotations:\n    backstop.dev/migration: m\n    backstop.dev/database: url:DB\n    backstop.dev/sql: ../sql/a.sql, b.sql\n";
-        let s = snap(&[("apps/x/j.yaml", text), ("apps/sql/a.sql", "SELECT 1;"), ("apps/x/b.sql", "SELECT 2;")]);
+        let s = snap(&[
+            ("apps/x/j.yaml", text),
+            ("apps/sql/a.sql", "SELECT 1;"),
+            ("apps/x/b.sql", "SELECT 2;"),
+        ]);
         let c = parse_file(&s, "apps/x/j.yaml", text.as_bytes()).unwrap().remove(0);
         assert_eq!(c.sql_files, vec!["apps/sql/a.sql", "apps/x/b.sql"]);
         let s = snap(&[("apps/x/j.yaml", text)]);

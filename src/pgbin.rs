@@ -16,7 +16,11 @@ pub enum PgBinError {
     #[error("failed to start {program}")]
     Spawn { program: String, source: std::io::Error },
     #[error("{program} failed ({status}): {stderr}")]
-    Failed { program: String, status: String, stderr: String },
+    Failed {
+        program: String,
+        status: String,
+        stderr: String,
+    },
     #[error("failed to inspect {path}")]
     Inspect { path: PathBuf, source: std::io::Error },
 }
@@ -52,7 +56,10 @@ pub fn bindir() -> Result<PathBuf, PgBinError> {
 
 /// Owner (uid, gid) of `path`.
 pub fn owner_of(path: &Path) -> Result<(u32, u32), PgBinError> {
-    let meta = std::fs::metadata(path).map_err(|source| PgBinError::Inspect { path: path.into(), source })?;
+    let meta = std::fs::metadata(path).map_err(|source| PgBinError::Inspect {
+        path: path.into(),
+        source,
+    })?;
     Ok((meta.uid(), meta.gid()))
 }
 
@@ -75,7 +82,10 @@ pub async fn run(mut cmd: Command, program: &str) -> Result<String, PgBinError> 
         .stderr(Stdio::piped())
         .output()
         .await
-        .map_err(|source| PgBinError::Spawn { program: program.into(), source })?;
+        .map_err(|source| PgBinError::Spawn {
+            program: program.into(),
+            source,
+        })?;
     if !out.status.success() {
         return Err(PgBinError::Failed {
             program: program.into(),

@@ -19,7 +19,10 @@ pub enum PgServerError {
     #[error("running as root, but there is no `postgres` system user to run the server as")]
     NoUser,
     #[error("failed to create database {name}")]
-    CreateDb { name: String, source: Box<dyn std::error::Error + Send + Sync> },
+    CreateDb {
+        name: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// A running server; stopped (immediately) when dropped.
@@ -38,10 +41,19 @@ impl PgServer {
         let root = tempfile::Builder::new()
             .prefix("backstop-pg-")
             .tempdir()
-            .map_err(|source| PgServerError::Io { path: std::env::temp_dir(), source })?;
-        let io = |source| PgServerError::Io { path: root.path().into(), source };
+            .map_err(|source| PgServerError::Io {
+                path: std::env::temp_dir(),
+                source,
+            })?;
+        let io = |source| PgServerError::Io {
+            path: root.path().into(),
+            source,
+        };
         let owner = if nix::unistd::geteuid().is_root() {
-            let user = nix::unistd::User::from_name("postgres").ok().flatten().ok_or(PgServerError::NoUser)?;
+            let user = nix::unistd::User::from_name("postgres")
+                .ok()
+                .flatten()
+                .ok_or(PgServerError::NoUser)?;
             Some((user.uid.as_raw(), user.gid.as_raw()))
         } else {
             None
@@ -52,10 +64,15 @@ impl PgServer {
         }
         let data = root.path().join("data");
         let mut initdb = pgbin::command(&bindir, "initdb", owner);
-        initdb
-            .arg("-D")
-            .arg(&data)
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync", "--locale=C"]);
+        initdb.arg("-D").arg(&data).args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--locale=C",
+        ]);
         pgbin::run(initdb, "initdb").await?;
         let port = free_port().map_err(io)?;
         let archive = root.path().join("archive");
@@ -67,7 +84,13 @@ impl PgServer {
             arch = archive.display(),
         );
         append(&data.join("postgresql.conf"), &conf).map_err(io)?;
-        let mut server = Self { root, bindir, owner, port, stopped: true };
+        let mut server = Self {
+            root,
+            bindir,
+            owner,
+            port,
+            stopped: true,
+        };
         server.pg_ctl_start().await?;
         server.stopped = false;
         Ok(server)
@@ -126,8 +149,16 @@ impl PgServer {
 
     /// Creates database `name`.
     pub async fn create_database(&self, name: &str) -> Result<(), PgServerError> {
-        let wrap = |e: Box<dyn std::error::Error + Send + Sync>| PgServerError::CreateDb { name: name.into(), source: e };
-        let client = self.database("postgres").map_err(|e| wrap(e.into()))?.connect().await.map_err(|e| wrap(e.into()))?;
+        let wrap = |e: Box<dyn std::error::Error + Send + Sync>| PgServerError::CreateDb {
+            name: name.into(),
+            source: e,
+        };
+        let client = self
+            .database("postgres")
+            .map_err(|e| wrap(e.into()))?
+            .connect()
+            .await
+            .map_err(|e| wrap(e.into()))?;
         client
             .batch_execute(&format!("CREATE DATABASE {}", crate::db::ident(name)))
             .await
@@ -140,7 +171,10 @@ impl PgServer {
             return Ok(());
         }
         let mut cmd = pgbin::command(&self.bindir, "pg_ctl", self.owner);
-        cmd.arg("stop").arg("-D").arg(self.data_dir()).args(["-m", "fast", "-w"]);
+        cmd.arg("stop")
+            .arg("-D")
+            .arg(self.data_dir())
+            .args(["-m", "fast", "-w"]);
         pgbin::run(cmd, "pg_ctl stop").await?;
         self.stopped = true;
         Ok(())

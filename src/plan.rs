@@ -23,19 +23,40 @@ pub enum PlanError {
     #[error(transparent)]
     Git(#[from] GitError),
     #[error("{file}:{line}: backstop.dev/database: cannot reach the database of migration {id}")]
-    Database { file: String, line: usize, id: String, source: ClusterError },
+    Database {
+        file: String,
+        line: usize,
+        id: String,
+        source: ClusterError,
+    },
     #[error("{file}:{line}: backstop.dev/migration: migration {id} is already applied with checksum {applied}, but the carrier now has {current}; an applied migration must not change (write a new migration instead)")]
-    ChecksumDrift { file: String, line: usize, id: String, applied: String, current: String },
+    ChecksumDrift {
+        file: String,
+        line: usize,
+        id: String,
+        applied: String,
+        current: String,
+    },
     #[error("failed to read migration history for {id}")]
     History { id: String, source: RunnerError },
     #[error("{file}:{line}: backstop.dev/checkpoint: {message}")]
     Checkpoint { file: String, line: usize, message: String },
     #[error("{file}:{line}: backstop.dev/checkpoint: checkpoint preflight failed for migration {id}")]
-    Preflight { file: String, line: usize, id: String, source: CheckpointError },
+    Preflight {
+        file: String,
+        line: usize,
+        id: String,
+        source: CheckpointError,
+    },
     #[error("commit {commit} mixes migrations that cannot share a run ({why}); split them into separate commits")]
     Mixed { commit: String, why: String },
     #[error("{first} and {second} both declare migration {id} for {database}")]
-    DuplicateId { id: String, database: String, first: String, second: String },
+    DuplicateId {
+        id: String,
+        database: String,
+        first: String,
+        second: String,
+    },
     #[error("{file}:{line}: backstop.dev/run: job migrations need the Kubernetes controller")]
     JobUnsupported { file: String, line: usize },
 }
@@ -81,7 +102,12 @@ pub async fn discover(
         let key = (c.database.to_string(), c.id.clone());
         let here = format!("{}:{}", c.file, c.line);
         if let Some(first) = seen.insert(key.clone(), here.clone()) {
-            return Err(PlanError::DuplicateId { id: key.1, database: key.0, first, second: here });
+            return Err(PlanError::DuplicateId {
+                id: key.1,
+                database: key.0,
+                first,
+                second: here,
+            });
         }
     }
     let touched: Vec<Carrier> = carriers
@@ -108,7 +134,10 @@ pub async fn discover(
     let mut out = Vec::new();
     for (index, mut carriers) in groups {
         carriers.sort_by(|a, b| a.id.cmp(&b.id));
-        out.push(Candidate { commit: pending[index].clone(), carriers });
+        out.push(Candidate {
+            commit: pending[index].clone(),
+            carriers,
+        });
     }
     Ok(out)
 }
@@ -138,8 +167,15 @@ pub async fn prepare(
           + Sync),
 ) -> Result<Prepared, PlanError> {
     let first = &candidate.carriers[0];
-    let mixed = |why: &str| PlanError::Mixed { commit: candidate.commit.sha.clone(), why: why.into() };
-    if candidate.carriers.iter().any(|c| c.database != first.database || c.database_name != first.database_name) {
+    let mixed = |why: &str| PlanError::Mixed {
+        commit: candidate.commit.sha.clone(),
+        why: why.into(),
+    };
+    if candidate
+        .carriers
+        .iter()
+        .any(|c| c.database != first.database || c.database_name != first.database_name)
+    {
         return Err(mixed("different databases"));
     }
     if candidate.carriers.iter().any(|c| c.order != first.order) {
@@ -149,19 +185,27 @@ pub async fn prepare(
         return Err(mixed("different checkpoint kinds"));
     }
     if let Some(job) = candidate.carriers.iter().find(|c| c.run == manifests::RunKind::Job) {
-        return Err(PlanError::JobUnsupported { file: job.file.clone(), line: job.line });
+        return Err(PlanError::JobUnsupported {
+            file: job.file.clone(),
+            line: job.line,
+        });
     }
     let db = cluster
         .resolve(&first.database, first.database_name.as_deref())
         .await
-        .map_err(|source| PlanError::Database { file: first.file.clone(), line: first.line, id: first.id.clone(), source })?;
+        .map_err(|source| PlanError::Database {
+            file: first.file.clone(),
+            line: first.line,
+            id: first.id.clone(),
+            source,
+        })?;
     let mut migrations = Vec::new();
     let mut already_applied = Vec::new();
     for c in &candidate.carriers {
-        let row = runner
-            .applied(&db, &c.id)
-            .await
-            .map_err(|source| PlanError::History { id: c.id.clone(), source })?;
+        let row = runner.applied(&db, &c.id).await.map_err(|source| PlanError::History {
+            id: c.id.clone(),
+            source,
+        })?;
         match row {
             None => migrations.push(c.clone()),
             Some(r) if r.checksum == c.checksum => already_applied.push(c.id.clone()),
@@ -177,13 +221,18 @@ pub async fn prepare(
         }
     }
     if !migrations.is_empty() {
-        let backend = checkpoint_for(first.checkpoint)
-            .map_err(|message| PlanError::Checkpoint { file: first.file.clone(), line: first.line, message })?;
+        let backend = checkpoint_for(first.checkpoint).map_err(|message| PlanError::Checkpoint {
+            file: first.file.clone(),
+            line: first.line,
+            message,
+        })?;
         if let Some(backend) = backend {
-            backend
-                .preflight(&db)
-                .await
-                .map_err(|source| PlanError::Preflight { file: first.file.clone(), line: first.line, id: first.id.clone(), source })?;
+            backend.preflight(&db).await.map_err(|source| PlanError::Preflight {
+                file: first.file.clone(),
+                line: first.line,
+                id: first.id.clone(),
+                source,
+            })?;
         }
     }
     Ok(Prepared {

@@ -76,7 +76,11 @@ impl Report {
                 (Some(c), None) => c.completed_at,
                 (None, None) => r.started_at,
             };
-            DataLossWindow { from, to: r.started_at, seconds: (r.started_at - from).num_milliseconds() as f64 / 1000.0 }
+            DataLossWindow {
+                from,
+                to: r.started_at,
+                seconds: (r.started_at - from).num_milliseconds() as f64 / 1000.0,
+            }
         });
         let timeout = run.migrations.first().map(|m| m.timeout.as_secs()).unwrap_or(0);
         let mut rollback_conditions = vec![
@@ -86,7 +90,10 @@ impl Report {
             "the target is not healthy at the new revision after promotion".to_string(),
         ];
         rollback_conditions.push(match &run.checkpoint {
-            Some(c) => format!("data is restored from the {} checkpoint when anything was committed", c.backend),
+            Some(c) => format!(
+                "data is restored from the {} checkpoint when anything was committed",
+                c.backend
+            ),
             None => "no checkpoint: committed changes cannot be restored automatically".to_string(),
         });
         Report {
@@ -127,8 +134,17 @@ impl Report {
             checkpoint: run.checkpoint.clone(),
             recovery_point: run.recovery_point.clone(),
             steps: run.steps.clone(),
-            verify: run.verify_results.iter().map(|(id, v)| (id.clone(), v.passed, v.detail.clone())).collect(),
-            health: run.steps.iter().filter(|s| s.name == "health").map(|s| s.detail.clone()).collect(),
+            verify: run
+                .verify_results
+                .iter()
+                .map(|(id, v)| (id.clone(), v.passed, v.detail.clone()))
+                .collect(),
+            health: run
+                .steps
+                .iter()
+                .filter(|s| s.name == "health")
+                .map(|s| s.detail.clone())
+                .collect(),
             failure: run.failure.as_ref().map(|f| format!("{} in {}", f.message, f.phase)),
             remediation: run.restore_decision.clone(),
             restore: run.restore.clone(),
@@ -155,13 +171,26 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(s, "| | |\n|---|---|");
     let _ = writeln!(s, "| commit | `{}` {} |", r.commit, r.subject.replace('|', "\\|"));
     let _ = writeln!(s, "| author | {} |", r.author);
-    let _ = writeln!(s, "| branches | upstream `{}`, gate `{}` (was `{}`) |", r.upstream_branch, r.gate_branch, short(&r.gate_before));
+    let _ = writeln!(
+        s,
+        "| branches | upstream `{}`, gate `{}` (was `{}`) |",
+        r.upstream_branch,
+        r.gate_branch,
+        short(&r.gate_before)
+    );
     let _ = writeln!(s, "| plan hash | `{}` |", r.plan_hash);
-    let approvals = if r.approvals.is_empty() { "none".to_string() } else { r.approvals.join(", ") };
+    let approvals = if r.approvals.is_empty() {
+        "none".to_string()
+    } else {
+        r.approvals.join(", ")
+    };
     let _ = writeln!(s, "| approvals | {approvals} |\n");
 
     let _ = writeln!(s, "## Migrations\n");
-    let _ = writeln!(s, "| id | file | database | phase | order | statements | transaction | checksum |");
+    let _ = writeln!(
+        s,
+        "| id | file | database | phase | order | statements | transaction | checksum |"
+    );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
     for m in &r.migrations {
         let _ = writeln!(
@@ -174,20 +203,42 @@ pub fn markdown(r: &Report) -> String {
             m.phase,
             m.order,
             m.statements,
-            if m.transactional { "one" } else { "none (non-transactional)" },
+            if m.transactional {
+                "one"
+            } else {
+                "none (non-transactional)"
+            },
             short(&m.checksum)
         );
     }
     if !r.already_applied.is_empty() {
         let _ = writeln!(s, "\nAlready applied (skipped): {}", r.already_applied.join(", "));
     }
-    let _ = writeln!(s, "\nLint findings: {}\n", if r.findings.is_empty() { "none".into() } else { r.findings.join("; ") });
+    let _ = writeln!(
+        s,
+        "\nLint findings: {}\n",
+        if r.findings.is_empty() {
+            "none".into()
+        } else {
+            r.findings.join("; ")
+        }
+    );
 
     let _ = writeln!(s, "## Checkpoint\n");
     match &r.checkpoint {
         Some(c) => {
-            let _ = writeln!(s, "- backend: {}\n- location: `{}`\n- database: {}", c.backend, c.location, c.database);
-            let _ = writeln!(s, "- taken: {} to {} ({} bytes)", c.started_at.to_rfc3339(), c.completed_at.to_rfc3339(), c.size_bytes);
+            let _ = writeln!(
+                s,
+                "- backend: {}\n- location: `{}`\n- database: {}",
+                c.backend, c.location, c.database
+            );
+            let _ = writeln!(
+                s,
+                "- taken: {} to {} ({} bytes)",
+                c.started_at.to_rfc3339(),
+                c.completed_at.to_rfc3339(),
+                c.size_bytes
+            );
             let _ = writeln!(s, "- restore drill: {}", c.restore_drill);
         }
         None => {
@@ -198,7 +249,10 @@ pub fn markdown(r: &Report) -> String {
         let _ = writeln!(s, "- recovery point: {} (LSN {})", p.time.to_rfc3339(), p.lsn);
     }
 
-    let _ = writeln!(s, "\n## Steps\n\n| step | phase | started | finished | result | detail |\n|---|---|---|---|---|---|");
+    let _ = writeln!(
+        s,
+        "\n## Steps\n\n| step | phase | started | finished | result | detail |\n|---|---|---|---|---|---|"
+    );
     for st in &r.steps {
         let result = match st.ok {
             Some(true) => "ok",
@@ -211,7 +265,9 @@ pub fn markdown(r: &Report) -> String {
             st.name,
             st.phase,
             st.started_at.format("%H:%M:%S%.3f"),
-            st.finished_at.map(|t| t.format("%H:%M:%S%.3f").to_string()).unwrap_or_default(),
+            st.finished_at
+                .map(|t| t.format("%H:%M:%S%.3f").to_string())
+                .unwrap_or_default(),
             st.detail.replace('|', "\\|").replace('\n', " ")
         );
     }
@@ -236,19 +292,40 @@ pub fn markdown(r: &Report) -> String {
             let _ = writeln!(s, "- decision: {d}");
         }
         if let Some(rs) = &r.restore {
-            let _ = writeln!(s, "- restore: to {}, {} to {}; previous state kept at `{}`", rs.target, rs.started_at.to_rfc3339(), rs.finished_at.to_rfc3339(), rs.kept);
+            let _ = writeln!(
+                s,
+                "- restore: to {}, {} to {}; previous state kept at `{}`",
+                rs.target,
+                rs.started_at.to_rfc3339(),
+                rs.finished_at.to_rfc3339(),
+                rs.kept
+            );
         }
         match &r.data_loss_window {
             Some(w) => {
-                let _ = writeln!(s, "- data-loss window: writes from {} to {} ({:.3}s) are not in the restored database", w.from.to_rfc3339(), w.to.to_rfc3339(), w.seconds);
+                let _ = writeln!(
+                    s,
+                    "- data-loss window: writes from {} to {} ({:.3}s) are not in the restored database",
+                    w.from.to_rfc3339(),
+                    w.to.to_rfc3339(),
+                    w.seconds
+                );
             }
             None => {
                 let _ = writeln!(s, "- data-loss window: none (no restore)");
             }
         }
         if let Some(v) = &r.revert {
-            let pr = v.pull_request.as_ref().map(|u| format!(", pull request {u}")).unwrap_or_default();
-            let _ = writeln!(s, "- revert ({}): commit `{}` on `{}`{pr} ({})", v.mode, v.commit, v.branch, v.note);
+            let pr = v
+                .pull_request
+                .as_ref()
+                .map(|u| format!(", pull request {u}"))
+                .unwrap_or_default();
+            let _ = writeln!(
+                s,
+                "- revert ({}): commit `{}` on `{}`{pr} ({})",
+                v.mode, v.commit, v.branch, v.note
+            );
         }
         for e in &r.remediation_errors {
             let _ = writeln!(s, "- **needs a person**: {e}");

@@ -237,11 +237,12 @@ impl Engine {
         if kind == CheckpointKind::None {
             return Ok(None);
         }
-        self.checkpoints
-            .get(&kind)
-            .cloned()
-            .map(Some)
-            .ok_or_else(|| format!("checkpoint {kind} is not available here (available: {})", self.available_kinds()))
+        self.checkpoints.get(&kind).cloned().map(Some).ok_or_else(|| {
+            format!(
+                "checkpoint {kind} is not available here (available: {})",
+                self.available_kinds()
+            )
+        })
     }
 
     fn available_kinds(&self) -> String {
@@ -282,7 +283,8 @@ impl Engine {
         let candidates = plan::discover(&self.git, &gate, &head, &self.settings.path, &pending).await?;
         let checkpoint_for = |k| self.checkpoint_for(k);
         for candidate in candidates {
-            let prepared = plan::prepare(&candidate, self.cluster.as_ref(), self.runner.as_ref(), &checkpoint_for).await?;
+            let prepared =
+                plan::prepare(&candidate, self.cluster.as_ref(), self.runner.as_ref(), &checkpoint_for).await?;
             if prepared.migrations.is_empty() {
                 tracing::info!(commit = %candidate.commit.short(), "migrations already applied; nothing to run");
                 continue;
@@ -385,7 +387,11 @@ impl Engine {
                         "plan {}: {} migration(s) {}",
                         run.plan_hash,
                         run.migrations.len(),
-                        run.migrations.iter().map(|m| m.id.as_str()).collect::<Vec<_>>().join(", ")
+                        run.migrations
+                            .iter()
+                            .map(|m| m.id.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     );
                     self.step(run, "plan", async { Ok::<_, String>(detail) }).await?.ok();
                     self.advance(run, Phase::Checkpointing).await?
@@ -405,14 +411,21 @@ impl Engine {
                                             run.checkpoint = Some(record);
                                             self.store.save(run).await?;
                                         }
-                                        Err(e) => self.fail(run, format!("checkpoint failed: {}", chain(&e)), false).await?,
+                                        Err(e) => {
+                                            self.fail(run, format!("checkpoint failed: {}", chain(&e)), false)
+                                                .await?
+                                        }
                                     }
                                 }
                             },
                         }
                     }
                     if run.phase == Phase::Checkpointing {
-                        let next = if order == Order::BeforeApply { Phase::Migrating } else { Phase::Promoting };
+                        let next = if order == Order::BeforeApply {
+                            Phase::Migrating
+                        } else {
+                            Phase::Promoting
+                        };
                         self.advance(run, next).await?
                     }
                 }
@@ -425,14 +438,22 @@ impl Engine {
                 Phase::Verifying => {
                     self.verify(run, &mut db).await?;
                     if run.phase == Phase::Verifying {
-                        let next = if order == Order::BeforeApply { Phase::Promoting } else { Phase::Unlocking };
+                        let next = if order == Order::BeforeApply {
+                            Phase::Promoting
+                        } else {
+                            Phase::Unlocking
+                        };
                         self.advance(run, next).await?
                     }
                 }
                 Phase::Promoting => {
                     self.promote(run).await?;
                     if run.phase == Phase::Promoting {
-                        let next = if order == Order::BeforeApply { Phase::Unlocking } else { Phase::Migrating };
+                        let next = if order == Order::BeforeApply {
+                            Phase::Unlocking
+                        } else {
+                            Phase::Migrating
+                        };
                         self.advance(run, next).await?
                     }
                 }
@@ -455,7 +476,9 @@ impl Engine {
                 Phase::Succeeded | Phase::RolledBack | Phase::Failed => {
                     let report = Report::from_run(run);
                     let snapshot = run.clone();
-                    let location = self.step(run, "report", self.store.write_report(&snapshot, &report)).await?;
+                    let location = self
+                        .step(run, "report", self.store.write_report(&snapshot, &report))
+                        .await?;
                     if let Err(e) = location {
                         tracing::error!(error = %e, "could not write the evidence report");
                     }
@@ -464,8 +487,12 @@ impl Engine {
                     let outcome = run.outcome().unwrap_or(Outcome::Failed);
                     match outcome {
                         Outcome::Succeeded => tracing::info!("run succeeded"),
-                        Outcome::RolledBack => tracing::warn!(reason = ?run.failure.as_ref().map(|f| &f.message), "run failed and was rolled back"),
-                        Outcome::Failed => tracing::error!(errors = ?run.remediation_errors, "run failed and remediation did not complete: a person must act"),
+                        Outcome::RolledBack => {
+                            tracing::warn!(reason = ?run.failure.as_ref().map(|f| &f.message), "run failed and was rolled back")
+                        }
+                        Outcome::Failed => {
+                            tracing::error!(errors = ?run.remediation_errors, "run failed and remediation did not complete: a person must act")
+                        }
                     }
                     return Ok(outcome);
                 }
@@ -482,7 +509,11 @@ impl Engine {
     async fn fail(&self, run: &mut RunRecord, message: String, data_changed: bool) -> Result<(), StoreError> {
         let data_changed = data_changed || run.migrate_results.iter().any(|(_, o)| o.committed);
         tracing::warn!(phase = %run.phase, error = %message, "run step failed");
-        run.failure = Some(Failure { phase: run.phase, message, data_changed });
+        run.failure = Some(Failure {
+            phase: run.phase,
+            message,
+            data_changed,
+        });
         self.advance(run, Phase::Remediating).await
     }
 
@@ -507,7 +538,12 @@ impl Engine {
         });
         self.store.save(run).await?;
         let result = action.await;
-        if let Some(step) = run.steps.iter_mut().rev().find(|s| s.name == name && s.finished_at.is_none()) {
+        if let Some(step) = run
+            .steps
+            .iter_mut()
+            .rev()
+            .find(|s| s.name == name && s.finished_at.is_none())
+        {
             step.finished_at = Some(Utc::now());
             step.ok = Some(result.is_ok());
             step.detail = match &result {
@@ -539,12 +575,19 @@ impl Engine {
             Err(e) => return self.fail(run, e, false).await,
         };
         if run.recovery_point.is_none() {
-            match self.step(run, "recovery-point", self.runner.recovery_point(&db)).await? {
+            match self
+                .step(run, "recovery-point", self.runner.recovery_point(&db))
+                .await?
+            {
                 Ok(point) => {
                     run.recovery_point = Some(point);
                     self.store.save(run).await?;
                 }
-                Err(e) => return self.fail(run, format!("reading the recovery point failed: {}", chain(&e)), false).await,
+                Err(e) => {
+                    return self
+                        .fail(run, format!("reading the recovery point failed: {}", chain(&e)), false)
+                        .await
+                }
             }
         }
         for m in run.migrations.clone() {
@@ -574,10 +617,18 @@ impl Engine {
                         duration_ms: 0,
                     },
                 };
-                if let Some(s) = run.steps.iter_mut().rev().find(|s| s.name == name && s.finished_at.is_none()) {
+                if let Some(s) = run
+                    .steps
+                    .iter_mut()
+                    .rev()
+                    .find(|s| s.name == name && s.finished_at.is_none())
+                {
                     s.finished_at = Some(Utc::now());
                     s.ok = Some(outcome.error.is_none());
-                    s.detail = format!("resumed after interruption: {}", outcome.error.as_deref().unwrap_or("found in history"));
+                    s.detail = format!(
+                        "resumed after interruption: {}",
+                        outcome.error.as_deref().unwrap_or("found in history")
+                    );
                 }
                 if let Some(e) = outcome.error.clone() {
                     let changed = outcome.committed;
@@ -588,12 +639,24 @@ impl Engine {
                 self.store.save(run).await?;
                 continue;
             }
-            let who = RunIdentity { run_id: &run.id.clone(), commit: &run.commit.sha.clone() };
+            let who = RunIdentity {
+                run_id: &run.id.clone(),
+                commit: &run.commit.sha.clone(),
+            };
             let (run_id, commit) = (who.run_id.to_string(), who.commit.to_string());
-            let who = RunIdentity { run_id: &run_id, commit: &commit };
-            let result = self.step(run, &name, self.runner.migrate(&db, &m, who).instrument(span)).await?;
+            let who = RunIdentity {
+                run_id: &run_id,
+                commit: &commit,
+            };
+            let result = self
+                .step(run, &name, self.runner.migrate(&db, &m, who).instrument(span))
+                .await?;
             match result {
-                Err(e) => return self.fail(run, format!("migration {} could not run: {}", m.id, chain(&e)), false).await,
+                Err(e) => {
+                    return self
+                        .fail(run, format!("migration {} could not run: {}", m.id, chain(&e)), false)
+                        .await
+                }
                 Ok(outcome) => {
                     let error = outcome.error.clone();
                     let changed = outcome.committed;
@@ -622,9 +685,15 @@ impl Engine {
                 continue;
             }
             let name = format!("verify {}", m.id);
-            let result = self.step(run, &name, self.runner.verify(&db, &query, m.timeout)).await?;
+            let result = self
+                .step(run, &name, self.runner.verify(&db, &query, m.timeout))
+                .await?;
             match result {
-                Err(e) => return self.fail(run, format!("verify of {} could not run: {}", m.id, chain(&e)), true).await,
+                Err(e) => {
+                    return self
+                        .fail(run, format!("verify of {} could not run: {}", m.id, chain(&e)), true)
+                        .await
+                }
                 Ok(outcome) => {
                     let passed = outcome.passed;
                     let detail = outcome.detail.clone();
@@ -634,7 +703,9 @@ impl Engine {
                     run.verify_results.push((m.id.clone(), outcome));
                     self.store.save(run).await?;
                     if !passed {
-                        return self.fail(run, format!("verify of {} failed: {detail}", m.id), true).await;
+                        return self
+                            .fail(run, format!("verify of {} failed: {detail}", m.id), true)
+                            .await;
                     }
                 }
             }
@@ -660,19 +731,27 @@ impl Engine {
                     run.promoted = true;
                     self.store.save(run).await?;
                 }
-                Err(e) => return self.fail(run, format!("moving the gate failed: {}", chain(&e)), false).await,
+                Err(e) => {
+                    return self
+                        .fail(run, format!("moving the gate failed: {}", chain(&e)), false)
+                        .await
+                }
             }
         }
         let id = run.id.clone();
         let sha = run.commit.sha.clone();
         if let Err(e) = self.step(run, "health", self.cluster.promote(&id, &sha)).await? {
-            return self.fail(run, format!("health check after promotion failed: {}", chain(&e)), true).await;
+            return self
+                .fail(run, format!("health check after promotion failed: {}", chain(&e)), true)
+                .await;
         }
         Ok(())
     }
 
     async fn remediate(&self, run: &mut RunRecord, cache: &mut Option<Database>) -> Result<(), StoreError> {
-        let Some(failure) = run.failure.clone() else { return Ok(()) };
+        let Some(failure) = run.failure.clone() else {
+            return Ok(());
+        };
         if failure.data_changed {
             if run.restore.is_none() {
                 self.restore(run, cache).await?;
@@ -708,12 +787,16 @@ impl Engine {
             (Some(c), Some(p)) => (c, p),
             (None, _) => {
                 run.restore_decision = Some("restore needed (data changed) but the run has no checkpoint".into());
-                run.remediation_errors
-                    .push("data changed and there is no checkpoint to restore (checkpoint: none); restore by hand".into());
+                run.remediation_errors.push(
+                    "data changed and there is no checkpoint to restore (checkpoint: none); restore by hand".into(),
+                );
                 return self.store.save(run).await;
             }
             (Some(c), None) => {
-                let p = RecoveryPoint { time: c.completed_at, lsn: String::new() };
+                let p = RecoveryPoint {
+                    time: c.completed_at,
+                    lsn: String::new(),
+                };
                 (c, p)
             }
         };
@@ -721,8 +804,14 @@ impl Engine {
             "restore: the failure left committed changes ({}), so the database goes back to the checkpoint",
             run.failure.as_ref().map(|f| f.message.as_str()).unwrap_or("")
         ));
-        let Some(backend) = self.checkpoints.values().find(|b| b.name() == checkpoint.backend).cloned() else {
-            run.remediation_errors.push(format!("no {} backend configured to restore from", checkpoint.backend));
+        let Some(backend) = self
+            .checkpoints
+            .values()
+            .find(|b| b.name() == checkpoint.backend)
+            .cloned()
+        else {
+            run.remediation_errors
+                .push(format!("no {} backend configured to restore from", checkpoint.backend));
             return self.store.save(run).await;
         };
         let db = match self.database(run, cache).await {
@@ -733,7 +822,10 @@ impl Engine {
             }
         };
         let id = run.id.clone();
-        match self.step(run, "restore", backend.restore(&db, &checkpoint, &point, &id)).await? {
+        match self
+            .step(run, "restore", backend.restore(&db, &checkpoint, &point, &id))
+            .await?
+        {
             Ok(record) => run.restore = Some(record),
             Err(e) => run.remediation_errors.push(format!("restore failed: {}", chain(&e))),
         }
@@ -746,7 +838,11 @@ impl Engine {
         let trailer = format!("Backstop-Run: {}", run.id);
         let failure = run.failure.as_ref().map(|f| f.message.clone()).unwrap_or_default();
         let ids: Vec<&str> = run.migrations.iter().map(|m| m.id.as_str()).collect();
-        let body = format!("backstop run {} failed on migration(s) {}: {failure}", run.id, ids.join(", "));
+        let body = format!(
+            "backstop run {} failed on migration(s) {}: {failure}",
+            run.id,
+            ids.join(", ")
+        );
         let commit = run.commit.sha.clone();
         let name = match mode {
             RevertMode::Commit => "revert-commit",
@@ -795,7 +891,13 @@ impl Engine {
             Ok(Err(e)) => return Err(chain(&e)),
             Err(e) => return Err(chain(&e)),
         };
-        let mut record = RevertRecord { mode, commit: sha, branch: branch.clone(), pull_request: None, note };
+        let mut record = RevertRecord {
+            mode,
+            commit: sha,
+            branch: branch.clone(),
+            pull_request: None,
+            note,
+        };
         if mode == RevertMode::PullRequest {
             let pr = PullRequest {
                 title: format!("Revert \"{}\"", run.commit.subject),
@@ -833,7 +935,10 @@ impl StepDetail for () {
 }
 impl StepDetail for CheckpointRecord {
     fn detail(&self) -> String {
-        format!("{} checkpoint at {} ({} bytes)", self.backend, self.location, self.size_bytes)
+        format!(
+            "{} checkpoint at {} ({} bytes)",
+            self.backend, self.location, self.size_bytes
+        )
     }
 }
 impl StepDetail for RecoveryPoint {
@@ -847,7 +952,11 @@ impl StepDetail for MigrateOutcome {
             "{}/{} statements, {}, {} ms{}",
             self.statements_done,
             self.statements_total,
-            if self.transactional { "one transaction" } else { "non-transactional" },
+            if self.transactional {
+                "one transaction"
+            } else {
+                "non-transactional"
+            },
             self.duration_ms,
             self.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
         )

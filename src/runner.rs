@@ -19,7 +19,11 @@ pub enum RunnerError {
     #[error(transparent)]
     Db(#[from] DbError),
     #[error("query on {database} failed while {step}")]
-    Query { database: String, step: &'static str, source: tokio_postgres::Error },
+    Query {
+        database: String,
+        step: &'static str,
+        source: tokio_postgres::Error,
+    },
 }
 
 /// A row of `backstop.migration_history`.
@@ -100,7 +104,11 @@ const INSERT_HISTORY: &str = "INSERT INTO backstop.migration_history (id, checks
 pub struct SqlRunner;
 
 fn query_err<'a>(db: &'a Database, step: &'static str) -> impl FnOnce(tokio_postgres::Error) -> RunnerError + 'a {
-    move |source| RunnerError::Query { database: db.describe(), step, source }
+    move |source| RunnerError::Query {
+        database: db.describe(),
+        step,
+        source,
+    }
 }
 
 /// Database error text with PostgreSQL's detail, for outcomes and reports.
@@ -151,14 +159,20 @@ impl Runner for SqlRunner {
             .query_one("SELECT clock_timestamp(), pg_current_wal_insert_lsn()::text", &[])
             .await
             .map_err(query_err(db, "reading the recovery point"))?;
-        Ok(RecoveryPoint { time: row.get(0), lsn: row.get(1) })
+        Ok(RecoveryPoint {
+            time: row.get(0),
+            lsn: row.get(1),
+        })
     }
 
     async fn migrate(&self, db: &Database, m: &Carrier, who: RunIdentity<'_>) -> Result<MigrateOutcome, RunnerError> {
         let started = std::time::Instant::now();
         let started_at = Utc::now();
         let client = db.connect().await?;
-        client.batch_execute(HISTORY_DDL).await.map_err(query_err(db, "creating the history table"))?;
+        client
+            .batch_execute(HISTORY_DDL)
+            .await
+            .map_err(query_err(db, "creating the history table"))?;
         // Serialize with any other backstop on this database, bounded by the timeout.
         let deadline = tokio::time::Instant::now() + m.timeout;
         loop {
@@ -198,7 +212,10 @@ impl Runner for SqlRunner {
             let (commit, run_id) = (who.commit.to_string(), who.run_id.to_string());
             async move {
                 client
-                    .execute(INSERT_HISTORY, &[&id, &checksum, &phase, &commit, &run_id, &started_at, &success])
+                    .execute(
+                        INSERT_HISTORY,
+                        &[&id, &checksum, &phase, &commit, &run_id, &started_at, &success],
+                    )
                     .await
             }
         };
@@ -253,7 +270,12 @@ impl Runner for SqlRunner {
             .map_err(query_err(db, "setting statement_timeout"))?;
         let rows = match client.simple_query(sql).await {
             Ok(rows) => rows,
-            Err(e) => return Ok(VerifyOutcome { passed: false, detail: format!("verify query failed: {}", pg_message(&e)) }),
+            Err(e) => {
+                return Ok(VerifyOutcome {
+                    passed: false,
+                    detail: format!("verify query failed: {}", pg_message(&e)),
+                })
+            }
         };
         let firsts: Vec<Option<String>> = rows
             .iter()
@@ -266,8 +288,16 @@ impl Runner for SqlRunner {
         let detail = if firsts.is_empty() {
             "verify returned no rows".to_string()
         } else {
-            let shown: Vec<String> = firsts.iter().take(5).map(|v| v.clone().unwrap_or_else(|| "NULL".into())).collect();
-            format!("verify returned {} row(s); first column: {}", firsts.len(), shown.join(", "))
+            let shown: Vec<String> = firsts
+                .iter()
+                .take(5)
+                .map(|v| v.clone().unwrap_or_else(|| "NULL".into()))
+                .collect();
+            format!(
+                "verify returned {} row(s); first column: {}",
+                firsts.len(),
+                shown.join(", ")
+            )
         };
         Ok(VerifyOutcome { passed, detail })
     }

@@ -20,7 +20,9 @@ impl BareRemote {
     /// Creates an empty bare repository at `path`.
     pub fn init(path: &Path) -> Result<Self, git2::Error> {
         Repository::init_bare(path)?;
-        Ok(Self { path: path.to_path_buf() })
+        Ok(Self {
+            path: path.to_path_buf(),
+        })
     }
 
     /// Where the repository is (usable as a remote URL).
@@ -31,14 +33,21 @@ impl BareRemote {
     /// The commit `branch` points at.
     pub fn head(&self, branch: &str) -> Result<Option<String>, git2::Error> {
         let repo = Repository::open_bare(&self.path)?;
-        Ok(repo.refname_to_id(&format!("refs/heads/{branch}")).ok().map(|o| o.to_string()))
+        Ok(repo
+            .refname_to_id(&format!("refs/heads/{branch}"))
+            .ok()
+            .map(|o| o.to_string()))
     }
 
     /// Commits `changes` on top of `branch` (creating it) and returns the sha.
     pub fn commit(&self, branch: &str, changes: &[Change<'_>], message: &str) -> Result<String, git2::Error> {
         let repo = Repository::open_bare(&self.path)?;
         let refname = format!("refs/heads/{branch}");
-        let parent = repo.refname_to_id(&refname).ok().map(|id| repo.find_commit(id)).transpose()?;
+        let parent = repo
+            .refname_to_id(&refname)
+            .ok()
+            .map(|id| repo.find_commit(id))
+            .transpose()?;
         let mut index = git2::Index::new()?;
         if let Some(p) = &parent {
             index.read_tree(&p.tree()?)?;
@@ -86,7 +95,16 @@ impl BareRemote {
         let mut walk = repo.revwalk()?;
         walk.push_ref(&format!("refs/heads/{branch}"))?;
         walk.simplify_first_parent()?;
-        walk.map(|id| Ok(repo.find_commit(id?)?.summary().ok().flatten().unwrap_or("").to_string())).collect()
+        walk.map(|id| {
+            Ok(repo
+                .find_commit(id?)?
+                .summary()
+                .ok()
+                .flatten()
+                .unwrap_or("")
+                .to_string())
+        })
+        .collect()
     }
 
     /// Full message of the commit `branch` points at.

@@ -117,9 +117,10 @@ pub fn can_run_in_transaction(node: &NodeEnum) -> bool {
         NodeEnum::IndexStmt(s) => !s.concurrent,
         NodeEnum::DropStmt(s) => !s.concurrent,
         NodeEnum::VacuumStmt(s) => !s.is_vacuumcmd,
-        NodeEnum::ReindexStmt(s) => !s.params.iter().any(|p| {
-            matches!(&p.node, Some(NodeEnum::DefElem(d)) if d.defname.eq_ignore_ascii_case("concurrently"))
-        }),
+        NodeEnum::ReindexStmt(s) => !s
+            .params
+            .iter()
+            .any(|p| matches!(&p.node, Some(NodeEnum::DefElem(d)) if d.defname.eq_ignore_ascii_case("concurrently"))),
         NodeEnum::AlterTableStmt(s) => !s.cmds.iter().any(|cmd| match &cmd.node {
             Some(NodeEnum::AlterTableCmd(c)) => {
                 c.subtype == AlterTableType::AtDetachPartition as i32
@@ -222,7 +223,11 @@ mod tests {
             let s = split("x", sql, 1).unwrap();
             assert!(!s[0].transactional, "{sql}");
         }
-        for sql in ["ANALYZE t", "CREATE INDEX i ON t (a)", "ALTER TABLE p DETACH PARTITION c"] {
+        for sql in [
+            "ANALYZE t",
+            "CREATE INDEX i ON t (a)",
+            "ALTER TABLE p DETACH PARTITION c",
+        ] {
             let s = split("x", sql, 1).unwrap();
             assert!(s[0].transactional, "{sql}");
         }

@@ -20,7 +20,10 @@ async fn success_writes_history_moves_gate_and_reports_succeeded() {
     let commit: String = f
         .client()
         .await
-        .query_one("SELECT commit FROM backstop.migration_history WHERE id = '0001-orders'", &[])
+        .query_one(
+            "SELECT commit FROM backstop.migration_history WHERE id = '0001-orders'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -40,8 +43,17 @@ async fn success_writes_history_moves_gate_and_reports_succeeded() {
 #[tokio::test]
 async fn commits_without_carriers_fast_forward_the_gate_with_no_run() {
     let f = Fixture::new().await;
-    f.commit_files(&[("apps/shop/base/deployment.yaml", "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: shop\n  labels: {v: '2'}\n")], "bump");
-    let head = f.commit_files(&[("clusters/develop/other.yaml", "kind: ConfigMap\nmetadata: {name: x}\n")], "other");
+    f.commit_files(
+        &[(
+            "apps/shop/base/deployment.yaml",
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: shop\n  labels: {v: '2'}\n",
+        )],
+        "bump",
+    );
+    let head = f.commit_files(
+        &[("clusters/develop/other.yaml", "kind: ConfigMap\nmetadata: {name: x}\n")],
+        "other",
+    );
     let out = f.run(&[]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_eq!(f.gate(), head);
@@ -58,7 +70,10 @@ async fn commits_without_carriers_fast_forward_the_gate_with_no_run() {
 fn failing_in_transaction() -> CarrierBuilder {
     carrier("0002-broken")
         .phase("expand")
-        .sql("001.sql", "ALTER TABLE orders ADD COLUMN note text;\nINSERT INTO orders (customer, qty) VALUES ('eve', 9);")
+        .sql(
+            "001.sql",
+            "ALTER TABLE orders ADD COLUMN note text;\nINSERT INTO orders (customer, qty) VALUES ('eve', 9);",
+        )
         .sql("002.sql", "INSERT INTO no_such_table VALUES (1);")
 }
 
@@ -77,14 +92,24 @@ async fn failure_inside_one_transaction_reverts_on_upstream_without_restore() {
     assert!(message.contains("Backstop-Run: "), "{message}");
     assert!(message.contains("0002-broken"), "{message}");
     // The revert removes the carrier again.
-    assert_eq!(git(f.remote.path(), &["ls-tree", "-r", "--name-only", "main", "apps/shop/migrations/"]).trim(), "apps/shop/migrations/0001-orders.yaml");
+    assert_eq!(
+        git(
+            f.remote.path(),
+            &["ls-tree", "-r", "--name-only", "main", "apps/shop/migrations/"]
+        )
+        .trim(),
+        "apps/shop/migrations/0001-orders.yaml"
+    );
     assert_eq!(f.schema().await, schema, "schema unchanged");
     assert_eq!(f.count("SELECT count(*) FROM orders").await, 3);
     assert_eq!(f.kept_data_dirs(), 0, "no restore");
     let report = f.reports().pop().unwrap();
     assert_eq!(report["outcome"], "RolledBack");
     assert!(report["restore"].is_null());
-    assert!(report["remediation"].as_str().unwrap().contains("zero data loss"), "{report}");
+    assert!(
+        report["remediation"].as_str().unwrap().contains("zero data loss"),
+        "{report}"
+    );
     // The next pass fast-forwards the gate through the commit and its revert.
     let next = f.run(&["--revert", "commit"]).await;
     assert_eq!(next.status.code(), Some(0), "{}", text(&next));
@@ -102,7 +127,11 @@ async fn failure_inside_one_transaction_in_pull_request_mode_pushes_a_revert_bra
     let branch = format!("backstop/revert-{}", &c2[..7]);
     let log = f.git_log(&branch);
     assert_eq!(log[0], "Revert \"add note column\"");
-    assert_eq!(git(f.remote.path(), &["rev-parse", &format!("{branch}^")]).trim(), c2, "revert sits on the upstream head");
+    assert_eq!(
+        git(f.remote.path(), &["rev-parse", &format!("{branch}^")]).trim(),
+        c2,
+        "revert sits on the upstream head"
+    );
     // The failed (migration, checksum) is not retried: the gate waits.
     let again = f.run(&[]).await;
     assert_eq!(again.status.code(), Some(0), "{}", text(&again));
@@ -114,9 +143,17 @@ async fn failure_inside_one_transaction_in_pull_request_mode_pushes_a_revert_bra
 async fn assert_restored(f: &Fixture, c1: &str, schema: &str) {
     assert_eq!(f.gate(), c1, "gate unchanged");
     assert_eq!(f.schema().await, schema, "schema back to before the migration");
-    assert_eq!(f.count("SELECT count(*) FROM orders").await, 3, "rows written before the checkpoint are present");
-    assert_eq!(f.count("SELECT count(*) FROM orders WHERE customer = 'mallory'").await, 0, "rows the migration wrote are gone");
-    assert_eq!(f.git_log("main")[0].starts_with("Revert \""), true);
+    assert_eq!(
+        f.count("SELECT count(*) FROM orders").await,
+        3,
+        "rows written before the checkpoint are present"
+    );
+    assert_eq!(
+        f.count("SELECT count(*) FROM orders WHERE customer = 'mallory'").await,
+        0,
+        "rows the migration wrote are gone"
+    );
+    assert!(f.git_log("main")[0].starts_with("Revert \""));
     let report = f.reports().pop().unwrap();
     assert_eq!(report["outcome"], "RolledBack");
     assert!(!report["restore"].is_null(), "{report}");
@@ -142,7 +179,10 @@ async fn failed_verify_after_commit_restores_by_pitr_and_reverts() {
     assert_restored(&f, &c1, &schema).await;
     assert_eq!(f.kept_data_dirs(), 1, "the previous data directory is kept");
     let report = f.reports().pop().unwrap();
-    assert!(report["restore"]["target"].as_str().unwrap().starts_with("lsn "), "{report}");
+    assert!(
+        report["restore"]["target"].as_str().unwrap().starts_with("lsn "),
+        "{report}"
+    );
 }
 
 #[tokio::test]
@@ -150,8 +190,14 @@ async fn failure_after_create_index_concurrently_restores_by_pitr() {
     let (f, c1) = with_orders().await;
     let schema = f.schema().await;
     let m = carrier("0002-index")
-        .sql("001.sql", "CREATE INDEX CONCURRENTLY orders_customer ON orders (customer);")
-        .sql("002.sql", "INSERT INTO orders (customer, qty) VALUES ('mallory', 1);\nALTER TABLE no_such_table ADD COLUMN x int;");
+        .sql(
+            "001.sql",
+            "CREATE INDEX CONCURRENTLY orders_customer ON orders (customer);",
+        )
+        .sql(
+            "002.sql",
+            "INSERT INTO orders (customer, qty) VALUES ('mallory', 1);\nALTER TABLE no_such_table ADD COLUMN x int;",
+        );
     f.commit_carrier(&m, "index customers");
     let out = f.run(&["--revert", "commit"]).await;
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
@@ -178,6 +224,8 @@ async fn failed_verify_with_dump_checkpoint_restores_from_the_dump() {
     assert_restored(&f, &c1, &schema).await;
     let report = f.reports().pop().unwrap();
     assert_eq!(report["checkpoint"]["backend"], "dump");
-    let kept = f.count("SELECT count(*) FROM pg_database WHERE datname LIKE 'shop_backstop_%'").await;
+    let kept = f
+        .count("SELECT count(*) FROM pg_database WHERE datname LIKE 'shop_backstop_%'")
+        .await;
     assert_eq!(kept, 1, "the damaged database is kept under another name");
 }

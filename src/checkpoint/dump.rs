@@ -44,14 +44,21 @@ impl Checkpoint for DumpBackend {
         let dir = self.store.join(run_id);
         tokio::fs::create_dir_all(&dir)
             .await
-            .map_err(|source| CheckpointError::Io { step: "create dump folder", path: dir.clone(), source })?;
+            .map_err(|source| CheckpointError::Io {
+                step: "create dump folder",
+                path: dir.clone(),
+                source,
+            })?;
         let file = dir.join(format!("{}.dump", db.dbname()));
         let started_at = Utc::now();
         let mut cmd = pgbin::command(&self.bindir, "pg_dump", None);
         cmd.envs(db.libpq_env()).args(["-Fc", "--no-password", "-f"]).arg(&file);
         pgbin::run(cmd, "pg_dump")
             .await
-            .map_err(|source| CheckpointError::Tool { step: format!("pg_dump of {}", db.describe()), source })?;
+            .map_err(|source| CheckpointError::Tool {
+                step: format!("pg_dump of {}", db.describe()),
+                source,
+            })?;
         Ok(CheckpointRecord {
             backend: self.name().into(),
             location: file.display().to_string(),
@@ -89,12 +96,19 @@ impl Checkpoint for DumpBackend {
                     .map(|r| r.is_some())
             }
         };
-        let terminate = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()";
-        if exists(kept.clone()).await.map_err(query("looking for the kept database"))? {
+        let terminate =
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()";
+        if exists(kept.clone())
+            .await
+            .map_err(query("looking for the kept database"))?
+        {
             // Resumed: the damaged database is already kept; a database under the
             // original name is our own half-finished restore.
             if exists(name.clone()).await.map_err(query("looking for the database"))? {
-                client.execute(terminate, &[&name]).await.map_err(query("closing sessions"))?;
+                client
+                    .execute(terminate, &[&name])
+                    .await
+                    .map_err(query("closing sessions"))?;
                 client
                     .batch_execute(&format!("DROP DATABASE {}", ident(&name)))
                     .await
@@ -105,7 +119,10 @@ impl Checkpoint for DumpBackend {
                 .batch_execute(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS false", ident(&name)))
                 .await
                 .map_err(query("refusing new connections"))?;
-            client.execute(terminate, &[&name]).await.map_err(query("closing sessions"))?;
+            client
+                .execute(terminate, &[&name])
+                .await
+                .map_err(query("closing sessions"))?;
             client
                 .batch_execute(&format!("ALTER DATABASE {} RENAME TO {}", ident(&name), ident(&kept)))
                 .await
@@ -117,7 +134,10 @@ impl Checkpoint for DumpBackend {
             .arg(&checkpoint.location);
         pgbin::run(cmd, "pg_restore")
             .await
-            .map_err(|source| CheckpointError::Tool { step: format!("pg_restore into {}", db.describe()), source })?;
+            .map_err(|source| CheckpointError::Tool {
+                step: format!("pg_restore into {}", db.describe()),
+                source,
+            })?;
         Ok(RestoreRecord {
             started_at,
             finished_at: Utc::now(),

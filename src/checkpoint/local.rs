@@ -40,7 +40,11 @@ const RECOVERY_SETTINGS: &[&str] = &[
 
 impl LocalBackend {
     fn io<'a>(step: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> CheckpointError + 'a {
-        move |source| CheckpointError::Io { step, path: path.to_path_buf(), source }
+        move |source| CheckpointError::Io {
+            step,
+            path: path.to_path_buf(),
+            source,
+        }
     }
 
     fn tool(step: impl Into<String>) -> impl FnOnce(pgbin::PgBinError) -> CheckpointError {
@@ -89,18 +93,32 @@ impl Checkpoint for LocalBackend {
     async fn preflight(&self, db: &Database) -> Result<(), CheckpointError> {
         if !self.pgdata.join("PG_VERSION").is_file() {
             return Err(CheckpointError::Misconfigured {
-                what: format!("--pgdata to name the server's data directory ({} holds no PG_VERSION)", self.pgdata.display()),
+                what: format!(
+                    "--pgdata to name the server's data directory ({} holds no PG_VERSION)",
+                    self.pgdata.display()
+                ),
             });
         }
         if !self.wal_archive.is_dir() {
             return Err(CheckpointError::Misconfigured {
-                what: format!("--wal-archive to name an existing folder ({} is not one)", self.wal_archive.display()),
+                what: format!(
+                    "--wal-archive to name an existing folder ({} is not one)",
+                    self.wal_archive.display()
+                ),
             });
         }
         let client = db.connect().await?;
-        let query = |e| CheckpointError::Query { database: db.describe(), step: "reading archive settings", source: e };
+        let query = |e| CheckpointError::Query {
+            database: db.describe(),
+            step: "reading archive settings",
+            source: e,
+        };
         let mode: String = client.query_one("SHOW archive_mode", &[]).await.map_err(query)?.get(0);
-        let command: String = client.query_one("SHOW archive_command", &[]).await.map_err(query)?.get(0);
+        let command: String = client
+            .query_one("SHOW archive_command", &[])
+            .await
+            .map_err(query)?
+            .get(0);
         if mode == "off" || command.trim().is_empty() || command == "(disabled)" {
             return Err(CheckpointError::NotArchiving {
                 database: db.describe(),
@@ -115,9 +133,13 @@ impl Checkpoint for LocalBackend {
         let dir = self.store.join(run_id).join("base");
         if dir.exists() {
             // An interrupted attempt of this run: its partial backup is useless.
-            tokio::fs::remove_dir_all(&dir).await.map_err(Self::io("remove partial backup", &dir))?;
+            tokio::fs::remove_dir_all(&dir)
+                .await
+                .map_err(Self::io("remove partial backup", &dir))?;
         }
-        tokio::fs::create_dir_all(&dir).await.map_err(Self::io("create backup folder", &dir))?;
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(Self::io("create backup folder", &dir))?;
         let started_at = Utc::now();
         let mut cmd = pgbin::command(&self.bindir, "pg_basebackup", None);
         cmd.envs(db.libpq_env())
@@ -154,8 +176,16 @@ impl Checkpoint for LocalBackend {
             // our own half-finished restore.
             let owner = pgbin::owner_of(&kept).map_err(Self::tool("inspecting the kept data directory"))?;
             if self.pgdata.exists() {
-                let _ = self.pg_ctl(&["stop", "-D", &self.pgdata.to_string_lossy(), "-m", "immediate", "-w"], owner, "stop").await;
-                tokio::fs::remove_dir_all(&self.pgdata).await.map_err(Self::io("remove partial restore", &self.pgdata))?;
+                let _ = self
+                    .pg_ctl(
+                        &["stop", "-D", &self.pgdata.to_string_lossy(), "-m", "immediate", "-w"],
+                        owner,
+                        "stop",
+                    )
+                    .await;
+                tokio::fs::remove_dir_all(&self.pgdata)
+                    .await
+                    .map_err(Self::io("remove partial restore", &self.pgdata))?;
             }
             owner
         } else {
@@ -163,9 +193,16 @@ impl Checkpoint for LocalBackend {
             self.flush_wal(db).await;
             let pgdata = self.pgdata.to_string_lossy().into_owned();
             if self.pgdata.join("postmaster.pid").exists() {
-                self.pg_ctl(&["stop", "-D", &pgdata, "-m", "fast", "-w", "-t", "120"], owner, "stopping the server").await?;
+                self.pg_ctl(
+                    &["stop", "-D", &pgdata, "-m", "fast", "-w", "-t", "120"],
+                    owner,
+                    "stopping the server",
+                )
+                .await?;
             }
-            tokio::fs::rename(&self.pgdata, &kept).await.map_err(Self::io("keep the old data directory", &kept))?;
+            tokio::fs::rename(&self.pgdata, &kept)
+                .await
+                .map_err(Self::io("keep the old data directory", &kept))?;
             owner
         };
 
@@ -174,13 +211,19 @@ impl Checkpoint for LocalBackend {
         set_mode_0700(&self.pgdata).map_err(Self::io("set data directory mode", &self.pgdata))?;
         untar(&base.join("base.tar"), &self.pgdata).await?;
         let wal = self.pgdata.join("pg_wal");
-        tokio::fs::create_dir_all(&wal).await.map_err(Self::io("create pg_wal", &wal))?;
+        tokio::fs::create_dir_all(&wal)
+            .await
+            .map_err(Self::io("create pg_wal", &wal))?;
         untar(&base.join("pg_wal.tar"), &wal).await?;
         // WAL that never reached the archive (server stopped early): take it from
         // the old pg_wal, as the PostgreSQL PITR procedure says.
         copy_unarchived_wal(&kept.join("pg_wal"), &wal, &self.wal_archive)?;
 
-        let target_text = format!("lsn {} (time {})", target.lsn, target.time.format("%Y-%m-%d %H:%M:%S%.6f+00"));
+        let target_text = format!(
+            "lsn {} (time {})",
+            target.lsn,
+            target.time.format("%Y-%m-%d %H:%M:%S%.6f+00")
+        );
         let settings = format!(
             "\n{MARK} (run {run_id})\nrestore_command = 'cp \"{archive}/%f\" \"%p\"'\nrecovery_target_lsn = '{lsn}'\n\
              recovery_target_inclusive = off\nrecovery_target_timeline = 'current'\nrecovery_target_action = 'promote'\n",
@@ -193,19 +236,28 @@ impl Checkpoint for LocalBackend {
         std::fs::write(&auto, conf).map_err(Self::io("write recovery settings", &auto))?;
         let signal = self.pgdata.join("recovery.signal");
         std::fs::write(&signal, "").map_err(Self::io("write recovery.signal", &signal))?;
-        pgbin::chown_tree(&self.pgdata, owner).await.map_err(Self::tool("giving the data directory to its owner"))?;
+        pgbin::chown_tree(&self.pgdata, owner)
+            .await
+            .map_err(Self::tool("giving the data directory to its owner"))?;
 
         let log = self.pgdata.join("backstop-restore.log");
         let pgdata = self.pgdata.to_string_lossy().into_owned();
-        self.pg_ctl(&["start", "-D", &pgdata, "-w", "-t", "300", "-l", &log.to_string_lossy()], owner, "starting the restored server")
-            .await
-            .map_err(|e| match e {
-                CheckpointError::Tool { step, source } => CheckpointError::Tool {
-                    step: format!("{step} (server log: {})", pgbin::tail(&std::fs::read_to_string(&log).unwrap_or_default(), 5)),
-                    source,
-                },
-                other => other,
-            })?;
+        self.pg_ctl(
+            &["start", "-D", &pgdata, "-w", "-t", "300", "-l", &log.to_string_lossy()],
+            owner,
+            "starting the restored server",
+        )
+        .await
+        .map_err(|e| match e {
+            CheckpointError::Tool { step, source } => CheckpointError::Tool {
+                step: format!(
+                    "{step} (server log: {})",
+                    pgbin::tail(&std::fs::read_to_string(&log).unwrap_or_default(), 5)
+                ),
+                source,
+            },
+            other => other,
+        })?;
 
         // Wait for promotion, then drop the recovery settings.
         let deadline = tokio::time::Instant::now() + self.recovery_timeout;
@@ -257,12 +309,17 @@ async fn untar(archive: &Path, into: &Path) -> Result<(), CheckpointError> {
     pgbin::run(cmd, "tar")
         .await
         .map(|_| ())
-        .map_err(|source| CheckpointError::Tool { step: format!("extracting {}", archive.display()), source })
+        .map_err(|source| CheckpointError::Tool {
+            step: format!("extracting {}", archive.display()),
+            source,
+        })
 }
 
 /// Copies WAL segment files from `old` to `new` that the archive does not hold.
 fn copy_unarchived_wal(old: &Path, new: &Path, archive: &Path) -> Result<(), CheckpointError> {
-    let Ok(entries) = std::fs::read_dir(old) else { return Ok(()) };
+    let Ok(entries) = std::fs::read_dir(old) else {
+        return Ok(());
+    };
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(text) = name.to_str() else { continue };

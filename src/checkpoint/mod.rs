@@ -18,17 +18,29 @@ use crate::pgbin::PgBinError;
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error("{database} is not archiving WAL ({detail}); the local backend needs archive_mode = on and an archive_command writing to {archive}")]
-    NotArchiving { database: String, detail: String, archive: PathBuf },
+    NotArchiving {
+        database: String,
+        detail: String,
+        archive: PathBuf,
+    },
     #[error("local checkpoints need {what}")]
     Misconfigured { what: String },
     #[error(transparent)]
     Db(#[from] DbError),
     #[error("query on {database} failed while {step}")]
-    Query { database: String, step: &'static str, source: tokio_postgres::Error },
+    Query {
+        database: String,
+        step: &'static str,
+        source: tokio_postgres::Error,
+    },
     #[error("{step} failed")]
     Tool { step: String, source: PgBinError },
     #[error("failed to {step} at {path}")]
-    Io { step: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        step: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the restored server at {pgdata} did not finish recovery within {seconds}s")]
     RecoveryTimeout { pgdata: PathBuf, seconds: u64 },
 }
@@ -92,7 +104,9 @@ pub trait Checkpoint: Send + Sync {
 
 /// Size in bytes of all files below `path`.
 pub(crate) fn tree_size(path: &std::path::Path) -> u64 {
-    let Ok(meta) = std::fs::symlink_metadata(path) else { return 0 };
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
     if !meta.is_dir() {
         return meta.len();
     }

@@ -113,14 +113,25 @@ impl Fixture {
             .commit(
                 "main",
                 &[
-                    Change::Write("apps/shop/base/deployment.yaml", "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: shop\n"),
-                    Change::Write("clusters/develop/shop.yaml", "apiVersion: kustomize.toolkit.fluxcd.io/v1\nkind: Kustomization\nmetadata:\n  name: shop\n"),
+                    Change::Write(
+                        "apps/shop/base/deployment.yaml",
+                        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: shop\n",
+                    ),
+                    Change::Write(
+                        "clusters/develop/shop.yaml",
+                        "apiVersion: kustomize.toolkit.fluxcd.io/v1\nkind: Kustomization\nmetadata:\n  name: shop\n",
+                    ),
                 ],
                 "base",
             )
             .expect("base commit");
         remote.set_branch(GATE, &base).expect("gate");
-        Self { server, remote, dir, base }
+        Self {
+            server,
+            remote,
+            dir,
+            base,
+        }
     }
 
     pub fn state(&self) -> PathBuf {
@@ -129,7 +140,9 @@ impl Fixture {
 
     /// Commits a carrier on main.
     pub fn commit_carrier(&self, c: &CarrierBuilder, message: &str) -> String {
-        self.remote.commit("main", &[Change::Write(&c.path(), &c.yaml())], message).expect("commit")
+        self.remote
+            .commit("main", &[Change::Write(&c.path(), &c.yaml())], message)
+            .expect("commit")
     }
 
     pub fn commit_files(&self, files: &[(&str, &str)], message: &str) -> String {
@@ -190,7 +203,11 @@ impl Fixture {
             .output()
             .await
             .expect("pg_dump");
-        assert!(out.status.success(), "pg_dump: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "pg_dump: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         // pg_dump 15.14+ writes a random \restrict token per dump.
         String::from_utf8(out.stdout)
             .unwrap()
@@ -203,7 +220,9 @@ impl Fixture {
     /// Parsed `report.json` files, one per run.
     pub fn reports(&self) -> Vec<serde_json::Value> {
         let mut out = Vec::new();
-        let Ok(entries) = std::fs::read_dir(self.state().join("runs")) else { return out };
+        let Ok(entries) = std::fs::read_dir(self.state().join("runs")) else {
+            return out;
+        };
         let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path().join("report.json")).collect();
         paths.sort();
         for p in paths {
@@ -216,12 +235,16 @@ impl Fixture {
 
     /// Journal entries.
     pub fn journal_len(&self) -> usize {
-        std::fs::read_dir(self.state().join("journal")).map(|d| d.count()).unwrap_or(0)
+        std::fs::read_dir(self.state().join("journal"))
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 
     /// Folders of local checkpoints taken.
     pub fn checkpoints(&self) -> usize {
-        std::fs::read_dir(self.state().join("checkpoints")).map(|d| d.count()).unwrap_or(0)
+        std::fs::read_dir(self.state().join("checkpoints"))
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 
     /// Data directories kept by restores.
@@ -231,7 +254,10 @@ impl Fixture {
 
     /// `git log --format=%s` of a branch, via git itself.
     pub fn git_log(&self, branch: &str) -> Vec<String> {
-        git(self.remote.path(), &["log", "--format=%s", branch]).lines().map(str::to_string).collect()
+        git(self.remote.path(), &["log", "--format=%s", branch])
+            .lines()
+            .map(str::to_string)
+            .collect()
     }
 
     /// Number of commits on main carrying the `Backstop-Run:` trailer.
@@ -245,25 +271,45 @@ impl Fixture {
 
 fn kept_in(dir: &Path) -> usize {
     std::fs::read_dir(dir)
-        .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("data.backstop-")).count())
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("data.backstop-"))
+                .count()
+        })
         .unwrap_or(0)
 }
 
 /// Runs git itself in `dir`.
 pub fn git(dir: &Path, args: &[&str]) -> String {
-    let out = std::process::Command::new("git").arg("-C").arg(dir).args(args).output().expect("git");
-    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .output()
+        .expect("git");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
 pub fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// The first migration of most tests: table `orders`.
 pub fn orders_table() -> CarrierBuilder {
     carrier("0001-orders")
-        .sql("001.sql", "CREATE TABLE orders (id bigserial PRIMARY KEY, customer text NOT NULL, qty int NOT NULL);")
+        .sql(
+            "001.sql",
+            "CREATE TABLE orders (id bigserial PRIMARY KEY, customer text NOT NULL, qty int NOT NULL);",
+        )
         .verify("SELECT count(*) = 1 FROM information_schema.tables WHERE table_name = 'orders'")
 }
 
