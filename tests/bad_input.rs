@@ -16,7 +16,11 @@ async fn refused(files: &[(&str, &str)], env: &[(&str, &str)]) -> String {
     assert_eq!(out.status.code(), Some(2), "{text}");
     assert_eq!(f.gate(), f.base, "gate did not move");
     assert_eq!(f.main(), head, "upstream untouched");
-    assert_eq!(git(f.remote.path(), &["branch", "--list"]).lines().count(), 2, "no revert branch");
+    assert_eq!(
+        git(f.remote.path(), &["branch", "--list"]).lines().count(),
+        2,
+        "no revert branch"
+    );
     assert_eq!(f.schema().await, schema, "database untouched");
     assert_eq!(f.journal_len(), 0, "no run started");
     assert_eq!(f.checkpoints(), 0, "no checkpoint taken");
@@ -33,7 +37,9 @@ async fn broken_yaml_is_refused_with_file_and_line() {
 
 #[tokio::test]
 async fn unknown_phase_is_refused_with_file_line_and_key() {
-    let c = carrier("0002-x").phase("expnad").sql("001.sql", "CREATE TABLE x (id int);");
+    let c = carrier("0002-x")
+        .phase("expnad")
+        .sql("001.sql", "CREATE TABLE x (id int);");
     let text = refused(&[(&c.path(), &c.yaml())], &[]).await;
     // The phase annotation is on line 8 of the builder's YAML.
     assert!(
@@ -44,9 +50,14 @@ async fn unknown_phase_is_refused_with_file_line_and_key() {
 
 #[tokio::test]
 async fn unset_database_variable_is_refused_naming_the_variable_and_key() {
-    let c = carrier("0002-x").database("url:SHOP_UNSET_URL").sql("001.sql", "CREATE TABLE x (id int);");
+    let c = carrier("0002-x")
+        .database("url:SHOP_UNSET_URL")
+        .sql("001.sql", "CREATE TABLE x (id int);");
     let text = refused(&[(&c.path(), &c.yaml())], &[]).await;
-    assert!(text.contains("apps/shop/migrations/0002-x.yaml:1: backstop.dev/database"), "{text}");
+    assert!(
+        text.contains("apps/shop/migrations/0002-x.yaml:1: backstop.dev/database"),
+        "{text}"
+    );
     assert!(text.contains("SHOP_UNSET_URL"), "{text}");
     assert!(text.contains("is not set"), "{text}");
 }
@@ -56,7 +67,10 @@ async fn sql_that_does_not_parse_is_refused_with_its_line() {
     let c = carrier("0002-x").sql("001.sql", "CREATE TABLE x (id int);\nALTR TABLE x ADD COLUMN y int;");
     let text = refused(&[(&c.path(), &c.yaml())], &[]).await;
     // `001.sql: |` is line 9, its first statement line 10, the bad one line 11.
-    assert!(text.contains("apps/shop/migrations/0002-x.yaml:11: 001.sql: SQL does not parse"), "{text}");
+    assert!(
+        text.contains("apps/shop/migrations/0002-x.yaml:11: 001.sql: SQL does not parse"),
+        "{text}"
+    );
     assert!(text.contains("ALTR"), "{text}");
 }
 
@@ -64,20 +78,35 @@ async fn sql_that_does_not_parse_is_refused_with_its_line() {
 async fn carrier_naming_a_missing_file_is_refused() {
     let yaml = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n  annotations:\n    backstop.dev/migration: 0002-files\n    backstop.dev/database: url:SHOP_DATABASE_URL\n    backstop.dev/sql: sql/0002.sql\n";
     let text = refused(&[("apps/shop/migrations/0002.yaml", yaml)], &[]).await;
-    assert!(text.contains("apps/shop/migrations/0002.yaml:8: backstop.dev/sql"), "{text}");
-    assert!(text.contains("apps/shop/migrations/sql/0002.sql is not in the repository"), "{text}");
+    assert!(
+        text.contains("apps/shop/migrations/0002.yaml:8: backstop.dev/sql"),
+        "{text}"
+    );
+    assert!(
+        text.contains("apps/shop/migrations/sql/0002.sql is not in the repository"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
 async fn local_checkpoint_of_a_server_without_wal_archiving_is_refused() {
     let f = Fixture::new().await;
     let client = f.client().await;
-    client.batch_execute("ALTER SYSTEM SET archive_command = ''").await.unwrap();
+    client
+        .batch_execute("ALTER SYSTEM SET archive_command = ''")
+        .await
+        .unwrap();
     client.batch_execute("SELECT pg_reload_conf()").await.unwrap();
     drop(client);
     // pg_reload_conf is asynchronous: wait until the setting is seen.
     for _ in 0..50 {
-        let cmd: String = f.client().await.query_one("SHOW archive_command", &[]).await.unwrap().get(0);
+        let cmd: String = f
+            .client()
+            .await
+            .query_one("SHOW archive_command", &[])
+            .await
+            .unwrap()
+            .get(0);
         if cmd.is_empty() || cmd == "(disabled)" {
             break;
         }
@@ -89,7 +118,11 @@ async fn local_checkpoint_of_a_server_without_wal_archiving_is_refused() {
     assert_eq!(out.status.code(), Some(2), "{text}");
     assert!(text.contains("is not archiving WAL"), "{text}");
     assert_eq!(f.gate(), f.base);
-    assert_eq!(f.count("SELECT count(*) FROM pg_tables WHERE tablename = 'orders'").await, 0);
+    assert_eq!(
+        f.count("SELECT count(*) FROM pg_tables WHERE tablename = 'orders'")
+            .await,
+        0
+    );
 }
 
 #[tokio::test]
@@ -104,7 +137,8 @@ async fn checksum_drift_on_an_applied_migration_is_refused() {
     assert_eq!(f.gate(), c1);
     assert_eq!(f.main(), head);
     assert_eq!(
-        f.count("SELECT count(*) FROM information_schema.columns WHERE column_name = 'sneaky'").await,
+        f.count("SELECT count(*) FROM information_schema.columns WHERE column_name = 'sneaky'")
+            .await,
         0
     );
 }
@@ -112,7 +146,10 @@ async fn checksum_drift_on_an_applied_migration_is_refused() {
 #[tokio::test]
 async fn diverged_gate_is_refused() {
     let f = Fixture::new().await;
-    let side = f.remote.commit("side", &[backstop::sandbox::Change::Write("x.yaml", "a: 1\n")], "side").unwrap();
+    let side = f
+        .remote
+        .commit("side", &[backstop::sandbox::Change::Write("x.yaml", "a: 1\n")], "side")
+        .unwrap();
     f.remote.set_branch(GATE, &side).unwrap();
     f.commit_carrier(&orders_table(), "create orders");
     let out = f.run(&[]).await;

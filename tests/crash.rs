@@ -18,7 +18,10 @@ fn passing() -> CarrierBuilder {
 fn failing() -> CarrierBuilder {
     carrier("0002-backfill")
         .phase("migrate")
-        .sql("001.sql", "ALTER TABLE orders ADD COLUMN total int;\nINSERT INTO orders (customer, qty) VALUES ('mallory', 1);")
+        .sql(
+            "001.sql",
+            "ALTER TABLE orders ADD COLUMN total int;\nINSERT INTO orders (customer, qty) VALUES ('mallory', 1);",
+        )
         .verify("SELECT count(*) = 0 FROM orders WHERE total IS NULL")
 }
 
@@ -27,15 +30,29 @@ async fn crash_then_resume(phase: &str, fails: bool) {
     let schema = f.schema().await;
     let migration = if fails { failing() } else { passing() };
     let c2 = f.commit_carrier(&migration, "second migration");
-    let crashed = f.run_env(&["--revert", "commit"], &[("BACKSTOP_TEST_CRASH_AT", phase)]).await;
-    assert_eq!(crashed.status.code(), Some(CRASH_EXIT), "expected a crash at {phase}: {}", text(&crashed));
+    let crashed = f
+        .run_env(&["--revert", "commit"], &[("BACKSTOP_TEST_CRASH_AT", phase)])
+        .await;
+    assert_eq!(
+        crashed.status.code(),
+        Some(CRASH_EXIT),
+        "expected a crash at {phase}: {}",
+        text(&crashed)
+    );
     let resumed = f.run(&["--revert", "commit"]).await;
     let out = text(&resumed);
     assert!(out.contains("resuming run"), "{out}");
     assert_eq!(f.journal_len(), 2, "one run per migration, no duplicate run");
     assert_eq!(f.checkpoints(), 2, "exactly one checkpoint for the crashed run");
     let report = f.reports().pop().unwrap();
-    let steps = |name: &str| report["steps"].as_array().unwrap().iter().filter(|s| s["name"] == name).count();
+    let steps = |name: &str| {
+        report["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["name"] == name)
+            .count()
+    };
     assert_eq!(steps("checkpoint"), 1, "one checkpoint step: {report}");
     assert_eq!(steps("restore"), usize::from(fails), "restore steps: {report}");
     assert_eq!(steps("revert-commit"), usize::from(fails), "revert steps: {report}");
@@ -54,7 +71,11 @@ async fn crash_then_resume(phase: &str, fails: bool) {
         assert_eq!(f.kept_data_dirs(), 0);
         assert_eq!(f.revert_commits("main"), 0);
         assert_eq!(f.gate(), c2);
-        assert_eq!(f.count("SELECT count(*) FROM backstop.migration_history WHERE id = '0002-note'").await, 1);
+        assert_eq!(
+            f.count("SELECT count(*) FROM backstop.migration_history WHERE id = '0002-note'")
+                .await,
+            1
+        );
     }
     // A further pass has nothing left to do.
     let again = f.run(&["--revert", "commit"]).await;
