@@ -101,6 +101,22 @@ impl Database {
         }
     }
 
+    /// The same credentials and database at another server address.
+    pub fn at(&self, host: &str, port: u16) -> Self {
+        let mut config = tokio_postgres::Config::new();
+        if let Some(u) = self.config.get_user() {
+            config.user(u);
+        }
+        if let Some(p) = self.config.get_password() {
+            config.password(p);
+        }
+        config.dbname(self.dbname()).host(host).port(port);
+        Self {
+            reference: self.reference.clone(),
+            config,
+        }
+    }
+
     /// Arguments and environment for libpq tools (`pg_dump`, `pg_basebackup`):
     /// the password travels in `PGPASSWORD`, never on the command line.
     pub fn libpq_env(&self) -> Vec<(&'static str, String)> {

@@ -9,6 +9,7 @@
 //! - [`git`]: the `sre` repository (fetch, pending commits, gate pushes, reverts)
 //! - [`manifests`]: migration carriers and the annotation contract
 //! - [`sql`]: statements parsed with the real PostgreSQL grammar
+//! - [`lint`], [`policy`]: safety analysis, phase rules and approval gates
 //! - [`plan`]: what runs, in which commit, and whether it may
 //! - [`run`]: the state machine, driving the traits below, durable through a [`run::RunStore`]
 //! - [`checkpoint`]: backends that checkpoint and restore ([`checkpoint::local`] PITR, [`checkpoint::dump`])
@@ -28,11 +29,13 @@ pub mod demo;
 pub mod forge;
 pub mod git;
 pub mod journal;
+pub mod lint;
 pub mod local;
 pub mod manifests;
 pub mod pgbin;
 pub mod pgserver;
 pub mod plan;
+pub mod policy;
 pub mod report;
 pub mod run;
 pub mod runner;

@@ -31,6 +31,7 @@ const KNOWN_KEYS: &[&str] = &[
     "timeout",
     "approved-by",
     "soak",
+    "expand-migration",
 ];
 
 /// Files of a tree: repo-relative path (with `/`) to content.
@@ -138,6 +139,14 @@ pub struct Carrier {
     #[serde(with = "duration_secs")]
     pub timeout: Duration,
     pub approved_by: Option<String>,
+    /// `backstop.dev/soak`: how long the expand must have been applied before
+    /// this contract runs (default 24h).
+    #[serde(default, with = "opt_duration_secs")]
+    pub soak: Option<Duration>,
+    /// `backstop.dev/expand-migration`: the expand this contract completes
+    /// (default: the latest applied expand of the database).
+    #[serde(default)]
+    pub expand_migration: Option<String>,
     /// Statements in execution order (empty for `run: job`).
     pub statements: Vec<Statement>,
     /// Verify query, if any.
@@ -146,6 +155,20 @@ pub struct Carrier {
     pub sql_files: Vec<String>,
     /// sha256 of the normalized statements.
     pub checksum: String,
+}
+
+mod opt_duration_secs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&d.as_secs()),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Ok(Option::<u64>::deserialize(d)?.map(Duration::from_secs))
+    }
 }
 
 mod duration_secs {
@@ -397,8 +420,12 @@ fn parse_carrier(
         Some(t) => parse_duration(t).map_err(|m| ctx.error("timeout", m))?,
         None => Duration::from_secs(600),
     };
-    if let Some(soak) = ann.get("soak") {
-        parse_duration(soak).map_err(|m| ctx.error("soak", m))?;
+    let soak = match ann.get("soak") {
+        Some(s) => Some(parse_duration(s).map_err(|m| ctx.error("soak", m))?),
+        None => None,
+    };
+    if let Some(a) = ann.get("approved-by") {
+        crate::policy::parse_approval(a, "annotation").map_err(|m| ctx.error("approved-by", m))?;
     }
     let database_name = ann.get("database-name").map(|s| s.trim().to_string());
     if database_name.as_deref() == Some("") {
@@ -514,6 +541,8 @@ fn parse_carrier(
         revert,
         timeout,
         approved_by: ann.get("approved-by").cloned(),
+        soak,
+        expand_migration: ann.get("expand-migration").map(|s| s.trim().to_string()),
         statements,
         verify,
         sql_files,

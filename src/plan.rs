@@ -5,14 +5,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use chrono::Utc;
 
 use crate::checkpoint::CheckpointError;
 use crate::cluster::{Cluster, ClusterError};
 use crate::db::Database;
 use crate::git::{CommitInfo, GitError, GitRepo};
-use crate::manifests::{self, Carrier, CheckpointKind, ManifestError, Order};
+use crate::lint::{Finding, LintOptions};
+use crate::manifests::{self, Carrier, CheckpointKind, ManifestError, Order, Phase};
+use crate::policy::{self, Approval, Soak, Verdict};
 use crate::runner::{Runner, RunnerError};
 
 /// Why a plan was refused.
@@ -46,7 +47,7 @@ pub enum PlanError {
         file: String,
         line: usize,
         id: String,
-        source: CheckpointError,
+        source: Box<CheckpointError>,
     },
     #[error("commit {commit} mixes migrations that cannot share a run ({why}); split them into separate commits")]
     Mixed { commit: String, why: String },
@@ -59,6 +60,10 @@ pub enum PlanError {
     },
     #[error("{file}:{line}: backstop.dev/run: job migrations need the Kubernetes controller")]
     JobUnsupported { file: String, line: usize },
+    #[error("{commit}: Backstop-Approved-By: {message}")]
+    BadTrailer { commit: String, message: String },
+    #[error("commit {commit} is refused by the safety rules:\n  {}", .reasons.join("\n  "))]
+    Refused { commit: String, reasons: Vec<String> },
 }
 
 /// A pending commit and the touched carriers it introduces.
@@ -153,6 +158,52 @@ pub struct Prepared {
     pub database: Option<Database>,
     pub order: Order,
     pub plan_hash: String,
+    /// Findings of the safety analysis, all migrations.
+    pub findings: Vec<Finding>,
+    /// One verdict per migration to run.
+    pub verdicts: Vec<Verdict>,
+    /// Approvals found (annotations and commit trailers).
+    pub approvals: Vec<Approval>,
+}
+
+impl Prepared {
+    /// Whether any migration needs an approval, and so a restore drill.
+    pub fn needs_drill(&self) -> bool {
+        self.verdicts.iter().any(|v| v.needs_approval)
+    }
+}
+
+/// Approvals of a candidate: each carrier's `backstop.dev/approved-by` and the
+/// commit's `Backstop-Approved-By:` trailers.
+pub fn approvals(commit: &CommitInfo, carriers: &[Carrier]) -> Result<Vec<Approval>, PlanError> {
+    let mut out = Vec::new();
+    for c in carriers {
+        if let Some(a) = &c.approved_by {
+            let approval = policy::parse_approval(a, &format!("{}:{} backstop.dev/approved-by", c.file, c.line))
+                .map_err(|message| {
+                    PlanError::Manifests(vec![ManifestError {
+                        file: c.file.clone(),
+                        line: c.line,
+                        key: Some("backstop.dev/approved-by".into()),
+                        message,
+                    }])
+                })?;
+            out.push(approval);
+        }
+    }
+    for (k, v) in &commit.trailers {
+        if k.eq_ignore_ascii_case("Backstop-Approved-By") {
+            let approval =
+                policy::parse_approval(v, &format!("commit {} trailer", commit.short())).map_err(|message| {
+                    PlanError::BadTrailer {
+                        commit: commit.sha.clone(),
+                        message,
+                    }
+                })?;
+            out.push(approval);
+        }
+    }
+    Ok(out)
 }
 
 /// Checks a candidate before anything is touched: one database and one order
@@ -220,6 +271,49 @@ pub async fn prepare(
             }
         }
     }
+    let opts = LintOptions {
+        pg_version: runner.server_version(&db).await.map_err(|source| PlanError::History {
+            id: first.id.clone(),
+            source,
+        })?,
+    };
+    let analysed = policy::analyse(&migrations, opts);
+    let plan_hash = policy::plan_hash(&migrations, &analysed);
+    let approvals = approvals(&candidate.commit, &candidate.carriers)?;
+    let mut verdicts = Vec::new();
+    for (m, a) in migrations.iter().zip(&analysed) {
+        let soak = if m.phase == Phase::Contract {
+            let row = match &m.expand_migration {
+                Some(id) => runner.applied(&db, id).await,
+                None => runner.latest_applied(&db, Phase::Expand.as_str()).await,
+            }
+            .map_err(|source| PlanError::History {
+                id: m.id.clone(),
+                source,
+            })?;
+            match row.and_then(|r| r.finished_at.map(|at| (r.id, at))) {
+                Some((id, at)) => Soak::ExpandAppliedAt { id, at },
+                None => Soak::NoExpand,
+            }
+        } else {
+            Soak::Unknown
+        };
+        verdicts.push(policy::evaluate(&policy::GateInput {
+            carrier: m,
+            findings: &a.findings,
+            plan_hash: &plan_hash,
+            approvals: &approvals,
+            soak,
+            now: Utc::now(),
+        }));
+    }
+    let reasons: Vec<String> = verdicts.iter().flat_map(|v| v.reasons.iter().cloned()).collect();
+    if !reasons.is_empty() {
+        return Err(PlanError::Refused {
+            commit: candidate.commit.sha.clone(),
+            reasons,
+        });
+    }
     if !migrations.is_empty() {
         let backend = checkpoint_for(first.checkpoint).map_err(|message| PlanError::Checkpoint {
             file: first.file.clone(),
@@ -231,38 +325,19 @@ pub async fn prepare(
                 file: first.file.clone(),
                 line: first.line,
                 id: first.id.clone(),
-                source,
+                source: Box::new(source),
             })?;
         }
     }
     Ok(Prepared {
         commit: candidate.commit.clone(),
-        plan_hash: plan_hash(&migrations),
+        plan_hash,
         migrations,
         already_applied,
         database: Some(db),
         order: first.order,
+        findings: analysed.into_iter().flat_map(|a| a.findings).collect(),
+        verdicts,
+        approvals,
     })
-}
-
-/// sha256 over a canonical serialization of the migrations: for each, in id
-/// order, `id`, `phase`, then each statement's kind and normalized text, one
-/// per line.
-pub fn plan_hash(migrations: &[Carrier]) -> String {
-    let mut hasher = Sha256::new();
-    for m in migrations {
-        hasher.update(format!("migration {} phase {}\n", m.id, m.phase));
-        for s in &m.statements {
-            hasher.update(format!("{} {}\n", s.kind, s.normalized));
-        }
-    }
-    hex::encode(hasher.finalize())
-}
-
-/// A summary of a plan for people and JSON.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PlanSummary {
-    pub commit: String,
-    pub migrations: Vec<String>,
-    pub plan_hash: String,
 }

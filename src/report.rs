@@ -39,8 +39,8 @@ pub struct Report {
     pub plan_hash: String,
     pub migrations: Vec<MigrationEvidence>,
     pub already_applied: Vec<String>,
-    /// Findings of the safety analysis (none recorded yet in this version).
-    pub findings: Vec<String>,
+    /// Findings of the safety analysis.
+    pub findings: Vec<crate::lint::Finding>,
     pub approvals: Vec<String>,
     pub checkpoint: Option<CheckpointRecord>,
     pub recovery_point: Option<RecoveryPoint>,
@@ -129,8 +129,8 @@ impl Report {
                 })
                 .collect(),
             already_applied: run.already_applied.clone(),
-            findings: Vec::new(),
-            approvals: run.migrations.iter().filter_map(|m| m.approved_by.clone()).collect(),
+            findings: run.findings.clone(),
+            approvals: run.approvals.clone(),
             checkpoint: run.checkpoint.clone(),
             recovery_point: run.recovery_point.clone(),
             steps: run.steps.clone(),
@@ -214,15 +214,19 @@ pub fn markdown(r: &Report) -> String {
     if !r.already_applied.is_empty() {
         let _ = writeln!(s, "\nAlready applied (skipped): {}", r.already_applied.join(", "));
     }
-    let _ = writeln!(
-        s,
-        "\nLint findings: {}\n",
-        if r.findings.is_empty() {
-            "none".into()
-        } else {
-            r.findings.join("; ")
+    if r.findings.is_empty() {
+        let _ = writeln!(s, "\nLint findings: none\n");
+    } else {
+        let _ = writeln!(s, "\n### Lint findings\n");
+        for f in &r.findings {
+            let _ = writeln!(
+                s,
+                "- `{}:{}:{}` {} {} ({:?}): {}; fix: {}",
+                f.origin, f.line, f.column, f.rule, f.name, f.severity, f.why, f.fix
+            );
         }
-    );
+        let _ = writeln!(s);
+    }
 
     let _ = writeln!(s, "## Checkpoint\n");
     match &r.checkpoint {

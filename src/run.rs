@@ -116,6 +116,15 @@ pub struct RunRecord {
     pub migrations: Vec<Carrier>,
     pub already_applied: Vec<String>,
     pub plan_hash: String,
+    /// Findings of the safety analysis.
+    #[serde(default)]
+    pub findings: Vec<crate::lint::Finding>,
+    /// Approvals that allowed the run (`approver (source)`).
+    #[serde(default)]
+    pub approvals: Vec<String>,
+    /// A restore drill must pass before the migration runs (approved runs).
+    #[serde(default)]
+    pub needs_drill: bool,
     pub phase: Phase,
     pub steps: Vec<Step>,
     pub checkpoint: Option<CheckpointRecord>,
@@ -345,6 +354,13 @@ impl Engine {
             migrations: prepared.migrations.clone(),
             already_applied: prepared.already_applied.clone(),
             plan_hash: prepared.plan_hash.clone(),
+            findings: prepared.findings.clone(),
+            approvals: prepared
+                .verdicts
+                .iter()
+                .flat_map(|v| v.notes.iter().filter(|n| n.starts_with("approved by")).cloned())
+                .collect(),
+            needs_drill: prepared.needs_drill(),
             phase: Phase::Pending,
             steps: Vec::new(),
             checkpoint: None,
@@ -397,29 +413,7 @@ impl Engine {
                     self.advance(run, Phase::Checkpointing).await?
                 }
                 Phase::Checkpointing => {
-                    let kind = run.migrations[0].checkpoint;
-                    if run.checkpoint.is_none() {
-                        match self.checkpoint_for(kind) {
-                            Err(e) => self.fail(run, e, false).await?,
-                            Ok(None) => {}
-                            Ok(Some(backend)) => match self.database(run, &mut db).await {
-                                Err(e) => self.fail(run, e, false).await?,
-                                Ok(database) => {
-                                    let id = run.id.clone();
-                                    match self.step(run, "checkpoint", backend.create(&database, &id)).await? {
-                                        Ok(record) => {
-                                            run.checkpoint = Some(record);
-                                            self.store.save(run).await?;
-                                        }
-                                        Err(e) => {
-                                            self.fail(run, format!("checkpoint failed: {}", chain(&e)), false)
-                                                .await?
-                                        }
-                                    }
-                                }
-                            },
-                        }
-                    }
+                    self.checkpoint(run, &mut db).await?;
                     if run.phase == Phase::Checkpointing {
                         let next = if order == Order::BeforeApply {
                             Phase::Migrating
@@ -567,6 +561,79 @@ impl Engine {
             .map_err(|e| chain(&e))?;
         *cache = Some(db.clone());
         Ok(db)
+    }
+
+    /// Takes the checkpoint (once) and, for approved runs, the restore drill.
+    async fn checkpoint(&self, run: &mut RunRecord, cache: &mut Option<Database>) -> Result<(), StoreError> {
+        let kind = run.migrations[0].checkpoint;
+        let backend = match self.checkpoint_for(kind) {
+            Err(e) => return self.fail(run, e, false).await,
+            Ok(None) if run.needs_drill => {
+                return self
+                    .fail(
+                        run,
+                        "an approved run needs a checkpoint with a restore drill".into(),
+                        false,
+                    )
+                    .await
+            }
+            Ok(None) => return Ok(()),
+            Ok(Some(backend)) => backend,
+        };
+        if run.checkpoint.is_none() {
+            let database = match self.database(run, cache).await {
+                Ok(db) => db,
+                Err(e) => return self.fail(run, e, false).await,
+            };
+            let id = run.id.clone();
+            match self.step(run, "checkpoint", backend.create(&database, &id)).await? {
+                Ok(record) => {
+                    run.checkpoint = Some(record);
+                    self.store.save(run).await?;
+                }
+                Err(e) => return self.fail(run, format!("checkpoint failed: {}", chain(&e)), false).await,
+            }
+        }
+        let Some(record) = run.checkpoint.clone() else {
+            return Ok(());
+        };
+        if !run.needs_drill
+            || record.restore_drill.starts_with("passed")
+            || record.restore_drill.starts_with("not supported")
+        {
+            return Ok(());
+        }
+        let database = match self.database(run, cache).await {
+            Ok(db) => db,
+            Err(e) => return self.fail(run, e, false).await,
+        };
+        let result = self
+            .step(run, "restore-drill", backend.drill(&database, &record))
+            .await?;
+        let failure = match &result {
+            Ok(detail) => {
+                if let Some(c) = run.checkpoint.as_mut() {
+                    c.restore_drill = if detail.starts_with("not supported") {
+                        detail.clone()
+                    } else {
+                        format!("passed: {detail}")
+                    };
+                }
+                None
+            }
+            Err(e) => {
+                let text = chain(e);
+                if let Some(c) = run.checkpoint.as_mut() {
+                    c.restore_drill = format!("failed: {text}");
+                }
+                Some(text)
+            }
+        };
+        self.store.save(run).await?;
+        match failure {
+            Some(text) => self.fail(run, format!("restore drill failed: {text}"), false).await,
+            None => Ok(()),
+        }
     }
 
     async fn migrate(&self, run: &mut RunRecord, cache: &mut Option<Database>) -> Result<(), StoreError> {

@@ -31,6 +31,7 @@ pub enum RunnerError {
 pub struct HistoryRow {
     pub id: String,
     pub checksum: String,
+    pub phase: String,
     pub commit: String,
     pub run_id: String,
     pub finished_at: Option<DateTime<Utc>>,
@@ -71,6 +72,10 @@ pub struct RunIdentity<'a> {
 pub trait Runner: Send + Sync {
     /// The successful history row of migration `id`, if any.
     async fn applied(&self, db: &Database, id: &str) -> Result<Option<HistoryRow>, RunnerError>;
+    /// The most recent successful migration of `phase`, if any.
+    async fn latest_applied(&self, db: &Database, phase: &str) -> Result<Option<HistoryRow>, RunnerError>;
+    /// The server's major version (e.g. 15).
+    async fn server_version(&self, db: &Database) -> Result<u32, RunnerError>;
     /// The recovery point: now, as the server sees it.
     async fn recovery_point(&self, db: &Database) -> Result<RecoveryPoint, RunnerError>;
     /// Runs the migration; a failing statement is an outcome, not an error.
@@ -125,32 +130,52 @@ fn pg_message(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// The newest successful history row matching `filter` (`$1` = `value`).
+async fn history_row(db: &Database, filter: &str, value: &str) -> Result<Option<HistoryRow>, RunnerError> {
+    let client = db.connect().await?;
+    let exists: bool = client
+        .query_one("SELECT to_regclass('backstop.migration_history') IS NOT NULL", &[])
+        .await
+        .map_err(query_err(db, "looking for the history table"))?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    let sql = format!(
+        "SELECT id, checksum, phase, commit, run_id, finished_at FROM backstop.migration_history WHERE {filter} AND success ORDER BY seq DESC LIMIT 1"
+    );
+    let row = client
+        .query_opt(&sql, &[&value])
+        .await
+        .map_err(query_err(db, "reading migration history"))?;
+    Ok(row.map(|r| HistoryRow {
+        id: r.get(0),
+        checksum: r.get(1),
+        phase: r.get(2),
+        commit: r.get(3),
+        run_id: r.get(4),
+        finished_at: r.get(5),
+    }))
+}
+
 #[async_trait::async_trait]
 impl Runner for SqlRunner {
     async fn applied(&self, db: &Database, id: &str) -> Result<Option<HistoryRow>, RunnerError> {
+        history_row(db, "id = $1", id).await
+    }
+
+    async fn latest_applied(&self, db: &Database, phase: &str) -> Result<Option<HistoryRow>, RunnerError> {
+        history_row(db, "phase = $1", phase).await
+    }
+
+    async fn server_version(&self, db: &Database) -> Result<u32, RunnerError> {
         let client = db.connect().await?;
-        let exists: bool = client
-            .query_one("SELECT to_regclass('backstop.migration_history') IS NOT NULL", &[])
+        let v: String = client
+            .query_one("SHOW server_version_num", &[])
             .await
-            .map_err(query_err(db, "looking for the history table"))?
+            .map_err(query_err(db, "reading the server version"))?
             .get(0);
-        if !exists {
-            return Ok(None);
-        }
-        let row = client
-            .query_opt(
-                "SELECT id, checksum, commit, run_id, finished_at FROM backstop.migration_history WHERE id = $1 AND success ORDER BY seq DESC LIMIT 1",
-                &[&id],
-            )
-            .await
-            .map_err(query_err(db, "reading migration history"))?;
-        Ok(row.map(|r| HistoryRow {
-            id: r.get(0),
-            checksum: r.get(1),
-            commit: r.get(2),
-            run_id: r.get(3),
-            finished_at: r.get(4),
-        }))
+        Ok(v.parse::<u32>().unwrap_or(150000) / 10000)
     }
 
     async fn recovery_point(&self, db: &Database) -> Result<RecoveryPoint, RunnerError> {

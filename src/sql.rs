@@ -27,6 +27,9 @@ pub struct Statement {
     pub origin: String,
     /// 1-based line where the statement starts in its origin.
     pub line: usize,
+    /// 1-based column of the statement's first character on that line.
+    #[serde(default)]
+    pub column: usize,
     /// Whether PostgreSQL can run it inside a transaction block.
     pub transactional: bool,
     /// The statement's tokens joined by single spaces: comments and layout removed.
@@ -46,7 +49,9 @@ pub fn split(origin: &str, text: &str, first_line: usize) -> Result<Vec<Statemen
     for piece in pieces {
         let offset = piece.as_ptr() as usize - text.as_ptr() as usize;
         let lead = piece.len() - piece.trim_start().len();
-        let line = first_line + text[..offset + lead].matches('\n').count();
+        let before = &text[..offset + lead];
+        let line = first_line + before.matches('\n').count();
+        let column = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
         let sql = piece.trim().to_string();
         if sql.is_empty() {
             continue;
@@ -69,6 +74,7 @@ pub fn split(origin: &str, text: &str, first_line: usize) -> Result<Vec<Statemen
             sql,
             origin: origin.to_string(),
             line,
+            column,
             transactional,
             kind,
         });

@@ -70,6 +70,22 @@ impl Checkpoint for DumpBackend {
         })
     }
 
+    async fn drill(&self, _db: &Database, checkpoint: &CheckpointRecord) -> Result<String, CheckpointError> {
+        let mut cmd = pgbin::command(&self.bindir, "pg_restore", None);
+        cmd.arg("--list").arg(&checkpoint.location);
+        let listing = pgbin::run(cmd, "pg_restore --list")
+            .await
+            .map_err(|source| CheckpointError::Tool {
+                step: format!("reading the dump {}", checkpoint.location),
+                source,
+            })?;
+        let entries = listing
+            .lines()
+            .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
+            .count();
+        Ok(format!("the dump is readable: {entries} entries listed by pg_restore"))
+    }
+
     async fn restore(
         &self,
         db: &Database,

@@ -64,15 +64,25 @@ impl LocalBackend {
         pgbin::run(cmd, "pg_ctl").await.map_err(Self::tool(step))
     }
 
-    /// Switches to a new WAL segment so the archive holds everything up to now,
-    /// and waits (bounded) until that segment is archived. Best effort: when the
-    /// server is down, the old data directory's `pg_wal` is used instead.
-    async fn flush_wal(&self, db: &Database) {
+    /// Makes sure the archive holds the WAL segment of the recovery target:
+    /// switches segments and waits (bounded) for it. Later segments are not
+    /// needed. Best effort: when the server is down, the old data directory's
+    /// `pg_wal` supplies what the archive lacks.
+    async fn flush_wal(&self, db: &Database, target: &RecoveryPoint) {
         let Ok(client) = db.connect().await else { return };
-        let Ok(row) = client.query_one("SELECT pg_walfile_name(pg_switch_wal())", &[]).await else {
+        let Ok(row) = client
+            .query_one("SELECT pg_walfile_name($1::text::pg_lsn)", &[&target.lsn])
+            .await
+        else {
             return;
         };
         let segment: String = row.get(0);
+        if self.wal_archive.join(&segment).exists() {
+            return;
+        }
+        if client.query_one("SELECT pg_switch_wal()", &[]).await.is_err() {
+            return;
+        }
         let archived = self.wal_archive.join(&segment);
         for _ in 0..600 {
             if archived.exists() {
@@ -161,6 +171,94 @@ impl Checkpoint for LocalBackend {
         })
     }
 
+    async fn drill(&self, db: &Database, checkpoint: &CheckpointRecord) -> Result<String, CheckpointError> {
+        let base = PathBuf::from(&checkpoint.location);
+        let run = base
+            .parent()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut name = self.pgdata.file_name().unwrap_or_default().to_os_string();
+        name.push(format!(".backstop-drill-{run}"));
+        // Next to the data directory, where the server's owner can reach it.
+        let dir = self.pgdata.with_file_name(name);
+        let owner = pgbin::owner_of(&self.pgdata).map_err(Self::tool("inspecting the data directory"))?;
+        if dir.exists() {
+            let _ = self
+                .pg_ctl(
+                    &["stop", "-D", &dir.to_string_lossy(), "-m", "immediate", "-w"],
+                    owner,
+                    "stop",
+                )
+                .await;
+            tokio::fs::remove_dir_all(&dir)
+                .await
+                .map_err(Self::io("remove an old drill", &dir))?;
+        }
+        std::fs::create_dir(&dir).map_err(Self::io("create drill directory", &dir))?;
+        set_mode_0700(&dir).map_err(Self::io("set drill directory mode", &dir))?;
+        untar(&base.join("base.tar"), &dir).await?;
+        let wal = dir.join("pg_wal");
+        tokio::fs::create_dir_all(&wal)
+            .await
+            .map_err(Self::io("create pg_wal", &wal))?;
+        untar(&base.join("pg_wal.tar"), &wal).await?;
+        // Servers whose configuration lives elsewhere (Debian's /etc) get a minimal one.
+        for (file, text) in [
+            ("postgresql.conf", ""),
+            ("pg_hba.conf", "local all all trust\nhost all all 127.0.0.1/32 trust\n"),
+        ] {
+            let path = dir.join(file);
+            if !path.exists() {
+                std::fs::write(&path, text).map_err(Self::io("write drill configuration", &path))?;
+            }
+        }
+        pgbin::chown_tree(&dir, owner)
+            .await
+            .map_err(Self::tool("giving the drill directory to its owner"))?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(Self::io("find a free port", &dir))?
+            .port();
+        let options = format!(
+            "-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='{}' -c archive_mode=off -c hot_standby=on",
+            dir.display()
+        );
+        let log = dir.join("backstop-drill.log");
+        let dir_s = dir.to_string_lossy().into_owned();
+        let started = self
+            .pg_ctl(
+                &[
+                    "start",
+                    "-D",
+                    &dir_s,
+                    "-w",
+                    "-t",
+                    "300",
+                    "-o",
+                    &options,
+                    "-l",
+                    &log.to_string_lossy(),
+                ],
+                owner,
+                "starting the drill copy",
+            )
+            .await;
+        let answer = match started {
+            Ok(_) => query_drill(db.at("127.0.0.1", port)).await,
+            Err(e) => Err(e),
+        };
+        let _ = self
+            .pg_ctl(
+                &["stop", "-D", &dir_s, "-m", "immediate", "-w"],
+                owner,
+                "stopping the drill copy",
+            )
+            .await;
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        answer
+    }
+
     async fn restore(
         &self,
         db: &Database,
@@ -190,7 +288,7 @@ impl Checkpoint for LocalBackend {
             owner
         } else {
             let owner = pgbin::owner_of(&self.pgdata).map_err(Self::tool("inspecting the data directory"))?;
-            self.flush_wal(db).await;
+            self.flush_wal(db, target).await;
             let pgdata = self.pgdata.to_string_lossy().into_owned();
             if self.pgdata.join("postmaster.pid").exists() {
                 self.pg_ctl(
@@ -296,6 +394,20 @@ impl Checkpoint for LocalBackend {
             kept: kept.display().to_string(),
         })
     }
+}
+
+/// Queries the drill copy with the checkpointed database's credentials.
+async fn query_drill(copy: Database) -> Result<String, CheckpointError> {
+    let client = copy.connect().await?;
+    let row = client
+        .query_one("SELECT count(*) FROM pg_class WHERE relnamespace NOT IN (SELECT oid FROM pg_namespace WHERE nspname IN ('pg_catalog', 'information_schema', 'pg_toast'))", &[])
+        .await
+        .map_err(|source| CheckpointError::Query { database: copy.describe(), step: "querying the drill copy", source })?;
+    let relations: i64 = row.get(0);
+    Ok(format!(
+        "a copy restored from the base backup started and answered ({relations} relations in {})",
+        copy.dbname()
+    ))
 }
 
 fn set_mode_0700(path: &Path) -> std::io::Result<()> {

@@ -91,6 +91,12 @@ pub trait Checkpoint: Send + Sync {
     /// Takes a checkpoint of `db` for run `run_id`. A partial checkpoint left
     /// by an interrupted earlier attempt of the same run is replaced.
     async fn create(&self, db: &Database, run_id: &str) -> Result<CheckpointRecord, CheckpointError>;
+    /// Proves the checkpoint restores: brings a copy up apart from the live
+    /// database and queries it. Backends that cannot say so.
+    async fn drill(&self, db: &Database, checkpoint: &CheckpointRecord) -> Result<String, CheckpointError> {
+        let _ = (db, checkpoint);
+        Ok(format!("not supported by the {} backend", self.name()))
+    }
     /// Brings `db` back to `target` from `checkpoint`. Safe to call again after
     /// an interruption: the state before the first attempt stays kept.
     async fn restore(

@@ -1,0 +1,237 @@
+//! Phase rules and approval gates (DESIGN section 5): which findings each
+//! expand/contract phase allows, and what a contract (or otherwise destructive)
+//! migration needs before it may run: an approval bound to the plan hash, a
+//! checkpoint with a restore drill, and the soak time since its expand.
+//!
+//! The plan hash is defined in [`plan_hash`].
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::lint::{self, Finding, LintOptions};
+use crate::manifests::{Carrier, CheckpointKind, Phase};
+
+/// Default soak between an expand and its contract.
+pub const DEFAULT_SOAK: Duration = Duration::from_secs(24 * 3600);
+
+/// An approval: who approved which plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    pub approver: String,
+    /// The approved plan hash (full, or a prefix of at least 12 hex digits).
+    pub plan_hash: String,
+    /// Where it came from (annotation or commit trailer).
+    pub source: String,
+}
+
+/// Parses `<approver> [sha256:]<plan-hash>` (the form of both the
+/// `backstop.dev/approved-by` annotation and the `Backstop-Approved-By:` trailer).
+pub fn parse_approval(text: &str, source: &str) -> Result<Approval, String> {
+    let mut parts: Vec<&str> = text.split_whitespace().collect();
+    let hash = parts
+        .pop()
+        .map(|h| h.trim_start_matches("sha256:").to_ascii_lowercase());
+    let approver = parts.join(" ");
+    match hash {
+        Some(h) if !approver.is_empty() && h.len() >= 12 && h.len() <= 64 && h.chars().all(|c| c.is_ascii_hexdigit()) => {
+            Ok(Approval { approver, plan_hash: h, source: source.to_string() })
+        }
+        _ => Err(format!(
+            "approval {text:?} must read `<approver> sha256:<plan hash>` (at least 12 hex digits of the hash `backstop plan` prints)"
+        )),
+    }
+}
+
+impl Approval {
+    /// Whether this approval is for `plan_hash`.
+    pub fn matches(&self, plan_hash: &str) -> bool {
+        plan_hash.starts_with(&self.plan_hash)
+    }
+}
+
+/// One migration with its findings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Analysed {
+    pub id: String,
+    pub phase: Phase,
+    pub findings: Vec<Finding>,
+}
+
+/// Lints every migration.
+pub fn analyse(migrations: &[Carrier], opts: LintOptions) -> Vec<Analysed> {
+    migrations
+        .iter()
+        .map(|m| Analysed {
+            id: m.id.clone(),
+            phase: m.phase,
+            findings: lint::lint(&m.statements, opts),
+        })
+        .collect()
+}
+
+/// The plan hash: sha256 over this canonical text, migrations in the order
+/// given (id order within a run), nothing else (approvals are not part of it):
+///
+/// ```text
+/// migration <id> phase <phase>\n
+/// statement <kind> <normalized statement>\n      (each statement, in order)
+/// classes <rule ids of its findings, sorted, comma-separated>\n
+/// ```
+///
+/// The normalized statement is its tokens joined by single spaces (comments and
+/// layout removed), so reformatting a migration keeps its approval; changing
+/// what runs, or what the analysis says about it, does not.
+pub fn plan_hash(migrations: &[Carrier], analysed: &[Analysed]) -> String {
+    let mut hasher = Sha256::new();
+    for m in migrations {
+        hasher.update(format!("migration {} phase {}\n", m.id, m.phase));
+        for s in &m.statements {
+            hasher.update(format!("statement {} {}\n", s.kind, s.normalized));
+        }
+        let mut classes: Vec<&str> = analysed
+            .iter()
+            .filter(|a| a.id == m.id)
+            .flat_map(|a| a.findings.iter().map(|f| f.rule.as_str()))
+            .collect();
+        classes.sort_unstable();
+        classes.dedup();
+        hasher.update(format!("classes {}\n", classes.join(",")));
+    }
+    hex::encode(hasher.finalize())
+}
+
+/// What is known about the soak of a contract's expand.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Soak {
+    /// Not checked (no database at hand, e.g. `backstop plan`).
+    Unknown,
+    /// The expand `id` finished at `at`.
+    ExpandAppliedAt { id: String, at: DateTime<Utc> },
+    /// No applied expand migration was found.
+    NoExpand,
+}
+
+/// The verdict on one migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verdict {
+    pub id: String,
+    pub allowed: bool,
+    /// Needs an approval (contract phase or destructive statements).
+    pub needs_approval: bool,
+    /// Why it is refused (empty when allowed).
+    pub reasons: Vec<String>,
+    /// What allows it, or what is still checked at run time.
+    pub notes: Vec<String>,
+}
+
+/// Inputs of the gate for one migration.
+pub struct GateInput<'a> {
+    pub carrier: &'a Carrier,
+    pub findings: &'a [Finding],
+    pub plan_hash: &'a str,
+    pub approvals: &'a [Approval],
+    pub soak: Soak,
+    pub now: DateTime<Utc>,
+}
+
+/// Applies the phase rules and the approval gate.
+pub fn evaluate(input: &GateInput<'_>) -> Verdict {
+    let c = input.carrier;
+    let mut reasons = Vec::new();
+    let mut notes = Vec::new();
+    let destructive = lint::has_destructive_or_incompatible(input.findings);
+    if matches!(c.phase, Phase::Expand | Phase::Migrate) {
+        for f in input
+            .findings
+            .iter()
+            .filter(|f| f.family == lint::Family::Destructive || f.incompatible)
+        {
+            reasons.push(format!(
+                "{}:{}:{}: {} ({}) is not allowed in phase {}: move it to a contract migration",
+                f.origin, f.line, f.column, f.rule, f.name, c.phase
+            ));
+        }
+    }
+    let needs_approval = c.phase == Phase::Contract || destructive;
+    if needs_approval && reasons.is_empty() {
+        match input.approvals.iter().find(|a| a.matches(input.plan_hash)) {
+            Some(a) => notes.push(format!("approved by {} for plan {} ({})", a.approver, short(input.plan_hash), a.source)),
+            None if input.approvals.is_empty() => reasons.push(format!(
+                "{} needs an approval: backstop.dev/approved-by or a Backstop-Approved-By: trailer reading `<approver> sha256:{}`",
+                c.id,
+                short(input.plan_hash)
+            )),
+            None => reasons.push(format!(
+                "the approval{} for plan {} do{} not match this plan ({}); approve the plan that will run",
+                if input.approvals.len() > 1 { "s" } else { "" },
+                input.approvals.iter().map(|a| short(&a.plan_hash)).collect::<Vec<_>>().join(", "),
+                if input.approvals.len() > 1 { "" } else { "es" },
+                short(input.plan_hash)
+            )),
+        }
+        if c.checkpoint == CheckpointKind::None {
+            reasons.push(format!(
+                "{} needs a checkpoint with a restore drill; checkpoint: none is refused",
+                c.id
+            ));
+        } else {
+            notes.push("a checkpoint with a passed restore drill is required before it runs".into());
+        }
+        let soak = c.soak.unwrap_or(DEFAULT_SOAK);
+        match &input.soak {
+            Soak::Unknown => notes.push(format!(
+                "the expand must have soaked {}s; checked against history at run time",
+                soak.as_secs()
+            )),
+            Soak::NoExpand => reasons.push(format!(
+                "{} has no applied expand migration to soak (name it with backstop.dev/expand-migration)",
+                c.id
+            )),
+            Soak::ExpandAppliedAt { id, at } => {
+                let soaked = (input.now - *at).to_std().unwrap_or_default();
+                if soaked < soak {
+                    reasons.push(format!(
+                        "expand {id} was applied {}s ago; the contract waits until it soaked {}s",
+                        soaked.as_secs(),
+                        soak.as_secs()
+                    ));
+                } else {
+                    notes.push(format!(
+                        "expand {id} soaked {}s (needs {}s)",
+                        soaked.as_secs(),
+                        soak.as_secs()
+                    ));
+                }
+            }
+        }
+    }
+    Verdict {
+        id: c.id.clone(),
+        allowed: reasons.is_empty(),
+        needs_approval,
+        reasons,
+        notes,
+    }
+}
+
+fn short(hash: &str) -> &str {
+    &hash[..hash.len().min(12)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn approvals_parse_with_or_without_prefix() {
+        let a = parse_approval("Alice Smith <alice@example.com> sha256:0123456789abcdef", "annotation").unwrap();
+        assert_eq!(a.approver, "Alice Smith <alice@example.com>");
+        assert!(a.matches("0123456789abcdef00"));
+        assert!(!a.matches("1123456789abcdef00"));
+        assert!(parse_approval("alice", "x").is_err());
+        assert!(parse_approval("alice abc", "x").is_err());
+    }
+}
