@@ -11,6 +11,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::journal::Journal;
+use crate::lint::LintOptions;
 use crate::local::{self, BackupBackend, LocalOptions};
 use crate::manifests::RevertMode;
 use crate::report::{self, Report};
@@ -55,6 +56,39 @@ pub enum Command {
         #[arg(long, env = "BACKSTOP_JSON")]
         json: bool,
     },
+    /// Print the safety findings of SQL files or migration carriers (YAML):
+    /// file:line:column, rule, why, and how to do it safely. Exit 0 when no
+    /// finding is at error level, 1 otherwise, 2 when a file cannot be read or parsed.
+    Lint {
+        /// `.sql` files (one migration each) or YAML carriers.
+        #[arg(required = true)]
+        files: Vec<String>,
+        /// Output for people or for programs.
+        #[arg(long, env = "BACKSTOP_FORMAT", value_enum, default_value = "text")]
+        format: Format,
+        /// Target PostgreSQL major version (rules where behaviour changed).
+        #[arg(long, env = "BACKSTOP_PG_VERSION", default_value_t = 15)]
+        pg_version: u32,
+    },
+    /// Show what a commit range would run: carriers, statements, findings, the
+    /// plan hash to approve, and whether the phase rules and approvals allow
+    /// it. Exit 0 allowed, 1 refused, 2 bad input.
+    Plan {
+        /// `TO` (the commit alone, against its parent) or `FROM..TO`.
+        range: String,
+        /// The repository (a work tree or a bare repository).
+        #[arg(long, env = "BACKSTOP_REPO", default_value = ".")]
+        repo: PathBuf,
+        /// Folder to consider (a Kustomization's spec.path); default: all.
+        #[arg(long, env = "BACKSTOP_PATH", default_value = "")]
+        path: String,
+        /// Output for people or for programs.
+        #[arg(long, env = "BACKSTOP_FORMAT", value_enum, default_value = "text")]
+        format: Format,
+        /// Target PostgreSQL major version.
+        #[arg(long, env = "BACKSTOP_PG_VERSION", default_value_t = 15)]
+        pg_version: u32,
+    },
     /// Print one run's evidence report (by id, id prefix or commit prefix).
     Report {
         /// Run id.
@@ -66,6 +100,13 @@ pub enum Command {
         #[arg(long, env = "BACKSTOP_JSON")]
         json: bool,
     },
+}
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
 }
 
 /// Flags of `backstop run`.
@@ -127,7 +168,59 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Run(args) => run_local(args).await,
         Command::Status { state, json } => status(&state, json).await,
         Command::Report { run, state, json } => print_report(&state, &run, json),
+        Command::Lint {
+            files,
+            format,
+            pg_version,
+        } => lint(&files, format, pg_version),
+        Command::Plan {
+            range,
+            repo,
+            path,
+            format,
+            pg_version,
+        } => plan(&range, &repo, &path, format, pg_version).await,
     }
+}
+
+fn lint(files: &[String], format: Format, pg_version: u32) -> anyhow::Result<u8> {
+    let results = match crate::lint::lint_files(files, LintOptions { pg_version }) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("backstop: {}", crate::run::chain(&e));
+            return Ok(EXIT_BAD_INPUT);
+        }
+    };
+    match format {
+        Format::Text => print!("{}", crate::lint::render_text(&results)),
+        Format::Json => println!("{}", serde_json::to_string_pretty(&results)?),
+    }
+    let errors: usize = results.iter().map(|f| crate::lint::errors(&f.findings)).sum();
+    Ok(if errors > 0 { EXIT_ROLLED_BACK } else { EXIT_OK })
+}
+
+async fn plan(range: &str, repo: &std::path::Path, path: &str, format: Format, pg_version: u32) -> anyhow::Result<u8> {
+    let result = async {
+        let git = crate::git::GitRepo::existing(repo).await?;
+        let (from, to) = match range.split_once("..") {
+            Some((f, t)) => (Some(git.resolve(f).await?), git.resolve(t).await?),
+            None => (None, git.resolve(range).await?),
+        };
+        crate::plan::plan_range(&git, from.as_deref(), &to, path, LintOptions { pg_version }).await
+    }
+    .await;
+    let plan = match result {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("backstop: {}", crate::run::chain(&e));
+            return Ok(EXIT_BAD_INPUT);
+        }
+    };
+    match format {
+        Format::Text => print!("{}", crate::plan::render_plan(&plan)),
+        Format::Json => println!("{}", serde_json::to_string_pretty(&plan)?),
+    }
+    Ok(if plan.refused() { EXIT_ROLLED_BACK } else { EXIT_OK })
 }
 
 async fn run_local(args: RunArgs) -> anyhow::Result<u8> {

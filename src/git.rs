@@ -116,8 +116,43 @@ impl GitRepo {
         &self.url
     }
 
+    /// An existing repository (bare or with a work tree), read in place: for
+    /// `backstop plan`. Remote operations are not meant for it.
+    pub async fn existing(path: &Path) -> Result<Self> {
+        let path = path.to_path_buf();
+        let p = path.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            Repository::discover(&p)
+                .map(|r| r.path().to_path_buf())
+                .map_err(|source| GitError::Open { path: p, source })
+        })
+        .await??;
+        Ok(Self {
+            mirror: found,
+            url: path.display().to_string(),
+        })
+    }
+
+    /// Resolves a revision (`HEAD~1`, a branch, a sha prefix) to a commit sha.
+    pub async fn resolve(&self, rev: &str) -> Result<String> {
+        let rev = rev.to_string();
+        self.blocking(move |this| {
+            let repo = this.repo()?;
+            let read = |source| GitError::Read {
+                sha: rev.clone(),
+                source,
+            };
+            let commit = repo
+                .revparse_single(&rev)
+                .and_then(|o| o.peel_to_commit())
+                .map_err(read)?;
+            Ok(commit.id().to_string())
+        })
+        .await
+    }
+
     fn repo(&self) -> Result<Repository> {
-        Repository::open_bare(&self.mirror).map_err(|source| GitError::Open {
+        Repository::open(&self.mirror).map_err(|source| GitError::Open {
             path: self.mirror.clone(),
             source,
         })

@@ -441,7 +441,10 @@ fn takes_exclusive_lock(node: &NodeEnum, created: &BTreeSet<String>) -> bool {
         NodeEnum::DropStmt(d) => !d.concurrent,
         NodeEnum::RenameStmt(_) | NodeEnum::TruncateStmt(_) | NodeEnum::ClusterStmt(_) | NodeEnum::LockStmt(_) => true,
         NodeEnum::IndexStmt(i) => !i.concurrent && !created.contains(&relname(&i.relation)),
-        NodeEnum::ReindexStmt(_) => true,
+        NodeEnum::ReindexStmt(r) => !r
+            .params
+            .iter()
+            .any(|p| matches!(&p.node, Some(NodeEnum::DefElem(d)) if d.defname == "concurrently")),
         NodeEnum::VacuumStmt(v) => {
             v.is_vacuumcmd
                 && v.options
@@ -462,4 +465,123 @@ pub fn has_destructive_or_incompatible(findings: &[Finding]) -> bool {
 /// Findings at error level.
 pub fn errors(findings: &[Finding]) -> usize {
     findings.iter().filter(|f| f.severity == Severity::Error).count()
+}
+
+/// Input to `backstop lint` that cannot be analysed.
+#[derive(Debug, thiserror::Error)]
+pub enum LintInputError {
+    #[error("failed to read {path}")]
+    Read { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Sql(#[from] crate::sql::SqlError),
+    #[error("invalid migration input:\n  {}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n  "))]
+    Manifests(Vec<crate::manifests::ManifestError>),
+}
+
+/// Findings of one file.
+#[derive(Debug, Clone, Serialize)]
+pub struct FileFindings {
+    pub file: String,
+    pub statements: usize,
+    pub findings: Vec<Finding>,
+}
+
+/// Lints files: `.sql` files as one migration each, YAML files as migration
+/// carriers (SQL files they name are read relative to the carrier's folder).
+pub fn lint_files(paths: &[String], opts: LintOptions) -> Result<Vec<FileFindings>, LintInputError> {
+    let mut out = Vec::new();
+    for path in paths {
+        let read = |p: &str| {
+            std::fs::read(p).map_err(|source| LintInputError::Read {
+                path: p.to_string(),
+                source,
+            })
+        };
+        if crate::manifests::is_yaml(path) {
+            let bytes = read(path)?;
+            let mut snapshot = crate::manifests::Snapshot::new();
+            let folder = std::path::Path::new(path)
+                .parent()
+                .map(|p| p.to_path_buf())
+                .unwrap_or_default();
+            collect_files(&folder, &mut snapshot);
+            snapshot.insert(path.clone(), bytes.clone());
+            let carriers = crate::manifests::parse_file(&snapshot, path, &bytes).map_err(LintInputError::Manifests)?;
+            for c in carriers {
+                out.push(FileFindings {
+                    file: format!("{path} ({})", c.id),
+                    statements: c.statements.len(),
+                    findings: lint(&c.statements, opts),
+                });
+            }
+        } else {
+            let bytes = read(path)?;
+            let text = String::from_utf8_lossy(&bytes);
+            let statements = crate::sql::split(path, &text, 1)?;
+            out.push(FileFindings {
+                file: path.clone(),
+                statements: statements.len(),
+                findings: lint(&statements, opts),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Reads the regular files below `dir` (at most 4 MiB each, 2,000 files) into `snapshot`.
+fn collect_files(dir: &std::path::Path, snapshot: &mut crate::manifests::Snapshot) {
+    let mut stack = vec![if dir.as_os_str().is_empty() {
+        std::path::PathBuf::from(".")
+    } else {
+        dir.to_path_buf()
+    }];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let p = e.path();
+            let Ok(meta) = e.metadata() else { continue };
+            if meta.is_dir() {
+                stack.push(p);
+            } else if meta.is_file() && meta.len() <= 4 << 20 && snapshot.len() < 2000 {
+                if let Ok(bytes) = std::fs::read(&p) {
+                    let key = p.to_string_lossy().trim_start_matches("./").to_string();
+                    snapshot.insert(key, bytes);
+                }
+            }
+        }
+    }
+}
+
+/// Findings for people, grouped by file, with the fix.
+pub fn render_text(files: &[FileFindings]) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let (mut errors, mut warnings) = (0, 0);
+    for f in files {
+        let _ = writeln!(s, "{} ({} statements)", f.file, f.statements);
+        if f.findings.is_empty() {
+            let _ = writeln!(s, "  no findings");
+        }
+        for x in &f.findings {
+            let sev = match x.severity {
+                Severity::Error => {
+                    errors += 1;
+                    "error"
+                }
+                Severity::Warning => {
+                    warnings += 1;
+                    "warning"
+                }
+            };
+            let _ = writeln!(
+                s,
+                "  {}:{}:{}: {sev} {} {}: {}",
+                x.origin, x.line, x.column, x.rule, x.name, x.why
+            );
+            let _ = writeln!(s, "      {}", x.excerpt);
+            let _ = writeln!(s, "      fix: {}", x.fix);
+        }
+    }
+    let _ = writeln!(s, "{errors} error(s), {warnings} warning(s)");
+    s
 }

@@ -120,8 +120,11 @@ keyword_enum!(
 pub struct Carrier {
     /// Repo-relative file holding the manifest.
     pub file: String,
-    /// 1-based line where the manifest's document starts.
+    /// 1-based line of the `backstop.dev/migration` annotation.
     pub line: usize,
+    /// Line of each `backstop.dev/` annotation, by key (`database`, `phase`, ...).
+    #[serde(default)]
+    pub lines: BTreeMap<String, usize>,
     /// `kind/namespace/name` of the manifest.
     pub object: String,
     /// Migration id (`backstop.dev/migration`).
@@ -179,6 +182,13 @@ mod duration_secs {
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         Ok(Duration::from_secs(u64::deserialize(d)?))
+    }
+}
+
+impl Carrier {
+    /// Line of annotation `key` (the migration annotation's line when absent).
+    pub fn line_of(&self, key: &str) -> usize {
+        self.lines.get(key).copied().unwrap_or(self.line)
     }
 }
 
@@ -527,9 +537,14 @@ fn parse_carrier(
         return Err(ctx.error("sql", "only valid with run: sql"));
     }
     let checksum = sql::checksum(&statements);
+    let lines: BTreeMap<String, usize> = ann
+        .keys()
+        .map(|k| (k.clone(), ctx.line_of(&format!("{PREFIX}{k}"))))
+        .collect();
     Ok(Some(Carrier {
         file: ctx.file.into(),
-        line: ctx.doc.first_line,
+        line: lines.get("migration").copied().unwrap_or(ctx.doc.first_line),
+        lines,
         object,
         id,
         database,

@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::Utc;
+use serde::Serialize;
 
 use crate::checkpoint::CheckpointError;
 use crate::cluster::{Cluster, ClusterError};
@@ -84,8 +85,45 @@ pub async fn discover(
     path: &str,
     pending: &[CommitInfo],
 ) -> Result<Vec<Candidate>, PlanError> {
-    let snapshot = git.snapshot(head, path).await?;
-    let changed = git.changed_paths(Some(gate), head, path).await?;
+    let touched = touched_carriers(git, Some(gate), head, path).await?;
+    if touched.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Introducing commit: the last pending commit that changed the carrier's files.
+    let mut per_commit: Vec<BTreeSet<String>> = Vec::with_capacity(pending.len());
+    for c in pending {
+        per_commit.push(git.changed_paths(None, &c.sha, path).await?);
+    }
+    let mut groups: BTreeMap<usize, Vec<Carrier>> = BTreeMap::new();
+    for carrier in touched {
+        let files: Vec<&String> = std::iter::once(&carrier.file).chain(carrier.sql_files.iter()).collect();
+        let index = per_commit
+            .iter()
+            .rposition(|set| files.iter().any(|f| set.contains(*f)))
+            .unwrap_or(pending.len().saturating_sub(1));
+        groups.entry(index).or_default().push(carrier);
+    }
+    let mut out = Vec::new();
+    for (index, mut carriers) in groups {
+        carriers.sort_by(|a, b| a.id.cmp(&b.id));
+        out.push(Candidate {
+            commit: pending[index].clone(),
+            carriers,
+        });
+    }
+    Ok(out)
+}
+
+/// The carriers at `to` under `path` that the diff `from..to` touches (their
+/// file, or a file their `sql` names, changed). `from` None: `to`'s parent.
+pub async fn touched_carriers(
+    git: &GitRepo,
+    from: Option<&str>,
+    to: &str,
+    path: &str,
+) -> Result<Vec<Carrier>, PlanError> {
+    let snapshot = git.snapshot(to, path).await?;
+    let changed = git.changed_paths(from, to, path).await?;
     let mut carriers = Vec::new();
     let mut errors = Vec::new();
     for (file, bytes) in snapshot.iter().filter(|(f, _)| manifests::is_yaml(f)) {
@@ -115,36 +153,12 @@ pub async fn discover(
             });
         }
     }
-    let touched: Vec<Carrier> = carriers
+    let mut touched: Vec<Carrier> = carriers
         .into_iter()
         .filter(|c| changed.contains(&c.file) || c.sql_files.iter().any(|f| changed.contains(f)))
         .collect();
-    if touched.is_empty() {
-        return Ok(Vec::new());
-    }
-    // Introducing commit: the last pending commit that changed the carrier's files.
-    let mut per_commit: Vec<BTreeSet<String>> = Vec::with_capacity(pending.len());
-    for c in pending {
-        per_commit.push(git.changed_paths(None, &c.sha, path).await?);
-    }
-    let mut groups: BTreeMap<usize, Vec<Carrier>> = BTreeMap::new();
-    for carrier in touched {
-        let files: Vec<&String> = std::iter::once(&carrier.file).chain(carrier.sql_files.iter()).collect();
-        let index = per_commit
-            .iter()
-            .rposition(|set| files.iter().any(|f| set.contains(*f)))
-            .unwrap_or(pending.len().saturating_sub(1));
-        groups.entry(index).or_default().push(carrier);
-    }
-    let mut out = Vec::new();
-    for (index, mut carriers) in groups {
-        carriers.sort_by(|a, b| a.id.cmp(&b.id));
-        out.push(Candidate {
-            commit: pending[index].clone(),
-            carriers,
-        });
-    }
-    Ok(out)
+    touched.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(touched)
 }
 
 /// A candidate checked against the database: what must run, where.
@@ -246,7 +260,7 @@ pub async fn prepare(
         .await
         .map_err(|source| PlanError::Database {
             file: first.file.clone(),
-            line: first.line,
+            line: first.line_of("database"),
             id: first.id.clone(),
             source,
         })?;
@@ -317,13 +331,13 @@ pub async fn prepare(
     if !migrations.is_empty() {
         let backend = checkpoint_for(first.checkpoint).map_err(|message| PlanError::Checkpoint {
             file: first.file.clone(),
-            line: first.line,
+            line: first.line_of("checkpoint"),
             message,
         })?;
         if let Some(backend) = backend {
             backend.preflight(&db).await.map_err(|source| PlanError::Preflight {
                 file: first.file.clone(),
-                line: first.line,
+                line: first.line_of("checkpoint"),
                 id: first.id.clone(),
                 source: Box::new(source),
             })?;
@@ -340,4 +354,155 @@ pub async fn prepare(
         verdicts,
         approvals,
     })
+}
+
+/// One migration as `backstop plan` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedMigration {
+    pub id: String,
+    pub file: String,
+    pub line: usize,
+    pub database: String,
+    pub phase: Phase,
+    pub order: Order,
+    pub checkpoint: CheckpointKind,
+    pub transactional: bool,
+    pub statements: Vec<crate::sql::Statement>,
+    pub findings: Vec<Finding>,
+}
+
+/// What a commit range would run, and whether it may (`backstop plan`).
+#[derive(Debug, Clone, Serialize)]
+pub struct RangePlan {
+    pub from: Option<String>,
+    pub to: CommitInfo,
+    pub plan_hash: String,
+    pub migrations: Vec<PlannedMigration>,
+    pub approvals: Vec<Approval>,
+    pub verdicts: Vec<Verdict>,
+    pub allowed: bool,
+}
+
+impl RangePlan {
+    /// Whether any finding is at error level or a verdict refuses.
+    pub fn refused(&self) -> bool {
+        !self.allowed
+    }
+}
+
+/// Plans the carriers that `from..to` touches under `path`, without a
+/// database: history (already applied, soak) is checked at run time.
+pub async fn plan_range(
+    git: &GitRepo,
+    from: Option<&str>,
+    to: &str,
+    path: &str,
+    opts: LintOptions,
+) -> Result<RangePlan, PlanError> {
+    let commit = git.commit(to).await?;
+    let carriers = touched_carriers(git, from, to, path).await?;
+    let analysed = policy::analyse(&carriers, opts);
+    let plan_hash = policy::plan_hash(&carriers, &analysed);
+    let approvals = approvals(&commit, &carriers)?;
+    let verdicts: Vec<Verdict> = carriers
+        .iter()
+        .zip(&analysed)
+        .map(|(m, a)| {
+            policy::evaluate(&policy::GateInput {
+                carrier: m,
+                findings: &a.findings,
+                plan_hash: &plan_hash,
+                approvals: &approvals,
+                soak: Soak::Unknown,
+                now: Utc::now(),
+            })
+        })
+        .collect();
+    let allowed = verdicts.iter().all(|v| v.allowed);
+    let migrations = carriers
+        .into_iter()
+        .zip(analysed)
+        .map(|(c, a)| PlannedMigration {
+            transactional: c.statements.iter().all(|s| s.transactional),
+            id: c.id,
+            file: c.file,
+            line: c.line,
+            database: c.database.to_string(),
+            phase: c.phase,
+            order: c.order,
+            checkpoint: c.checkpoint,
+            statements: c.statements,
+            findings: a.findings,
+        })
+        .collect();
+    Ok(RangePlan {
+        from: from.map(str::to_string),
+        to: commit,
+        plan_hash,
+        migrations,
+        approvals,
+        verdicts,
+        allowed,
+    })
+}
+
+/// The plan for people.
+pub fn render_plan(p: &RangePlan) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let range = match &p.from {
+        Some(f) => format!("{}..{}", &f[..f.len().min(7)], p.to.short()),
+        None => p.to.short().to_string(),
+    };
+    let _ = writeln!(s, "plan for {range} ({}, {})", p.to.subject, p.to.author);
+    if p.migrations.is_empty() {
+        let _ = writeln!(s, "no migration carriers touched: nothing would run");
+        return s;
+    }
+    let _ = writeln!(s, "plan hash: sha256:{}", p.plan_hash);
+    for (m, v) in p.migrations.iter().zip(&p.verdicts) {
+        let _ = writeln!(
+            s,
+            "\nmigration {} ({}:{})\n  database {}, phase {}, order {}, checkpoint {}, {}",
+            m.id,
+            m.file,
+            m.line,
+            m.database,
+            m.phase,
+            m.order,
+            m.checkpoint,
+            if m.transactional {
+                "one transaction"
+            } else {
+                "statement by statement (non-transactional)"
+            }
+        );
+        for st in &m.statements {
+            let _ = writeln!(s, "  {}:{}  {}", st.origin, st.line, st.normalized);
+        }
+        for f in &m.findings {
+            let _ = writeln!(
+                s,
+                "  {:?} {} {} at {}:{}:{}: {}\n    fix: {}",
+                f.severity, f.rule, f.name, f.origin, f.line, f.column, f.why, f.fix
+            );
+        }
+        let _ = writeln!(s, "  verdict: {}", if v.allowed { "ALLOWED" } else { "REFUSED" });
+        for r in &v.reasons {
+            let _ = writeln!(s, "    refused: {r}");
+        }
+        for n in &v.notes {
+            let _ = writeln!(s, "    note: {n}");
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\n{}",
+        if p.allowed {
+            "ALLOWED: this plan may run"
+        } else {
+            "REFUSED: this plan would stop in plan"
+        }
+    );
+    s
 }

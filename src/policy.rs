@@ -112,6 +112,8 @@ pub enum Soak {
     ExpandAppliedAt { id: String, at: DateTime<Utc> },
     /// No applied expand migration was found.
     NoExpand,
+    /// Not a contract: no soak applies.
+    NotApplicable,
 }
 
 /// The verdict on one migration.
@@ -155,7 +157,9 @@ pub fn evaluate(input: &GateInput<'_>) -> Verdict {
             ));
         }
     }
-    let needs_approval = c.phase == Phase::Contract || destructive;
+    // Contract migrations, destructive statements and any other error-level
+    // finding (e.g. a blocking CREATE INDEX) run only with an approval.
+    let needs_approval = c.phase == Phase::Contract || destructive || lint::errors(input.findings) > 0;
     if needs_approval && reasons.is_empty() {
         match input.approvals.iter().find(|a| a.matches(input.plan_hash)) {
             Some(a) => notes.push(format!("approved by {} for plan {} ({})", a.approver, short(input.plan_hash), a.source)),
@@ -181,7 +185,13 @@ pub fn evaluate(input: &GateInput<'_>) -> Verdict {
             notes.push("a checkpoint with a passed restore drill is required before it runs".into());
         }
         let soak = c.soak.unwrap_or(DEFAULT_SOAK);
-        match &input.soak {
+        let soak_status = if c.phase == Phase::Contract {
+            input.soak.clone()
+        } else {
+            Soak::NotApplicable
+        };
+        match &soak_status {
+            Soak::NotApplicable => {}
             Soak::Unknown => notes.push(format!(
                 "the expand must have soaked {}s; checked against history at run time",
                 soak.as_secs()

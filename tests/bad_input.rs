@@ -55,7 +55,7 @@ async fn unset_database_variable_is_refused_naming_the_variable_and_key() {
         .sql("001.sql", "CREATE TABLE x (id int);");
     let text = refused(&[(&c.path(), &c.yaml())], &[]).await;
     assert!(
-        text.contains("apps/shop/migrations/0002-x.yaml:1: backstop.dev/database"),
+        text.contains("apps/shop/migrations/0002-x.yaml:7: backstop.dev/database"),
         "{text}"
     );
     assert!(text.contains("SHOP_UNSET_URL"), "{text}");
@@ -133,7 +133,7 @@ async fn checksum_drift_on_an_applied_migration_is_refused() {
     let out = f.run(&[]).await;
     let text = text(&out);
     assert_eq!(out.status.code(), Some(2), "{text}");
-    assert!(text.contains("apps/shop/migrations/0001-orders.yaml:1: backstop.dev/migration: migration 0001-orders is already applied with checksum"), "{text}");
+    assert!(text.contains("apps/shop/migrations/0001-orders.yaml:6: backstop.dev/migration: migration 0001-orders is already applied with checksum"), "{text}");
     assert_eq!(f.gate(), c1);
     assert_eq!(f.main(), head);
     assert_eq!(

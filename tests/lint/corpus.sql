@@ -1,0 +1,366 @@
+-- Lint corpus: each case is one migration; `expect` lists exactly the rule ids found.
+-- A `-- pg: N` line sets the target PostgreSQL version (default 15).
+
+-- case: drop table
+-- expect: BS101
+SET lock_timeout = '5s';
+DROP TABLE orders;
+
+-- case: create table is safe
+-- expect: none
+CREATE TABLE audit (id bigint PRIMARY KEY, at timestamptz NOT NULL DEFAULT now());
+
+-- case: drop column
+-- expect: BS102
+SET lock_timeout = '5s';
+ALTER TABLE orders DROP COLUMN note;
+
+-- case: add nullable column is safe
+-- expect: none
+SET lock_timeout = '5s';
+ALTER TABLE orders ADD COLUMN note text;
+
+-- case: drop schema
+-- expect: BS103
+SET lock_timeout = '5s';
+DROP SCHEMA legacy CASCADE;
+
+-- case: drop index concurrently
+-- expect: BS104,BS401
+DROP INDEX CONCURRENTLY orders_customer;
+
+-- case: drop index blocking
+-- expect: BS104,BS302
+SET lock_timeout = '5s';
+DROP INDEX orders_customer;
+
+-- case: drop view
+-- expect: BS105
+SET lock_timeout = '5s';
+DROP VIEW order_totals;
+
+-- case: drop materialized view
+-- expect: BS105
+SET lock_timeout = '5s';
+DROP MATERIALIZED VIEW order_stats;
+
+-- case: create view is safe
+-- expect: none
+CREATE VIEW order_totals AS SELECT customer, count(*) FROM orders GROUP BY customer;
+
+-- case: drop type
+-- expect: BS106
+SET lock_timeout = '5s';
+DROP TYPE order_status;
+
+-- case: drop domain
+-- expect: BS106
+SET lock_timeout = '5s';
+DROP DOMAIN email;
+
+-- case: create type is safe
+-- expect: none
+CREATE TYPE order_status AS ENUM ('new', 'paid');
+
+-- case: drop sequence
+-- expect: BS107
+SET lock_timeout = '5s';
+DROP SEQUENCE invoice_numbers;
+
+-- case: create sequence is safe
+-- expect: none
+CREATE SEQUENCE invoice_numbers;
+
+-- case: truncate
+-- expect: BS108
+SET lock_timeout = '5s';
+TRUNCATE orders;
+
+-- case: truncate cascade
+-- expect: BS108
+SET lock_timeout = '5s';
+TRUNCATE customers CASCADE;
+
+-- case: delete without where
+-- expect: BS109
+DELETE FROM orders;
+
+-- case: delete with where is safe
+-- expect: none
+DELETE FROM orders WHERE created_at < now() - interval '7 years';
+
+-- case: update without where
+-- expect: BS110
+UPDATE orders SET total = qty * price;
+
+-- case: backfill with where is safe
+-- expect: none
+UPDATE orders SET total = qty * price WHERE total IS NULL;
+
+-- case: alter column type
+-- expect: BS111,BS310
+SET lock_timeout = '5s';
+ALTER TABLE orders ALTER COLUMN qty TYPE bigint;
+
+-- case: alter column type on a new table
+-- expect: BS111
+CREATE TABLE staging (id int);
+ALTER TABLE staging ALTER COLUMN id TYPE bigint;
+
+-- case: add column and backfill instead of type change
+-- expect: none
+SET lock_timeout = '5s';
+ALTER TABLE orders ADD COLUMN qty_big bigint;
+UPDATE orders SET qty_big = qty WHERE qty_big IS NULL;
+
+-- case: rename table
+-- expect: BS112
+SET lock_timeout = '5s';
+ALTER TABLE orders RENAME TO purchases;
+
+-- case: rename column
+-- expect: BS112
+SET lock_timeout = '5s';
+ALTER TABLE orders RENAME COLUMN qty TO quantity;
+
+-- case: rename index
+-- expect: BS112
+SET lock_timeout = '5s';
+ALTER INDEX orders_customer RENAME TO orders_by_customer;
+
+-- case: drop database
+-- expect: BS113,BS401
+DROP DATABASE legacy;
+
+-- case: set not null
+-- expect: BS201
+SET lock_timeout = '5s';
+ALTER TABLE orders ALTER COLUMN customer SET NOT NULL;
+
+-- case: not-null check not valid is safe
+-- expect: none
+SET lock_timeout = '5s';
+ALTER TABLE orders ADD CONSTRAINT customer_nn CHECK (customer IS NOT NULL) NOT VALID;
+
+-- case: validate constraint is safe
+-- expect: none
+SET lock_timeout = '5s';
+ALTER TABLE orders VALIDATE CONSTRAINT customer_nn;
+
+-- case: drop not null is safe
+-- expect: none
+SET lock_timeout = '5s';
+ALTER TABLE orders ALTER COLUMN note DROP NOT NULL;
+
+-- case: add required column
+-- expect: BS202
+SET lock_timeout = '5s';
+ALTER TABLE orders ADD COLUMN region text NOT NULL;
+
+-- case: add not-null column with constant default
+-- expect: none
+SET lock_timeout = '5s';
+ALTER TABLE orders ADD COLUMN region text NOT NULL DEFAULT 'eu';
+
+-- case: add column with constant default before 11 rewrites
+-- expect: BS309
+-- pg: 10
+SET lock_timeout = '5s';
+ALTER TABLE orders ADD COLUMN region text DEFAULT 'eu';
+
+-- case: add column without default before 11 is safe
+-- expect: none
+-- pg: 10
+SET lock_timeout = '5s';
+ALTER TABLE orders ADD COLUMN region text;
+
+-- case: rename enum value
+-- expect: BS203
+ALTER TYPE order_status RENAME VALUE 'paid' TO 'settled';
+
+-- case: add enum value is safe
+-- expect: none
+ALTER TYPE order_status ADD VALUE 'refunded';
+
+-- case: create index blocking
+-- expect: BS301
+SET lock_timeout = '5s';
+CREATE INDEX orders_customer ON orders (customer);
+
+-- case: create index concurrently
+-- expect: BS401
+CREATE INDEX CONCURRENTLY orders_customer ON orders (customer);
+
+-- case: create index on a table created in the same migration
+-- expect: none
+CREATE TABLE notes (id int, body text);
+CREATE INDEX notes_id ON notes (id);
+
+-- case: create unique index blocking
+-- expect: BS301
+SET lock_timeout = '5s';
+CREATE UNIQUE INDEX orders_ref ON orders (ref);
+
+-- case: reindex blocking
+-- expect: BS303
+SET lock_timeout = '5s';
+REINDEX INDEX orders_customer;
+
+-- case: reindex concurrently
+-- expect: BS401
+REINDEX INDEX CONCURRENTLY orders_customer;
+
+-- case: add foreign key validating
+-- expect: BS304
+SET lock_timeout = '5s';
+ALTER TABLE orders ADD CONSTRAINT orders_customer_fk FOREIGN KEY (customer_id) REFERENCES customers (id);
+
+-- case: add foreign key not valid is safe
+-- expect: none
+SET lock_timeout = '5s';
+ALTER TABLE orders ADD CONSTRAINT orders_customer_fk FOREIGN KEY (customer_id) REFERENCES customers (id) NOT VALID;
+
+-- case: add column with foreign key validating
+-- expect: BS304
+SET lock_timeout = '5s';
+ALTER TABLE orders ADD COLUMN customer_id bigint REFERENCES customers (id);
+
+-- case: add check validating
+-- expect: BS305
+SET lock_timeout = '5s';
+ALTER TABLE orders ADD CONSTRAINT qty_positive CHECK (qty > 0);
+
+-- case: add check not valid is safe
+-- expect: none
+SET lock_timeout = '5s';
+ALTER TABLE orders ADD CONSTRAINT qty_positive CHECK (qty > 0) NOT VALID;
+
+-- case: add unique building an index
+-- expect: BS306
+SET lock_timeout = '5s';
+ALTER TABLE orders ADD CONSTRAINT orders_ref_key UNIQUE (ref);
+
+-- case: add unique using index is safe
+-- expect: none
+SET lock_timeout = '5s';
+ALTER TABLE orders ADD CONSTRAINT orders_ref_key UNIQUE USING INDEX orders_ref;
+
+-- case: add primary key building an index
+-- expect: BS307
+SET lock_timeout = '5s';
+ALTER TABLE events ADD PRIMARY KEY (id);
+
+-- case: add primary key using index is safe
+-- expect: none
+SET lock_timeout = '5s';
+ALTER TABLE events ADD CONSTRAINT events_pkey PRIMARY KEY USING INDEX events_id;
+
+-- case: constraints on a new table are safe
+-- expect: none
+CREATE TABLE lines (id int);
+ALTER TABLE lines ADD CONSTRAINT lines_pk PRIMARY KEY (id);
+ALTER TABLE lines ADD CONSTRAINT lines_id_positive CHECK (id > 0);
+
+-- case: volatile default uuid
+-- expect: BS308
+SET lock_timeout = '5s';
+ALTER TABLE orders ADD COLUMN token uuid DEFAULT gen_random_uuid();
+
+-- case: volatile default random
+-- expect: BS308
+SET lock_timeout = '5s';
+ALTER TABLE orders ADD COLUMN shard int DEFAULT (random() * 16)::int;
+
+-- case: volatile default clock_timestamp
+-- expect: BS308
+SET lock_timeout = '5s';
+ALTER TABLE orders ADD COLUMN seen timestamptz DEFAULT clock_timestamp();
+
+-- case: stable default now() is safe
+-- expect: none
+SET lock_timeout = '5s';
+ALTER TABLE orders ADD COLUMN seen timestamptz DEFAULT now();
+
+-- case: vacuum full
+-- expect: BS311,BS401
+SET lock_timeout = '5s';
+VACUUM FULL orders;
+
+-- case: plain vacuum
+-- expect: BS401
+VACUUM orders;
+
+-- case: analyze is safe
+-- expect: none
+ANALYZE orders;
+
+-- case: cluster
+-- expect: BS312
+SET lock_timeout = '5s';
+CLUSTER orders USING orders_pkey;
+
+-- case: alter table without lock_timeout
+-- expect: BS313
+ALTER TABLE orders ADD COLUMN note text;
+
+-- case: lock table without lock_timeout
+-- expect: BS313
+LOCK TABLE orders IN ACCESS EXCLUSIVE MODE;
+
+-- case: lock table with lock_timeout is safe
+-- expect: none
+SET lock_timeout = '5s';
+LOCK TABLE orders IN SHARE MODE;
+
+-- case: alter system
+-- expect: BS401
+ALTER SYSTEM SET work_mem = '64MB';
+
+-- case: create database
+-- expect: BS401
+CREATE DATABASE reporting;
+
+-- case: detach partition concurrently
+-- expect: BS401
+SET lock_timeout = '5s';
+ALTER TABLE measurements DETACH PARTITION measurements_2019 CONCURRENTLY;
+
+-- case: detach partition blocking takes the lock only
+-- expect: none
+SET lock_timeout = '5s';
+ALTER TABLE measurements DETACH PARTITION measurements_2019;
+
+-- case: begin inside a migration
+-- expect: BS402
+BEGIN;
+CREATE TABLE x (id int);
+COMMIT;
+
+-- case: rollback inside a migration
+-- expect: BS402
+ROLLBACK;
+
+-- case: do block
+-- expect: BS501
+DO $$ BEGIN EXECUTE 'DROP TABLE orders'; END $$;
+
+-- case: create function
+-- expect: BS502
+CREATE FUNCTION total(q int, p int) RETURNS int LANGUAGE sql AS $$ SELECT q * p $$;
+
+-- case: create procedure
+-- expect: BS502
+CREATE PROCEDURE purge() LANGUAGE sql AS $$ DELETE FROM orders WHERE false $$;
+
+-- case: plain reads and inserts are safe
+-- expect: none
+SELECT 1;
+INSERT INTO orders (customer, qty) VALUES ('a', 1);
+
+-- case: comments are safe
+-- expect: none
+COMMENT ON TABLE orders IS 'customer orders';
+
+-- case: grant is safe
+-- expect: none
+GRANT SELECT ON orders TO reporting;
