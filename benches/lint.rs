@@ -23,7 +23,10 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let mb: usize = std::env::var("BACKSTOP_BENCH_LINT_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(12);
+    let mb: usize = std::env::var("BACKSTOP_BENCH_LINT_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12);
     let target = mb * 1024 * 1024;
     let mut migrations = Vec::new();
     let mut current = String::new();

@@ -41,31 +41,30 @@ pub struct Statement {
 /// Splits `text` into statements. `origin` names the source for messages and
 /// `first_line` is the line of `text`'s first line in that source (1-based).
 pub fn split(origin: &str, text: &str, first_line: usize) -> Result<Vec<Statement>, SqlError> {
-    let pieces = match pg_query::split_with_parser(text) {
-        Ok(pieces) => pieces,
+    // One parse gives both the statement boundaries and their trees.
+    let parsed = match pg_query::parse(text, 0) {
+        Ok(parsed) => parsed,
         Err(err) => return Err(locate_parse_error(origin, text, first_line, err)),
     };
-    let mut out = Vec::with_capacity(pieces.len());
-    for piece in pieces {
-        let offset = piece.as_ptr() as usize - text.as_ptr() as usize;
+    let mut out = Vec::with_capacity(parsed.protobuf.stmts.len());
+    for raw in &parsed.protobuf.stmts {
+        let start = usize::try_from(raw.stmt_location).unwrap_or(0).min(text.len());
+        let end = match usize::try_from(raw.stmt_len) {
+            Ok(0) | Err(_) => text.len(),
+            Ok(len) => (start + len).min(text.len()),
+        };
+        let Some(piece) = text.get(start..end) else { continue };
         let lead = piece.len() - piece.trim_start().len();
-        let before = &text[..offset + lead];
+        let before = &text[..start + lead];
         let line = first_line + before.matches('\n').count();
         let column = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
-        let sql = piece.trim().to_string();
+        let sql = piece.trim().trim_end_matches(';').trim_end().to_string();
         if sql.is_empty() {
             continue;
         }
-        let parsed = pg_query::parse(&sql, 0).map_err(|e| SqlError {
-            origin: origin.to_string(),
-            line,
-            message: message_of(e),
-        })?;
-        let (kind, transactional) = parsed
-            .protobuf
-            .stmts
-            .first()
-            .and_then(|raw| raw.stmt.as_ref())
+        let (kind, transactional) = raw
+            .stmt
+            .as_ref()
             .and_then(|node| node.node.as_ref())
             .map(|node| (kind_name(node), can_run_in_transaction(node)))
             .unwrap_or_else(|| ("Empty".to_string(), true));
@@ -111,10 +110,27 @@ fn locate_parse_error(origin: &str, text: &str, first_line: usize, err: pg_query
     }
 }
 
-/// The statement's node type name, e.g. `IndexStmt`.
+/// The statement's node type name, e.g. `IndexStmt`: the variant name that
+/// `Debug` writes first (formatting stops there instead of printing the tree).
 fn kind_name(node: &NodeEnum) -> String {
-    let debug = format!("{node:?}");
-    debug.split('(').next().unwrap_or("Unknown").to_string()
+    struct UntilParen(String);
+    impl std::fmt::Write for UntilParen {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            match s.find('(') {
+                Some(i) => {
+                    self.0.push_str(&s[..i]);
+                    Err(std::fmt::Error)
+                }
+                None => {
+                    self.0.push_str(s);
+                    Ok(())
+                }
+            }
+        }
+    }
+    let mut name = UntilParen(String::new());
+    let _ = std::fmt::Write::write_fmt(&mut name, format_args!("{node:?}"));
+    name.0
 }
 
 /// PostgreSQL refuses these inside a transaction block.

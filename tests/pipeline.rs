@@ -212,11 +212,7 @@ async fn failed_verify_with_dump_checkpoint_restores_from_the_dump() {
     let c1 = f.commit_carrier(&orders_table(), "create orders");
     let out = f.run(&["--checkpoint", "dump"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    f.client()
-        .await
-        .batch_execute("INSERT INTO orders (customer, qty) VALUES ('ada', 2), ('grace', 1), ('linus', 3)")
-        .await
-        .unwrap();
+    insert_orders(&f).await;
     let schema = f.schema().await;
     f.commit_carrier(&committed_then_verify_fails(), "backfill totals");
     let out = f.run(&["--checkpoint", "dump", "--revert", "commit"]).await;

@@ -319,10 +319,15 @@ pub async fn with_orders() -> (Fixture, String) {
     let c1 = f.commit_carrier(&orders_table(), "create orders");
     let out = f.run(&[]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    insert_orders(&f).await;
+    (f, c1)
+}
+
+/// Three rows written by "the app".
+pub async fn insert_orders(f: &Fixture) {
     f.client()
         .await
         .batch_execute("INSERT INTO orders (customer, qty) VALUES ('ada', 2), ('grace', 1), ('linus', 3)")
         .await
         .unwrap();
-    (f, c1)
 }
