@@ -157,3 +157,20 @@ async fn diverged_gate_is_refused() {
     assert_eq!(out.status.code(), Some(2), "{text}");
     assert!(text.contains("is not an ancestor of upstream"), "{text}");
 }
+
+#[tokio::test]
+async fn unreachable_remote_is_a_configuration_error_naming_the_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args(["run", "--once", "--repo", "http://127.0.0.1:9/sre.git", "--state"])
+        .arg(dir.path())
+        .output()
+        .await
+        .unwrap();
+    let text = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("failed to fetch from http://127.0.0.1:9/sre.git"),
+        "{text}"
+    );
+}

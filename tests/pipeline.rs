@@ -225,3 +225,29 @@ async fn failed_verify_with_dump_checkpoint_restores_from_the_dump() {
         .await;
     assert_eq!(kept, 1, "the damaged database is kept under another name");
 }
+
+#[tokio::test]
+async fn remote_given_as_a_file_url_works_like_a_path() {
+    let f = Fixture::new().await;
+    let c1 = f.commit_carrier(&orders_table(), "create orders");
+    let url = format!("file://{}", f.remote.path().display());
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args([
+            "run",
+            "--once",
+            "--checkpoint",
+            "dump",
+            "--path",
+            "apps/shop",
+            "--repo",
+            &url,
+            "--state",
+        ])
+        .arg(f.state())
+        .env(DB_VAR, f.server.url("shop"))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(f.gate(), c1);
+}
