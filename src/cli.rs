@@ -89,6 +89,14 @@ pub enum Command {
         #[arg(long, env = "BACKSTOP_PG_VERSION", default_value_t = 15)]
         pg_version: u32,
     },
+    /// Move a PostgreSQL database to another server (the calicoctl
+    /// `datastore migrate` runbook): lock, export, import, verify, unlock, or
+    /// roll back while the source still exists. Prefer the BACKSTOP_SOURCE /
+    /// BACKSTOP_TARGET / BACKSTOP_URL variables for URLs that carry passwords.
+    Datastore {
+        #[command(subcommand)]
+        step: DatastoreStep,
+    },
     /// Print one run's evidence report (by id, id prefix or commit prefix).
     Report {
         /// Run id.
@@ -99,6 +107,70 @@ pub enum Command {
         /// Print the JSON report instead of Markdown.
         #[arg(long, env = "BACKSTOP_JSON")]
         json: bool,
+    },
+}
+
+/// Steps of a datastore move.
+#[derive(Debug, Subcommand)]
+pub enum DatastoreStep {
+    /// Stop writers to the source: revoke CONNECT from application roles, make
+    /// new sessions read-only, end running sessions, and record the lock in the
+    /// source database itself.
+    Lock {
+        #[arg(long, env = "BACKSTOP_SOURCE")]
+        source: String,
+        /// Why, for the lock record.
+        #[arg(long, env = "BACKSTOP_REASON", default_value = "datastore move")]
+        reason: String,
+    },
+    /// Export schema and data of the locked source (pg_dump -Fc).
+    Export {
+        #[arg(long, env = "BACKSTOP_SOURCE")]
+        source: String,
+        /// Dump file to write.
+        #[arg(short = 'o', long = "output", env = "BACKSTOP_FILE")]
+        file: PathBuf,
+    },
+    /// Import a dump into the target (all or nothing); the target stays locked
+    /// until `unlock`. Refuses a target that already has tables.
+    Import {
+        #[arg(long, env = "BACKSTOP_TARGET")]
+        target: String,
+        /// Dump file to read.
+        #[arg(short = 'f', long = "file", env = "BACKSTOP_FILE")]
+        file: PathBuf,
+        /// Import even though the target already has tables.
+        #[arg(long, env = "BACKSTOP_ALLOW_NON_EMPTY")]
+        allow_non_empty: bool,
+        /// Leave out GRANTs (when the source's roles do not exist on the target).
+        #[arg(long, env = "BACKSTOP_NO_PRIVILEGES")]
+        no_privileges: bool,
+    },
+    /// Compare every table: row counts and content checksums computed in the
+    /// databases, chunked in primary-key order. Exit 1 when they differ.
+    Verify {
+        #[arg(long, env = "BACKSTOP_SOURCE")]
+        source: String,
+        #[arg(long, env = "BACKSTOP_TARGET")]
+        target: String,
+        #[arg(long, env = "BACKSTOP_FORMAT", value_enum, default_value = "text")]
+        format: Format,
+    },
+    /// Release the lock on the side that is now live.
+    Unlock {
+        #[arg(long, env = "BACKSTOP_URL")]
+        url: String,
+    },
+    /// While the source exists and holds its lock: drop what import created in
+    /// the target and unlock the source. Refuses otherwise.
+    Rollback {
+        #[arg(long, env = "BACKSTOP_SOURCE")]
+        source: String,
+        #[arg(long, env = "BACKSTOP_TARGET")]
+        target: String,
+        /// Roll back even though the target was unlocked (its new writes are lost).
+        #[arg(long, env = "BACKSTOP_FORCE")]
+        force: bool,
     },
 }
 
@@ -173,6 +245,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             format,
             pg_version,
         } => lint(&files, format, pg_version),
+        Command::Datastore { step } => datastore(step).await,
         Command::Plan {
             range,
             repo,
@@ -180,6 +253,90 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             format,
             pg_version,
         } => plan(&range, &repo, &path, format, pg_version).await,
+    }
+}
+
+async fn datastore(step: DatastoreStep) -> anyhow::Result<u8> {
+    use crate::datastore::{self as ds, DatastoreError};
+    let result: Result<u8, DatastoreError> = async {
+        let by = ds::whoami();
+        match step {
+            DatastoreStep::Lock { source, reason } => {
+                println!(
+                    "{}",
+                    ds::lock(&ds::database(&source, "source")?, "source", &by, &reason).await?
+                );
+            }
+            DatastoreStep::Export { source, file } => {
+                let bindir = crate::pgbin::bindir().map_err(|e| DatastoreError::Tool {
+                    step: "finding pg_dump".into(),
+                    source: e,
+                })?;
+                let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+                let progress = |bytes: u64| {
+                    if tty {
+                        eprint!("\rexporting: {:.1} MB written", bytes as f64 / 1048576.0);
+                    }
+                };
+                let done = ds::export(&ds::database(&source, "source")?, &file, &bindir, progress).await?;
+                if tty {
+                    eprintln!();
+                }
+                println!("{done}");
+            }
+            DatastoreStep::Import {
+                target,
+                file,
+                allow_non_empty,
+                no_privileges,
+            } => {
+                let bindir = crate::pgbin::bindir().map_err(|e| DatastoreError::Tool {
+                    step: "finding pg_restore".into(),
+                    source: e,
+                })?;
+                println!(
+                    "{}",
+                    ds::import(
+                        &ds::database(&target, "target")?,
+                        &file,
+                        &bindir,
+                        ds::ImportOptions {
+                            allow_non_empty,
+                            no_privileges
+                        },
+                        &by
+                    )
+                    .await?
+                );
+            }
+            DatastoreStep::Verify { source, target, format } => {
+                let diffs = ds::verify(&ds::database(&source, "source")?, &ds::database(&target, "target")?).await?;
+                match format {
+                    Format::Text => print!("{}", ds::render_diffs(&diffs)),
+                    Format::Json => println!("{}", serde_json::to_string_pretty(&diffs).unwrap_or_default()),
+                }
+                if diffs.iter().any(|d| d.status != "ok") {
+                    return Ok(EXIT_ROLLED_BACK);
+                }
+            }
+            DatastoreStep::Unlock { url } => println!("{}", ds::unlock(&ds::database(&url, "url")?).await?),
+            DatastoreStep::Rollback { source, target, force } => {
+                let (s, t) = (ds::database(&source, "source")?, ds::database(&target, "target")?);
+                println!("{}", ds::rollback(&s, &t, force).await?);
+            }
+        }
+        Ok(EXIT_OK)
+    }
+    .await;
+    match result {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            eprintln!("backstop: {}", crate::run::chain(&e));
+            Ok(match e {
+                DatastoreError::Refused(_) | DatastoreError::Url { .. } | DatastoreError::Db(_) => EXIT_BAD_INPUT,
+                _ => EXIT_NEEDS_PERSON,
+            })
+        }
     }
 }
 

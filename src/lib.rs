@@ -16,6 +16,7 @@
 //! - [`runner`]: migration runners and the history table
 //! - [`cluster`]: lock / health / database resolution ([`cluster::LocalCluster`] in local mode)
 //! - [`forge`]: revert pull requests
+//! - [`datastore`]: moving a database between servers (lock, export, import, verify, unlock, rollback)
 //! - [`journal`], [`report`]: the local run store and the evidence report
 //! - [`local`], [`demo`], [`cli`]: wiring for the command line
 //! - [`db`], [`pgbin`], [`pgserver`], [`sandbox`]: connections, PostgreSQL programs,
@@ -24,6 +25,7 @@
 pub mod checkpoint;
 pub mod cli;
 pub mod cluster;
+pub mod datastore;
 pub mod db;
 pub mod demo;
 pub mod forge;

@@ -1,0 +1,717 @@
+//! Datastore move (DESIGN section 7), the `calicoctl datastore migrate` runbook
+//! for PostgreSQL: lock the source, export, import into the target, verify
+//! row counts and content checksums table by table, unlock the side that is
+//! live, or roll back while the source still exists.
+//!
+//! State lives in the databases themselves: `backstop.datastore_lock` (one row:
+//! who locked, when, why, which side, what was revoked) and, in the target,
+//! `backstop.datastore_import` (what the import created, so rollback can drop
+//! exactly that). Every step checks that state first, so it is safe to rerun
+//! and says what it found.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::db::{ident, Database, DbError};
+use crate::manifests::DatabaseRef;
+use crate::pgbin::{self, PgBinError};
+
+/// Failures of datastore steps. `Refused` means nothing was changed.
+#[derive(Debug, thiserror::Error)]
+pub enum DatastoreError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("query on {database} failed while {step}")]
+    Query {
+        database: String,
+        step: &'static str,
+        source: tokio_postgres::Error,
+    },
+    #[error("{0}")]
+    Refused(String),
+    #[error("{step} failed")]
+    Tool { step: String, source: PgBinError },
+    #[error("invalid URL for {side}")]
+    Url { side: &'static str, source: DbError },
+}
+
+type Result<T> = std::result::Result<T, DatastoreError>;
+
+const LOCK_DDL: &str = "SET client_min_messages = warning;
+CREATE SCHEMA IF NOT EXISTS backstop;
+CREATE TABLE IF NOT EXISTS backstop.datastore_lock (
+    id int PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+    side text NOT NULL,
+    locked boolean NOT NULL,
+    locked_by text NOT NULL,
+    locked_at timestamptz NOT NULL,
+    reason text NOT NULL,
+    revoked_connect text[] NOT NULL DEFAULT '{}',
+    unlocked_at timestamptz
+);";
+
+const IMPORT_DDL: &str = "SET client_min_messages = warning;
+CREATE SCHEMA IF NOT EXISTS backstop;
+CREATE TABLE IF NOT EXISTS backstop.datastore_import (
+    id int PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+    imported_at timestamptz NOT NULL,
+    file text NOT NULL,
+    schemas text[] NOT NULL,
+    relations text[] NOT NULL,
+    types text[] NOT NULL,
+    functions text[] NOT NULL
+);";
+
+/// Builds a connectable database from a URL given on the command line.
+pub fn database(url: &str, side: &'static str) -> Result<Database> {
+    Database::from_url(DatabaseRef::Url { var: side.to_string() }, url, None)
+        .map_err(|source| DatastoreError::Url { side, source })
+}
+
+fn q<'a>(db: &'a Database, step: &'static str) -> impl FnOnce(tokio_postgres::Error) -> DatastoreError + 'a {
+    move |source| DatastoreError::Query {
+        database: db.describe(),
+        step,
+        source,
+    }
+}
+
+/// The lock record of a database, if it has one.
+#[derive(Debug, Clone, Serialize)]
+pub struct LockRecord {
+    pub side: String,
+    pub locked: bool,
+    pub locked_by: String,
+    pub locked_at: chrono::DateTime<chrono::Utc>,
+    pub reason: String,
+    pub revoked_connect: Vec<String>,
+    pub unlocked_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+async fn lock_record(db: &Database, client: &Client) -> Result<Option<LockRecord>> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('backstop.datastore_lock') IS NOT NULL", &[])
+        .await
+        .map_err(q(db, "looking for a lock record"))?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    let row = client
+        .query_opt(
+            "SELECT side, locked, locked_by, locked_at, reason, revoked_connect, unlocked_at FROM backstop.datastore_lock",
+            &[],
+        )
+        .await
+        .map_err(q(db, "reading the lock record"))?;
+    Ok(row.map(|r| LockRecord {
+        side: r.get(0),
+        locked: r.get(1),
+        locked_by: r.get(2),
+        locked_at: r.get(3),
+        reason: r.get(4),
+        revoked_connect: r.get(5),
+        unlocked_at: r.get(6),
+    }))
+}
+
+/// Stops writers: records the lock, revokes CONNECT from every role that has it
+/// except superusers and ourselves, makes new sessions read-only, and ends the
+/// other sessions. Returns what it did or found.
+pub async fn lock(db: &Database, side: &str, by: &str, reason: &str) -> Result<String> {
+    let client = db.connect().await?;
+    if let Some(rec) = lock_record(db, &client).await? {
+        if rec.locked {
+            return Ok(format!(
+                "{} is already locked (as {}) by {} at {}: {}",
+                db.describe(),
+                rec.side,
+                rec.locked_by,
+                rec.locked_at.to_rfc3339(),
+                rec.reason
+            ));
+        }
+    }
+    let name = db.dbname().to_string();
+    client
+        .batch_execute(LOCK_DDL)
+        .await
+        .map_err(q(db, "creating the lock table"))?;
+    // Roles (or PUBLIC) allowed to connect, other than superusers and ourselves.
+    let rows = client
+        .query(
+            "SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END
+               FROM pg_database d, aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) a
+               LEFT JOIN pg_roles r ON r.oid = a.grantee
+              WHERE d.datname = $1 AND a.privilege_type = 'CONNECT'
+                AND (a.grantee = 0 OR (NOT r.rolsuper AND r.rolname <> current_user))",
+            &[&name],
+        )
+        .await
+        .map_err(q(db, "reading CONNECT grants"))?;
+    let revoked: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    let d = ident(&name);
+    let mut sql = String::from("BEGIN;\n");
+    for grantee in &revoked {
+        sql.push_str(&format!("REVOKE CONNECT ON DATABASE {d} FROM {grantee};\n"));
+    }
+    sql.push_str(&format!("ALTER DATABASE {d} SET default_transaction_read_only = on;\n"));
+    sql.push_str("COMMIT;");
+    client
+        .batch_execute(&sql)
+        .await
+        .map_err(q(db, "revoking connections"))?;
+    client
+        .execute(
+            "INSERT INTO backstop.datastore_lock (side, locked, locked_by, locked_at, reason, revoked_connect, unlocked_at)
+             VALUES ($1, true, $2, now(), $3, $4, NULL)
+             ON CONFLICT (id) DO UPDATE SET side = EXCLUDED.side, locked = true, locked_by = EXCLUDED.locked_by,
+               locked_at = EXCLUDED.locked_at, reason = EXCLUDED.reason, revoked_connect = EXCLUDED.revoked_connect, unlocked_at = NULL",
+            &[&side, &by, &reason, &revoked],
+        )
+        .await
+        .map_err(q(db, "recording the lock"))?;
+    let ended: i64 = client
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+            &[&name],
+        )
+        .await
+        .map_err(q(db, "ending other sessions"))?
+        .get(0);
+    Ok(format!(
+        "locked {} (as {side}): CONNECT revoked from {}, new sessions read-only, {ended} session(s) ended",
+        db.describe(),
+        if revoked.is_empty() {
+            "nobody".to_string()
+        } else {
+            revoked.join(", ")
+        }
+    ))
+}
+
+/// Releases the lock: re-grants what was revoked and makes sessions writable.
+pub async fn unlock(db: &Database) -> Result<String> {
+    let client = db.connect().await?;
+    let Some(rec) = lock_record(db, &client).await? else {
+        return Ok(format!("{} holds no lock record: nothing to unlock", db.describe()));
+    };
+    if !rec.locked {
+        return Ok(format!(
+            "{} is already unlocked (since {})",
+            db.describe(),
+            rec.unlocked_at.map(|t| t.to_rfc3339()).unwrap_or_default()
+        ));
+    }
+    let d = ident(db.dbname());
+    // This session started read-only: ask for a writable transaction first.
+    let mut sql = String::from("BEGIN;\nSET TRANSACTION READ WRITE;\n");
+    for grantee in &rec.revoked_connect {
+        sql.push_str(&format!("GRANT CONNECT ON DATABASE {d} TO {grantee};\n"));
+    }
+    sql.push_str(&format!("ALTER DATABASE {d} RESET default_transaction_read_only;\n"));
+    sql.push_str("UPDATE backstop.datastore_lock SET locked = false, unlocked_at = now();\nCOMMIT;");
+    client.batch_execute(&sql).await.map_err(q(db, "releasing the lock"))?;
+    Ok(format!(
+        "unlocked {} ({}): CONNECT granted again to {}",
+        db.describe(),
+        rec.side,
+        if rec.revoked_connect.is_empty() {
+            "nobody".to_string()
+        } else {
+            rec.revoked_connect.join(", ")
+        }
+    ))
+}
+
+/// Exports schema and data of a locked source with `pg_dump -Fc` (the lock
+/// record itself stays behind). `progress` gets bytes written so far.
+pub async fn export(db: &Database, file: &Path, bindir: &Path, progress: impl Fn(u64)) -> Result<String> {
+    let client = db.connect().await?;
+    match lock_record(db, &client).await? {
+        Some(rec) if rec.locked => {}
+        _ => {
+            return Err(DatastoreError::Refused(format!(
+                "{} is not locked: run `backstop datastore lock` first, or writes made after the export are lost",
+                db.describe()
+            )))
+        }
+    }
+    let mut cmd = pgbin::command(bindir, "pg_dump", None);
+    cmd.envs(db.libpq_env())
+        .args(["-Fc", "--no-password", "--exclude-table=backstop.datastore_lock", "-f"])
+        .arg(file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().map_err(|e| DatastoreError::Tool {
+        step: "pg_dump".into(),
+        source: PgBinError::Spawn {
+            program: "pg_dump".into(),
+            source: e,
+        },
+    })?;
+    let mut wait = Box::pin(child.wait_with_output());
+    let out = loop {
+        tokio::select! {
+            out = &mut wait => break out,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {
+                progress(std::fs::metadata(file).map(|m| m.len()).unwrap_or(0));
+            }
+        }
+    };
+    let out = out.map_err(|e| DatastoreError::Tool {
+        step: "pg_dump".into(),
+        source: PgBinError::Spawn {
+            program: "pg_dump".into(),
+            source: e,
+        },
+    })?;
+    if !out.status.success() {
+        return Err(DatastoreError::Tool {
+            step: format!("pg_dump of {}", db.describe()),
+            source: PgBinError::Failed {
+                program: "pg_dump".into(),
+                status: out.status.to_string(),
+                stderr: pgbin::tail(&String::from_utf8_lossy(&out.stderr), 20),
+            },
+        });
+    }
+    let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+    progress(size);
+    Ok(format!(
+        "exported {} to {} ({size} bytes)",
+        db.describe(),
+        file.display()
+    ))
+}
+
+/// Objects of the user schemas, for telling what an import created.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Inventory {
+    schemas: BTreeSet<String>,
+    /// `kind qualified-name`, kind one of table, view, matview, sequence, foreign-table.
+    relations: BTreeSet<String>,
+    types: BTreeSet<String>,
+    functions: BTreeSet<String>,
+}
+
+const USER_SCHEMAS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema', 'backstop', 'pg_toast') AND n.nspname NOT LIKE 'pg_temp%' AND n.nspname NOT LIKE 'pg_toast_temp%'";
+
+async fn inventory(db: &Database, client: &Client) -> Result<Inventory> {
+    let one = |sql: String| async move {
+        client
+            .query(&sql, &[])
+            .await
+            .map(|rows| rows.iter().map(|r| r.get::<_, String>(0)).collect::<BTreeSet<String>>())
+    };
+    let schemas = one(format!(
+        "SELECT quote_ident(n.nspname) FROM pg_namespace n WHERE {USER_SCHEMAS}"
+    ))
+    .await;
+    let relations = one(format!(
+        "SELECT CASE c.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW' WHEN 'S' THEN 'SEQUENCE'
+                WHEN 'f' THEN 'FOREIGN TABLE' ELSE 'TABLE' END || ' ' || quote_ident(n.nspname) || '.' || quote_ident(c.relname)
+           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f') AND NOT c.relispartition AND {USER_SCHEMAS}
+            AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype IN ('a', 'i') AND c.relkind = 'S')"
+    ))
+    .await;
+    let types = one(format!(
+        "SELECT quote_ident(n.nspname) || '.' || quote_ident(t.typname) FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+          WHERE t.typtype IN ('e', 'd', 'c', 'r', 'm') AND (t.typrelid = 0 OR (SELECT relkind FROM pg_class WHERE oid = t.typrelid) = 'c')
+            AND NOT EXISTS (SELECT 1 FROM pg_type e WHERE e.oid = t.typelem AND t.typcategory = 'A') AND {USER_SCHEMAS}"
+    ))
+    .await;
+    let functions = one(format!(
+        "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+          WHERE p.prokind IN ('f', 'p', 'a') AND {USER_SCHEMAS}
+            AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = p.oid AND d.deptype = 'e')"
+    ))
+    .await;
+    Ok(Inventory {
+        schemas: schemas.map_err(q(db, "listing the target's objects"))?,
+        relations: relations.map_err(q(db, "listing the target's objects"))?,
+        types: types.map_err(q(db, "listing the target's objects"))?,
+        functions: functions.map_err(q(db, "listing the target's objects"))?,
+    })
+}
+
+/// Options of [`import`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ImportOptions {
+    /// Import into a target that already holds tables.
+    pub allow_non_empty: bool,
+    /// Leave out GRANTs (when the roles do not exist on the target).
+    pub no_privileges: bool,
+}
+
+/// Imports a dump into the target, all or nothing (one transaction; objects
+/// owned by the importing role; GRANTs kept, so the roles must exist on the
+/// target unless `no_privileges`). Refuses a target that already holds user
+/// tables unless `allow_non_empty`; records what the import created; leaves
+/// the target locked (read-only) until `unlock` after a passing `verify`.
+pub async fn import(db: &Database, file: &Path, bindir: &Path, opts: ImportOptions, by: &str) -> Result<String> {
+    let ImportOptions {
+        allow_non_empty,
+        no_privileges,
+    } = opts;
+    let client = db.connect().await?;
+    let imported: bool = client
+        .query_one("SELECT to_regclass('backstop.datastore_import') IS NOT NULL", &[])
+        .await
+        .map_err(q(db, "looking for an earlier import"))?
+        .get(0);
+    if imported {
+        let at: Option<chrono::DateTime<chrono::Utc>> = client
+            .query_opt("SELECT imported_at FROM backstop.datastore_import", &[])
+            .await
+            .map_err(q(db, "reading the earlier import"))?
+            .map(|r| r.get(0));
+        if let Some(at) = at {
+            return Ok(format!(
+                "{} already holds an import made at {}: nothing to do (roll back first to import again)",
+                db.describe(),
+                at.to_rfc3339()
+            ));
+        }
+    }
+    let before = inventory(db, &client).await?;
+    let tables: Vec<&String> = before.relations.iter().filter(|r| r.starts_with("TABLE ")).collect();
+    if !tables.is_empty() && !allow_non_empty {
+        return Err(DatastoreError::Refused(format!(
+            "{} is not empty ({} table(s), e.g. {}); import into an empty database, or pass --allow-non-empty",
+            db.describe(),
+            tables.len(),
+            tables[0].trim_start_matches("TABLE ")
+        )));
+    }
+    let mut cmd = pgbin::command(bindir, "pg_restore", None);
+    cmd.envs(db.libpq_env())
+        .args(["--no-owner", "--single-transaction", "--no-password", "-d", db.dbname()]);
+    if no_privileges {
+        cmd.arg("--no-privileges");
+    }
+    cmd.arg(file);
+    pgbin::run(cmd, "pg_restore")
+        .await
+        .map_err(|source| DatastoreError::Tool {
+            step: format!("pg_restore into {}", db.describe()),
+            source,
+        })?;
+    let after = inventory(db, &client).await?;
+    let created = |a: &BTreeSet<String>, b: &BTreeSet<String>| -> Vec<String> { a.difference(b).cloned().collect() };
+    let schemas = created(&after.schemas, &before.schemas);
+    let relations = created(&after.relations, &before.relations);
+    let types = created(&after.types, &before.types);
+    let functions = created(&after.functions, &before.functions);
+    client
+        .batch_execute(IMPORT_DDL)
+        .await
+        .map_err(q(db, "creating the import record"))?;
+    client
+        .execute(
+            "INSERT INTO backstop.datastore_import (imported_at, file, schemas, relations, types, functions) VALUES (now(), $1, $2, $3, $4, $5)",
+            &[&file.display().to_string(), &schemas, &relations, &types, &functions],
+        )
+        .await
+        .map_err(q(db, "recording the import"))?;
+    lock(db, "target", by, "imported; unlock after verify").await?;
+    Ok(format!(
+        "imported {} into {}: {} schema(s), {} relation(s), {} type(s), {} function(s); the target stays locked until `backstop datastore unlock`",
+        file.display(),
+        db.describe(),
+        schemas.len(),
+        relations.len(),
+        types.len(),
+        functions.len()
+    ))
+}
+
+/// One table compared by [`verify`].
+#[derive(Debug, Clone, Serialize)]
+pub struct TableDiff {
+    pub table: String,
+    pub source_rows: Option<i64>,
+    pub target_rows: Option<i64>,
+    /// `ok`, `missing in target`, `missing in source`, `rows differ`.
+    pub status: String,
+    /// Keys of rows that differ (changed, missing or extra), at most 20.
+    pub rows: Vec<String>,
+}
+
+const CHUNK_ROWS: i64 = 10_000;
+
+/// Tables (quoted, qualified) of the user schemas with their primary key as
+/// `t.col, ...` (empty without one: rows are then ordered by their text).
+async fn tables(db: &Database, client: &Client) -> Result<BTreeMap<String, String>> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname),
+                        coalesce((SELECT string_agg('t.' || quote_ident(a.attname), ', ' ORDER BY array_position(i.indkey, a.attnum))
+                                    FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+                                   WHERE i.indrelid = c.oid AND i.indisprimary), '')
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND {USER_SCHEMAS}"
+            ),
+            &[],
+        )
+        .await
+        .map_err(q(db, "listing tables"))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Per-chunk (count, checksum) of a table, chunks of [`CHUNK_ROWS`] rows in key order.
+async fn chunks(db: &Database, client: &Client, table: &str, key: &str) -> Result<Vec<(i64, String)>> {
+    let order = if key.is_empty() {
+        "t::text".to_string()
+    } else {
+        key.to_string()
+    };
+    let sql = format!(
+        "SELECT count(*), md5(string_agg(h, '' ORDER BY rn)) FROM (
+             SELECT row_number() OVER (ORDER BY {order}) - 1 AS rn, md5(t::text) AS h FROM {table} t) s
+         GROUP BY rn / {CHUNK_ROWS} ORDER BY rn / {CHUNK_ROWS}"
+    );
+    let rows = client.query(&sql, &[]).await.map_err(q(db, "checksumming a table"))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// (key text, row md5) of chunk `index` of a table.
+async fn chunk_rows(
+    db: &Database,
+    client: &Client,
+    table: &str,
+    key: &str,
+    index: usize,
+) -> Result<BTreeMap<String, String>> {
+    let order = if key.is_empty() {
+        "t::text".to_string()
+    } else {
+        key.to_string()
+    };
+    let key_text = if key.is_empty() {
+        "md5(t::text)".to_string()
+    } else {
+        format!("({key})::text")
+    };
+    let sql = format!(
+        "SELECT {key_text} AS k, md5(t::text) AS h FROM {table} t ORDER BY {order} OFFSET {} LIMIT {CHUNK_ROWS}",
+        index as i64 * CHUNK_ROWS
+    );
+    let rows = client.query(&sql, &[]).await.map_err(q(db, "reading differing rows"))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Compares every table of source and target: row counts and content
+/// checksums computed in the databases, chunk by chunk in key order; for
+/// differing chunks, the keys of the rows that differ.
+pub async fn verify(source: &Database, target: &Database) -> Result<Vec<TableDiff>> {
+    let (s, t) = (source.connect().await?, target.connect().await?);
+    let (st, tt) = (tables(source, &s).await?, tables(target, &t).await?);
+    let names: BTreeSet<&String> = st.keys().chain(tt.keys()).collect();
+    let mut out = Vec::new();
+    for name in names {
+        let (sk, tk) = (st.get(name), tt.get(name));
+        let (Some(sk), Some(tk)) = (sk, tk) else {
+            let (side_db, side_client, status) = if sk.is_some() {
+                (source, &s, "missing in target")
+            } else {
+                (target, &t, "missing in source")
+            };
+            let count: i64 = side_client
+                .query_one(&format!("SELECT count(*) FROM {name}"), &[])
+                .await
+                .map_err(q(side_db, "counting rows"))?
+                .get(0);
+            let (source_rows, target_rows) = if sk.is_some() {
+                (Some(count), None)
+            } else {
+                (None, Some(count))
+            };
+            out.push(TableDiff {
+                table: name.clone(),
+                source_rows,
+                target_rows,
+                status: status.into(),
+                rows: Vec::new(),
+            });
+            continue;
+        };
+        let key = if sk == tk { sk.clone() } else { String::new() };
+        let (sc, tc) = (
+            chunks(source, &s, name, &key).await?,
+            chunks(target, &t, name, &key).await?,
+        );
+        let source_rows: i64 = sc.iter().map(|c| c.0).sum();
+        let target_rows: i64 = tc.iter().map(|c| c.0).sum();
+        let mut rows = Vec::new();
+        for i in 0..sc.len().max(tc.len()) {
+            if sc.get(i) == tc.get(i) || rows.len() >= 20 {
+                continue;
+            }
+            let a = chunk_rows(source, &s, name, &key, i).await?;
+            let b = chunk_rows(target, &t, name, &key, i).await?;
+            for (k, h) in &a {
+                match b.get(k) {
+                    None => rows.push(format!("{k}: missing in target")),
+                    Some(h2) if h2 != h => rows.push(format!("{k}: changed")),
+                    _ => {}
+                }
+            }
+            for k in b.keys().filter(|k| !a.contains_key(*k)) {
+                rows.push(format!("{k}: only in target"));
+            }
+            // A shifted chunk (a missing row moves the rest) is reported by its
+            // first differences; later chunks repeat them.
+            if !rows.is_empty() {
+                break;
+            }
+        }
+        rows.truncate(20);
+        let same = sc == tc;
+        out.push(TableDiff {
+            table: name.clone(),
+            source_rows: Some(source_rows),
+            target_rows: Some(target_rows),
+            status: if same { "ok".into() } else { "rows differ".into() },
+            rows,
+        });
+    }
+    Ok(out)
+}
+
+/// The differences as a table for people.
+pub fn render_diffs(diffs: &[TableDiff]) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "{:<40} {:>12} {:>12}  status", "TABLE", "SOURCE ROWS", "TARGET ROWS");
+    for d in diffs {
+        let n = |v: Option<i64>| v.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            s,
+            "{:<40} {:>12} {:>12}  {}",
+            d.table,
+            n(d.source_rows),
+            n(d.target_rows),
+            d.status
+        );
+        for r in &d.rows {
+            let _ = writeln!(s, "    {r}");
+        }
+    }
+    let bad = diffs.iter().filter(|d| d.status != "ok").count();
+    let _ = writeln!(s, "{} table(s), {bad} differ", diffs.len());
+    s
+}
+
+/// Rolls the move back while the source exists and holds its lock record:
+/// drops what the import created in the target and unlocks the source.
+pub async fn rollback(source: &Database, target: &Database, force: bool) -> Result<String> {
+    let s = source.connect().await.map_err(|e| {
+        DatastoreError::Refused(format!(
+            "rollback needs the source, which cannot be reached ({}); the move can only go forward now",
+            crate::run::chain(&e)
+        ))
+    })?;
+    match lock_record(source, &s).await? {
+        Some(rec) if rec.locked && rec.side == "source" => {}
+        Some(rec) if !rec.locked => {
+            return Err(DatastoreError::Refused(format!(
+                "the source {} was unlocked at {}: it may have taken writes since; nothing to roll back to",
+                source.describe(),
+                rec.unlocked_at.map(|t| t.to_rfc3339()).unwrap_or_default()
+            )))
+        }
+        _ => {
+            return Err(DatastoreError::Refused(format!(
+                "the source {} holds no source lock record: it was never locked for a move",
+                source.describe()
+            )))
+        }
+    }
+    let t = target.connect().await?;
+    if let Some(rec) = lock_record(target, &t).await? {
+        if !rec.locked && !force {
+            return Err(DatastoreError::Refused(format!(
+                "the target {} was unlocked at {} and may hold new writes that rollback would drop; pass --force to roll back anyway",
+                target.describe(),
+                rec.unlocked_at.map(|t| t.to_rfc3339()).unwrap_or_default()
+            )));
+        }
+    }
+    let recorded: bool = t
+        .query_one("SELECT to_regclass('backstop.datastore_import') IS NOT NULL", &[])
+        .await
+        .map_err(q(target, "looking for the import record"))?
+        .get(0);
+    let mut dropped = 0usize;
+    if recorded {
+        if let Some(r) = t
+            .query_opt(
+                "SELECT schemas, relations, types, functions FROM backstop.datastore_import",
+                &[],
+            )
+            .await
+            .map_err(q(target, "reading the import record"))?
+        {
+            let (schemas, relations, types, functions): (Vec<String>, Vec<String>, Vec<String>, Vec<String>) =
+                (r.get(0), r.get(1), r.get(2), r.get(3));
+            let mut sql = String::from("BEGIN;\nSET TRANSACTION READ WRITE;\n");
+            for s in &schemas {
+                sql.push_str(&format!("DROP SCHEMA IF EXISTS {s} CASCADE;\n"));
+            }
+            for r in &relations {
+                sql.push_str(&format!("DROP {} IF EXISTS {} CASCADE;\n", kind_of(r), name_of(r)));
+            }
+            for ty in &types {
+                sql.push_str(&format!("DROP TYPE IF EXISTS {ty} CASCADE;\n"));
+            }
+            for f in &functions {
+                sql.push_str(&format!("DROP ROUTINE IF EXISTS {f} CASCADE;\n"));
+            }
+            sql.push_str("DELETE FROM backstop.datastore_import;\nCOMMIT;");
+            t.batch_execute(&sql)
+                .await
+                .map_err(q(target, "dropping what the import created"))?;
+            dropped = schemas.len() + relations.len() + types.len() + functions.len();
+        }
+    }
+    drop(s);
+    let unlocked = unlock(source).await?;
+    let target_lock = unlock(target).await?;
+    Ok(format!(
+        "rolled back: dropped {dropped} object(s) the import created in {}; {unlocked}; {target_lock}",
+        target.describe()
+    ))
+}
+
+fn kind_of(entry: &str) -> &str {
+    ["MATERIALIZED VIEW", "FOREIGN TABLE", "SEQUENCE", "VIEW", "TABLE"]
+        .into_iter()
+        .find(|k| entry.starts_with(&format!("{k} ")))
+        .unwrap_or("TABLE")
+}
+
+fn name_of(entry: &str) -> &str {
+    entry.strip_prefix(kind_of(entry)).map(str::trim_start).unwrap_or(entry)
+}
+
+/// Who runs the command, for lock records.
+pub fn whoami() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
+    format!("{user}@{host}")
+}
+
+/// Default dump path in the working directory.
+pub fn default_file() -> PathBuf {
+    PathBuf::from("backstop-datastore.dump")
+}

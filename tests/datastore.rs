@@ -1,0 +1,298 @@
+//! Datastore move between two real PostgreSQL servers: lock, export, import,
+//! verify, unlock, rollback, and the refusals that keep data safe.
+
+mod common;
+
+use std::process::Output;
+
+use backstop::pgserver::PgServer;
+use common::text;
+
+const SCHEMA: &str = "
+CREATE TYPE status AS ENUM ('new', 'paid');
+CREATE TABLE customers (id bigserial PRIMARY KEY, name text NOT NULL);
+CREATE TABLE orders (id bigserial PRIMARY KEY, customer_id bigint REFERENCES customers (id), status status NOT NULL DEFAULT 'new', total numeric(10,2));
+CREATE TABLE events (at timestamptz NOT NULL DEFAULT now(), body jsonb);
+CREATE VIEW paid AS SELECT * FROM orders WHERE status = 'paid';
+CREATE FUNCTION order_count() RETURNS bigint LANGUAGE sql AS $$ SELECT count(*) FROM orders $$;
+INSERT INTO customers (name) SELECT 'customer ' || g FROM generate_series(1, 50) g;
+INSERT INTO orders (customer_id, status, total) SELECT 1 + g % 50, CASE WHEN g % 3 = 0 THEN 'paid'::status ELSE 'new' END, g * 1.5 FROM generate_series(1, 25000) g;
+INSERT INTO events (body) SELECT jsonb_build_object('n', g) FROM generate_series(1, 100) g;
+CREATE ROLE app LOGIN;
+GRANT ALL ON ALL TABLES IN SCHEMA public TO app;
+GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO app;
+";
+
+struct Move {
+    source: PgServer,
+    target: PgServer,
+    dir: tempfile::TempDir,
+}
+
+impl Move {
+    async fn new() -> Self {
+        let source = PgServer::start().await.unwrap();
+        let target = PgServer::start().await.unwrap();
+        source.create_database("shop").await.unwrap();
+        target.create_database("shop").await.unwrap();
+        source
+            .database("shop")
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+            .batch_execute(SCHEMA)
+            .await
+            .unwrap();
+        // Roles are per server and not part of a database dump: they exist on the target.
+        target
+            .database("shop")
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+            .batch_execute("CREATE ROLE app LOGIN")
+            .await
+            .unwrap();
+        Self {
+            source,
+            target,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn dump(&self) -> String {
+        self.dir.path().join("shop.dump").display().to_string()
+    }
+
+    async fn ds(&self, args: &[&str]) -> Output {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
+            .arg("datastore")
+            .args(args)
+            .output()
+            .await
+            .unwrap()
+    }
+
+    async fn step(&self, args: &[&str]) -> String {
+        let out = self.ds(args).await;
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", text(&out));
+        text(&out)
+    }
+
+    async fn lock_export_import(&self) {
+        let (s, t, f) = (self.source.url("shop"), self.target.url("shop"), self.dump());
+        self.step(&["lock", "--source", &s]).await;
+        self.step(&["export", "--source", &s, "-o", &f]).await;
+        self.step(&["import", "--target", &t, "-f", &f]).await;
+    }
+
+    async fn verify(&self) -> Output {
+        self.ds(&[
+            "verify",
+            "--source",
+            &self.source.url("shop"),
+            "--target",
+            &self.target.url("shop"),
+        ])
+        .await
+    }
+
+    async fn target_sql(&self, sql: &str) {
+        let c = self.target.database("shop").unwrap().connect().await.unwrap();
+        c.batch_execute(&format!("BEGIN; SET TRANSACTION READ WRITE; {sql}; COMMIT;"))
+            .await
+            .unwrap();
+    }
+}
+
+fn app_url(server: &PgServer) -> String {
+    format!("postgresql://app@127.0.0.1:{}/shop", server.port())
+}
+
+#[tokio::test]
+async fn full_move_passes_verify_and_the_unlocked_target_takes_writes() {
+    let m = Move::new().await;
+    m.lock_export_import().await;
+    let out = m.verify().await;
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    assert!(report.contains("public.orders"), "{report}");
+    assert!(report.contains("25000        25000  ok"), "{report}");
+    assert!(report.contains("3 table(s), 0 differ"), "{report}");
+    // The target stays locked until unlock; then the app writes there.
+    assert!(tokio_postgres::connect(&app_url(&m.target), tokio_postgres::NoTls)
+        .await
+        .is_err());
+    let unlocked = m.step(&["unlock", "--url", &m.target.url("shop")]).await;
+    assert!(unlocked.contains("unlocked"), "{unlocked}");
+    let (app, conn) = tokio_postgres::connect(&app_url(&m.target), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    app.batch_execute("INSERT INTO customers (name) VALUES ('new on target')")
+        .await
+        .unwrap();
+    let n: i64 = app.query_one("SELECT order_count()", &[]).await.unwrap().get(0);
+    assert_eq!(n, 25000, "functions moved too");
+}
+
+#[tokio::test]
+async fn writes_are_refused_on_a_locked_source_and_lock_is_rerunnable() {
+    let m = Move::new().await;
+    let s = m.source.url("shop");
+    let first = m.step(&["lock", "--source", &s, "--reason", "move to cnpg"]).await;
+    assert!(first.contains("CONNECT revoked from PUBLIC"), "{first}");
+    let err = tokio_postgres::connect(&app_url(&m.source), tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("app refused");
+    assert!(
+        err.to_string().contains("permission denied") || format!("{err:?}").contains("permission denied"),
+        "{err:?}"
+    );
+    let admin = m.source.database("shop").unwrap().connect().await.unwrap();
+    let write = admin
+        .batch_execute("INSERT INTO customers (name) VALUES ('late')")
+        .await
+        .unwrap_err();
+    assert!(format!("{write:?}").contains("read-only transaction"), "{write:?}");
+    let again = m.step(&["lock", "--source", &s]).await;
+    assert!(again.contains("is already locked (as source)"), "{again}");
+    assert!(again.contains("move to cnpg"), "{again}");
+}
+
+#[tokio::test]
+async fn verify_reports_a_changed_row_a_missing_row_and_a_missing_table() {
+    let m = Move::new().await;
+    m.lock_export_import().await;
+    m.target_sql("UPDATE orders SET total = 0 WHERE id = 42; DELETE FROM orders WHERE id = 20001; DROP TABLE events")
+        .await;
+    let out = m.verify().await;
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert!(report.contains("42: changed"), "{report}");
+    assert!(
+        report.contains("public.events") && report.contains("missing in target"),
+        "{report}"
+    );
+    assert!(report.contains("25000        24999  rows differ"), "{report}");
+    let json = m
+        .ds(&[
+            "verify",
+            "--format",
+            "json",
+            "--source",
+            &m.source.url("shop"),
+            "--target",
+            &m.target.url("shop"),
+        ])
+        .await;
+    let diffs: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let orders = diffs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["table"] == "public.orders")
+        .unwrap();
+    assert_eq!(orders["status"], "rows differ");
+    // A deletion further on is found too once the earlier chunk matches again.
+    m.target_sql("UPDATE orders SET total = 42 * 1.5 WHERE id = 42").await;
+    let report = text(&m.verify().await);
+    assert!(report.contains("20001: missing in target"), "{report}");
+}
+
+#[tokio::test]
+async fn rollback_returns_the_source_to_service_and_empties_the_target() {
+    let m = Move::new().await;
+    m.lock_export_import().await;
+    let out = m
+        .step(&[
+            "rollback",
+            "--source",
+            &m.source.url("shop"),
+            "--target",
+            &m.target.url("shop"),
+        ])
+        .await;
+    assert!(out.contains("rolled back"), "{out}");
+    let (app, conn) = tokio_postgres::connect(&app_url(&m.source), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    app.batch_execute("INSERT INTO customers (name) VALUES ('back in service')")
+        .await
+        .unwrap();
+    let t = m.target.database("shop").unwrap().connect().await.unwrap();
+    let left: i64 = t
+        .query_one(
+            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "everything import created is gone");
+    let again = m
+        .ds(&[
+            "rollback",
+            "--source",
+            &m.source.url("shop"),
+            "--target",
+            &m.target.url("shop"),
+        ])
+        .await;
+    assert_eq!(again.status.code(), Some(2), "{}", text(&again));
+    assert!(text(&again).contains("was unlocked at"), "{}", text(&again));
+}
+
+#[tokio::test]
+async fn rollback_is_refused_when_the_source_is_gone() {
+    let mut m = Move::new().await;
+    m.lock_export_import().await;
+    let source_url = m.source.url("shop");
+    m.source.stop().await.unwrap();
+    let out = m
+        .ds(&["rollback", "--source", &source_url, "--target", &m.target.url("shop")])
+        .await;
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{report}");
+    assert!(
+        report.contains("rollback needs the source, which cannot be reached"),
+        "{report}"
+    );
+    // Nothing was dropped in the target.
+    let t = m.target.database("shop").unwrap().connect().await.unwrap();
+    let n: i64 = t.query_one("SELECT count(*) FROM orders", &[]).await.unwrap().get(0);
+    assert_eq!(n, 25000);
+}
+
+#[tokio::test]
+async fn import_into_a_non_empty_target_is_refused_and_export_needs_a_lock() {
+    let m = Move::new().await;
+    let (s, t, f) = (m.source.url("shop"), m.target.url("shop"), m.dump());
+    let out = m.ds(&["export", "--source", &s, "-o", &f]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("is not locked"), "{}", text(&out));
+    m.step(&["lock", "--source", &s]).await;
+    m.step(&["export", "--source", &s, "-o", &f]).await;
+    m.target_sql("CREATE TABLE already_here (id int)").await;
+    let out = m.ds(&["import", "--target", &t, "-f", &f]).await;
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{report}");
+    assert!(
+        report.contains("is not empty (1 table(s), e.g. public.already_here)"),
+        "{report}"
+    );
+    let c = m.target.database("shop").unwrap().connect().await.unwrap();
+    let tables: i64 = c
+        .query_one("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, 1, "nothing imported");
+    let forced = m.step(&["import", "--target", &t, "-f", &f, "--allow-non-empty"]).await;
+    assert!(forced.contains("imported"), "{forced}");
+    let again = m.step(&["import", "--target", &t, "-f", &f, "--allow-non-empty"]).await;
+    assert!(again.contains("already holds an import"), "{again}");
+}
