@@ -15,7 +15,10 @@ async fn main() -> Res<()> {
     if std::env::args().any(|a| a == "--list") {
         return Ok(());
     }
-    let mb: u64 = std::env::var("BACKSTOP_BENCH_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(1024);
+    let mb: u64 = std::env::var("BACKSTOP_BENCH_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
     let source = PgServer::start().await?;
     let raw_target = PgServer::start().await?;
     let target = PgServer::start().await?;
@@ -69,7 +72,13 @@ async fn main() -> Res<()> {
     assert!(diffs.iter().all(|x| x.status == "ok"), "move did not verify: {diffs:?}");
     let ours = lock + export + import + verify;
     println!("raw pg_dump | pg_restore: {raw:.2}s");
-    println!("backstop: lock {lock:.2}s, export {export:.2}s, import {import:.2}s, verify {verify:.2}s, total {ours:.2}s");
-    println!("ratio (backstop total / raw): {:.2}; without verify: {:.2}", ours / raw, (ours - verify) / raw);
+    println!(
+        "backstop: lock {lock:.2}s, export {export:.2}s, import {import:.2}s, verify {verify:.2}s, total {ours:.2}s"
+    );
+    println!(
+        "ratio (backstop total / raw): {:.2}; without verify: {:.2}",
+        ours / raw,
+        (ours - verify) / raw
+    );
     Ok(())
 }

@@ -543,10 +543,8 @@ pub async fn verify(source: &Database, target: &Database) -> Result<Vec<TableDif
             continue;
         };
         let key = if sk == tk { sk.clone() } else { String::new() };
-        let (sc, tc) = (
-            chunks(source, &s, name, &key).await?,
-            chunks(target, &t, name, &key).await?,
-        );
+        // Both sides scan at once: each server does its own half of the work.
+        let (sc, tc) = tokio::try_join!(chunks(source, &s, name, &key), chunks(target, &t, name, &key))?;
         let source_rows: i64 = sc.iter().map(|c| c.0).sum();
         let target_rows: i64 = tc.iter().map(|c| c.0).sum();
         let mut rows = Vec::new();
@@ -554,8 +552,10 @@ pub async fn verify(source: &Database, target: &Database) -> Result<Vec<TableDif
             if sc.get(i) == tc.get(i) || rows.len() >= 20 {
                 continue;
             }
-            let a = chunk_rows(source, &s, name, &key, i).await?;
-            let b = chunk_rows(target, &t, name, &key, i).await?;
+            let (a, b) = tokio::try_join!(
+                chunk_rows(source, &s, name, &key, i),
+                chunk_rows(target, &t, name, &key, i)
+            )?;
             for (k, h) in &a {
                 match b.get(k) {
                     None => rows.push(format!("{k}: missing in target")),
