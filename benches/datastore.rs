@@ -1,7 +1,7 @@
-//! Datastore move benchmark (`cargo bench --bench datastore`): export + import
-//! + verify of a database of `BACKSTOP_BENCH_MB` (default 1024) MB between two
-//! servers, against raw `pg_dump -Fc | pg_restore` of the same data. Prints
-//! the figures; asserts only that the move verified.
+//! Datastore move benchmark (`cargo bench --bench datastore`): export, import
+//! and verify of a database of `BACKSTOP_BENCH_MB` (default 1024) MB between
+//! two servers, against raw `pg_dump -Fc | pg_restore` of the same data.
+//! Prints the figures; asserts only that the move verified.
 
 use std::time::Instant;
 

@@ -256,6 +256,8 @@ async fn overhead(passes: u64) -> Res<()> {
         revert: None,
         state: dir.path().join("state"),
         env: HashMap::from([("DB".to_string(), server.url("shop"))]),
+        git_auth: Default::default(),
+        forge: None,
     };
     let engine = local::engine(&opts).await?;
     let journal = backstop::journal::Journal::new(&opts.state);

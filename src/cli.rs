@@ -46,7 +46,7 @@ pub enum Command {
     },
     /// Local mode: guard the migrations pushed to the upstream branch of a git
     /// remote, moving the gate branch only past migrations that succeeded.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List runs with their phase and outcome.
     Status {
         /// State directory holding the journal.
@@ -218,6 +218,67 @@ pub struct RunArgs {
     /// Seconds between passes when watching.
     #[arg(long, env = "BACKSTOP_INTERVAL", default_value_t = 30)]
     pub interval: u64,
+    /// Forge that revert pull requests are opened on (`none`: push the branch only).
+    #[arg(long, env = "BACKSTOP_FORGE", value_enum, default_value = "none")]
+    pub forge: crate::forge::ForgeKind,
+    /// Forge API base URL (default api.github.com, gitlab.com; required for Gitea/Forgejo).
+    #[arg(long, env = "BACKSTOP_FORGE_URL")]
+    pub forge_url: Option<String>,
+    /// Repository on the forge: owner/name (GitHub, Gitea) or the project path (GitLab).
+    #[arg(long, env = "BACKSTOP_FORGE_REPO")]
+    pub forge_repo: Option<String>,
+    /// Name of the environment variable holding the forge token.
+    #[arg(long, env = "BACKSTOP_FORGE_TOKEN_ENV", default_value = "BACKSTOP_FORGE_TOKEN")]
+    pub forge_token_env: String,
+    /// Attempts per forge request on 5xx answers and network errors.
+    #[arg(long, env = "BACKSTOP_FORGE_RETRIES", default_value_t = 5)]
+    pub forge_retries: u32,
+    /// First delay between forge retries, in milliseconds (doubling each time).
+    #[arg(long, env = "BACKSTOP_FORGE_RETRY_DELAY_MS", default_value_t = 1000)]
+    pub forge_retry_delay_ms: u64,
+    /// Name of the environment variable holding an HTTPS git token (basic auth password).
+    #[arg(long, env = "BACKSTOP_GIT_TOKEN_ENV")]
+    pub git_token_env: Option<String>,
+    /// User name for HTTPS token auth (x-access-token for GitHub, oauth2 for GitLab).
+    #[arg(long, env = "BACKSTOP_GIT_USERNAME", default_value = "x-access-token")]
+    pub git_username: String,
+    /// SSH deploy key for git over SSH (needs --known-hosts).
+    #[arg(long, env = "BACKSTOP_SSH_KEY", requires = "known_hosts")]
+    pub ssh_key: Option<PathBuf>,
+    /// known_hosts file the SSH server's host key must be in.
+    #[arg(long, env = "BACKSTOP_KNOWN_HOSTS")]
+    pub known_hosts: Option<PathBuf>,
+}
+
+/// Credentials and forge from the flags; secrets come from the variables they name.
+fn credentials(args: &RunArgs) -> Result<(crate::git::GitAuth, Option<crate::local::ForgeConfig>), String> {
+    let git_auth = match (&args.git_token_env, &args.ssh_key, &args.known_hosts) {
+        (Some(var), _, _) => crate::git::GitAuth::Token {
+            username: args.git_username.clone(),
+            token: std::env::var(var).map_err(|_| format!("--git-token-env names {var}, which is not set"))?,
+        },
+        (None, Some(key), Some(known_hosts)) => crate::git::GitAuth::Ssh {
+            username: "git".into(),
+            key: key.clone(),
+            known_hosts: known_hosts.clone(),
+        },
+        _ => crate::git::GitAuth::None,
+    };
+    let forge = match args.forge {
+        crate::forge::ForgeKind::None => None,
+        kind => Some(crate::local::ForgeConfig {
+            kind,
+            url: args.forge_url.clone(),
+            repo: args.forge_repo.clone().ok_or("--forge needs --forge-repo")?,
+            token: std::env::var(&args.forge_token_env)
+                .map_err(|_| format!("the forge token variable {} is not set", args.forge_token_env))?,
+            retry: crate::forge::Retry {
+                attempts: args.forge_retries,
+                delay: Duration::from_millis(args.forge_retry_delay_ms),
+            },
+        }),
+    };
+    Ok((git_auth, forge))
 }
 
 fn parse_revert(s: &str) -> Result<RevertMode, String> {
@@ -237,7 +298,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             crate::demo::run(keep).await.context("backstop demo failed")?;
             Ok(EXIT_OK)
         }
-        Command::Run(args) => run_local(args).await,
+        Command::Run(args) => run_local(*args).await,
         Command::Status { state, json } => status(&state, json).await,
         Command::Report { run, state, json } => print_report(&state, &run, json),
         Command::Lint {
@@ -381,7 +442,16 @@ async fn plan(range: &str, repo: &std::path::Path, path: &str, format: Format, p
 }
 
 async fn run_local(args: RunArgs) -> anyhow::Result<u8> {
+    let (git_auth, forge) = match credentials(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("backstop: {e}");
+            return Ok(EXIT_BAD_INPUT);
+        }
+    };
     let opts = LocalOptions {
+        git_auth,
+        forge,
         repo: args.repo.clone(),
         upstream: args.upstream,
         gate: args.gate,

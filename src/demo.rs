@@ -85,6 +85,8 @@ pub async fn run(keep: bool) -> Result<(), DemoError> {
         revert: None,
         state: root.join("state"),
         env: HashMap::from([("SHOP_DATABASE_URL".to_string(), server.url("shop"))]),
+        git_auth: Default::default(),
+        forge: None,
     };
     let engine = local::engine(&opts).await?;
 

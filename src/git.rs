@@ -77,6 +77,7 @@ impl CommitInfo {
 pub struct GitRepo {
     mirror: PathBuf,
     url: String,
+    auth: GitAuth,
 }
 
 /// Identity backstop writes its commits with.
@@ -108,7 +109,17 @@ impl GitRepo {
             Ok(())
         })
         .await??;
-        Ok(Self { mirror, url })
+        Ok(Self {
+            mirror,
+            url: redact(&url),
+            auth: GitAuth::None,
+        })
+    }
+
+    /// Uses `auth` for fetch and push.
+    pub fn with_auth(mut self, auth: GitAuth) -> Self {
+        self.auth = auth;
+        self
     }
 
     /// The remote URL or path.
@@ -130,6 +141,7 @@ impl GitRepo {
         Ok(Self {
             mirror: found,
             url: path.display().to_string(),
+            auth: GitAuth::None,
         })
     }
 
@@ -174,6 +186,7 @@ impl GitRepo {
             let mut remote = repo.find_remote("origin").map_err(err)?;
             let mut opts = git2::FetchOptions::new();
             opts.prune(git2::FetchPrune::On);
+            opts.remote_callbacks(this.auth.callbacks());
             remote
                 .fetch(&["+refs/heads/*:refs/remotes/origin/*"], Some(&mut opts), None)
                 .map_err(err)
@@ -338,7 +351,7 @@ impl GitRepo {
             let mut remote = repo.find_remote("origin").map_err(err)?;
             let mut rejected: Option<String> = None;
             {
-                let mut callbacks = git2::RemoteCallbacks::new();
+                let mut callbacks = this.auth.callbacks();
                 callbacks.push_update_reference(|_, status| {
                     if let Some(msg) = status {
                         rejected = Some(msg.to_string());
@@ -441,6 +454,119 @@ impl GitRepo {
             Ok(None)
         })
         .await
+    }
+}
+
+/// Credentials for the remote. `Debug` never shows the secret.
+#[derive(Clone, Default)]
+pub enum GitAuth {
+    /// Whatever the transport needs without credentials (paths, open servers).
+    #[default]
+    None,
+    /// HTTPS: basic auth with a token as password (`x-access-token` for GitHub
+    /// apps, `oauth2` for GitLab, any name for Gitea).
+    Token { username: String, token: String },
+    /// SSH with a deploy key; the server's host key must be in `known_hosts`.
+    Ssh {
+        username: String,
+        key: PathBuf,
+        known_hosts: PathBuf,
+    },
+}
+
+impl std::fmt::Debug for GitAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GitAuth::None => f.write_str("GitAuth::None"),
+            GitAuth::Token { username, .. } => write!(f, "GitAuth::Token({username}, <redacted>)"),
+            GitAuth::Ssh { username, key, .. } => write!(f, "GitAuth::Ssh({username}, {})", key.display()),
+        }
+    }
+}
+
+impl GitAuth {
+    /// Callbacks answering credential requests once (a refused credential is
+    /// an error, not a loop) and checking SSH host keys against known_hosts.
+    fn callbacks(&self) -> git2::RemoteCallbacks<'static> {
+        let mut callbacks = git2::RemoteCallbacks::new();
+        let auth = self.clone();
+        let mut asked = 0u32;
+        callbacks.credentials(move |_url, username_from_url, allowed| {
+            asked += 1;
+            if asked > 1 {
+                return Err(git2::Error::from_str(
+                    "authentication failed: the remote refused the configured credentials",
+                ));
+            }
+            match &auth {
+                GitAuth::Token { username, token } if allowed.contains(git2::CredentialType::USER_PASS_PLAINTEXT) => {
+                    git2::Cred::userpass_plaintext(username, token)
+                }
+                GitAuth::Ssh { username, key, .. } if allowed.contains(git2::CredentialType::SSH_KEY) => {
+                    git2::Cred::ssh_key(username_from_url.unwrap_or(username), None, key, None)
+                }
+                GitAuth::Ssh { username, .. } if allowed.contains(git2::CredentialType::USERNAME) => {
+                    git2::Cred::username(username_from_url.unwrap_or(username))
+                }
+                _ => Err(git2::Error::from_str(
+                    "the remote asks for credentials and none are configured (--git-token-env or --ssh-key)",
+                )),
+            }
+        });
+        if let GitAuth::Ssh { known_hosts, .. } = self {
+            let known_hosts = known_hosts.clone();
+            callbacks.certificate_check(move |cert, host| {
+                let Some(hostkey) = cert.as_hostkey().and_then(|h| h.hostkey()) else {
+                    // Not SSH: TLS certificates are checked by the TLS library.
+                    return Ok(git2::CertificateCheckStatus::CertificatePassthrough);
+                };
+                if known_host(&known_hosts, host, hostkey) {
+                    Ok(git2::CertificateCheckStatus::CertificateOk)
+                } else {
+                    Err(git2::Error::from_str(&format!(
+                        "the SSH host key of {host} is not in {}; refusing to connect",
+                        known_hosts.display()
+                    )))
+                }
+            });
+        }
+        callbacks
+    }
+}
+
+/// Whether `known_hosts` lists `key` for `host` (plain host entries, with or
+/// without `[host]:port`; hashed entries are not supported).
+fn known_host(known_hosts: &Path, host: &str, key: &[u8]) -> bool {
+    use base64::Engine;
+    let Ok(text) = std::fs::read_to_string(known_hosts) else {
+        return false;
+    };
+    text.lines().filter(|l| !l.trim_start().starts_with('#')).any(|line| {
+        let mut parts = line.split_whitespace();
+        let (Some(hosts), Some(_kind), Some(b64)) = (parts.next(), parts.next(), parts.next()) else {
+            return false;
+        };
+        let names_match = hosts.split(',').any(|h| {
+            h == host
+                || h.strip_prefix('[')
+                    .and_then(|r| r.split_once("]:"))
+                    .is_some_and(|(name, _)| name == host)
+        });
+        names_match
+            && base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .is_ok_and(|k| k == key)
+    })
+}
+
+/// A URL without user information (`https://user:token@host` → `https://host`).
+pub fn redact(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('@') {
+            Some((userinfo, host)) if !userinfo.contains('/') => format!("{scheme}://{host}"),
+            _ => url.to_string(),
+        },
+        None => url.to_string(),
     }
 }
 

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use crate::checkpoint::{dump::DumpBackend, local::LocalBackend, Checkpoint};
 use crate::cluster::LocalCluster;
-use crate::forge::NoForge;
-use crate::git::{GitError, GitRepo};
+use crate::forge::{Forge, ForgeError, ForgeKind, NoForge, RestForge, Retry};
+use crate::git::{GitAuth, GitError, GitRepo};
 use crate::journal::Journal;
 use crate::manifests::{CheckpointKind, RevertMode};
 use crate::pgbin::{self, PgBinError};
@@ -40,6 +40,43 @@ pub struct LocalOptions {
     pub state: PathBuf,
     /// `url:VAR` values that take precedence over the environment.
     pub env: HashMap<String, String>,
+    /// Credentials for fetch and push.
+    pub git_auth: GitAuth,
+    /// Where revert pull requests are opened (None: push the branch only).
+    pub forge: Option<ForgeConfig>,
+}
+
+/// A forge to open revert pull requests on.
+#[derive(Debug, Clone)]
+pub struct ForgeConfig {
+    pub kind: ForgeKind,
+    /// API base URL (default: api.github.com / gitlab.com; required for Gitea).
+    pub url: Option<String>,
+    /// `owner/name` (GitHub, Gitea) or the project path (GitLab).
+    pub repo: String,
+    /// The token (read from the variable the command line names).
+    pub token: String,
+    pub retry: Retry,
+}
+
+impl ForgeConfig {
+    /// The forge client.
+    pub fn build(&self) -> Result<Arc<dyn Forge>, ForgeError> {
+        let base = match (&self.url, self.kind) {
+            (Some(u), _) => u.clone(),
+            (None, ForgeKind::Github) => "https://api.github.com".into(),
+            (None, ForgeKind::Gitlab) => "https://gitlab.com".into(),
+            (None, ForgeKind::None) => return Ok(Arc::new(NoForge)),
+            (None, ForgeKind::Gitea) => return Err(ForgeError::Config("Gitea/Forgejo needs --forge-url".into())),
+        };
+        Ok(Arc::new(RestForge::new(
+            self.kind,
+            &base,
+            &self.repo,
+            &self.token,
+            self.retry,
+        )?))
+    }
 }
 
 /// Failures to set local mode up.
@@ -51,6 +88,8 @@ pub enum LocalError {
     Git(#[from] GitError),
     #[error(transparent)]
     Bin(#[from] PgBinError),
+    #[error(transparent)]
+    Forge(#[from] ForgeError),
 }
 
 /// Builds the engine for local mode.
@@ -66,7 +105,13 @@ pub async fn engine(opts: &LocalOptions) -> Result<Engine, LocalError> {
     } else {
         opts.repo.clone()
     };
-    let git = GitRepo::open(&opts.state.join("git").join("mirror.git"), &repo).await?;
+    let git = GitRepo::open(&opts.state.join("git").join("mirror.git"), &repo)
+        .await?
+        .with_auth(opts.git_auth.clone());
+    let forge: Arc<dyn Forge> = match &opts.forge {
+        Some(f) => f.build()?,
+        None => Arc::new(NoForge),
+    };
     let bindir = pgbin::bindir()?;
     let store = opts.state.join("checkpoints");
     let dump: Arc<dyn Checkpoint> = Arc::new(DumpBackend {
@@ -93,7 +138,7 @@ pub async fn engine(opts: &LocalOptions) -> Result<Engine, LocalError> {
         }),
         runner: Arc::new(SqlRunner),
         checkpoints,
-        forge: Arc::new(NoForge),
+        forge,
         store: Arc::new(Journal::new(&opts.state)),
         settings: Settings {
             upstream: opts.upstream.clone(),

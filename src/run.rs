@@ -100,6 +100,10 @@ pub struct RevertRecord {
     pub branch: String,
     pub pull_request: Option<String>,
     pub note: String,
+    /// The revert is pushed but the forge did not open the pull request yet;
+    /// a later pass tries again.
+    #[serde(default)]
+    pub pr_pending: bool,
 }
 
 /// The durable record of a run.
@@ -267,6 +271,7 @@ impl Engine {
         let mut report = PassReport::default();
         self.git.fetch().await?;
         let previous = self.store.list().await?;
+        self.open_pending_pull_requests(&previous).await?;
         for mut run in previous.iter().filter(|r| r.is_open()).cloned() {
             tracing::info!(run = %run.id, phase = %run.phase, "resuming run");
             let outcome = self.drive(&mut run).await?;
@@ -964,22 +969,69 @@ impl Engine {
             branch: branch.clone(),
             pull_request: None,
             note,
+            pr_pending: false,
         };
         if mode == RevertMode::PullRequest {
-            let pr = PullRequest {
-                title: format!("Revert \"{}\"", run.commit.subject),
-                body: report::markdown(&Report::from_run(run)),
-                head: branch,
-                base: upstream,
-            };
+            let pr = revert_pull_request(run, &branch, &upstream);
             match self.step(run, "pull-request", self.forge.open_pull_request(&pr)).await {
                 Ok(Ok(Some(url))) => record.pull_request = Some(url),
                 Ok(Ok(None)) => record.note = format!("{}; no forge configured, no pull request opened", record.note),
-                Ok(Err(e)) => record.note = format!("{}; pull request pending: {e}", record.note),
+                Ok(Err(e)) => {
+                    record.pr_pending = true;
+                    record.note = format!("{}; revert pushed, pull request pending: {e}", record.note);
+                }
                 Err(e) => return Err(chain(&e)),
             }
         }
         Ok(record)
+    }
+
+    /// Opens the pull requests that a forge outage left pending.
+    async fn open_pending_pull_requests(&self, runs: &[RunRecord]) -> Result<(), StoreError> {
+        for run in runs.iter().filter(|r| r.revert.as_ref().is_some_and(|v| v.pr_pending)) {
+            let mut run = run.clone();
+            let Some(revert) = run.revert.clone() else { continue };
+            let pr = revert_pull_request(&run, &revert.branch, &self.settings.upstream);
+            match self
+                .step(&mut run, "pull-request", self.forge.open_pull_request(&pr))
+                .await?
+            {
+                Ok(url) => {
+                    if let Some(v) = run.revert.as_mut() {
+                        v.pr_pending = false;
+                        v.pull_request = url.clone();
+                        v.note = format!("{}; pull request opened by a later pass", v.note);
+                    }
+                    tracing::info!(run = %run.id, url = ?url, "opened the pending revert pull request");
+                    let report = Report::from_run(&run);
+                    let snapshot = run.clone();
+                    if let Err(e) = self.store.write_report(&snapshot, &report).await {
+                        tracing::error!(error = %e, "could not rewrite the evidence report");
+                    }
+                    self.store.save(&run).await?;
+                }
+                Err(e) => {
+                    tracing::warn!(run = %run.id, error = %e, "revert pull request still pending");
+                    self.store.save(&run).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The pull request for a run's revert branch; its body is the evidence report.
+fn revert_pull_request(run: &RunRecord, branch: &str, upstream: &str) -> PullRequest {
+    PullRequest {
+        title: format!("Revert \"{}\"", run.commit.subject),
+        body: report::markdown(&Report::from_run(run)),
+        head: branch.to_string(),
+        base: upstream.to_string(),
+        labels: vec!["backstop".into(), "revert".into()],
+        full_report: format!(
+            "runs/{}/report.md in backstop's state directory (`backstop report {}`)",
+            run.id, run.id
+        ),
     }
 }
 

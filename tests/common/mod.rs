@@ -3,6 +3,8 @@
 //! them, and small builders for migration carriers.
 #![allow(dead_code)]
 
+pub mod http;
+
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
