@@ -523,6 +523,8 @@ impl GitAuth {
                 if known_host(&known_hosts, host, hostkey) {
                     Ok(git2::CertificateCheckStatus::CertificateOk)
                 } else {
+                    // libgit2 replaces this error's text with its own; say it here.
+                    tracing::warn!(host, known_hosts = %known_hosts.display(), "SSH host key is not in known_hosts; refusing to connect");
                     Err(git2::Error::from_str(&format!(
                         "the SSH host key of {host} is not in {}; refusing to connect",
                         known_hosts.display()
