@@ -385,3 +385,114 @@ async fn push_over_http_with_a_token_and_refusal_with_a_wrong_one() {
         .iter()
         .any(|r| r.path.ends_with("/git-receive-pack") && r.method == "POST"));
 }
+
+/// A TLS front (socat) for a plain HTTP server, with a self-signed certificate
+/// for 127.0.0.1 that the client is told to trust through SSL_CERT_FILE.
+struct TlsFront {
+    child: std::process::Child,
+    port: u16,
+    ca: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tls_front(backend_port: u16) -> TlsFront {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let st = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(st.success());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = std::process::Command::new("socat")
+        .arg(format!(
+            "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={},key={},verify=0",
+            cert.display(),
+            key.display()
+        ))
+        .arg(format!("TCP:127.0.0.1:{backend_port}"))
+        .spawn()
+        .expect("socat (apt-get install socat)");
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    TlsFront {
+        child,
+        port,
+        ca: cert,
+        _dir: dir,
+    }
+}
+
+#[tokio::test]
+async fn push_over_https_with_a_token_and_refusal_with_a_wrong_one() {
+    let f = Fixture::new().await;
+    let root = f.remote.path().parent().unwrap().to_path_buf();
+    let server = common::http::git_server(root, "x-access-token", TOKEN).await;
+    let tls = tls_front(server.port);
+    let url = format!("https://127.0.0.1:{}/sre.git", tls.port);
+    let c1 = f.commit_carrier(&orders_table(), "create orders");
+    let run = |token: &'static str| {
+        let (url, state, db, ca) = (url.clone(), f.state(), f.server.url("shop"), tls.ca.clone());
+        async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
+                .args([
+                    "run",
+                    "--once",
+                    "--checkpoint",
+                    "dump",
+                    "--path",
+                    "apps/shop",
+                    "--git-token-env",
+                    "GIT_TOKEN",
+                    "--repo",
+                    &url,
+                    "--state",
+                ])
+                .arg(state)
+                .env(DB_VAR, db)
+                .env("GIT_TOKEN", token)
+                .env("SSL_CERT_FILE", ca)
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let refused = run("wrong-token").await;
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused));
+    assert!(text(&refused).contains("authentication failed"), "{}", text(&refused));
+    assert_eq!(f.gate(), f.base);
+    let ok = run(TOKEN).await;
+    assert_eq!(ok.status.code(), Some(0), "{}", text(&ok));
+    assert_eq!(f.gate(), c1, "gate pushed over HTTPS with basic auth");
+    assert!(!text(&ok).contains(TOKEN) && !text(&refused).contains("wrong-token"));
+}
