@@ -97,6 +97,15 @@ pub enum Command {
         #[command(subcommand)]
         step: DatastoreStep,
     },
+    /// Print the CRDs generated from the Rust types (what flux/crds/ holds).
+    Crd,
+    /// Take the verified pause of a Flux Kustomization: suspend it with a fresh
+    /// reconcile request and wait until kustomize-controller confirms; prints
+    /// the live revision. A Kustomization a person suspended is left as it is.
+    Lock(PauseArgs),
+    /// Resume a Kustomization that backstop (this owner) suspended; one a
+    /// person suspended stays suspended.
+    Unlock(PauseArgs),
     /// Print one run's evidence report (by id, id prefix or commit prefix).
     Report {
         /// Run id.
@@ -108,6 +117,22 @@ pub enum Command {
         #[arg(long, env = "BACKSTOP_JSON")]
         json: bool,
     },
+}
+
+/// Flags of `lock` and `unlock`.
+#[derive(Debug, clap::Args)]
+pub struct PauseArgs {
+    /// NAMESPACE/NAME of the Kustomization.
+    pub target: String,
+    /// kubeconfig to use (default: in-cluster, $KUBECONFIG, ~/.kube/config).
+    #[arg(long, env = "BACKSTOP_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Who holds the pause (recorded in backstop.dev/suspended-by).
+    #[arg(long, env = "BACKSTOP_OWNER", default_value = "cli")]
+    pub owner: String,
+    /// Seconds to wait for kustomize-controller to confirm the pause.
+    #[arg(long, env = "BACKSTOP_TIMEOUT", default_value_t = 60)]
+    pub timeout: u64,
 }
 
 /// Steps of a datastore move.
@@ -307,6 +332,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             pg_version,
         } => lint(&files, format, pg_version),
         Command::Datastore { step } => datastore(step).await,
+        Command::Crd => {
+            print!("{}", crate::k8s::crd::crds_yaml()?);
+            Ok(EXIT_OK)
+        }
+        Command::Lock(args) => pause(args, true).await,
+        Command::Unlock(args) => pause(args, false).await,
         Command::Plan {
             range,
             repo,
@@ -314,6 +345,43 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             format,
             pg_version,
         } => plan(&range, &repo, &path, format, pg_version).await,
+    }
+}
+
+async fn pause(args: PauseArgs, lock: bool) -> anyhow::Result<u8> {
+    use crate::k8s::pause::{self, KustomizationRef, Paused, Resumed};
+    let result: anyhow::Result<String> = async {
+        let target: KustomizationRef = args.target.parse()?;
+        let client = crate::k8s::client(args.kubeconfig.as_deref()).await?;
+        Ok(if lock {
+            match pause::lock(client, &target, &args.owner, Duration::from_secs(args.timeout)).await? {
+                Paused::Taken { live_revision, .. } => format!(
+                    "paused {target} (confirmed by kustomize-controller); live revision: {}",
+                    live_revision.unwrap_or_else(|| "none".into())
+                ),
+                Paused::ByPerson { live_revision } => format!(
+                    "{target} is already suspended by a person; backstop will not resume it; live revision: {}",
+                    live_revision.unwrap_or_else(|| "none".into())
+                ),
+            }
+        } else {
+            match pause::unlock(client, &target, &args.owner).await? {
+                Resumed::Resumed => format!("resumed {target}"),
+                Resumed::LeftSuspended => format!("{target} was suspended by a person and stays suspended"),
+                Resumed::NotSuspended => format!("{target} is not suspended: nothing to do"),
+            }
+        })
+    }
+    .await;
+    match result {
+        Ok(text) => {
+            println!("{text}");
+            Ok(EXIT_OK)
+        }
+        Err(e) => {
+            eprintln!("backstop: {e:#}");
+            Ok(EXIT_BAD_INPUT)
+        }
     }
 }
 

@@ -18,6 +18,7 @@
 //! - [`forge`]: revert pull requests
 //! - [`datastore`]: moving a database between servers (lock, export, import, verify, unlock, rollback)
 //! - [`journal`], [`report`]: the local run store and the evidence report
+//! - [`k8s`]: the `MigrationRun` resource and the verified pause of Flux Kustomizations
 //! - [`local`], [`demo`], [`cli`]: wiring for the command line
 //! - [`db`], [`pgbin`], [`pgserver`], [`sandbox`]: connections, PostgreSQL programs,
 //!   throwaway servers and git remotes (demo, tests, benchmarks)
@@ -31,6 +32,7 @@ pub mod demo;
 pub mod forge;
 pub mod git;
 pub mod journal;
+pub mod k8s;
 pub mod lint;
 pub mod local;
 pub mod manifests;

@@ -3,6 +3,7 @@
 //! them, and small builders for migration carriers.
 #![allow(dead_code)]
 
+pub mod envtest;
 pub mod http;
 
 use std::path::{Path, PathBuf};

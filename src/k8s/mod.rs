@@ -1,0 +1,39 @@
+//! Kubernetes: the `MigrationRun` resource and the verified pause of Flux
+//! Kustomizations, and the client they use.
+
+pub mod crd;
+pub mod pause;
+
+use std::path::Path;
+
+/// Failures to build a Kubernetes client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("failed to read kubeconfig {path}")]
+    Kubeconfig {
+        path: String,
+        source: kube::config::KubeconfigError,
+    },
+    #[error("failed to find Kubernetes credentials (in-cluster or $KUBECONFIG)")]
+    Infer(#[source] kube::config::InferConfigError),
+    #[error("failed to create the Kubernetes client")]
+    Client(#[source] kube::Error),
+}
+
+/// A client from `kubeconfig`, or inferred (in-cluster, `$KUBECONFIG`, `~/.kube/config`).
+pub async fn client(kubeconfig: Option<&Path>) -> Result<kube::Client, ClientError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc_err = |source| ClientError::Kubeconfig {
+                path: path.display().to_string(),
+                source,
+            };
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(kc_err)?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(kc_err)?
+        }
+        None => kube::Config::infer().await.map_err(ClientError::Infer)?,
+    };
+    kube::Client::try_from(config).map_err(ClientError::Client)
+}

@@ -1,0 +1,219 @@
+//! A real Kubernetes control plane for tests, the envtest way: etcd and
+//! kube-apiserver from `$KUBEBUILDER_ASSETS`, on free loopback ports, with the
+//! upstream Flux and CNPG CRDs (copies in tests/crds/) and backstop's own.
+//! Without `KUBEBUILDER_ASSETS` the tests say they are skipped, except in CI
+//! (`CI` set), where that is a failure.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, PostParams};
+
+pub struct ControlPlane {
+    children: Vec<Child>,
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub client: kube::Client,
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut().rev() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The assets folder, or None (skip) outside CI.
+pub fn assets() -> Option<PathBuf> {
+    match std::env::var("KUBEBUILDER_ASSETS") {
+        Ok(dir) if Path::new(&dir).join("kube-apiserver").exists() => Some(PathBuf::from(dir)),
+        _ => {
+            assert!(
+                std::env::var("CI").is_err(),
+                "CI must set KUBEBUILDER_ASSETS to a folder with etcd and kube-apiserver"
+            );
+            eprintln!("skipped: KUBEBUILDER_ASSETS does not name a folder with etcd and kube-apiserver");
+            None
+        }
+    }
+}
+
+/// `token,user,uid[,group]` lines the API server accepts as bearer tokens.
+pub const ADMIN_TOKEN: &str = "admin-token";
+
+impl ControlPlane {
+    /// Starts etcd and kube-apiserver and installs the CRDs. `tokens` are
+    /// extra lines for tokens.csv (e.g. a token for an RBAC-limited user).
+    pub async fn start(tokens: &[&str]) -> Option<Self> {
+        let bin = assets()?;
+        let dir = tempfile::tempdir().unwrap();
+        let (etcd_port, peer_port, port) = (free_port(), free_port(), free_port());
+        let log = |name: &str| std::fs::File::create(dir.path().join(name)).unwrap();
+        let etcd = Command::new(bin.join("etcd"))
+            .arg("--data-dir")
+            .arg(dir.path().join("etcd"))
+            .arg(format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"))
+            .arg(format!("--advertise-client-urls=http://127.0.0.1:{etcd_port}"))
+            .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"))
+            .stdout(Stdio::null())
+            .stderr(log("etcd.log"))
+            .spawn()
+            .expect("start etcd");
+        let certs = dir.path().join("certs");
+        std::fs::create_dir_all(&certs).unwrap();
+        let sa = certs.join("sa.key");
+        assert!(Command::new("openssl")
+            .args(["genrsa", "-out"])
+            .arg(&sa)
+            .arg("2048")
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success());
+        assert!(Command::new("openssl")
+            .args(["rsa", "-in"])
+            .arg(&sa)
+            .args(["-pubout", "-out"])
+            .arg(certs.join("sa.pub"))
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success());
+        let mut csv = format!("{ADMIN_TOKEN},admin,admin,system:masters\n");
+        for t in tokens {
+            csv.push_str(t);
+            csv.push('\n');
+        }
+        std::fs::write(dir.path().join("tokens.csv"), csv).unwrap();
+        let apiserver = Command::new(bin.join("kube-apiserver"))
+            .arg(format!("--etcd-servers=http://127.0.0.1:{etcd_port}"))
+            .arg(format!("--cert-dir={}", certs.display()))
+            .arg(format!("--secure-port={port}"))
+            .args([
+                "--bind-address=127.0.0.1",
+                "--insecure-port=0",
+                "--service-account-issuer=https://kubernetes.default.svc",
+            ])
+            .arg(format!("--service-account-key-file={}", certs.join("sa.pub").display()))
+            .arg(format!("--service-account-signing-key-file={}", sa.display()))
+            .arg(format!("--token-auth-file={}", dir.path().join("tokens.csv").display()))
+            .args([
+                "--authorization-mode=RBAC",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                "--allow-privileged=true",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log("apiserver.log"))
+            .spawn()
+            .expect("start kube-apiserver");
+        let kubeconfig = kubeconfig(port, ADMIN_TOKEN);
+        std::fs::write(dir.path().join("kubeconfig"), &kubeconfig).unwrap();
+        let mut plane = Self {
+            children: vec![etcd, apiserver],
+            dir,
+            port,
+            client: client_for(port, ADMIN_TOKEN).await,
+        };
+        plane.wait_ready().await;
+        plane.install_crds().await;
+        Some(plane)
+    }
+
+    async fn wait_ready(&mut self) {
+        let http = reqwest::Client::builder()
+            .danger_accept_invalid_certs(true)
+            .build()
+            .unwrap();
+        for _ in 0..240 {
+            let ok = http
+                .get(format!("https://127.0.0.1:{}/readyz", self.port))
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await
+                .ok()
+                .filter(|r| r.status().is_success())
+                .is_some();
+            if ok {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let log = std::fs::read_to_string(self.dir.path().join("apiserver.log")).unwrap_or_default();
+        panic!(
+            "kube-apiserver not ready within 60s:\n{}",
+            &log[log.len().saturating_sub(3000)..]
+        );
+    }
+
+    async fn install_crds(&self) {
+        let api: Api<CustomResourceDefinition> = Api::all(self.client.clone());
+        let mut docs: Vec<String> = Vec::new();
+        for f in [
+            "flux-kustomizations.yaml",
+            "flux-gitrepositories.yaml",
+            "cnpg-clusters.yaml",
+            "cnpg-backups.yaml",
+        ] {
+            docs.push(std::fs::read_to_string(format!("{}/tests/crds/{f}", env!("CARGO_MANIFEST_DIR"))).unwrap());
+        }
+        docs.push(backstop::k8s::crd::crds_yaml().unwrap());
+        let mut names = Vec::new();
+        for text in docs {
+            for doc in serde_yaml::Deserializer::from_str(&text) {
+                let value = serde_yaml::Value::deserialize(doc).unwrap();
+                if value.is_null() {
+                    continue;
+                }
+                let crd: CustomResourceDefinition = serde_yaml::from_value(value).unwrap();
+                names.push(crd.metadata.name.clone().unwrap());
+                // Create, not apply: the CNPG Cluster CRD is too large for the
+                // last-applied annotation.
+                api.create(&PostParams::default(), &crd).await.unwrap();
+            }
+        }
+        for name in names {
+            let established = kube::runtime::wait::conditions::is_crd_established();
+            tokio::time::timeout(
+                Duration::from_secs(30),
+                kube::runtime::wait::await_condition(api.clone(), &name, established),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("CRD {name} not established"))
+            .unwrap();
+        }
+    }
+
+    pub fn kubeconfig_path(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+}
+
+use serde::Deserialize;
+
+fn kubeconfig(port: u16, token: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters: [{{name: envtest, cluster: {{server: \"https://127.0.0.1:{port}\", insecure-skip-tls-verify: true}}}}]\n\
+         users: [{{name: u, user: {{token: {token}}}}}]\ncontexts: [{{name: envtest, context: {{cluster: envtest, user: u}}}}]\ncurrent-context: envtest\n"
+    )
+}
+
+/// A client authenticated with `token`.
+pub async fn client_for(port: u16, token: &str) -> kube::Client {
+    let kc: kube::config::Kubeconfig = serde_yaml::from_str(&kubeconfig(port, token)).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+        .await
+        .unwrap();
+    kube::Client::try_from(config).unwrap()
+}
