@@ -99,6 +99,22 @@ pub enum Command {
     },
     /// Print the CRDs generated from the Rust types (what flux/crds/ holds).
     Crd,
+    /// The Kubernetes controller: guards every Kustomization annotated
+    /// `backstop.dev/guard: enabled`, recording runs as MigrationRuns.
+    Controller {
+        /// kubeconfig to use (default: in-cluster, $KUBECONFIG, ~/.kube/config).
+        #[arg(long, env = "BACKSTOP_KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
+        /// State directory: git mirrors, checkpoints, reports.
+        #[arg(long, env = "BACKSTOP_STATE", default_value = "/var/lib/backstop")]
+        state: PathBuf,
+        /// Seconds between passes (changes to Kustomizations wake it sooner).
+        #[arg(long, env = "BACKSTOP_INTERVAL", default_value_t = 30)]
+        interval: u64,
+        /// Seconds the pause handshake and the post-promotion health gate may take.
+        #[arg(long, env = "BACKSTOP_TIMEOUT", default_value_t = 300)]
+        timeout: u64,
+    },
     /// Take the verified pause of a Flux Kustomization: suspend it with a fresh
     /// reconcile request and wait until kustomize-controller confirms; prints
     /// the live revision. A Kustomization a person suspended is left as it is.
@@ -332,6 +348,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             pg_version,
         } => lint(&files, format, pg_version),
         Command::Datastore { step } => datastore(step).await,
+        Command::Controller {
+            kubeconfig,
+            state,
+            interval,
+            timeout,
+        } => {
+            let opts = crate::k8s::controller::ControllerOptions {
+                kubeconfig,
+                state,
+                interval: Duration::from_secs(interval),
+                timeout: Duration::from_secs(timeout),
+            };
+            match crate::k8s::controller::run(opts).await {
+                Ok(()) => Ok(EXIT_OK),
+                Err(e) => {
+                    eprintln!("backstop: {}", crate::run::chain(&e));
+                    Ok(EXIT_BAD_INPUT)
+                }
+            }
+        }
         Command::Crd => {
             print!("{}", crate::k8s::crd::crds_yaml()?);
             Ok(EXIT_OK)

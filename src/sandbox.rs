@@ -25,6 +25,13 @@ impl BareRemote {
         })
     }
 
+    /// An existing bare repository.
+    pub fn open(path: &Path) -> Self {
+        Self {
+            path: path.to_path_buf(),
+        }
+    }
+
     /// Where the repository is (usable as a remote URL).
     pub fn path(&self) -> &Path {
         &self.path

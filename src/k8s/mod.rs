@@ -1,8 +1,12 @@
-//! Kubernetes: the `MigrationRun` resource and the verified pause of Flux
-//! Kustomizations, and the client they use.
+//! Kubernetes: the `MigrationRun` resource and its run store, the verified
+//! pause of Flux Kustomizations, the cluster side of a run, the controller
+//! that guards Kustomizations, and the client they use.
 
+pub mod cluster;
+pub mod controller;
 pub mod crd;
 pub mod pause;
+pub mod store;
 
 use std::path::Path;
 

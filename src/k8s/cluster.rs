@@ -1,0 +1,132 @@
+//! The cluster side of a run in Kubernetes: databases of CloudNativePG
+//! clusters resolved through their app Secret, the verified pause of the
+//! guarded Kustomization as the run's lock, and promotion that resumes it and
+//! waits until Flux reports the new revision Ready.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
+use kube::runtime::wait::await_condition;
+use serde_json::Value;
+
+use super::pause::{self, KustomizationRef, Paused, Resumed};
+use crate::cluster::{Cluster, ClusterError};
+use crate::db::Database;
+use crate::manifests::DatabaseRef;
+
+/// One guarded Kustomization.
+#[derive(Clone)]
+pub struct KubeCluster {
+    pub client: kube::Client,
+    pub kustomization: KustomizationRef,
+    /// How long the handshake and the health gate may take.
+    pub timeout: Duration,
+}
+
+/// The libpq URL in a CNPG app Secret: `uri`, or `host`/`port`/`username`/`password`/`dbname`.
+fn secret_url(secret: &Secret) -> Option<String> {
+    let get = |k: &str| {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(k))
+            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+    };
+    if let Some(uri) = get("uri") {
+        return Some(uri);
+    }
+    let (host, user, password) = (get("host")?, get("username")?, get("password").unwrap_or_default());
+    let port = get("port").unwrap_or_else(|| "5432".into());
+    let dbname = get("dbname").unwrap_or_else(|| "app".into());
+    Some(format!(
+        "host={host} port={port} user={user} password='{}' dbname={dbname}",
+        password.replace('\'', "\\'")
+    ))
+}
+
+#[async_trait]
+impl Cluster for KubeCluster {
+    async fn resolve(&self, reference: &DatabaseRef, database_name: Option<&str>) -> Result<Database, ClusterError> {
+        match reference {
+            DatabaseRef::Url { .. } => Ok(Database::from_env(reference, database_name)?),
+            DatabaseRef::Cnpg { namespace, cluster } => {
+                let name = format!("{cluster}-app");
+                let secrets: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+                let secret = secrets.get(&name).await.map_err(|e| {
+                    ClusterError::Other(format!(
+                        "failed to read Secret {namespace}/{name} of CNPG cluster {cluster}: {e}"
+                    ))
+                })?;
+                let url = secret_url(&secret).ok_or_else(|| {
+                    ClusterError::Other(format!(
+                        "Secret {namespace}/{name} has neither `uri` nor `host` and `username`"
+                    ))
+                })?;
+                Ok(Database::from_url(reference.clone(), &url, database_name)?)
+            }
+        }
+    }
+
+    async fn lock(&self, run_id: &str) -> Result<String, ClusterError> {
+        match pause::lock(self.client.clone(), &self.kustomization, run_id, self.timeout).await {
+            Ok(Paused::Taken { live_revision, .. }) => Ok(format!(
+                "paused {} (confirmed by kustomize-controller); live revision {}",
+                self.kustomization,
+                live_revision.unwrap_or_else(|| "none".into())
+            )),
+            Ok(Paused::ByPerson { .. }) => Err(ClusterError::Other(format!(
+                "{} is suspended by a person; the run does not start",
+                self.kustomization
+            ))),
+            Err(e) => Err(ClusterError::Other(crate::run::chain(&e))),
+        }
+    }
+
+    async fn promote(&self, run_id: &str, commit: &str) -> Result<String, ClusterError> {
+        pause::unlock(self.client.clone(), &self.kustomization, run_id)
+            .await
+            .map_err(|e| ClusterError::Other(crate::run::chain(&e)))?;
+        let api = pause::kustomizations(self.client.clone(), &self.kustomization.namespace);
+        let sha = commit.to_string();
+        let healthy = move |o: Option<&kube::api::DynamicObject>| {
+            let Some(o) = o else { return false };
+            let revision = o.data["status"]["lastAppliedRevision"].as_str().unwrap_or("");
+            let ready = o.data["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c: &Value| c["type"] == "Ready" && c["status"] == "True");
+            revision.ends_with(&sha) && ready
+        };
+        match tokio::time::timeout(self.timeout, await_condition(api, &self.kustomization.name, healthy)).await {
+            Ok(Ok(Some(_))) => Ok(format!("{} is Ready at {commit}", self.kustomization)),
+            Ok(Ok(None)) => Err(ClusterError::Other(format!(
+                "{} was deleted during promotion",
+                self.kustomization
+            ))),
+            Ok(Err(e)) => Err(ClusterError::Other(format!(
+                "watching {} failed: {e}",
+                self.kustomization
+            ))),
+            Err(_) => Err(ClusterError::Other(format!(
+                "{} did not become Ready at {commit} within {}s",
+                self.kustomization,
+                self.timeout.as_secs()
+            ))),
+        }
+    }
+
+    async fn unlock(&self, run_id: &str) -> Result<String, ClusterError> {
+        match pause::unlock(self.client.clone(), &self.kustomization, run_id).await {
+            Ok(Resumed::Resumed) => Ok(format!("resumed {}", self.kustomization)),
+            Ok(Resumed::NotSuspended) => Ok(format!("{} is running", self.kustomization)),
+            Ok(Resumed::LeftSuspended) => Ok(format!(
+                "{} stays suspended (a person suspended it)",
+                self.kustomization
+            )),
+            Err(e) => Err(ClusterError::Other(crate::run::chain(&e))),
+        }
+    }
+}

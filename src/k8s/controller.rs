@@ -1,0 +1,237 @@
+//! `backstop controller`: guards every Kustomization annotated
+//! `backstop.dev/guard: enabled`. For each, the GitRepository it follows gives
+//! the repository URL and the gate branch (`spec.ref.branch`), the annotation
+//! `backstop.dev/upstream-branch` the upstream (default `main`), `spec.path`
+//! the guarded folder, and the GitRepository's `spec.secretRef` (keys
+//! `username`, `password`) the git credentials. Runs are `MigrationRun`s;
+//! the lock is the verified pause; promotion waits for Flux to report the new
+//! revision Ready. A pass runs on every change of a Kustomization and every
+//! `interval`; Kustomizations are processed one at a time.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams};
+use kube::runtime::watcher;
+
+use super::cluster::KubeCluster;
+use super::pause::{KustomizationRef, SUSPENDED_BY};
+use super::store::MigrationRunStore;
+use crate::checkpoint::{dump::DumpBackend, Checkpoint};
+use crate::forge::NoForge;
+use crate::git::{GitAuth, GitRepo};
+use crate::manifests::CheckpointKind;
+use crate::run::{CheckpointSet, Engine, Settings};
+use crate::runner::SqlRunner;
+
+/// Annotation that puts a Kustomization under guard.
+pub const GUARD: &str = "backstop.dev/guard";
+/// Annotation naming the upstream branch.
+pub const UPSTREAM: &str = "backstop.dev/upstream-branch";
+
+/// Failures that stop the controller (a single Kustomization's failure does not).
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error(transparent)]
+    Client(#[from] super::ClientError),
+    #[error("failed to list Kustomizations")]
+    List(#[source] kube::Error),
+    #[error("PostgreSQL client programs are needed for dump checkpoints")]
+    Bin(#[from] crate::pgbin::PgBinError),
+}
+
+/// Settings of the controller.
+#[derive(Debug, Clone)]
+pub struct ControllerOptions {
+    pub kubeconfig: Option<PathBuf>,
+    /// Where git mirrors, checkpoints and reports live.
+    pub state: PathBuf,
+    pub interval: Duration,
+    /// Bound on the pause handshake and the post-promotion health gate.
+    pub timeout: Duration,
+}
+
+fn annotation<'a>(obj: &'a DynamicObject, key: &str) -> Option<&'a str> {
+    obj.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .map(String::as_str)
+}
+
+/// Runs until interrupted.
+pub async fn run(opts: ControllerOptions) -> Result<(), ControllerError> {
+    let client = super::client(opts.kubeconfig.as_deref()).await?;
+    let bindir = crate::pgbin::bindir()?;
+    let all: Api<DynamicObject> = Api::all_with(client.clone(), &kustomization_resource());
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let notify = wake.clone();
+    let watch_api = all.clone();
+    tokio::spawn(async move {
+        let mut events = watcher(watch_api, watcher::Config::default()).boxed();
+        while let Some(event) = events.next().await {
+            if event.is_ok() {
+                notify.notify_one();
+            }
+        }
+    });
+    let mut engines: HashMap<String, Arc<Engine>> = HashMap::new();
+    tracing::info!(state = %opts.state.display(), "controller started");
+    loop {
+        let list = all.list(&ListParams::default()).await.map_err(ControllerError::List)?;
+        for ks in list.items.iter().filter(|k| annotation(k, GUARD) == Some("enabled")) {
+            let (Some(ns), Some(name)) = (ks.metadata.namespace.clone(), ks.metadata.name.clone()) else {
+                continue;
+            };
+            let key = format!("{ns}/{name}");
+            let span = tracing::info_span!("kustomization", kustomization = %key);
+            let _enter = span.enter();
+            let suspended = ks.data["spec"]["suspend"].as_bool().unwrap_or(false);
+            if suspended && annotation(ks, SUSPENDED_BY).is_none() {
+                tracing::info!("suspended by a person; waiting");
+                continue;
+            }
+            let engine = match engines.get(&key) {
+                Some(e) => e.clone(),
+                None => match engine_for(&client, ks, &opts, &bindir).await {
+                    Ok(e) => {
+                        let e = Arc::new(e);
+                        engines.insert(key.clone(), e.clone());
+                        e
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot guard this Kustomization");
+                        continue;
+                    }
+                },
+            };
+            drop(_enter);
+            match engine.pass().await {
+                Ok(report) => {
+                    for (id, outcome, location) in &report.runs {
+                        tracing::info!(kustomization = %key, run = %id, outcome = ?outcome, report = %location, "run finished");
+                    }
+                    if let Some(w) = report.waiting {
+                        tracing::warn!(kustomization = %key, "waiting: {w}");
+                    }
+                }
+                Err(e) => tracing::error!(kustomization = %key, error = %crate::run::chain(&e), "pass failed"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(opts.interval) => {}
+            _ = wake.notified() => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+fn kustomization_resource() -> ApiResource {
+    ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "kustomize.toolkit.fluxcd.io",
+        "v1",
+        "Kustomization",
+    ))
+}
+
+/// Builds the engine for one guarded Kustomization from its GitRepository.
+async fn engine_for(
+    client: &kube::Client,
+    ks: &DynamicObject,
+    opts: &ControllerOptions,
+    bindir: &std::path::Path,
+) -> Result<Engine, String> {
+    let ns = ks.metadata.namespace.clone().unwrap_or_default();
+    let name = ks.metadata.name.clone().unwrap_or_default();
+    let source = &ks.data["spec"]["sourceRef"];
+    if source["kind"] != "GitRepository" {
+        return Err(format!(
+            "spec.sourceRef must be a GitRepository, found {}",
+            source["kind"]
+        ));
+    }
+    let source_ns = source["namespace"].as_str().unwrap_or(&ns).to_string();
+    let source_name = source["name"].as_str().unwrap_or_default().to_string();
+    let gvk = GroupVersionKind::gvk("source.toolkit.fluxcd.io", "v1", "GitRepository");
+    let repos: Api<DynamicObject> = Api::namespaced_with(client.clone(), &source_ns, &ApiResource::from_gvk(&gvk));
+    let repo = repos
+        .get(&source_name)
+        .await
+        .map_err(|e| format!("failed to read GitRepository {source_ns}/{source_name}: {e}"))?;
+    let url = repo.data["spec"]["url"]
+        .as_str()
+        .ok_or("the GitRepository has no spec.url")?
+        .to_string();
+    let gate = repo.data["spec"]["ref"]["branch"]
+        .as_str()
+        .ok_or("the GitRepository must follow a branch (spec.ref.branch): the gate")?
+        .to_string();
+    let auth = match repo.data["spec"]["secretRef"]["name"].as_str() {
+        Some(secret) => {
+            let secrets: Api<Secret> = Api::namespaced(client.clone(), &source_ns);
+            let s = secrets
+                .get(secret)
+                .await
+                .map_err(|e| format!("failed to read Secret {source_ns}/{secret}: {e}"))?;
+            let get = |k: &str| {
+                s.data
+                    .as_ref()
+                    .and_then(|d| d.get(k))
+                    .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+            };
+            match (get("username"), get("password")) {
+                (Some(username), Some(token)) => GitAuth::Token { username, token },
+                _ => {
+                    return Err(format!(
+                        "Secret {source_ns}/{secret} needs `username` and `password` keys"
+                    ))
+                }
+            }
+        }
+        None => GitAuth::None,
+    };
+    let dir = opts.state.join(&ns).join(&name);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("failed to create {}: {e}", dir.display()))?;
+    let git = GitRepo::open(&dir.join("mirror.git"), &url)
+        .await
+        .map_err(|e| crate::run::chain(&e))?
+        .with_auth(auth);
+    let dump: Arc<dyn Checkpoint> = Arc::new(DumpBackend {
+        bindir: bindir.to_path_buf(),
+        store: dir.join("checkpoints"),
+    });
+    let mut checkpoints = CheckpointSet::new();
+    checkpoints.insert(CheckpointKind::Dump, dump);
+    let path = ks.data["spec"]["path"]
+        .as_str()
+        .unwrap_or("")
+        .trim_start_matches("./")
+        .to_string();
+    let upstream = annotation(ks, UPSTREAM).unwrap_or("main").to_string();
+    let target = KustomizationRef {
+        namespace: ns.clone(),
+        name: name.clone(),
+    };
+    Ok(Engine {
+        git,
+        cluster: Arc::new(KubeCluster {
+            client: client.clone(),
+            kustomization: target,
+            timeout: opts.timeout,
+        }),
+        runner: Arc::new(SqlRunner),
+        checkpoints,
+        forge: Arc::new(NoForge),
+        store: Arc::new(MigrationRunStore::new(client.clone(), &ns, &name, dir.join("runs"))),
+        settings: Settings {
+            upstream,
+            gate,
+            path,
+            revert: None,
+        },
+    })
+}

@@ -1,0 +1,214 @@
+//! The Kubernetes run store: each run is a `MigrationRun` in the guarded
+//! Kustomization's namespace; every save patches its status (steps, phase,
+//! kstatus conditions, and the full record a restarted controller resumes
+//! from). Reports are also written to the controller's state folder.
+
+use std::path::PathBuf;
+
+use chrono::Utc;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+use super::crd::{Condition, MigrationRun, MigrationRunSpec, MigrationRunStatus, StepStatus};
+use crate::report::{self, Report};
+use crate::run::{Outcome, RunRecord, RunStore, StoreError};
+
+/// Label tying a MigrationRun to its Kustomization.
+pub const KUSTOMIZATION_LABEL: &str = "backstop.dev/kustomization";
+
+/// MigrationRuns of one guarded Kustomization.
+#[derive(Clone)]
+pub struct MigrationRunStore {
+    api: Api<MigrationRun>,
+    namespace: String,
+    kustomization: String,
+    reports: PathBuf,
+}
+
+impl MigrationRunStore {
+    pub fn new(client: kube::Client, namespace: &str, kustomization: &str, reports: PathBuf) -> Self {
+        Self {
+            api: Api::namespaced(client, namespace),
+            namespace: namespace.into(),
+            kustomization: kustomization.into(),
+            reports,
+        }
+    }
+}
+
+fn err<'a>(action: &'static str, run: &'a str) -> impl FnOnce(kube::Error) -> StoreError + 'a {
+    move |e| StoreError {
+        action,
+        run: run.to_string(),
+        source: Box::new(e),
+    }
+}
+
+fn condition(type_: &str, status: &str, reason: &str, message: &str, generation: Option<i64>) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message: message.into(),
+        last_transition_time: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        observed_generation: generation,
+    }
+}
+
+/// The status a run record maps to.
+pub fn status_of(run: &RunRecord, generation: Option<i64>) -> MigrationRunStatus {
+    let message = run.failure.as_ref().map(|f| f.message.clone()).unwrap_or_default();
+    let conditions = match run.outcome() {
+        None => vec![
+            condition(
+                "Ready",
+                "Unknown",
+                "Progressing",
+                &format!("run is in phase {}", run.phase),
+                generation,
+            ),
+            condition(
+                "Reconciling",
+                "True",
+                "Progressing",
+                &format!("run is in phase {}", run.phase),
+                generation,
+            ),
+        ],
+        Some(Outcome::Succeeded) => vec![condition(
+            "Ready",
+            "True",
+            "Succeeded",
+            "migration applied, verified and promoted",
+            generation,
+        )],
+        Some(Outcome::RolledBack) => vec![
+            condition("Ready", "False", "RolledBack", &message, generation),
+            condition(
+                "Stalled",
+                "True",
+                "RolledBack",
+                "the run failed and was rolled back",
+                generation,
+            ),
+        ],
+        Some(Outcome::Failed) => vec![
+            condition(
+                "Ready",
+                "False",
+                "RemediationFailed",
+                &run.remediation_errors.join("; "),
+                generation,
+            ),
+            condition(
+                "Stalled",
+                "True",
+                "RemediationFailed",
+                "remediation did not complete: a person must act",
+                generation,
+            ),
+        ],
+    };
+    let window = Report::from_run(run).data_loss_window.map(|w| w.seconds);
+    MigrationRunStatus {
+        observed_generation: generation,
+        conditions,
+        last_handled_reconcile_at: None,
+        phase: Some(run.phase.to_string()),
+        steps: run
+            .steps
+            .iter()
+            .map(|s| StepStatus {
+                name: s.name.clone(),
+                phase: s.phase.to_string(),
+                started_at: s.started_at.to_rfc3339(),
+                finished_at: s.finished_at.map(|t| t.to_rfc3339()),
+                result: match s.ok {
+                    Some(true) => "ok".into(),
+                    Some(false) => "failed".into(),
+                    None => "running".into(),
+                },
+                detail: (!s.detail.is_empty()).then(|| s.detail.clone()),
+            })
+            .collect(),
+        data_loss_window_seconds: window,
+        summary: run.failure.as_ref().map(|f| f.message.clone()),
+        record: serde_json::to_value(run).ok(),
+    }
+}
+
+#[async_trait::async_trait]
+impl RunStore for MigrationRunStore {
+    async fn save(&self, run: &RunRecord) -> Result<(), StoreError> {
+        let existing = self
+            .api
+            .get_opt(&run.id)
+            .await
+            .map_err(err("read the MigrationRun", &run.id))?;
+        let generation = match existing {
+            Some(mr) => mr.metadata.generation,
+            None => {
+                let mut mr = MigrationRun::new(
+                    &run.id,
+                    MigrationRunSpec {
+                        kustomization: self.kustomization.clone(),
+                        commit: run.commit.sha.clone(),
+                        migrations: run.migrations.iter().map(|m| m.id.clone()).collect(),
+                    },
+                );
+                mr.metadata.labels = Some([(KUSTOMIZATION_LABEL.to_string(), self.kustomization.clone())].into());
+                let created = self
+                    .api
+                    .create(&PostParams::default(), &mr)
+                    .await
+                    .map_err(err("create the MigrationRun", &run.id))?;
+                created.metadata.generation
+            }
+        };
+        let patch = json!({ "status": status_of(run, generation) });
+        self.api
+            .patch_status(&run.id, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(err("update the MigrationRun status", &run.id))?;
+        Ok(())
+    }
+
+    async fn list(&self) -> Result<Vec<RunRecord>, StoreError> {
+        let lp = ListParams::default().labels(&format!("{KUSTOMIZATION_LABEL}={}", self.kustomization));
+        let list = self.api.list(&lp).await.map_err(err("list MigrationRuns", "*"))?;
+        let mut runs: Vec<RunRecord> = list
+            .items
+            .into_iter()
+            .filter_map(|mr| {
+                mr.status
+                    .and_then(|s| s.record)
+                    .and_then(|r| serde_json::from_value(r).ok())
+            })
+            .collect();
+        runs.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        Ok(runs)
+    }
+
+    async fn write_report(&self, run: &RunRecord, report: &Report) -> Result<String, StoreError> {
+        let dir = self.reports.join(&run.id);
+        let io = |e: std::io::Error| StoreError {
+            action: "write the report",
+            run: run.id.clone(),
+            source: Box::new(e),
+        };
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let json = serde_json::to_vec_pretty(report).map_err(|e| StoreError {
+            action: "encode the report",
+            run: run.id.clone(),
+            source: Box::new(e),
+        })?;
+        std::fs::write(dir.join("report.json"), json).map_err(io)?;
+        std::fs::write(dir.join("report.md"), report::markdown(report)).map_err(io)?;
+        Ok(format!(
+            "MigrationRun {}/{} ({})",
+            self.namespace,
+            run.id,
+            dir.join("report.md").display()
+        ))
+    }
+}
