@@ -65,11 +65,25 @@ fn fake_kustomize_controller(api: Api<DynamicObject>, remote: std::path::PathBuf
     })
 }
 
-#[tokio::test]
-async fn controller_migrates_promotes_and_records_a_ready_migration_run() {
-    let Some(plane) = ControlPlane::start(&[]).await else {
-        return;
-    };
+/// A control plane, a database, the sre repo over smart HTTP, the Flux
+/// objects of a guarded Kustomization, and kustomize-controller played.
+struct Setup {
+    plane: ControlPlane,
+    f: Fixture,
+    _git: common::http::Server,
+    ks: Api<DynamicObject>,
+    runs: Api<MigrationRun>,
+    flux: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.flux.abort();
+    }
+}
+
+async fn setup() -> Option<Setup> {
+    let plane = ControlPlane::start(&[]).await?;
     let f = Fixture::new().await;
     let root = f.remote.path().parent().unwrap().to_path_buf();
     let git = common::http::git_server(root, "flux", "git-password").await;
@@ -83,8 +97,7 @@ async fn controller_migrates_promotes_and_records_a_ready_migration_run() {
         secrets.create(&PostParams::default(), &s).await.unwrap();
     }
     let gvk = kube::api::GroupVersionKind::gvk("source.toolkit.fluxcd.io", "v1", "GitRepository");
-    let repos: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), "default", &kube::api::ApiResource::from_gvk(&gvk));
+    let repos: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &kube::api::ApiResource::from_gvk(&gvk));
     create(&repos, json!({
         "apiVersion": "source.toolkit.fluxcd.io/v1", "kind": "GitRepository",
         "metadata": {"name": "sre", "namespace": "default"},
@@ -100,58 +113,124 @@ async fn controller_migrates_promotes_and_records_a_ready_migration_run() {
     }))
     .await;
     let flux = fake_kustomize_controller(ks.clone(), f.remote.path().to_path_buf());
-    let migration = orders_table().database("cnpg:app-db").annotation("checkpoint", "dump");
-    let c1 = f.commit_carrier(&migration, "create orders");
+    let runs: Api<MigrationRun> = Api::namespaced(client, "default");
+    Some(Setup { plane, f, _git: git, ks, runs, flux })
+}
 
-    let mut controller = tokio::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
-        .args(["controller", "--interval", "1", "--timeout", "30", "--kubeconfig"])
-        .arg(plane.kubeconfig_path())
-        .arg("--state")
-        .arg(f.state())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let runs: Api<MigrationRun> = Api::namespaced(client.clone(), "default");
-    let mut ready = None;
-    for _ in 0..120 {
-        let list = runs.list(&ListParams::default()).await.unwrap();
-        if let Some(run) = list.items.into_iter().find(|r| {
-            r.status
-                .as_ref()
-                .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status != "Unknown"))
-        }) {
-            ready = Some(run);
-            break;
+impl Setup {
+    fn controller(&self, env: &[(&str, &str)]) -> tokio::process::Child {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_backstop"));
+        cmd.args(["controller", "--interval", "1", "--timeout", "30", "--kubeconfig"])
+            .arg(self.plane.kubeconfig_path())
+            .arg("--state")
+            .arg(self.f.state())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        cmd.spawn().unwrap()
     }
+
+    /// Waits for a MigrationRun whose Ready condition is decided.
+    async fn finished_run(&self) -> MigrationRun {
+        for _ in 0..120 {
+            let list = self.runs.list(&ListParams::default()).await.unwrap();
+            if let Some(run) = list.items.into_iter().find(|r| {
+                r.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status != "Unknown"))
+            }) {
+                return run;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        panic!("no MigrationRun finished within 60s");
+    }
+
+    fn ready(run: &MigrationRun) -> (String, String) {
+        let c = run.status.as_ref().unwrap().conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+        (c.status.clone(), c.reason.clone())
+    }
+
+    async fn resumed(&self) {
+        let obj = self.ks.get("shop").await.unwrap();
+        assert_eq!(obj.data["spec"]["suspend"], false, "resumed");
+        assert!(obj.metadata.annotations.as_ref().unwrap().get(SUSPENDED_BY).is_none());
+    }
+}
+
+fn steps(run: &MigrationRun) -> Vec<String> {
+    run.status.as_ref().unwrap().steps.iter().map(|s| s.name.clone()).collect()
+}
+
+#[tokio::test]
+async fn controller_migrates_promotes_and_records_a_ready_migration_run() {
+    let Some(s) = setup().await else { return };
+    let migration = orders_table().database("cnpg:app-db").annotation("checkpoint", "dump");
+    let c1 = s.f.commit_carrier(&migration, "create orders");
+    let mut controller = s.controller(&[]);
+    let run = s.finished_run().await;
     controller.kill().await.ok();
-    flux.abort();
-    let run = ready.expect("a MigrationRun finished within 60s");
-    let status = run.status.clone().unwrap();
-    let ready_condition = status.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
-    assert_eq!(ready_condition.status, "True", "{status:?}");
+    assert_eq!(Setup::ready(&run), ("True".into(), "Succeeded".into()));
     assert_eq!(run.spec.commit, c1);
     assert_eq!(run.spec.kustomization, "shop");
-    let steps: Vec<&str> = status.steps.iter().map(|s| s.name.as_str()).collect();
-    for step in [
-        "lock",
-        "checkpoint",
-        "migrate 0001-orders",
-        "verify 0001-orders",
-        "promote",
-        "health",
-        "unlock",
-    ] {
-        assert!(steps.contains(&step), "missing step {step}: {steps:?}");
+    let steps = steps(&run);
+    for step in ["lock", "checkpoint", "migrate 0001-orders", "verify 0001-orders", "promote", "health", "unlock"] {
+        assert!(steps.iter().any(|s| s == step), "missing step {step}: {steps:?}");
     }
-    assert_eq!(f.gate(), c1, "gate moved to the migration's commit");
-    assert_eq!(
-        f.count("SELECT count(*) FROM backstop.migration_history WHERE id = '0001-orders' AND success")
-            .await,
-        1
-    );
-    let obj = ks.get("shop").await.unwrap();
-    assert_eq!(obj.data["spec"]["suspend"], false, "resumed");
-    assert!(obj.metadata.annotations.as_ref().unwrap().get(SUSPENDED_BY).is_none());
+    assert_eq!(s.f.gate(), c1, "gate moved to the migration's commit");
+    assert_eq!(s.f.count("SELECT count(*) FROM backstop.migration_history WHERE id = '0001-orders' AND success").await, 1);
+    s.resumed().await;
+}
+
+#[tokio::test]
+async fn controller_rolls_back_a_failed_migration_and_reports_the_data_loss_window() {
+    let Some(s) = setup().await else { return };
+    let m1 = orders_table().database("cnpg:app-db").annotation("checkpoint", "dump");
+    let c1 = s.f.commit_carrier(&m1, "create orders");
+    let mut controller = s.controller(&[]);
+    s.finished_run().await;
+    controller.kill().await.ok();
+    insert_orders(&s.f).await;
+    let schema = s.f.schema().await;
+    s.runs.delete_collection(&Default::default(), &ListParams::default()).await.unwrap();
+    let bad = carrier("0002-backfill")
+        .database("cnpg:app-db")
+        .annotation("checkpoint", "dump")
+        .phase("migrate")
+        .sql("001.sql", "SET lock_timeout = '5s';\nALTER TABLE orders ADD COLUMN total int;\nUPDATE orders SET total = 1 WHERE qty > 1;")
+        .verify("SELECT count(*) = 0 FROM orders WHERE total IS NULL");
+    let c2 = s.f.commit_carrier(&bad, "backfill totals");
+    let mut controller = s.controller(&[]);
+    let run = s.finished_run().await;
+    controller.kill().await.ok();
+    assert_eq!(Setup::ready(&run), ("False".into(), "RolledBack".into()));
+    let status = run.status.clone().unwrap();
+    assert!(status.data_loss_window_seconds.is_some(), "{status:?}");
+    assert_eq!(s.f.gate(), c1, "gate unchanged");
+    let branch = format!("backstop/revert-{}", &c2[..7]);
+    assert_eq!(s.f.git_log(&branch)[0], "Revert \"backfill totals\"");
+    assert_eq!(s.f.schema().await, schema, "database restored");
+    assert_eq!(s.f.count("SELECT count(*) FROM orders").await, 3);
+    s.resumed().await;
+}
+
+#[tokio::test]
+async fn controller_killed_mid_run_resumes_from_the_migration_run_without_a_second_checkpoint() {
+    let Some(s) = setup().await else { return };
+    let migration = orders_table().database("cnpg:app-db").annotation("checkpoint", "dump");
+    let c1 = s.f.commit_carrier(&migration, "create orders");
+    let mut crashed = s.controller(&[("BACKSTOP_TEST_CRASH_AT", "Migrating")]);
+    let status = tokio::time::timeout(Duration::from_secs(60), crashed.wait()).await.expect("crashed").unwrap();
+    assert_eq!(status.code(), Some(86), "the test switch ended the controller mid-run");
+    let list = s.runs.list(&ListParams::default()).await.unwrap();
+    assert_eq!(list.items.len(), 1);
+    assert_eq!(list.items[0].status.as_ref().unwrap().phase.as_deref(), Some("Migrating"));
+    let mut controller = s.controller(&[]);
+    let run = s.finished_run().await;
+    controller.kill().await.ok();
+    assert_eq!(Setup::ready(&run), ("True".into(), "Succeeded".into()));
+    let steps = steps(&run);
+    assert_eq!(steps.iter().filter(|s| *s == "checkpoint").count(), 1, "{steps:?}");
+    assert_eq!(s.runs.list(&ListParams::default()).await.unwrap().items.len(), 1, "no second run");
+    assert_eq!(s.f.gate(), c1);
+    s.resumed().await;
 }
