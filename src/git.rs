@@ -215,6 +215,21 @@ impl GitRepo {
         })
     }
 
+    /// Whether `ancestor` is `descendant` or one of its ancestors.
+    pub async fn is_ancestor(&self, ancestor: &str, descendant: &str) -> Result<bool> {
+        let (a, d) = (ancestor.to_string(), descendant.to_string());
+        self.blocking(move |this| {
+            let repo = this.repo()?;
+            let (a, d) = (oid(&a)?, oid(&d)?);
+            Ok(a == d
+                || repo.graph_descendant_of(d, a).map_err(|source| GitError::Read {
+                    sha: d.to_string(),
+                    source,
+                })?)
+        })
+        .await
+    }
+
     /// Commits in `gate..upstream`, oldest first (first-parent history of
     /// upstream). Fails when the gate is not an ancestor of upstream.
     pub async fn pending(&self, gate: &str, upstream: &str, names: (&str, &str)) -> Result<Vec<CommitInfo>> {
@@ -337,6 +352,16 @@ impl GitRepo {
     /// Pushes `sha` to `branch` on the remote without force: the remote refuses
     /// anything but a fast-forward (or a new branch).
     pub async fn push(&self, sha: &str, branch: &str) -> Result<()> {
+        self.push_inner(sha, branch, false).await
+    }
+
+    /// Moves `branch` to `sha` even when that is not a fast-forward. Only for
+    /// the gate, when upstream holds the same guarded tree as the gate's revert.
+    pub async fn force_push(&self, sha: &str, branch: &str) -> Result<()> {
+        self.push_inner(sha, branch, true).await
+    }
+
+    async fn push_inner(&self, sha: &str, branch: &str, force: bool) -> Result<()> {
         let (sha, branch) = (sha.to_string(), branch.to_string());
         self.blocking(move |this| {
             let repo = this.repo()?;
@@ -360,7 +385,7 @@ impl GitRepo {
                 });
                 let mut opts = git2::PushOptions::new();
                 opts.remote_callbacks(callbacks);
-                let refspec = format!("{local}:refs/heads/{branch}");
+                let refspec = format!("{}{local}:refs/heads/{branch}", if force { "+" } else { "" });
                 remote.push(&[refspec.as_str()], Some(&mut opts)).map_err(err)?;
             }
             if let Some(reason) = rejected {

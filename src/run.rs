@@ -141,6 +141,10 @@ pub struct RunRecord {
     pub restore_decision: Option<String>,
     pub restore: Option<RestoreRecord>,
     pub revert: Option<RevertRecord>,
+    /// The revert pushed straight to the gate when the commit was already
+    /// promoted (the bad code was live): its sha.
+    #[serde(default)]
+    pub gate_revert: Option<String>,
     /// Remediation steps that failed (a person must act).
     pub remediation_errors: Vec<String>,
     pub report_written: bool,
@@ -286,6 +290,33 @@ impl Engine {
         let runs = self.store.list().await?;
         let mut gate = self.git.require_branch(&self.settings.gate).await?;
         let head = self.git.require_branch(&self.settings.upstream).await?;
+        if let Some(reverted) = runs
+            .iter()
+            .rev()
+            .find(|r| r.gate_revert.as_deref() == Some(gate.as_str()))
+        {
+            if !self.git.is_ancestor(&gate, &head).await? {
+                // The gate holds a revert that upstream does not have as such.
+                // Once upstream's guarded tree equals the gate's (the revert was
+                // merged or squashed), the gate joins upstream; until then it waits.
+                let (at_gate, at_head) = (
+                    self.git.snapshot(&gate, &self.settings.path).await?,
+                    self.git.snapshot(&head, &self.settings.path).await?,
+                );
+                if at_gate == at_head {
+                    tracing::info!(run = %reverted.id, "upstream now holds the gate's revert; moving the gate to upstream");
+                    self.git.force_push(&head, &self.settings.gate).await?;
+                    gate = head.clone();
+                } else {
+                    report.gate = gate;
+                    report.waiting = Some(format!(
+                        "the gate holds the revert made by run {}; upstream {} diverges from it under {:?} until that revert is merged",
+                        reverted.id, self.settings.upstream, self.settings.path
+                    ));
+                    return Ok(report);
+                }
+            }
+        }
         let pending = self
             .git
             .pending(&gate, &head, (&self.settings.gate, &self.settings.upstream))
@@ -377,6 +408,7 @@ impl Engine {
             restore_decision: None,
             restore: None,
             revert: None,
+            gate_revert: None,
             remediation_errors: Vec::new(),
             report_written: false,
         }
@@ -835,6 +867,30 @@ impl Engine {
                 "no restore: the migration failed inside one transaction, which PostgreSQL rolled back (zero data loss)"
             };
             run.restore_decision = Some(why.into());
+            self.store.save(run).await?;
+        }
+        if run.promoted && run.gate_revert.is_none() {
+            // The commit is live: revert it on the gate at once, so Flux rolls
+            // the code back now; upstream gets its revert below.
+            let trailer = format!("Backstop-Run: {}", run.id);
+            let (git, gate, commit) = (self.git.clone(), self.settings.gate.clone(), run.commit.sha.clone());
+            let body = format!("backstop run {} rolls back the promoted commit on the gate.", run.id);
+            let work = async move {
+                git.fetch().await?;
+                if let Some(sha) = git.find_on_branch(&gate, &trailer, 20).await? {
+                    return Ok::<_, GitError>(sha);
+                }
+                let head = git.require_branch(&gate).await?;
+                let sha = git.revert(&commit, &head, &body, &trailer).await?;
+                git.push(&sha, &gate).await?;
+                Ok(sha)
+            };
+            match self.step(run, "gate-revert", work).await? {
+                Ok(sha) => run.gate_revert = Some(sha),
+                Err(e) => run
+                    .remediation_errors
+                    .push(format!("reverting the gate failed: {}", chain(&e))),
+            }
             self.store.save(run).await?;
         }
         if run.revert.is_none() {

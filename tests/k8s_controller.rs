@@ -47,14 +47,20 @@ fn fake_kustomize_controller(api: Api<DynamicObject>, remote: std::path::PathBuf
                     .await;
             }
             if !obj.data["spec"]["suspend"].as_bool().unwrap_or(false) {
-                let gate = backstop::sandbox::BareRemote::open(&remote)
-                    .head(GATE)
-                    .unwrap()
-                    .unwrap();
+                let remote = backstop::sandbox::BareRemote::open(&remote);
+                let gate = remote.head(GATE).unwrap().unwrap();
                 let revision = format!("{GATE}@sha1:{gate}");
+                // A commit whose subject says [unhealthy] deploys code that never gets Ready.
+                let subject = remote.message(GATE).unwrap();
+                let healthy = !subject.lines().next().unwrap_or("").contains("[unhealthy]");
                 if obj.data["status"]["lastAppliedRevision"].as_str() != Some(revision.as_str()) {
+                    let (status, reason) = if healthy {
+                        ("True", "ReconciliationSucceeded")
+                    } else {
+                        ("False", "HealthCheckFailed")
+                    };
                     let patch = json!({"status": {"lastAppliedRevision": revision, "conditions": [{
-                        "type": "Ready", "status": "True", "reason": "ReconciliationSucceeded",
+                        "type": "Ready", "status": status, "reason": reason,
                         "message": "Applied revision", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
                     let _ = api
                         .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
@@ -97,7 +103,8 @@ async fn setup() -> Option<Setup> {
         secrets.create(&PostParams::default(), &s).await.unwrap();
     }
     let gvk = kube::api::GroupVersionKind::gvk("source.toolkit.fluxcd.io", "v1", "GitRepository");
-    let repos: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &kube::api::ApiResource::from_gvk(&gvk));
+    let repos: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), "default", &kube::api::ApiResource::from_gvk(&gvk));
     create(&repos, json!({
         "apiVersion": "source.toolkit.fluxcd.io/v1", "kind": "GitRepository",
         "metadata": {"name": "sre", "namespace": "default"},
@@ -114,13 +121,20 @@ async fn setup() -> Option<Setup> {
     .await;
     let flux = fake_kustomize_controller(ks.clone(), f.remote.path().to_path_buf());
     let runs: Api<MigrationRun> = Api::namespaced(client, "default");
-    Some(Setup { plane, f, _git: git, ks, runs, flux })
+    Some(Setup {
+        plane,
+        f,
+        _git: git,
+        ks,
+        runs,
+        flux,
+    })
 }
 
 impl Setup {
     fn controller(&self, env: &[(&str, &str)]) -> tokio::process::Child {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_backstop"));
-        cmd.args(["controller", "--interval", "1", "--timeout", "30", "--kubeconfig"])
+        cmd.args(["controller", "--interval", "1", "--timeout", "6", "--kubeconfig"])
             .arg(self.plane.kubeconfig_path())
             .arg("--state")
             .arg(self.f.state())
@@ -136,7 +150,9 @@ impl Setup {
         for _ in 0..120 {
             let list = self.runs.list(&ListParams::default()).await.unwrap();
             if let Some(run) = list.items.into_iter().find(|r| {
-                r.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status != "Unknown"))
+                r.status
+                    .as_ref()
+                    .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status != "Unknown"))
             }) {
                 return run;
             }
@@ -146,7 +162,14 @@ impl Setup {
     }
 
     fn ready(run: &MigrationRun) -> (String, String) {
-        let c = run.status.as_ref().unwrap().conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+        let c = run
+            .status
+            .as_ref()
+            .unwrap()
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .unwrap();
         (c.status.clone(), c.reason.clone())
     }
 
@@ -158,7 +181,13 @@ impl Setup {
 }
 
 fn steps(run: &MigrationRun) -> Vec<String> {
-    run.status.as_ref().unwrap().steps.iter().map(|s| s.name.clone()).collect()
+    run.status
+        .as_ref()
+        .unwrap()
+        .steps
+        .iter()
+        .map(|s| s.name.clone())
+        .collect()
 }
 
 #[tokio::test]
@@ -173,11 +202,23 @@ async fn controller_migrates_promotes_and_records_a_ready_migration_run() {
     assert_eq!(run.spec.commit, c1);
     assert_eq!(run.spec.kustomization, "shop");
     let steps = steps(&run);
-    for step in ["lock", "checkpoint", "migrate 0001-orders", "verify 0001-orders", "promote", "health", "unlock"] {
+    for step in [
+        "lock",
+        "checkpoint",
+        "migrate 0001-orders",
+        "verify 0001-orders",
+        "promote",
+        "health",
+        "unlock",
+    ] {
         assert!(steps.iter().any(|s| s == step), "missing step {step}: {steps:?}");
     }
     assert_eq!(s.f.gate(), c1, "gate moved to the migration's commit");
-    assert_eq!(s.f.count("SELECT count(*) FROM backstop.migration_history WHERE id = '0001-orders' AND success").await, 1);
+    assert_eq!(
+        s.f.count("SELECT count(*) FROM backstop.migration_history WHERE id = '0001-orders' AND success")
+            .await,
+        1
+    );
     s.resumed().await;
 }
 
@@ -191,7 +232,10 @@ async fn controller_rolls_back_a_failed_migration_and_reports_the_data_loss_wind
     controller.kill().await.ok();
     insert_orders(&s.f).await;
     let schema = s.f.schema().await;
-    s.runs.delete_collection(&Default::default(), &ListParams::default()).await.unwrap();
+    s.runs
+        .delete_collection(&Default::default(), &ListParams::default())
+        .await
+        .unwrap();
     let bad = carrier("0002-backfill")
         .database("cnpg:app-db")
         .annotation("checkpoint", "dump")
@@ -219,18 +263,85 @@ async fn controller_killed_mid_run_resumes_from_the_migration_run_without_a_seco
     let migration = orders_table().database("cnpg:app-db").annotation("checkpoint", "dump");
     let c1 = s.f.commit_carrier(&migration, "create orders");
     let mut crashed = s.controller(&[("BACKSTOP_TEST_CRASH_AT", "Migrating")]);
-    let status = tokio::time::timeout(Duration::from_secs(60), crashed.wait()).await.expect("crashed").unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(60), crashed.wait())
+        .await
+        .expect("crashed")
+        .unwrap();
     assert_eq!(status.code(), Some(86), "the test switch ended the controller mid-run");
     let list = s.runs.list(&ListParams::default()).await.unwrap();
     assert_eq!(list.items.len(), 1);
-    assert_eq!(list.items[0].status.as_ref().unwrap().phase.as_deref(), Some("Migrating"));
+    assert_eq!(
+        list.items[0].status.as_ref().unwrap().phase.as_deref(),
+        Some("Migrating")
+    );
     let mut controller = s.controller(&[]);
     let run = s.finished_run().await;
     controller.kill().await.ok();
     assert_eq!(Setup::ready(&run), ("True".into(), "Succeeded".into()));
     let steps = steps(&run);
     assert_eq!(steps.iter().filter(|s| *s == "checkpoint").count(), 1, "{steps:?}");
-    assert_eq!(s.runs.list(&ListParams::default()).await.unwrap().items.len(), 1, "no second run");
+    assert_eq!(
+        s.runs.list(&ListParams::default()).await.unwrap().items.len(),
+        1,
+        "no second run"
+    );
     assert_eq!(s.f.gate(), c1);
+    s.resumed().await;
+}
+
+#[tokio::test]
+async fn health_failure_after_promotion_reverts_the_gate_and_restores_the_data() {
+    let Some(s) = setup().await else { return };
+    let m1 = orders_table().database("cnpg:app-db").annotation("checkpoint", "dump");
+    let c1 = s.f.commit_carrier(&m1, "create orders");
+    let mut controller = s.controller(&[]);
+    s.finished_run().await;
+    controller.kill().await.ok();
+    insert_orders(&s.f).await;
+    let schema = s.f.schema().await;
+    s.runs
+        .delete_collection(&Default::default(), &ListParams::default())
+        .await
+        .unwrap();
+    let m2 = carrier("0002-note")
+        .database("cnpg:app-db")
+        .annotation("checkpoint", "dump")
+        .sql(
+            "001.sql",
+            "SET lock_timeout = '5s';\nALTER TABLE orders ADD COLUMN note text;",
+        );
+    let c2 = s.f.commit_carrier(&m2, "add note [unhealthy]");
+    let mut controller = s.controller(&[]);
+    let run = s.finished_run().await;
+    assert_eq!(
+        Setup::ready(&run),
+        ("False".into(), "RolledBack".into()),
+        "{:?}",
+        run.status
+    );
+    let steps = steps(&run);
+    assert!(steps.iter().any(|x| x == "gate-revert"), "{steps:?}");
+    // Code: the gate got a revert of the promoted commit at once.
+    let gate_log = s.f.git_log(GATE);
+    assert_eq!(gate_log[0], "Revert \"add note [unhealthy]\"", "{gate_log:?}");
+    assert_eq!(git(s.f.remote.path(), &["rev-parse", &format!("{GATE}^")]).trim(), c2);
+    assert_ne!(s.f.gate(), c1);
+    // Data: restored to the checkpoint.
+    assert_eq!(s.f.schema().await, schema);
+    assert_eq!(s.f.count("SELECT count(*) FROM orders").await, 3);
+    // Upstream gets the revert as a pull request branch; once it is merged the
+    // gate joins upstream (same guarded tree).
+    let branch = format!("backstop/revert-{}", &c2[..7]);
+    let upstream_revert = s.f.remote.head(&branch).unwrap().expect("revert branch");
+    s.f.remote.set_branch("main", &upstream_revert).unwrap();
+    let main = s.f.main();
+    for _ in 0..60 {
+        if s.f.gate() == main {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    controller.kill().await.ok();
+    assert_eq!(s.f.gate(), main, "the gate joined upstream once the revert was merged");
     s.resumed().await;
 }
