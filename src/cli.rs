@@ -114,6 +114,18 @@ pub enum Command {
         /// Seconds the pause handshake and the post-promotion health gate may take.
         #[arg(long, env = "BACKSTOP_TIMEOUT", default_value_t = 300)]
         timeout: u64,
+        /// Address of /healthz, /readyz and /metrics.
+        #[arg(long, env = "BACKSTOP_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+        metrics_addr: String,
+        /// Namespace of the leader-election Lease (the controller's own).
+        #[arg(long, env = "BACKSTOP_LEASE_NAMESPACE", default_value = "backstop-system")]
+        lease_namespace: String,
+        /// Name of the leader-election Lease.
+        #[arg(long, env = "BACKSTOP_LEASE_NAME", default_value = "backstop-controller")]
+        lease_name: String,
+        /// This replica's identity in the Lease (the pod name).
+        #[arg(long, env = "HOSTNAME", default_value = "backstop")]
+        identity: String,
     },
     /// Take the verified pause of a Flux Kustomization: suspend it with a fresh
     /// reconcile request and wait until kustomize-controller confirms; prints
@@ -353,12 +365,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             state,
             interval,
             timeout,
+            metrics_addr,
+            lease_namespace,
+            lease_name,
+            identity,
         } => {
             let opts = crate::k8s::controller::ControllerOptions {
                 kubeconfig,
                 state,
                 interval: Duration::from_secs(interval),
                 timeout: Duration::from_secs(timeout),
+                metrics_addr,
+                lease: (lease_namespace, lease_name),
+                identity,
             };
             match crate::k8s::controller::run(opts).await {
                 Ok(()) => Ok(EXIT_OK),

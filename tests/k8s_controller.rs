@@ -133,12 +133,29 @@ async fn setup() -> Option<Setup> {
 
 impl Setup {
     fn controller(&self, env: &[(&str, &str)]) -> tokio::process::Child {
+        self.controller_as("replica-a", 0, env)
+    }
+
+    fn controller_as(&self, identity: &str, metrics_port: u16, env: &[(&str, &str)]) -> tokio::process::Child {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_backstop"));
-        cmd.args(["controller", "--interval", "1", "--timeout", "6", "--kubeconfig"])
-            .arg(self.plane.kubeconfig_path())
-            .arg("--state")
-            .arg(self.f.state())
-            .kill_on_drop(true);
+        cmd.args([
+            "controller",
+            "--interval",
+            "1",
+            "--timeout",
+            "6",
+            "--lease-namespace",
+            "default",
+            "--identity",
+            identity,
+        ])
+        .arg("--metrics-addr")
+        .arg(format!("127.0.0.1:{metrics_port}"))
+        .arg("--kubeconfig")
+        .arg(self.plane.kubeconfig_path())
+        .arg("--state")
+        .arg(self.f.state())
+        .kill_on_drop(true);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -190,13 +207,59 @@ fn steps(run: &MigrationRun) -> Vec<String> {
         .collect()
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn http_get(port: u16, path: &str) -> (u16, String) {
+    let resp = reqwest::get(format!("http://127.0.0.1:{port}{path}")).await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
 #[tokio::test]
 async fn controller_migrates_promotes_and_records_a_ready_migration_run() {
     let Some(s) = setup().await else { return };
     let migration = orders_table().database("cnpg:app-db").annotation("checkpoint", "dump");
     let c1 = s.f.commit_carrier(&migration, "create orders");
-    let mut controller = s.controller(&[]);
+    let port = free_port();
+    let mut controller = s.controller_as("replica-a", port, &[]);
     let run = s.finished_run().await;
+    // Metrics, health, the lease and the events.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (code, metrics) = http_get(port, "/metrics").await;
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("backstop_runs_total{outcome=\"Succeeded\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("backstop_step_duration_seconds_count{step=\"migrate\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("backstop_leader 1"), "{metrics}");
+    assert_eq!(http_get(port, "/healthz").await.0, 200);
+    assert_eq!(http_get(port, "/readyz").await.0, 200);
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(s.plane.client.clone(), "default");
+    let lease = leases.get("backstop-controller").await.unwrap();
+    assert_eq!(lease.spec.unwrap().holder_identity.as_deref(), Some("replica-a"));
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(s.plane.client.clone(), "default");
+    let events = events.list(&ListParams::default()).await.unwrap().items;
+    let on_ks = events.iter().find(|e| {
+        e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("shop")
+            && e.reason.as_deref() == Some("MigrationSucceeded")
+    });
+    assert!(
+        on_ks.is_some(),
+        "no MigrationSucceeded event on the Kustomization: {events:?}"
+    );
+    let on_run = events
+        .iter()
+        .any(|e| e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("MigrationRun"));
+    assert!(on_run, "no event on the MigrationRun");
     controller.kill().await.ok();
     assert_eq!(Setup::ready(&run), ("True".into(), "Succeeded".into()));
     assert_eq!(run.spec.commit, c1);
@@ -344,4 +407,31 @@ async fn health_failure_after_promotion_reverts_the_gate_and_restores_the_data()
     controller.kill().await.ok();
     assert_eq!(s.f.gate(), main, "the gate joined upstream once the revert was merged");
     s.resumed().await;
+}
+
+#[tokio::test]
+async fn only_one_replica_leads() {
+    let Some(s) = setup().await else { return };
+    let (pa, pb) = (free_port(), free_port());
+    let mut a = s.controller_as("replica-a", pa, &[]);
+    for _ in 0..60 {
+        if reqwest::get(format!("http://127.0.0.1:{pa}/readyz"))
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let mut b = s.controller_as("replica-b", pb, &[]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (code, metrics) = http_get(pb, "/readyz").await;
+    assert_eq!(code, 503, "the second replica is not ready while the first leads");
+    assert!(
+        http_get(pb, "/metrics").await.1.contains("backstop_leader 0"),
+        "{metrics}"
+    );
+    assert_eq!(http_get(pa, "/readyz").await.0, 200);
+    a.kill().await.ok();
+    b.kill().await.ok();
 }

@@ -19,6 +19,8 @@ use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams};
 use kube::runtime::watcher;
 
 use super::cluster::KubeCluster;
+use super::crd::MigrationRun;
+use super::ops::{serve, LeaderElection, Metrics};
 use super::pause::{KustomizationRef, SUSPENDED_BY};
 use super::store::MigrationRunStore;
 use crate::checkpoint::{dump::DumpBackend, Checkpoint};
@@ -26,7 +28,10 @@ use crate::forge::NoForge;
 use crate::git::{GitAuth, GitRepo};
 use crate::manifests::CheckpointKind;
 use crate::run::{CheckpointSet, Engine, Settings};
+use crate::run::{Outcome, RunRecord};
 use crate::runner::SqlRunner;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::Resource;
 
 /// Annotation that puts a Kustomization under guard.
 pub const GUARD: &str = "backstop.dev/guard";
@@ -42,6 +47,10 @@ pub enum ControllerError {
     List(#[source] kube::Error),
     #[error("PostgreSQL client programs are needed for dump checkpoints")]
     Bin(#[from] crate::pgbin::PgBinError),
+    #[error(transparent)]
+    Ops(#[from] super::ops::OpsError),
+    #[error("lost the leader lease to another replica; stopping so that only one acts")]
+    LostLease,
 }
 
 /// Settings of the controller.
@@ -53,6 +62,12 @@ pub struct ControllerOptions {
     pub interval: Duration,
     /// Bound on the pause handshake and the post-promotion health gate.
     pub timeout: Duration,
+    /// Where `/healthz`, `/readyz` and `/metrics` listen.
+    pub metrics_addr: String,
+    /// Namespace and name of the leader-election Lease.
+    pub lease: (String, String),
+    /// This replica's identity (the pod name).
+    pub identity: String,
 }
 
 fn annotation<'a>(obj: &'a DynamicObject, key: &str) -> Option<&'a str> {
@@ -67,6 +82,39 @@ fn annotation<'a>(obj: &'a DynamicObject, key: &str) -> Option<&'a str> {
 pub async fn run(opts: ControllerOptions) -> Result<(), ControllerError> {
     let client = super::client(opts.kubeconfig.as_deref()).await?;
     let bindir = crate::pgbin::bindir()?;
+    let metrics = Arc::new(Metrics::default());
+    serve(&opts.metrics_addr, metrics.clone()).await?;
+    let election = LeaderElection {
+        api: Api::namespaced(client.clone(), &opts.lease.0),
+        namespace: opts.lease.0.clone(),
+        name: opts.lease.1.clone(),
+        identity: opts.identity.clone(),
+        duration: Duration::from_secs(15),
+    };
+    while !election.try_acquire().await? {
+        tracing::info!(lease = %election.name, "another replica leads; waiting");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    metrics.set_leader(true);
+    tracing::info!(identity = %opts.identity, "leading");
+    let (lost_tx, lost) = tokio::sync::watch::channel(false);
+    let renewing = election.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(renewing.duration / 3).await;
+            if !matches!(renewing.try_acquire().await, Ok(true)) {
+                let _ = lost_tx.send(true);
+                return;
+            }
+        }
+    });
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "backstop".into(),
+            instance: Some(opts.identity.clone()),
+        },
+    );
     let all: Api<DynamicObject> = Api::all_with(client.clone(), &kustomization_resource());
     let wake = Arc::new(tokio::sync::Notify::new());
     let notify = wake.clone();
@@ -82,6 +130,10 @@ pub async fn run(opts: ControllerOptions) -> Result<(), ControllerError> {
     let mut engines: HashMap<String, Arc<Engine>> = HashMap::new();
     tracing::info!(state = %opts.state.display(), "controller started");
     loop {
+        if *lost.borrow() {
+            metrics.set_leader(false);
+            return Err(ControllerError::LostLease);
+        }
         let list = all.list(&ListParams::default()).await.map_err(ControllerError::List)?;
         for ks in list.items.iter().filter(|k| annotation(k, GUARD) == Some("enabled")) {
             let (Some(ns), Some(name)) = (ks.metadata.namespace.clone(), ks.metadata.name.clone()) else {
@@ -114,6 +166,28 @@ pub async fn run(opts: ControllerOptions) -> Result<(), ControllerError> {
                 Ok(report) => {
                     for (id, outcome, location) in &report.runs {
                         tracing::info!(kustomization = %key, run = %id, outcome = ?outcome, report = %location, "run finished");
+                        let record = engine
+                            .store
+                            .list()
+                            .await
+                            .ok()
+                            .and_then(|runs| runs.into_iter().find(|r| &r.id == id));
+                        if let Some(run) = &record {
+                            for step in &run.steps {
+                                if let Some(end) = step.finished_at {
+                                    metrics.step(
+                                        &step_kind(&step.name),
+                                        (end - step.started_at).num_milliseconds() as f64 / 1000.0,
+                                    );
+                                }
+                            }
+                        }
+                        let failure = record
+                            .as_ref()
+                            .and_then(|r| r.failure.as_ref())
+                            .map(|f| f.phase.to_string());
+                        metrics.run_finished(&format!("{outcome:?}"), failure.as_deref());
+                        publish_events(&recorder, &client, ks, id, *outcome, record.as_ref()).await;
                     }
                     if let Some(w) = report.waiting {
                         tracing::warn!(kustomization = %key, "waiting: {w}");
@@ -122,10 +196,57 @@ pub async fn run(opts: ControllerOptions) -> Result<(), ControllerError> {
                 Err(e) => tracing::error!(kustomization = %key, error = %crate::run::chain(&e), "pass failed"),
             }
         }
+        metrics.set_ready(true);
         tokio::select! {
             _ = tokio::time::sleep(opts.interval) => {}
             _ = wake.notified() => {}
             _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+/// `migrate 0001-x` → `migrate`: metrics label by step kind, not migration.
+fn step_kind(name: &str) -> String {
+    name.split_whitespace().next().unwrap_or(name).to_string()
+}
+
+/// Events on the Kustomization (so Flux alerts see them) and on the MigrationRun.
+async fn publish_events(
+    recorder: &Recorder,
+    client: &kube::Client,
+    ks: &DynamicObject,
+    run_id: &str,
+    outcome: Outcome,
+    record: Option<&RunRecord>,
+) {
+    let (type_, reason) = match outcome {
+        Outcome::Succeeded => (EventType::Normal, "MigrationSucceeded"),
+        Outcome::RolledBack => (EventType::Warning, "MigrationRolledBack"),
+        Outcome::Failed => (EventType::Warning, "MigrationRemediationFailed"),
+    };
+    let commit = record.map(|r| r.commit.short().to_string()).unwrap_or_default();
+    let detail = record
+        .and_then(|r| r.failure.as_ref())
+        .map(|f| format!(": {}", f.message))
+        .unwrap_or_default();
+    let mut note = format!("run {run_id} for commit {commit}: {outcome:?}{detail}");
+    note.truncate(1000);
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Migrate".into(),
+        secondary: None,
+    };
+    let ks_ref = ks.object_ref(&kustomization_resource());
+    if let Err(e) = recorder.publish(&event, &ks_ref).await {
+        tracing::warn!(error = %e, "could not publish the event on the Kustomization");
+    }
+    let runs: Api<MigrationRun> =
+        Api::namespaced(client.clone(), ks.metadata.namespace.as_deref().unwrap_or("default"));
+    if let Ok(mr) = runs.get(run_id).await {
+        if let Err(e) = recorder.publish(&event, &mr.object_ref(&())).await {
+            tracing::warn!(error = %e, "could not publish the event on the MigrationRun");
         }
     }
 }
