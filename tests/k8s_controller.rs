@@ -89,7 +89,11 @@ impl Drop for Setup {
 }
 
 async fn setup() -> Option<Setup> {
-    let plane = ControlPlane::start(&[]).await?;
+    setup_with_tokens(&[]).await
+}
+
+async fn setup_with_tokens(tokens: &[&str]) -> Option<Setup> {
+    let plane = ControlPlane::start(tokens).await?;
     let f = Fixture::new().await;
     let root = f.remote.path().parent().unwrap().to_path_buf();
     let git = common::http::git_server(root, "flux", "git-password").await;
@@ -137,6 +141,17 @@ impl Setup {
     }
 
     fn controller_as(&self, identity: &str, metrics_port: u16, env: &[(&str, &str)]) -> tokio::process::Child {
+        self.controller_with(identity, metrics_port, &self.plane.kubeconfig_path(), "default", env)
+    }
+
+    fn controller_with(
+        &self,
+        identity: &str,
+        metrics_port: u16,
+        kubeconfig: &std::path::Path,
+        lease_namespace: &str,
+        env: &[(&str, &str)],
+    ) -> tokio::process::Child {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_backstop"));
         cmd.args([
             "controller",
@@ -145,14 +160,14 @@ impl Setup {
             "--timeout",
             "6",
             "--lease-namespace",
-            "default",
+            lease_namespace,
             "--identity",
             identity,
         ])
         .arg("--metrics-addr")
         .arg(format!("127.0.0.1:{metrics_port}"))
         .arg("--kubeconfig")
-        .arg(self.plane.kubeconfig_path())
+        .arg(kubeconfig)
         .arg("--state")
         .arg(self.f.state())
         .kill_on_drop(true);
@@ -434,4 +449,65 @@ async fn only_one_replica_leads() {
     assert_eq!(http_get(pa, "/readyz").await.0, 200);
     a.kill().await.ok();
     b.kill().await.ok();
+}
+
+const SA_TOKEN: &str = "sa-token,system:serviceaccount:backstop-system:backstop,sa-uid,system:serviceaccounts";
+
+#[tokio::test]
+async fn the_shipped_roles_allow_what_the_controller_does_and_deny_the_rest() {
+    let Some(s) = setup_with_tokens(&[SA_TOKEN]).await else {
+        return;
+    };
+    let admin = s.plane.client.clone();
+    let flux = |f: &str| std::fs::read_to_string(format!("{}/flux/{f}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    common::envtest::create_all(&admin, &flux("namespace.yaml"), None).await;
+    common::envtest::create_all(&admin, &flux("rbac.yaml"), None).await;
+    common::envtest::create_all(&admin, &flux("app-role.yaml"), Some("default")).await;
+    let other: Secret =
+        serde_json::from_value(json!({"metadata": {"name": "payroll-db"}, "stringData": {"password": "x"}})).unwrap();
+    Api::<Secret>::namespaced(admin.clone(), "default")
+        .create(&PostParams::default(), &other)
+        .await
+        .unwrap();
+    let kubeconfig = s.plane.dir.path().join("sa-kubeconfig");
+    std::fs::write(&kubeconfig, common::envtest::kubeconfig(s.plane.port, "sa-token")).unwrap();
+
+    // Everything the controller does works with the shipped roles.
+    let migration = orders_table().database("cnpg:app-db").annotation("checkpoint", "dump");
+    let c1 = s.f.commit_carrier(&migration, "create orders");
+    let mut controller = s.controller_with("replica-a", 0, &kubeconfig, "backstop-system", &[]);
+    let run = s.finished_run().await;
+    controller.kill().await.ok();
+    assert_eq!(
+        Setup::ready(&run),
+        ("True".into(), "Succeeded".into()),
+        "{:?}",
+        run.status
+    );
+    assert_eq!(s.f.gate(), c1);
+
+    // And what it must not do is denied.
+    let sa = common::envtest::client_for(s.plane.port, "sa-token").await;
+    let secrets: Api<Secret> = Api::namespaced(sa.clone(), "default");
+    let denied = |r: Result<Secret, kube::Error>| matches!(r, Err(kube::Error::Api(e)) if e.code == 403);
+    assert!(
+        denied(secrets.get("payroll-db").await),
+        "a Secret it was not pointed at"
+    );
+    assert!(
+        matches!(secrets.list(&ListParams::default()).await, Err(kube::Error::Api(e)) if e.code == 403),
+        "listing Secrets"
+    );
+    assert!(secrets.get("app-db-app").await.is_ok(), "the Secret it is pointed at");
+    let ks = pause::kustomizations(sa.clone(), "default");
+    assert!(
+        matches!(ks.delete("shop", &Default::default()).await, Err(kube::Error::Api(e)) if e.code == 403),
+        "deleting a Kustomization"
+    );
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(sa, "default");
+    let cm: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(json!({"metadata": {"name": "x"}})).unwrap();
+    assert!(
+        matches!(cms.create(&PostParams::default(), &cm).await, Err(kube::Error::Api(e)) if e.code == 403),
+        "creating ConfigMaps"
+    );
 }

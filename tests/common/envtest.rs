@@ -202,7 +202,7 @@ impl ControlPlane {
 
 use serde::Deserialize;
 
-fn kubeconfig(port: u16, token: &str) -> String {
+pub fn kubeconfig(port: u16, token: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Config\nclusters: [{{name: envtest, cluster: {{server: \"https://127.0.0.1:{port}\", insecure-skip-tls-verify: true}}}}]\n\
          users: [{{name: u, user: {{token: {token}}}}}]\ncontexts: [{{name: envtest, context: {{cluster: envtest, user: u}}}}]\ncurrent-context: envtest\n"
@@ -216,4 +216,47 @@ pub async fn client_for(port: u16, token: &str) -> kube::Client {
         .await
         .unwrap();
     kube::Client::try_from(config).unwrap()
+}
+
+/// Creates every document of a YAML text (RBAC objects, ServiceAccounts,
+/// Namespaces), putting namespaced ones in `namespace` when given.
+pub async fn create_all(client: &kube::Client, text: &str, namespace: Option<&str>) {
+    use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+    for doc in serde_yaml::Deserializer::from_str(text) {
+        let mut value = serde_yaml::Value::deserialize(doc).unwrap();
+        if value.is_null() {
+            continue;
+        }
+        if let (Some(ns), Some(meta)) = (namespace, value.get_mut("metadata")) {
+            if meta.get("namespace").is_some() {
+                meta["namespace"] = ns.into();
+            }
+        }
+        let kind = value["kind"].as_str().unwrap().to_string();
+        let ns = value["metadata"]["namespace"].as_str().map(str::to_string);
+        let pp = PostParams::default();
+        macro_rules! create {
+            ($t:ty, namespaced) => {{
+                let obj: $t = serde_yaml::from_value(value).unwrap();
+                Api::<$t>::namespaced(client.clone(), ns.as_deref().unwrap())
+                    .create(&pp, &obj)
+                    .await
+                    .unwrap();
+            }};
+            ($t:ty) => {{
+                let obj: $t = serde_yaml::from_value(value).unwrap();
+                Api::<$t>::all(client.clone()).create(&pp, &obj).await.unwrap();
+            }};
+        }
+        match kind.as_str() {
+            "Namespace" => create!(Namespace),
+            "ServiceAccount" => create!(ServiceAccount, namespaced),
+            "ClusterRole" => create!(ClusterRole),
+            "ClusterRoleBinding" => create!(ClusterRoleBinding),
+            "Role" => create!(Role, namespaced),
+            "RoleBinding" => create!(RoleBinding, namespaced),
+            other => panic!("create_all does not handle {other}"),
+        }
+    }
 }
