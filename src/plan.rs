@@ -59,7 +59,7 @@ pub enum PlanError {
         first: String,
         second: String,
     },
-    #[error("{file}:{line}: backstop.dev/run: job migrations need the Kubernetes controller")]
+    #[error("{file}:{line}: backstop.dev/run: job migrations are not supported yet; use run: sql")]
     JobUnsupported { file: String, line: usize },
     #[error("{commit}: Backstop-Approved-By: {message}")]
     BadTrailer { commit: String, message: String },
