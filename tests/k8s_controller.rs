@@ -511,3 +511,29 @@ async fn the_shipped_roles_allow_what_the_controller_does_and_deny_the_rest() {
         "creating ConfigMaps"
     );
 }
+
+#[tokio::test]
+async fn controller_leaves_a_kustomization_suspended_by_a_person_alone() {
+    let Some(s) = setup().await else { return };
+    let patch = json!({"spec": {"suspend": true}});
+    s.ks.patch("shop", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let migration = orders_table().database("cnpg:app-db").annotation("checkpoint", "dump");
+    s.f.commit_carrier(&migration, "create orders");
+    let mut controller = s.controller(&[]);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    controller.kill().await.ok();
+    assert!(
+        s.runs.list(&ListParams::default()).await.unwrap().items.is_empty(),
+        "no run starts"
+    );
+    assert_eq!(s.f.gate(), s.f.base, "nothing promoted");
+    let obj = s.ks.get("shop").await.unwrap();
+    assert_eq!(obj.data["spec"]["suspend"], true, "still suspended");
+    assert!(obj
+        .metadata
+        .annotations
+        .as_ref()
+        .is_none_or(|a| a.get(SUSPENDED_BY).is_none()));
+}
