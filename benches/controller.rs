@@ -19,10 +19,10 @@ mod http;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use backstop::k8s::pause::{self, KustomizationRef, REQUESTED_AT};
+use backstop::k8s::pause::{self, KustomizationRef};
 use backstop::sandbox::{BareRemote, Change};
 use futures::StreamExt;
-use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{Api, DynamicObject, PostParams};
 use kube::runtime::watcher;
 use serde_json::json;
 
@@ -152,25 +152,8 @@ async fn main() -> Res<()> {
             let (watcher::Event::Apply(obj) | watcher::Event::InitApply(obj)) = event else {
                 continue;
             };
-            let requested = obj
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(REQUESTED_AT))
-                .cloned();
-            let handled = obj.data["status"]["lastHandledReconcileAt"]
-                .as_str()
-                .map(str::to_string);
-            if let Some(token) = requested.filter(|t| Some(t) != handled.as_ref()) {
-                let name = obj.metadata.name.clone().unwrap_or_default();
-                let patch = json!({"status": {"lastHandledReconcileAt": token}});
-                if api
-                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
-                    .is_ok()
-                {
-                    *at.lock().unwrap() = Some(Instant::now());
-                }
+            if envtest::answer_reconcile_request(&api, &obj).await {
+                *at.lock().unwrap() = Some(Instant::now());
             }
         }
     });

@@ -343,40 +343,14 @@ async fn push_over_http_with_a_token_and_refusal_with_a_wrong_one() {
     let server = common::http::git_server(root, "x-access-token", TOKEN).await;
     let url = format!("{}/sre.git", server.url());
     let c1 = f.commit_carrier(&orders_table(), "create orders");
-    let run = |token: &'static str| {
-        let url = url.clone();
-        let state = f.state();
-        let db = f.server.url("shop");
-        async move {
-            tokio::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
-                .args([
-                    "run",
-                    "--once",
-                    "--checkpoint",
-                    "dump",
-                    "--path",
-                    "apps/shop",
-                    "--git-token-env",
-                    "GIT_TOKEN",
-                    "--repo",
-                    &url,
-                    "--state",
-                ])
-                .arg(state)
-                .env(DB_VAR, db)
-                .env("GIT_TOKEN", token)
-                .output()
-                .await
-                .unwrap()
-        }
-    };
-    let refused = run("wrong-token").await;
+    let flags = ["--git-token-env", "GIT_TOKEN"];
+    let refused = f.run_url(&url, &flags, &[("GIT_TOKEN", "wrong-token")]).await;
     let text_refused = text(&refused);
     assert_eq!(refused.status.code(), Some(2), "{text_refused}");
     assert!(text_refused.contains("authentication failed"), "{text_refused}");
     assert!(!text_refused.contains("wrong-token"));
     assert_eq!(f.gate(), f.base, "nothing pushed with a wrong token");
-    let ok = run(TOKEN).await;
+    let ok = f.run_url(&url, &flags, &[("GIT_TOKEN", TOKEN)]).await;
     assert_eq!(ok.status.code(), Some(0), "{}", text(&ok));
     assert_eq!(f.gate(), c1, "gate pushed over smart HTTP with basic auth");
     assert!(!text(&ok).contains(TOKEN));
@@ -461,37 +435,17 @@ async fn push_over_https_with_a_token_and_refusal_with_a_wrong_one() {
     let tls = tls_front(server.port);
     let url = format!("https://127.0.0.1:{}/sre.git", tls.port);
     let c1 = f.commit_carrier(&orders_table(), "create orders");
-    let run = |token: &'static str| {
-        let (url, state, db, ca) = (url.clone(), f.state(), f.server.url("shop"), tls.ca.clone());
-        async move {
-            tokio::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
-                .args([
-                    "run",
-                    "--once",
-                    "--checkpoint",
-                    "dump",
-                    "--path",
-                    "apps/shop",
-                    "--git-token-env",
-                    "GIT_TOKEN",
-                    "--repo",
-                    &url,
-                    "--state",
-                ])
-                .arg(state)
-                .env(DB_VAR, db)
-                .env("GIT_TOKEN", token)
-                .env("SSL_CERT_FILE", ca)
-                .output()
-                .await
-                .unwrap()
-        }
-    };
-    let refused = run("wrong-token").await;
+    let flags = ["--git-token-env", "GIT_TOKEN"];
+    let ca = tls.ca.to_str().unwrap();
+    let refused = f
+        .run_url(&url, &flags, &[("GIT_TOKEN", "wrong-token"), ("SSL_CERT_FILE", ca)])
+        .await;
     assert_eq!(refused.status.code(), Some(2), "{}", text(&refused));
     assert!(text(&refused).contains("authentication failed"), "{}", text(&refused));
     assert_eq!(f.gate(), f.base);
-    let ok = run(TOKEN).await;
+    let ok = f
+        .run_url(&url, &flags, &[("GIT_TOKEN", TOKEN), ("SSL_CERT_FILE", ca)])
+        .await;
     assert_eq!(ok.status.code(), Some(0), "{}", text(&ok));
     assert_eq!(f.gate(), c1, "gate pushed over HTTPS with basic auth");
     assert!(!text(&ok).contains(TOKEN) && !text(&refused).contains("wrong-token"));

@@ -86,27 +86,17 @@ fn known_hosts(sshd: &Sshd, out: &Path) {
 }
 
 async fn run(f: &Fixture, url: &str, key: &Path, known: &Path) -> std::process::Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
-        .args([
-            "run",
-            "--once",
-            "--checkpoint",
-            "dump",
-            "--path",
-            "apps/shop",
-            "--repo",
-            url,
+    f.run_url(
+        url,
+        &[
             "--ssh-key",
-        ])
-        .arg(key)
-        .arg("--known-hosts")
-        .arg(known)
-        .arg("--state")
-        .arg(f.state())
-        .env(DB_VAR, f.server.url("shop"))
-        .output()
-        .await
-        .unwrap()
+            &key.display().to_string(),
+            "--known-hosts",
+            &known.display().to_string(),
+        ],
+        &[],
+    )
+    .await
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use backstop::k8s::crd::MigrationRun;
-use backstop::k8s::pause::{self, REQUESTED_AT, SUSPENDED_BY};
+use backstop::k8s::pause::{self, SUSPENDED_BY};
 use common::envtest::ControlPlane;
 use common::*;
 use futures::StreamExt;
@@ -31,21 +31,7 @@ fn fake_kustomize_controller(api: Api<DynamicObject>, remote: std::path::PathBuf
                 continue;
             };
             let name = obj.metadata.name.clone().unwrap();
-            let requested = obj
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(REQUESTED_AT))
-                .cloned();
-            let handled = obj.data["status"]["lastHandledReconcileAt"]
-                .as_str()
-                .map(str::to_string);
-            if let Some(token) = requested.filter(|t| Some(t) != handled.as_ref()) {
-                let patch = json!({"status": {"lastHandledReconcileAt": token}});
-                let _ = api
-                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await;
-            }
+            common::envtest::answer_reconcile_request(&api, &obj).await;
             if !obj.data["spec"]["suspend"].as_bool().unwrap_or(false) {
                 let remote = backstop::sandbox::BareRemote::open(&remote);
                 let gate = remote.head(GATE).unwrap().unwrap();

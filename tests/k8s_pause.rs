@@ -6,7 +6,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use backstop::k8s::pause::{self, KustomizationRef, Paused, Resumed, REQUESTED_AT, SUSPENDED_BY};
+use backstop::k8s::pause::{self, KustomizationRef, Paused, Resumed, SUSPENDED_BY};
 use common::envtest::ControlPlane;
 use futures::StreamExt;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
@@ -45,23 +45,11 @@ fn fake_kustomize_controller(
             let (watcher::Event::Apply(obj) | watcher::Event::InitApply(obj)) = event else {
                 continue;
             };
-            let requested = obj
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(REQUESTED_AT))
-                .cloned();
-            let handled = obj.data["status"]["lastHandledReconcileAt"]
-                .as_str()
-                .map(str::to_string);
-            if let Some(token) = requested.filter(|t| Some(t) != handled.as_ref()) {
+            if common::envtest::reconcile_request(&obj).is_some() {
                 tokio::time::sleep(delay).await;
-                let name = obj.metadata.name.clone().unwrap();
-                let patch = json!({"status": {"lastHandledReconcileAt": token}});
-                api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
-                    .unwrap();
+                // Noted before the write: the lock may see the write before this call returns.
                 *at.lock().unwrap() = Some(Instant::now());
+                assert!(common::envtest::answer_reconcile_request(&api, &obj).await);
             }
         }
     });

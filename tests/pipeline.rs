@@ -231,23 +231,7 @@ async fn remote_given_as_a_file_url_works_like_a_path() {
     let f = Fixture::new().await;
     let c1 = f.commit_carrier(&orders_table(), "create orders");
     let url = format!("file://{}", f.remote.path().display());
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
-        .args([
-            "run",
-            "--once",
-            "--checkpoint",
-            "dump",
-            "--path",
-            "apps/shop",
-            "--repo",
-            &url,
-            "--state",
-        ])
-        .arg(f.state())
-        .env(DB_VAR, f.server.url("shop"))
-        .output()
-        .await
-        .unwrap();
+    let out = f.run_url(&url, &[], &[]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_eq!(f.gate(), c1);
 }

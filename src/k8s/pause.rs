@@ -196,9 +196,16 @@ pub async fn lock(
     }
 }
 
-async fn undo(api: &Api<DynamicObject>, name: &str) {
+/// Clears the suspension and backstop's marker.
+async fn resume(api: &Api<DynamicObject>, name: &str) -> Result<(), kube::Error> {
     let patch = json!({"metadata": {"annotations": {SUSPENDED_BY: null}}, "spec": {"suspend": false}});
-    if let Err(e) = api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(|_| ())
+}
+
+async fn undo(api: &Api<DynamicObject>, name: &str) {
+    if let Err(e) = resume(api, name).await {
         tracing::error!(kustomization = name, error = %e, "could not undo an unconfirmed suspension");
     }
 }
@@ -224,10 +231,7 @@ pub async fn unlock(client: kube::Client, target: &KustomizationRef, owner: &str
             us: owner.into(),
         }),
         (_, Some(_)) => {
-            let patch = json!({"metadata": {"annotations": {SUSPENDED_BY: null}}, "spec": {"suspend": false}});
-            api.patch(&target.name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-                .map_err(err("resume"))?;
+            resume(&api, &target.name).await.map_err(err("resume"))?;
             Ok(Resumed::Resumed)
         }
     }

@@ -260,3 +260,35 @@ pub async fn create_all(client: &kube::Client, text: &str, namespace: Option<&st
         }
     }
 }
+
+/// kustomize-controller's answer to a reconcile request: it writes the request
+/// token to `status.lastHandledReconcileAt` (for suspended objects too).
+/// Returns whether there was a request to answer and the answer was written.
+pub async fn answer_reconcile_request(api: &Api<kube::api::DynamicObject>, obj: &kube::api::DynamicObject) -> bool {
+    let Some(token) = reconcile_request(obj) else {
+        return false;
+    };
+    let name = obj.metadata.name.clone().unwrap_or_default();
+    let patch = serde_json::json!({"status": {"lastHandledReconcileAt": token}});
+    api.patch_status(
+        &name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await
+    .is_ok()
+}
+
+/// The reconcile request token of `obj` that is not answered yet.
+pub fn reconcile_request(obj: &kube::api::DynamicObject) -> Option<String> {
+    let requested = obj
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(backstop::k8s::pause::REQUESTED_AT))
+        .cloned();
+    let handled = obj.data["status"]["lastHandledReconcileAt"]
+        .as_str()
+        .map(str::to_string);
+    requested.filter(|t| Some(t) != handled.as_ref())
+}

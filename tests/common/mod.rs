@@ -182,6 +182,30 @@ impl Fixture {
         cmd.output().await.expect("run backstop")
     }
 
+    /// `backstop run --once` against the remote at `url` with dump checkpoints
+    /// (no server paths), extra args and environment.
+    pub async fn run_url(&self, url: &str, extra: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_backstop"));
+        cmd.args([
+            "run",
+            "--once",
+            "--checkpoint",
+            "dump",
+            "--path",
+            "apps/shop",
+            "--repo",
+            url,
+            "--state",
+        ])
+        .arg(self.state())
+        .args(extra)
+        .env(DB_VAR, self.server.url("shop"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().await.expect("run backstop")
+    }
+
     pub fn gate(&self) -> String {
         self.remote.head(GATE).expect("gate").expect("gate exists")
     }
