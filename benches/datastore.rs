@@ -58,7 +58,7 @@ async fn main() -> Res<()> {
     let (s, d) = (source.database("bench")?, target.database("bench")?);
     let file = dir.path().join("bench.dump");
     let t = Instant::now();
-    datastore::lock(&s, "source", "bench", "bench").await?;
+    datastore::lock(&s, "source", "bench", "bench", &[]).await?;
     let lock = t.elapsed().as_secs_f64();
     let t = Instant::now();
     datastore::export(&s, &file, &bindir, |_| {}).await?;

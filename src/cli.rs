@@ -175,6 +175,14 @@ pub enum DatastoreStep {
         /// Why, for the lock record.
         #[arg(long, env = "BACKSTOP_REASON", default_value = "datastore move")]
         reason: String,
+        /// Also take the verified pause of these Kustomizations (NAMESPACE/NAME,
+        /// repeatable): the ones that deploy the source's clients. Unlock and
+        /// rollback resume them.
+        #[arg(long = "suspend", env = "BACKSTOP_SUSPEND", value_delimiter = ',')]
+        suspend: Vec<String>,
+        /// kubeconfig for --suspend (default: in-cluster, $KUBECONFIG, ~/.kube/config).
+        #[arg(long, env = "BACKSTOP_KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
     },
     /// Export schema and data of the locked source (pg_dump -Fc).
     Export {
@@ -209,10 +217,14 @@ pub enum DatastoreStep {
         #[arg(long, env = "BACKSTOP_FORMAT", value_enum, default_value = "text")]
         format: Format,
     },
-    /// Release the lock on the side that is now live.
+    /// Release the lock on the side that is now live (and resume the
+    /// Kustomizations the lock suspended).
     Unlock {
         #[arg(long, env = "BACKSTOP_URL")]
         url: String,
+        /// kubeconfig for resuming suspended Kustomizations.
+        #[arg(long, env = "BACKSTOP_KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
     },
     /// While the source exists and holds its lock: drop what import created in
     /// the target and unlock the source. Refuses otherwise.
@@ -224,6 +236,9 @@ pub enum DatastoreStep {
         /// Roll back even though the target was unlocked (its new writes are lost).
         #[arg(long, env = "BACKSTOP_FORCE")]
         force: bool,
+        /// kubeconfig for resuming suspended Kustomizations.
+        #[arg(long, env = "BACKSTOP_KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
     },
 }
 
@@ -440,16 +455,76 @@ async fn pause(args: PauseArgs, lock: bool) -> anyhow::Result<u8> {
     }
 }
 
+/// Owner of the pauses a datastore move takes.
+const DATASTORE_OWNER: &str = "backstop-datastore";
+
+async fn suspend_kustomizations(
+    targets: &[String],
+    kubeconfig: Option<&std::path::Path>,
+) -> Result<Vec<String>, crate::datastore::DatastoreError> {
+    use crate::k8s::pause::{self, Paused};
+    let refused = |e: &dyn std::error::Error| crate::datastore::DatastoreError::Refused(crate::run::chain(e));
+    let client = crate::k8s::client(kubeconfig).await.map_err(|e| refused(&e))?;
+    let mut out = Vec::new();
+    for t in targets {
+        let target: pause::KustomizationRef = t.parse().map_err(|e: pause::PauseError| refused(&e))?;
+        out.push(
+            match pause::lock(client.clone(), &target, DATASTORE_OWNER, Duration::from_secs(120)).await {
+                Ok(Paused::Taken { .. }) => format!("paused {target} (confirmed by kustomize-controller)"),
+                Ok(Paused::ByPerson { .. }) => format!("{target} is already suspended by a person"),
+                Err(e) => return Err(refused(&e)),
+            },
+        );
+    }
+    Ok(out)
+}
+
+async fn resume_kustomizations(
+    targets: &[String],
+    kubeconfig: Option<&std::path::Path>,
+) -> Result<Vec<String>, crate::datastore::DatastoreError> {
+    use crate::k8s::pause::{self, Resumed};
+    if targets.is_empty() {
+        return Ok(Vec::new());
+    }
+    let failed = |e: &dyn std::error::Error| crate::datastore::DatastoreError::Refused(crate::run::chain(e));
+    let client = crate::k8s::client(kubeconfig).await.map_err(|e| failed(&e))?;
+    let mut out = Vec::new();
+    for t in targets {
+        let target: pause::KustomizationRef = t.parse().map_err(|e: pause::PauseError| failed(&e))?;
+        out.push(
+            match pause::unlock(client.clone(), &target, DATASTORE_OWNER)
+                .await
+                .map_err(|e| failed(&e))?
+            {
+                Resumed::Resumed => format!("resumed {target}"),
+                Resumed::LeftSuspended => format!("{target} stays suspended (a person suspended it)"),
+                Resumed::NotSuspended => format!("{target} is not suspended"),
+            },
+        );
+    }
+    Ok(out)
+}
+
 async fn datastore(step: DatastoreStep) -> anyhow::Result<u8> {
     use crate::datastore::{self as ds, DatastoreError};
     let result: Result<u8, DatastoreError> = async {
         let by = ds::whoami();
         match step {
-            DatastoreStep::Lock { source, reason } => {
-                println!(
-                    "{}",
-                    ds::lock(&ds::database(&source, "source")?, "source", &by, &reason).await?
-                );
+            DatastoreStep::Lock {
+                source,
+                reason,
+                suspend,
+                kubeconfig,
+            } => {
+                let db = ds::database(&source, "source")?;
+                // Clients first: their Kustomizations stop redeploying before the database locks.
+                if !suspend.is_empty() {
+                    for line in suspend_kustomizations(&suspend, kubeconfig.as_deref()).await? {
+                        println!("{line}");
+                    }
+                }
+                println!("{}", ds::lock(&db, "source", &by, &reason, &suspend).await?);
             }
             DatastoreStep::Export { source, file } => {
                 let bindir = crate::pgbin::bindir().map_err(|e| DatastoreError::Tool {
@@ -503,10 +578,26 @@ async fn datastore(step: DatastoreStep) -> anyhow::Result<u8> {
                     return Ok(EXIT_ROLLED_BACK);
                 }
             }
-            DatastoreStep::Unlock { url } => println!("{}", ds::unlock(&ds::database(&url, "url")?).await?),
-            DatastoreStep::Rollback { source, target, force } => {
+            DatastoreStep::Unlock { url, kubeconfig } => {
+                let db = ds::database(&url, "url")?;
+                let suspended = ds::suspended(&db).await?;
+                println!("{}", ds::unlock(&db).await?);
+                for line in resume_kustomizations(&suspended, kubeconfig.as_deref()).await? {
+                    println!("{line}");
+                }
+            }
+            DatastoreStep::Rollback {
+                source,
+                target,
+                force,
+                kubeconfig,
+            } => {
                 let (s, t) = (ds::database(&source, "source")?, ds::database(&target, "target")?);
+                let suspended = ds::suspended(&s).await.unwrap_or_default();
                 println!("{}", ds::rollback(&s, &t, force).await?);
+                for line in resume_kustomizations(&suspended, kubeconfig.as_deref()).await? {
+                    println!("{line}");
+                }
             }
         }
         Ok(EXIT_OK)

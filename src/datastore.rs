@@ -52,7 +52,8 @@ CREATE TABLE IF NOT EXISTS backstop.datastore_lock (
     reason text NOT NULL,
     revoked_connect text[] NOT NULL DEFAULT '{}',
     unlocked_at timestamptz
-);";
+);
+ALTER TABLE backstop.datastore_lock ADD COLUMN IF NOT EXISTS suspended text[] NOT NULL DEFAULT '{}';";
 
 const IMPORT_DDL: &str = "SET client_min_messages = warning;
 CREATE SCHEMA IF NOT EXISTS backstop;
@@ -122,7 +123,7 @@ async fn lock_record(db: &Database, client: &Client) -> Result<Option<LockRecord
 /// Stops writers: records the lock, revokes CONNECT from every role that has it
 /// except superusers and ourselves, makes new sessions read-only, and ends the
 /// other sessions. Returns what it did or found.
-pub async fn lock(db: &Database, side: &str, by: &str, reason: &str) -> Result<String> {
+pub async fn lock(db: &Database, side: &str, by: &str, reason: &str, suspended: &[String]) -> Result<String> {
     let client = db.connect().await?;
     if let Some(rec) = lock_record(db, &client).await? {
         if rec.locked {
@@ -167,11 +168,12 @@ pub async fn lock(db: &Database, side: &str, by: &str, reason: &str) -> Result<S
         .map_err(q(db, "revoking connections"))?;
     client
         .execute(
-            "INSERT INTO backstop.datastore_lock (side, locked, locked_by, locked_at, reason, revoked_connect, unlocked_at)
-             VALUES ($1, true, $2, now(), $3, $4, NULL)
+            "INSERT INTO backstop.datastore_lock (side, locked, locked_by, locked_at, reason, revoked_connect, unlocked_at, suspended)
+             VALUES ($1, true, $2, now(), $3, $4, NULL, $5)
              ON CONFLICT (id) DO UPDATE SET side = EXCLUDED.side, locked = true, locked_by = EXCLUDED.locked_by,
-               locked_at = EXCLUDED.locked_at, reason = EXCLUDED.reason, revoked_connect = EXCLUDED.revoked_connect, unlocked_at = NULL",
-            &[&side, &by, &reason, &revoked],
+               locked_at = EXCLUDED.locked_at, reason = EXCLUDED.reason, revoked_connect = EXCLUDED.revoked_connect,
+               unlocked_at = NULL, suspended = EXCLUDED.suspended",
+            &[&side, &by, &reason, &revoked, &suspended],
         )
         .await
         .map_err(q(db, "recording the lock"))?;
@@ -192,6 +194,24 @@ pub async fn lock(db: &Database, side: &str, by: &str, reason: &str) -> Result<S
             revoked.join(", ")
         }
     ))
+}
+
+/// The Kustomizations suspended with the lock.
+pub async fn suspended(db: &Database) -> Result<Vec<String>> {
+    let client = db.connect().await?;
+    let exists: bool = client
+        .query_one("SELECT to_regclass('backstop.datastore_lock') IS NOT NULL", &[])
+        .await
+        .map_err(q(db, "looking for a lock record"))?
+        .get(0);
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let row = client
+        .query_opt("SELECT suspended FROM backstop.datastore_lock", &[])
+        .await
+        .map_err(q(db, "reading suspended Kustomizations"))?;
+    Ok(row.map(|r| r.get(0)).unwrap_or_default())
 }
 
 /// Releases the lock: re-grants what was revoked and makes sessions writable.
@@ -419,7 +439,7 @@ pub async fn import(db: &Database, file: &Path, bindir: &Path, opts: ImportOptio
         )
         .await
         .map_err(q(db, "recording the import"))?;
-    lock(db, "target", by, "imported; unlock after verify").await?;
+    lock(db, "target", by, "imported; unlock after verify", &[]).await?;
     Ok(format!(
         "imported {} into {}: {} schema(s), {} relation(s), {} type(s), {} function(s); the target stays locked until `backstop datastore unlock`",
         file.display(),

@@ -175,3 +175,54 @@ async fn cli_lock_takes_the_verified_pause() {
     assert_eq!(obj.metadata.annotations.as_ref().unwrap()[SUSPENDED_BY], "sre-alice");
     controller.abort();
 }
+
+#[tokio::test]
+async fn datastore_lock_suspends_client_kustomizations_and_unlock_resumes_them() {
+    let Some(plane) = ControlPlane::start(&[]).await else {
+        return;
+    };
+    let api = kustomization(&plane, "shop", false).await;
+    let (controller, _) = fake_kustomize_controller(api.clone(), Duration::from_millis(100));
+    let server = backstop::pgserver::PgServer::start().await.unwrap();
+    server.create_database("shop").await.unwrap();
+    let ds = |args: Vec<String>| {
+        let kubeconfig = plane.kubeconfig_path();
+        async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
+                .arg("datastore")
+                .args(args)
+                .arg("--kubeconfig")
+                .arg(kubeconfig)
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let url = server.url("shop");
+    let out = ds(vec![
+        "lock".into(),
+        "--source".into(),
+        url.clone(),
+        "--suspend".into(),
+        "default/shop".into(),
+    ])
+    .await;
+    let text = common::text(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("paused default/shop (confirmed by kustomize-controller)"),
+        "{text}"
+    );
+    let obj = api.get("shop").await.unwrap();
+    assert_eq!(obj.data["spec"]["suspend"], true);
+    assert_eq!(
+        obj.metadata.annotations.as_ref().unwrap()[SUSPENDED_BY],
+        "backstop-datastore"
+    );
+    let out = ds(vec!["unlock".into(), "--url".into(), url]).await;
+    let text = common::text(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("resumed default/shop"), "{text}");
+    assert_eq!(api.get("shop").await.unwrap().data["spec"]["suspend"], false);
+    controller.abort();
+}
