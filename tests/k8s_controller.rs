@@ -523,3 +523,152 @@ async fn controller_leaves_a_kustomization_suspended_by_a_person_alone() {
         .as_ref()
         .is_none_or(|a| a.get(SUSPENDED_BY).is_none()));
 }
+
+/// Plays the CNPG operator: completes Backups with a real base backup of the
+/// test's server, and performs a real PITR (to `recoveryTarget.targetTime`)
+/// for a Cluster recreated with `bootstrap.recovery`.
+fn fake_cnpg_operator(client: kube::Client, f: &Fixture) -> tokio::task::JoinHandle<()> {
+    use backstop::checkpoint::{local::LocalBackend, Checkpoint, RecoveryPoint};
+    let backend = LocalBackend {
+        bindir: f.server.bindir().to_path_buf(),
+        pgdata: f.server.data_dir(),
+        wal_archive: f.server.archive(),
+        store: f.dir.path().join("cnpg-operator"),
+        recovery_timeout: Duration::from_secs(120),
+    };
+    let db = f.server.database("shop").unwrap();
+    let cnpg = |kind: &str| {
+        let gvk = kube::api::GroupVersionKind::gvk("postgresql.cnpg.io", "v1", kind);
+        Api::<DynamicObject>::namespaced_with(client.clone(), "default", &kube::api::ApiResource::from_gvk(&gvk))
+    };
+    let (backups, clusters) = (cnpg("Backup"), cnpg("Cluster"));
+    tokio::spawn(async move {
+        let mut last = None;
+        loop {
+            for b in backups.list(&ListParams::default()).await.unwrap().items {
+                if b.data["status"]["phase"].is_null() {
+                    let name = b.metadata.name.clone().unwrap();
+                    let started = chrono::Utc::now().to_rfc3339();
+                    let record = backend.create(&db, &name).await.unwrap();
+                    last = Some(record);
+                    let status = json!({"status": {"phase": "completed", "startedAt": started, "stoppedAt": chrono::Utc::now().to_rfc3339()}});
+                    backups
+                        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+                        .await
+                        .unwrap();
+                }
+            }
+            for c in clusters.list(&ListParams::default()).await.unwrap().items {
+                let recovery = &c.data["spec"]["bootstrap"]["recovery"];
+                if recovery.is_null() || c.data["status"]["phase"].as_str() == Some("Cluster in healthy state") {
+                    continue;
+                }
+                let t = recovery["recoveryTarget"]["targetTime"].as_str().unwrap();
+                let naive =
+                    chrono::NaiveDateTime::parse_from_str(t.trim_end_matches("+00"), "%Y-%m-%d %H:%M:%S%.f").unwrap();
+                let point = RecoveryPoint {
+                    time: naive.and_utc(),
+                    lsn: String::new(),
+                };
+                backend
+                    .restore(
+                        &db,
+                        last.as_ref().expect("a backup before a recovery"),
+                        &point,
+                        "cnpg-recovery",
+                    )
+                    .await
+                    .unwrap();
+                let status =
+                    json!({"status": {"phase": "Cluster in healthy state", "instances": 1, "readyInstances": 1}});
+                clusters
+                    .patch_status(
+                        c.metadata.name.as_deref().unwrap(),
+                        &PatchParams::default(),
+                        &Patch::Merge(&status),
+                    )
+                    .await
+                    .unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+}
+
+#[tokio::test]
+async fn cnpg_backup_checkpoint_and_cluster_recreate_restore_roll_back_a_failed_migration() {
+    let Some(s) = setup().await else { return };
+    let client = s.plane.client.clone();
+    create(&s.ks, json!({
+        "apiVersion": "kustomize.toolkit.fluxcd.io/v1", "kind": "Kustomization",
+        "metadata": {"name": "databases", "namespace": "default"},
+        "spec": {"interval": "10m", "path": "./infrastructure", "prune": false, "sourceRef": {"kind": "GitRepository", "name": "sre"}},
+    }))
+    .await;
+    let gvk = kube::api::GroupVersionKind::gvk("postgresql.cnpg.io", "v1", "Cluster");
+    let clusters: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), "default", &kube::api::ApiResource::from_gvk(&gvk));
+    create(&clusters, json!({
+        "apiVersion": "postgresql.cnpg.io/v1", "kind": "Cluster",
+        "metadata": {"name": "app-db", "namespace": "default",
+                     "labels": {"kustomize.toolkit.fluxcd.io/name": "databases", "kustomize.toolkit.fluxcd.io/namespace": "default"}},
+        "spec": {"instances": 1, "storage": {"size": "1Gi"},
+                 "backup": {"barmanObjectStore": {"destinationPath": "s3://backups/app-db", "serverName": "app-db"}}},
+    }))
+    .await;
+    let operator = fake_cnpg_operator(client.clone(), &s.f);
+    let m1 = orders_table().database("cnpg:app-db").annotation("checkpoint", "dump");
+    s.f.commit_carrier(&m1, "create orders");
+    let mut controller = s.controller(&[]);
+    s.finished_run().await;
+    controller.kill().await.ok();
+    insert_orders(&s.f).await;
+    let schema = s.f.schema().await;
+    s.runs
+        .delete_collection(&Default::default(), &ListParams::default())
+        .await
+        .unwrap();
+    // Default checkpoint: backup, which in a cluster is a CNPG Backup.
+    let bad = carrier("0002-backfill")
+        .database("cnpg:app-db")
+        .phase("migrate")
+        .sql("001.sql", "SET lock_timeout = '5s';\nALTER TABLE orders ADD COLUMN total int;\nUPDATE orders SET total = 1 WHERE qty > 1;")
+        .verify("SELECT count(*) = 0 FROM orders WHERE total IS NULL");
+    s.f.commit_carrier(&bad, "backfill totals");
+    let mut controller = s.controller(&[]);
+    let run = s.finished_run().await;
+    controller.kill().await.ok();
+    operator.abort();
+    assert_eq!(
+        Setup::ready(&run),
+        ("False".into(), "RolledBack".into()),
+        "{:?}",
+        run.status
+    );
+    let run_id = run.metadata.name.clone().unwrap();
+    let backup_name = format!("backstop-{run_id}");
+    let gvk = kube::api::GroupVersionKind::gvk("postgresql.cnpg.io", "v1", "Backup");
+    let backups: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), "default", &kube::api::ApiResource::from_gvk(&gvk));
+    let backup = backups.get(&backup_name).await.unwrap();
+    assert_eq!(backup.data["spec"]["method"], "barmanObjectStore");
+    assert_eq!(backup.data["spec"]["cluster"]["name"], "app-db");
+    // The Cluster was recreated from the old archive at the recovery point.
+    let cluster = clusters.get("app-db").await.unwrap();
+    assert_eq!(cluster.data["spec"]["bootstrap"]["recovery"]["source"], "app-db");
+    assert!(cluster.data["spec"]["bootstrap"]["recovery"]["recoveryTarget"]["targetTime"].is_string());
+    assert_ne!(
+        cluster.data["spec"]["backup"]["barmanObjectStore"]["serverName"], "app-db",
+        "a new, empty archive"
+    );
+    assert_eq!(
+        cluster.data["spec"]["externalClusters"][0]["barmanObjectStore"]["serverName"],
+        "app-db"
+    );
+    assert_eq!(s.f.schema().await, schema, "real PITR brought the schema back");
+    assert_eq!(s.f.count("SELECT count(*) FROM orders").await, 3);
+    // The Kustomization owning the Cluster stays paused by the run.
+    let owner = s.ks.get("databases").await.unwrap();
+    assert_eq!(owner.data["spec"]["suspend"], true);
+    assert_eq!(owner.metadata.annotations.as_ref().unwrap()[SUSPENDED_BY], run_id);
+}

@@ -33,6 +33,7 @@ const MARK: &str = "# backstop restore settings";
 const RECOVERY_SETTINGS: &[&str] = &[
     "restore_command",
     "recovery_target_lsn",
+    "recovery_target_time",
     "recovery_target_inclusive",
     "recovery_target_timeline",
     "recovery_target_action",
@@ -70,10 +71,19 @@ impl LocalBackend {
     /// `pg_wal` supplies what the archive lacks.
     async fn flush_wal(&self, db: &Database, target: &RecoveryPoint) {
         let Ok(client) = db.connect().await else { return };
-        let Ok(row) = client
-            .query_one("SELECT pg_walfile_name($1::text::pg_lsn)", &[&target.lsn])
-            .await
-        else {
+        // Without an LSN (a time target), the segment being written now.
+        let lsn = if target.lsn.is_empty() {
+            "pg_current_wal_lsn()".to_string()
+        } else {
+            "$1::text::pg_lsn".to_string()
+        };
+        let query = format!("SELECT pg_walfile_name({lsn})");
+        let result = if target.lsn.is_empty() {
+            client.query_one(&query, &[]).await
+        } else {
+            client.query_one(&query, &[&target.lsn]).await
+        };
+        let Ok(row) = result else {
             return;
         };
         let segment: String = row.get(0);
@@ -317,16 +327,22 @@ impl Checkpoint for LocalBackend {
         // the old pg_wal, as the PostgreSQL PITR procedure says.
         copy_unarchived_wal(&kept.join("pg_wal"), &wal, &self.wal_archive)?;
 
-        let target_text = format!(
-            "lsn {} (time {})",
-            target.lsn,
-            target.time.format("%Y-%m-%d %H:%M:%S%.6f+00")
-        );
+        // The LSN read before the migration is exact; a time target (from a
+        // CNPG recovery manifest) is the fallback. PostgreSQL wants
+        // `YYYY-MM-DD HH:MM:SS.ffffff+00`, not RFC 3339.
+        let time = target.time.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string();
+        let (target_line, target_text) = if target.lsn.is_empty() {
+            (format!("recovery_target_time = '{time}'"), format!("time {time}"))
+        } else {
+            (
+                format!("recovery_target_lsn = '{}'", target.lsn),
+                format!("lsn {} (time {time})", target.lsn),
+            )
+        };
         let settings = format!(
-            "\n{MARK} (run {run_id})\nrestore_command = 'cp \"{archive}/%f\" \"%p\"'\nrecovery_target_lsn = '{lsn}'\n\
+            "\n{MARK} (run {run_id})\nrestore_command = 'cp \"{archive}/%f\" \"%p\"'\n{target_line}\n\
              recovery_target_inclusive = off\nrecovery_target_timeline = 'current'\nrecovery_target_action = 'promote'\n",
             archive = self.wal_archive.display(),
-            lsn = target.lsn,
         );
         let auto = self.pgdata.join("postgresql.auto.conf");
         let mut conf = std::fs::read_to_string(&auto).unwrap_or_default();

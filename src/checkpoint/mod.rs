@@ -3,6 +3,7 @@
 //! run keeps of them. Backends: [`local`] (physical base backup + WAL archive,
 //! real PITR) and [`dump`] (logical `pg_dump -Fc` / `pg_restore`).
 
+pub mod cnpg;
 pub mod dump;
 pub mod local;
 

@@ -327,6 +327,11 @@ async fn engine_for(
     });
     let mut checkpoints = CheckpointSet::new();
     checkpoints.insert(CheckpointKind::Dump, dump);
+    let cnpg: Arc<dyn Checkpoint> = Arc::new(crate::checkpoint::cnpg::CnpgBackend {
+        client: client.clone(),
+        timeout: opts.timeout,
+    });
+    checkpoints.insert(CheckpointKind::Backup, cnpg);
     let path = ks.data["spec"]["path"]
         .as_str()
         .unwrap_or("")
