@@ -156,8 +156,11 @@ pub struct Carrier {
     pub verify: Option<String>,
     /// Repo files (other than `file`) this carrier takes SQL from.
     pub sql_files: Vec<String>,
-    /// sha256 of the normalized statements.
+    /// sha256 of the normalized statements (`run: job`: of the Job's spec).
     pub checksum: String,
+    /// The Job manifest itself, for `run: job`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<serde_json::Value>,
 }
 
 mod opt_duration_secs {
@@ -536,7 +539,25 @@ fn parse_carrier(
     } else if ann.contains_key("sql") {
         return Err(ctx.error("sql", "only valid with run: sql"));
     }
-    let checksum = sql::checksum(&statements);
+    let job = if run == RunKind::Job {
+        if kind != "Job" {
+            return Err(ctx.error(
+                "run",
+                format!("run: job needs the carrier to be a batch/v1 Job, not a {kind}"),
+            ));
+        }
+        Some(serde_json::to_value(value).map_err(|e| ctx.error("run", format!("the Job cannot be read: {e}")))?)
+    } else {
+        None
+    };
+    let checksum = match &job {
+        // What a Job runs is its spec.
+        Some(j) => {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(j["spec"].to_string().as_bytes()))
+        }
+        None => sql::checksum(&statements),
+    };
     let lines: BTreeMap<String, usize> = ann
         .keys()
         .map(|k| (k.clone(), ctx.line_of(&format!("{PREFIX}{k}"))))
@@ -562,6 +583,7 @@ fn parse_carrier(
         verify,
         sql_files,
         checksum,
+        job,
     }))
 }
 

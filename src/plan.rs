@@ -59,7 +59,7 @@ pub enum PlanError {
         first: String,
         second: String,
     },
-    #[error("{file}:{line}: backstop.dev/run: job migrations are not supported yet; use run: sql")]
+    #[error("{file}:{line}: backstop.dev/run: job migrations need the Kubernetes controller")]
     JobUnsupported { file: String, line: usize },
     #[error("{commit}: Backstop-Approved-By: {message}")]
     BadTrailer { commit: String, message: String },
@@ -249,7 +249,7 @@ pub async fn prepare(
     if candidate.carriers.iter().any(|c| c.checkpoint != first.checkpoint) {
         return Err(mixed("different checkpoint kinds"));
     }
-    if let Some(job) = candidate.carriers.iter().find(|c| c.run == manifests::RunKind::Job) {
+    if let Some(job) = candidate.carriers.iter().find(|c| !runner.supports(c.run)) {
         return Err(PlanError::JobUnsupported {
             file: job.file.clone(),
             line: job.line,

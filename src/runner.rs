@@ -70,6 +70,10 @@ pub struct RunIdentity<'a> {
 /// Executes migrations and answers questions about the database.
 #[async_trait::async_trait]
 pub trait Runner: Send + Sync {
+    /// Whether this runner can execute migrations of `kind`.
+    fn supports(&self, kind: crate::manifests::RunKind) -> bool {
+        kind == crate::manifests::RunKind::Sql
+    }
     /// The successful history row of migration `id`, if any.
     async fn applied(&self, db: &Database, id: &str) -> Result<Option<HistoryRow>, RunnerError>;
     /// The most recent successful migration of `phase`, if any.
@@ -128,6 +132,38 @@ fn pg_message(e: &tokio_postgres::Error) -> String {
         }
         None => e.to_string(),
     }
+}
+
+/// Records a finished migration in the history table (created if needed):
+/// for runners whose work happens outside this connection (a Job).
+pub async fn record_history(
+    db: &Database,
+    m: &Carrier,
+    who: RunIdentity<'_>,
+    started_at: DateTime<Utc>,
+    success: bool,
+) -> Result<(), RunnerError> {
+    let client = db.connect().await?;
+    client
+        .batch_execute(HISTORY_DDL)
+        .await
+        .map_err(query_err(db, "creating the history table"))?;
+    client
+        .execute(
+            INSERT_HISTORY,
+            &[
+                &m.id,
+                &m.checksum,
+                &m.phase.as_str(),
+                &who.commit,
+                &who.run_id,
+                &started_at,
+                &success,
+            ],
+        )
+        .await
+        .map_err(query_err(db, "recording migration history"))?;
+    Ok(())
 }
 
 /// The newest successful history row matching `filter` (`$1` = `value`).

@@ -672,3 +672,124 @@ async fn cnpg_backup_checkpoint_and_cluster_recreate_restore_roll_back_a_failed_
     assert_eq!(owner.data["spec"]["suspend"], true);
     assert_eq!(owner.metadata.annotations.as_ref().unwrap()[SUSPENDED_BY], run_id);
 }
+
+fn job_carrier(id: &str, name: &str) -> String {
+    format!(
+        "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: {name}\n  namespace: default\n  annotations:\n    backstop.dev/migration: {id}\n    backstop.dev/database: cnpg:app-db\n    backstop.dev/run: job\n    backstop.dev/checkpoint: dump\n    kustomize.toolkit.fluxcd.io/reconcile: disabled\nspec:\n  backoffLimit: 0\n  template:\n    spec:\n      restartPolicy: Never\n      containers:\n        - name: migrate\n          image: registry.example.com/shop-migrate:1.0\n          args: [\"{name}\"]\n"
+    )
+}
+
+/// Plays the Job controller: a Job named *-fails fails; others "run" (create a
+/// table in the database, as the migration image would) and complete.
+fn fake_job_controller(client: kube::Client, url: String) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client, "default");
+        loop {
+            for j in jobs.list(&ListParams::default()).await.unwrap().items {
+                if j.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some() {
+                    continue;
+                }
+                let name = j.metadata.name.clone().unwrap();
+                let failed = name.starts_with("shop-fails");
+                if !failed {
+                    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+                    tokio::spawn(conn);
+                    c.batch_execute("CREATE TABLE IF NOT EXISTS made_by_job (id int)")
+                        .await
+                        .unwrap();
+                } else {
+                    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+                    tokio::spawn(conn);
+                    c.batch_execute("CREATE TABLE half_done_by_job (id int)").await.unwrap();
+                }
+                let (t, reason) = if failed {
+                    ("Failed", "BackoffLimitExceeded")
+                } else {
+                    ("Complete", "Completed")
+                };
+                let now = "2026-01-01T00:00:00Z";
+                let status = json!({"status": {"conditions": [{"type": t, "status": "True", "reason": reason,
+                    "lastProbeTime": now, "lastTransitionTime": now}], "startTime": now}});
+                jobs.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+                    .await
+                    .unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+}
+
+#[tokio::test]
+async fn job_migrations_run_as_uniquely_named_jobs_and_a_failed_job_is_rolled_back() {
+    let Some(s) = setup().await else { return };
+    let jobs = fake_job_controller(s.plane.client.clone(), s.f.server.url("shop"));
+    let c1 = s.f.commit_files(
+        &[(
+            "apps/shop/migrations/0001-job.yaml",
+            &job_carrier("0001-job", "shop-backfill"),
+        )],
+        "job migration",
+    );
+    let mut controller = s.controller(&[]);
+    let run = s.finished_run().await;
+    controller.kill().await.ok();
+    assert_eq!(
+        Setup::ready(&run),
+        ("True".into(), "Succeeded".into()),
+        "{:?}",
+        run.status
+    );
+    let run_id = run.metadata.name.clone().unwrap();
+    let api: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(s.plane.client.clone(), "default");
+    let job = api
+        .get(&format!("shop-backfill-{run_id}"))
+        .await
+        .expect("the Job, under a name unique to the run");
+    assert_eq!(job.metadata.labels.unwrap()["backstop.dev/run"], run_id);
+    assert_eq!(s.f.gate(), c1);
+    assert_eq!(
+        s.f.count("SELECT count(*) FROM backstop.migration_history WHERE id = '0001-job' AND success")
+            .await,
+        1
+    );
+    assert_eq!(
+        s.f.count("SELECT count(*) FROM pg_tables WHERE tablename = 'made_by_job'")
+            .await,
+        1
+    );
+
+    let schema = s.f.schema().await;
+    s.runs
+        .delete_collection(&Default::default(), &ListParams::default())
+        .await
+        .unwrap();
+    s.f.commit_files(
+        &[(
+            "apps/shop/migrations/0002-job.yaml",
+            &job_carrier("0002-job", "shop-fails"),
+        )],
+        "failing job",
+    );
+    let mut controller = s.controller(&[]);
+    let run = s.finished_run().await;
+    controller.kill().await.ok();
+    jobs.abort();
+    assert_eq!(
+        Setup::ready(&run),
+        ("False".into(), "RolledBack".into()),
+        "{:?}",
+        run.status
+    );
+    let status = run.status.unwrap();
+    let migrate = status.steps.iter().find(|s| s.name == "migrate 0002-job").unwrap();
+    assert!(
+        migrate.detail.as_deref().unwrap_or("").contains("failed; log tail"),
+        "{migrate:?}"
+    );
+    assert_eq!(s.f.gate(), c1);
+    assert_eq!(
+        s.f.schema().await,
+        schema,
+        "what the failed Job wrote was restored away"
+    );
+}

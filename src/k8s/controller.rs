@@ -349,7 +349,10 @@ async fn engine_for(
             kustomization: target,
             timeout: opts.timeout,
         }),
-        runner: Arc::new(SqlRunner),
+        runner: Arc::new(super::job::KubeRunner {
+            client: client.clone(),
+            sql: SqlRunner,
+        }),
         checkpoints,
         forge: Arc::new(NoForge),
         store: Arc::new(MigrationRunStore::new(client.clone(), &ns, &name, dir.join("runs"))),

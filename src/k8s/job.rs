@@ -1,0 +1,169 @@
+//! `run: job` migrations: the carrier Job is created under a name unique to
+//! the run, backstop waits for `Complete` or `Failed`, keeps the tail of its
+//! pods' logs for the evidence, and records the migration in the history
+//! table. SQL migrations and every database question go to the SQL runner.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, LogParams, PostParams};
+
+use crate::checkpoint::RecoveryPoint;
+use crate::db::Database;
+use crate::manifests::{Carrier, RunKind};
+use crate::runner::{self, HistoryRow, MigrateOutcome, RunIdentity, Runner, RunnerError, SqlRunner, VerifyOutcome};
+
+/// Runs SQL migrations with [`SqlRunner`] and Job migrations in the cluster.
+#[derive(Clone)]
+pub struct KubeRunner {
+    pub client: kube::Client,
+    pub sql: SqlRunner,
+}
+
+impl KubeRunner {
+    /// The Job's name for this run: the carrier's name, then the run id.
+    fn job_name(base: &str, run_id: &str) -> String {
+        let room = 63usize.saturating_sub(run_id.len() + 1);
+        let base: String = base.chars().take(room).collect();
+        format!("{}-{run_id}", base.trim_end_matches('-'))
+    }
+
+    async fn log_tail(&self, ns: &str, job: &str) -> String {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+        let Ok(list) = pods
+            .list(&ListParams::default().labels(&format!("job-name={job}")))
+            .await
+        else {
+            return "pod logs unavailable".into();
+        };
+        let mut tails = Vec::new();
+        for p in list.items {
+            let name = p.metadata.name.unwrap_or_default();
+            let params = LogParams {
+                tail_lines: Some(50),
+                ..Default::default()
+            };
+            if let Ok(log) = pods.logs(&name, &params).await {
+                tails.push(format!("--- {name}\n{log}"));
+            }
+        }
+        if tails.is_empty() {
+            "no pod logs".into()
+        } else {
+            tails.join("\n")
+        }
+    }
+
+    async fn run_job(&self, db: &Database, m: &Carrier, who: RunIdentity<'_>) -> Result<MigrateOutcome, RunnerError> {
+        let started = std::time::Instant::now();
+        let started_at = Utc::now();
+        let fail = |error: String| MigrateOutcome {
+            transactional: false,
+            statements_done: 0,
+            statements_total: 0,
+            error: Some(error),
+            // A Job may have written anything: a failure restores the checkpoint.
+            committed: true,
+            duration_ms: started.elapsed().as_millis() as u64,
+        };
+        let Some(mut manifest) = m.job.clone() else {
+            return Ok(fail("the carrier holds no Job".into()));
+        };
+        let ns = manifest["metadata"]["namespace"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| m.object.split('/').nth(1).unwrap_or("default").to_string());
+        let base = manifest["metadata"]["name"].as_str().unwrap_or("migration").to_string();
+        let name = Self::job_name(&base, who.run_id);
+        manifest["metadata"]["name"] = name.clone().into();
+        manifest["metadata"]["namespace"] = ns.clone().into();
+        manifest["metadata"]["labels"]["backstop.dev/run"] = who.run_id.into();
+        if let Some(meta) = manifest["metadata"].as_object_mut() {
+            for k in ["resourceVersion", "uid", "creationTimestamp"] {
+                meta.remove(k);
+            }
+        }
+        let job: Job = match serde_json::from_value(manifest) {
+            Ok(j) => j,
+            Err(e) => return Ok(fail(format!("the carrier is not a valid Job: {e}"))),
+        };
+        let jobs: Api<Job> = Api::namespaced(self.client.clone(), &ns);
+        match jobs.create(&PostParams::default(), &job).await {
+            Ok(_) => {}
+            // A resumed run finds the Job it created.
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Ok(fail(format!("creating Job {ns}/{name} failed: {e}"))),
+        }
+        let deadline = tokio::time::Instant::now() + m.timeout;
+        let result = loop {
+            if let Ok(j) = jobs.get(&name).await {
+                let conditions = j.status.and_then(|s| s.conditions).unwrap_or_default();
+                let has = |t: &str| conditions.iter().any(|c| c.type_ == t && c.status == "True");
+                if has("Complete") {
+                    break Ok(());
+                }
+                if has("Failed") {
+                    break Err(format!("Job {ns}/{name} failed"));
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                break Err(format!(
+                    "Job {ns}/{name} did not finish within {}s",
+                    m.timeout.as_secs()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        let logs = self.log_tail(&ns, &name).await;
+        match result {
+            Ok(()) => {
+                runner::record_history(db, m, who, started_at, true).await?;
+                Ok(MigrateOutcome {
+                    transactional: false,
+                    statements_done: 0,
+                    statements_total: 0,
+                    error: None,
+                    committed: true,
+                    duration_ms: started.elapsed().as_millis() as u64,
+                })
+            }
+            Err(e) => Ok(fail(format!("{e}; log tail: {logs}"))),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Runner for KubeRunner {
+    fn supports(&self, _kind: RunKind) -> bool {
+        true
+    }
+
+    async fn applied(&self, db: &Database, id: &str) -> Result<Option<HistoryRow>, RunnerError> {
+        self.sql.applied(db, id).await
+    }
+
+    async fn latest_applied(&self, db: &Database, phase: &str) -> Result<Option<HistoryRow>, RunnerError> {
+        self.sql.latest_applied(db, phase).await
+    }
+
+    async fn server_version(&self, db: &Database) -> Result<u32, RunnerError> {
+        self.sql.server_version(db).await
+    }
+
+    async fn recovery_point(&self, db: &Database) -> Result<RecoveryPoint, RunnerError> {
+        self.sql.recovery_point(db).await
+    }
+
+    async fn migrate(&self, db: &Database, m: &Carrier, who: RunIdentity<'_>) -> Result<MigrateOutcome, RunnerError> {
+        match m.run {
+            RunKind::Sql => self.sql.migrate(db, m, who).await,
+            RunKind::Job => self.run_job(db, m, who).await,
+        }
+    }
+
+    async fn verify(&self, db: &Database, sql: &str, timeout: Duration) -> Result<VerifyOutcome, RunnerError> {
+        self.sql.verify(db, sql, timeout).await
+    }
+}
