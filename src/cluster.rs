@@ -32,6 +32,12 @@ pub trait Cluster: Send + Sync {
     async fn promote(&self, run_id: &str, commit: &str) -> Result<String, ClusterError>;
     /// Releases the pause this run holds (never one a person holds).
     async fn unlock(&self, run_id: &str) -> Result<String, ClusterError>;
+    /// Releases another object a restore held for the run (`NS/NAME` of a
+    /// Kustomization owning a recreated database cluster).
+    async fn release(&self, held: &str, run_id: &str) -> Result<String, ClusterError> {
+        let _ = run_id;
+        Ok(format!("nothing to release for {held} here"))
+    }
 }
 
 /// Local mode: no Flux to pause, databases come from `url:VAR` variables

@@ -412,6 +412,19 @@ impl GitRepo {
     /// Writes (without pushing) a commit on top of `onto` that reverts `sha`.
     /// `body` follows the `This reverts commit` line; `trailer` ends the message.
     pub async fn revert(&self, sha: &str, onto: &str, body: &str, trailer: &str) -> Result<String> {
+        self.revert_with(sha, onto, body, trailer, Vec::new()).await
+    }
+
+    /// Like [`revert`](Self::revert), with `files` (path, content) written into
+    /// the same commit (e.g. the manifest of a recreated database cluster).
+    pub async fn revert_with(
+        &self,
+        sha: &str,
+        onto: &str,
+        body: &str,
+        trailer: &str,
+        files: Vec<(String, String)>,
+    ) -> Result<String> {
         let (sha, onto, body, trailer) = (sha.to_string(), onto.to_string(), body.to_string(), trailer.to_string());
         self.blocking(move |this| {
             let repo = this.repo()?;
@@ -436,6 +449,9 @@ impl GitRepo {
                     onto: onto.clone(),
                     paths: paths.join(", "),
                 });
+            }
+            for (path, content) in &files {
+                stage_file(&repo, &mut index, path, content.as_bytes()).map_err(err)?;
             }
             let tree_id = index.write_tree_to(&repo).map_err(err)?;
             let tree = repo.find_tree(tree_id).map_err(err)?;
@@ -595,6 +611,31 @@ pub fn redact(url: &str) -> String {
         },
         None => url.to_string(),
     }
+}
+
+/// Writes `content` as a blob and puts it at `path` in `index`.
+pub fn stage_file(
+    repo: &Repository,
+    index: &mut git2::Index,
+    path: &str,
+    content: &[u8],
+) -> std::result::Result<(), git2::Error> {
+    let blob = repo.blob(content)?;
+    let entry = git2::IndexEntry {
+        ctime: git2::IndexTime::new(0, 0),
+        mtime: git2::IndexTime::new(0, 0),
+        dev: 0,
+        ino: 0,
+        mode: 0o100644,
+        uid: 0,
+        gid: 0,
+        file_size: content.len() as u32,
+        id: blob,
+        flags: 0,
+        flags_extended: 0,
+        path: path.as_bytes().to_vec(),
+    };
+    index.add(&entry)
 }
 
 fn oid(sha: &str) -> Result<Oid> {

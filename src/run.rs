@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-use crate::checkpoint::{Checkpoint, CheckpointRecord, RecoveryPoint, RestoreRecord};
+use crate::checkpoint::{Checkpoint, CheckpointRecord, ManifestPatch, RecoveryPoint, RestoreRecord};
 use crate::cluster::Cluster;
 use crate::db::Database;
 use crate::forge::{Forge, PullRequest};
@@ -141,6 +141,9 @@ pub struct RunRecord {
     pub restore_decision: Option<String>,
     pub restore: Option<RestoreRecord>,
     pub revert: Option<RevertRecord>,
+    /// Whatever the restore held (a Kustomization) was released.
+    #[serde(default)]
+    pub hold_released: bool,
     /// The revert pushed straight to the gate when the commit was already
     /// promoted (the bad code was live): its sha.
     #[serde(default)]
@@ -276,6 +279,9 @@ impl Engine {
         self.git.fetch().await?;
         let previous = self.store.list().await?;
         self.open_pending_pull_requests(&previous).await?;
+        if let Some(gate) = self.git.branch(&self.settings.gate).await? {
+            release_holds(self, &previous, &gate).await?;
+        }
         for mut run in previous.iter().filter(|r| r.is_open()).cloned() {
             tracing::info!(run = %run.id, phase = %run.phase, "resuming run");
             let outcome = self.drive(&mut run).await?;
@@ -409,6 +415,7 @@ impl Engine {
             restore: None,
             revert: None,
             gate_revert: None,
+            hold_released: false,
             remediation_errors: Vec::new(),
             report_written: false,
         }
@@ -978,6 +985,8 @@ impl Engine {
         };
         let upstream = self.settings.upstream.clone();
         let git = self.git.clone();
+        // A recreated database cluster: its manifest change rides with the revert.
+        let patch = run.restore.as_ref().and_then(|r| r.manifest_patch.clone());
         let work = async {
             match mode {
                 RevertMode::Commit => {
@@ -987,7 +996,15 @@ impl Engine {
                             return Ok((sha, upstream.clone(), "found from an earlier attempt".to_string()));
                         }
                         let head = git.require_branch(&upstream).await?;
-                        let sha = git.revert(&commit, &head, &body, &trailer).await?;
+                        let sha = git
+                            .revert_with(
+                                &commit,
+                                &head,
+                                &body,
+                                &trailer,
+                                repo_changes(&git, &head, patch.as_ref()).await?,
+                            )
+                            .await?;
                         match git.push(&sha, &upstream).await {
                             Ok(()) => return Ok((sha, upstream.clone(), "pushed to upstream".to_string())),
                             Err(GitError::Rejected { .. }) => continue,
@@ -1008,7 +1025,15 @@ impl Engine {
                         return Ok((sha, branch, "found from an earlier attempt".to_string()));
                     }
                     let head = git.require_branch(&upstream).await?;
-                    let sha = git.revert(&commit, &head, &body, &trailer).await?;
+                    let sha = git
+                        .revert_with(
+                            &commit,
+                            &head,
+                            &body,
+                            &trailer,
+                            repo_changes(&git, &head, patch.as_ref()).await?,
+                        )
+                        .await?;
                     git.push(&sha, &branch).await?;
                     Ok((sha, branch, "pushed revert branch".to_string()))
                 }
@@ -1074,6 +1099,58 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// The files a revert must also change so that git matches the cluster.
+async fn repo_changes(
+    git: &GitRepo,
+    head: &str,
+    patch: Option<&ManifestPatch>,
+) -> Result<Vec<(String, String)>, GitError> {
+    let Some(p) = patch else { return Ok(Vec::new()) };
+    let snapshot = git.snapshot(head, "").await?;
+    Ok(
+        match crate::manifests::patch_manifest(&snapshot, &p.kind, &p.namespace, &p.name, &p.merge) {
+            Some(f) if !f.already => vec![(f.path, f.content)],
+            Some(_) => Vec::new(),
+            None => {
+                tracing::warn!(kind = %p.kind, namespace = %p.namespace, name = %p.name, "manifest not found in the repository; update it by hand");
+                Vec::new()
+            }
+        },
+    )
+}
+
+/// Resumes what a restore held (the Kustomization owning a recreated cluster)
+/// once the gate carries the manifest change.
+async fn release_holds(engine: &Engine, runs: &[RunRecord], gate: &str) -> Result<(), StoreError> {
+    for run in runs.iter().filter(|r| !r.hold_released && r.phase.is_terminal()) {
+        let Some(patch) = run.restore.as_ref().and_then(|r| r.manifest_patch.clone()) else {
+            continue;
+        };
+        let Some(hold) = patch.hold.clone() else { continue };
+        let Ok(snapshot) = engine.git.snapshot(gate, "").await else {
+            continue;
+        };
+        let applied =
+            crate::manifests::patch_manifest(&snapshot, &patch.kind, &patch.namespace, &patch.name, &patch.merge)
+                .is_some_and(|f| f.already);
+        if !applied {
+            tracing::info!(run = %run.id, held = %hold, "held until the gate carries the {} manifest change", patch.kind);
+            continue;
+        }
+        let mut run = run.clone();
+        let id = run.id.clone();
+        if engine
+            .step(&mut run, &format!("release {hold}"), engine.cluster.release(&hold, &id))
+            .await?
+            .is_ok()
+        {
+            run.hold_released = true;
+        }
+        engine.store.save(&run).await?;
+    }
+    Ok(())
 }
 
 /// The pull request for a run's revert branch; its body is the evidence report.

@@ -61,24 +61,7 @@ impl BareRemote {
         }
         for change in changes {
             match change {
-                Change::Write(path, content) => {
-                    let blob = repo.blob(content.as_bytes())?;
-                    let entry = git2::IndexEntry {
-                        ctime: git2::IndexTime::new(0, 0),
-                        mtime: git2::IndexTime::new(0, 0),
-                        dev: 0,
-                        ino: 0,
-                        mode: 0o100644,
-                        uid: 0,
-                        gid: 0,
-                        file_size: content.len() as u32,
-                        id: blob,
-                        flags: 0,
-                        flags_extended: 0,
-                        path: path.as_bytes().to_vec(),
-                    };
-                    index.add(&entry)?;
-                }
+                Change::Write(path, content) => crate::git::stage_file(&repo, &mut index, path, content.as_bytes())?,
                 Change::Remove(path) => index.remove_path(Path::new(path))?,
             }
         }

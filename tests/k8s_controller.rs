@@ -617,6 +617,9 @@ async fn cnpg_backup_checkpoint_and_cluster_recreate_restore_roll_back_a_failed_
     }))
     .await;
     let operator = fake_cnpg_operator(client.clone(), &s.f);
+    // The Cluster's manifest in the repository (applied by the `databases` Kustomization).
+    let cluster_yaml = "# Shop database\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: default\n---\n# CNPG cluster\napiVersion: postgresql.cnpg.io/v1\nkind: Cluster\nmetadata:\n  name: app-db\n  namespace: default\nspec:\n  instances: 1\n  storage:\n    size: 1Gi\n  bootstrap:\n    initdb:\n      database: app\n  backup:\n    barmanObjectStore:\n      destinationPath: s3://backups/app-db\n      serverName: app-db\n";
+    s.f.commit_files(&[("infrastructure/app-db.yaml", cluster_yaml)], "database cluster");
     let m1 = orders_table().database("cnpg:app-db").annotation("checkpoint", "dump");
     s.f.commit_carrier(&m1, "create orders");
     let mut controller = s.controller(&[]);
@@ -634,10 +637,9 @@ async fn cnpg_backup_checkpoint_and_cluster_recreate_restore_roll_back_a_failed_
         .phase("migrate")
         .sql("001.sql", "SET lock_timeout = '5s';\nALTER TABLE orders ADD COLUMN total int;\nUPDATE orders SET total = 1 WHERE qty > 1;")
         .verify("SELECT count(*) = 0 FROM orders WHERE total IS NULL");
-    s.f.commit_carrier(&bad, "backfill totals");
+    let c2 = s.f.commit_carrier(&bad, "backfill totals");
     let mut controller = s.controller(&[]);
     let run = s.finished_run().await;
-    controller.kill().await.ok();
     operator.abort();
     assert_eq!(
         Setup::ready(&run),
@@ -667,10 +669,48 @@ async fn cnpg_backup_checkpoint_and_cluster_recreate_restore_roll_back_a_failed_
     );
     assert_eq!(s.f.schema().await, schema, "real PITR brought the schema back");
     assert_eq!(s.f.count("SELECT count(*) FROM orders").await, 3);
-    // The Kustomization owning the Cluster stays paused by the run.
+    // The Kustomization owning the Cluster stays paused by the run...
     let owner = s.ks.get("databases").await.unwrap();
     assert_eq!(owner.data["spec"]["suspend"], true);
     assert_eq!(owner.metadata.annotations.as_ref().unwrap()[SUSPENDED_BY], run_id);
+    // ...and the revert carries the matching Cluster manifest change, other documents untouched.
+    let branch = format!("backstop/revert-{}", &c2[..7]);
+    let manifest = git(
+        s.f.remote.path(),
+        &["show", &format!("{branch}:infrastructure/app-db.yaml")],
+    );
+    assert!(
+        manifest.starts_with("# Shop database\napiVersion: v1\nkind: Namespace"),
+        "{manifest}"
+    );
+    assert!(
+        manifest.contains("recovery:") && manifest.contains("source: app-db"),
+        "{manifest}"
+    );
+    assert!(!manifest.contains("initdb"), "{manifest}");
+    let new_server = cluster.data["spec"]["backup"]["barmanObjectStore"]["serverName"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(manifest.contains(&format!("serverName: {new_server}")), "{manifest}");
+    // Once the revert is merged and reaches the gate, the owner is resumed.
+    let revert = s.f.remote.head(&branch).unwrap().unwrap();
+    s.f.remote.set_branch("main", &revert).unwrap();
+    let mut resumed = false;
+    for _ in 0..60 {
+        let owner = s.ks.get("databases").await.unwrap();
+        if owner.data["spec"]["suspend"] == false {
+            resumed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    controller.kill().await.ok();
+    assert!(
+        resumed,
+        "the owning Kustomization was resumed once the gate carried the change"
+    );
+    assert_eq!(s.f.gate(), revert);
 }
 
 fn job_carrier(id: &str, name: &str) -> String {

@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, PostParams};
 use serde_json::{json, Value};
 
-use super::{Checkpoint, CheckpointError, CheckpointRecord, RecoveryPoint, RestoreRecord};
+use super::{Checkpoint, CheckpointError, CheckpointRecord, ManifestPatch, RecoveryPoint, RestoreRecord};
 use crate::db::Database;
 use crate::k8s::pause::{self, KustomizationRef};
 use crate::manifests::DatabaseRef;
@@ -277,7 +277,29 @@ impl Checkpoint for CnpgBackend {
             },
         )
         .await?;
-        let held = owner
+        let recovered = clusters
+            .get(&name)
+            .await
+            .map_err(kube_err("CNPG Cluster", format!("{ns}/{name}")))?;
+        let spec = &recovered.data["spec"];
+        // What the repository's Cluster manifest must say so that Flux keeps this Cluster.
+        let mut merge = json!({"spec": {"bootstrap": {"initdb": null, "recovery": spec["bootstrap"]["recovery"]},
+                                        "externalClusters": spec["externalClusters"]}});
+        if !spec["backup"]["barmanObjectStore"].is_null() {
+            merge["spec"]["backup"] = json!({"barmanObjectStore": {"serverName": new_server}});
+        }
+        let hold = owner.as_ref().map(|k| k.to_string()).or_else(|| {
+            let labels = recovered.metadata.labels.clone().unwrap_or_default();
+            match (
+                labels.get("kustomize.toolkit.fluxcd.io/namespace"),
+                labels.get("kustomize.toolkit.fluxcd.io/name"),
+            ) {
+                (Some(kns), Some(n)) => Some(format!("{kns}/{n}")),
+                _ => None,
+            }
+        });
+        let held = hold
+            .as_ref()
             .map(|k| {
                 format!("; {k}, which owns the Cluster, stays suspended until the recovery manifest reaches the gate")
             })
@@ -287,6 +309,7 @@ impl Checkpoint for CnpgBackend {
             finished_at: Utc::now(),
             target: format!("targetTime {target_time} from WAL archive serverName {old_server}"),
             kept: format!("the old Cluster's backups and WAL under serverName {old_server}; the new Cluster archives as {new_server}{held}"),
+            manifest_patch: Some(ManifestPatch { kind: "Cluster".into(), namespace: ns.clone(), name: name.clone(), merge, hold }),
         })
     }
 }

@@ -159,6 +159,7 @@ impl Checkpoint for DumpBackend {
             finished_at: Utc::now(),
             target: format!("dump taken at {}", checkpoint.completed_at.to_rfc3339()),
             kept: format!("database {kept}"),
+            manifest_patch: None,
         })
     }
 }

@@ -408,6 +408,7 @@ impl Checkpoint for LocalBackend {
             finished_at: Utc::now(),
             target: target_text,
             kept: kept.display().to_string(),
+            manifest_patch: None,
         })
     }
 }

@@ -80,6 +80,22 @@ pub struct RestoreRecord {
     pub target: String,
     /// Where the state before the restore was kept (never deleted).
     pub kept: String,
+    /// A change the repository must get so that git and cluster agree (a
+    /// recreated CNPG Cluster); it goes into the revert.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_patch: Option<ManifestPatch>,
+}
+
+/// A JSON merge patch for one object's manifest in the repository.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestPatch {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    /// RFC 7386 merge patch of the manifest.
+    pub merge: serde_json::Value,
+    /// `NS/NAME` of the Kustomization held suspended until the gate has the change.
+    pub hold: Option<String>,
 }
 
 /// A checkpoint backend.

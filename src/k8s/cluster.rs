@@ -118,6 +118,17 @@ impl Cluster for KubeCluster {
         }
     }
 
+    async fn release(&self, held: &str, run_id: &str) -> Result<String, ClusterError> {
+        let target: KustomizationRef = held
+            .parse()
+            .map_err(|e: pause::PauseError| ClusterError::Other(e.to_string()))?;
+        match pause::unlock(self.client.clone(), &target, run_id).await {
+            Ok(Resumed::Resumed) => Ok(format!("resumed {target}: the gate carries the manifest change")),
+            Ok(other) => Ok(format!("{target}: {other:?}")),
+            Err(e) => Err(ClusterError::Other(crate::run::chain(&e))),
+        }
+    }
+
     async fn unlock(&self, run_id: &str) -> Result<String, ClusterError> {
         match pause::unlock(self.client.clone(), &self.kustomization, run_id).await {
             Ok(Resumed::Resumed) => Ok(format!("resumed {}", self.kustomization)),
