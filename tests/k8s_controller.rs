@@ -221,10 +221,35 @@ async fn http_get(port: u16, path: &str) -> (u16, String) {
     (resp.status().as_u16(), resp.text().await.unwrap())
 }
 
+/// The CNPG Cluster `app-db` (owned by the `databases` Kustomization) with backups configured.
+async fn cnpg_cluster(s: &Setup) -> Api<DynamicObject> {
+    create(&s.ks, json!({
+        "apiVersion": "kustomize.toolkit.fluxcd.io/v1", "kind": "Kustomization",
+        "metadata": {"name": "databases", "namespace": "default"},
+        "spec": {"interval": "10m", "path": "./infrastructure", "prune": false, "sourceRef": {"kind": "GitRepository", "name": "sre"}},
+    }))
+    .await;
+    let gvk = kube::api::GroupVersionKind::gvk("postgresql.cnpg.io", "v1", "Cluster");
+    let clusters: Api<DynamicObject> =
+        Api::namespaced_with(s.plane.client.clone(), "default", &kube::api::ApiResource::from_gvk(&gvk));
+    create(&clusters, json!({
+        "apiVersion": "postgresql.cnpg.io/v1", "kind": "Cluster",
+        "metadata": {"name": "app-db", "namespace": "default",
+                     "labels": {"kustomize.toolkit.fluxcd.io/name": "databases", "kustomize.toolkit.fluxcd.io/namespace": "default"}},
+        "spec": {"instances": 1, "storage": {"size": "1Gi"},
+                 "backup": {"barmanObjectStore": {"destinationPath": "s3://backups/app-db", "serverName": "app-db"}}},
+    }))
+    .await;
+    clusters
+}
+
 #[tokio::test]
 async fn controller_migrates_promotes_and_records_a_ready_migration_run() {
     let Some(s) = setup().await else { return };
-    let migration = orders_table().database("cnpg:app-db").annotation("checkpoint", "dump");
+    cnpg_cluster(&s).await;
+    let operator = fake_cnpg_operator(s.plane.client.clone(), &s.f);
+    // Default checkpoint: a CNPG Backup.
+    let migration = orders_table().database("cnpg:app-db");
     let c1 = s.f.commit_carrier(&migration, "create orders");
     let port = free_port();
     let mut controller = s.controller_as("replica-a", port, &[]);
@@ -262,9 +287,15 @@ async fn controller_migrates_promotes_and_records_a_ready_migration_run() {
         .any(|e| e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("MigrationRun"));
     assert!(on_run, "no event on the MigrationRun");
     controller.kill().await.ok();
+    operator.abort();
     assert_eq!(Setup::ready(&run), ("True".into(), "Succeeded".into()));
     assert_eq!(run.spec.commit, c1);
     assert_eq!(run.spec.kustomization, "shop");
+    let gvk = kube::api::GroupVersionKind::gvk("postgresql.cnpg.io", "v1", "Backup");
+    let backups: Api<DynamicObject> =
+        Api::namespaced_with(s.plane.client.clone(), "default", &kube::api::ApiResource::from_gvk(&gvk));
+    let backup = backups.get(&format!("backstop-{}", run.metadata.name.as_deref().unwrap())).await.unwrap();
+    assert_eq!(backup.data["status"]["phase"], "completed", "Backup created and completed");
     let steps = steps(&run);
     for step in [
         "lock",
@@ -599,23 +630,7 @@ fn fake_cnpg_operator(client: kube::Client, f: &Fixture) -> tokio::task::JoinHan
 async fn cnpg_backup_checkpoint_and_cluster_recreate_restore_roll_back_a_failed_migration() {
     let Some(s) = setup().await else { return };
     let client = s.plane.client.clone();
-    create(&s.ks, json!({
-        "apiVersion": "kustomize.toolkit.fluxcd.io/v1", "kind": "Kustomization",
-        "metadata": {"name": "databases", "namespace": "default"},
-        "spec": {"interval": "10m", "path": "./infrastructure", "prune": false, "sourceRef": {"kind": "GitRepository", "name": "sre"}},
-    }))
-    .await;
-    let gvk = kube::api::GroupVersionKind::gvk("postgresql.cnpg.io", "v1", "Cluster");
-    let clusters: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), "default", &kube::api::ApiResource::from_gvk(&gvk));
-    create(&clusters, json!({
-        "apiVersion": "postgresql.cnpg.io/v1", "kind": "Cluster",
-        "metadata": {"name": "app-db", "namespace": "default",
-                     "labels": {"kustomize.toolkit.fluxcd.io/name": "databases", "kustomize.toolkit.fluxcd.io/namespace": "default"}},
-        "spec": {"instances": 1, "storage": {"size": "1Gi"},
-                 "backup": {"barmanObjectStore": {"destinationPath": "s3://backups/app-db", "serverName": "app-db"}}},
-    }))
-    .await;
+    let clusters = cnpg_cluster(&s).await;
     let operator = fake_cnpg_operator(client.clone(), &s.f);
     // The Cluster's manifest in the repository (applied by the `databases` Kustomization).
     let cluster_yaml = "# Shop database\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: default\n---\n# CNPG cluster\napiVersion: postgresql.cnpg.io/v1\nkind: Cluster\nmetadata:\n  name: app-db\n  namespace: default\nspec:\n  instances: 1\n  storage:\n    size: 1Gi\n  bootstrap:\n    initdb:\n      database: app\n  backup:\n    barmanObjectStore:\n      destinationPath: s3://backups/app-db\n      serverName: app-db\n";
