@@ -230,8 +230,11 @@ async fn cnpg_cluster(s: &Setup) -> Api<DynamicObject> {
     }))
     .await;
     let gvk = kube::api::GroupVersionKind::gvk("postgresql.cnpg.io", "v1", "Cluster");
-    let clusters: Api<DynamicObject> =
-        Api::namespaced_with(s.plane.client.clone(), "default", &kube::api::ApiResource::from_gvk(&gvk));
+    let clusters: Api<DynamicObject> = Api::namespaced_with(
+        s.plane.client.clone(),
+        "default",
+        &kube::api::ApiResource::from_gvk(&gvk),
+    );
     create(&clusters, json!({
         "apiVersion": "postgresql.cnpg.io/v1", "kind": "Cluster",
         "metadata": {"name": "app-db", "namespace": "default",
@@ -292,10 +295,19 @@ async fn controller_migrates_promotes_and_records_a_ready_migration_run() {
     assert_eq!(run.spec.commit, c1);
     assert_eq!(run.spec.kustomization, "shop");
     let gvk = kube::api::GroupVersionKind::gvk("postgresql.cnpg.io", "v1", "Backup");
-    let backups: Api<DynamicObject> =
-        Api::namespaced_with(s.plane.client.clone(), "default", &kube::api::ApiResource::from_gvk(&gvk));
-    let backup = backups.get(&format!("backstop-{}", run.metadata.name.as_deref().unwrap())).await.unwrap();
-    assert_eq!(backup.data["status"]["phase"], "completed", "Backup created and completed");
+    let backups: Api<DynamicObject> = Api::namespaced_with(
+        s.plane.client.clone(),
+        "default",
+        &kube::api::ApiResource::from_gvk(&gvk),
+    );
+    let backup = backups
+        .get(&format!("backstop-{}", run.metadata.name.as_deref().unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(
+        backup.data["status"]["phase"], "completed",
+        "Backup created and completed"
+    );
     let steps = steps(&run);
     for step in [
         "lock",

@@ -3,7 +3,9 @@
 //! the repository URL and the gate branch (`spec.ref.branch`), the annotation
 //! `backstop.dev/upstream-branch` the upstream (default `main`), `spec.path`
 //! the guarded folder, and the GitRepository's `spec.secretRef` (keys
-//! `username`, `password`) the git credentials. Runs are `MigrationRun`s;
+//! `username`, `password`) the git credentials, unless the Kustomization's
+//! `backstop.dev/git-secret` names another Secret (Flux only reads; backstop
+//! pushes the gate and reverts). Runs are `MigrationRun`s;
 //! the lock is the verified pause; promotion waits for Flux to report the new
 //! revision Ready. A pass runs on every change of a Kustomization and every
 //! `interval`; Kustomizations are processed one at a time.
@@ -37,6 +39,9 @@ use kube::Resource;
 pub const GUARD: &str = "backstop.dev/guard";
 /// Annotation naming the upstream branch.
 pub const UPSTREAM: &str = "backstop.dev/upstream-branch";
+/// Annotation naming the Secret (`username`, `password`) backstop pushes with,
+/// when it differs from the GitRepository's read credentials.
+pub const GIT_SECRET: &str = "backstop.dev/git-secret";
 
 /// Failures that stop the controller (a single Kustomization's failure does not).
 #[derive(Debug, thiserror::Error)]
@@ -291,13 +296,22 @@ async fn engine_for(
         .as_str()
         .ok_or("the GitRepository must follow a branch (spec.ref.branch): the gate")?
         .to_string();
-    let auth = match repo.data["spec"]["secretRef"]["name"].as_str() {
+    // Credentials: the Secret `backstop.dev/git-secret` names (in the
+    // Kustomization's namespace), else the GitRepository's own secretRef.
+    let (secret_ns, secret_name) = match annotation(ks, GIT_SECRET) {
+        Some(name) => (ns.clone(), Some(name.to_string())),
+        None => (
+            source_ns.clone(),
+            repo.data["spec"]["secretRef"]["name"].as_str().map(str::to_string),
+        ),
+    };
+    let auth = match secret_name.as_deref() {
         Some(secret) => {
-            let secrets: Api<Secret> = Api::namespaced(client.clone(), &source_ns);
+            let secrets: Api<Secret> = Api::namespaced(client.clone(), &secret_ns);
             let s = secrets
                 .get(secret)
                 .await
-                .map_err(|e| format!("failed to read Secret {source_ns}/{secret}: {e}"))?;
+                .map_err(|e| format!("failed to read Secret {secret_ns}/{secret}: {e}"))?;
             let get = |k: &str| {
                 s.data
                     .as_ref()
@@ -308,7 +322,7 @@ async fn engine_for(
                 (Some(username), Some(token)) => GitAuth::Token { username, token },
                 _ => {
                     return Err(format!(
-                        "Secret {source_ns}/{secret} needs `username` and `password` keys"
+                        "Secret {secret_ns}/{secret} needs `username` and `password` keys"
                     ))
                 }
             }
