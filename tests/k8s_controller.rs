@@ -860,3 +860,30 @@ async fn job_migrations_run_as_uniquely_named_jobs_and_a_failed_job_is_rolled_ba
         "what the failed Job wrote was restored away"
     );
 }
+
+#[tokio::test]
+async fn push_credentials_can_come_from_the_secret_the_kustomization_names() {
+    let Some(s) = setup().await else { return };
+    let gvk = kube::api::GroupVersionKind::gvk("source.toolkit.fluxcd.io", "v1", "GitRepository");
+    let repos: Api<DynamicObject> = Api::namespaced_with(
+        s.plane.client.clone(),
+        "default",
+        &kube::api::ApiResource::from_gvk(&gvk),
+    );
+    let drop_ref = json!({"spec": {"secretRef": null}});
+    repos
+        .patch("sre", &PatchParams::default(), &Patch::Merge(&drop_ref))
+        .await
+        .unwrap();
+    let annotate = json!({"metadata": {"annotations": {"backstop.dev/git-secret": "git-auth"}}});
+    s.ks.patch("shop", &PatchParams::default(), &Patch::Merge(&annotate))
+        .await
+        .unwrap();
+    let migration = orders_table().database("cnpg:app-db").annotation("checkpoint", "dump");
+    let c1 = s.f.commit_carrier(&migration, "create orders");
+    let mut controller = s.controller(&[]);
+    let run = s.finished_run().await;
+    controller.kill().await.ok();
+    assert_eq!(Setup::ready(&run), ("True".into(), "Succeeded".into()));
+    assert_eq!(s.f.gate(), c1, "pushed with the credentials of backstop.dev/git-secret");
+}
