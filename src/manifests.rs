@@ -546,6 +546,18 @@ fn parse_carrier(
                 format!("run: job needs the carrier to be a batch/v1 Job, not a {kind}"),
             ));
         }
+        // Flux applies everything under the path: without this it would run
+        // the Job a second time when the gate moves.
+        if get_str(
+            value,
+            &["metadata", "annotations", "kustomize.toolkit.fluxcd.io/reconcile"],
+        ) != Some("disabled")
+        {
+            return Err(ctx.error(
+                "run",
+                "a Job carrier needs the annotation kustomize.toolkit.fluxcd.io/reconcile: disabled, or Flux runs it too",
+            ));
+        }
         Some(serde_json::to_value(value).map_err(|e| ctx.error("run", format!("the Job cannot be read: {e}")))?)
     } else {
         None
@@ -804,6 +816,26 @@ data:
         let text = CARRIER.replace("backstop.dev/verify:", "backstop.dev/verfy:");
         let errs = parse_file(&snap(&[]), "m.yaml", text.as_bytes()).unwrap_err();
         assert_eq!(errs[0].key.as_deref(), Some("backstop.dev/verfy"));
+    }
+
+    #[test]
+    fn job_carriers_must_be_kept_from_flux() {
+        let job = "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: j\n  annotations:\n    backstop.dev/migration: m\n    backstop.dev/database: url:DB\n    backstop.dev/run: job\nspec: {template: {spec: {containers: []}}}\n";
+        let errs = parse_file(&snap(&[]), "j.yaml", job.as_bytes()).unwrap_err();
+        assert!(
+            errs[0]
+                .message
+                .contains("kustomize.toolkit.fluxcd.io/reconcile: disabled"),
+            "{}",
+            errs[0]
+        );
+        let ok = job.replace(
+            "    backstop.dev/run: job\n",
+            "    backstop.dev/run: job\n    kustomize.toolkit.fluxcd.io/reconcile: disabled\n",
+        );
+        let c = parse_file(&snap(&[]), "j.yaml", ok.as_bytes()).unwrap().remove(0);
+        assert!(c.job.is_some());
+        assert_eq!(c.checksum.len(), 64);
     }
 
     #[test]
