@@ -191,6 +191,23 @@ impl Setup {
         (c.status.clone(), c.reason.clone())
     }
 
+    /// `orders` applied through the controller, three rows written, the run
+    /// records cleared: returns the commit and the schema at that point.
+    async fn orders_applied(&self) -> (String, String) {
+        let m1 = orders_table().database("cnpg:app-db").annotation("checkpoint", "dump");
+        let c1 = self.f.commit_carrier(&m1, "create orders");
+        let mut controller = self.controller(&[]);
+        self.finished_run().await;
+        controller.kill().await.ok();
+        insert_orders(&self.f).await;
+        let schema = self.f.schema().await;
+        self.runs
+            .delete_collection(&Default::default(), &ListParams::default())
+            .await
+            .unwrap();
+        (c1, schema)
+    }
+
     async fn resumed(&self) {
         let obj = self.ks.get("shop").await.unwrap();
         assert_eq!(obj.data["spec"]["suspend"], false, "resumed");
@@ -332,17 +349,7 @@ async fn controller_migrates_promotes_and_records_a_ready_migration_run() {
 #[tokio::test]
 async fn controller_rolls_back_a_failed_migration_and_reports_the_data_loss_window() {
     let Some(s) = setup().await else { return };
-    let m1 = orders_table().database("cnpg:app-db").annotation("checkpoint", "dump");
-    let c1 = s.f.commit_carrier(&m1, "create orders");
-    let mut controller = s.controller(&[]);
-    s.finished_run().await;
-    controller.kill().await.ok();
-    insert_orders(&s.f).await;
-    let schema = s.f.schema().await;
-    s.runs
-        .delete_collection(&Default::default(), &ListParams::default())
-        .await
-        .unwrap();
+    let (c1, schema) = s.orders_applied().await;
     let bad = carrier("0002-backfill")
         .database("cnpg:app-db")
         .annotation("checkpoint", "dump")
@@ -399,17 +406,7 @@ async fn controller_killed_mid_run_resumes_from_the_migration_run_without_a_seco
 #[tokio::test]
 async fn health_failure_after_promotion_reverts_the_gate_and_restores_the_data() {
     let Some(s) = setup().await else { return };
-    let m1 = orders_table().database("cnpg:app-db").annotation("checkpoint", "dump");
-    let c1 = s.f.commit_carrier(&m1, "create orders");
-    let mut controller = s.controller(&[]);
-    s.finished_run().await;
-    controller.kill().await.ok();
-    insert_orders(&s.f).await;
-    let schema = s.f.schema().await;
-    s.runs
-        .delete_collection(&Default::default(), &ListParams::default())
-        .await
-        .unwrap();
+    let (c1, schema) = s.orders_applied().await;
     let m2 = carrier("0002-note")
         .database("cnpg:app-db")
         .annotation("checkpoint", "dump")
@@ -647,17 +644,7 @@ async fn cnpg_backup_checkpoint_and_cluster_recreate_restore_roll_back_a_failed_
     // The Cluster's manifest in the repository (applied by the `databases` Kustomization).
     let cluster_yaml = "# Shop database\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: default\n---\n# CNPG cluster\napiVersion: postgresql.cnpg.io/v1\nkind: Cluster\nmetadata:\n  name: app-db\n  namespace: default\nspec:\n  instances: 1\n  storage:\n    size: 1Gi\n  bootstrap:\n    initdb:\n      database: app\n  backup:\n    barmanObjectStore:\n      destinationPath: s3://backups/app-db\n      serverName: app-db\n";
     s.f.commit_files(&[("infrastructure/app-db.yaml", cluster_yaml)], "database cluster");
-    let m1 = orders_table().database("cnpg:app-db").annotation("checkpoint", "dump");
-    s.f.commit_carrier(&m1, "create orders");
-    let mut controller = s.controller(&[]);
-    s.finished_run().await;
-    controller.kill().await.ok();
-    insert_orders(&s.f).await;
-    let schema = s.f.schema().await;
-    s.runs
-        .delete_collection(&Default::default(), &ListParams::default())
-        .await
-        .unwrap();
+    let (_, schema) = s.orders_applied().await;
     // Default checkpoint: backup, which in a cluster is a CNPG Backup.
     let bad = carrier("0002-backfill")
         .database("cnpg:app-db")
