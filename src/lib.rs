@@ -12,13 +12,15 @@
 //! - [`lint`], [`policy`]: safety analysis, phase rules and approval gates
 //! - [`plan`]: what runs, in which commit, and whether it may
 //! - [`run`]: the state machine, driving the traits below, durable through a [`run::RunStore`]
-//! - [`checkpoint`]: backends that checkpoint and restore ([`checkpoint::local`] PITR, [`checkpoint::dump`])
+//! - [`checkpoint`]: backends that checkpoint and restore ([`checkpoint::local`] PITR,
+//!   [`checkpoint::dump`], [`checkpoint::cnpg`] Backups and Cluster recovery)
 //! - [`runner`]: migration runners and the history table
 //! - [`cluster`]: lock / health / database resolution ([`cluster::LocalCluster`] in local mode)
 //! - [`forge`]: revert pull requests
 //! - [`datastore`]: moving a database between servers (lock, export, import, verify, unlock, rollback)
 //! - [`journal`], [`report`]: the local run store and the evidence report
-//! - [`k8s`]: the `MigrationRun` resource and the verified pause of Flux Kustomizations
+//! - [`k8s`]: the controller: `MigrationRun` store, verified pause of Flux Kustomizations,
+//!   cluster side of a run, Job migrations, leader election, metrics and events
 //! - [`local`], [`demo`], [`cli`]: wiring for the command line
 //! - [`db`], [`pgbin`], [`pgserver`], [`sandbox`]: connections, PostgreSQL programs,
 //!   throwaway servers and git remotes (demo, tests, benchmarks)
