@@ -126,6 +126,25 @@ pub enum Command {
         /// This replica's identity in the Lease (the pod name).
         #[arg(long, env = "HOSTNAME", default_value = "backstop")]
         identity: String,
+        /// Forge that revert pull requests are opened on (`none`: push the branch only).
+        #[arg(long, env = "BACKSTOP_FORGE", value_enum, default_value = "none")]
+        forge: crate::forge::ForgeKind,
+        /// Forge API base URL (default api.github.com, gitlab.com; required for Gitea/Forgejo).
+        #[arg(long, env = "BACKSTOP_FORGE_URL")]
+        forge_url: Option<String>,
+        /// NAMESPACE/NAME of the Secret whose `token` key holds the forge token.
+        #[arg(
+            long,
+            env = "BACKSTOP_FORGE_TOKEN_SECRET",
+            default_value = "backstop-system/backstop-forge"
+        )]
+        forge_token_secret: String,
+        /// Attempts per forge request on 5xx answers and network errors.
+        #[arg(long, env = "BACKSTOP_FORGE_RETRIES", default_value_t = 5)]
+        forge_retries: u32,
+        /// First delay between forge retries, in milliseconds (doubling each time).
+        #[arg(long, env = "BACKSTOP_FORGE_RETRY_DELAY_MS", default_value_t = 1000)]
+        forge_retry_delay_ms: u64,
     },
     /// Take the verified pause of a Flux Kustomization: suspend it with a fresh
     /// reconcile request and wait until kustomize-controller confirms; prints
@@ -384,6 +403,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             lease_namespace,
             lease_name,
             identity,
+            forge,
+            forge_url,
+            forge_token_secret,
+            forge_retries,
+            forge_retry_delay_ms,
         } => {
             let opts = crate::k8s::controller::ControllerOptions {
                 kubeconfig,
@@ -393,6 +417,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                 metrics_addr,
                 lease: (lease_namespace, lease_name),
                 identity,
+                forge: (forge != crate::forge::ForgeKind::None).then(|| crate::k8s::controller::ControllerForge {
+                    kind: forge,
+                    url: forge_url,
+                    token_secret: forge_token_secret,
+                    retry: crate::forge::Retry {
+                        attempts: forge_retries,
+                        delay: Duration::from_millis(forge_retry_delay_ms),
+                    },
+                }),
             };
             match crate::k8s::controller::run(opts).await {
                 Ok(()) => Ok(EXIT_OK),

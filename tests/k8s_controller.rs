@@ -874,3 +874,65 @@ async fn push_credentials_can_come_from_the_secret_the_kustomization_names() {
     assert_eq!(Setup::ready(&run), ("True".into(), "Succeeded".into()));
     assert_eq!(s.f.gate(), c1, "pushed with the credentials of backstop.dev/git-secret");
 }
+
+#[tokio::test]
+async fn controller_opens_the_revert_pull_request_with_the_token_from_a_secret() {
+    let Some(s) = setup().await else { return };
+    let forge = common::http::Server::start(|r| {
+        if r.method == "POST" && r.path == "/repos/platform/sre/pulls" {
+            return common::http::Response::json(
+                201,
+                json!({"number": 4, "html_url": "https://github.example/platform/sre/pull/4"}),
+            );
+        }
+        common::http::Response::json(200, json!([]))
+    })
+    .await;
+    let token: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "backstop-forge"}, "stringData": {"token": "forge-secret-token"}}),
+    )
+    .unwrap();
+    Api::<Secret>::namespaced(s.plane.client.clone(), "default")
+        .create(&PostParams::default(), &token)
+        .await
+        .unwrap();
+    let annotate = json!({"metadata": {"annotations": {"backstop.dev/forge-repo": "platform/sre"}}});
+    s.ks.patch("shop", &PatchParams::default(), &Patch::Merge(&annotate))
+        .await
+        .unwrap();
+    let (_, _) = s.orders_applied().await;
+    let bad = carrier("0002-broken")
+        .database("cnpg:app-db")
+        .annotation("checkpoint", "dump")
+        .sql(
+            "001.sql",
+            "SET lock_timeout = '5s';\nALTER TABLE orders ADD COLUMN note text;\nINSERT INTO nowhere VALUES (1);",
+        );
+    let c2 = s.f.commit_carrier(&bad, "add note");
+    let url = forge.url();
+    let mut controller = s.controller(&[
+        ("BACKSTOP_FORGE", "github"),
+        ("BACKSTOP_FORGE_URL", url.as_str()),
+        ("BACKSTOP_FORGE_TOKEN_SECRET", "default/backstop-forge"),
+    ]);
+    let run = s.finished_run().await;
+    controller.kill().await.ok();
+    assert_eq!(
+        Setup::ready(&run),
+        ("False".into(), "RolledBack".into()),
+        "{:?}",
+        run.status
+    );
+    let opened = forge
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "POST" && r.path == "/repos/platform/sre/pulls")
+        .expect("a pull request");
+    assert_eq!(opened.header("Authorization"), Some("Bearer forge-secret-token"));
+    assert_eq!(opened.json()["head"], format!("backstop/revert-{}", &c2[..7]));
+    let record = run.status.unwrap().record.unwrap();
+    assert_eq!(
+        record["revert"]["pull_request"],
+        "https://github.example/platform/sre/pull/4"
+    );
+}

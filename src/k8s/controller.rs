@@ -56,6 +56,25 @@ pub enum ControllerError {
     Ops(#[from] super::ops::OpsError),
     #[error("lost the leader lease to another replica; stopping so that only one acts")]
     LostLease,
+    #[error("forge configuration: {0}")]
+    Forge(String),
+}
+
+/// One key of a Secret named `NAMESPACE/NAME`.
+async fn secret_value(client: &kube::Client, secret: &str, key: &str) -> Result<String, String> {
+    let (ns, name) = secret
+        .split_once('/')
+        .ok_or_else(|| format!("Secret {secret:?} must be NAMESPACE/NAME"))?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let s = secrets
+        .get(name)
+        .await
+        .map_err(|e| format!("failed to read Secret {secret}: {e}"))?;
+    s.data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|b| String::from_utf8_lossy(&b.0).trim().to_string())
+        .ok_or_else(|| format!("Secret {secret} has no key {key:?}"))
 }
 
 /// Settings of the controller.
@@ -73,6 +92,29 @@ pub struct ControllerOptions {
     pub lease: (String, String),
     /// This replica's identity (the pod name).
     pub identity: String,
+    /// Where revert pull requests are opened (None: revert branches only).
+    pub forge: Option<ControllerForge>,
+}
+
+/// The forge of the controller; its token is in a Secret.
+#[derive(Debug, Clone)]
+pub struct ControllerForge {
+    pub kind: crate::forge::ForgeKind,
+    pub url: Option<String>,
+    /// `NAMESPACE/NAME` of the Secret whose `token` key holds the forge token.
+    pub token_secret: String,
+    pub retry: crate::forge::Retry,
+}
+
+/// Annotation naming the repository on the forge (`owner/name`, or the GitLab
+/// project path); default: the path of the GitRepository URL.
+pub const FORGE_REPO: &str = "backstop.dev/forge-repo";
+
+/// `owner/name` from a git URL's path (`https://host/owner/name.git`).
+fn repo_path(url: &str) -> String {
+    let path = url.split_once("://").map(|(_, rest)| rest).unwrap_or(url);
+    let path = path.split_once('/').map(|(_, p)| p).unwrap_or("");
+    path.trim_end_matches('/').trim_end_matches(".git").to_string()
 }
 
 fn annotation<'a>(obj: &'a DynamicObject, key: &str) -> Option<&'a str> {
@@ -120,6 +162,15 @@ pub async fn run(opts: ControllerOptions) -> Result<(), ControllerError> {
             instance: Some(opts.identity.clone()),
         },
     );
+    // The forge token, read once; never logged.
+    let forge_token = match &opts.forge {
+        Some(f) => Some(
+            secret_value(&client, &f.token_secret, "token")
+                .await
+                .map_err(ControllerError::Forge)?,
+        ),
+        None => None,
+    };
     let all: Api<DynamicObject> = Api::all_with(client.clone(), &kustomization_resource());
     let wake = Arc::new(tokio::sync::Notify::new());
     let notify = wake.clone();
@@ -154,7 +205,7 @@ pub async fn run(opts: ControllerOptions) -> Result<(), ControllerError> {
             }
             let engine = match engines.get(&key) {
                 Some(e) => e.clone(),
-                None => match engine_for(&client, ks, &opts, &bindir).await {
+                None => match engine_for(&client, ks, &opts, &bindir, forge_token.as_deref()).await {
                     Ok(e) => {
                         let e = Arc::new(e);
                         engines.insert(key.clone(), e.clone());
@@ -270,6 +321,7 @@ async fn engine_for(
     ks: &DynamicObject,
     opts: &ControllerOptions,
     bindir: &std::path::Path,
+    forge_token: Option<&str>,
 ) -> Result<Engine, String> {
     let ns = ks.metadata.namespace.clone().unwrap_or_default();
     let name = ks.metadata.name.clone().unwrap_or_default();
@@ -346,6 +398,20 @@ async fn engine_for(
         timeout: opts.timeout,
     });
     checkpoints.insert(CheckpointKind::Backup, cnpg);
+    let forge: Arc<dyn crate::forge::Forge> = match (&opts.forge, forge_token) {
+        (Some(f), Some(token)) => crate::local::ForgeConfig {
+            kind: f.kind,
+            url: f.url.clone(),
+            repo: annotation(ks, FORGE_REPO)
+                .map(str::to_string)
+                .unwrap_or_else(|| repo_path(&url)),
+            token: token.to_string(),
+            retry: f.retry,
+        }
+        .build()
+        .map_err(|e| e.to_string())?,
+        _ => Arc::new(NoForge),
+    };
     let path = ks.data["spec"]["path"]
         .as_str()
         .unwrap_or("")
@@ -368,7 +434,7 @@ async fn engine_for(
             sql: SqlRunner,
         }),
         checkpoints,
-        forge: Arc::new(NoForge),
+        forge,
         store: Arc::new(MigrationRunStore::new(client.clone(), &ns, &name, dir.join("runs"))),
         settings: Settings {
             upstream,
@@ -377,4 +443,16 @@ async fn engine_for(
             revert: None,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn forge_repository_comes_from_the_git_url_path() {
+        assert_eq!(super::repo_path("https://github.com/platform/sre.git"), "platform/sre");
+        assert_eq!(
+            super::repo_path("https://gitlab.example.com/group/sub/sre"),
+            "group/sub/sre"
+        );
+    }
 }
