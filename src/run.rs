@@ -750,11 +750,7 @@ impl Engine {
                 self.store.save(run).await?;
                 continue;
             }
-            let who = RunIdentity {
-                run_id: &run.id.clone(),
-                commit: &run.commit.sha.clone(),
-            };
-            let (run_id, commit) = (who.run_id.to_string(), who.commit.to_string());
+            let (run_id, commit) = (run.id.clone(), run.commit.sha.clone());
             let who = RunIdentity {
                 run_id: &run_id,
                 commit: &commit,
@@ -883,14 +879,8 @@ impl Engine {
             let (git, gate, commit) = (self.git.clone(), self.settings.gate.clone(), run.commit.sha.clone());
             let body = format!("backstop run {} rolls back the promoted commit on the gate.", run.id);
             let work = async move {
-                git.fetch().await?;
-                if let Some(sha) = git.find_on_branch(&gate, &trailer, 20).await? {
-                    return Ok::<_, GitError>(sha);
-                }
-                let head = git.require_branch(&gate).await?;
-                let sha = git.revert(&commit, &head, &body, &trailer).await?;
-                git.push(&sha, &gate).await?;
-                Ok(sha)
+                let (sha, _) = push_revert(&git, &commit, &gate, &gate, &body, &trailer, None).await?;
+                Ok::<_, GitError>(sha)
             };
             match self.step(run, "gate-revert", work).await? {
                 Ok(sha) => run.gate_revert = Some(sha),
@@ -990,23 +980,10 @@ impl Engine {
         let work = async {
             match mode {
                 RevertMode::Commit => {
+                    // Fast-forward only: when upstream moved, redo on the new head.
                     for _ in 0..5 {
-                        git.fetch().await?;
-                        if let Some(sha) = git.find_on_branch(&upstream, &trailer, 200).await? {
-                            return Ok((sha, upstream.clone(), "found from an earlier attempt".to_string()));
-                        }
-                        let head = git.require_branch(&upstream).await?;
-                        let sha = git
-                            .revert_with(
-                                &commit,
-                                &head,
-                                &body,
-                                &trailer,
-                                repo_changes(&git, &head, patch.as_ref()).await?,
-                            )
-                            .await?;
-                        match git.push(&sha, &upstream).await {
-                            Ok(()) => return Ok((sha, upstream.clone(), "pushed to upstream".to_string())),
+                        match push_revert(&git, &commit, &upstream, &upstream, &body, &trailer, patch.as_ref()).await {
+                            Ok((sha, found)) => return Ok((sha, upstream.clone(), note(found, "pushed to upstream"))),
                             Err(GitError::Rejected { .. }) => continue,
                             Err(e) => return Err(e),
                         }
@@ -1020,22 +997,9 @@ impl Engine {
                 }
                 RevertMode::PullRequest => {
                     let branch = format!("backstop/revert-{}", &commit[..7.min(commit.len())]);
-                    git.fetch().await?;
-                    if let Some(sha) = git.find_on_branch(&branch, &trailer, 50).await? {
-                        return Ok((sha, branch, "found from an earlier attempt".to_string()));
-                    }
-                    let head = git.require_branch(&upstream).await?;
-                    let sha = git
-                        .revert_with(
-                            &commit,
-                            &head,
-                            &body,
-                            &trailer,
-                            repo_changes(&git, &head, patch.as_ref()).await?,
-                        )
-                        .await?;
-                    git.push(&sha, &branch).await?;
-                    Ok((sha, branch, "pushed revert branch".to_string()))
+                    let (sha, found) =
+                        push_revert(&git, &commit, &upstream, &branch, &body, &trailer, patch.as_ref()).await?;
+                    Ok((sha, branch, note(found, "pushed revert branch")))
                 }
             }
         };
@@ -1098,6 +1062,38 @@ impl Engine {
             }
         }
         Ok(())
+    }
+}
+
+/// Reverts `commit` on top of `base`'s head and pushes it to `target` (no
+/// force), with the manifest change a restore asks for. A revert that `target`
+/// already carries (same `Backstop-Run:` trailer) is reused: `(sha, true)`.
+async fn push_revert(
+    git: &GitRepo,
+    commit: &str,
+    base: &str,
+    target: &str,
+    body: &str,
+    trailer: &str,
+    patch: Option<&ManifestPatch>,
+) -> Result<(String, bool), GitError> {
+    git.fetch().await?;
+    if let Some(sha) = git.find_on_branch(target, trailer, 200).await? {
+        return Ok((sha, true));
+    }
+    let head = git.require_branch(base).await?;
+    let files = repo_changes(git, &head, patch).await?;
+    let sha = git.revert_with(commit, &head, body, trailer, files).await?;
+    git.push(&sha, target).await?;
+    Ok((sha, false))
+}
+
+/// How a revert step describes what it did.
+fn note(found: bool, done: &str) -> String {
+    if found {
+        "found from an earlier attempt".into()
+    } else {
+        done.into()
     }
 }
 

@@ -27,13 +27,7 @@ pub struct KubeCluster {
 
 /// The libpq URL in a CNPG app Secret: `uri`, or `host`/`port`/`username`/`password`/`dbname`.
 fn secret_url(secret: &Secret) -> Option<String> {
-    let get = |k: &str| {
-        secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(k))
-            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-    };
+    let get = |k: &str| super::secret_key(secret, k);
     if let Some(uri) = get("uri") {
         return Some(uri);
     }

@@ -60,20 +60,23 @@ pub enum ControllerError {
     Forge(String),
 }
 
+/// Reads the Secret `namespace/name`.
+async fn read_secret(client: &kube::Client, namespace: &str, name: &str) -> Result<Secret, String> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    secrets
+        .get(name)
+        .await
+        .map_err(|e| format!("failed to read Secret {namespace}/{name}: {e}"))
+}
+
 /// One key of a Secret named `NAMESPACE/NAME`.
 async fn secret_value(client: &kube::Client, secret: &str, key: &str) -> Result<String, String> {
     let (ns, name) = secret
         .split_once('/')
         .ok_or_else(|| format!("Secret {secret:?} must be NAMESPACE/NAME"))?;
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let s = secrets
-        .get(name)
-        .await
-        .map_err(|e| format!("failed to read Secret {secret}: {e}"))?;
-    s.data
-        .as_ref()
-        .and_then(|d| d.get(key))
-        .map(|b| String::from_utf8_lossy(&b.0).trim().to_string())
+    let s = read_secret(client, ns, name).await?;
+    super::secret_key(&s, key)
+        .map(|v| v.trim().to_string())
         .ok_or_else(|| format!("Secret {secret} has no key {key:?}"))
 }
 
@@ -359,17 +362,8 @@ async fn engine_for(
     };
     let auth = match secret_name.as_deref() {
         Some(secret) => {
-            let secrets: Api<Secret> = Api::namespaced(client.clone(), &secret_ns);
-            let s = secrets
-                .get(secret)
-                .await
-                .map_err(|e| format!("failed to read Secret {secret_ns}/{secret}: {e}"))?;
-            let get = |k: &str| {
-                s.data
-                    .as_ref()
-                    .and_then(|d| d.get(k))
-                    .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-            };
+            let s = read_secret(client, &secret_ns, secret).await?;
+            let get = |k: &str| super::secret_key(&s, k);
             match (get("username"), get("password")) {
                 (Some(username), Some(token)) => GitAuth::Token { username, token },
                 _ => {

@@ -43,3 +43,12 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<kube::Client, ClientErr
     };
     kube::Client::try_from(config).map_err(ClientError::Client)
 }
+
+/// A key of a Secret as text.
+pub fn secret_key(secret: &k8s_openapi::api::core::v1::Secret, key: &str) -> Option<String> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+}
