@@ -258,6 +258,7 @@ async fn overhead(passes: u64) -> Res<()> {
         env: HashMap::from([("DB".to_string(), server.url("shop"))]),
         git_auth: Default::default(),
         forge: None,
+        backoff: Default::default(),
     };
     let engine = local::engine(&opts).await?;
     let journal = backstop::journal::Journal::new(&opts.state);

@@ -305,6 +305,15 @@ pub struct RunArgs {
     /// Seconds between passes when watching.
     #[arg(long, env = "BACKSTOP_INTERVAL", default_value_t = 30)]
     pub interval: u64,
+    /// Seconds to wait before retrying after a transient fault (a lock held too
+    /// long, a database or remote that cannot be reached); doubles per attempt
+    /// up to --retry-max. Transient faults never revert a commit; one that
+    /// outlasts the migration's timeout is shown as stalled by `status`.
+    #[arg(long, env = "BACKSTOP_RETRY_BACKOFF", default_value_t = 30)]
+    pub retry_backoff: u64,
+    /// Longest wait between retries, in seconds.
+    #[arg(long, env = "BACKSTOP_RETRY_MAX", default_value_t = 600)]
+    pub retry_max: u64,
     /// Forge that revert pull requests are opened on (`none`: push the branch only).
     #[arg(long, env = "BACKSTOP_FORGE", value_enum, default_value = "none")]
     pub forge: crate::forge::ForgeKind,
@@ -709,6 +718,10 @@ async fn run_local(args: RunArgs) -> anyhow::Result<u8> {
         revert: args.revert,
         state: args.state,
         env: Default::default(),
+        backoff: crate::run::machine::Backoff {
+            base: Duration::from_secs(args.retry_backoff),
+            max: Duration::from_secs(args.retry_max.max(args.retry_backoff)),
+        },
     };
     let engine = match local::engine(&opts).await {
         Ok(e) => e,
@@ -719,26 +732,12 @@ async fn run_local(args: RunArgs) -> anyhow::Result<u8> {
     };
     loop {
         let code = match engine.pass().await {
-            Ok(report) => {
-                if let Some(w) = &report.waiting {
-                    eprintln!("backstop: waiting: {w}");
-                }
-                let mut code = EXIT_OK;
-                for (id, outcome, location) in &report.runs {
-                    println!("{id} {outcome:?} {location}");
-                    code = code.max(match outcome {
-                        Outcome::Succeeded => EXIT_OK,
-                        Outcome::RolledBack => EXIT_ROLLED_BACK,
-                        Outcome::Failed => EXIT_NEEDS_PERSON,
-                    });
-                }
-                code
-            }
+            Ok(report) => pass_exit_code(&report),
             Err(e) => {
                 eprintln!("backstop: {}", crate::run::chain(&e));
                 match e {
-                    EngineError::Plan(_) | EngineError::Git(_) => EXIT_BAD_INPUT,
-                    EngineError::Store(_) => EXIT_NEEDS_PERSON,
+                    EngineError::Git(_) => EXIT_BAD_INPUT,
+                    EngineError::Gate(_) | EngineError::Store(_) => EXIT_NEEDS_PERSON,
                 }
             }
         };
@@ -752,9 +751,35 @@ async fn run_local(args: RunArgs) -> anyhow::Result<u8> {
     }
 }
 
+/// Prints a pass's runs and what the gate waits for; the exit code of the pass:
+/// 0 nothing failed (also while a transient fault is retried), 1 a run was
+/// rolled back, 2 a commit is refused (bad input, plan, lint, approval),
+/// 3 a person must act (remediation failed, or a transient fault stalled).
+pub fn pass_exit_code(report: &crate::run::PassReport) -> u8 {
+    let mut code = EXIT_OK;
+    for (id, outcome, location) in &report.runs {
+        println!("{id} {outcome:?} {location}");
+        code = code.max(match outcome {
+            Outcome::Succeeded | Outcome::Deferred => EXIT_OK,
+            Outcome::RolledBack => EXIT_ROLLED_BACK,
+            Outcome::Failed => EXIT_NEEDS_PERSON,
+        });
+    }
+    if let Some(w) = &report.waiting {
+        eprintln!("backstop: waiting: {w}");
+        code = code.max(match w {
+            _ if w.needs_person() => EXIT_NEEDS_PERSON,
+            crate::gate::Wait::Refused { .. } => EXIT_BAD_INPUT,
+            _ => EXIT_OK,
+        });
+    }
+    code
+}
+
 async fn status(state: &std::path::Path, json: bool) -> anyhow::Result<u8> {
     let journal = Journal::new(state);
     let runs = journal.list().await.context("reading the journal")?;
+    let gates = journal.gates().context("reading the gate status")?;
     if json {
         let list: Vec<serde_json::Value> = runs
             .iter()
@@ -766,22 +791,43 @@ async fn status(state: &std::path::Path, json: bool) -> anyhow::Result<u8> {
                     "outcome": r.outcome(),
                     "migrations": r.migrations.iter().map(|m| m.id.clone()).collect::<Vec<_>>(),
                     "report": journal.run_dir(&r.id).join("report.md"),
+                    "failure": r.failure,
+                    "retry": r.retry,
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&list)?);
-    } else if runs.is_empty() {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"gates": gates, "runs": list}))?);
+        return Ok(EXIT_OK);
+    }
+    for g in &gates {
+        let path = if g.path.is_empty() { "(whole repository)" } else { g.path.as_str() };
+        println!(
+            "path {path}: gate {} at {}, upstream {} at {} (checked {})",
+            g.gate_branch,
+            &g.gate[..g.gate.len().min(7)],
+            g.upstream_branch,
+            &g.upstream[..g.upstream.len().min(7)],
+            g.updated_at.format("%Y-%m-%d %H:%M:%S UTC")
+        );
+        match (&g.waiting, g.since) {
+            (Some(w), Some(since)) => println!("  waiting since {}: {w}", since.format("%Y-%m-%d %H:%M:%S UTC")),
+            (Some(w), None) => println!("  waiting: {w}"),
+            (None, _) if g.gate == g.upstream => println!("  up to date"),
+            (None, _) => println!("  not waiting"),
+        }
+    }
+    if runs.is_empty() {
         println!("no runs in {}", state.display());
     } else {
         println!(
-            "{:<26} {:<8} {:<14} {:<11} migrations",
+            "{:<29} {:<8} {:<14} {:<11} migrations",
             "RUN", "COMMIT", "PHASE", "OUTCOME"
         );
         for r in &runs {
             let outcome = r.outcome().map(|o| format!("{o:?}")).unwrap_or_else(|| "-".into());
             let ids: Vec<&str> = r.migrations.iter().map(|m| m.id.as_str()).collect();
             println!(
-                "{:<26} {:<8} {:<14} {:<11} {}",
+                "{:<29} {:<8} {:<14} {:<11} {}",
                 r.id,
                 r.commit.short(),
                 r.phase.as_str(),

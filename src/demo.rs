@@ -87,6 +87,7 @@ pub async fn run(keep: bool) -> Result<(), DemoError> {
         env: HashMap::from([("SHOP_DATABASE_URL".to_string(), server.url("shop"))]),
         git_auth: Default::default(),
         forge: None,
+        backoff: Default::default(),
     };
     let engine = local::engine(&opts).await?;
 

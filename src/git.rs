@@ -47,6 +47,8 @@ pub enum GitError {
     RevertConflict { sha: String, onto: String, paths: String },
     #[error("failed to write the revert commit of {sha}")]
     Revert { sha: String, source: git2::Error },
+    #[error("refusing to push to {branch:?} without the gate invariant check (internal error)")]
+    Protected { branch: String },
     #[error("git worker task failed")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -78,6 +80,8 @@ pub struct GitRepo {
     mirror: PathBuf,
     url: String,
     auth: GitAuth,
+    /// The gate branch: only [`GitRepo::push_gate`] may move it.
+    protected: Option<String>,
 }
 
 /// Identity backstop writes its commits with.
@@ -113,12 +117,20 @@ impl GitRepo {
             mirror,
             url: redact(&url),
             auth: GitAuth::None,
+            protected: None,
         })
     }
 
     /// Uses `auth` for fetch and push.
     pub fn with_auth(mut self, auth: GitAuth) -> Self {
         self.auth = auth;
+        self
+    }
+
+    /// Makes `branch` (the gate) movable only through [`GitRepo::push_gate`],
+    /// that is, only after the gate invariant was checked.
+    pub fn protect(mut self, branch: &str) -> Self {
+        self.protected = Some(branch.to_string());
         self
     }
 
@@ -142,6 +154,7 @@ impl GitRepo {
             mirror: found,
             url: path.display().to_string(),
             auth: GitAuth::None,
+            protected: None,
         })
     }
 
@@ -350,15 +363,21 @@ impl GitRepo {
     }
 
     /// Pushes `sha` to `branch` on the remote without force: the remote refuses
-    /// anything but a fast-forward (or a new branch).
+    /// anything but a fast-forward (or a new branch). The gate branch is refused
+    /// here: it moves only through [`GitRepo::push_gate`].
     pub async fn push(&self, sha: &str, branch: &str) -> Result<()> {
+        if self.protected.as_deref() == Some(branch) {
+            return Err(GitError::Protected {
+                branch: branch.to_string(),
+            });
+        }
         self.push_inner(sha, branch, false).await
     }
 
-    /// Moves `branch` to `sha` even when that is not a fast-forward. Only for
-    /// the gate, when upstream holds the same guarded tree as the gate's revert.
-    pub async fn force_push(&self, sha: &str, branch: &str) -> Result<()> {
-        self.push_inner(sha, branch, true).await
+    /// Moves the gate to a commit that passed the invariant check (see
+    /// [`crate::gate`]); `force` only to join upstream after a gate revert.
+    pub async fn push_gate(&self, checked: &crate::gate::Checked, branch: &str, force: bool) -> Result<()> {
+        self.push_inner(checked.sha(), branch, force).await
     }
 
     async fn push_inner(&self, sha: &str, branch: &str, force: bool) -> Result<()> {

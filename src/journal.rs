@@ -1,10 +1,12 @@
 //! The local-mode run store: one JSON file per run under `<state>/journal/`,
 //! replaced atomically (write, fsync, rename) on every change, and the
-//! evidence reports under `<state>/runs/<run-id>/report.{md,json}`.
+//! evidence reports under `<state>/runs/<run-id>/report.{md,json}`, and the
+//! gate status of each guarded path under `<state>/gate/<path>.json`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use crate::gate::GateStatus;
 use crate::report::{self, Report};
 use crate::run::{RunRecord, RunStore, StoreError};
 
@@ -45,6 +47,35 @@ impl Journal {
             [one] => Some((*one).clone()),
             _ => None,
         })
+    }
+
+    fn gate_file(&self, path: &str) -> PathBuf {
+        let name: String = path
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+            .collect();
+        self.state.join("gate").join(format!("{}.json", if name.is_empty() { "_root" } else { &name }))
+    }
+
+    /// Every recorded gate status (one per guarded path).
+    pub fn gates(&self) -> Result<Vec<GateStatus>, StoreError> {
+        let err = |action, source: Box<dyn std::error::Error + Send + Sync>| StoreError {
+            action,
+            run: "*".into(),
+            source,
+        };
+        let entries = match std::fs::read_dir(self.state.join("gate")) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(err("read the gate status", e.into())),
+        };
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let bytes = std::fs::read(entry.path()).map_err(|e| err("read the gate status", e.into()))?;
+            out.push(serde_json::from_slice(&bytes).map_err(|e| err("parse the gate status", e.into()))?);
+        }
+        out.sort_by(|a: &GateStatus, b| a.path.cmp(&b.path));
+        Ok(out)
     }
 
     fn read_all(&self) -> Result<Vec<RunRecord>, StoreError> {
@@ -125,6 +156,44 @@ impl RunStore for Journal {
                 run: "*".into(),
                 source: e.into(),
             })?
+    }
+
+    async fn save_gate(&self, status: &GateStatus) -> Result<(), StoreError> {
+        let path = self.gate_file(&status.path);
+        let bytes = serde_json::to_vec_pretty(status).map_err(|e| StoreError {
+            action: "encode the gate status",
+            run: "*".into(),
+            source: e.into(),
+        })?;
+        tokio::task::spawn_blocking(move || write_atomic(&path, &bytes))
+            .await
+            .map_err(|e| StoreError {
+                action: "write the gate status",
+                run: "*".into(),
+                source: e.into(),
+            })?
+            .map_err(|e| StoreError {
+                action: "write the gate status",
+                run: "*".into(),
+                source: e.into(),
+            })
+    }
+
+    async fn load_gate(&self, path: &str) -> Result<Option<GateStatus>, StoreError> {
+        let file = self.gate_file(path);
+        match std::fs::read(&file) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| StoreError {
+                action: "parse the gate status",
+                run: "*".into(),
+                source: e.into(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError {
+                action: "read the gate status",
+                run: "*".into(),
+                source: e.into(),
+            }),
+        }
     }
 
     async fn write_report(&self, run: &RunRecord, report: &Report) -> Result<String, StoreError> {

@@ -11,7 +11,9 @@
 //! - [`sql`]: statements parsed with the real PostgreSQL grammar
 //! - [`lint`], [`policy`]: safety analysis, phase rules and approval gates
 //! - [`plan`]: what runs, in which commit, and whether it may
-//! - [`run`]: the state machine, driving the traits below, durable through a [`run::RunStore`]
+//! - [`gate`]: the gate invariant and the one place that moves the gate branch
+//! - [`run`]: runs: typed records, the pure state machine ([`run::machine`]), the
+//!   executor driving the traits below ([`run::exec`]), durable through a [`run::RunStore`]
 //! - [`checkpoint`]: backends that checkpoint and restore ([`checkpoint::local`] PITR,
 //!   [`checkpoint::dump`], [`checkpoint::cnpg`] Backups and Cluster recovery)
 //! - [`runner`]: migration runners and the history table
@@ -32,6 +34,7 @@ pub mod datastore;
 pub mod db;
 pub mod demo;
 pub mod forge;
+pub mod gate;
 pub mod git;
 pub mod journal;
 pub mod k8s;

@@ -44,6 +44,8 @@ pub struct LocalOptions {
     pub git_auth: GitAuth,
     /// Where revert pull requests are opened (None: push the branch only).
     pub forge: Option<ForgeConfig>,
+    /// Waits after transient faults.
+    pub backoff: crate::run::machine::Backoff,
 }
 
 /// A forge to open revert pull requests on.
@@ -107,7 +109,8 @@ pub async fn engine(opts: &LocalOptions) -> Result<Engine, LocalError> {
     };
     let git = GitRepo::open(&opts.state.join("git").join("mirror.git"), &repo)
         .await?
-        .with_auth(opts.git_auth.clone());
+        .with_auth(opts.git_auth.clone())
+        .protect(&opts.gate);
     let forge: Arc<dyn Forge> = match &opts.forge {
         Some(f) => f.build()?,
         None => Arc::new(NoForge),
@@ -145,6 +148,7 @@ pub async fn engine(opts: &LocalOptions) -> Result<Engine, LocalError> {
             gate: opts.gate.clone(),
             path: opts.path.clone(),
             revert: opts.revert,
+            backoff: opts.backoff,
         },
     })
 }

@@ -102,6 +102,7 @@ impl Report {
                 Some(Outcome::Succeeded) => "Succeeded".into(),
                 Some(Outcome::RolledBack) => "RolledBack".into(),
                 Some(Outcome::Failed) => "Failed".into(),
+                Some(Outcome::Deferred) => "Deferred".into(),
                 None => run.phase.to_string(),
             },
             commit: run.commit.sha.clone(),

@@ -18,6 +18,8 @@ use crate::manifests::Carrier;
 pub enum RunnerError {
     #[error(transparent)]
     Db(#[from] DbError),
+    #[error("another session held backstop's migration lock on {database} for longer than the migration's timeout ({seconds}s)")]
+    LockBusy { database: String, seconds: u64 },
     #[error("query on {database} failed while {step}")]
     Query {
         database: String,
@@ -68,6 +70,11 @@ pub struct RunIdentity<'a> {
 }
 
 /// Executes migrations and answers questions about the database.
+///
+/// `migrate` returns `Err` only when nothing of the migration ran (no
+/// connection, no lock, no history table): the engine treats that as a
+/// transient fault. Anything that happened once statements started is an
+/// [`MigrateOutcome`].
 #[async_trait::async_trait]
 pub trait Runner: Send + Sync {
     /// Whether this runner can execute migrations of `kind`.
@@ -76,6 +83,8 @@ pub trait Runner: Send + Sync {
     }
     /// The successful history row of migration `id`, if any.
     async fn applied(&self, db: &Database, id: &str) -> Result<Option<HistoryRow>, RunnerError>;
+    /// Every successful history row (the newest per id), for the gate invariant.
+    async fn history(&self, db: &Database) -> Result<Vec<HistoryRow>, RunnerError>;
     /// The most recent successful migration of `phase`, if any.
     async fn latest_applied(&self, db: &Database, phase: &str) -> Result<Option<HistoryRow>, RunnerError>;
     /// The server's major version (e.g. 15).
@@ -204,6 +213,33 @@ impl Runner for SqlRunner {
         history_row(db, "phase = $1", phase).await
     }
 
+    async fn history(&self, db: &Database) -> Result<Vec<HistoryRow>, RunnerError> {
+        let client = db.connect().await?;
+        let rows = client
+            .query(
+                "SELECT DISTINCT ON (id) id, checksum, phase, commit, run_id, finished_at FROM backstop.migration_history WHERE success ORDER BY id, seq DESC",
+                &[],
+            )
+            .await;
+        let rows = match rows {
+            Ok(rows) => rows,
+            // No history table yet: nothing applied.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => return Ok(Vec::new()),
+            Err(e) => return Err(query_err(db, "reading migration history")(e)),
+        };
+        Ok(rows
+            .into_iter()
+            .map(|r| HistoryRow {
+                id: r.get(0),
+                checksum: r.get(1),
+                phase: r.get(2),
+                commit: r.get(3),
+                run_id: r.get(4),
+                finished_at: r.get(5),
+            })
+            .collect())
+    }
+
     async fn server_version(&self, db: &Database) -> Result<u32, RunnerError> {
         let client = db.connect().await?;
         let v: String = client
@@ -246,16 +282,42 @@ impl Runner for SqlRunner {
                 break;
             }
             if tokio::time::Instant::now() > deadline {
-                return Ok(MigrateOutcome {
-                    transactional: true,
-                    statements_done: 0,
-                    statements_total: m.statements.len(),
-                    error: Some("another session holds backstop's migration lock on this database".into()),
-                    committed: false,
-                    duration_ms: started.elapsed().as_millis() as u64,
+                return Err(RunnerError::LockBusy {
+                    database: db.describe(),
+                    seconds: m.timeout.as_secs(),
                 });
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        // Under the lock: a migration another run (or an earlier attempt of
+        // this one) already applied is not applied twice.
+        let existing = client
+            .query_opt(
+                "SELECT run_id, checksum FROM backstop.migration_history WHERE id = $1 AND success ORDER BY seq DESC LIMIT 1",
+                &[&m.id],
+            )
+            .await
+            .map_err(query_err(db, "reading migration history under the lock"));
+        let existing = match existing {
+            Ok(row) => row.map(|r| (r.get::<_, String>(0), r.get::<_, String>(1))),
+            Err(e) => {
+                let _ = client.query_one("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY]).await;
+                return Err(e);
+            }
+        };
+        if let Some((run_id, checksum)) = existing {
+            let _ = client.query_one("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY]).await;
+            let same = checksum == m.checksum;
+            return Ok(MigrateOutcome {
+                transactional: m.statements.iter().all(|s| s.transactional),
+                statements_done: 0,
+                statements_total: m.statements.len(),
+                error: (!same).then(|| {
+                    format!("migration {} is already applied by run {run_id} with another checksum ({checksum})", m.id)
+                }),
+                committed: same,
+                duration_ms: started.elapsed().as_millis() as u64,
+            });
         }
         let timeout_ms = m.timeout.as_millis().to_string();
         client

@@ -282,6 +282,7 @@ async fn publish_events(
         Outcome::Succeeded => (EventType::Normal, "MigrationSucceeded"),
         Outcome::RolledBack => (EventType::Warning, "MigrationRolledBack"),
         Outcome::Failed => (EventType::Warning, "MigrationRemediationFailed"),
+        Outcome::Deferred => (EventType::Warning, "MigrationDeferred"),
     };
     let commit = record.map(|r| r.commit.short().to_string()).unwrap_or_default();
     let detail = record
@@ -380,7 +381,8 @@ async fn engine_for(
     let git = GitRepo::open(&dir.join("mirror.git"), &url)
         .await
         .map_err(|e| crate::run::chain(&e))?
-        .with_auth(auth);
+        .with_auth(auth)
+        .protect(&gate);
     let dump: Arc<dyn Checkpoint> = Arc::new(DumpBackend {
         bindir: bindir.to_path_buf(),
         store: dir.join("checkpoints"),
@@ -435,6 +437,7 @@ async fn engine_for(
             gate,
             path,
             revert: None,
+            backoff: Default::default(),
         },
     })
 }

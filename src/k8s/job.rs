@@ -119,12 +119,16 @@ impl KubeRunner {
         let logs = self.log_tail(&ns, &name).await;
         match result {
             Ok(()) => {
-                runner::record_history(db, m, who, started_at, true).await?;
+                // The Job ran: from here on a failure is an outcome (data may
+                // have changed), never a transient error.
+                let recorded = runner::record_history(db, m, who, started_at, true).await;
                 Ok(MigrateOutcome {
                     transactional: false,
                     statements_done: 0,
                     statements_total: 0,
-                    error: None,
+                    error: recorded
+                        .err()
+                        .map(|e| format!("the Job completed but its history row could not be written: {}", crate::run::chain(&e))),
                     committed: true,
                     duration_ms: started.elapsed().as_millis() as u64,
                 })
@@ -146,6 +150,10 @@ impl Runner for KubeRunner {
 
     async fn latest_applied(&self, db: &Database, phase: &str) -> Result<Option<HistoryRow>, RunnerError> {
         self.sql.latest_applied(db, phase).await
+    }
+
+    async fn history(&self, db: &Database) -> Result<Vec<HistoryRow>, RunnerError> {
+        self.sql.history(db).await
     }
 
     async fn server_version(&self, db: &Database) -> Result<u32, RunnerError> {

@@ -92,6 +92,19 @@ pub fn status_of(run: &RunRecord, generation: Option<i64>) -> MigrationRunStatus
                 generation,
             ),
         ],
+        Some(Outcome::Deferred) => {
+            let stalled = run.retry.as_ref().is_some_and(|r| r.stalled);
+            vec![
+                condition("Ready", "False", "TransientFault", &message, generation),
+                condition(
+                    "Stalled",
+                    if stalled { "True" } else { "False" },
+                    "TransientFault",
+                    "stopped before anything changed; a later run tries again (nothing reverted)",
+                    generation,
+                ),
+            ]
+        }
         Some(Outcome::Failed) => vec![
             condition(
                 "Ready",

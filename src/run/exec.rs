@@ -1,0 +1,548 @@
+//! The executor: performs the state machine's actions through the backend
+//! traits. For every action it records the step's intent, performs it, folds
+//! the result into the record with [`machine::apply`] and saves the record.
+
+use chrono::Utc;
+use tracing::Instrument;
+
+use super::machine::{self, Action, Fault, Observation, Policy, Recovered};
+use super::record::{chain, Outcome, Phase, RevertRecord, RunRecord, StoreError};
+use super::{exempt_at_gate, Engine, EngineError, Progress};
+use crate::checkpoint::ManifestPatch;
+use crate::db::Database;
+use crate::forge::PullRequest;
+use crate::gate::{Exempt, GateError, Move};
+use crate::git::{GitError, GitRepo};
+use crate::manifests::{Order, RevertMode};
+use crate::report::{self, Report};
+use crate::runner::RunIdentity;
+
+impl Engine {
+    /// Drives `run` from its current phase until it ends or waits out a
+    /// transient fault.
+    pub async fn drive(&self, run: &mut RunRecord) -> Result<Progress, EngineError> {
+        let span = tracing::info_span!("run", run = %run.id, commit = %run.commit.short());
+        self.drive_inner(run).instrument(span).await
+    }
+
+    async fn drive_inner(&self, run: &mut RunRecord) -> Result<Progress, EngineError> {
+        let mut db: Option<Database> = None;
+        let policy = Policy {
+            backoff: self.settings.backoff,
+            timeout: run
+                .migrations
+                .iter()
+                .map(|m| m.timeout)
+                .max()
+                .unwrap_or(std::time::Duration::from_secs(600)),
+        };
+        loop {
+            crash_point(run.phase);
+            let now = Utc::now();
+            let action = machine::next(run, now);
+            match action {
+                Action::Done => {
+                    let outcome = run.outcome().unwrap_or(Outcome::Failed);
+                    match outcome {
+                        Outcome::Succeeded => tracing::info!("run succeeded"),
+                        Outcome::RolledBack => {
+                            tracing::warn!(reason = ?run.failure.as_ref().map(|f| &f.message), "run failed and was rolled back")
+                        }
+                        Outcome::Deferred => {
+                            tracing::warn!(reason = ?run.failure.as_ref().map(|f| &f.message), "run stopped on a transient fault before anything changed; it is tried again later, nothing was reverted")
+                        }
+                        Outcome::Failed => {
+                            tracing::error!(errors = ?run.remediation_errors, "run failed and remediation did not complete: a person must act")
+                        }
+                    }
+                    return Ok(Progress::Ended(outcome));
+                }
+                Action::Wait(at) => {
+                    let r = run.retry.as_ref();
+                    tracing::warn!(
+                        phase = %run.phase,
+                        step = r.map(|r| r.step.as_str()).unwrap_or(""),
+                        cause = r.map(|r| r.cause.as_str()).unwrap_or(""),
+                        stalled = r.is_some_and(|r| r.stalled),
+                        next = %at.to_rfc3339(),
+                        "waiting out a transient fault; nothing is reverted"
+                    );
+                    return Ok(Progress::Waiting);
+                }
+                Action::Advance(phase) => {
+                    tracing::info!(from = %run.phase, to = %phase, "phase");
+                    machine::advance(run, phase);
+                    self.store.save(run).await?;
+                }
+                action => {
+                    let name = action.step(run).unwrap_or_default();
+                    machine::begin(run, &name, now);
+                    self.store.save(run).await?;
+                    let observed = self.perform(&action, run, &mut db).await;
+                    machine::apply(run, &name, observed, Utc::now(), policy);
+                    self.store.save(run).await?;
+                }
+            }
+        }
+    }
+
+    async fn database(&self, run: &RunRecord, cache: &mut Option<Database>) -> Result<Database, Fault> {
+        if let Some(db) = cache {
+            return Ok(db.clone());
+        }
+        let first = run
+            .migrations
+            .first()
+            .ok_or_else(|| Fault::refused("the run has no migrations"))?;
+        let db = self
+            .cluster
+            .resolve(&first.database, first.database_name.as_deref())
+            .await
+            .map_err(|e| Fault::transient(chain(&e)))?;
+        *cache = Some(db.clone());
+        Ok(db)
+    }
+
+    /// Performs one action; every outcome is an observation.
+    async fn perform(&self, action: &Action, run: &RunRecord, cache: &mut Option<Database>) -> Observation {
+        use Observation as O;
+        let transient = |e: &dyn std::error::Error| Fault::transient(chain(e));
+        match action {
+            Action::Lock => O::Locked(self.cluster.lock(&run.id).await.map_err(|e| transient(&e))),
+            Action::Plan => O::Planned(format!(
+                "plan {}: {} migration(s) {}",
+                run.plan_hash,
+                run.migrations.len(),
+                run.migrations.iter().map(|m| m.id.as_str()).collect::<Vec<_>>().join(", ")
+            )),
+            Action::Checkpoint => O::Checkpointed(self.take_checkpoint(run, cache).await),
+            Action::Drill => O::Drilled(self.drill(run, cache).await),
+            Action::RecoveryPoint => O::RecoveryPoint(match self.database(run, cache).await {
+                Ok(db) => self.runner.recovery_point(&db).await.map_err(|e| transient(&e)),
+                Err(f) => Err(f),
+            }),
+            Action::Migrate(i) => {
+                let m = &run.migrations[*i];
+                let result = match self.database(run, cache).await {
+                    Ok(db) => {
+                        let who = RunIdentity {
+                            run_id: &run.id,
+                            commit: &run.commit.sha,
+                        };
+                        let span = tracing::info_span!("migration", migration = %m.id);
+                        self.runner
+                            .migrate(&db, m, who)
+                            .instrument(span)
+                            .await
+                            .map_err(|e| transient(&e))
+                    }
+                    Err(f) => Err(f),
+                };
+                O::Migrated(*i, result)
+            }
+            Action::Recover(i) => {
+                let m = &run.migrations[*i];
+                let result = match self.database(run, cache).await {
+                    Ok(db) => match self.runner.applied(&db, &m.id).await {
+                        Ok(Some(row)) if row.run_id == run.id || row.checksum == m.checksum => Ok(Recovered::Applied),
+                        Ok(_) => Ok(Recovered::NotApplied),
+                        Err(e) => Err(transient(&e)),
+                    },
+                    Err(f) => Err(f),
+                };
+                O::Recovered(*i, result)
+            }
+            Action::Verify(i) => {
+                let m = &run.migrations[*i];
+                let query = m.verify.clone().unwrap_or_default();
+                O::Verified(
+                    *i,
+                    match self.database(run, cache).await {
+                        Ok(db) => self.runner.verify(&db, &query, m.timeout).await.map_err(|e| transient(&e)),
+                        Err(f) => Err(f),
+                    },
+                )
+            }
+            Action::Promote => O::Promoted(self.promote(run).await),
+            Action::Health => {
+                let at = run.promoted_to.clone().unwrap_or_else(|| run.commit.sha.clone());
+                O::Healthy(self.cluster.promote(&run.id, &at).await.map_err(|e| Fault::failed(chain(&e))))
+            }
+            Action::Restore => O::Restored(self.restore(run, cache).await),
+            Action::RevertGate => O::GateReverted(self.revert_gate(run).await),
+            Action::Revert => O::Reverted(self.revert(run).await),
+            Action::PullRequest => {
+                let Some(revert) = &run.revert else {
+                    return O::PullRequest(Ok(None));
+                };
+                let pr = revert_pull_request(run, &revert.branch, &self.settings.upstream);
+                O::PullRequest(self.forge.open_pull_request(&pr).await.map_err(|e| transient(&e)))
+            }
+            Action::Unlock => O::Unlocked(self.cluster.unlock(&run.id).await.map_err(|e| transient(&e))),
+            Action::Report => {
+                let report = Report::from_run(run);
+                O::Reported(self.store.write_report(run, &report).await.map_err(|e| {
+                    tracing::error!(error = %chain(&e), "could not write the evidence report");
+                    chain(&e)
+                }))
+            }
+            Action::Advance(_) | Action::Wait(_) | Action::Done => {
+                O::Planned(String::new())
+            }
+        }
+    }
+
+    async fn take_checkpoint(
+        &self,
+        run: &RunRecord,
+        cache: &mut Option<Database>,
+    ) -> Result<Option<crate::checkpoint::CheckpointRecord>, Fault> {
+        let kind = run
+            .migrations
+            .first()
+            .map(|m| m.checkpoint)
+            .unwrap_or(crate::manifests::CheckpointKind::None);
+        let backend = match self.checkpoint_for(kind) {
+            Err(e) => return Err(Fault::refused(e)),
+            Ok(None) if run.needs_drill => {
+                return Err(Fault::refused("an approved run needs a checkpoint with a restore drill"))
+            }
+            Ok(None) => return Ok(None),
+            Ok(Some(b)) => b,
+        };
+        let db = self.database(run, cache).await?;
+        backend
+            .create(&db, &run.id)
+            .await
+            .map(Some)
+            .map_err(|e| Fault::transient(format!("checkpoint failed: {}", chain(&e))))
+    }
+
+    async fn drill(&self, run: &RunRecord, cache: &mut Option<Database>) -> Result<String, Fault> {
+        let Some(record) = &run.checkpoint else {
+            return Err(Fault::refused("no checkpoint to drill"));
+        };
+        let backend = self.backend_named(&record.backend)?;
+        let db = self.database(run, cache).await?;
+        backend
+            .drill(&db, record)
+            .await
+            .map_err(|e| Fault::transient(format!("restore drill failed: {}", chain(&e))))
+    }
+
+    fn backend_named(&self, name: &str) -> Result<std::sync::Arc<dyn crate::checkpoint::Checkpoint>, Fault> {
+        self.checkpoints
+            .values()
+            .find(|b| b.name() == name)
+            .cloned()
+            .ok_or_else(|| Fault::failed(format!("no {name} backend configured to restore from")))
+    }
+
+    /// Carriers that do not block the gate, plus `extra`.
+    async fn exempt(&self, extra: Option<&RunRecord>) -> Result<Exempt, Fault> {
+        let gate = self
+            .git
+            .require_branch(&self.settings.gate)
+            .await
+            .map_err(|e| Fault::transient(chain(&e)))?;
+        let tree = self.gate().tree(&gate).await.map_err(|e| Fault::transient(chain(&e)))?;
+        let runs = self.store.list().await.map_err(|e| Fault::transient(chain(&e)))?;
+        let mut exempt = exempt_at_gate(&tree, &runs);
+        if let Some(run) = extra {
+            for m in &run.migrations {
+                exempt
+                    .carriers
+                    .insert((crate::gate::database_key(m), m.id.clone(), m.checksum.clone()));
+            }
+        }
+        Ok(exempt)
+    }
+
+    /// Moves the gate to the run's commit through the invariant check. A
+    /// before-apply run whose commit still holds a never-run carrier version
+    /// (rewritten by a later commit) leaves the gate where it is: the gate
+    /// carries the commit with the run that makes its tree whole.
+    async fn promote(&self, run: &RunRecord) -> Result<(String, String), Fault> {
+        let gate_name = &self.settings.gate;
+        let transient = |e: &GitError| Fault::transient(format!("moving the gate failed: {}", chain(e)));
+        self.git.fetch().await.map_err(|e| transient(&e))?;
+        let current = self.git.require_branch(gate_name).await.map_err(|e| transient(&e))?;
+        let commit = &run.commit.sha;
+        if self.git.is_ancestor(commit, &current).await.map_err(|e| transient(&e))? {
+            return Ok((current.clone(), format!("gate {gate_name} already at or past {commit}")));
+        }
+        let after_apply = run.order == Order::AfterApply;
+        let exempt = self.exempt(after_apply.then_some(run)).await?;
+        match self.gate().move_to(commit, Move::FastForward, &exempt).await {
+            Ok(sha) => Ok((sha, format!("gate {gate_name} fast-forwarded to {commit}"))),
+            Err(GateError::Invariant { violations, .. }) if !after_apply => {
+                let why: Vec<String> = violations.iter().map(|v| v.to_string()).collect();
+                Ok((
+                    current.clone(),
+                    format!(
+                        "gate {gate_name} stays at {}: commit {} also holds {}; it moves once those have run",
+                        super::short(&current),
+                        run.commit.short(),
+                        why.join("; ")
+                    ),
+                ))
+            }
+            Err(e @ GateError::Invariant { .. }) => Err(Fault::refused(chain(&e))),
+            Err(GateError::Git(e)) => Err(transient(&e)),
+        }
+    }
+
+    async fn restore(&self, run: &RunRecord, cache: &mut Option<Database>) -> Result<crate::checkpoint::RestoreRecord, Fault> {
+        let Some(checkpoint) = run.checkpoint.clone() else {
+            return Err(Fault::failed("the run has no checkpoint"));
+        };
+        let point = run.recovery_point.clone().unwrap_or(crate::checkpoint::RecoveryPoint {
+            time: checkpoint.completed_at,
+            lsn: String::new(),
+        });
+        let backend = self.backend_named(&checkpoint.backend)?;
+        let db = self.database(run, cache).await.map_err(|f| Fault::failed(f.message))?;
+        backend
+            .restore(&db, &checkpoint, &point, &run.id)
+            .await
+            .map_err(|e| Fault::failed(chain(&e)))
+    }
+
+    /// Reverts the promoted commit on the gate itself (the bad code is live),
+    /// through the invariant check.
+    async fn revert_gate(&self, run: &RunRecord) -> Result<String, Fault> {
+        let trailer = format!("Backstop-Run: {}", run.id);
+        let gate = &self.settings.gate;
+        let body = format!("backstop run {} rolls back the promoted commit on the gate.", run.id);
+        let git_fault = |e: GitError| match e {
+            GitError::RevertConflict { .. } => Fault::failed(chain(&e)),
+            e => Fault::transient(chain(&e)),
+        };
+        self.git.fetch().await.map_err(git_fault)?;
+        if let Some(sha) = self.git.find_on_branch(gate, &trailer, 200).await.map_err(git_fault)? {
+            return Ok(sha);
+        }
+        let head = self.git.require_branch(gate).await.map_err(git_fault)?;
+        let sha = self
+            .git
+            .revert_with(&run.commit.sha, &head, &body, &trailer, Vec::new())
+            .await
+            .map_err(git_fault)?;
+        let exempt = self.exempt(None).await?;
+        match self.gate().move_to(&sha, Move::FastForward, &exempt).await {
+            Ok(sha) => Ok(sha),
+            Err(e @ GateError::Invariant { .. }) => Err(Fault::failed(chain(&e))),
+            Err(GateError::Git(e)) => Err(git_fault(e)),
+        }
+    }
+
+    /// Pushes the revert to upstream (commit mode) or to a revert branch.
+    async fn revert(&self, run: &RunRecord) -> Result<RevertRecord, Fault> {
+        let mode = machine::revert_mode(run);
+        let trailer = format!("Backstop-Run: {}", run.id);
+        let failure = run.failure.as_ref().map(|f| f.message.clone()).unwrap_or_default();
+        let ids: Vec<&str> = run.migrations.iter().map(|m| m.id.as_str()).collect();
+        let body = format!(
+            "backstop run {} failed on migration(s) {}: {failure}",
+            run.id,
+            ids.join(", ")
+        );
+        let commit = &run.commit.sha;
+        let upstream = &self.settings.upstream;
+        // A recreated database cluster: its manifest change rides with the revert.
+        let patch = run.restore.as_ref().and_then(|r| r.manifest_patch.clone());
+        let git_fault = |e: GitError| match e {
+            GitError::RevertConflict { .. } => Fault::failed(chain(&e)),
+            e => Fault::transient(chain(&e)),
+        };
+        let (sha, branch, note) = match mode {
+            RevertMode::Commit => {
+                // Fast-forward only: when upstream moved, redo on the new head.
+                let mut pushed = None;
+                for _ in 0..5 {
+                    match push_revert(&self.git, commit, upstream, upstream, &body, &trailer, patch.as_ref()).await {
+                        Ok((sha, found)) => {
+                            pushed = Some((sha, upstream.clone(), note(found, "pushed to upstream")));
+                            break;
+                        }
+                        Err(GitError::Rejected { .. }) => continue,
+                        Err(e) => return Err(git_fault(e)),
+                    }
+                }
+                pushed.ok_or_else(|| Fault::transient("upstream kept moving; gave up after 5 attempts"))?
+            }
+            RevertMode::PullRequest => {
+                let branch = format!("backstop/revert-{}", &commit[..7.min(commit.len())]);
+                let (sha, found) = push_revert(&self.git, commit, upstream, &branch, &body, &trailer, patch.as_ref())
+                    .await
+                    .map_err(git_fault)?;
+                (sha, branch, note(found, "pushed revert branch"))
+            }
+        };
+        Ok(RevertRecord {
+            mode,
+            commit: sha,
+            branch,
+            pull_request: None,
+            note,
+            pr_pending: false,
+        })
+    }
+
+    /// Opens the pull requests that a forge outage left pending.
+    pub(super) async fn open_pending_pull_requests(&self, runs: &[RunRecord]) -> Result<(), StoreError> {
+        for run in runs.iter().filter(|r| r.revert.as_ref().is_some_and(|v| v.pr_pending)) {
+            let mut run = run.clone();
+            let Some(revert) = run.revert.clone() else { continue };
+            let pr = revert_pull_request(&run, &revert.branch, &self.settings.upstream);
+            machine::begin(&mut run, "pull-request", Utc::now());
+            self.store.save(&run).await?;
+            match self.forge.open_pull_request(&pr).await {
+                Ok(url) => {
+                    machine::close(&mut run, "pull-request", true, url.clone().unwrap_or_default(), Utc::now());
+                    if let Some(v) = run.revert.as_mut() {
+                        v.pr_pending = false;
+                        v.pull_request = url.clone();
+                        v.note = format!("{}; pull request opened by a later pass", v.note);
+                    }
+                    tracing::info!(run = %run.id, url = ?url, "opened the pending revert pull request");
+                    let report = Report::from_run(&run);
+                    if let Err(e) = self.store.write_report(&run, &report).await {
+                        tracing::error!(error = %e, "could not rewrite the evidence report");
+                    }
+                }
+                Err(e) => {
+                    machine::close(&mut run, "pull-request", false, chain(&e), Utc::now());
+                    tracing::warn!(run = %run.id, error = %e, "revert pull request still pending");
+                }
+            }
+            self.store.save(&run).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Where the run's report is.
+pub fn report_location(run: &RunRecord) -> String {
+    run.steps
+        .iter()
+        .rev()
+        .find(|s| s.name == "report")
+        .map(|s| s.detail.clone())
+        .unwrap_or_default()
+}
+
+/// Reverts `commit` on top of `base`'s head and pushes it to `target` (no
+/// force; never the gate), with the manifest change a restore asks for. A
+/// revert that `target` already carries (same `Backstop-Run:` trailer) is
+/// reused: `(sha, true)`.
+async fn push_revert(
+    git: &GitRepo,
+    commit: &str,
+    base: &str,
+    target: &str,
+    body: &str,
+    trailer: &str,
+    patch: Option<&ManifestPatch>,
+) -> Result<(String, bool), GitError> {
+    git.fetch().await?;
+    if let Some(sha) = git.find_on_branch(target, trailer, 200).await? {
+        return Ok((sha, true));
+    }
+    let head = git.require_branch(base).await?;
+    let files = repo_changes(git, &head, patch).await?;
+    let sha = git.revert_with(commit, &head, body, trailer, files).await?;
+    git.push(&sha, target).await?;
+    Ok((sha, false))
+}
+
+/// How a revert step describes what it did.
+fn note(found: bool, done: &str) -> String {
+    if found {
+        "found from an earlier attempt".into()
+    } else {
+        done.into()
+    }
+}
+
+/// The files a revert must also change so that git matches the cluster.
+async fn repo_changes(
+    git: &GitRepo,
+    head: &str,
+    patch: Option<&ManifestPatch>,
+) -> Result<Vec<(String, String)>, GitError> {
+    let Some(p) = patch else { return Ok(Vec::new()) };
+    let snapshot = git.snapshot(head, "").await?;
+    Ok(
+        match crate::manifests::patch_manifest(&snapshot, &p.kind, &p.namespace, &p.name, &p.merge) {
+            Some(f) if !f.already => vec![(f.path, f.content)],
+            Some(_) => Vec::new(),
+            None => {
+                tracing::warn!(kind = %p.kind, namespace = %p.namespace, name = %p.name, "manifest not found in the repository; update it by hand");
+                Vec::new()
+            }
+        },
+    )
+}
+
+/// Resumes what a restore held (the Kustomization owning a recreated cluster)
+/// once the gate carries the manifest change.
+pub(super) async fn release_holds(engine: &Engine, runs: &[RunRecord], gate: &str) -> Result<(), StoreError> {
+    for run in runs.iter().filter(|r| !r.hold_released && r.phase.is_terminal()) {
+        let Some(patch) = run.restore.as_ref().and_then(|r| r.manifest_patch.clone()) else {
+            continue;
+        };
+        let Some(hold) = patch.hold.clone() else { continue };
+        let Ok(snapshot) = engine.git.snapshot(gate, "").await else {
+            continue;
+        };
+        let applied =
+            crate::manifests::patch_manifest(&snapshot, &patch.kind, &patch.namespace, &patch.name, &patch.merge)
+                .is_some_and(|f| f.already);
+        if !applied {
+            tracing::info!(run = %run.id, held = %hold, "held until the gate carries the {} manifest change", patch.kind);
+            continue;
+        }
+        let mut run = run.clone();
+        let step = format!("release {hold}");
+        machine::begin(&mut run, &step, Utc::now());
+        engine.store.save(&run).await?;
+        match engine.cluster.release(&hold, &run.id).await {
+            Ok(detail) => {
+                machine::close(&mut run, &step, true, detail, Utc::now());
+                run.hold_released = true;
+            }
+            Err(e) => machine::close(&mut run, &step, false, chain(&e), Utc::now()),
+        }
+        engine.store.save(&run).await?;
+    }
+    Ok(())
+}
+
+/// The pull request for a run's revert branch; its body is the evidence report.
+fn revert_pull_request(run: &RunRecord, branch: &str, upstream: &str) -> PullRequest {
+    PullRequest {
+        title: format!("Revert \"{}\"", run.commit.subject),
+        body: report::markdown(&Report::from_run(run)),
+        head: branch.to_string(),
+        base: upstream.to_string(),
+        labels: vec!["backstop".into(), "revert".into()],
+        full_report: format!(
+            "runs/{}/report.md in backstop's state directory (`backstop report {}`)",
+            run.id, run.id
+        ),
+    }
+}
+
+/// Test hook (debug builds only): `BACKSTOP_TEST_CRASH_AT=<Phase>` ends the
+/// process abruptly (exit 86, no cleanup) when a run enters that phase, right
+/// after the journal recorded it.
+fn crash_point(phase: Phase) {
+    #[cfg(debug_assertions)]
+    if std::env::var("BACKSTOP_TEST_CRASH_AT").ok().as_deref() == Some(phase.as_str()) {
+        eprintln!("backstop: test crash at phase {phase}");
+        std::process::exit(super::TEST_CRASH_EXIT);
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = phase;
+}

@@ -1,0 +1,652 @@
+//! The run state machine as two pure functions over a [`RunRecord`]:
+//! [`next`] says what to do now (an [`Action`]), [`apply`] folds what
+//! happened (an [`Observation`]) into the record: step results, phase
+//! changes and the failure taxonomy. No I/O, no backend, no clock of its own:
+//! the executor ([`super::Engine`]) performs the actions through the backend
+//! traits, writes the step's intent before and the record after.
+//!
+//! Failure taxonomy ([`FailureKind`]):
+//! - a transient fault before the database changed ends the run `Deferred`
+//!   (unlock, no restore, no revert); a later run tries again after a backoff;
+//! - a transient fault after it changed (verify could not connect, the gate
+//!   push failed, a revert push failed) keeps the run in its phase and retries
+//!   the step after a backoff; past the migration's timeout the retry is
+//!   marked stalled (visible in `status`), never reverted;
+//! - a failure of the migration, its verify or the health gate remediates:
+//!   restore when data changed, then revert.
+
+use chrono::{DateTime, Duration, Utc};
+
+use super::record::{Failure, FailureKind, Phase, Retry, RevertRecord, RunRecord, Step};
+use crate::checkpoint::{CheckpointRecord, RecoveryPoint, RestoreRecord};
+use crate::manifests::{Order, RevertMode};
+use crate::runner::{MigrateOutcome, VerifyOutcome};
+
+/// What the run must do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Move to `Phase` (no effect outside the record).
+    Advance(Phase),
+    Lock,
+    Plan,
+    Checkpoint,
+    Drill,
+    RecoveryPoint,
+    /// Run migration `i`.
+    Migrate(usize),
+    /// Migration `i` was interrupted while it ran: ask the history table.
+    Recover(usize),
+    Verify(usize),
+    /// Move the gate to the run's commit (through the gate's invariant check).
+    Promote,
+    /// Wait until the promoted revision is live and healthy.
+    Health,
+    Restore,
+    /// Revert the promoted commit on the gate itself.
+    RevertGate,
+    /// Revert the commit on upstream or on a revert branch.
+    Revert,
+    PullRequest,
+    Unlock,
+    Report,
+    /// A retry is due at this time; nothing to do before.
+    Wait(DateTime<Utc>),
+    Done,
+}
+
+impl Action {
+    /// The name of the step the action records (None: no step).
+    pub fn step(&self, run: &RunRecord) -> Option<String> {
+        let migration = |i: &usize| run.migrations.get(*i).map(|m| m.id.clone()).unwrap_or_default();
+        Some(match self {
+            Action::Advance(_) | Action::Wait(_) | Action::Done => return None,
+            Action::Lock => "lock".into(),
+            Action::Plan => "plan".into(),
+            Action::Checkpoint => "checkpoint".into(),
+            Action::Drill => "restore-drill".into(),
+            Action::RecoveryPoint => "recovery-point".into(),
+            Action::Migrate(i) | Action::Recover(i) => format!("migrate {}", migration(i)),
+            Action::Verify(i) => format!("verify {}", migration(i)),
+            Action::Promote => "promote".into(),
+            Action::Health => "health".into(),
+            Action::Restore => "restore".into(),
+            Action::RevertGate => "gate-revert".into(),
+            Action::Revert => match revert_mode(run) {
+                RevertMode::Commit => "revert-commit".into(),
+                RevertMode::PullRequest => "revert-branch".into(),
+            },
+            Action::PullRequest => "pull-request".into(),
+            Action::Unlock => "unlock".into(),
+            Action::Report => "report".into(),
+        })
+    }
+}
+
+/// How the revert of a run is made (the first carrier's choice; the engine
+/// may override it through the record's migrations before the run starts).
+pub fn revert_mode(run: &RunRecord) -> RevertMode {
+    run.migrations.first().map(|m| m.revert).unwrap_or(RevertMode::PullRequest)
+}
+
+/// A fault an action met: transient (nothing the developer did) or not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fault {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+impl Fault {
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self {
+            kind: FailureKind::Transient,
+            message: message.into(),
+        }
+    }
+    pub fn failed(message: impl Into<String>) -> Self {
+        Self {
+            kind: FailureKind::Failed,
+            message: message.into(),
+        }
+    }
+    pub fn refused(message: impl Into<String>) -> Self {
+        Self {
+            kind: FailureKind::Refused,
+            message: message.into(),
+        }
+    }
+}
+
+/// What history says about a migration whose step was interrupted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recovered {
+    /// Applied with success by this run.
+    Applied,
+    /// Not applied by this run.
+    NotApplied,
+}
+
+/// What happened when an action was performed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Observation {
+    Locked(Result<String, Fault>),
+    Planned(String),
+    /// `None`: the migrations' checkpoint kind is `none`.
+    Checkpointed(Result<Option<CheckpointRecord>, Fault>),
+    Drilled(Result<String, Fault>),
+    RecoveryPoint(Result<RecoveryPoint, Fault>),
+    Migrated(usize, Result<MigrateOutcome, Fault>),
+    Recovered(usize, Result<Recovered, Fault>),
+    Verified(usize, Result<VerifyOutcome, Fault>),
+    /// The gate was moved to (or found at) this commit.
+    Promoted(Result<(String, String), Fault>),
+    Healthy(Result<String, Fault>),
+    Restored(Result<RestoreRecord, Fault>),
+    GateReverted(Result<String, Fault>),
+    Reverted(Result<RevertRecord, Fault>),
+    /// The pull request's URL (None: no forge configured).
+    PullRequest(Result<Option<String>, Fault>),
+    Unlocked(Result<String, Fault>),
+    Reported(Result<String, String>),
+}
+
+/// Timing of retries after transient faults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// First wait; doubles per attempt.
+    pub base: std::time::Duration,
+    /// Longest wait.
+    pub max: std::time::Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            base: std::time::Duration::from_secs(30),
+            max: std::time::Duration::from_secs(600),
+        }
+    }
+}
+
+impl Backoff {
+    /// The wait before attempt `attempts + 1`.
+    pub fn delay(&self, attempts: u32) -> std::time::Duration {
+        let factor = 2u32.saturating_pow(attempts.saturating_sub(1).min(16));
+        self.base.saturating_mul(factor).min(self.max)
+    }
+
+    /// The retry record after one more fault of `step`.
+    pub fn bump(&self, previous: Option<&Retry>, step: &str, cause: &str, now: DateTime<Utc>, timeout: std::time::Duration) -> Retry {
+        let attempts = previous.map(|r| r.attempts).unwrap_or(0) + 1;
+        let since = previous.map(|r| r.since).unwrap_or(now);
+        let delay = Duration::from_std(self.delay(attempts)).unwrap_or(Duration::MAX);
+        let stalled = now - since >= Duration::from_std(timeout).unwrap_or(Duration::MAX);
+        Retry {
+            step: step.to_string(),
+            cause: cause.to_string(),
+            attempts,
+            since,
+            next_at: now + delay,
+            stalled,
+        }
+    }
+}
+
+fn step_done(run: &RunRecord, name: &str) -> bool {
+    run.steps.iter().any(|s| s.name == name && s.finished_at.is_some())
+}
+
+fn checkpoint_done(run: &RunRecord) -> bool {
+    run.step_ok("checkpoint")
+}
+
+fn drill_pending(run: &RunRecord) -> bool {
+    run.needs_drill
+        && run.checkpoint.as_ref().is_some_and(|c| {
+            !c.restore_drill.starts_with("passed") && !c.restore_drill.starts_with("not supported")
+        })
+}
+
+/// The phase after `phase` on the success path, by order.
+fn after(phase: Phase, order: Order) -> Phase {
+    let before = order == Order::BeforeApply;
+    match phase {
+        Phase::Pending => Phase::Locking,
+        Phase::Locking => Phase::Planning,
+        Phase::Planning => Phase::Checkpointing,
+        Phase::Checkpointing if before => Phase::Migrating,
+        Phase::Checkpointing => Phase::Promoting,
+        Phase::Migrating => Phase::Verifying,
+        Phase::Verifying if before => Phase::Promoting,
+        Phase::Verifying => Phase::Unlocking,
+        Phase::Promoting if before => Phase::Unlocking,
+        Phase::Promoting => Phase::Migrating,
+        Phase::Remediating => Phase::Unlocking,
+        other => other,
+    }
+}
+
+/// The end a run reaches from `Unlocking`.
+pub fn end_of(run: &RunRecord) -> Phase {
+    match (&run.failure, run.remediation_errors.is_empty()) {
+        (None, true) => Phase::Succeeded,
+        (Some(f), true) if f.kind != FailureKind::Failed && !f.data_changed => Phase::Deferred,
+        (Some(_), true) => Phase::RolledBack,
+        (_, false) => Phase::Failed,
+    }
+}
+
+/// What the run must do next.
+pub fn next(run: &RunRecord, now: DateTime<Utc>) -> Action {
+    if run.phase.is_terminal() {
+        return if run.report_written { Action::Done } else { Action::Report };
+    }
+    if let Some(r) = &run.retry {
+        if now < r.next_at {
+            return Action::Wait(r.next_at);
+        }
+    }
+    match run.phase {
+        Phase::Pending => Action::Advance(Phase::Locking),
+        Phase::Locking if run.step_ok("lock") => Action::Advance(Phase::Planning),
+        Phase::Locking => Action::Lock,
+        Phase::Planning if run.step_ok("plan") => Action::Advance(Phase::Checkpointing),
+        Phase::Planning => Action::Plan,
+        Phase::Checkpointing if !checkpoint_done(run) => Action::Checkpoint,
+        Phase::Checkpointing if drill_pending(run) => Action::Drill,
+        Phase::Checkpointing => Action::Advance(after(Phase::Checkpointing, run.order)),
+        Phase::Migrating => {
+            if run.recovery_point.is_none() && !run.migrations.is_empty() {
+                return Action::RecoveryPoint;
+            }
+            for (i, m) in run.migrations.iter().enumerate() {
+                if run.migrate_results.iter().any(|(id, _)| id == &m.id) {
+                    continue;
+                }
+                return if run.open_step(&format!("migrate {}", m.id)) {
+                    Action::Recover(i)
+                } else {
+                    Action::Migrate(i)
+                };
+            }
+            Action::Advance(Phase::Verifying)
+        }
+        Phase::Verifying => {
+            for (i, m) in run.migrations.iter().enumerate() {
+                if m.verify.is_some() && !run.verify_results.iter().any(|(id, _)| id == &m.id) {
+                    return Action::Verify(i);
+                }
+            }
+            Action::Advance(after(Phase::Verifying, run.order))
+        }
+        Phase::Promoting if !run.promoted => Action::Promote,
+        Phase::Promoting if !run.step_ok("health") => Action::Health,
+        Phase::Promoting => Action::Advance(after(Phase::Promoting, run.order)),
+        Phase::Remediating => remediation(run),
+        Phase::Unlocking if step_done(run, "unlock") && !run.open_step("unlock") => Action::Advance(end_of(run)),
+        Phase::Unlocking => Action::Unlock,
+        Phase::Succeeded | Phase::RolledBack | Phase::Failed | Phase::Deferred => Action::Done,
+    }
+}
+
+fn remediation(run: &RunRecord) -> Action {
+    let Some(failure) = &run.failure else {
+        return Action::Advance(Phase::Unlocking);
+    };
+    let restore_finished = step_done(run, "restore") && !run.open_step("restore");
+    if failure.data_changed && run.checkpoint.is_some() && run.restore.is_none() && !restore_finished {
+        return Action::Restore;
+    }
+    let gate_moved = run.promoted_to.as_deref() != Some(run.gate_before.as_str());
+    if run.promoted && gate_moved && run.gate_revert.is_none() && !step_failed_for_good(run, "gate-revert") {
+        return Action::RevertGate;
+    }
+    let revert_step = Action::Revert.step(run).unwrap_or_default();
+    if run.revert.is_none() && !step_failed_for_good(run, &revert_step) {
+        return Action::Revert;
+    }
+    if let Some(r) = &run.revert {
+        if r.mode == RevertMode::PullRequest && r.pull_request.is_none() && !r.pr_pending && !step_done(run, "pull-request") {
+            return Action::PullRequest;
+        }
+    }
+    Action::Advance(Phase::Unlocking)
+}
+
+/// A step that failed with an error recorded for a person (not retried).
+fn step_failed_for_good(run: &RunRecord, name: &str) -> bool {
+    run.steps.iter().any(|s| s.name == name && s.ok == Some(false)) && run.retry.as_ref().is_none_or(|r| r.step != name)
+}
+
+/// Records the intent of `name` (an open step) before the action runs.
+pub fn begin(run: &mut RunRecord, name: &str, now: DateTime<Utc>) {
+    run.steps.push(Step {
+        name: name.to_string(),
+        phase: run.phase,
+        started_at: now,
+        finished_at: None,
+        ok: None,
+        detail: String::new(),
+    });
+}
+
+/// Records the result of the open step `name`.
+pub fn close(run: &mut RunRecord, name: &str, ok: bool, detail: String, now: DateTime<Utc>) {
+    if let Some(step) = run
+        .steps
+        .iter_mut()
+        .rev()
+        .find(|s| s.name == name && s.finished_at.is_none())
+    {
+        step.finished_at = Some(now);
+        step.ok = Some(ok);
+        step.detail = detail;
+    }
+}
+
+/// What the failure taxonomy needs from the engine.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    pub backoff: Backoff,
+    /// How long a transient fault may last before the run is marked stalled.
+    pub timeout: std::time::Duration,
+}
+
+/// Folds the result of `step` into the record.
+pub fn apply(run: &mut RunRecord, step: &str, obs: Observation, now: DateTime<Utc>, policy: Policy) {
+    use Observation as O;
+    let ok_detail = |d: String| (true, d);
+    match obs {
+        O::Locked(r) => match r {
+            Ok(d) => done(run, step, ok_detail(d), now),
+            Err(f) => fault(run, step, f, false, now, policy),
+        },
+        O::Planned(d) => done(run, step, ok_detail(d), now),
+        O::Checkpointed(r) => match r {
+            Ok(Some(c)) => {
+                let detail = format!("{} checkpoint at {} ({} bytes)", c.backend, c.location, c.size_bytes);
+                run.checkpoint = Some(c);
+                done(run, step, ok_detail(detail), now)
+            }
+            Ok(None) => done(run, step, ok_detail("no checkpoint (backstop.dev/checkpoint: none)".into()), now),
+            Err(f) => fault(run, step, f, false, now, policy),
+        },
+        O::Drilled(r) => match r {
+            Ok(d) => {
+                if let Some(c) = run.checkpoint.as_mut() {
+                    c.restore_drill = if d.starts_with("not supported") {
+                        d.clone()
+                    } else {
+                        format!("passed: {d}")
+                    };
+                }
+                done(run, step, ok_detail(d), now)
+            }
+            Err(f) => {
+                if let Some(c) = run.checkpoint.as_mut() {
+                    c.restore_drill = format!("failed: {}", f.message);
+                }
+                fault(run, step, f, false, now, policy)
+            }
+        },
+        O::RecoveryPoint(r) => match r {
+            Ok(p) => {
+                let detail = format!("time {} lsn {}", p.time.to_rfc3339(), p.lsn);
+                run.recovery_point = Some(p);
+                done(run, step, ok_detail(detail), now)
+            }
+            Err(f) => fault(run, step, f, false, now, policy),
+        },
+        O::Migrated(i, r) => {
+            let Some(m) = run.migrations.get(i).cloned() else { return };
+            match r {
+                Ok(outcome) => {
+                    let detail = crate::run::record::StepDetail::detail(&outcome);
+                    let error = outcome.error.clone();
+                    let committed = outcome.committed;
+                    run.migrate_results.push((m.id.clone(), outcome));
+                    done(run, step, (error.is_none(), detail), now);
+                    if let Some(e) = error {
+                        let f = Fault::failed(format!("migration {} failed: {e}", m.id));
+                        fault(run, step, f, committed, now, policy);
+                    }
+                }
+                Err(f) => {
+                    let f = Fault {
+                        kind: f.kind,
+                        message: format!("migration {} could not run: {}", m.id, f.message),
+                    };
+                    fault(run, step, f, false, now, policy)
+                }
+            }
+        }
+        O::Recovered(i, r) => {
+            let Some(m) = run.migrations.get(i).cloned() else { return };
+            let transactional = m.statements.iter().all(|s| s.transactional);
+            match r {
+                Ok(Recovered::Applied) => {
+                    let total = m.statements.len();
+                    run.migrate_results.push((
+                        m.id.clone(),
+                        MigrateOutcome {
+                            transactional,
+                            statements_done: total,
+                            statements_total: total,
+                            error: None,
+                            committed: true,
+                            duration_ms: 0,
+                        },
+                    ));
+                    done(run, step, ok_detail("resumed after interruption: found in history".into()), now)
+                }
+                Ok(Recovered::NotApplied) if transactional => {
+                    // The transaction never committed (its history row is part of
+                    // it): PostgreSQL rolled it back. Run it again.
+                    close(
+                        run,
+                        step,
+                        false,
+                        "interrupted before commit: not in history, PostgreSQL rolled the transaction back; running it again"
+                            .into(),
+                        now,
+                    );
+                    run.retry = None;
+                }
+                Ok(Recovered::NotApplied) => {
+                    let outcome = MigrateOutcome {
+                        transactional,
+                        statements_done: 0,
+                        statements_total: m.statements.len(),
+                        error: Some("interrupted while running statement by statement; not in history".into()),
+                        committed: true,
+                        duration_ms: 0,
+                    };
+                    run.migrate_results.push((m.id.clone(), outcome));
+                    close(run, step, false, "resumed after interruption: not in history".into(), now);
+                    let f = Fault::failed(format!(
+                        "migration {} was interrupted outside a transaction; some statements may have run",
+                        m.id
+                    ));
+                    fault(run, step, f, true, now, policy)
+                }
+                // History unreadable: the step stays open and is asked again.
+                Err(f) => retry(run, step, &f.message, now, policy),
+            }
+        }
+        O::Verified(i, r) => {
+            let Some(m) = run.migrations.get(i).cloned() else { return };
+            match r {
+                Ok(outcome) => {
+                    let passed = outcome.passed;
+                    let detail = outcome.detail.clone();
+                    run.verify_results.push((m.id.clone(), outcome));
+                    done(run, step, (passed, detail.clone()), now);
+                    if !passed {
+                        fault(run, step, Fault::failed(format!("verify of {} failed: {detail}", m.id)), true, now, policy);
+                    }
+                }
+                Err(f) => {
+                    let f = Fault {
+                        kind: f.kind,
+                        message: format!("verify of {} could not run: {}", m.id, f.message),
+                    };
+                    fault(run, step, f, true, now, policy)
+                }
+            }
+        }
+        O::Promoted(r) => match r {
+            Ok((to, detail)) => {
+                run.promoted = true;
+                run.promoted_to = Some(to);
+                done(run, step, ok_detail(detail), now)
+            }
+            Err(f) => fault(run, step, f, false, now, policy),
+        },
+        O::Healthy(r) => match r {
+            Ok(d) => done(run, step, ok_detail(d), now),
+            Err(f) => {
+                let f = Fault::failed(format!("health check after promotion failed: {}", f.message));
+                fault(run, step, f, true, now, policy)
+            }
+        },
+        O::Restored(r) => match r {
+            Ok(rec) => {
+                let detail = crate::run::record::StepDetail::detail(&rec);
+                run.restore = Some(rec);
+                done(run, step, ok_detail(detail), now)
+            }
+            Err(f) => {
+                close(run, step, false, f.message.clone(), now);
+                run.remediation_errors.push(format!("restore failed: {}", f.message));
+            }
+        },
+        O::GateReverted(r) => match r {
+            Ok(sha) => {
+                run.gate_revert = Some(sha.clone());
+                done(run, step, ok_detail(format!("gate reverted with {sha}")), now)
+            }
+            Err(f) => remediation_fault(run, step, f, "reverting the gate failed", now, policy),
+        },
+        O::Reverted(r) => match r {
+            Ok(rec) => {
+                let detail = crate::run::record::StepDetail::detail(&rec);
+                run.revert = Some(rec);
+                done(run, step, ok_detail(detail), now)
+            }
+            Err(f) => remediation_fault(run, step, f, "revert failed", now, policy),
+        },
+        O::PullRequest(r) => {
+            let Some(rev) = run.revert.as_mut() else { return };
+            let (ok, detail) = match r {
+                Ok(Some(url)) => {
+                    rev.pull_request = Some(url.clone());
+                    (true, url)
+                }
+                Ok(None) => {
+                    rev.note = format!("{}; no forge configured, no pull request opened", rev.note);
+                    (true, "no forge configured, no pull request opened".into())
+                }
+                Err(f) => {
+                    rev.pr_pending = true;
+                    rev.note = format!("{}; revert pushed, pull request pending: {}", rev.note, f.message);
+                    (false, f.message)
+                }
+            };
+            close(run, step, ok, detail, now);
+        }
+        O::Unlocked(r) => match r {
+            Ok(d) => done(run, step, ok_detail(d), now),
+            Err(f) => {
+                close(run, step, false, f.message.clone(), now);
+                run.remediation_errors.push(format!("unlock failed: {}", f.message));
+            }
+        },
+        O::Reported(r) => {
+            let (ok, detail) = match r {
+                Ok(location) => (true, location),
+                Err(e) => (false, e),
+            };
+            close(run, step, ok, detail, now);
+            run.report_written = true;
+        }
+    }
+}
+
+/// Moves the record to `phase`.
+pub fn advance(run: &mut RunRecord, phase: Phase) {
+    run.phase = phase;
+}
+
+fn done(run: &mut RunRecord, step: &str, (ok, detail): (bool, String), now: DateTime<Utc>) {
+    close(run, step, ok, detail, now);
+    if ok {
+        run.retry = None;
+    }
+}
+
+fn data_changed(run: &RunRecord) -> bool {
+    run.migrate_results.iter().any(|(_, o)| o.committed)
+}
+
+fn retry(run: &mut RunRecord, step: &str, cause: &str, now: DateTime<Utc>, policy: Policy) {
+    close(run, step, false, format!("transient: {cause}"), now);
+    run.retry = Some(policy.backoff.bump(run.retry.as_ref(), step, cause, now, policy.timeout));
+}
+
+/// The failure taxonomy in one place.
+fn fault(run: &mut RunRecord, step: &str, f: Fault, changed: bool, now: DateTime<Utc>, policy: Policy) {
+    let data_changed = changed || data_changed(run);
+    match f.kind {
+        FailureKind::Transient if data_changed || run.phase == Phase::Remediating => {
+            retry(run, step, &f.message, now, policy)
+        }
+        FailureKind::Transient | FailureKind::Refused => {
+            close(run, step, false, f.message.clone(), now);
+            run.retry = Some(policy.backoff.bump(run.retry.as_ref(), step, &f.message, now, policy.timeout));
+            run.failure = Some(Failure {
+                phase: run.phase,
+                message: f.message,
+                data_changed: false,
+                kind: f.kind,
+            });
+            run.restore_decision = Some("no restore: nothing was changed; the run ends and is tried again later".into());
+            run.phase = Phase::Unlocking;
+        }
+        FailureKind::Failed => {
+            close(run, step, false, f.message.clone(), now);
+            run.retry = None;
+            run.restore_decision = Some(if data_changed {
+                if run.checkpoint.is_some() {
+                    format!("restore: the failure left committed changes ({}), so the database goes back to the checkpoint", f.message)
+                } else {
+                    run.remediation_errors.push(
+                        "data changed and there is no checkpoint to restore (checkpoint: none); restore by hand".into(),
+                    );
+                    "restore needed (data changed) but the run has no checkpoint".into()
+                }
+            } else if run.migrate_results.is_empty() {
+                "no restore: the migration did not start, the database is unchanged".into()
+            } else {
+                "no restore: the migration failed inside one transaction, which PostgreSQL rolled back (zero data loss)".into()
+            });
+            run.failure = Some(Failure {
+                phase: run.phase,
+                message: f.message,
+                data_changed,
+                kind: FailureKind::Failed,
+            });
+            run.phase = Phase::Remediating;
+        }
+    }
+}
+
+fn remediation_fault(run: &mut RunRecord, step: &str, f: Fault, what: &str, now: DateTime<Utc>, policy: Policy) {
+    if f.kind == FailureKind::Transient {
+        retry(run, step, &f.message, now, policy);
+    } else {
+        close(run, step, false, f.message.clone(), now);
+        run.remediation_errors.push(format!("{what}: {}", f.message));
+    }
+}
+
+#[cfg(test)]
+mod tests;

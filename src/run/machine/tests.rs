@@ -1,0 +1,2 @@
+//! Unit tests of the pure transition: every phase and failure kind.
+use super::*;

@@ -1,0 +1,483 @@
+//! Runs (DESIGN section 3): one candidate commit for one guarded target,
+//! driven through its phases by the backend traits (checkpoint, runner, forge,
+//! cluster) and recorded durably in a [`RunStore`]. This module knows no
+//! backend and no Kubernetes. Its parts:
+//!
+//! - [`record`]: the run record types (phase, steps, failure taxonomy, retries);
+//! - [`machine`]: the pure transition: what to do next, and how a result
+//!   changes the record;
+//! - [`exec`]: the executor performing the machine's actions through the
+//!   traits, writing each step's intent before acting and its result after,
+//!   so a restarted process resumes where it stopped and never repeats a
+//!   backup, a restore or a revert;
+//! - this file: the pass, the scheduler that picks what runs and moves the
+//!   gate (always through [`crate::gate`], which checks the gate invariant).
+
+pub mod exec;
+pub mod machine;
+pub mod record;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use chrono::Utc;
+
+pub use record::{
+    chain, Failure, FailureKind, Outcome, Phase, Retry, RevertRecord, RunRecord, RunStore, Step, StepDetail,
+    StoreError,
+};
+
+use crate::checkpoint::{Checkpoint, CheckpointError};
+use crate::cluster::Cluster;
+use crate::forge::Forge;
+use crate::gate::{self, Exempt, GateError, GateStatus, GateView, History, Move, TreeState, Wait};
+use crate::git::{GitError, GitRepo};
+use crate::manifests::{CheckpointKind, RevertMode};
+use crate::plan::{self, PlanError, Prepared};
+use crate::runner::Runner;
+use machine::Backoff;
+
+/// Errors that stop a pass (not failures of a run, which are remediated).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Git(#[from] GitError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Gate(#[from] GateError),
+}
+
+/// Branches and paths the engine guards.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub upstream: String,
+    pub gate: String,
+    /// Folder of the repo the guarded target applies (empty: everything).
+    pub path: String,
+    /// Overrides the carriers' `backstop.dev/revert` when set.
+    pub revert: Option<RevertMode>,
+    /// Waits after transient faults.
+    pub backoff: Backoff,
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Default)]
+pub struct PassReport {
+    /// Runs that ended in this pass: (id, outcome, report location).
+    pub runs: Vec<(String, Outcome, String)>,
+    /// Where the gate is after the pass.
+    pub gate: String,
+    /// Why the gate waits, if it does.
+    pub waiting: Option<Wait>,
+}
+
+/// Maps a carrier's checkpoint kind to a backend; `none` maps to no checkpoint.
+pub type CheckpointSet = HashMap<CheckpointKind, Arc<dyn Checkpoint>>;
+
+/// The engine: git, the backends and the store.
+pub struct Engine {
+    pub git: GitRepo,
+    pub cluster: Arc<dyn Cluster>,
+    pub runner: Arc<dyn Runner>,
+    pub checkpoints: CheckpointSet,
+    pub forge: Arc<dyn Forge>,
+    pub store: Arc<dyn RunStore>,
+    pub settings: Settings,
+}
+
+/// How a drive of a run stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    Ended(Outcome),
+    /// A transient fault is waited out; the run stays open.
+    Waiting,
+}
+
+impl Engine {
+    fn checkpoint_for(&self, kind: CheckpointKind) -> Result<Option<Arc<dyn Checkpoint>>, String> {
+        if kind == CheckpointKind::None {
+            return Ok(None);
+        }
+        self.checkpoints.get(&kind).cloned().map(Some).ok_or_else(|| {
+            let mut kinds: Vec<&str> = self.checkpoints.keys().map(|k| k.as_str()).collect();
+            kinds.push("none");
+            kinds.sort_unstable();
+            format!("checkpoint {kind} is not available here (available: {})", kinds.join(", "))
+        })
+    }
+
+    /// The gate of the guarded path.
+    pub fn gate(&self) -> GateView<'_> {
+        GateView {
+            git: &self.git,
+            cluster: self.cluster.as_ref(),
+            runner: self.runner.as_ref(),
+            branch: &self.settings.gate,
+            path: &self.settings.path,
+        }
+    }
+
+    /// One pass: fetch, resume open runs, run what is pending in order, and
+    /// move the gate as far as the invariant allows. Records the gate status.
+    pub async fn pass(&self) -> Result<PassReport, EngineError> {
+        let mut report = PassReport::default();
+        let result = self.pass_inner(&mut report).await;
+        if result.is_ok() {
+            self.record_status(&report).await?;
+        }
+        result.map(|()| report)
+    }
+
+    async fn pass_inner(&self, report: &mut PassReport) -> Result<(), EngineError> {
+        self.git.fetch().await?;
+        let previous = self.store.list().await?;
+        self.open_pending_pull_requests(&previous).await?;
+        if let Some(gate) = self.git.branch(&self.settings.gate).await? {
+            exec::release_holds(self, &previous, &gate).await?;
+        }
+        for mut run in previous.iter().filter(|r| r.is_open()).cloned() {
+            tracing::info!(run = %run.id, phase = %run.phase, "resuming run");
+            let progress = self.drive(&mut run).await?;
+            if let Progress::Ended(outcome) = progress {
+                report.runs.push((run.id.clone(), outcome, exec::report_location(&run)));
+            }
+            if progress != Progress::Ended(Outcome::Succeeded) {
+                report.gate = self.git.require_branch(&self.settings.gate).await?;
+                report.waiting = wait_for_run(&run);
+                return Ok(());
+            }
+        }
+        // Re-read: a resumed run may have pushed.
+        self.git.fetch().await?;
+        self.schedule(report).await
+    }
+
+    /// Picks what runs, in order, and moves the gate between runs.
+    async fn schedule(&self, report: &mut PassReport) -> Result<(), EngineError> {
+        let mut runs = self.store.list().await?;
+        let mut gate = self.git.require_branch(&self.settings.gate).await?;
+        let head = self.git.require_branch(&self.settings.upstream).await?;
+        report.gate = gate.clone();
+        let view = self.gate();
+        let gate_tree = view.tree(&gate).await?;
+        let exempt = exempt_at_gate(&gate_tree, &runs);
+        if let Some(reverted) = runs.iter().rev().find(|r| r.gate_revert.as_deref() == Some(gate.as_str())) {
+            if !self.git.is_ancestor(&gate, &head).await? {
+                // The gate holds a revert that upstream does not have as such.
+                // Once upstream's guarded tree equals the gate's (the revert was
+                // merged or squashed), the gate joins upstream; until then it waits.
+                let (at_gate, at_head) = (
+                    self.git.snapshot(&gate, &self.settings.path).await?,
+                    self.git.snapshot(&head, &self.settings.path).await?,
+                );
+                if at_gate != at_head {
+                    report.waiting = Some(Wait::GateRevert {
+                        run: reverted.id.clone(),
+                        revert: gate.clone(),
+                    });
+                    return Ok(());
+                }
+                tracing::info!(run = %reverted.id, "upstream now holds the gate's revert; moving the gate to upstream");
+                gate = view.move_to(&head, Move::Join, &exempt).await?;
+                report.gate = gate.clone();
+            }
+        }
+        let pending = self
+            .git
+            .pending(&gate, &head, (&self.settings.gate, &self.settings.upstream))
+            .await?;
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let trees = view.trees(&gate_tree, &pending).await?;
+        let candidates = match plan::discover(&self.git, &gate, &head, &self.settings.path, &pending).await {
+            Ok(c) => c,
+            Err(e) => {
+                report.waiting = Some(self.plan_wait(&e, &head).await);
+                report.gate = self.advance(&gate, &trees, &exempt).await?;
+                return Ok(());
+            }
+        };
+        let checkpoint_for = |k| self.checkpoint_for(k);
+        for candidate in candidates {
+            let prepared =
+                match plan::prepare(&candidate, self.cluster.as_ref(), self.runner.as_ref(), &checkpoint_for).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        report.waiting = Some(self.plan_wait(&e, &candidate.commit.sha).await);
+                        report.gate = self.advance(&gate, &trees, &exempt).await?;
+                        return Ok(());
+                    }
+                };
+            if prepared.migrations.is_empty() {
+                tracing::info!(commit = %candidate.commit.short(), "migrations already applied; nothing to run");
+                continue;
+            }
+            let last = latest_run_of(&runs, &prepared);
+            if let Some(wait) = last.and_then(|r| blocked_by(r, Utc::now())) {
+                report.waiting = Some(wait);
+                report.gate = self.advance(&gate, &trees, &exempt).await?;
+                return Ok(());
+            }
+            gate = self.advance(&gate, &trees, &exempt).await?;
+            report.gate = gate.clone();
+            let mut run = self.new_run(&prepared, &gate, last.and_then(|r| r.retry.clone()));
+            self.store.save(&run).await?;
+            let progress = self.drive(&mut run).await?;
+            if let Progress::Ended(outcome) = progress {
+                report.runs.push((run.id.clone(), outcome, exec::report_location(&run)));
+            }
+            report.gate = self.git.require_branch(&self.settings.gate).await?;
+            if progress != Progress::Ended(Outcome::Succeeded) {
+                report.waiting = wait_for_run(&run);
+                return Ok(());
+            }
+            gate = report.gate.clone();
+            runs = self.store.list().await?;
+        }
+        report.gate = self.advance(&gate, &trees, &exempt).await?;
+        Ok(())
+    }
+
+    /// Moves the gate to the furthest pending commit whose tree satisfies the
+    /// invariant (no move when that is the gate itself or nothing qualifies).
+    async fn advance(&self, gate: &str, trees: &[TreeState], exempt: &Exempt) -> Result<String, EngineError> {
+        let view = self.gate();
+        let history: History = view.history(trees.iter()).await;
+        let Some(index) = gate::furthest(trees, &history, exempt) else {
+            return Ok(gate.to_string());
+        };
+        let target = &trees[index].sha;
+        if target == gate || self.git.is_ancestor(target, gate).await? {
+            return Ok(gate.to_string());
+        }
+        tracing::info!(from = %short(gate), to = %short(target), "fast-forwarding the gate to the furthest commit whose migrations all ran");
+        Ok(view.move_to(target, Move::FastForward, exempt).await?)
+    }
+
+    /// What the gate waits for after the plan of `commit` stopped.
+    async fn plan_wait(&self, e: &PlanError, commit: &str) -> Wait {
+        let message = chain(e);
+        if is_transient(e) {
+            let previous = self.store.load_gate(&self.settings.path).await.ok().flatten();
+            let (attempts, since) = match previous.and_then(|p| p.waiting) {
+                Some(Wait::Retrying {
+                    run: None,
+                    attempts,
+                    since,
+                    ..
+                }) => (attempts + 1, since),
+                _ => (1, Utc::now()),
+            };
+            let now = Utc::now();
+            let stalled = now - since >= chrono::Duration::from_std(self.settings.backoff.max).unwrap_or_default();
+            tracing::warn!(error = %message, attempts, "plan could not read the database; retrying on the next pass (nothing was changed)");
+            Wait::Retrying {
+                run: None,
+                step: "plan".into(),
+                cause: message,
+                attempts,
+                since,
+                next_at: now,
+                stalled,
+            }
+        } else {
+            Wait::Refused {
+                commit: commit.to_string(),
+                message,
+            }
+        }
+    }
+
+    fn new_run(&self, prepared: &Prepared, gate: &str, retry: Option<Retry>) -> RunRecord {
+        let now = Utc::now();
+        let mut migrations = prepared.migrations.clone();
+        if let Some(mode) = self.settings.revert {
+            for m in &mut migrations {
+                m.revert = mode;
+            }
+        }
+        RunRecord {
+            id: format!("{}-{}", now.format("%Y%m%d-%H%M%S%3f"), prepared.commit.short()),
+            created_at: now,
+            commit: prepared.commit.clone(),
+            upstream_branch: self.settings.upstream.clone(),
+            gate_branch: self.settings.gate.clone(),
+            gate_before: gate.to_string(),
+            order: prepared.order,
+            migrations,
+            already_applied: prepared.already_applied.clone(),
+            plan_hash: prepared.plan_hash.clone(),
+            findings: prepared.findings.clone(),
+            approvals: prepared
+                .verdicts
+                .iter()
+                .flat_map(|v| v.notes.iter().filter(|n| n.starts_with("approved by")).cloned())
+                .collect(),
+            needs_drill: prepared.needs_drill(),
+            phase: Phase::Pending,
+            steps: Vec::new(),
+            checkpoint: None,
+            recovery_point: None,
+            migrate_results: Vec::new(),
+            verify_results: Vec::new(),
+            promoted: false,
+            promoted_to: None,
+            failure: None,
+            // Carried from a deferred attempt: the stall clock keeps running.
+            retry: retry.map(|r| Retry { next_at: now, ..r }),
+            restore_decision: None,
+            restore: None,
+            revert: None,
+            gate_revert: None,
+            hold_released: false,
+            remediation_errors: Vec::new(),
+            report_written: false,
+        }
+    }
+
+    async fn record_status(&self, report: &PassReport) -> Result<(), StoreError> {
+        let previous = self.store.load_gate(&self.settings.path).await.ok().flatten();
+        let now = Utc::now();
+        let upstream = self
+            .git
+            .branch(&self.settings.upstream)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let same = |a: &Wait, b: &Wait| std::mem::discriminant(a) == std::mem::discriminant(b) && wait_subject(a) == wait_subject(b);
+        let since = match (&report.waiting, previous.as_ref().and_then(|p| p.waiting.as_ref().map(|w| (w, p.since)))) {
+            (Some(w), Some((old, since))) if same(w, old) => since,
+            (Some(w), _) => {
+                // Said once: the full reason when it starts, a line after that.
+                tracing::warn!(gate = %short(&report.gate), "the gate waits: {w}");
+                Some(now)
+            }
+            (None, _) => None,
+        };
+        if let (Some(w), Some(since)) = (&report.waiting, since) {
+            if since != now {
+                tracing::info!(since = %since.to_rfc3339(), "the gate still waits ({})", wait_subject(w));
+            }
+        }
+        self.store
+            .save_gate(&GateStatus {
+                path: self.settings.path.clone(),
+                gate_branch: self.settings.gate.clone(),
+                upstream_branch: self.settings.upstream.clone(),
+                gate: report.gate.clone(),
+                upstream,
+                waiting: report.waiting.clone(),
+                since,
+                updated_at: now,
+            })
+            .await
+    }
+}
+
+/// What identifies a wait across passes (for "said once").
+fn wait_subject(w: &Wait) -> String {
+    match w {
+        Wait::Refused { commit, message } => format!("refused {commit} {message}"),
+        Wait::RunFailed { run, .. } => format!("run {run} failed"),
+        Wait::Retrying { run, step, .. } => format!("retrying {} {step}", run.as_deref().unwrap_or("plan")),
+        Wait::GateRevert { run, .. } => format!("gate revert of {run}"),
+    }
+}
+
+/// Whether a plan error is a fault of the surroundings (retry) rather than
+/// of the commit (refuse until a commit fixes it).
+pub fn is_transient(e: &PlanError) -> bool {
+    match e {
+        PlanError::History { .. } | PlanError::Git(_) => true,
+        PlanError::Preflight { source, .. } => matches!(**source, CheckpointError::Db(_) | CheckpointError::Query { .. }),
+        _ => false,
+    }
+}
+
+/// Carriers live at the gate that no run ever took (adopted when the path
+/// came under guard), and broken files already live: moving the gate does not
+/// make them worse, so they do not block it.
+fn exempt_at_gate(gate: &TreeState, runs: &[RunRecord]) -> Exempt {
+    let mut exempt = Exempt::default();
+    for c in &gate.carriers {
+        let taken = runs
+            .iter()
+            .any(|r| r.migrations.iter().any(|m| m.id == c.id && m.checksum == c.checksum));
+        if !taken {
+            exempt
+                .carriers
+                .insert((gate::database_key(c), c.id.clone(), c.checksum.clone()));
+        }
+    }
+    for b in &gate.broken {
+        exempt.broken.insert((b.file.clone(), b.digest.clone()));
+    }
+    exempt
+}
+
+/// The most recent run that took any of `prepared`'s (migration, checksum).
+fn latest_run_of<'a>(runs: &'a [RunRecord], prepared: &Prepared) -> Option<&'a RunRecord> {
+    runs.iter().rev().find(|r| {
+        r.migrations.iter().any(|x| {
+            prepared
+                .migrations
+                .iter()
+                .any(|m| m.id == x.id && m.checksum == x.checksum)
+        })
+    })
+}
+
+/// Whether the last run of these migrations keeps them from running now: a
+/// failed (carrier, checksum) is not retried; a deferred one waits its backoff.
+fn blocked_by(run: &RunRecord, now: chrono::DateTime<Utc>) -> Option<Wait> {
+    match run.outcome() {
+        Some(Outcome::RolledBack | Outcome::Failed) => wait_for_run(run),
+        Some(Outcome::Deferred) => match &run.retry {
+            Some(r) if r.next_at > now => wait_for_run(run),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// What the gate waits for because of `run` (None: it does not).
+pub fn wait_for_run(run: &RunRecord) -> Option<Wait> {
+    let migrations = run.migrations.iter().map(|m| m.id.clone()).collect();
+    if let Some(r) = &run.retry {
+        if !run.phase.is_terminal() || run.phase == Phase::Deferred {
+            return Some(Wait::Retrying {
+                run: Some(run.id.clone()),
+                step: r.step.clone(),
+                cause: r.cause.clone(),
+                attempts: r.attempts,
+                since: r.since,
+                next_at: r.next_at,
+                stalled: r.stalled,
+            });
+        }
+    }
+    match run.outcome() {
+        Some(Outcome::RolledBack | Outcome::Failed) => Some(Wait::RunFailed {
+            run: run.id.clone(),
+            migrations,
+            revert: run.revert.as_ref().map(|v| match &v.pull_request {
+                Some(url) => format!("revert pull request {url}"),
+                None if v.mode == RevertMode::Commit => format!("revert commit {} (pushed to {})", short(&v.commit), v.branch),
+                None => format!("revert branch {} ({})", v.branch, short(&v.commit)),
+            }),
+            needs_person: run.phase == Phase::Failed,
+            detail: run.failure.as_ref().map(|f| f.message.clone()).unwrap_or_default(),
+        }),
+        _ => None,
+    }
+}
+
+fn short(sha: &str) -> &str {
+    &sha[..sha.len().min(7)]
+}
+
+/// Exit status of the test crash switch.
+pub const TEST_CRASH_EXIT: i32 = 86;

@@ -1,0 +1,348 @@
+//! The durable record of a run: its phase, its steps (intent before, result
+//! after), what it took and did, and why it failed, as typed values. Stores
+//! persist these records; the state machine ([`super::machine`]) is a pure
+//! function over them.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{CheckpointRecord, RecoveryPoint, RestoreRecord};
+use crate::git::CommitInfo;
+use crate::manifests::{Carrier, Order, RevertMode};
+use crate::report::Report;
+use crate::runner::{MigrateOutcome, VerifyOutcome};
+
+/// Phases of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Phase {
+    Pending,
+    Locking,
+    Planning,
+    Checkpointing,
+    Migrating,
+    Verifying,
+    Promoting,
+    Remediating,
+    Unlocking,
+    Succeeded,
+    RolledBack,
+    Failed,
+    /// Ended on a transient fault before the database changed: nothing to
+    /// undo, nothing reverted; a later run tries again.
+    Deferred,
+}
+
+impl Phase {
+    /// Whether the run is over.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            Phase::Succeeded | Phase::RolledBack | Phase::Failed | Phase::Deferred
+        )
+    }
+
+    /// Name as written in records and the crash switch.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Locking => "Locking",
+            Phase::Planning => "Planning",
+            Phase::Checkpointing => "Checkpointing",
+            Phase::Migrating => "Migrating",
+            Phase::Verifying => "Verifying",
+            Phase::Promoting => "Promoting",
+            Phase::Remediating => "Remediating",
+            Phase::Unlocking => "Unlocking",
+            Phase::Succeeded => "Succeeded",
+            Phase::RolledBack => "RolledBack",
+            Phase::Failed => "Failed",
+            Phase::Deferred => "Deferred",
+        }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One step of a run: intent (`started_at`) written before acting, result after.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    pub name: String,
+    pub phase: Phase,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub ok: Option<bool>,
+    pub detail: String,
+}
+
+/// What kind of failure stopped a run; decides what remediation may do.
+/// Only [`FailureKind::Failed`] reverts a developer's commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum FailureKind {
+    /// backstop could not act (an API, a connection, a lock, the remote):
+    /// nothing was changed by the failing step. No revert; retried later.
+    Transient,
+    /// Plan, lint, approval or bad input: nothing was touched; the gate waits
+    /// for a new commit.
+    Refused,
+    /// The migration, its verify or the health gate failed: restore if the
+    /// data changed, then revert.
+    #[default]
+    Failed,
+}
+
+/// Why a run failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    pub phase: Phase,
+    pub message: String,
+    /// Whether the database may hold changes of the run (decides the restore).
+    pub data_changed: bool,
+    #[serde(default)]
+    pub kind: FailureKind,
+}
+
+/// A transient fault the run waits out: the step is tried again at `next_at`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retry {
+    /// The step that hit the fault.
+    pub step: String,
+    pub cause: String,
+    /// Attempts so far (1 after the first fault).
+    pub attempts: u32,
+    /// When the fault was first seen (the stall clock starts here).
+    pub since: DateTime<Utc>,
+    pub next_at: DateTime<Utc>,
+    /// The fault outlasted the migration's timeout: a person should look.
+    /// backstop keeps retrying (at the longest backoff) and never reverts.
+    pub stalled: bool,
+}
+
+/// The revert a run made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevertRecord {
+    pub mode: RevertMode,
+    /// The revert commit.
+    pub commit: String,
+    /// Where it was pushed.
+    pub branch: String,
+    pub pull_request: Option<String>,
+    pub note: String,
+    /// The revert is pushed but the forge did not open the pull request yet;
+    /// a later pass tries again.
+    #[serde(default)]
+    pub pr_pending: bool,
+}
+
+/// The durable record of a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub id: String,
+    pub created_at: DateTime<Utc>,
+    pub commit: CommitInfo,
+    pub upstream_branch: String,
+    pub gate_branch: String,
+    /// Gate commit when the run started.
+    pub gate_before: String,
+    pub order: Order,
+    pub migrations: Vec<Carrier>,
+    pub already_applied: Vec<String>,
+    pub plan_hash: String,
+    /// Findings of the safety analysis.
+    #[serde(default)]
+    pub findings: Vec<crate::lint::Finding>,
+    /// Approvals that allowed the run (`approver (source)`).
+    #[serde(default)]
+    pub approvals: Vec<String>,
+    /// A restore drill must pass before the migration runs (approved runs).
+    #[serde(default)]
+    pub needs_drill: bool,
+    pub phase: Phase,
+    pub steps: Vec<Step>,
+    pub checkpoint: Option<CheckpointRecord>,
+    pub recovery_point: Option<RecoveryPoint>,
+    pub migrate_results: Vec<(String, MigrateOutcome)>,
+    pub verify_results: Vec<(String, VerifyOutcome)>,
+    pub promoted: bool,
+    /// Where the promotion moved the gate (the run's commit, or an earlier
+    /// commit when the run's own commit still holds a never-run carrier).
+    #[serde(default)]
+    pub promoted_to: Option<String>,
+    pub failure: Option<Failure>,
+    /// A transient fault being waited out.
+    #[serde(default)]
+    pub retry: Option<Retry>,
+    /// Why remediation restored or did not.
+    pub restore_decision: Option<String>,
+    pub restore: Option<RestoreRecord>,
+    pub revert: Option<RevertRecord>,
+    /// Whatever the restore held (a Kustomization) was released.
+    #[serde(default)]
+    pub hold_released: bool,
+    /// The revert pushed straight to the gate when the commit was already
+    /// promoted (the bad code was live): its sha.
+    #[serde(default)]
+    pub gate_revert: Option<String>,
+    /// Remediation steps that failed (a person must act).
+    pub remediation_errors: Vec<String>,
+    pub report_written: bool,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Succeeded,
+    /// Failed and rolled back as designed.
+    RolledBack,
+    /// Remediation itself failed.
+    Failed,
+    /// Stopped on a transient fault before anything changed; tried again later.
+    Deferred,
+}
+
+impl RunRecord {
+    /// The outcome, once the run is over.
+    pub fn outcome(&self) -> Option<Outcome> {
+        match self.phase {
+            Phase::Succeeded => Some(Outcome::Succeeded),
+            Phase::RolledBack => Some(Outcome::RolledBack),
+            Phase::Failed => Some(Outcome::Failed),
+            Phase::Deferred => Some(Outcome::Deferred),
+            _ => None,
+        }
+    }
+
+    /// Whether the run still has work (including writing its report).
+    pub fn is_open(&self) -> bool {
+        !self.phase.is_terminal() || !self.report_written
+    }
+
+    /// The step named `name` that was started and never finished.
+    pub fn open_step(&self, name: &str) -> bool {
+        self.steps.iter().any(|s| s.name == name && s.finished_at.is_none())
+    }
+
+    /// Whether any step named `name` finished successfully.
+    pub fn step_ok(&self, name: &str) -> bool {
+        self.steps.iter().any(|s| s.name == name && s.ok == Some(true))
+    }
+
+    /// The (migration id, checksum) pairs this run is about.
+    pub fn keys(&self) -> Vec<(String, String)> {
+        self.migrations
+            .iter()
+            .map(|m| (m.id.clone(), m.checksum.clone()))
+            .collect()
+    }
+}
+
+/// Failure to persist run records.
+#[derive(Debug, thiserror::Error)]
+#[error("failed to {action} for run {run}")]
+pub struct StoreError {
+    pub action: &'static str,
+    pub run: String,
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+/// Where runs are recorded durably (a journal folder, or `MigrationRun` objects).
+#[async_trait::async_trait]
+pub trait RunStore: Send + Sync {
+    /// Writes the record (atomically: all of it or the previous version).
+    async fn save(&self, run: &RunRecord) -> Result<(), StoreError>;
+    /// Every recorded run, oldest first.
+    async fn list(&self) -> Result<Vec<RunRecord>, StoreError>;
+    /// Publishes the evidence report; returns where it is.
+    async fn write_report(&self, run: &RunRecord, report: &Report) -> Result<String, StoreError>;
+    /// Records where the gate of `path` is and what it waits for.
+    async fn save_gate(&self, status: &crate::gate::GateStatus) -> Result<(), StoreError> {
+        let _ = status;
+        Ok(())
+    }
+    /// The last recorded gate status of `path`.
+    async fn load_gate(&self, path: &str) -> Result<Option<crate::gate::GateStatus>, StoreError> {
+        let _ = path;
+        Ok(None)
+    }
+}
+
+/// How a step's successful result is written into the record.
+pub trait StepDetail {
+    fn detail(&self) -> String;
+}
+
+impl StepDetail for String {
+    fn detail(&self) -> String {
+        self.clone()
+    }
+}
+impl StepDetail for () {
+    fn detail(&self) -> String {
+        String::new()
+    }
+}
+impl StepDetail for CheckpointRecord {
+    fn detail(&self) -> String {
+        format!(
+            "{} checkpoint at {} ({} bytes)",
+            self.backend, self.location, self.size_bytes
+        )
+    }
+}
+impl StepDetail for RecoveryPoint {
+    fn detail(&self) -> String {
+        format!("time {} lsn {}", self.time.to_rfc3339(), self.lsn)
+    }
+}
+impl StepDetail for MigrateOutcome {
+    fn detail(&self) -> String {
+        format!(
+            "{}/{} statements, {}, {} ms{}",
+            self.statements_done,
+            self.statements_total,
+            if self.transactional {
+                "one transaction"
+            } else {
+                "non-transactional"
+            },
+            self.duration_ms,
+            self.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+        )
+    }
+}
+impl StepDetail for VerifyOutcome {
+    fn detail(&self) -> String {
+        self.detail.clone()
+    }
+}
+impl StepDetail for RestoreRecord {
+    fn detail(&self) -> String {
+        format!("restored to {}; previous state kept at {}", self.target, self.kept)
+    }
+}
+impl StepDetail for RevertRecord {
+    fn detail(&self) -> String {
+        format!("{} on {} ({})", self.commit, self.branch, self.note)
+    }
+}
+impl StepDetail for Option<String> {
+    fn detail(&self) -> String {
+        self.clone().unwrap_or_else(|| "no pull request opened".into())
+    }
+}
+
+/// An error with its causes, `a: b: c`.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
