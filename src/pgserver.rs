@@ -165,6 +165,16 @@ impl PgServer {
             .map_err(|e| wrap(e.into()))
     }
 
+    /// Starts a stopped server again on the same data directory and port.
+    pub async fn restart(&mut self) -> Result<(), PgServerError> {
+        if !self.stopped {
+            return Ok(());
+        }
+        self.pg_ctl_start().await?;
+        self.stopped = false;
+        Ok(())
+    }
+
     /// Stops the server (fast shutdown).
     pub async fn stop(&mut self) -> Result<(), PgServerError> {
         if self.stopped {

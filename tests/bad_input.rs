@@ -174,3 +174,53 @@ async fn unreachable_remote_is_a_configuration_error_naming_the_url() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn pgdata_of_another_server_than_the_url_is_refused_before_any_checkpoint() {
+    let f = Fixture::new().await;
+    let other = backstop::pgserver::PgServer::start().await.expect("second server");
+    other.create_database("shop").await.unwrap();
+    let c = carrier("0002-x").sql("001.sql", "CREATE TABLE x (id int);");
+    f.commit_carrier(&c, "x");
+    // The URL names `other`; --pgdata names the fixture's server.
+    let url = other.url("shop");
+    let out = f.run_env(&["--revert", "commit"], &[(DB_VAR, url.as_str())]).await;
+    let text = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("belongs to another server"), "{text}");
+    assert!(text.contains("system identifier"), "{text}");
+    assert_eq!(f.gate(), f.base, "gate did not move");
+    assert_eq!(f.journal_len(), 0, "no run started");
+    assert_eq!(f.checkpoints(), 0, "no checkpoint taken");
+    assert_eq!(f.kept_data_dirs(), 0, "no data directory touched");
+    let table: i64 = other
+        .database("shop")
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+        .query_one("SELECT count(*) FROM pg_tables WHERE tablename = 'x'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(table, 0, "the migration did not run");
+}
+
+#[tokio::test]
+async fn wal_archive_that_the_server_does_not_write_to_is_refused() {
+    let f = Fixture::new().await;
+    let c = carrier("0002-x").sql("001.sql", "CREATE TABLE x (id int);");
+    f.commit_carrier(&c, "x");
+    let elsewhere = f.dir.path().join("not-the-archive");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let out = f
+        .run_with(&f.server.data_dir(), &elsewhere, &["--revert", "commit"], &[])
+        .await;
+    let text = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("does not reach --wal-archive"), "{text}");
+    assert!(text.contains("pg_stat_archiver"), "{text}");
+    assert_eq!(f.gate(), f.base, "gate did not move");
+    assert_eq!(f.journal_len(), 0, "no run started");
+    assert_eq!(f.checkpoints(), 0, "no checkpoint taken");
+}

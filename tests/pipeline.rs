@@ -63,7 +63,10 @@ async fn commits_without_carriers_fast_forward_the_gate_with_no_run() {
         .arg(f.state())
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&status.stdout).trim(), "[]");
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["runs"], serde_json::json!([]));
+    assert_eq!(status["gates"][0]["gate"], head.as_str(), "{status}");
+    assert!(status["gates"][0]["waiting"].is_null(), "{status}");
 }
 
 /// A migration that fails inside its single transaction.

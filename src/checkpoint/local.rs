@@ -102,7 +102,85 @@ impl LocalBackend {
         }
         tracing::warn!(segment, "WAL segment not archived after 60s; relying on the old pg_wal");
     }
+
+    /// Preflight: the server behind the URL is the one whose data directory
+    /// is `--pgdata` (a restore stops that server and replaces its data).
+    async fn same_server(&self, db: &Database, client: &tokio_postgres::Client) -> Result<(), CheckpointError> {
+        let server: String = client
+            .query_one("SELECT system_identifier::text FROM pg_control_system()", &[])
+            .await
+            .map_err(|source| CheckpointError::Query {
+                database: db.describe(),
+                step: "reading the system identifier",
+                source,
+            })?
+            .get(0);
+        let mut cmd = pgbin::command(&self.bindir, "pg_controldata", None);
+        cmd.arg("-D").arg(&self.pgdata);
+        let out = pgbin::run(cmd, "pg_controldata")
+            .await
+            .map_err(Self::tool(format!("pg_controldata of {}", self.pgdata.display())))?;
+        let data = out
+            .lines()
+            .find_map(|l| l.strip_prefix("Database system identifier:"))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default();
+        if data != server {
+            return Err(CheckpointError::WrongServer {
+                database: db.describe(),
+                pgdata: self.pgdata.clone(),
+                server,
+                data,
+            });
+        }
+        Ok(())
+    }
+
+    /// Preflight: WAL really reaches `--wal-archive`: switch a segment and
+    /// wait (bounded) for it to arrive there.
+    async fn archive_reached(&self, db: &Database, client: &tokio_postgres::Client) -> Result<(), CheckpointError> {
+        let query = |step| {
+            let database = db.describe();
+            move |source| CheckpointError::Query { database, step, source }
+        };
+        // Write a little WAL so that the switch closes a segment of our own.
+        client
+            .query_one("SELECT pg_logical_emit_message(false, 'backstop', 'preflight')::text", &[])
+            .await
+            .map_err(query("writing a WAL record"))?;
+        let segment: String = client
+            .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
+            .await
+            .map_err(query("switching the WAL segment"))?
+            .get(0);
+        let wait = ARCHIVE_PREFLIGHT_WAIT;
+        let deadline = std::time::Instant::now() + wait;
+        while std::time::Instant::now() < deadline {
+            if self.wal_archive.join(&segment).exists() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let detail = client
+            .query_one(
+                "SELECT format('pg_stat_archiver: last archived %s, last failed %s at %s, %s failures', coalesce(last_archived_wal, '-'), coalesce(last_failed_wal, '-'), coalesce(last_failed_time::text, '-'), failed_count) FROM pg_stat_archiver",
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, String>(0))
+            .unwrap_or_else(|e| format!("pg_stat_archiver unreadable: {e}"));
+        Err(CheckpointError::ArchiveNotReached {
+            database: db.describe(),
+            archive: self.wal_archive.clone(),
+            segment,
+            seconds: wait.as_secs(),
+            detail,
+        })
+    }
 }
+
+/// How long the archive preflight waits for a switched segment.
+const ARCHIVE_PREFLIGHT_WAIT: Duration = Duration::from_secs(20);
 
 #[async_trait::async_trait]
 impl Checkpoint for LocalBackend {
@@ -146,7 +224,8 @@ impl Checkpoint for LocalBackend {
                 archive: self.wal_archive.clone(),
             });
         }
-        Ok(())
+        self.same_server(db, &client).await?;
+        self.archive_reached(db, &client).await
     }
 
     async fn create(&self, db: &Database, run_id: &str) -> Result<CheckpointRecord, CheckpointError> {

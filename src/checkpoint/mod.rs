@@ -24,6 +24,21 @@ pub enum CheckpointError {
         detail: String,
         archive: PathBuf,
     },
+    #[error("--pgdata {pgdata} belongs to another server than {database}: the database reports system identifier {server}, the data directory's pg_control says {data}; point --pgdata at the data directory of the server in the URL")]
+    WrongServer {
+        database: String,
+        pgdata: PathBuf,
+        server: String,
+        data: String,
+    },
+    #[error("WAL of {database} does not reach --wal-archive {archive}: segment {segment} was switched but did not arrive within {seconds}s ({detail}); point --wal-archive at the folder the server's archive_command writes to, and check that archiving works")]
+    ArchiveNotReached {
+        database: String,
+        archive: PathBuf,
+        segment: String,
+        seconds: u64,
+        detail: String,
+    },
     #[error("local checkpoints need {what}")]
     Misconfigured { what: String },
     #[error(transparent)]

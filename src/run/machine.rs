@@ -571,14 +571,18 @@ pub fn apply(run: &mut RunRecord, step: &str, obs: Observation, now: DateTime<Ut
     }
 }
 
-/// Moves the record to `phase`.
+/// Moves the record to `phase`. A run that ends for good waits for nothing.
 pub fn advance(run: &mut RunRecord, phase: Phase) {
     run.phase = phase;
+    if matches!(phase, Phase::Succeeded | Phase::RolledBack | Phase::Failed) {
+        run.retry = None;
+    }
 }
 
+/// A step that succeeded ends the retry it was the subject of.
 fn done(run: &mut RunRecord, step: &str, (ok, detail): (bool, String), now: DateTime<Utc>) {
     close(run, step, ok, detail, now);
-    if ok {
+    if ok && run.retry.as_ref().is_some_and(|r| r.step == step) {
         run.retry = None;
     }
 }

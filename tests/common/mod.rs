@@ -159,6 +159,12 @@ impl Fixture {
     }
 
     pub async fn run_env(&self, extra: &[&str], env: &[(&str, &str)]) -> Output {
+        self.run_with(&self.server.data_dir(), &self.server.archive(), extra, env)
+            .await
+    }
+
+    /// `backstop run --once` with the given `--pgdata` and `--wal-archive`.
+    pub async fn run_with(&self, pgdata: &Path, archive: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_backstop"));
         cmd.arg("run")
             .arg("--repo")
@@ -168,9 +174,9 @@ impl Fixture {
             .arg("--state")
             .arg(self.state())
             .arg("--pgdata")
-            .arg(self.server.data_dir())
+            .arg(pgdata)
             .arg("--wal-archive")
-            .arg(self.server.archive())
+            .arg(archive)
             .arg("--once")
             .args(extra)
             .env(DB_VAR, self.server.url("shop"))

@@ -1,2 +1,3 @@
 //! Unit tests of the pure transition: every phase and failure kind.
+
 use super::*;

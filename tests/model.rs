@@ -1,0 +1,518 @@
+//! Model-based test of the gate invariant. A seeded generator pushes random
+//! sequences of commits to a real bare remote (good carriers, carriers
+//! rewritten over several commits, migrations failing inside their
+//! transaction, failing after commit (real PITR), lint-refused ones, broken
+//! YAML, unapproved contracts, deploy-only changes, merges of revert branches,
+//! a person's revert, carriers removed), runs `backstop run --once` after
+//! every step, and checks against real git and the real database:
+//!
+//! - the invariant: every carrier in the gate's guarded tree is applied with
+//!   success at exactly that checksum, and the gate holds no broken file;
+//! - the gate only moves forward;
+//! - no migration is applied twice;
+//! - every revert backstop made names a run it recorded;
+//! - the exit code matches the pass (runs' outcomes and what the gate waits for).
+//!
+//! At the end everything broken is removed and the gate must catch up with
+//! upstream (the invariant alone would allow a gate that never moves).
+//!
+//! `BACKSTOP_MODEL_SEEDS` (comma-separated, default `1,2`) and
+//! `BACKSTOP_MODEL_STEPS` (default 40) make longer runs; a failing seed is
+//! printed and re-runs with `BACKSTOP_MODEL_SEEDS=<seed>`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+/// splitmix64: small, seeded, reproducible.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+}
+
+const DIR: &str = "apps/shop/migrations";
+
+/// A developer's clone of the remote, driven with git itself.
+struct Dev {
+    clone: PathBuf,
+}
+
+impl Dev {
+    fn new(remote: &Path, root: &Path) -> Self {
+        let clone = root.join("dev");
+        let out = std::process::Command::new("git")
+            .args(["clone", "-q"])
+            .arg(remote)
+            .arg(&clone)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        Self { clone }
+    }
+
+    fn git(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new("git")
+            .args(["-c", "user.name=dev", "-c", "user.email=dev@example.com", "-C"])
+            .arg(&self.clone)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.git(args);
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Resets the clone to the remote's main.
+    fn sync(&self) {
+        self.ok(&["fetch", "-q", "--prune", "origin"]);
+        self.ok(&["checkout", "-q", "-B", "main", "origin/main"]);
+        self.ok(&["reset", "-q", "--hard", "origin/main"]);
+    }
+
+    fn write(&self, path: &str, content: &str) {
+        let p = self.clone.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content).unwrap();
+    }
+
+    fn remove(&self, path: &str) {
+        let _ = std::fs::remove_file(self.clone.join(path));
+    }
+
+    fn commit_push(&self, message: &str) -> bool {
+        self.ok(&["add", "-A"]);
+        if self.git(&["commit", "-q", "-m", message]).status.success() {
+            self.ok(&["push", "-q", "origin", "main"]);
+            true
+        } else {
+            false
+        }
+    }
+
+    fn carriers(&self) -> Vec<String> {
+        let dir = self.clone.join(DIR);
+        let mut out: Vec<String> = std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| format!("{DIR}/{}", e.file_name().to_string_lossy()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+}
+
+/// One generated step.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    Good,
+    Rewrite,
+    FailInTransaction,
+    FailAfterCommit,
+    LintRefused,
+    BrokenYaml,
+    UnapprovedContract,
+    DeployOnly,
+    MergeRevert,
+    PersonRevert,
+    RemoveCarrier,
+}
+
+fn pick(rng: &mut Rng) -> Step {
+    const TABLE: &[(Step, usize)] = &[
+        (Step::Good, 22),
+        (Step::Rewrite, 12),
+        (Step::FailInTransaction, 8),
+        (Step::FailAfterCommit, 4),
+        (Step::LintRefused, 6),
+        (Step::BrokenYaml, 5),
+        (Step::UnapprovedContract, 5),
+        (Step::DeployOnly, 18),
+        (Step::MergeRevert, 8),
+        (Step::PersonRevert, 4),
+        (Step::RemoveCarrier, 8),
+    ];
+    let total: usize = TABLE.iter().map(|(_, w)| w).sum();
+    let mut n = rng.below(total);
+    for (s, w) in TABLE {
+        if n < *w {
+            return *s;
+        }
+        n -= w;
+    }
+    Step::Good
+}
+
+fn carrier_yaml(id: &str, revert: &str, phase: &str, sql: &str, verify: &str) -> String {
+    let c = carrier(id)
+        .phase(phase)
+        .revert(revert)
+        .sql("001.sql", sql)
+        .verify(verify);
+    c.yaml()
+}
+
+/// SQL variants a carrier can hold (id-specific table names keep them independent).
+fn body(rng: &mut Rng, id: &str, kind: Step) -> (String, String, String) {
+    let table = format!("t_{}", id.replace('-', "_"));
+    let v = rng.below(1000);
+    match kind {
+        Step::FailInTransaction => (
+            "expand".into(),
+            format!("CREATE TABLE {table} (id int, v{v} int);\nINSERT INTO no_such_table VALUES (1);"),
+            "SELECT true".into(),
+        ),
+        Step::FailAfterCommit => (
+            "migrate".into(),
+            format!("CREATE TABLE {table} (id int, v{v} int);"),
+            "SELECT false".into(),
+        ),
+        Step::LintRefused => (
+            "expand".into(),
+            format!("CREATE TABLE {table} (id int, v{v} int);\nCREATE INDEX ON {table} (id);"),
+            "SELECT true".into(),
+        ),
+        Step::UnapprovedContract => (
+            "contract".into(),
+            format!("DROP TABLE IF EXISTS {table}_old{v};"),
+            "SELECT true".into(),
+        ),
+        _ => (
+            "expand".into(),
+            format!("CREATE TABLE {table} (id int, v{v} int);"),
+            format!("SELECT count(*) = 1 FROM information_schema.tables WHERE table_name = '{table}'"),
+        ),
+    }
+}
+
+struct Model {
+    f: Fixture,
+    dev: Dev,
+    rng: Rng,
+    next_id: usize,
+    gate: String,
+    log: Vec<String>,
+}
+
+impl Model {
+    fn new_carrier(&mut self, kind: Step) -> String {
+        self.next_id += 1;
+        let id = format!("{:04}-m", self.next_id);
+        let revert = if self.rng.chance(50) { "commit" } else { "pull-request" };
+        let (phase, sql, verify) = body(&mut self.rng, &id, kind);
+        self.dev
+            .write(&format!("{DIR}/{id}.yaml"), &carrier_yaml(&id, revert, &phase, &sql, &verify));
+        id
+    }
+
+    fn apply(&mut self, step: Step) -> String {
+        self.dev.sync();
+        let files = self.dev.carriers();
+        match step {
+            Step::Good
+            | Step::FailInTransaction
+            | Step::FailAfterCommit
+            | Step::LintRefused
+            | Step::UnapprovedContract => {
+                let id = self.new_carrier(step);
+                if self.rng.chance(40) {
+                    self.deploy_change();
+                }
+                self.dev.commit_push(&format!("{step:?} {id}"));
+                format!("{step:?} {id}")
+            }
+            Step::Rewrite => {
+                // Rewrite a carrier: an earlier, never-run version stays in
+                // history; sometimes into a refused or failing one.
+                let yamls: Vec<&String> = files.iter().filter(|f| f.ends_with("-m.yaml")).collect();
+                if yamls.is_empty() {
+                    return self.apply(Step::Good);
+                }
+                let file = yamls[self.rng.below(yamls.len())].clone();
+                let id = file.trim_start_matches(&format!("{DIR}/")).trim_end_matches(".yaml").to_string();
+                let kind = [Step::Good, Step::Good, Step::LintRefused, Step::FailInTransaction][self.rng.below(4)];
+                let (phase, sql, verify) = body(&mut self.rng, &id, kind);
+                let revert = if self.rng.chance(50) { "commit" } else { "pull-request" };
+                self.dev.write(&file, &carrier_yaml(&id, revert, &phase, &sql, &verify));
+                self.dev.commit_push(&format!("Rewrite {id} as {kind:?}"));
+                format!("Rewrite {id} as {kind:?}")
+            }
+            Step::BrokenYaml => {
+                self.next_id += 1;
+                let file = format!("{DIR}/{:04}-broken.yaml", self.next_id);
+                self.dev.write(
+                    &file,
+                    "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n  annotations: [unclosed\n",
+                );
+                self.dev.commit_push(&format!("broken {file}"));
+                format!("BrokenYaml {file}")
+            }
+            Step::DeployOnly => {
+                self.deploy_change();
+                self.dev.commit_push("deploy");
+                "DeployOnly".into()
+            }
+            Step::MergeRevert => {
+                let branches = self.dev.ok(&["branch", "-r", "--list", "origin/backstop/revert-*"]);
+                let branches: Vec<&str> = branches.split_whitespace().collect();
+                if branches.is_empty() {
+                    return self.apply(Step::DeployOnly);
+                }
+                let b = branches[self.rng.below(branches.len())].to_string();
+                if self.dev.git(&["merge", "-q", "--no-edit", &b]).status.success() {
+                    self.dev.ok(&["push", "-q", "origin", "main"]);
+                    format!("MergeRevert {b}")
+                } else {
+                    self.dev.git(&["merge", "--abort"]);
+                    format!("MergeRevert {b} (conflict, skipped)")
+                }
+            }
+            Step::PersonRevert => {
+                if self.dev.git(&["revert", "--no-edit", "HEAD"]).status.success() {
+                    self.dev.ok(&["push", "-q", "origin", "main"]);
+                    "PersonRevert HEAD".into()
+                } else {
+                    self.dev.git(&["revert", "--abort"]);
+                    "PersonRevert (conflict, skipped)".into()
+                }
+            }
+            Step::RemoveCarrier => {
+                if files.is_empty() {
+                    return self.apply(Step::DeployOnly);
+                }
+                let file = files[self.rng.below(files.len())].clone();
+                self.dev.remove(&file);
+                self.dev.commit_push(&format!("remove {file}"));
+                format!("RemoveCarrier {file}")
+            }
+        }
+    }
+
+    fn deploy_change(&mut self) {
+        let v = self.rng.next() % 100_000;
+        self.dev.write(
+            "apps/shop/base/deployment.yaml",
+            &format!("apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: shop\n  labels: {{v: '{v}'}}\n"),
+        );
+    }
+
+    async fn pass(&mut self) -> std::process::Output {
+        self.f.run(&["--retry-backoff", "0"]).await
+    }
+
+    /// Every check against real git and the real database.
+    async fn check(&mut self, out: &std::process::Output, context: &str) {
+        let all = text(out);
+        let gate = self.f.gate();
+        // The gate only moves forward.
+        let forward = std::process::Command::new("git")
+            .arg("-C")
+            .arg(self.f.remote.path())
+            .args(["merge-base", "--is-ancestor", &self.gate, &gate])
+            .status()
+            .unwrap()
+            .success();
+        assert!(forward, "{context}: the gate moved backwards from {} to {gate}\n{all}", self.gate);
+        self.gate = gate.clone();
+
+        // The invariant, from git and the database.
+        let carriers = gate_carriers(self.f.remote.path(), &gate);
+        let client = self.f.client().await;
+        let applied: BTreeMap<String, String> = match client
+            .query("SELECT id, checksum FROM backstop.migration_history WHERE success", &[])
+            .await
+        {
+            Ok(rows) => rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
+            Err(_) => BTreeMap::new(),
+        };
+        for c in &carriers {
+            match c {
+                Ok((id, checksum, file)) => assert_eq!(
+                    applied.get(id),
+                    Some(checksum),
+                    "{context}: INVARIANT BROKEN: the gate {gate} holds {file} ({id} at {checksum}) which is not applied at that checksum\n{all}"
+                ),
+                Err(file) => panic!("{context}: INVARIANT BROKEN: the gate {gate} holds broken file {file}\n{all}"),
+            }
+        }
+        // No migration applied twice.
+        if let Ok(rows) = client
+            .query(
+                "SELECT id FROM backstop.migration_history WHERE success GROUP BY id HAVING count(*) > 1",
+                &[],
+            )
+            .await
+        {
+            assert!(rows.is_empty(), "{context}: a migration was applied twice\n{all}");
+        }
+        // Every revert backstop made names a run it recorded.
+        let runs = journal_ids(&self.f.state());
+        let log = git(
+            self.f.remote.path(),
+            &["log", "--all", "--author=backstop", "--format=%H%x00%B%x01"],
+        );
+        for entry in log.split('\x01').filter(|e| !e.trim().is_empty()) {
+            let (sha, message) = entry.trim().split_once('\0').unwrap_or(("", entry));
+            let run = message
+                .lines()
+                .find_map(|l| l.strip_prefix("Backstop-Run: "))
+                .unwrap_or_else(|| panic!("{context}: revert {sha} names no run:\n{message}"));
+            assert!(runs.contains(&run.trim().to_string()), "{context}: revert {sha} names unknown run {run}");
+        }
+        // The exit code matches the pass.
+        let code = out.status.code().unwrap_or(-1);
+        let mut expected = 0;
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            expected = expected.max(match line.split_whitespace().nth(1) {
+                Some("RolledBack") => 1,
+                Some("Failed") => 3,
+                _ => 0,
+            });
+        }
+        let status = status_json(&self.f.state());
+        let waiting = &status["gates"][0]["waiting"];
+        expected = expected.max(match waiting["kind"].as_str() {
+            Some("refused") => 2,
+            Some("run_failed") if waiting["needs_person"] == true => 3,
+            Some("retrying") if waiting["stalled"] == true => 3,
+            _ => 0,
+        });
+        assert_eq!(code, expected, "{context}: exit code does not match the pass\n{all}\n{status}");
+        assert_ne!(code, 3, "{context}: a person would have to act\n{all}\n{status}");
+    }
+
+    /// Removes everything that blocks (never-run, refused, failed carriers,
+    /// broken files) and checks that the gate then catches up with upstream.
+    async fn settle(&mut self) {
+        self.dev.sync();
+        let client = self.f.client().await;
+        let applied: BTreeMap<String, String> = client
+            .query("SELECT id, checksum FROM backstop.migration_history WHERE success", &[])
+            .await
+            .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+            .unwrap_or_default();
+        let head = self.dev.ok(&["rev-parse", "HEAD"]).trim().to_string();
+        for c in gate_carriers(self.f.remote.path(), &head) {
+            match c {
+                Ok((id, checksum, file)) if applied.get(&id) != Some(&checksum) => self.dev.remove(&file),
+                Ok(_) => {}
+                Err(file) => self.dev.remove(&file),
+            }
+        }
+        self.dev.commit_push("settle: remove what never ran");
+        for _ in 0..2 {
+            let out = self.pass().await;
+            self.check(&out, "settle").await;
+        }
+        assert_eq!(
+            self.f.gate(),
+            self.f.main(),
+            "the gate did not catch up with upstream once nothing blocked it\n{}",
+            status_json(&self.f.state())
+        );
+    }
+}
+
+/// Carriers of `sha` under apps/shop, read with git and parsed with
+/// backstop's annotation parser: Ok((id, checksum, file)) or Err(broken file).
+fn gate_carriers(remote: &Path, sha: &str) -> Vec<Result<(String, String, String), String>> {
+    let names = git(remote, &["ls-tree", "-r", "--name-only", sha, "apps/shop"]);
+    let mut snapshot = backstop::manifests::Snapshot::new();
+    for name in names.lines() {
+        snapshot.insert(name.to_string(), git(remote, &["show", &format!("{sha}:{name}")]).into_bytes());
+    }
+    let mut out = Vec::new();
+    for (file, bytes) in snapshot.iter().filter(|(f, _)| backstop::manifests::is_yaml(f)) {
+        match backstop::manifests::parse_file(&snapshot, file, bytes) {
+            Ok(cs) => out.extend(cs.into_iter().map(|c| Ok((c.id, c.checksum, c.file)))),
+            Err(_) => out.push(Err(file.clone())),
+        }
+    }
+    out
+}
+
+fn journal_ids(state: &Path) -> Vec<String> {
+    std::fs::read_dir(state.join("journal"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_string_lossy().strip_suffix(".json").map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn status_json(state: &Path) -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args(["status", "--json", "--state"])
+        .arg(state)
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+async fn run_seed(seed: u64, steps: usize) {
+    let f = Fixture::new().await;
+    let dev = Dev::new(f.remote.path(), f.dir.path());
+    let gate = f.gate();
+    let mut m = Model {
+        f,
+        dev,
+        rng: Rng(seed),
+        next_id: 0,
+        gate,
+        log: Vec::new(),
+    };
+    for i in 0..steps {
+        let step = pick(&mut m.rng);
+        let what = m.apply(step);
+        m.log.push(what.clone());
+        let out = m.pass().await;
+        let context = format!(
+            "seed {seed} step {i} ({what}); re-run with BACKSTOP_MODEL_SEEDS={seed} BACKSTOP_MODEL_STEPS={steps}; steps so far: {:?}",
+            m.log
+        );
+        m.check(&out, &context).await;
+    }
+    m.settle().await;
+}
+
+#[tokio::test]
+async fn gate_invariant_holds_over_random_commit_sequences() {
+    let seeds: Vec<u64> = std::env::var("BACKSTOP_MODEL_SEEDS")
+        .unwrap_or_else(|_| "1,2".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let steps: usize = std::env::var("BACKSTOP_MODEL_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40);
+    for seed in seeds {
+        eprintln!("model: seed {seed}, {steps} steps");
+        run_seed(seed, steps).await;
+    }
+}
