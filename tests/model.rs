@@ -216,6 +216,8 @@ struct Model {
     next_id: usize,
     gate: String,
     log: Vec<String>,
+    /// What the passes did, for the coverage line at the end.
+    seen: BTreeMap<String, usize>,
 }
 
 impl Model {
@@ -395,6 +397,17 @@ impl Model {
         }
         let status = status_json(&self.f.state());
         let waiting = &status["gates"][0]["waiting"];
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some(o) = line.split_whitespace().nth(1) {
+                *self.seen.entry(format!("run {o}")).or_default() += 1;
+            }
+        }
+        if let Some(kind) = waiting["kind"].as_str() {
+            *self.seen.entry(format!("wait {kind}")).or_default() += 1;
+        }
+        if gate != self.f.main() && waiting.is_null() {
+            *self.seen.entry("gate behind, not waiting".into()).or_default() += 1;
+        }
         expected = expected.max(match waiting["kind"].as_str() {
             Some("refused") => 2,
             Some("run_failed") if waiting["needs_person"] == true => 3,
@@ -485,6 +498,7 @@ async fn run_seed(seed: u64, steps: usize) {
         next_id: 0,
         gate,
         log: Vec::new(),
+        seen: BTreeMap::new(),
     };
     for i in 0..steps {
         let step = pick(&mut m.rng);
@@ -498,6 +512,7 @@ async fn run_seed(seed: u64, steps: usize) {
         m.check(&out, &context).await;
     }
     m.settle().await;
+    eprintln!("model: seed {seed}: {:?}", m.seen);
 }
 
 #[tokio::test]

@@ -156,7 +156,7 @@ async fn remote_refusing_the_gate_push_at_promotion_retries_without_restore_or_r
     let env = [("GIT_TOKEN", TOKEN)];
     let out = f.run_url(&url, &flags, &env).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert!(text(&out).contains("gate is frozen"), "{}", text(&out));
+    assert!(text(&out).contains("pre-receive hook declined"), "{}", text(&out));
     assert_eq!(f.gate(), c1, "the remote refused the gate push");
     assert_nothing_reverted(&f);
     // The migration stays applied and verified: the run waits in Promoting.

@@ -81,6 +81,17 @@ impl Engine {
                     let observed = self.perform(&action, run, &mut db).await;
                     machine::apply(run, &name, observed, Utc::now(), policy);
                     self.store.save(run).await?;
+                    if machine::retrying_in_place(run, &name) {
+                        // The step is tried again on a later pass, never in a loop here.
+                        let r = run.retry.as_ref();
+                        tracing::warn!(
+                            step = %name,
+                            cause = r.map(|r| r.cause.as_str()).unwrap_or(""),
+                            stalled = r.is_some_and(|r| r.stalled),
+                            "transient fault; the step is retried on a later pass, nothing is reverted"
+                        );
+                        return Ok(Progress::Waiting);
+                    }
                 }
             }
         }

@@ -571,6 +571,15 @@ pub fn apply(run: &mut RunRecord, step: &str, obs: Observation, now: DateTime<Ut
     }
 }
 
+/// Whether the step `name` just hit a transient fault that keeps the run in
+/// its phase (to be retried by a later pass).
+pub fn retrying_in_place(run: &RunRecord, name: &str) -> bool {
+    !run.phase.is_terminal()
+        && run.phase != Phase::Unlocking
+        && run.retry.as_ref().is_some_and(|r| r.step == name)
+        && run.steps.iter().rev().find(|s| s.name == name).is_some_and(|s| s.ok == Some(false))
+}
+
 /// Moves the record to `phase`. A run that ends for good waits for nothing.
 pub fn advance(run: &mut RunRecord, phase: Phase) {
     run.phase = phase;
