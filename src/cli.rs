@@ -796,11 +796,18 @@ async fn status(state: &std::path::Path, json: bool) -> anyhow::Result<u8> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"gates": gates, "runs": list}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"gates": gates, "runs": list}))?
+        );
         return Ok(EXIT_OK);
     }
     for g in &gates {
-        let path = if g.path.is_empty() { "(whole repository)" } else { g.path.as_str() };
+        let path = if g.path.is_empty() {
+            "(whole repository)"
+        } else {
+            g.path.as_str()
+        };
         println!(
             "path {path}: gate {} at {}, upstream {} at {} (checked {})",
             g.gate_branch,

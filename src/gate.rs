@@ -85,7 +85,12 @@ impl Exempt {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Violation {
     /// The carrier's migration has not run (at this version).
-    NotApplied { id: String, file: String, line: usize, checksum: String },
+    NotApplied {
+        id: String,
+        file: String,
+        line: usize,
+        checksum: String,
+    },
     /// History has the id at another checksum.
     OtherVersion {
         id: String,
@@ -97,15 +102,29 @@ pub enum Violation {
     /// A YAML file that is not valid migration input.
     Broken { file: String, message: String },
     /// The carrier's database history could not be read.
-    Unreachable { id: String, file: String, line: usize, error: String },
+    Unreachable {
+        id: String,
+        file: String,
+        line: usize,
+        error: String,
+    },
 }
 
 impl std::fmt::Display for Violation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let short = |s: &str| s.chars().take(12).collect::<String>();
         match self {
-            Violation::NotApplied { id, file, line, checksum } => {
-                write!(f, "{file}:{line}: migration {id} (checksum {}) has not run", short(checksum))
+            Violation::NotApplied {
+                id,
+                file,
+                line,
+                checksum,
+            } => {
+                write!(
+                    f,
+                    "{file}:{line}: migration {id} (checksum {}) has not run",
+                    short(checksum)
+                )
             }
             Violation::OtherVersion {
                 id,
@@ -174,9 +193,7 @@ pub fn violations(tree: &TreeState, history: &History, exempt: &Exempt) -> Vec<V
 /// Commits before it that hold a never-run carrier version are skipped over:
 /// the later tree no longer holds that version, so Flux never sees it.
 pub fn furthest(states: &[TreeState], history: &History, exempt: &Exempt) -> Option<usize> {
-    states
-        .iter()
-        .rposition(|s| violations(s, history, exempt).is_empty())
+    states.iter().rposition(|s| violations(s, history, exempt).is_empty())
 }
 
 /// Proof that a target passed the invariant check; only this module makes it.
@@ -438,7 +455,8 @@ mod tests {
     fn applied(rows: &[(&str, &str)]) -> History {
         let mut h = History::default();
         for (id, sum) in rows {
-            h.applied.insert((database_key(&carrier(id, sum)), id.to_string()), sum.to_string());
+            h.applied
+                .insert((database_key(&carrier(id, sum)), id.to_string()), sum.to_string());
         }
         h
     }
@@ -501,7 +519,8 @@ mod tests {
     fn unreachable_history_blocks_carriers_of_that_database_only() {
         let t = tree("c1", &[("0001", "aa")]);
         let mut h = History::default();
-        h.unreachable.insert(database_key(&t.carriers[0]), "connection refused".into());
+        h.unreachable
+            .insert(database_key(&t.carriers[0]), "connection refused".into());
         assert!(matches!(
             violations(&t, &h, &Exempt::default())[..],
             [Violation::Unreachable { .. }]

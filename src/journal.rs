@@ -52,9 +52,17 @@ impl Journal {
     fn gate_file(&self, path: &str) -> PathBuf {
         let name: String = path
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
-        self.state.join("gate").join(format!("{}.json", if name.is_empty() { "_root" } else { &name }))
+        self.state
+            .join("gate")
+            .join(format!("{}.json", if name.is_empty() { "_root" } else { &name }))
     }
 
     /// Every recorded gate status (one per guarded path).

@@ -313,7 +313,10 @@ impl Runner for SqlRunner {
                 statements_done: 0,
                 statements_total: m.statements.len(),
                 error: (!same).then(|| {
-                    format!("migration {} is already applied by run {run_id} with another checksum ({checksum})", m.id)
+                    format!(
+                        "migration {} is already applied by run {run_id} with another checksum ({checksum})",
+                        m.id
+                    )
                 }),
                 committed: same,
                 duration_ms: started.elapsed().as_millis() as u64,

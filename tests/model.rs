@@ -140,21 +140,25 @@ enum Step {
     MergeRevert,
     PersonRevert,
     RemoveCarrier,
+    /// A developer fixes what blocks: removes a broken file, or rewrites a
+    /// never-run carrier into a good one.
+    Fix,
 }
 
 fn pick(rng: &mut Rng) -> Step {
     const TABLE: &[(Step, usize)] = &[
         (Step::Good, 22),
-        (Step::Rewrite, 12),
-        (Step::FailInTransaction, 8),
+        (Step::Rewrite, 10),
+        (Step::FailInTransaction, 7),
         (Step::FailAfterCommit, 4),
-        (Step::LintRefused, 6),
-        (Step::BrokenYaml, 5),
-        (Step::UnapprovedContract, 5),
-        (Step::DeployOnly, 18),
+        (Step::LintRefused, 4),
+        (Step::BrokenYaml, 3),
+        (Step::UnapprovedContract, 3),
+        (Step::DeployOnly, 16),
         (Step::MergeRevert, 8),
         (Step::PersonRevert, 4),
-        (Step::RemoveCarrier, 8),
+        (Step::RemoveCarrier, 5),
+        (Step::Fix, 20),
     ];
     let total: usize = TABLE.iter().map(|(_, w)| w).sum();
     let mut n = rng.below(total);
@@ -226,12 +230,14 @@ impl Model {
         let id = format!("{:04}-m", self.next_id);
         let revert = if self.rng.chance(50) { "commit" } else { "pull-request" };
         let (phase, sql, verify) = body(&mut self.rng, &id, kind);
-        self.dev
-            .write(&format!("{DIR}/{id}.yaml"), &carrier_yaml(&id, revert, &phase, &sql, &verify));
+        self.dev.write(
+            &format!("{DIR}/{id}.yaml"),
+            &carrier_yaml(&id, revert, &phase, &sql, &verify),
+        );
         id
     }
 
-    fn apply(&mut self, step: Step) -> String {
+    async fn apply(&mut self, step: Step) -> String {
         self.dev.sync();
         let files = self.dev.carriers();
         match step {
@@ -252,10 +258,13 @@ impl Model {
                 // history; sometimes into a refused or failing one.
                 let yamls: Vec<&String> = files.iter().filter(|f| f.ends_with("-m.yaml")).collect();
                 if yamls.is_empty() {
-                    return self.apply(Step::Good);
+                    return Box::pin(self.apply(Step::Good)).await;
                 }
                 let file = yamls[self.rng.below(yamls.len())].clone();
-                let id = file.trim_start_matches(&format!("{DIR}/")).trim_end_matches(".yaml").to_string();
+                let id = file
+                    .trim_start_matches(&format!("{DIR}/"))
+                    .trim_end_matches(".yaml")
+                    .to_string();
                 let kind = [Step::Good, Step::Good, Step::LintRefused, Step::FailInTransaction][self.rng.below(4)];
                 let (phase, sql, verify) = body(&mut self.rng, &id, kind);
                 let revert = if self.rng.chance(50) { "commit" } else { "pull-request" };
@@ -282,7 +291,7 @@ impl Model {
                 let branches = self.dev.ok(&["branch", "-r", "--list", "origin/backstop/revert-*"]);
                 let branches: Vec<&str> = branches.split_whitespace().collect();
                 if branches.is_empty() {
-                    return self.apply(Step::DeployOnly);
+                    return Box::pin(self.apply(Step::DeployOnly)).await;
                 }
                 let b = branches[self.rng.below(branches.len())].to_string();
                 if self.dev.git(&["merge", "-q", "--no-edit", &b]).status.success() {
@@ -302,9 +311,42 @@ impl Model {
                     "PersonRevert (conflict, skipped)".into()
                 }
             }
+            Step::Fix => {
+                let head = self.dev.ok(&["rev-parse", "HEAD"]).trim().to_string();
+                let applied = applied(&self.f).await;
+                let blocking: Vec<Result<(String, String, String), String>> =
+                    gate_carriers(self.f.remote.path(), &head)
+                        .into_iter()
+                        .filter(|c| match c {
+                            Ok((id, checksum, _)) => applied.get(id) != Some(checksum),
+                            Err(_) => true,
+                        })
+                        .collect();
+                if blocking.is_empty() {
+                    return Box::pin(self.apply(Step::DeployOnly)).await;
+                }
+                match &blocking[self.rng.below(blocking.len())] {
+                    Err(file) => {
+                        self.dev.remove(file);
+                        self.dev.commit_push(&format!("fix: remove {file}"));
+                        format!("Fix remove {file}")
+                    }
+                    Ok((id, _, file)) if applied.contains_key(id) || self.rng.chance(30) => {
+                        self.dev.remove(file);
+                        self.dev.commit_push(&format!("fix: remove {file}"));
+                        format!("Fix remove {file}")
+                    }
+                    Ok((id, _, file)) => {
+                        let (phase, sql, verify) = body(&mut self.rng, id, Step::Good);
+                        self.dev.write(file, &carrier_yaml(id, "commit", &phase, &sql, &verify));
+                        self.dev.commit_push(&format!("fix: rewrite {id}"));
+                        format!("Fix rewrite {id}")
+                    }
+                }
+            }
             Step::RemoveCarrier => {
                 if files.is_empty() {
-                    return self.apply(Step::DeployOnly);
+                    return Box::pin(self.apply(Step::DeployOnly)).await;
                 }
                 let file = files[self.rng.below(files.len())].clone();
                 self.dev.remove(&file);
@@ -338,7 +380,11 @@ impl Model {
             .status()
             .unwrap()
             .success();
-        assert!(forward, "{context}: the gate moved backwards from {} to {gate}\n{all}", self.gate);
+        assert!(
+            forward,
+            "{context}: the gate moved backwards from {} to {gate}\n{all}",
+            self.gate
+        );
         self.gate = gate.clone();
 
         // The invariant, from git and the database.
@@ -383,7 +429,10 @@ impl Model {
                 .lines()
                 .find_map(|l| l.strip_prefix("Backstop-Run: "))
                 .unwrap_or_else(|| panic!("{context}: revert {sha} names no run:\n{message}"));
-            assert!(runs.contains(&run.trim().to_string()), "{context}: revert {sha} names unknown run {run}");
+            assert!(
+                runs.contains(&run.trim().to_string()),
+                "{context}: revert {sha} names unknown run {run}"
+            );
         }
         // The exit code matches the pass.
         let code = out.status.code().unwrap_or(-1);
@@ -414,7 +463,10 @@ impl Model {
             Some("retrying") if waiting["stalled"] == true => 3,
             _ => 0,
         });
-        assert_eq!(code, expected, "{context}: exit code does not match the pass\n{all}\n{status}");
+        assert_eq!(
+            code, expected,
+            "{context}: exit code does not match the pass\n{all}\n{status}"
+        );
         assert_ne!(code, 3, "{context}: a person would have to act\n{all}\n{status}");
     }
 
@@ -456,7 +508,10 @@ fn gate_carriers(remote: &Path, sha: &str) -> Vec<Result<(String, String, String
     let names = git(remote, &["ls-tree", "-r", "--name-only", sha, "apps/shop"]);
     let mut snapshot = backstop::manifests::Snapshot::new();
     for name in names.lines() {
-        snapshot.insert(name.to_string(), git(remote, &["show", &format!("{sha}:{name}")]).into_bytes());
+        snapshot.insert(
+            name.to_string(),
+            git(remote, &["show", &format!("{sha}:{name}")]).into_bytes(),
+        );
     }
     let mut out = Vec::new();
     for (file, bytes) in snapshot.iter().filter(|(f, _)| backstop::manifests::is_yaml(f)) {
@@ -468,11 +523,26 @@ fn gate_carriers(remote: &Path, sha: &str) -> Vec<Result<(String, String, String
     out
 }
 
+/// Applied checksum per migration id, from the real history table.
+async fn applied(f: &Fixture) -> BTreeMap<String, String> {
+    f.client()
+        .await
+        .query("SELECT id, checksum FROM backstop.migration_history WHERE success", &[])
+        .await
+        .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        .unwrap_or_default()
+}
+
 fn journal_ids(state: &Path) -> Vec<String> {
     std::fs::read_dir(state.join("journal"))
         .map(|d| {
             d.flatten()
-                .filter_map(|e| e.file_name().to_string_lossy().strip_suffix(".json").map(str::to_string))
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .strip_suffix(".json")
+                        .map(str::to_string)
+                })
                 .collect()
         })
         .unwrap_or_default()
@@ -502,7 +572,7 @@ async fn run_seed(seed: u64, steps: usize) {
     };
     for i in 0..steps {
         let step = pick(&mut m.rng);
-        let what = m.apply(step);
+        let what = m.apply(step).await;
         m.log.push(what.clone());
         let out = m.pass().await;
         let context = format!(

@@ -49,12 +49,18 @@ async fn advisory_lock_held_past_the_timeout_defers_without_revert_and_retries()
         .await
         .unwrap();
     let out = f.run(&["--revert", "commit", "--retry-backoff", "0"]).await;
-    assert_eq!(out.status.code(), Some(0), "a transient fault is not a failure: {}", text(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "a transient fault is not a failure: {}",
+        text(&out)
+    );
     assert!(text(&out).contains("migration lock"), "{}", text(&out));
     assert_eq!(f.gate(), c1, "gate unchanged");
     assert_nothing_reverted(&f);
     assert_eq!(
-        f.count("SELECT count(*) FROM information_schema.columns WHERE column_name = 'note'").await,
+        f.count("SELECT count(*) FROM information_schema.columns WHERE column_name = 'note'")
+            .await,
         0
     );
     let s = status(&f);
@@ -152,7 +158,14 @@ async fn remote_refusing_the_gate_push_at_promotion_retries_without_restore_or_r
     // Over smart HTTP, where the remote runs its hooks.
     let server = common::http::git_server(f.dir.path().to_path_buf(), "x-access-token", TOKEN).await;
     let url = format!("{}/sre.git", server.url());
-    let flags = ["--git-token-env", "GIT_TOKEN", "--revert", "commit", "--retry-backoff", "0"];
+    let flags = [
+        "--git-token-env",
+        "GIT_TOKEN",
+        "--revert",
+        "commit",
+        "--retry-backoff",
+        "0",
+    ];
     let env = [("GIT_TOKEN", TOKEN)];
     let out = f.run_url(&url, &flags, &env).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
@@ -177,7 +190,8 @@ async fn remote_refusing_the_gate_push_at_promotion_retries_without_restore_or_r
     assert_nothing_reverted(&f);
     assert_eq!(f.journal_len(), 2, "the same run finished; no second run");
     assert_eq!(
-        f.count("SELECT count(*) FROM backstop.migration_history WHERE id = '0002-note'").await,
+        f.count("SELECT count(*) FROM backstop.migration_history WHERE id = '0002-note'")
+            .await,
         1,
         "migrated exactly once"
     );

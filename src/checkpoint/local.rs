@@ -145,7 +145,10 @@ impl LocalBackend {
         };
         // Write a little WAL so that the switch closes a segment of our own.
         client
-            .query_one("SELECT pg_logical_emit_message(false, 'backstop', 'preflight')::text", &[])
+            .query_one(
+                "SELECT pg_logical_emit_message(false, 'backstop', 'preflight')::text",
+                &[],
+            )
             .await
             .map_err(query("writing a WAL record"))?;
         let segment: String = client

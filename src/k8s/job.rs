@@ -126,9 +126,12 @@ impl KubeRunner {
                     transactional: false,
                     statements_done: 0,
                     statements_total: 0,
-                    error: recorded
-                        .err()
-                        .map(|e| format!("the Job completed but its history row could not be written: {}", crate::run::chain(&e))),
+                    error: recorded.err().map(|e| {
+                        format!(
+                            "the Job completed but its history row could not be written: {}",
+                            crate::run::chain(&e)
+                        )
+                    }),
                     committed: true,
                     duration_ms: started.elapsed().as_millis() as u64,
                 })

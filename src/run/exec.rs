@@ -79,9 +79,10 @@ impl Engine {
                     machine::begin(run, &name, now);
                     self.store.save(run).await?;
                     let observed = self.perform(&action, run, &mut db).await;
+                    let before = run.retry.clone();
                     machine::apply(run, &name, observed, Utc::now(), policy);
                     self.store.save(run).await?;
-                    if machine::retrying_in_place(run, &name) {
+                    if machine::retrying_in_place(run, &name, before.as_ref()) {
                         // The step is tried again on a later pass, never in a loop here.
                         let r = run.retry.as_ref();
                         tracing::warn!(
@@ -124,7 +125,11 @@ impl Engine {
                 "plan {}: {} migration(s) {}",
                 run.plan_hash,
                 run.migrations.len(),
-                run.migrations.iter().map(|m| m.id.as_str()).collect::<Vec<_>>().join(", ")
+                run.migrations
+                    .iter()
+                    .map(|m| m.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )),
             Action::Checkpoint => O::Checkpointed(self.take_checkpoint(run, cache).await),
             Action::Drill => O::Drilled(self.drill(run, cache).await),
@@ -169,7 +174,11 @@ impl Engine {
                 O::Verified(
                     *i,
                     match self.database(run, cache).await {
-                        Ok(db) => self.runner.verify(&db, &query, m.timeout).await.map_err(|e| transient(&e)),
+                        Ok(db) => self
+                            .runner
+                            .verify(&db, &query, m.timeout)
+                            .await
+                            .map_err(|e| transient(&e)),
                         Err(f) => Err(f),
                     },
                 )
@@ -177,7 +186,12 @@ impl Engine {
             Action::Promote => O::Promoted(self.promote(run).await),
             Action::Health => {
                 let at = run.promoted_to.clone().unwrap_or_else(|| run.commit.sha.clone());
-                O::Healthy(self.cluster.promote(&run.id, &at).await.map_err(|e| Fault::failed(chain(&e))))
+                O::Healthy(
+                    self.cluster
+                        .promote(&run.id, &at)
+                        .await
+                        .map_err(|e| Fault::failed(chain(&e))),
+                )
             }
             Action::Restore => O::Restored(self.restore(run, cache).await),
             Action::RevertGate => O::GateReverted(self.revert_gate(run).await),
@@ -197,9 +211,7 @@ impl Engine {
                     chain(&e)
                 }))
             }
-            Action::Advance(_) | Action::Wait(_) | Action::Done => {
-                O::Planned(String::new())
-            }
+            Action::Advance(_) | Action::Wait(_) | Action::Done => O::Planned(String::new()),
         }
     }
 
@@ -216,7 +228,9 @@ impl Engine {
         let backend = match self.checkpoint_for(kind) {
             Err(e) => return Err(Fault::refused(e)),
             Ok(None) if run.needs_drill => {
-                return Err(Fault::refused("an approved run needs a checkpoint with a restore drill"))
+                return Err(Fault::refused(
+                    "an approved run needs a checkpoint with a restore drill",
+                ))
             }
             Ok(None) => return Ok(None),
             Ok(Some(b)) => b,
@@ -279,7 +293,12 @@ impl Engine {
         self.git.fetch().await.map_err(|e| transient(&e))?;
         let current = self.git.require_branch(gate_name).await.map_err(|e| transient(&e))?;
         let commit = &run.commit.sha;
-        if self.git.is_ancestor(commit, &current).await.map_err(|e| transient(&e))? {
+        if self
+            .git
+            .is_ancestor(commit, &current)
+            .await
+            .map_err(|e| transient(&e))?
+        {
             return Ok((current.clone(), format!("gate {gate_name} already at or past {commit}")));
         }
         let after_apply = run.order == Order::AfterApply;
@@ -303,7 +322,11 @@ impl Engine {
         }
     }
 
-    async fn restore(&self, run: &RunRecord, cache: &mut Option<Database>) -> Result<crate::checkpoint::RestoreRecord, Fault> {
+    async fn restore(
+        &self,
+        run: &RunRecord,
+        cache: &mut Option<Database>,
+    ) -> Result<crate::checkpoint::RestoreRecord, Fault> {
         let Some(checkpoint) = run.checkpoint.clone() else {
             return Err(Fault::failed("the run has no checkpoint"));
         };
@@ -410,7 +433,13 @@ impl Engine {
             self.store.save(&run).await?;
             match self.forge.open_pull_request(&pr).await {
                 Ok(url) => {
-                    machine::close(&mut run, "pull-request", true, url.clone().unwrap_or_default(), Utc::now());
+                    machine::close(
+                        &mut run,
+                        "pull-request",
+                        true,
+                        url.clone().unwrap_or_default(),
+                        Utc::now(),
+                    );
                     if let Some(v) = run.revert.as_mut() {
                         v.pr_pending = false;
                         v.pull_request = url.clone();

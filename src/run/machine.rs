@@ -85,7 +85,10 @@ impl Action {
 /// How the revert of a run is made (the first carrier's choice; the engine
 /// may override it through the record's migrations before the run starts).
 pub fn revert_mode(run: &RunRecord) -> RevertMode {
-    run.migrations.first().map(|m| m.revert).unwrap_or(RevertMode::PullRequest)
+    run.migrations
+        .first()
+        .map(|m| m.revert)
+        .unwrap_or(RevertMode::PullRequest)
 }
 
 /// A fault an action met: transient (nothing the developer did) or not.
@@ -175,7 +178,14 @@ impl Backoff {
     }
 
     /// The retry record after one more fault of `step`.
-    pub fn bump(&self, previous: Option<&Retry>, step: &str, cause: &str, now: DateTime<Utc>, timeout: std::time::Duration) -> Retry {
+    pub fn bump(
+        &self,
+        previous: Option<&Retry>,
+        step: &str,
+        cause: &str,
+        now: DateTime<Utc>,
+        timeout: std::time::Duration,
+    ) -> Retry {
         let attempts = previous.map(|r| r.attempts).unwrap_or(0) + 1;
         let since = previous.map(|r| r.since).unwrap_or(now);
         let delay = Duration::from_std(self.delay(attempts)).unwrap_or(Duration::MAX);
@@ -201,9 +211,10 @@ fn checkpoint_done(run: &RunRecord) -> bool {
 
 fn drill_pending(run: &RunRecord) -> bool {
     run.needs_drill
-        && run.checkpoint.as_ref().is_some_and(|c| {
-            !c.restore_drill.starts_with("passed") && !c.restore_drill.starts_with("not supported")
-        })
+        && run
+            .checkpoint
+            .as_ref()
+            .is_some_and(|c| !c.restore_drill.starts_with("passed") && !c.restore_drill.starts_with("not supported"))
 }
 
 /// The phase after `phase` on the success path, by order.
@@ -238,10 +249,16 @@ pub fn end_of(run: &RunRecord) -> Phase {
 /// What the run must do next.
 pub fn next(run: &RunRecord, now: DateTime<Utc>) -> Action {
     if run.phase.is_terminal() {
-        return if run.report_written { Action::Done } else { Action::Report };
+        return if run.report_written {
+            Action::Done
+        } else {
+            Action::Report
+        };
     }
+    // A run that ends (Unlocking after a fault) unlocks at once; only the
+    // step being retried waits out its backoff.
     if let Some(r) = &run.retry {
-        if now < r.next_at {
+        if now < r.next_at && run.phase != Phase::Unlocking {
             return Action::Wait(r.next_at);
         }
     }
@@ -305,7 +322,11 @@ fn remediation(run: &RunRecord) -> Action {
         return Action::Revert;
     }
     if let Some(r) = &run.revert {
-        if r.mode == RevertMode::PullRequest && r.pull_request.is_none() && !r.pr_pending && !step_done(run, "pull-request") {
+        if r.mode == RevertMode::PullRequest
+            && r.pull_request.is_none()
+            && !r.pr_pending
+            && !step_done(run, "pull-request")
+        {
             return Action::PullRequest;
         }
     }
@@ -317,8 +338,13 @@ fn step_failed_for_good(run: &RunRecord, name: &str) -> bool {
     run.steps.iter().any(|s| s.name == name && s.ok == Some(false)) && run.retry.as_ref().is_none_or(|r| r.step != name)
 }
 
-/// Records the intent of `name` (an open step) before the action runs.
+/// Records the intent of `name` (an open step) before the action runs. A step
+/// of that name left open by an interrupted process is the same intent: it is
+/// reused, so that its result closes it.
 pub fn begin(run: &mut RunRecord, name: &str, now: DateTime<Utc>) {
+    if run.open_step(name) {
+        return;
+    }
     run.steps.push(Step {
         name: name.to_string(),
         phase: run.phase,
@@ -367,7 +393,12 @@ pub fn apply(run: &mut RunRecord, step: &str, obs: Observation, now: DateTime<Ut
                 run.checkpoint = Some(c);
                 done(run, step, ok_detail(detail), now)
             }
-            Ok(None) => done(run, step, ok_detail("no checkpoint (backstop.dev/checkpoint: none)".into()), now),
+            Ok(None) => done(
+                run,
+                step,
+                ok_detail("no checkpoint (backstop.dev/checkpoint: none)".into()),
+                now,
+            ),
             Err(f) => fault(run, step, f, false, now, policy),
         },
         O::Drilled(r) => match r {
@@ -397,7 +428,9 @@ pub fn apply(run: &mut RunRecord, step: &str, obs: Observation, now: DateTime<Ut
             Err(f) => fault(run, step, f, false, now, policy),
         },
         O::Migrated(i, r) => {
-            let Some(m) = run.migrations.get(i).cloned() else { return };
+            let Some(m) = run.migrations.get(i).cloned() else {
+                return;
+            };
             match r {
                 Ok(outcome) => {
                     let detail = crate::run::record::StepDetail::detail(&outcome);
@@ -420,7 +453,9 @@ pub fn apply(run: &mut RunRecord, step: &str, obs: Observation, now: DateTime<Ut
             }
         }
         O::Recovered(i, r) => {
-            let Some(m) = run.migrations.get(i).cloned() else { return };
+            let Some(m) = run.migrations.get(i).cloned() else {
+                return;
+            };
             let transactional = m.statements.iter().all(|s| s.transactional);
             match r {
                 Ok(Recovered::Applied) => {
@@ -436,7 +471,12 @@ pub fn apply(run: &mut RunRecord, step: &str, obs: Observation, now: DateTime<Ut
                             duration_ms: 0,
                         },
                     ));
-                    done(run, step, ok_detail("resumed after interruption: found in history".into()), now)
+                    done(
+                        run,
+                        step,
+                        ok_detail("resumed after interruption: found in history".into()),
+                        now,
+                    )
                 }
                 Ok(Recovered::NotApplied) if transactional => {
                     // The transaction never committed (its history row is part of
@@ -461,19 +501,34 @@ pub fn apply(run: &mut RunRecord, step: &str, obs: Observation, now: DateTime<Ut
                         duration_ms: 0,
                     };
                     run.migrate_results.push((m.id.clone(), outcome));
-                    close(run, step, false, "resumed after interruption: not in history".into(), now);
+                    close(
+                        run,
+                        step,
+                        false,
+                        "resumed after interruption: not in history".into(),
+                        now,
+                    );
                     let f = Fault::failed(format!(
                         "migration {} was interrupted outside a transaction; some statements may have run",
                         m.id
                     ));
                     fault(run, step, f, true, now, policy)
                 }
-                // History unreadable: the step stays open and is asked again.
-                Err(f) => retry(run, step, &f.message, now, policy),
+                // History unreadable: the step stays open (whether it committed
+                // is still unknown) and is asked again on a later pass.
+                Err(f) => {
+                    run.retry = Some(
+                        policy
+                            .backoff
+                            .bump(run.retry.as_ref(), step, &f.message, now, policy.timeout),
+                    );
+                }
             }
         }
         O::Verified(i, r) => {
-            let Some(m) = run.migrations.get(i).cloned() else { return };
+            let Some(m) = run.migrations.get(i).cloned() else {
+                return;
+            };
             match r {
                 Ok(outcome) => {
                     let passed = outcome.passed;
@@ -481,7 +536,14 @@ pub fn apply(run: &mut RunRecord, step: &str, obs: Observation, now: DateTime<Ut
                     run.verify_results.push((m.id.clone(), outcome));
                     done(run, step, (passed, detail.clone()), now);
                     if !passed {
-                        fault(run, step, Fault::failed(format!("verify of {} failed: {detail}", m.id)), true, now, policy);
+                        fault(
+                            run,
+                            step,
+                            Fault::failed(format!("verify of {} failed: {detail}", m.id)),
+                            true,
+                            now,
+                            policy,
+                        );
                     }
                 }
                 Err(f) => {
@@ -572,12 +634,12 @@ pub fn apply(run: &mut RunRecord, step: &str, obs: Observation, now: DateTime<Ut
 }
 
 /// Whether the step `name` just hit a transient fault that keeps the run in
-/// its phase (to be retried by a later pass).
-pub fn retrying_in_place(run: &RunRecord, name: &str) -> bool {
+/// its phase, to be retried by a later pass (`before`: the retry record
+/// before the step's result was applied).
+pub fn retrying_in_place(run: &RunRecord, name: &str, before: Option<&Retry>) -> bool {
     !run.phase.is_terminal()
         && run.phase != Phase::Unlocking
-        && run.retry.as_ref().is_some_and(|r| r.step == name)
-        && run.steps.iter().rev().find(|s| s.name == name).is_some_and(|s| s.ok == Some(false))
+        && run.retry.as_ref().is_some_and(|r| r.step == name && Some(r) != before)
 }
 
 /// Moves the record to `phase`. A run that ends for good waits for nothing.
@@ -602,7 +664,11 @@ fn data_changed(run: &RunRecord) -> bool {
 
 fn retry(run: &mut RunRecord, step: &str, cause: &str, now: DateTime<Utc>, policy: Policy) {
     close(run, step, false, format!("transient: {cause}"), now);
-    run.retry = Some(policy.backoff.bump(run.retry.as_ref(), step, cause, now, policy.timeout));
+    run.retry = Some(
+        policy
+            .backoff
+            .bump(run.retry.as_ref(), step, cause, now, policy.timeout),
+    );
 }
 
 /// The failure taxonomy in one place.
@@ -614,14 +680,19 @@ fn fault(run: &mut RunRecord, step: &str, f: Fault, changed: bool, now: DateTime
         }
         FailureKind::Transient | FailureKind::Refused => {
             close(run, step, false, f.message.clone(), now);
-            run.retry = Some(policy.backoff.bump(run.retry.as_ref(), step, &f.message, now, policy.timeout));
+            run.retry = Some(
+                policy
+                    .backoff
+                    .bump(run.retry.as_ref(), step, &f.message, now, policy.timeout),
+            );
             run.failure = Some(Failure {
                 phase: run.phase,
                 message: f.message,
                 data_changed: false,
                 kind: f.kind,
             });
-            run.restore_decision = Some("no restore: nothing was changed; the run ends and is tried again later".into());
+            run.restore_decision =
+                Some("no restore: nothing was changed; the run ends and is tried again later".into());
             run.phase = Phase::Unlocking;
         }
         FailureKind::Failed => {
@@ -629,7 +700,10 @@ fn fault(run: &mut RunRecord, step: &str, f: Fault, changed: bool, now: DateTime
             run.retry = None;
             run.restore_decision = Some(if data_changed {
                 if run.checkpoint.is_some() {
-                    format!("restore: the failure left committed changes ({}), so the database goes back to the checkpoint", f.message)
+                    format!(
+                        "restore: the failure left committed changes ({}), so the database goes back to the checkpoint",
+                        f.message
+                    )
                 } else {
                     run.remediation_errors.push(
                         "data changed and there is no checkpoint to restore (checkpoint: none); restore by hand".into(),
@@ -639,7 +713,8 @@ fn fault(run: &mut RunRecord, step: &str, f: Fault, changed: bool, now: DateTime
             } else if run.migrate_results.is_empty() {
                 "no restore: the migration did not start, the database is unchanged".into()
             } else {
-                "no restore: the migration failed inside one transaction, which PostgreSQL rolled back (zero data loss)".into()
+                "no restore: the migration failed inside one transaction, which PostgreSQL rolled back (zero data loss)"
+                    .into()
             });
             run.failure = Some(Failure {
                 phase: run.phase,
@@ -657,6 +732,8 @@ fn remediation_fault(run: &mut RunRecord, step: &str, f: Fault, what: &str, now:
         retry(run, step, &f.message, now, policy);
     } else {
         close(run, step, false, f.message.clone(), now);
+        // Failed for good: no longer the subject of a retry.
+        run.retry = None;
         run.remediation_errors.push(format!("{what}: {}", f.message));
     }
 }

@@ -23,8 +23,7 @@ use std::sync::Arc;
 use chrono::Utc;
 
 pub use record::{
-    chain, Failure, FailureKind, Outcome, Phase, Retry, RevertRecord, RunRecord, RunStore, Step, StepDetail,
-    StoreError,
+    chain, Failure, FailureKind, Outcome, Phase, Retry, RevertRecord, RunRecord, RunStore, Step, StepDetail, StoreError,
 };
 
 use crate::checkpoint::{Checkpoint, CheckpointError};
@@ -103,7 +102,10 @@ impl Engine {
             let mut kinds: Vec<&str> = self.checkpoints.keys().map(|k| k.as_str()).collect();
             kinds.push("none");
             kinds.sort_unstable();
-            format!("checkpoint {kind} is not available here (available: {})", kinds.join(", "))
+            format!(
+                "checkpoint {kind} is not available here (available: {})",
+                kinds.join(", ")
+            )
         })
     }
 
@@ -162,7 +164,11 @@ impl Engine {
         let view = self.gate();
         let gate_tree = view.tree(&gate).await?;
         let exempt = exempt_at_gate(&gate_tree, &runs);
-        if let Some(reverted) = runs.iter().rev().find(|r| r.gate_revert.as_deref() == Some(gate.as_str())) {
+        if let Some(reverted) = runs
+            .iter()
+            .rev()
+            .find(|r| r.gate_revert.as_deref() == Some(gate.as_str()))
+        {
             if !self.git.is_ancestor(&gate, &head).await? {
                 // The gate holds a revert that upstream does not have as such.
                 // Once upstream's guarded tree equals the gate's (the revert was
@@ -347,8 +353,13 @@ impl Engine {
             .ok()
             .flatten()
             .unwrap_or_default();
-        let same = |a: &Wait, b: &Wait| std::mem::discriminant(a) == std::mem::discriminant(b) && wait_subject(a) == wait_subject(b);
-        let since = match (&report.waiting, previous.as_ref().and_then(|p| p.waiting.as_ref().map(|w| (w, p.since)))) {
+        let same = |a: &Wait, b: &Wait| {
+            std::mem::discriminant(a) == std::mem::discriminant(b) && wait_subject(a) == wait_subject(b)
+        };
+        let since = match (
+            &report.waiting,
+            previous.as_ref().and_then(|p| p.waiting.as_ref().map(|w| (w, p.since))),
+        ) {
             (Some(w), Some((old, since))) if same(w, old) => since,
             (Some(w), _) => {
                 // Said once: the full reason when it starts, a line after that.
@@ -392,7 +403,9 @@ fn wait_subject(w: &Wait) -> String {
 pub fn is_transient(e: &PlanError) -> bool {
     match e {
         PlanError::History { .. } | PlanError::Git(_) => true,
-        PlanError::Preflight { source, .. } => matches!(**source, CheckpointError::Db(_) | CheckpointError::Query { .. }),
+        PlanError::Preflight { source, .. } => {
+            matches!(**source, CheckpointError::Db(_) | CheckpointError::Query { .. })
+        }
         _ => false,
     }
 }
@@ -465,7 +478,9 @@ pub fn wait_for_run(run: &RunRecord) -> Option<Wait> {
             migrations,
             revert: run.revert.as_ref().map(|v| match &v.pull_request {
                 Some(url) => format!("revert pull request {url}"),
-                None if v.mode == RevertMode::Commit => format!("revert commit {} (pushed to {})", short(&v.commit), v.branch),
+                None if v.mode == RevertMode::Commit => {
+                    format!("revert commit {} (pushed to {})", short(&v.commit), v.branch)
+                }
                 None => format!("revert branch {} ({})", v.branch, short(&v.commit)),
             }),
             needs_person: run.phase == Phase::Failed,

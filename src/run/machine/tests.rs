@@ -636,7 +636,6 @@ fn transient_fault_before_data_changed_defers_with_backoff_and_no_remediation() 
 /// the retry before the phase and answers Wait in `Unlocking`: the lock is
 /// held for the whole backoff.
 #[test]
-#[ignore = "bug in machine.rs: a deferred run waits out the backoff in Unlocking before it unlocks"]
 fn transient_fault_before_data_changed_unlocks_at_once() {
     let mut run = run_of(&["m1"]);
     play_until(&mut run, t0(), Action::Lock);
@@ -1142,7 +1141,6 @@ fn interrupted_transactional_migration_not_in_history_closes_the_open_step_and_r
 /// steps of that name; `close` only closes the newest, the interrupted one
 /// stays open and `next` answers `Recover(i)` again, forever.
 #[test]
-#[ignore = "bug in machine.rs: Recovered NotApplied closes only the Recover step, the interrupted step stays open"]
 fn interrupted_transactional_migration_not_in_history_runs_again_through_the_executor() {
     let mut run = interrupted_at_migrate(run_of(&["m1"]), 0);
     perform(
@@ -1289,7 +1287,6 @@ fn permanent_revert_failure_records_a_remediation_error_and_ends_failed() {
 /// an earlier transient fault of the same step, so `step_failed_for_good` is
 /// false and `next` asks for Revert again at once, forever.
 #[test]
-#[ignore = "bug in machine.rs: permanent revert failure after a transient one is retried forever"]
 fn permanent_revert_failure_after_a_transient_retry_stops_retrying_and_ends_failed() {
     let mut run = remediating_without_restore(RevertMode::PullRequest);
     perform(
@@ -1403,7 +1400,6 @@ fn failed_unlock_records_a_remediation_error_and_ends_failed() {
 /// interrupted unlock leaves the first step open, and `next` keeps asking for
 /// Unlock.
 #[test]
-#[ignore = "bug in machine.rs: an interrupted unlock step stays open, Unlock is asked forever"]
 fn interrupted_unlock_is_done_once_more_then_the_run_ends() {
     let mut run = run_of(&["m1"]);
     play_until(&mut run, t0(), Action::Unlock);
