@@ -193,14 +193,19 @@ async fn history_row(db: &Database, filter: &str, value: &str) -> Result<Option<
         .query_opt(&sql, &[&value])
         .await
         .map_err(query_err(db, "reading migration history"))?;
-    Ok(row.map(|r| HistoryRow {
+    Ok(row.as_ref().map(history_of))
+}
+
+/// A history row from `SELECT id, checksum, phase, commit, run_id, finished_at`.
+fn history_of(r: &tokio_postgres::Row) -> HistoryRow {
+    HistoryRow {
         id: r.get(0),
         checksum: r.get(1),
         phase: r.get(2),
         commit: r.get(3),
         run_id: r.get(4),
         finished_at: r.get(5),
-    }))
+    }
 }
 
 #[async_trait::async_trait]
@@ -227,17 +232,7 @@ impl Runner for SqlRunner {
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => return Ok(Vec::new()),
             Err(e) => return Err(query_err(db, "reading migration history")(e)),
         };
-        Ok(rows
-            .into_iter()
-            .map(|r| HistoryRow {
-                id: r.get(0),
-                checksum: r.get(1),
-                phase: r.get(2),
-                commit: r.get(3),
-                run_id: r.get(4),
-                finished_at: r.get(5),
-            })
-            .collect())
+        Ok(rows.iter().map(history_of).collect())
     }
 
     async fn server_version(&self, db: &Database) -> Result<u32, RunnerError> {
