@@ -131,28 +131,30 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Encodes `value` and writes it to `path` atomically, off the async threads.
+async fn write_json(
+    path: PathBuf,
+    value: &impl serde::Serialize,
+    (encode, write): (&'static str, &'static str),
+    run: &str,
+) -> Result<(), StoreError> {
+    let err = |action, source: Box<dyn std::error::Error + Send + Sync>| StoreError {
+        action,
+        run: run.to_string(),
+        source,
+    };
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| err(encode, e.into()))?;
+    tokio::task::spawn_blocking(move || write_atomic(&path, &bytes))
+        .await
+        .map_err(|e| err(write, e.into()))?
+        .map_err(|e| err(write, e.into()))
+}
+
 #[async_trait::async_trait]
 impl RunStore for Journal {
     async fn save(&self, run: &RunRecord) -> Result<(), StoreError> {
         let path = self.journal_dir().join(format!("{}.json", run.id));
-        let bytes = serde_json::to_vec_pretty(run).map_err(|e| StoreError {
-            action: "encode the run",
-            run: run.id.clone(),
-            source: e.into(),
-        })?;
-        let id = run.id.clone();
-        tokio::task::spawn_blocking(move || write_atomic(&path, &bytes))
-            .await
-            .map_err(|e| StoreError {
-                action: "write the journal",
-                run: id.clone(),
-                source: e.into(),
-            })?
-            .map_err(|e| StoreError {
-                action: "write the journal",
-                run: id,
-                source: e.into(),
-            })
+        write_json(path, run, ("encode the run", "write the journal"), &run.id).await
     }
 
     async fn list(&self) -> Result<Vec<RunRecord>, StoreError> {
@@ -168,23 +170,7 @@ impl RunStore for Journal {
 
     async fn save_gate(&self, status: &GateStatus) -> Result<(), StoreError> {
         let path = self.gate_file(&status.path);
-        let bytes = serde_json::to_vec_pretty(status).map_err(|e| StoreError {
-            action: "encode the gate status",
-            run: "*".into(),
-            source: e.into(),
-        })?;
-        tokio::task::spawn_blocking(move || write_atomic(&path, &bytes))
-            .await
-            .map_err(|e| StoreError {
-                action: "write the gate status",
-                run: "*".into(),
-                source: e.into(),
-            })?
-            .map_err(|e| StoreError {
-                action: "write the gate status",
-                run: "*".into(),
-                source: e.into(),
-            })
+        write_json(path, status, ("encode the gate status", "write the gate status"), "*").await
     }
 
     async fn load_gate(&self, path: &str) -> Result<Option<GateStatus>, StoreError> {

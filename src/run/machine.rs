@@ -17,7 +17,7 @@
 
 use chrono::{DateTime, Duration, Utc};
 
-use super::record::{Failure, FailureKind, Phase, Retry, RevertRecord, RunRecord, Step};
+use super::record::{Failure, FailureKind, Phase, Retry, RevertRecord, RunRecord, Step, StepDetail};
 use crate::checkpoint::{CheckpointRecord, RecoveryPoint, RestoreRecord};
 use crate::manifests::{Order, RevertMode};
 use crate::runner::{MigrateOutcome, VerifyOutcome};
@@ -389,7 +389,7 @@ pub fn apply(run: &mut RunRecord, step: &str, obs: Observation, now: DateTime<Ut
         O::Planned(d) => done(run, step, ok_detail(d), now),
         O::Checkpointed(r) => match r {
             Ok(Some(c)) => {
-                let detail = format!("{} checkpoint at {} ({} bytes)", c.backend, c.location, c.size_bytes);
+                let detail = c.detail();
                 run.checkpoint = Some(c);
                 done(run, step, ok_detail(detail), now)
             }
@@ -421,7 +421,7 @@ pub fn apply(run: &mut RunRecord, step: &str, obs: Observation, now: DateTime<Ut
         },
         O::RecoveryPoint(r) => match r {
             Ok(p) => {
-                let detail = format!("time {} lsn {}", p.time.to_rfc3339(), p.lsn);
+                let detail = p.detail();
                 run.recovery_point = Some(p);
                 done(run, step, ok_detail(detail), now)
             }
@@ -433,7 +433,7 @@ pub fn apply(run: &mut RunRecord, step: &str, obs: Observation, now: DateTime<Ut
             };
             match r {
                 Ok(outcome) => {
-                    let detail = crate::run::record::StepDetail::detail(&outcome);
+                    let detail = outcome.detail();
                     let error = outcome.error.clone();
                     let committed = outcome.committed;
                     run.migrate_results.push((m.id.clone(), outcome));
@@ -572,7 +572,7 @@ pub fn apply(run: &mut RunRecord, step: &str, obs: Observation, now: DateTime<Ut
         },
         O::Restored(r) => match r {
             Ok(rec) => {
-                let detail = crate::run::record::StepDetail::detail(&rec);
+                let detail = rec.detail();
                 run.restore = Some(rec);
                 done(run, step, ok_detail(detail), now)
             }
@@ -590,7 +590,7 @@ pub fn apply(run: &mut RunRecord, step: &str, obs: Observation, now: DateTime<Ut
         },
         O::Reverted(r) => match r {
             Ok(rec) => {
-                let detail = crate::run::record::StepDetail::detail(&rec);
+                let detail = rec.detail();
                 run.revert = Some(rec);
                 done(run, step, ok_detail(detail), now)
             }
