@@ -25,6 +25,9 @@ pub const EXIT_ROLLED_BACK: u8 = 1;
 pub const EXIT_BAD_INPUT: u8 = 2;
 /// Exit code: remediation failed; a person must act.
 pub const EXIT_NEEDS_PERSON: u8 = 3;
+/// Exit code: another backstop instance owns the state directory or the
+/// database; nothing was done.
+pub const EXIT_BUSY: u8 = 4;
 
 /// Makes database migrations in a GitOps repo reversible: checkpoint, migrate,
 /// verify, promote; or roll back code and data together.
@@ -723,6 +726,18 @@ async fn run_local(args: RunArgs) -> anyhow::Result<u8> {
             max: Duration::from_secs(args.retry_max.max(args.retry_backoff)),
         },
     };
+    // One process per state directory, for its whole life.
+    let _state_lock = match crate::owner::StateLock::acquire(&opts.state) {
+        Ok(lock) => lock,
+        Err(e @ crate::owner::OwnerError::StateBusy { .. }) => {
+            eprintln!("backstop: {e}");
+            return Ok(EXIT_BUSY);
+        }
+        Err(e) => {
+            eprintln!("backstop: {}", crate::run::chain(&e));
+            return Ok(EXIT_BAD_INPUT);
+        }
+    };
     let engine = match local::engine(&opts).await {
         Ok(e) => e,
         Err(e) => {
@@ -754,7 +769,8 @@ async fn run_local(args: RunArgs) -> anyhow::Result<u8> {
 /// Prints a pass's runs and what the gate waits for; the exit code of the pass:
 /// 0 nothing failed (also while a transient fault is retried), 1 a run was
 /// rolled back, 2 a commit is refused (bad input, plan, lint, approval),
-/// 3 a person must act (remediation failed, or a transient fault stalled).
+/// 3 a person must act (remediation failed, or a transient fault stalled),
+/// 4 another instance owns the database (nothing was done).
 pub fn pass_exit_code(report: &crate::run::PassReport) -> u8 {
     let mut code = EXIT_OK;
     for (id, outcome, location) in &report.runs {
@@ -770,6 +786,7 @@ pub fn pass_exit_code(report: &crate::run::PassReport) -> u8 {
         code = code.max(match w {
             _ if w.needs_person() => EXIT_NEEDS_PERSON,
             crate::gate::Wait::Refused { .. } => EXIT_BAD_INPUT,
+            crate::gate::Wait::Busy { .. } => EXIT_BUSY,
             _ => EXIT_OK,
         });
     }

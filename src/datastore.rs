@@ -55,17 +55,23 @@ CREATE TABLE IF NOT EXISTS backstop.datastore_lock (
 );
 ALTER TABLE backstop.datastore_lock ADD COLUMN IF NOT EXISTS suspended text[] NOT NULL DEFAULT '{}';";
 
+/// The import record. `imported_at` is NULL while an import runs: the record
+/// is written (with what the target held before) before `pg_restore` starts,
+/// so that `rollback` knows what to drop even when the import was killed.
 const IMPORT_DDL: &str = "SET client_min_messages = warning;
 CREATE SCHEMA IF NOT EXISTS backstop;
 CREATE TABLE IF NOT EXISTS backstop.datastore_import (
     id int PRIMARY KEY DEFAULT 1 CHECK (id = 1),
-    imported_at timestamptz NOT NULL,
+    imported_at timestamptz,
     file text NOT NULL,
     schemas text[] NOT NULL,
     relations text[] NOT NULL,
     types text[] NOT NULL,
     functions text[] NOT NULL
-);";
+);
+ALTER TABLE backstop.datastore_import ALTER COLUMN imported_at DROP NOT NULL;
+ALTER TABLE backstop.datastore_import ADD COLUMN IF NOT EXISTS started_at timestamptz;
+ALTER TABLE backstop.datastore_import ADD COLUMN IF NOT EXISTS before text;";
 
 /// Builds a connectable database from a URL given on the command line.
 pub fn database(url: &str, side: &'static str) -> Result<Database> {
@@ -310,7 +316,7 @@ pub async fn export(db: &Database, file: &Path, bindir: &Path, progress: impl Fn
 }
 
 /// Objects of the user schemas, for telling what an import created.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 struct Inventory {
     schemas: BTreeSet<String>,
     /// `kind qualified-name`, kind one of table, view, matview, sequence, foreign-table.
@@ -386,17 +392,31 @@ pub async fn import(db: &Database, file: &Path, bindir: &Path, opts: ImportOptio
         .map_err(q(db, "looking for an earlier import"))?
         .get(0);
     if imported {
-        let at: Option<chrono::DateTime<chrono::Utc>> = client
-            .query_opt("SELECT imported_at FROM backstop.datastore_import", &[])
+        client
+            .batch_execute(IMPORT_DDL)
+            .await
+            .map_err(q(db, "updating the import record table"))?;
+        let at: Option<(Option<chrono::DateTime<chrono::Utc>>, Option<chrono::DateTime<chrono::Utc>>)> = client
+            .query_opt("SELECT imported_at, started_at FROM backstop.datastore_import", &[])
             .await
             .map_err(q(db, "reading the earlier import"))?
-            .map(|r| r.get(0));
-        if let Some(at) = at {
-            return Ok(format!(
-                "{} already holds an import made at {}: nothing to do (roll back first to import again)",
-                db.describe(),
-                at.to_rfc3339()
-            ));
+            .map(|r| (r.get(0), r.get(1)));
+        match at {
+            Some((Some(at), _)) => {
+                return Ok(format!(
+                    "{} already holds an import made at {}: nothing to do (roll back first to import again)",
+                    db.describe(),
+                    at.to_rfc3339()
+                ))
+            }
+            Some((None, started)) => {
+                return Err(DatastoreError::Refused(format!(
+                    "an import into {} started at {} did not finish (backstop was stopped); run `backstop datastore rollback` first, which drops whatever it created",
+                    db.describe(),
+                    started.map(|t| t.to_rfc3339()).unwrap_or_default()
+                )))
+            }
+            None => {}
         }
     }
     let before = inventory(db, &client).await?;
@@ -409,6 +429,19 @@ pub async fn import(db: &Database, file: &Path, bindir: &Path, opts: ImportOptio
             tables[0].trim_start_matches("TABLE ")
         )));
     }
+    // Intent first: a killed import still tells rollback what the target held.
+    let before_json = serde_json::to_string(&before).map_err(|e| DatastoreError::Refused(format!("encoding the inventory: {e}")))?;
+    client
+        .batch_execute(IMPORT_DDL)
+        .await
+        .map_err(q(db, "creating the import record"))?;
+    client
+        .execute(
+            "INSERT INTO backstop.datastore_import (started_at, file, schemas, relations, types, functions, before) VALUES (now(), $1, '{}', '{}', '{}', '{}', $2)",
+            &[&file.display().to_string(), &before_json],
+        )
+        .await
+        .map_err(q(db, "recording the import's intent"))?;
     let mut cmd = pgbin::command(bindir, "pg_restore", None);
     cmd.envs(db.libpq_env())
         .args(["--no-owner", "--single-transaction", "--no-password", "-d", db.dbname()]);
@@ -429,13 +462,9 @@ pub async fn import(db: &Database, file: &Path, bindir: &Path, opts: ImportOptio
     let types = created(&after.types, &before.types);
     let functions = created(&after.functions, &before.functions);
     client
-        .batch_execute(IMPORT_DDL)
-        .await
-        .map_err(q(db, "creating the import record"))?;
-    client
         .execute(
-            "INSERT INTO backstop.datastore_import (imported_at, file, schemas, relations, types, functions) VALUES (now(), $1, $2, $3, $4, $5)",
-            &[&file.display().to_string(), &schemas, &relations, &types, &functions],
+            "UPDATE backstop.datastore_import SET imported_at = now(), schemas = $1, relations = $2, types = $3, functions = $4",
+            &[&schemas, &relations, &types, &functions],
         )
         .await
         .map_err(q(db, "recording the import"))?;
@@ -671,16 +700,38 @@ pub async fn rollback(source: &Database, target: &Database, force: bool) -> Resu
         .get(0);
     let mut dropped = 0usize;
     if recorded {
+        t.batch_execute(IMPORT_DDL)
+            .await
+            .map_err(q(target, "updating the import record table"))?;
         if let Some(r) = t
             .query_opt(
-                "SELECT schemas, relations, types, functions FROM backstop.datastore_import",
+                "SELECT schemas, relations, types, functions, imported_at IS NULL, before FROM backstop.datastore_import",
                 &[],
             )
             .await
             .map_err(q(target, "reading the import record"))?
         {
-            let (schemas, relations, types, functions): (Vec<String>, Vec<String>, Vec<String>, Vec<String>) =
+            let (mut schemas, mut relations, mut types, mut functions): (Vec<String>, Vec<String>, Vec<String>, Vec<String>) =
                 (r.get(0), r.get(1), r.get(2), r.get(3));
+            let interrupted: bool = r.get(4);
+            if interrupted {
+                // Killed mid-import: whatever exists now and did not before is its.
+                let before: Inventory = r
+                    .get::<_, Option<String>>(5)
+                    .and_then(|v| serde_json::from_str(&v).ok())
+                    .ok_or_else(|| {
+                        DatastoreError::Refused(format!(
+                            "the interrupted import's record in {} does not say what the target held before; drop its objects by hand",
+                            target.describe()
+                        ))
+                    })?;
+                let now = inventory(target, &t).await?;
+                let new = |a: &BTreeSet<String>, b: &BTreeSet<String>| -> Vec<String> { a.difference(b).cloned().collect() };
+                schemas = new(&now.schemas, &before.schemas);
+                relations = new(&now.relations, &before.relations);
+                types = new(&now.types, &before.types);
+                functions = new(&now.functions, &before.functions);
+            }
             let mut sql = String::from("BEGIN;\nSET TRANSACTION READ WRITE;\n");
             for s in &schemas {
                 sql.push_str(&format!("DROP SCHEMA IF EXISTS {s} CASCADE;\n"));

@@ -234,6 +234,9 @@ pub struct GateView<'a> {
     pub runner: &'a dyn Runner,
     pub branch: &'a str,
     pub path: &'a str,
+    /// This instance's state id: a database another instance owns mid-run
+    /// counts as unreadable (its history may be rolled back by that run).
+    pub me: &'a str,
 }
 
 impl GateView<'_> {
@@ -287,7 +290,13 @@ impl GateView<'_> {
                 continue;
             }
             let rows = match self.cluster.resolve(&c.database, c.database_name.as_deref()).await {
-                Ok(db) => self.runner.history(&db).await.map_err(|e| crate::run::chain(&e)),
+                Ok(db) => match self.runner.owner(&db).await {
+                    Ok(Some(owner)) if owner.state != self.me => Err(format!(
+                        "owned mid-run by another {owner}: its history is not final until that run ends"
+                    )),
+                    Ok(_) => self.runner.history(&db).await.map_err(|e| crate::run::chain(&e)),
+                    Err(e) => Err(crate::run::chain(&e)),
+                },
                 Err(e) => Err(crate::run::chain(&e)),
             };
             match rows {
@@ -353,6 +362,9 @@ pub enum Wait {
     },
     /// The gate holds the revert of a promoted commit; upstream does not yet.
     GateRevert { run: String, revert: String },
+    /// Another backstop instance owns the database mid-run; this one does not
+    /// plan, run, restore or revert there, and the gate does not move past it.
+    Busy { database: String, owner: crate::owner::Owner },
 }
 
 impl Wait {
@@ -410,6 +422,10 @@ impl std::fmt::Display for Wait {
                 f,
                 "the gate holds revert {} made by run {run}; it joins upstream once upstream's guarded tree equals the gate's (merge the revert)",
                 &revert[..revert.len().min(7)]
+            ),
+            Wait::Busy { database, owner } => write!(
+                f,
+                "database {database} is owned by another {owner}; nothing was done here. It is released when that run ends; if that instance is gone for good and its state directory lost, a person may release it with `DELETE FROM backstop.run_owner`"
             ),
         }
     }

@@ -40,6 +40,7 @@ pub mod journal;
 pub mod k8s;
 pub mod lint;
 pub mod local;
+pub mod owner;
 pub mod manifests;
 pub mod pgbin;
 pub mod pgserver;

@@ -92,6 +92,8 @@ pub enum LocalError {
     Bin(#[from] PgBinError),
     #[error(transparent)]
     Forge(#[from] ForgeError),
+    #[error(transparent)]
+    Owner(#[from] crate::owner::OwnerError),
 }
 
 /// Builds the engine for local mode.
@@ -149,6 +151,7 @@ pub async fn engine(opts: &LocalOptions) -> Result<Engine, LocalError> {
             path: opts.path.clone(),
             revert: opts.revert,
             backoff: opts.backoff,
+            owner: crate::owner::state_id(&opts.state)?,
         },
     })
 }

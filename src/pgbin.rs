@@ -71,8 +71,36 @@ pub fn command(bindir: &Path, program: &str, owner: Option<(u32, u32)>) -> Comma
             cmd.uid(uid).gid(gid);
         }
     }
-    cmd.stdin(Stdio::null()).kill_on_drop(true);
+    cmd.stdin(Stdio::null());
+    dies_with_us(&mut cmd);
     cmd
+}
+
+/// A command for a system tool found on `PATH` (`tar`, `chown`), that dies with backstop.
+pub fn tool(program: &str) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.stdin(Stdio::null());
+    dies_with_us(&mut cmd);
+    cmd
+}
+
+/// Children die with backstop: killed when dropped, and sent `SIGKILL` by the
+/// kernel when backstop itself dies (`PR_SET_PDEATHSIG`), `kill -9` included,
+/// so no `pg_restore` or `pg_basebackup` keeps writing after it.
+pub fn dies_with_us(cmd: &mut Command) {
+    let parent = nix::unistd::getpid();
+    cmd.kill_on_drop(true);
+    // SAFETY: prctl and getppid are async-signal-safe; nothing is allocated.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)?;
+            // The parent may have died before the line above: then die now.
+            if nix::unistd::getppid() != parent {
+                return Err(std::io::Error::other("backstop exited before its child started"));
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Runs `cmd` to completion; a non-zero exit is an error carrying stderr's tail.
@@ -107,7 +135,7 @@ pub async fn chown_tree(path: &Path, owner: (u32, u32)) -> Result<(), PgBinError
     if !nix::unistd::geteuid().is_root() || owner.0 == 0 {
         return Ok(());
     }
-    let mut cmd = Command::new("chown");
+    let mut cmd = tool("chown");
     cmd.arg("-R").arg(format!("{}:{}", owner.0, owner.1)).arg(path);
     run(cmd, "chown").await.map(|_| ())
 }

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::RecoveryPoint;
 use crate::db::{Database, DbError};
 use crate::manifests::Carrier;
+use crate::owner::{Claim, Owner, OwnerError};
 
 /// Failures to talk to the database (not failures of the migration itself,
 /// which are reported in [`MigrateOutcome`]).
@@ -20,6 +21,8 @@ pub enum RunnerError {
     Db(#[from] DbError),
     #[error("another session held backstop's migration lock on {database} for longer than the migration's timeout ({seconds}s)")]
     LockBusy { database: String, seconds: u64 },
+    #[error("{sessions} session(s) of an interrupted attempt on {database} did not end within a minute of pg_terminate_backend")]
+    SessionsLinger { database: String, sessions: i64 },
     #[error("query on {database} failed while {step}")]
     Query {
         database: String,
@@ -95,25 +98,76 @@ pub trait Runner: Send + Sync {
     async fn migrate(&self, db: &Database, m: &Carrier, who: RunIdentity<'_>) -> Result<MigrateOutcome, RunnerError>;
     /// Runs the verify query.
     async fn verify(&self, db: &Database, sql: &str, timeout: Duration) -> Result<VerifyOutcome, RunnerError>;
+    /// Ends what an interrupted attempt of `run_id` left running on the server
+    /// (its sessions keep going when backstop is killed) and waits until they
+    /// are gone, so that history then tells for certain whether it committed.
+    /// Returns how many sessions were ended.
+    async fn settle(&self, db: &Database, run_id: &str) -> Result<usize, RunnerError> {
+        end_sessions(db, run_id).await
+    }
+    /// Claims the database for this instance ([`crate::owner`]).
+    async fn claim(&self, db: &Database, me: &Owner) -> Result<Claim, OwnerError> {
+        crate::owner::claim(db, me).await
+    }
+    /// Who owns the database now.
+    async fn owner(&self, db: &Database) -> Result<Option<Owner>, OwnerError> {
+        crate::owner::current(db).await
+    }
+    /// Releases this instance's claim.
+    async fn release(&self, db: &Database, state: &str) -> Result<(), OwnerError> {
+        crate::owner::release(db, state).await
+    }
+}
+
+/// The `application_name` of the sessions a run's migrations use.
+pub fn session_name(run_id: &str) -> String {
+    let mut name = format!("backstop run {run_id}");
+    name.truncate(63);
+    name
+}
+
+/// Terminates the sessions named for `run_id` and waits (up to a minute) until
+/// the server has ended them. A session in the middle of `COMMIT` finishes
+/// its commit first: PostgreSQL holds off the termination in that section.
+pub async fn end_sessions(db: &Database, run_id: &str) -> Result<usize, RunnerError> {
+    let client = db.connect().await?;
+    let name = session_name(run_id);
+    let ended: i64 = client
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1 AND pid <> pg_backend_pid()",
+            &[&name],
+        )
+        .await
+        .map_err(query_err(db, "ending the sessions of an interrupted attempt"))?
+        .get(0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let left: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND pid <> pg_backend_pid()",
+                &[&name],
+            )
+            .await
+            .map_err(query_err(db, "waiting for the sessions of an interrupted attempt to end"))?
+            .get(0);
+        if left == 0 {
+            return Ok(ended as usize);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(RunnerError::SessionsLinger {
+                database: db.describe(),
+                sessions: left,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Advisory lock key serializing backstop migrations on one database ("backstop" in ASCII).
 const LOCK_KEY: i64 = 0x6261_636b_7374_6f70;
 
-const HISTORY_DDL: &str = "SET client_min_messages = warning;
-CREATE SCHEMA IF NOT EXISTS backstop;
-CREATE TABLE IF NOT EXISTS backstop.migration_history (
-    seq bigserial PRIMARY KEY,
-    id text NOT NULL,
-    checksum text NOT NULL,
-    phase text NOT NULL,
-    commit text NOT NULL,
-    run_id text NOT NULL,
-    started_at timestamptz NOT NULL,
-    finished_at timestamptz,
-    success boolean NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS migration_history_applied ON backstop.migration_history (id) WHERE success;";
+/// backstop's tables, created on first use (see [`crate::owner::SCHEMA_DDL`]).
+const HISTORY_DDL: &str = crate::owner::SCHEMA_DDL;
 
 const INSERT_HISTORY: &str = "INSERT INTO backstop.migration_history (id, checksum, phase, commit, run_id, started_at, finished_at, success) VALUES ($1, $2, $3, $4, $5, $6, now(), $7)";
 
@@ -261,6 +315,12 @@ impl Runner for SqlRunner {
         let started = std::time::Instant::now();
         let started_at = Utc::now();
         let client = db.connect().await?;
+        // Named for the run, so that a restarted backstop can end what a
+        // killed one left running before it decides what committed.
+        client
+            .query_one("SELECT set_config('application_name', $1, false)", &[&session_name(who.run_id)])
+            .await
+            .map_err(query_err(db, "naming the session"))?;
         client
             .batch_execute(HISTORY_DDL)
             .await
@@ -389,7 +449,14 @@ impl Runner for SqlRunner {
             .batch_execute(&format!("SET statement_timeout = {}", timeout.as_millis()))
             .await
             .map_err(query_err(db, "setting statement_timeout"))?;
-        let rows = match client.simple_query(sql).await {
+        // Read only: a verify that writes (a data-modifying CTE) fails instead of changing data.
+        client
+            .batch_execute("BEGIN TRANSACTION READ ONLY")
+            .await
+            .map_err(query_err(db, "starting the read-only verify transaction"))?;
+        let result = client.simple_query(sql).await;
+        let _ = client.batch_execute("ROLLBACK").await;
+        let rows = match result {
             Ok(rows) => rows,
             Err(e) => {
                 return Ok(VerifyOutcome {

@@ -14,6 +14,10 @@ use super::{tree_size, Checkpoint, CheckpointError, CheckpointRecord, RecoveryPo
 use crate::db::Database;
 use crate::pgbin;
 
+mod restore;
+
+use restore::untar;
+
 /// Settings of the local backend.
 #[derive(Debug, Clone)]
 pub struct LocalBackend {
@@ -358,140 +362,7 @@ impl Checkpoint for LocalBackend {
         target: &RecoveryPoint,
         run_id: &str,
     ) -> Result<RestoreRecord, CheckpointError> {
-        let started_at = Utc::now();
-        let kept = self.kept_dir(run_id);
-        let base = PathBuf::from(&checkpoint.location);
-        let owner = if kept.exists() {
-            // Resumed: the original is already safe in `kept`; anything at pgdata is
-            // our own half-finished restore.
-            let owner = pgbin::owner_of(&kept).map_err(Self::tool("inspecting the kept data directory"))?;
-            if self.pgdata.exists() {
-                let _ = self
-                    .pg_ctl(
-                        &["stop", "-D", &self.pgdata.to_string_lossy(), "-m", "immediate", "-w"],
-                        owner,
-                        "stop",
-                    )
-                    .await;
-                tokio::fs::remove_dir_all(&self.pgdata)
-                    .await
-                    .map_err(Self::io("remove partial restore", &self.pgdata))?;
-            }
-            owner
-        } else {
-            let owner = pgbin::owner_of(&self.pgdata).map_err(Self::tool("inspecting the data directory"))?;
-            self.flush_wal(db, target).await;
-            let pgdata = self.pgdata.to_string_lossy().into_owned();
-            if self.pgdata.join("postmaster.pid").exists() {
-                self.pg_ctl(
-                    &["stop", "-D", &pgdata, "-m", "fast", "-w", "-t", "120"],
-                    owner,
-                    "stopping the server",
-                )
-                .await?;
-            }
-            tokio::fs::rename(&self.pgdata, &kept)
-                .await
-                .map_err(Self::io("keep the old data directory", &kept))?;
-            owner
-        };
-
-        // New data directory from the base backup.
-        std::fs::create_dir(&self.pgdata).map_err(Self::io("create data directory", &self.pgdata))?;
-        set_mode_0700(&self.pgdata).map_err(Self::io("set data directory mode", &self.pgdata))?;
-        untar(&base.join("base.tar"), &self.pgdata).await?;
-        let wal = self.pgdata.join("pg_wal");
-        tokio::fs::create_dir_all(&wal)
-            .await
-            .map_err(Self::io("create pg_wal", &wal))?;
-        untar(&base.join("pg_wal.tar"), &wal).await?;
-        // WAL that never reached the archive (server stopped early): take it from
-        // the old pg_wal, as the PostgreSQL PITR procedure says.
-        copy_unarchived_wal(&kept.join("pg_wal"), &wal, &self.wal_archive)?;
-
-        // The LSN read before the migration is exact; a time target (from a
-        // CNPG recovery manifest) is the fallback. PostgreSQL wants
-        // `YYYY-MM-DD HH:MM:SS.ffffff+00`, not RFC 3339.
-        let time = target.time.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string();
-        let (target_line, target_text) = if target.lsn.is_empty() {
-            (format!("recovery_target_time = '{time}'"), format!("time {time}"))
-        } else {
-            (
-                format!("recovery_target_lsn = '{}'", target.lsn),
-                format!("lsn {} (time {time})", target.lsn),
-            )
-        };
-        let settings = format!(
-            "\n{MARK} (run {run_id})\nrestore_command = 'cp \"{archive}/%f\" \"%p\"'\n{target_line}\n\
-             recovery_target_inclusive = off\nrecovery_target_timeline = 'current'\nrecovery_target_action = 'promote'\n",
-            archive = self.wal_archive.display(),
-        );
-        let auto = self.pgdata.join("postgresql.auto.conf");
-        let mut conf = std::fs::read_to_string(&auto).unwrap_or_default();
-        conf.push_str(&settings);
-        std::fs::write(&auto, conf).map_err(Self::io("write recovery settings", &auto))?;
-        let signal = self.pgdata.join("recovery.signal");
-        std::fs::write(&signal, "").map_err(Self::io("write recovery.signal", &signal))?;
-        pgbin::chown_tree(&self.pgdata, owner)
-            .await
-            .map_err(Self::tool("giving the data directory to its owner"))?;
-
-        let log = self.pgdata.join("backstop-restore.log");
-        let pgdata = self.pgdata.to_string_lossy().into_owned();
-        self.pg_ctl(
-            &["start", "-D", &pgdata, "-w", "-t", "300", "-l", &log.to_string_lossy()],
-            owner,
-            "starting the restored server",
-        )
-        .await
-        .map_err(|e| match e {
-            CheckpointError::Tool { step, source } => CheckpointError::Tool {
-                step: format!(
-                    "{step} (server log: {})",
-                    pgbin::tail(&std::fs::read_to_string(&log).unwrap_or_default(), 5)
-                ),
-                source,
-            },
-            other => other,
-        })?;
-
-        // Wait for promotion, then drop the recovery settings.
-        let deadline = tokio::time::Instant::now() + self.recovery_timeout;
-        loop {
-            if let Ok(client) = db.connect().await {
-                if let Ok(row) = client.query_one("SELECT pg_is_in_recovery()", &[]).await {
-                    if !row.get::<_, bool>(0) {
-                        // ALTER SYSTEM refuses to run in a (multi-statement) transaction.
-                        for setting in RECOVERY_SETTINGS {
-                            client
-                                .batch_execute(&format!("ALTER SYSTEM RESET {setting}"))
-                                .await
-                                .map_err(|source| CheckpointError::Query {
-                                    database: db.describe(),
-                                    step: "clearing recovery settings",
-                                    source,
-                                })?;
-                        }
-                        let _ = client.batch_execute("SELECT pg_reload_conf()").await;
-                        break;
-                    }
-                }
-            }
-            if tokio::time::Instant::now() > deadline {
-                return Err(CheckpointError::RecoveryTimeout {
-                    pgdata: self.pgdata.clone(),
-                    seconds: self.recovery_timeout.as_secs(),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        Ok(RestoreRecord {
-            started_at,
-            finished_at: Utc::now(),
-            target: target_text,
-            kept: kept.display().to_string(),
-            manifest_patch: None,
-        })
+        self.restore_in_place(db, checkpoint, target, run_id).await
     }
 }
 
@@ -514,36 +385,4 @@ fn set_mode_0700(path: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
 }
 
-async fn untar(archive: &Path, into: &Path) -> Result<(), CheckpointError> {
-    let mut cmd = tokio::process::Command::new("tar");
-    cmd.arg("-xf").arg(archive).arg("-C").arg(into);
-    pgbin::run(cmd, "tar")
-        .await
-        .map(|_| ())
-        .map_err(|source| CheckpointError::Tool {
-            step: format!("extracting {}", archive.display()),
-            source,
-        })
-}
 
-/// Copies WAL segment files from `old` to `new` that the archive does not hold.
-fn copy_unarchived_wal(old: &Path, new: &Path, archive: &Path) -> Result<(), CheckpointError> {
-    let Ok(entries) = std::fs::read_dir(old) else {
-        return Ok(());
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(text) = name.to_str() else { continue };
-        let is_segment = text.len() == 24 && text.chars().all(|c| c.is_ascii_hexdigit());
-        if !is_segment || archive.join(text).exists() {
-            continue;
-        }
-        let dest = new.join(text);
-        std::fs::copy(entry.path(), &dest).map_err(|source| CheckpointError::Io {
-            step: "copy unarchived WAL",
-            path: dest.clone(),
-            source,
-        })?;
-    }
-    Ok(())
-}

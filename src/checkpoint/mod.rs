@@ -59,6 +59,13 @@ pub enum CheckpointError {
     },
     #[error("the restored server at {pgdata} did not finish recovery within {seconds}s")]
     RecoveryTimeout { pgdata: PathBuf, seconds: u64 },
+    #[error("the restored server at {pgdata} stopped during recovery (server log: {log})")]
+    RecoveryStopped { pgdata: PathBuf, log: String },
+    #[error("restore failed; {put_back}")]
+    RestoreFailed {
+        source: Box<CheckpointError>,
+        put_back: String,
+    },
 }
 
 /// What a run keeps of a checkpoint it took.

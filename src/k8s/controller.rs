@@ -438,6 +438,8 @@ async fn engine_for(
             path,
             revert: None,
             backoff: Default::default(),
+            // One leader-elected controller guards a Kustomization.
+            owner: format!("k8s:{ns}/{name}"),
         },
     })
 }

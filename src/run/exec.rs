@@ -43,6 +43,9 @@ impl Engine {
             match action {
                 Action::Done => {
                     let outcome = run.outcome().unwrap_or(Outcome::Failed);
+                    if let Some(carrier) = run.migrations.first() {
+                        self.release(carrier).await;
+                    }
                     match outcome {
                         Outcome::Succeeded => tracing::info!("run succeeded"),
                         Outcome::RolledBack => {
@@ -159,10 +162,22 @@ impl Engine {
             Action::Recover(i) => {
                 let m = &run.migrations[*i];
                 let result = match self.database(run, cache).await {
-                    Ok(db) => match self.runner.applied(&db, &m.id).await {
-                        Ok(Some(row)) if row.run_id == run.id || row.checksum == m.checksum => Ok(Recovered::Applied),
-                        Ok(_) => Ok(Recovered::NotApplied),
+                    // First end what the killed attempt left running: until its
+                    // session is gone, its COMMIT may still land.
+                    Ok(db) => match self.runner.settle(&db, &run.id).await {
                         Err(e) => Err(transient(&e)),
+                        Ok(ended) => {
+                            if ended > 0 {
+                                tracing::warn!(sessions = ended, migration = %m.id, "ended the sessions an interrupted attempt left running");
+                            }
+                            match self.runner.applied(&db, &m.id).await {
+                                Ok(Some(row)) if row.run_id == run.id || row.checksum == m.checksum => {
+                                    Ok(Recovered::Applied)
+                                }
+                                Ok(_) => Ok(Recovered::NotApplied),
+                                Err(e) => Err(transient(&e)),
+                            }
+                        }
                     },
                     Err(f) => Err(f),
                 };

@@ -58,6 +58,8 @@ pub struct Settings {
     pub revert: Option<RevertMode>,
     /// Waits after transient faults.
     pub backoff: Backoff,
+    /// This instance's identity when it claims a database ([`crate::owner`]).
+    pub owner: String,
 }
 
 /// What one pass did.
@@ -83,6 +85,15 @@ pub struct Engine {
     pub forge: Arc<dyn Forge>,
     pub store: Arc<dyn RunStore>,
     pub settings: Settings,
+}
+
+/// The answer to a claim, as the scheduler sees it.
+enum Claimed {
+    Ours,
+    /// Another instance owns the database.
+    Theirs(Wait),
+    /// The database could not be asked (a transient fault).
+    Unknown(String),
 }
 
 /// How a drive of a run stopped.
@@ -117,6 +128,7 @@ impl Engine {
             runner: self.runner.as_ref(),
             branch: &self.settings.gate,
             path: &self.settings.path,
+            me: &self.settings.owner,
         }
     }
 
@@ -139,6 +151,15 @@ impl Engine {
             exec::release_holds(self, &previous, &gate).await?;
         }
         for mut run in previous.iter().filter(|r| r.is_open()).cloned() {
+            if let Some(carrier) = run.migrations.first() {
+                // Re-assert the claim the run took; a database that cannot be
+                // reached (a restore stopped it) is the run's own business.
+                if let Claimed::Theirs(wait) = self.claim(carrier, Some(&run.id)).await {
+                    report.gate = self.git.require_branch(&self.settings.gate).await?;
+                    report.waiting = Some(wait);
+                    return Ok(());
+                }
+            }
             tracing::info!(run = %run.id, phase = %run.phase, "resuming run");
             let progress = self.drive(&mut run).await?;
             if let Progress::Ended(outcome) = progress {
@@ -207,6 +228,21 @@ impl Engine {
         };
         let checkpoint_for = |k| self.checkpoint_for(k);
         for candidate in candidates {
+            // Own the database before reading its history: no other instance
+            // changes it between this plan and the end of the run.
+            match self.claim(&candidate.carriers[0], None).await {
+                Claimed::Ours => {}
+                Claimed::Theirs(wait) => {
+                    report.waiting = Some(wait);
+                    report.gate = self.advance(&gate, &trees, &exempt).await?;
+                    return Ok(());
+                }
+                Claimed::Unknown(cause) => {
+                    report.waiting = Some(self.retrying_plan(cause).await);
+                    report.gate = self.advance(&gate, &trees, &exempt).await?;
+                    return Ok(());
+                }
+            }
             let prepared =
                 match plan::prepare(&candidate, self.cluster.as_ref(), self.runner.as_ref(), &checkpoint_for).await {
                     Ok(p) => p,
@@ -218,10 +254,12 @@ impl Engine {
                 };
             if prepared.migrations.is_empty() {
                 tracing::info!(commit = %candidate.commit.short(), "migrations already applied; nothing to run");
+                self.release(&candidate.carriers[0]).await;
                 continue;
             }
             let last = latest_run_of(&runs, &prepared);
             if let Some(wait) = last.and_then(|r| blocked_by(r, Utc::now())) {
+                self.release(&candidate.carriers[0]).await;
                 report.waiting = Some(wait);
                 report.gate = self.advance(&gate, &trees, &exempt).await?;
                 return Ok(());
@@ -230,6 +268,8 @@ impl Engine {
             report.gate = gate.clone();
             let mut run = self.new_run(&prepared, &gate, last.and_then(|r| r.retry.clone()));
             self.store.save(&run).await?;
+            // Name the run in the claim (for the message another instance shows).
+            let _ = self.claim(&candidate.carriers[0], Some(&run.id)).await;
             let progress = self.drive(&mut run).await?;
             if let Progress::Ended(outcome) = progress {
                 report.runs.push((run.id.clone(), outcome, exec::report_location(&run)));
@@ -266,6 +306,19 @@ impl Engine {
     async fn plan_wait(&self, e: &PlanError, commit: &str) -> Wait {
         let message = chain(e);
         if is_transient(e) {
+            self.retrying_plan(message).await
+        } else {
+            Wait::Refused {
+                commit: commit.to_string(),
+                message,
+            }
+        }
+    }
+
+    /// The plan could not read the database: retried on every pass, stalled
+    /// after `--retry-max`.
+    async fn retrying_plan(&self, message: String) -> Wait {
+        {
             let previous = self.store.load_gate(&self.settings.path).await.ok().flatten();
             let (attempts, since) = match previous.and_then(|p| p.waiting) {
                 Some(Wait::Retrying {
@@ -288,11 +341,48 @@ impl Engine {
                 next_at: now,
                 stalled,
             }
-        } else {
-            Wait::Refused {
-                commit: commit.to_string(),
-                message,
-            }
+        }
+    }
+
+    /// Claims the database of `carrier` for this instance.
+    async fn claim(&self, carrier: &crate::manifests::Carrier, run: Option<&str>) -> Claimed {
+        let db = match self
+            .cluster
+            .resolve(&carrier.database, carrier.database_name.as_deref())
+            .await
+        {
+            Ok(db) => db,
+            Err(e) => return Claimed::Unknown(chain(&e)),
+        };
+        let me = crate::owner::Owner::me(&self.settings.owner, run);
+        match self.runner.claim(&db, &me).await {
+            Ok(crate::owner::Claim::Ours) => Claimed::Ours,
+            Ok(crate::owner::Claim::Theirs(owner)) => Claimed::Theirs(Wait::Busy {
+                database: db.describe(),
+                owner,
+            }),
+            Err(e) => Claimed::Unknown(chain(&e)),
+        }
+    }
+
+    /// Releases this instance's claim on the database of `carrier` (best
+    /// effort: a claim left behind only delays another instance until a
+    /// later pass of this one releases it).
+    pub(crate) async fn release(&self, carrier: &crate::manifests::Carrier) {
+        let released = match self
+            .cluster
+            .resolve(&carrier.database, carrier.database_name.as_deref())
+            .await
+        {
+            Ok(db) => self
+                .runner
+                .release(&db, &self.settings.owner)
+                .await
+                .map_err(|e| chain(&e)),
+            Err(e) => Err(chain(&e)),
+        };
+        if let Err(e) = released {
+            tracing::warn!(error = %e, "could not release the database claim; a later pass releases it");
         }
     }
 
@@ -395,6 +485,7 @@ fn wait_subject(w: &Wait) -> String {
         Wait::RunFailed { run, .. } => format!("run {run} failed"),
         Wait::Retrying { run, step, .. } => format!("retrying {} {step}", run.as_deref().unwrap_or("plan")),
         Wait::GateRevert { run, .. } => format!("gate revert of {run}"),
+        Wait::Busy { database, owner } => format!("busy {database} {}", owner.state),
     }
 }
 
