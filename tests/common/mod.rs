@@ -165,6 +165,21 @@ impl Fixture {
 
     /// `backstop run --once` with the given `--pgdata` and `--wal-archive`.
     pub async fn run_with(&self, pgdata: &Path, archive: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
+        self.command(&self.state(), pgdata, archive, extra, env)
+            .output()
+            .await
+            .expect("run backstop")
+    }
+
+    /// The `backstop run --once` command on `state` (to spawn, watch and kill).
+    pub fn command(
+        &self,
+        state: &Path,
+        pgdata: &Path,
+        archive: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_backstop"));
         cmd.arg("run")
             .arg("--repo")
@@ -172,7 +187,7 @@ impl Fixture {
             .arg("--path")
             .arg("apps/shop")
             .arg("--state")
-            .arg(self.state())
+            .arg(state)
             .arg("--pgdata")
             .arg(pgdata)
             .arg("--wal-archive")
@@ -181,16 +196,32 @@ impl Fixture {
             .args(extra)
             .env(DB_VAR, self.server.url("shop"))
             .env("BACKSTOP_LOG", "info")
-            .env_remove("BACKSTOP_TEST_CRASH_AT");
+            .env_remove("BACKSTOP_TEST_CRASH_AT")
+            .env_remove("BACKSTOP_TEST_PAUSE_AT");
         for (k, v) in env {
             cmd.env(k, v);
         }
-        cmd.output().await.expect("run backstop")
+        cmd
+    }
+
+    /// The default `backstop run --once` command (local checkpoints) on `state`.
+    pub fn spawn_run(&self, state: &Path, extra: &[&str], env: &[(&str, &str)]) -> tokio::process::Child {
+        self.command(state, &self.server.data_dir(), &self.server.archive(), extra, env)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn backstop")
     }
 
     /// `backstop run --once` against the remote at `url` with dump checkpoints
     /// (no server paths), extra args and environment.
     pub async fn run_url(&self, url: &str, extra: &[&str], env: &[(&str, &str)]) -> Output {
+        self.url_command(url, extra, env).output().await.expect("run backstop")
+    }
+
+    /// The `backstop run --once` command of [`Fixture::run_url`].
+    pub fn url_command(&self, url: &str, extra: &[&str], env: &[(&str, &str)]) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_backstop"));
         cmd.args([
             "run",
@@ -209,7 +240,7 @@ impl Fixture {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        cmd.output().await.expect("run backstop")
+        cmd
     }
 
     pub fn gate(&self) -> String {

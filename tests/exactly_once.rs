@@ -1,0 +1,440 @@
+//! Exactly once under real crashes and concurrent instances (issue 10): a real
+//! `backstop` process is killed with SIGKILL at moments chosen by watching the
+//! database (`pg_stat_activity`), the remote's hooks or the process's own
+//! output, and two real processes run at once on one database. Afterwards a
+//! migration is applied exactly once, a good migration is never reverted, a
+//! restored server that may have taken writes is never restored over, and
+//! git and the database agree.
+
+mod common;
+
+use std::future::Future;
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::AsyncBufReadExt;
+use tokio::process::Child;
+
+/// Polls `check` until it holds (panics naming `what` after 90 s).
+async fn wait_until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Active sessions of backstop runs whose query matches `like`.
+async fn run_sessions(f: &Fixture, like: &str) -> i64 {
+    f.client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'backstop run %' AND state = 'active' AND query ILIKE $1",
+            &[&like],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// SIGKILL, and reap.
+async fn kill9(mut child: Child) {
+    child.start_kill().expect("SIGKILL");
+    let status = child.wait().await.unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9),
+        "killed by SIGKILL, not ended on its own: {status:?}"
+    );
+}
+
+async fn history_rows(f: &Fixture, id: &str) -> i64 {
+    f.count(&format!(
+        "SELECT count(*) FROM backstop.migration_history WHERE id = '{id}' AND success"
+    ))
+    .await
+}
+
+fn assert_nothing_reverted(f: &Fixture) {
+    assert_eq!(f.revert_commits("main"), 0, "no revert on main");
+    assert_eq!(
+        git(f.remote.path(), &["branch", "--list", "backstop/revert-*"]).trim(),
+        "",
+        "no revert branch"
+    );
+    assert_eq!(f.kept_data_dirs(), 0, "no restore");
+}
+
+fn slow_migration(id: &str, sql: &str) -> CarrierBuilder {
+    carrier(id)
+        .sql("001.sql", sql)
+        .verify("SELECT count(*) = 1 FROM information_schema.columns WHERE column_name = 'note'")
+}
+
+/// A migration whose COMMIT takes 4 s (a deferred constraint trigger sleeps).
+fn slow_commit() -> CarrierBuilder {
+    slow_migration(
+        "0002-note",
+        "ALTER TABLE orders ADD COLUMN note text;
+CREATE TABLE slow_commit (id int);
+CREATE FUNCTION slow_commit_check() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(4); RETURN NULL; END $$;
+CREATE CONSTRAINT TRIGGER slow_commit_check AFTER INSERT ON slow_commit DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit_check();
+INSERT INTO slow_commit VALUES (1);",
+    )
+}
+
+/// A good migration whose first statement takes 4 s.
+fn slow_statement() -> CarrierBuilder {
+    slow_migration(
+        "0002-note",
+        "SELECT pg_sleep(4);\nALTER TABLE orders ADD COLUMN note text;",
+    )
+}
+
+async fn assert_applied_once_and_promoted(f: &Fixture, out: &std::process::Output, c2: &str) {
+    assert_eq!(out.status.code(), Some(0), "{}", text(out));
+    assert_eq!(f.gate(), c2, "promoted: {}", text(out));
+    assert_eq!(history_rows(f, "0002-note").await, 1, "applied exactly once");
+    assert_eq!(
+        f.count("SELECT count(*) FROM information_schema.columns WHERE column_name = 'note'")
+            .await,
+        1
+    );
+    assert_nothing_reverted(f);
+    let report = f.reports().pop().unwrap();
+    assert_eq!(report["outcome"], "Succeeded", "{report}");
+}
+
+#[tokio::test]
+async fn killed_during_commit_and_rerun_at_once_applies_the_migration_once_without_revert() {
+    let (f, _) = with_orders().await;
+    let c2 = f.commit_carrier(&slow_commit(), "note column, slow commit");
+    let child = f.spawn_run(&f.state(), &["--revert", "commit"], &[]);
+    wait_until("the migration's COMMIT", || async { run_sessions(&f, "COMMIT").await == 1 }).await;
+    kill9(child).await;
+    // Rerun while the killed process's COMMIT is still running on the server.
+    let out = f.run(&["--revert", "commit"]).await;
+    assert!(text(&out).contains("resuming run"), "{}", text(&out));
+    assert_applied_once_and_promoted(&f, &out, &c2).await;
+}
+
+#[tokio::test]
+async fn killed_during_commit_that_then_lands_is_found_applied_not_reverted() {
+    let (f, _) = with_orders().await;
+    let c2 = f.commit_carrier(&slow_commit(), "note column, slow commit");
+    let child = f.spawn_run(&f.state(), &["--revert", "commit"], &[]);
+    wait_until("the migration's COMMIT", || async { run_sessions(&f, "COMMIT").await == 1 }).await;
+    kill9(child).await;
+    // The server finishes the COMMIT of the dead client.
+    wait_until("the orphaned COMMIT to land", || async {
+        run_sessions(&f, "%").await == 0 && history_rows(&f, "0002-note").await == 1
+    })
+    .await;
+    let out = f.run(&["--revert", "commit"]).await;
+    assert!(
+        text(&out).contains("resumed after interruption: found in history") || {
+            let r = f.reports().pop().unwrap();
+            r.to_string().contains("found in history")
+        },
+        "{}",
+        text(&out)
+    );
+    assert_applied_once_and_promoted(&f, &out, &c2).await;
+}
+
+#[tokio::test]
+async fn killed_mid_migration_of_a_good_migration_reruns_it_instead_of_reverting() {
+    let (f, _) = with_orders().await;
+    let c2 = f.commit_carrier(&slow_statement(), "note column after a slow statement");
+    let child = f.spawn_run(&f.state(), &["--revert", "commit"], &[]);
+    wait_until("the slow statement", || async { run_sessions(&f, "%pg_sleep%").await == 1 }).await;
+    kill9(child).await;
+    let out = f.run(&["--revert", "commit"]).await;
+    assert_applied_once_and_promoted(&f, &out, &c2).await;
+}
+
+/// Two processes at once, on one state directory or on two: exactly one
+/// migration, no restore, no revert; the second is told who is busy.
+async fn two_instances(shared_state: bool, staggered: bool) {
+    let (f, _) = with_orders().await;
+    let c2 = f.commit_carrier(&slow_statement(), "note column after a slow statement");
+    let other_state = f.dir.path().join(if shared_state { "state" } else { "state-b" });
+    let a = f.spawn_run(&f.state(), &["--revert", "commit"], &[]);
+    if staggered {
+        wait_until("the first instance's migration", || async {
+            run_sessions(&f, "%pg_sleep%").await == 1
+        })
+        .await;
+    }
+    let b = f.spawn_run(&other_state, &["--revert", "commit"], &[]);
+    let (a, b) = (a.wait_with_output().await.unwrap(), b.wait_with_output().await.unwrap());
+    let codes = [a.status.code(), b.status.code()];
+    let all = format!("first:\n{}\nsecond:\n{}", text(&a), text(&b));
+    assert!(codes.iter().all(|c| *c == Some(0) || *c == Some(4)), "{codes:?}\n{all}");
+    if staggered {
+        assert_eq!(codes[1], Some(4), "the second instance is told it is busy:\n{all}");
+        let expected = if shared_state {
+            "another backstop process (pid"
+        } else {
+            "is owned by another backstop instance"
+        };
+        assert!(text(&b).contains(expected), "{all}");
+    }
+    assert_eq!(history_rows(&f, "0002-note").await, 1, "exactly one migration:\n{all}");
+    assert_nothing_reverted(&f);
+    // Whoever was busy catches up: nothing left to run.
+    for state in [f.state(), other_state] {
+        let out = f
+            .command(&state, &f.server.data_dir(), &f.server.archive(), &["--revert", "commit"], &[])
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    }
+    assert_eq!(f.gate(), c2);
+    assert_eq!(history_rows(&f, "0002-note").await, 1);
+    assert_eq!(
+        f.count("SELECT count(*) FROM backstop.run_owner").await,
+        0,
+        "no claim left behind"
+    );
+    assert_nothing_reverted(&f);
+}
+
+#[tokio::test]
+async fn a_second_process_on_the_same_state_is_refused_while_the_first_migrates() {
+    two_instances(true, true).await;
+}
+
+#[tokio::test]
+async fn a_second_instance_on_another_state_waits_while_the_first_owns_the_database() {
+    two_instances(false, true).await;
+}
+
+#[tokio::test]
+async fn two_processes_started_together_on_one_state_migrate_once() {
+    two_instances(true, false).await;
+}
+
+#[tokio::test]
+async fn two_instances_started_together_on_two_states_migrate_once() {
+    two_instances(false, false).await;
+}
+
+fn failing() -> CarrierBuilder {
+    carrier("0002-backfill")
+        .phase("migrate")
+        .sql(
+            "001.sql",
+            "ALTER TABLE orders ADD COLUMN total int;\nINSERT INTO orders (customer, qty) VALUES ('mallory', 1);",
+        )
+        .verify("SELECT count(*) = 0 FROM orders WHERE total IS NULL")
+}
+
+/// Reads the child's stderr until a line contains `marker`.
+async fn wait_for_line(child: &mut Child, marker: &str) -> String {
+    let stderr = child.stderr.take().expect("piped stderr");
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    let mut seen = String::new();
+    let found = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            seen.push_str(&line);
+            seen.push('\n');
+            if line.contains(marker) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(found, Ok(true), "never printed {marker:?}:\n{seen}");
+    seen
+}
+
+#[tokio::test]
+async fn killed_after_the_restored_server_was_promoted_keeps_its_writes() {
+    let (f, c1) = with_orders().await;
+    let schema = f.schema().await;
+    f.commit_carrier(&failing(), "backfill that fails verify");
+    let mut child = f.spawn_run(
+        &f.state(),
+        &["--revert", "commit"],
+        &[("BACKSTOP_TEST_PAUSE_AT", "restored-server-promoted")],
+    );
+    wait_for_line(&mut child, "test pause at restored-server-promoted").await;
+    let in_recovery: bool = f
+        .client()
+        .await
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!in_recovery, "the restored server is promoted");
+    // The application writes to the restored server, then backstop dies.
+    f.client()
+        .await
+        .batch_execute("INSERT INTO orders (customer, qty) VALUES ('after-restore', 9)")
+        .await
+        .unwrap();
+    kill9(child).await;
+
+    let out = f.run(&["--revert", "commit"]).await;
+    assert_eq!(out.status.code(), Some(1), "rolled back: {}", text(&out));
+    assert_eq!(
+        f.count("SELECT count(*) FROM orders WHERE customer = 'after-restore'")
+            .await,
+        1,
+        "the write to the promoted server survives the resumed restore"
+    );
+    assert_eq!(f.count("SELECT count(*) FROM orders").await, 4);
+    assert_eq!(f.schema().await, schema, "the migration is rolled back");
+    assert_eq!(f.kept_data_dirs(), 1, "one restore, not two");
+    assert_eq!(f.revert_commits("main"), 1, "one revert");
+    assert_eq!(f.gate(), c1);
+    let report = f.reports().pop().unwrap();
+    assert_eq!(report["outcome"], "RolledBack", "{report}");
+}
+
+/// Installs `hook` (post-receive or pre-receive) on the remote: for a pushed
+/// ref matching `refs`, it touches `<dir>/started`, sleeps 3 s, then touches
+/// `<dir>/done`; while `<dir>/refuse` exists it refuses instead.
+fn install_hook(f: &Fixture, hook: &str, refs: &str, dir: &Path) {
+    let path = f.remote.path().join("hooks").join(hook);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let d = dir.display();
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\nwhile read old new ref; do\n  case \"$ref\" in {refs})\n    if [ -e {d}/refuse ]; then echo 'remote is down for pushes' >&2; exit 1; fi\n    touch {d}/started; sleep 3; touch {d}/done;;\n  esac\ndone\nexit 0\n"
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+const TOKEN: &str = "t0ken";
+
+async fn wait_file(path: &Path) {
+    let p = path.to_path_buf();
+    wait_until(&format!("{}", p.display()), || {
+        let p = p.clone();
+        async move { p.exists() }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn killed_during_the_gate_push_that_the_remote_accepted_promotes_once_without_revert() {
+    let (f, _) = with_orders().await;
+    let c2 = f.commit_carrier(&slow_migration("0002-note", "ALTER TABLE orders ADD COLUMN note text;"), "note");
+    let hooks = f.dir.path().join("hook");
+    std::fs::create_dir_all(&hooks).unwrap();
+    install_hook(&f, "post-receive", &format!("refs/heads/{GATE}"), &hooks);
+    let server = common::http::git_server(f.dir.path().to_path_buf(), "x-access-token", TOKEN).await;
+    let url = format!("{}/sre.git", server.url());
+    let flags = ["--git-token-env", "GIT_TOKEN", "--revert", "commit"];
+    let env = [("GIT_TOKEN", TOKEN)];
+    let child = f
+        .url_command(&url, &flags, &env)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_file(&hooks.join("started")).await;
+    kill9(child).await;
+    wait_file(&hooks.join("done")).await;
+    assert_eq!(f.gate(), c2, "the remote took the push before backstop died");
+
+    let out = f.run_url(&url, &flags, &env).await;
+    assert!(text(&out).contains("resuming run"), "{}", text(&out));
+    assert_applied_once_and_promoted(&f, &out, &c2).await;
+}
+
+#[tokio::test]
+async fn killed_during_the_revert_branch_push_makes_one_revert() {
+    let (f, c1) = with_orders().await;
+    let c2 = f.commit_carrier(&failing(), "backfill that fails verify");
+    let hooks = f.dir.path().join("hook");
+    std::fs::create_dir_all(&hooks).unwrap();
+    install_hook(&f, "post-receive", "refs/heads/backstop/revert-*", &hooks);
+    let server = common::http::git_server(f.dir.path().to_path_buf(), "x-access-token", TOKEN).await;
+    let url = format!("{}/sre.git", server.url());
+    let flags = ["--git-token-env", "GIT_TOKEN", "--revert", "pull-request"];
+    let env = [("GIT_TOKEN", TOKEN)];
+    let child = f
+        .url_command(&url, &flags, &env)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_file(&hooks.join("started")).await;
+    kill9(child).await;
+    wait_file(&hooks.join("done")).await;
+
+    let out = f.run_url(&url, &flags, &env).await;
+    assert_eq!(out.status.code(), Some(1), "rolled back: {}", text(&out));
+    let branch = format!("backstop/revert-{}", &c2[..7]);
+    let log = git(f.remote.path(), &["log", "--format=%s%n%b", &format!("main..{branch}")]);
+    assert_eq!(log.matches("Backstop-Run:").count(), 1, "exactly one revert commit:\n{log}");
+    assert_eq!(f.gate(), c1);
+    let report = f.reports().pop().unwrap();
+    assert_eq!(report["outcome"], "RolledBack", "{report}");
+    let restores = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["name"] == "restore" && s["ok"] == true)
+        .count();
+    assert_eq!(restores, 1, "one restore: {report}");
+}
+
+#[tokio::test]
+async fn a_revert_the_remote_refused_is_owed_in_status_and_made_by_a_later_pass() {
+    let (f, c1) = with_orders().await;
+    let c2 = f.commit_carrier(&failing(), "backfill that fails verify");
+    let hooks = f.dir.path().join("hook");
+    std::fs::create_dir_all(&hooks).unwrap();
+    std::fs::write(hooks.join("refuse"), "").unwrap();
+    install_hook(&f, "pre-receive", "refs/heads/backstop/revert-*", &hooks);
+    let server = common::http::git_server(f.dir.path().to_path_buf(), "x-access-token", TOKEN).await;
+    let url = format!("{}/sre.git", server.url());
+    let flags = [
+        "--git-token-env",
+        "GIT_TOKEN",
+        "--revert",
+        "pull-request",
+        "--retry-backoff",
+        "0",
+    ];
+    let env = [("GIT_TOKEN", TOKEN)];
+    let out = f.run_url(&url, &flags, &env).await;
+    assert!(text(&out).contains("pre-receive hook declined"), "{}", text(&out));
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args(["status", "--json", "--state"])
+        .arg(f.state())
+        .output()
+        .unwrap();
+    let s: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let waiting = &s["gates"][0]["waiting"];
+    assert_eq!(waiting["kind"], "retrying", "the revert is owed: {s}");
+    assert!(waiting["step"].as_str().unwrap().starts_with("revert"), "{s}");
+    assert_eq!(f.gate(), c1);
+
+    // Later passes keep trying; once the remote takes pushes, the revert exists.
+    let again = f.run_url(&url, &flags, &env).await;
+    assert!(text(&again).contains("pre-receive hook declined"), "{}", text(&again));
+    std::fs::remove_file(hooks.join("refuse")).unwrap();
+    let out = f.run_url(&url, &flags, &env).await;
+    assert_eq!(out.status.code(), Some(1), "rolled back: {}", text(&out));
+    let branch = format!("backstop/revert-{}", &c2[..7]);
+    let log = git(f.remote.path(), &["log", "--format=%b", &format!("main..{branch}")]);
+    assert_eq!(log.matches("Backstop-Run:").count(), 1, "{log}");
+    let report = f.reports().pop().unwrap();
+    assert_eq!(report["outcome"], "RolledBack", "{report}");
+}
