@@ -59,6 +59,24 @@ pub enum Command {
         #[arg(long, env = "BACKSTOP_JSON")]
         json: bool,
     },
+    /// Take over a run whose remediation did not complete (exit 3, "a person
+    /// must act"). Until a person does, backstop holds the gate of its path:
+    /// the database is in a state nobody has checked. Run this after you have
+    /// looked at the database (see `backstop report RUN`) and put it right;
+    /// later passes then go on. Refuses runs that did not fail that way.
+    Ack {
+        /// Run id, id prefix or commit prefix.
+        run: String,
+        /// State directory holding the journal.
+        #[arg(long, env = "BACKSTOP_STATE", default_value = ".backstop")]
+        state: PathBuf,
+        /// Who takes it over (recorded in the run and its report).
+        #[arg(long, env = "BACKSTOP_ACK_BY", default_value_t = whoami())]
+        by: String,
+        /// What was done about it.
+        #[arg(long, env = "BACKSTOP_ACK_NOTE", default_value = "")]
+        note: String,
+    },
     /// Print the safety findings of SQL files or migration carriers (YAML):
     /// file:line:column, rule, why, and how to do it safely. Exit 0 when no
     /// finding is at error level, 1 otherwise, 2 when a file cannot be read or parsed.
@@ -400,6 +418,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Run(args) => run_local(*args).await,
         Command::Status { state, json } => status(&state, json).await,
         Command::Report { run, state, json } => print_report(&state, &run, json),
+        Command::Ack { run, state, by, note } => ack(&state, &run, by, note).await,
         Command::Lint {
             files,
             format,
@@ -875,5 +894,58 @@ fn print_report(state: &std::path::Path, id: &str, json: bool) -> anyhow::Result
     } else {
         print!("{}", report::markdown(&report));
     }
+    Ok(EXIT_OK)
+}
+
+fn whoami() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+async fn ack(state: &std::path::Path, id: &str, by: String, note: String) -> anyhow::Result<u8> {
+    let journal = Journal::new(state);
+    let Some(mut run) = journal.find(id).context("reading the journal")? else {
+        eprintln!(
+            "backstop: no run {id:?} in {} (or the prefix is ambiguous)",
+            state.display()
+        );
+        return Ok(EXIT_BAD_INPUT);
+    };
+    if run.phase != crate::run::Phase::Failed {
+        eprintln!(
+            "backstop: run {} is {}, not a failed remediation; nothing to take over",
+            run.id, run.phase
+        );
+        return Ok(EXIT_BAD_INPUT);
+    }
+    if let Some(a) = &run.acknowledged {
+        println!(
+            "run {} was already taken over by {} at {}",
+            run.id,
+            a.by,
+            a.at.to_rfc3339()
+        );
+        return Ok(EXIT_OK);
+    }
+    let _lock = match crate::owner::StateLock::acquire(state) {
+        Ok(lock) => lock,
+        Err(e) => {
+            eprintln!("backstop: {}", crate::run::chain(&e));
+            return Ok(EXIT_BUSY);
+        }
+    };
+    run.acknowledged = Some(crate::run::Acknowledged {
+        by,
+        at: chrono::Utc::now(),
+        note,
+    });
+    journal.save(&run).await.context("writing the journal")?;
+    let report = Report::from_run(&run);
+    journal
+        .write_report(&run, &report)
+        .await
+        .context("rewriting the report")?;
+    println!("run {} taken over; later passes move the gate again", run.id);
     Ok(EXIT_OK)
 }

@@ -396,7 +396,11 @@ pub async fn import(db: &Database, file: &Path, bindir: &Path, opts: ImportOptio
             .batch_execute(IMPORT_DDL)
             .await
             .map_err(q(db, "updating the import record table"))?;
-        let at: Option<(Option<chrono::DateTime<chrono::Utc>>, Option<chrono::DateTime<chrono::Utc>>)> = client
+        type Times = (
+            Option<chrono::DateTime<chrono::Utc>>,
+            Option<chrono::DateTime<chrono::Utc>>,
+        );
+        let at: Option<Times> = client
             .query_opt("SELECT imported_at, started_at FROM backstop.datastore_import", &[])
             .await
             .map_err(q(db, "reading the earlier import"))?
@@ -430,7 +434,8 @@ pub async fn import(db: &Database, file: &Path, bindir: &Path, opts: ImportOptio
         )));
     }
     // Intent first: a killed import still tells rollback what the target held.
-    let before_json = serde_json::to_string(&before).map_err(|e| DatastoreError::Refused(format!("encoding the inventory: {e}")))?;
+    let before_json =
+        serde_json::to_string(&before).map_err(|e| DatastoreError::Refused(format!("encoding the inventory: {e}")))?;
     client
         .batch_execute(IMPORT_DDL)
         .await

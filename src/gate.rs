@@ -364,7 +364,10 @@ pub enum Wait {
     GateRevert { run: String, revert: String },
     /// Another backstop instance owns the database mid-run; this one does not
     /// plan, run, restore or revert there, and the gate does not move past it.
-    Busy { database: String, owner: crate::owner::Owner },
+    Busy {
+        database: String,
+        owner: crate::owner::Owner,
+    },
 }
 
 impl Wait {
@@ -396,8 +399,9 @@ impl std::fmt::Display for Wait {
                 write!(f, "migration(s) {} failed in run {run}: {detail}; ", migrations.join(", "))?;
                 match (revert, needs_person) {
                     (Some(r), false) => write!(f, "the gate waits for {r} to be merged, or for a commit that changes the carrier"),
-                    (Some(r), true) => write!(f, "{r} was made but remediation did not complete: a person must act (see `backstop report {run}`)"),
-                    (None, _) => write!(f, "no revert could be made: a person must act (see `backstop report {run}`)"),
+                    (Some(r), true) => write!(f, "{r} was made but remediation did not complete: a person must act (see `backstop report {run}`); the gate holds until `backstop ack {run}`"),
+                    (None, true) => write!(f, "no revert could be made: a person must act (see `backstop report {run}`); the gate holds until `backstop ack {run}`"),
+                    (None, false) => write!(f, "no revert was needed or made; the gate waits for a commit that changes the carrier"),
                 }
             }
             Wait::Retrying {

@@ -90,9 +90,12 @@ const BOT_EMAIL: &str = "backstop@localhost";
 
 impl GitRepo {
     /// Opens the mirror at `mirror`, creating it (bare, remote `origin` = `url`) if needed.
+    /// Credentials in an http(s) `url` never reach the disk: the remote is
+    /// stored without them (an older mirror's config is rewritten) and they
+    /// answer the remote's credential requests unless [`with_auth`](Self::with_auth) gives others.
     pub async fn open(mirror: &Path, url: &str) -> Result<Self> {
         let mirror = mirror.to_path_buf();
-        let url = url.to_string();
+        let (url, from_url) = split_credentials(url);
         let (m, u) = (mirror.clone(), url.clone());
         tokio::task::spawn_blocking(move || -> Result<()> {
             let open_err = |source| GitError::Open {
@@ -103,9 +106,19 @@ impl GitRepo {
                 Ok(r) => r,
                 Err(_) => Repository::init_bare(&m).map_err(open_err)?,
             };
+            let secret = |u: Option<&str>| u.is_some_and(|u| redact(u) != u);
             match repo.find_remote("origin") {
-                Ok(r) if r.url().ok() == Some(u.as_str()) => {}
-                Ok(_) => repo.remote_set_url("origin", &u).map_err(open_err)?,
+                Ok(r) if r.url().ok() == Some(u.as_str()) && !secret(r.pushurl().ok().flatten()) => {}
+                Ok(r) => {
+                    repo.remote_set_url("origin", &u).map_err(open_err)?;
+                    if secret(r.pushurl().ok().flatten()) {
+                        repo.remote_set_pushurl("origin", None).map_err(open_err)?;
+                    }
+                    // FETCH_HEAD names the URL it fetched from (with a token, if it had one).
+                    if secret(r.url().ok()) {
+                        let _ = std::fs::remove_file(m.join("FETCH_HEAD"));
+                    }
+                }
                 Err(_) => {
                     repo.remote("origin", &u).map_err(open_err)?;
                 }
@@ -116,14 +129,19 @@ impl GitRepo {
         Ok(Self {
             mirror,
             url: redact(&url),
-            auth: GitAuth::None,
+            auth: from_url
+                .map(|(username, token)| GitAuth::Token { username, token })
+                .unwrap_or_default(),
             protected: None,
         })
     }
 
-    /// Uses `auth` for fetch and push.
+    /// Uses `auth` for fetch and push; [`GitAuth::None`] keeps the credentials
+    /// the URL carried, if any.
     pub fn with_auth(mut self, auth: GitAuth) -> Self {
-        self.auth = auth;
+        if !matches!(auth, GitAuth::None) {
+            self.auth = auth;
+        }
         self
     }
 
@@ -621,15 +639,63 @@ fn known_host(known_hosts: &Path, host: &str, key: &[u8]) -> bool {
     })
 }
 
+/// Scheme, user information and the rest of a URL that has user information
+/// (up to the last `@` before the path: passwords with a raw `@` happen).
+fn userinfo(url: &str) -> Option<(&str, &str, &str)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let at = authority.rfind('@')?;
+    Some((scheme, &rest[..at], &rest[at + 1..]))
+}
+
 /// A URL without user information (`https://user:token@host` → `https://host`).
 pub fn redact(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.split_once('@') {
-            Some((userinfo, host)) if !userinfo.contains('/') => format!("{scheme}://{host}"),
-            _ => url.to_string(),
-        },
+    match userinfo(url) {
+        Some((scheme, _, rest)) => format!("{scheme}://{rest}"),
         None => url.to_string(),
     }
+}
+
+/// An http(s) URL without its user information, and the user name and
+/// password it carried (percent-decoded). Other schemes lose only a password:
+/// SSH takes the user name from the URL.
+pub fn split_credentials(url: &str) -> (String, Option<(String, String)>) {
+    let Some((scheme, info, rest)) = userinfo(url) else {
+        return (url.to_string(), None);
+    };
+    let (user, password) = info.split_once(':').unwrap_or((info, ""));
+    if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") {
+        let credentials = (!info.is_empty()).then(|| (percent_decode(user), percent_decode(password)));
+        (format!("{scheme}://{rest}"), credentials)
+    } else if info.contains(':') {
+        (format!("{scheme}://{user}@{rest}"), None)
+    } else {
+        (url.to_string(), None)
+    }
+}
+
+/// `%XX` escapes of URL user information decoded (invalid ones kept as written).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+            Some(b) if bytes[i] == b'%' => {
+                out.push(b);
+                i += 3;
+            }
+            _ => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Writes `content` as a blob and puts it at `path` in `index`.
@@ -715,6 +781,32 @@ mod tests {
                 ("Signed-off-by".into(), "a <b>".into())
             ]
         );
+    }
+
+    #[test]
+    fn credentials_are_split_off_http_urls_only() {
+        let split = |u: &str| split_credentials(u);
+        let creds = |u: &str, p: &str| Some((u.to_string(), p.to_string()));
+        assert_eq!(
+            split("https://user:s3cr%40t@git.example/a/b.git"),
+            ("https://git.example/a/b.git".into(), creds("user", "s3cr@t"))
+        );
+        assert_eq!(
+            split("http://tok@h:8080/x"),
+            ("http://h:8080/x".into(), creds("tok", ""))
+        );
+        assert_eq!(
+            split("https://u:p@ss@h/x@y"),
+            ("https://h/x@y".into(), creds("u", "p@ss"))
+        );
+        assert_eq!(split("https://h/x@y"), ("https://h/x@y".into(), None));
+        assert_eq!(split("ssh://git:pw@h/x"), ("ssh://git@h/x".into(), None));
+        assert_eq!(split("ssh://git@h/x"), ("ssh://git@h/x".into(), None));
+        assert_eq!(split("git@h:x.git"), ("git@h:x.git".into(), None));
+        assert_eq!(split("/srv/sre.git"), ("/srv/sre.git".into(), None));
+        assert_eq!(redact("https://u:p@ss@h/x"), "https://h/x");
+        assert_eq!(percent_decode("a%2"), "a%2");
+        assert_eq!(percent_decode("%+1%41"), "%+1A");
     }
 
     #[test]

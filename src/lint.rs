@@ -472,6 +472,8 @@ pub fn errors(findings: &[Finding]) -> usize {
 pub enum LintInputError {
     #[error("failed to read {path}")]
     Read { path: String, source: std::io::Error },
+    #[error("{path} is {what}, not a regular file; refusing to read it")]
+    NotRegular { path: String, what: &'static str },
     #[error(transparent)]
     Sql(#[from] crate::sql::SqlError),
     #[error("invalid migration input:\n  {}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n  "))]
@@ -488,25 +490,23 @@ pub struct FileFindings {
 
 /// Lints files: `.sql` files as one migration each, YAML files as migration
 /// carriers (SQL files they name are read relative to the carrier's folder).
+/// Only regular files are read (symlinks to them too): a FIFO or a device is
+/// refused by name rather than waited on.
 pub fn lint_files(paths: &[String], opts: LintOptions) -> Result<Vec<FileFindings>, LintInputError> {
     let mut out = Vec::new();
     for path in paths {
-        let read = |p: &str| {
-            std::fs::read(p).map_err(|source| LintInputError::Read {
-                path: p.to_string(),
-                source,
-            })
-        };
         if crate::manifests::is_yaml(path) {
-            let bytes = read(path)?;
+            // One byte over the limit is enough for the parser to refuse the file.
+            let bytes = read_regular(path, Some(crate::manifests::MAX_FILE_BYTES))?;
             let mut snapshot = crate::manifests::Snapshot::new();
             let folder = std::path::Path::new(path)
                 .parent()
                 .map(|p| p.to_path_buf())
                 .unwrap_or_default();
-            collect_files(&folder, &mut snapshot);
+            let skipped = collect_files(&folder, &mut snapshot);
             snapshot.insert(path.clone(), bytes.clone());
-            let carriers = crate::manifests::parse_file(&snapshot, path, &bytes).map_err(LintInputError::Manifests)?;
+            let carriers = crate::manifests::parse_file(&snapshot, path, &bytes)
+                .map_err(|errors| LintInputError::Manifests(explain_skipped(errors, &skipped)))?;
             for c in carriers {
                 out.push(FileFindings {
                     file: format!("{path} ({})", c.id),
@@ -515,9 +515,9 @@ pub fn lint_files(paths: &[String], opts: LintOptions) -> Result<Vec<FileFinding
                 });
             }
         } else {
-            let bytes = read(path)?;
+            let bytes = read_regular(path, None)?;
             let text = String::from_utf8_lossy(&bytes);
-            let statements = crate::sql::split(path, &text, 1)?;
+            let statements = crate::sql::split(path, crate::manifests::strip_bom(&text), 1)?;
             out.push(FileFindings {
                 file: path.clone(),
                 statements: statements.len(),
@@ -528,8 +528,69 @@ pub fn lint_files(paths: &[String], opts: LintOptions) -> Result<Vec<FileFinding
     Ok(out)
 }
 
-/// Reads the regular files below `dir` (at most 4 MiB each, 2,000 files) into `snapshot`.
-fn collect_files(dir: &std::path::Path, snapshot: &mut crate::manifests::Snapshot) {
+/// What a file that is not a regular file is, for errors.
+fn special_kind(t: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else {
+        "a special file"
+    }
+}
+
+/// Reads `path` if it is a regular file (following symlinks), at most
+/// `limit` + 1 bytes when a limit is given.
+fn read_regular(path: &str, limit: Option<usize>) -> Result<Vec<u8>, LintInputError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let read_err = |source| LintInputError::Read {
+        path: path.to_string(),
+        source,
+    };
+    let refuse = |meta: std::fs::Metadata| LintInputError::NotRegular {
+        path: path.to_string(),
+        what: special_kind(meta.file_type()),
+    };
+    let meta = std::fs::metadata(path).map_err(read_err)?;
+    if !meta.is_file() {
+        return Err(refuse(meta));
+    }
+    // Non-blocking: should a FIFO take the file's place after the check,
+    // opening it does not wait for a writer; the open file is checked again.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path)
+        .map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    if !meta.is_file() {
+        return Err(refuse(meta));
+    }
+    let mut bytes = Vec::new();
+    match limit {
+        Some(limit) => file.take(limit as u64 + 1).read_to_end(&mut bytes),
+        None => (&file).read_to_end(&mut bytes),
+    }
+    .map_err(read_err)?;
+    Ok(bytes)
+}
+
+/// Reads the regular files below `dir` (at most 4 MiB each, 2,000 files;
+/// symlinks to files are followed, to folders not) into `snapshot`. Returns
+/// the files left out and why, for errors naming them.
+fn collect_files(
+    dir: &std::path::Path,
+    snapshot: &mut crate::manifests::Snapshot,
+) -> std::collections::BTreeMap<String, String> {
+    let mut skipped = std::collections::BTreeMap::new();
     let mut stack = vec![if dir.as_os_str().is_empty() {
         std::path::PathBuf::from(".")
     } else {
@@ -539,17 +600,52 @@ fn collect_files(dir: &std::path::Path, snapshot: &mut crate::manifests::Snapsho
         let Ok(entries) = std::fs::read_dir(&d) else { continue };
         for e in entries.flatten() {
             let p = e.path();
-            let Ok(meta) = e.metadata() else { continue };
-            if meta.is_dir() {
+            let Ok(kind) = e.file_type() else { continue };
+            if kind.is_dir() {
                 stack.push(p);
-            } else if meta.is_file() && meta.len() <= 4 << 20 && snapshot.len() < 2000 {
-                if let Ok(bytes) = std::fs::read(&p) {
-                    let key = p.to_string_lossy().trim_start_matches("./").to_string();
+                continue;
+            }
+            if snapshot.len() >= 2000 {
+                continue;
+            }
+            let key = p.to_string_lossy().trim_start_matches("./").to_string();
+            match read_regular(&key, Some(crate::manifests::MAX_FILE_BYTES)) {
+                Ok(bytes) if bytes.len() > crate::manifests::MAX_FILE_BYTES => {
+                    skipped.insert(
+                        key,
+                        "larger than 4 MiB, the limit for files lint reads beside a carrier".into(),
+                    );
+                }
+                Ok(bytes) => {
                     snapshot.insert(key, bytes);
                 }
+                Err(LintInputError::NotRegular { what, .. }) if what != "a directory" => {
+                    skipped.insert(key, format!("{what}, not a regular file"));
+                }
+                Err(_) => {}
             }
         }
     }
+    skipped
+}
+
+/// Says why a file a carrier names is missing when lint left it out.
+fn explain_skipped(
+    mut errors: Vec<crate::manifests::ManifestError>,
+    skipped: &std::collections::BTreeMap<String, String>,
+) -> Vec<crate::manifests::ManifestError> {
+    for e in &mut errors {
+        for (path, what) in skipped {
+            let missing = format!("but {path} is not in the repository");
+            if e.message.ends_with(&missing) {
+                let len = e.message.len() - missing.len();
+                e.message.truncate(len);
+                e.message
+                    .push_str(&format!("but {path} is {what}; refusing to read it"));
+            }
+        }
+    }
+    errors
 }
 
 /// Findings for people, grouped by file, with the fix.
@@ -584,4 +680,71 @@ pub fn render_text(files: &[FileFindings]) -> String {
     }
     let _ = writeln!(s, "{errors} error(s), {warnings} warning(s)");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lint_paths(paths: &[&std::path::Path]) -> Result<Vec<FileFindings>, LintInputError> {
+        let paths: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        lint_files(&paths, LintOptions::default())
+    }
+
+    #[test]
+    fn special_files_are_refused_by_name_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("m.sql");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let e = lint_paths(&[&fifo]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{} is a FIFO (named pipe), not a regular file; refusing to read it",
+                fifo.display()
+            )
+        );
+        let link = dir.path().join("link.yaml");
+        std::os::unix::fs::symlink(&fifo, &link).unwrap();
+        assert!(lint_paths(&[&link]).unwrap_err().to_string().contains("is a FIFO"));
+        let e = lint_paths(&[std::path::Path::new("/dev/null")]).unwrap_err();
+        assert!(e.to_string().contains("/dev/null is a character device"), "{e}");
+        assert!(lint_paths(&[dir.path()])
+            .unwrap_err()
+            .to_string()
+            .contains("is a directory"));
+    }
+
+    #[test]
+    fn a_fifo_named_by_a_carrier_is_explained() {
+        let dir = tempfile::tempdir().unwrap();
+        nix::unistd::mkfifo(&dir.path().join("a.sql"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let carrier = dir.path().join("m.yaml");
+        std::fs::write(
+            &carrier,
+            "kind: Job\nmetadata:\n  name: j\n  annotations:\n    backstop.dev/migration: m\n    backstop.dev/database: url:DB\n    backstop.dev/sql: a.sql\n",
+        )
+        .unwrap();
+        let e = lint_paths(&[&carrier]).unwrap_err().to_string();
+        assert!(e.contains("m.yaml:7: backstop.dev/sql: names \"a.sql\", but "), "{e}");
+        assert!(
+            e.ends_with("a.sql is a FIFO (named pipe), not a regular file; refusing to read it"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn byte_order_marks_and_symlinks_to_files_are_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let sql = dir.path().join("m.sql");
+        std::fs::write(&sql, "\u{feff}DROP TABLE orders;\n").unwrap();
+        let link = dir.path().join("link.sql");
+        std::os::unix::fs::symlink(&sql, &link).unwrap();
+        let found = lint_paths(&[&sql, &link]).unwrap();
+        for f in &found {
+            assert_eq!(f.statements, 1);
+            assert_eq!(f.findings[0].rule, "BS101");
+            assert_eq!((f.findings[0].line, f.findings[0].column), (1, 1));
+        }
+    }
 }

@@ -235,10 +235,7 @@ pub async fn claim(db: &Database, me: &Owner) -> Result<Claim, OwnerError> {
 pub async fn current(db: &Database) -> Result<Option<Owner>, OwnerError> {
     let client = db.connect().await?;
     let rows = client
-        .query(
-            "SELECT state_id, run_id, host, pid, since FROM backstop.run_owner",
-            &[],
-        )
+        .query("SELECT state_id, run_id, host, pid, since FROM backstop.run_owner", &[])
         .await;
     match rows {
         Ok(rows) => Ok(rows.first().map(|r| Owner {

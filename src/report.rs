@@ -52,6 +52,8 @@ pub struct Report {
     pub restore: Option<RestoreRecord>,
     pub revert: Option<RevertRecord>,
     pub remediation_errors: Vec<String>,
+    /// A person took the failed run over (`backstop ack`).
+    pub acknowledged: Option<crate::run::Acknowledged>,
     /// From the state the database went back to, until the restore started.
     pub data_loss_window: Option<DataLossWindow>,
     pub rollback_conditions: Vec<String>,
@@ -151,6 +153,7 @@ impl Report {
             restore: run.restore.clone(),
             revert: run.revert.clone(),
             remediation_errors: run.remediation_errors.clone(),
+            acknowledged: run.acknowledged.clone(),
             data_loss_window,
             rollback_conditions,
         }
@@ -334,6 +337,9 @@ pub fn markdown(r: &Report) -> String {
         }
         for e in &r.remediation_errors {
             let _ = writeln!(s, "- **needs a person**: {e}");
+        }
+        if let Some(a) = &r.acknowledged {
+            let _ = writeln!(s, "- taken over by {} at {}: {}", a.by, a.at.to_rfc3339(), a.note);
         }
     }
     let _ = writeln!(s, "\n## Rollback conditions in force\n");

@@ -148,7 +148,10 @@ pub async fn end_sessions(db: &Database, run_id: &str) -> Result<usize, RunnerEr
                 &[&name],
             )
             .await
-            .map_err(query_err(db, "waiting for the sessions of an interrupted attempt to end"))?
+            .map_err(query_err(
+                db,
+                "waiting for the sessions of an interrupted attempt to end",
+            ))?
             .get(0);
         if left == 0 {
             return Ok(ended as usize);
@@ -318,7 +321,10 @@ impl Runner for SqlRunner {
         // Named for the run, so that a restarted backstop can end what a
         // killed one left running before it decides what committed.
         client
-            .query_one("SELECT set_config('application_name', $1, false)", &[&session_name(who.run_id)])
+            .query_one(
+                "SELECT set_config('application_name', $1, false)",
+                &[&session_name(who.run_id)],
+            )
             .await
             .map_err(query_err(db, "naming the session"))?;
         client

@@ -115,7 +115,10 @@ async fn killed_during_commit_and_rerun_at_once_applies_the_migration_once_witho
     let (f, _) = with_orders().await;
     let c2 = f.commit_carrier(&slow_commit(), "note column, slow commit");
     let child = f.spawn_run(&f.state(), &["--revert", "commit"], &[]);
-    wait_until("the migration's COMMIT", || async { run_sessions(&f, "COMMIT").await == 1 }).await;
+    wait_until("the migration's COMMIT", || async {
+        run_sessions(&f, "COMMIT").await == 1
+    })
+    .await;
     kill9(child).await;
     // Rerun while the killed process's COMMIT is still running on the server.
     let out = f.run(&["--revert", "commit"]).await;
@@ -128,7 +131,10 @@ async fn killed_during_commit_that_then_lands_is_found_applied_not_reverted() {
     let (f, _) = with_orders().await;
     let c2 = f.commit_carrier(&slow_commit(), "note column, slow commit");
     let child = f.spawn_run(&f.state(), &["--revert", "commit"], &[]);
-    wait_until("the migration's COMMIT", || async { run_sessions(&f, "COMMIT").await == 1 }).await;
+    wait_until("the migration's COMMIT", || async {
+        run_sessions(&f, "COMMIT").await == 1
+    })
+    .await;
     kill9(child).await;
     // The server finishes the COMMIT of the dead client.
     wait_until("the orphaned COMMIT to land", || async {
@@ -152,7 +158,10 @@ async fn killed_mid_migration_of_a_good_migration_reruns_it_instead_of_reverting
     let (f, _) = with_orders().await;
     let c2 = f.commit_carrier(&slow_statement(), "note column after a slow statement");
     let child = f.spawn_run(&f.state(), &["--revert", "commit"], &[]);
-    wait_until("the slow statement", || async { run_sessions(&f, "%pg_sleep%").await == 1 }).await;
+    wait_until("the slow statement", || async {
+        run_sessions(&f, "%pg_sleep%").await == 1
+    })
+    .await;
     kill9(child).await;
     let out = f.run(&["--revert", "commit"]).await;
     assert_applied_once_and_promoted(&f, &out, &c2).await;
@@ -190,7 +199,13 @@ async fn two_instances(shared_state: bool, staggered: bool) {
     // Whoever was busy catches up: nothing left to run.
     for state in [f.state(), other_state] {
         let out = f
-            .command(&state, &f.server.data_dir(), &f.server.archive(), &["--revert", "commit"], &[])
+            .command(
+                &state,
+                &f.server.data_dir(),
+                &f.server.archive(),
+                &["--revert", "commit"],
+                &[],
+            )
             .output()
             .await
             .unwrap();
@@ -332,7 +347,10 @@ async fn wait_file(path: &Path) {
 #[tokio::test]
 async fn killed_during_the_gate_push_that_the_remote_accepted_promotes_once_without_revert() {
     let (f, _) = with_orders().await;
-    let c2 = f.commit_carrier(&slow_migration("0002-note", "ALTER TABLE orders ADD COLUMN note text;"), "note");
+    let c2 = f.commit_carrier(
+        &slow_migration("0002-note", "ALTER TABLE orders ADD COLUMN note text;"),
+        "note",
+    );
     let hooks = f.dir.path().join("hook");
     std::fs::create_dir_all(&hooks).unwrap();
     install_hook(&f, "post-receive", &format!("refs/heads/{GATE}"), &hooks);
@@ -381,7 +399,11 @@ async fn killed_during_the_revert_branch_push_makes_one_revert() {
     assert_eq!(out.status.code(), Some(1), "rolled back: {}", text(&out));
     let branch = format!("backstop/revert-{}", &c2[..7]);
     let log = git(f.remote.path(), &["log", "--format=%s%n%b", &format!("main..{branch}")]);
-    assert_eq!(log.matches("Backstop-Run:").count(), 1, "exactly one revert commit:\n{log}");
+    assert_eq!(
+        log.matches("Backstop-Run:").count(),
+        1,
+        "exactly one revert commit:\n{log}"
+    );
     assert_eq!(f.gate(), c1);
     let report = f.reports().pop().unwrap();
     assert_eq!(report["outcome"], "RolledBack", "{report}");
@@ -437,4 +459,77 @@ async fn a_revert_the_remote_refused_is_owed_in_status_and_made_by_a_later_pass(
     assert_eq!(log.matches("Backstop-Run:").count(), 1, "{log}");
     let report = f.reports().pop().unwrap();
     assert_eq!(report["outcome"], "RolledBack", "{report}");
+}
+
+#[tokio::test]
+async fn a_failed_restore_puts_the_original_data_directory_back_and_stops_the_gate() {
+    let (f, c1) = with_orders().await;
+    f.commit_carrier(&failing(), "backfill that fails verify");
+    let crashed = f
+        .run_env(&["--revert", "commit"], &[("BACKSTOP_TEST_CRASH_AT", "Verifying")])
+        .await;
+    assert_eq!(crashed.status.code(), Some(86), "{}", text(&crashed));
+    // The checkpoint is damaged before the restore needs it.
+    let checkpoints = f.state().join("checkpoints");
+    let run = std::fs::read_dir(&checkpoints)
+        .unwrap()
+        .flatten()
+        .last()
+        .unwrap()
+        .path();
+    let tar = run.join("base").join("base.tar");
+    let len = std::fs::metadata(&tar).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&tar)
+        .unwrap()
+        .set_len(len / 3)
+        .unwrap();
+
+    let out = f.run(&["--revert", "commit"]).await;
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(3), "a person must act: {all}");
+    assert!(all.contains("the original data directory is back at"), "{all}");
+    // The original (migrated) server runs again on its own directory.
+    assert_eq!(
+        f.count("SELECT count(*) FROM information_schema.columns WHERE column_name = 'total'")
+            .await,
+        1
+    );
+    assert_eq!(f.count("SELECT count(*) FROM orders").await, 4);
+    let failed: Vec<String> = std::fs::read_dir(f.server.data_dir().parent().unwrap())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with("-failed"))
+        .collect();
+    assert_eq!(failed.len(), 1, "the failed restore is kept aside: {failed:?}");
+    assert_eq!(f.gate(), c1, "the gate does not move");
+    let again = f.run(&["--revert", "commit"]).await;
+    assert_eq!(again.status.code(), Some(3), "still a person's: {}", text(&again));
+    assert!(
+        text(&again).contains("the gate holds until `backstop ack"),
+        "{}",
+        text(&again)
+    );
+    assert_eq!(f.gate(), c1);
+    // A person takes it over; then the gate goes on (to the revert, whose tree is c1's).
+    let report = f.reports().pop().unwrap();
+    let ack = std::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args([
+            "ack",
+            report["run"].as_str().unwrap(),
+            "--by",
+            "sre-on-call",
+            "--note",
+            "checked",
+            "--state",
+        ])
+        .arg(f.state())
+        .output()
+        .unwrap();
+    assert_eq!(ack.status.code(), Some(0), "{}", text(&ack));
+    let after = f.run(&["--revert", "commit"]).await;
+    assert_eq!(after.status.code(), Some(0), "{}", text(&after));
+    assert!(f.reports().pop().unwrap()["acknowledged"]["by"] == "sre-on-call");
 }

@@ -23,7 +23,8 @@ use std::sync::Arc;
 use chrono::Utc;
 
 pub use record::{
-    chain, Failure, FailureKind, Outcome, Phase, Retry, RevertRecord, RunRecord, RunStore, Step, StepDetail, StoreError,
+    chain, Acknowledged, Failure, FailureKind, Outcome, Phase, Retry, RevertRecord, RunRecord, RunStore, Step,
+    StepDetail, StoreError,
 };
 
 use crate::checkpoint::{Checkpoint, CheckpointError};
@@ -94,6 +95,8 @@ enum Claimed {
     Theirs(Wait),
     /// The database could not be asked (a transient fault).
     Unknown(String),
+    /// The reference does not resolve (bad input the plan refuses).
+    Unresolved,
 }
 
 /// How a drive of a run stopped.
@@ -171,6 +174,19 @@ impl Engine {
                 return Ok(());
             }
         }
+        // A run whose remediation did not complete holds the gate until a
+        // person takes it over (`backstop ack`): the database is in a state
+        // nobody checked.
+        let runs = self.store.list().await?;
+        if let Some(run) = runs
+            .iter()
+            .rev()
+            .find(|r| r.phase == Phase::Failed && r.acknowledged.is_none())
+        {
+            report.gate = self.git.require_branch(&self.settings.gate).await?;
+            report.waiting = wait_for_run(run);
+            return Ok(());
+        }
         // Re-read: a resumed run may have pushed.
         self.git.fetch().await?;
         self.schedule(report).await
@@ -231,7 +247,7 @@ impl Engine {
             // Own the database before reading its history: no other instance
             // changes it between this plan and the end of the run.
             match self.claim(&candidate.carriers[0], None).await {
-                Claimed::Ours => {}
+                Claimed::Ours | Claimed::Unresolved => {}
                 Claimed::Theirs(wait) => {
                     report.waiting = Some(wait);
                     report.gate = self.advance(&gate, &trees, &exempt).await?;
@@ -352,7 +368,8 @@ impl Engine {
             .await
         {
             Ok(db) => db,
-            Err(e) => return Claimed::Unknown(chain(&e)),
+            // The plan refuses it with the reason; nothing can run there.
+            Err(_) => return Claimed::Unresolved,
         };
         let me = crate::owner::Owner::me(&self.settings.owner, run);
         match self.runner.claim(&db, &me).await {
@@ -430,6 +447,7 @@ impl Engine {
             hold_released: false,
             remediation_errors: Vec::new(),
             report_written: false,
+            acknowledged: None,
         }
     }
 

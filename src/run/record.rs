@@ -189,6 +189,18 @@ pub struct RunRecord {
     /// Remediation steps that failed (a person must act).
     pub remediation_errors: Vec<String>,
     pub report_written: bool,
+    /// A person took over a run whose remediation did not complete
+    /// (`backstop ack`); until then the gate does not move.
+    #[serde(default)]
+    pub acknowledged: Option<Acknowledged>,
+}
+
+/// Who took over a failed run, and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Acknowledged {
+    pub by: String,
+    pub at: DateTime<Utc>,
+    pub note: String,
 }
 
 /// How a run ended.

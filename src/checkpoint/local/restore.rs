@@ -117,6 +117,33 @@ impl LocalBackend {
             owner
         };
 
+        // Until the restored server is promoted it has taken no write: any
+        // failure up to then puts the original back.
+        if let Err(e) = self.recover(db, checkpoint, run_id, owner, &kept, &target_line).await {
+            let put_back = self.put_back(&kept, run_id, owner).await;
+            let _ = std::fs::remove_file(&marker);
+            return Err(CheckpointError::RestoreFailed {
+                source: Box::new(e),
+                put_back,
+            });
+        }
+        pause_point("restored-server-promoted").await;
+        self.clear_recovery_settings(db).await?;
+        Ok(record(started_at))
+    }
+
+    /// Builds the new data directory from the base backup and recovers it to
+    /// the target, up to the end of recovery.
+    async fn recover(
+        &self,
+        db: &Database,
+        checkpoint: &CheckpointRecord,
+        run_id: &str,
+        owner: (u32, u32),
+        kept: &Path,
+        target_line: &str,
+    ) -> Result<(), CheckpointError> {
+        let marker = self.started_marker(run_id);
         let base = PathBuf::from(&checkpoint.location);
         std::fs::create_dir(&self.pgdata).map_err(Self::io("create data directory", &self.pgdata))?;
         set_mode_0700(&self.pgdata).map_err(Self::io("set data directory mode", &self.pgdata))?;
@@ -147,22 +174,8 @@ impl LocalBackend {
 
         // From here on the restored server may take writes: say so durably first.
         write_synced(&marker).map_err(Self::io("record that the restored server starts", &marker))?;
-        let recovered = match self.start(owner, "starting the restored server").await {
-            Ok(()) => self.await_promotion(db).await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = recovered {
-            // Never promoted, so it took no write: the original goes back.
-            let put_back = self.put_back(&kept, run_id, owner).await;
-            let _ = std::fs::remove_file(&marker);
-            return Err(CheckpointError::RestoreFailed {
-                source: Box::new(e),
-                put_back,
-            });
-        }
-        pause_point("restored-server-promoted").await;
-        self.clear_recovery_settings(db).await?;
-        Ok(record(started_at))
+        self.start(owner, "starting the restored server").await?;
+        self.await_promotion(db).await
     }
 
     async fn start(&self, owner: (u32, u32), step: &str) -> Result<(), CheckpointError> {
@@ -245,7 +258,9 @@ impl LocalBackend {
                 .pg_ctl(&["stop", "-D", &pgdata, "-m", "immediate", "-w"], owner, "stop")
                 .await;
         }
-        if let Err(e) = std::fs::rename(&self.pgdata, &failed) {
+        if !self.pgdata.exists() {
+            // Nothing was built: only the original to move back.
+        } else if let Err(e) = std::fs::rename(&self.pgdata, &failed) {
             return format!(
                 "the original data directory is still at {} (moving the failed restore aside failed: {e})",
                 kept.display()
@@ -368,7 +383,11 @@ mod tests {
     #[test]
     fn a_truncated_archived_segment_is_replaced_by_the_complete_old_copy() {
         let dir = tempfile::tempdir().unwrap();
-        let (old, new, archive) = (dir.path().join("old"), dir.path().join("new"), dir.path().join("archive"));
+        let (old, new, archive) = (
+            dir.path().join("old"),
+            dir.path().join("new"),
+            dir.path().join("archive"),
+        );
         for d in [&old, &new, &archive] {
             std::fs::create_dir(d).unwrap();
         }

@@ -94,6 +94,7 @@ impl Build {
                 gate_revert: None,
                 remediation_errors: Vec::new(),
                 report_written: false,
+                acknowledged: None,
             },
         }
     }

@@ -12,6 +12,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::sql::{self, Statement};
 
+mod limits;
+
+pub use limits::{check_id, strip_bom, MAX_DEPTH, MAX_FILE_BYTES, MAX_ID_LEN, MAX_TIMEOUT};
+
 /// Annotation prefix of the contract.
 pub const PREFIX: &str = "backstop.dev/";
 
@@ -218,8 +222,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             .ok_or_else(bad)?;
         number.clear();
     }
-    if !number.is_empty() || total == 0 {
+    if !number.is_empty() {
         return Err(bad());
+    }
+    if total == 0 {
+        return Err(format!("duration {text:?} must be greater than 0"));
     }
     Ok(Duration::from_secs(total))
 }
@@ -280,6 +287,7 @@ pub fn parse_carriers<'a>(
 
 /// Parses the carriers of one YAML file.
 pub fn parse_file(snapshot: &Snapshot, file: &str, bytes: &[u8]) -> Result<Vec<Carrier>, Vec<ManifestError>> {
+    limits::check_size(file, bytes.len()).map_err(|e| vec![e])?;
     let text = std::str::from_utf8(bytes).map_err(|_| {
         vec![ManifestError {
             file: file.to_string(),
@@ -288,9 +296,14 @@ pub fn parse_file(snapshot: &Snapshot, file: &str, bytes: &[u8]) -> Result<Vec<C
             message: "file is not UTF-8".into(),
         }]
     })?;
+    let text = strip_bom(text);
     let mut carriers = Vec::new();
     let mut errors = Vec::new();
     for doc in documents(text) {
+        if let Err(e) = limits::check_depth(file, doc.text, doc.first_line) {
+            errors.push(e);
+            continue;
+        }
         let value: serde_yaml::Value = match serde_yaml::from_str(doc.text) {
             Ok(v) => v,
             Err(e) => {
@@ -339,6 +352,31 @@ impl DocContext<'_> {
             .unwrap_or(self.doc.first_line)
     }
 
+    /// Line of the first `key:` indented at most like the line `after` (0:
+    /// the document's top level) and not before it (else the document's start).
+    fn key_line(&self, key: &str, after: usize) -> usize {
+        let top = after == 0;
+        let lines = self
+            .doc
+            .text
+            .lines()
+            .enumerate()
+            .skip(after.saturating_sub(self.doc.first_line));
+        lines
+            .filter(|(_, l)| !top || !l.starts_with([' ', '\t']))
+            .find(|(_, l)| {
+                let t = l.trim_start().trim_start_matches(['-', ' ']);
+                let t = t.trim_start_matches(['"', '\'']);
+                t.starts_with(key)
+                    && t[key.len()..]
+                        .trim_start_matches(['"', '\''])
+                        .trim_start()
+                        .starts_with(':')
+            })
+            .map(|(i, _)| self.doc.first_line + i)
+            .unwrap_or(self.doc.first_line)
+    }
+
     fn error(&self, key: &str, message: impl Into<String>) -> ManifestError {
         let full = format!("{PREFIX}{key}");
         ManifestError {
@@ -363,6 +401,7 @@ fn parse_carrier(
     ctx: &DocContext<'_>,
     value: &serde_yaml::Value,
 ) -> Result<Option<Carrier>, ManifestError> {
+    limits::check_shape(ctx, value)?;
     let Some(annotations) = value.get("metadata").and_then(|m| m.get("annotations")) else {
         return Ok(None);
     };
@@ -377,8 +416,15 @@ fn parse_carrier(
             serde_yaml::Value::String(s) => s.clone(),
             serde_yaml::Value::Number(n) => n.to_string(),
             serde_yaml::Value::Bool(b) => b.to_string(),
-            _ => return Err(ctx.error(key, "annotation values must be strings")),
+            other => {
+                let kind = limits::kind_of(other);
+                return Err(ctx.error(key, format!("annotation values must be strings, not {kind}")));
+            }
         };
+        if !matches!(key, "migration" | "expand-migration") {
+            // Ids get their own, stricter check below.
+            limits::check_value(&text).map_err(|m| ctx.error(key, m))?;
+        }
         ann.insert(key.to_string(), text);
     }
     let Some(id) = ann.get("migration").cloned() else {
@@ -396,8 +442,9 @@ fn parse_carrier(
         }
     }
     let id = id.trim().to_string();
-    if id.is_empty() || id.chars().any(|c| c.is_whitespace() || c == '/') {
-        return Err(ctx.error("migration", "migration id must be non-empty without spaces or '/'"));
+    check_id(&id).map_err(|m| ctx.error("migration", m))?;
+    if let Some(e) = ann.get("expand-migration") {
+        check_id(e.trim()).map_err(|m| ctx.error("expand-migration", m))?;
     }
     let kind = get_str(value, &["kind"]).unwrap_or("");
     let name = get_str(value, &["metadata", "name"]).unwrap_or("");
@@ -430,7 +477,9 @@ fn parse_carrier(
         None => RevertMode::PullRequest,
     };
     let timeout = match ann.get("timeout") {
-        Some(t) => parse_duration(t).map_err(|m| ctx.error("timeout", m))?,
+        Some(t) => parse_duration(t)
+            .and_then(|d| limits::check_timeout(t, d).map(|()| d))
+            .map_err(|m| ctx.error("timeout", m))?,
         None => Duration::from_secs(600),
     };
     let soak = match ann.get("soak") {
@@ -484,8 +533,9 @@ fn parse_carrier(
                     let Some(bytes) = snapshot.get(&path) else {
                         return Err(ctx.error("sql", format!("names {rel:?}, but {path} is not in the repository")));
                     };
-                    let text =
-                        std::str::from_utf8(bytes).map_err(|_| ctx.error("sql", format!("{path} is not UTF-8")))?;
+                    let text = std::str::from_utf8(bytes)
+                        .map(strip_bom)
+                        .map_err(|_| ctx.error("sql", format!("{path} is not UTF-8")))?;
                     let mut stmts = sql::split(&path, text, 1).map_err(|e| ManifestError {
                         file: path.clone(),
                         line: e.line,
@@ -665,8 +715,18 @@ pub fn patch_manifest(
     merge: &serde_json::Value,
 ) -> Option<PatchedFile> {
     for (path, bytes) in snapshot.iter().filter(|(p, _)| is_yaml(p)) {
-        let Ok(text) = std::str::from_utf8(bytes) else { continue };
+        let Ok(whole) = std::str::from_utf8(bytes) else {
+            continue;
+        };
+        if limits::check_size(path, bytes.len()).is_err() {
+            continue;
+        }
+        let text = strip_bom(whole);
+        let bom = &whole[..whole.len() - text.len()];
         for doc in documents(text) {
+            if limits::check_depth(path, doc.text, doc.first_line).is_err() {
+                continue;
+            }
             let Ok(value) = serde_yaml::from_str::<serde_json::Value>(doc.text) else {
                 continue;
             };
@@ -681,7 +741,7 @@ pub fn patch_manifest(
             if patched == value {
                 return Some(PatchedFile {
                     path: path.clone(),
-                    content: text.to_string(),
+                    content: whole.to_string(),
                     already: true,
                 });
             }
@@ -693,7 +753,7 @@ pub fn patch_manifest(
             }
             let start = doc.text.as_ptr() as usize - text.as_ptr() as usize;
             let end = start + doc.text.len();
-            let content = format!("{}{yaml}{}", &text[..start], &text[end..]);
+            let content = format!("{bom}{}{yaml}{}", &text[..start], &text[end..]);
             return Some(PatchedFile {
                 path: path.clone(),
                 content,
@@ -704,7 +764,8 @@ pub fn patch_manifest(
     None
 }
 
-/// Joins a carrier-relative path onto its folder, resolving `.` and `..`.
+/// Joins a carrier-relative path onto its folder, resolving `.` and `..`
+/// (an absolute folder, as `backstop lint /path/m.yaml` gives, stays absolute).
 fn join_path(folder: &str, rel: &str) -> String {
     let mut parts: Vec<&str> = folder.split('/').filter(|p| !p.is_empty()).collect();
     for p in rel.split('/') {
@@ -716,132 +777,13 @@ fn join_path(folder: &str, rel: &str) -> String {
             other => parts.push(other),
         }
     }
-    parts.join("/")
+    let joined = parts.join("/");
+    if folder.starts_with('/') {
+        format!("/{joined}")
+    } else {
+        joined
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn snap(files: &[(&str, &str)]) -> Snapshot {
-        files
-            .iter()
-            .map(|(p, c)| (p.to_string(), c.as_bytes().to_vec()))
-            .collect()
-    }
-
-    const CARRIER: &str = r#"apiVersion: v1
-kind: ConfigMap
-metadata:
-  name: m1
-  namespace: shop
-  annotations:
-    backstop.dev/migration: "0001-init"
-    backstop.dev/database: cnpg:app-db
-    backstop.dev/verify: check
-data:
-  001.sql: |
-    CREATE TABLE t (id int);
-  check: SELECT true
-"#;
-
-    #[test]
-    fn defaults_apply_and_namespace_completes_the_cluster() {
-        let s = snap(&[("a/m.yaml", CARRIER)]);
-        let c = parse_file(&s, "a/m.yaml", CARRIER.as_bytes()).unwrap().remove(0);
-        assert_eq!(c.id, "0001-init");
-        assert_eq!(
-            c.database,
-            DatabaseRef::Cnpg {
-                namespace: "shop".into(),
-                cluster: "app-db".into()
-            }
-        );
-        assert_eq!(c.phase, Phase::Expand);
-        assert_eq!(c.order, Order::BeforeApply);
-        assert_eq!(c.checkpoint, CheckpointKind::Backup);
-        assert_eq!(c.revert, RevertMode::PullRequest);
-        assert_eq!(c.timeout, Duration::from_secs(600));
-        assert_eq!(c.statements.len(), 1);
-        assert_eq!(c.statements[0].line, 12);
-        assert_eq!(c.verify.as_deref(), Some("SELECT true"));
-    }
-
-    #[test]
-    fn unknown_phase_names_file_line_and_key() {
-        let text = CARRIER.replace(
-            "    backstop.dev/verify: check\n",
-            "    backstop.dev/verify: check\n    backstop.dev/phase: expnd\n",
-        );
-        let text = format!("kind: Namespace\nmetadata: {{name: x}}\n---\n{text}");
-        let s = snap(&[("a/m.yaml", &text)]);
-        let errs = parse_file(&s, "a/m.yaml", text.as_bytes()).unwrap_err();
-        assert_eq!(errs[0].line, 13);
-        assert_eq!(errs[0].key.as_deref(), Some("backstop.dev/phase"));
-        assert!(
-            errs[0]
-                .to_string()
-                .starts_with("a/m.yaml:13: backstop.dev/phase: unknown value \"expnd\""),
-            "{}",
-            errs[0]
-        );
-    }
-
-    #[test]
-    fn broken_yaml_reports_its_line() {
-        let text = "kind: ConfigMap\nmetadata:\n  name: [unclosed\n";
-        let errs = parse_file(&Snapshot::new(), "x.yaml", text.as_bytes()).unwrap_err();
-        assert_eq!(errs[0].file, "x.yaml");
-        assert!(errs[0].message.contains("YAML does not parse"), "{}", errs[0]);
-    }
-
-    #[test]
-    fn sql_files_are_resolved_relative_to_the_carrier() {
-        let text = "kind: Job\nmetadata:\n  name: j\n  annotations:\n    backstop.dev/migration: m\n    backstop.dev/database: url:DB\n    backstop.dev/sql: ../sql/a.sql, b.sql\n";
-        let s = snap(&[
-            ("apps/x/j.yaml", text),
-            ("apps/sql/a.sql", "SELECT 1;"),
-            ("apps/x/b.sql", "SELECT 2;"),
-        ]);
-        let c = parse_file(&s, "apps/x/j.yaml", text.as_bytes()).unwrap().remove(0);
-        assert_eq!(c.sql_files, vec!["apps/sql/a.sql", "apps/x/b.sql"]);
-        let s = snap(&[("apps/x/j.yaml", text)]);
-        let errs = parse_file(&s, "apps/x/j.yaml", text.as_bytes()).unwrap_err();
-        assert_eq!(errs[0].line, 7);
-        assert!(errs[0].message.contains("apps/sql/a.sql is not in the repository"));
-    }
-
-    #[test]
-    fn misspelt_annotation_is_refused() {
-        let text = CARRIER.replace("backstop.dev/verify:", "backstop.dev/verfy:");
-        let errs = parse_file(&snap(&[]), "m.yaml", text.as_bytes()).unwrap_err();
-        assert_eq!(errs[0].key.as_deref(), Some("backstop.dev/verfy"));
-    }
-
-    #[test]
-    fn job_carriers_must_be_kept_from_flux() {
-        let job = "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: j\n  annotations:\n    backstop.dev/migration: m\n    backstop.dev/database: url:DB\n    backstop.dev/run: job\nspec: {template: {spec: {containers: []}}}\n";
-        let errs = parse_file(&snap(&[]), "j.yaml", job.as_bytes()).unwrap_err();
-        assert!(
-            errs[0]
-                .message
-                .contains("kustomize.toolkit.fluxcd.io/reconcile: disabled"),
-            "{}",
-            errs[0]
-        );
-        let ok = job.replace(
-            "    backstop.dev/run: job\n",
-            "    backstop.dev/run: job\n    kustomize.toolkit.fluxcd.io/reconcile: disabled\n",
-        );
-        let c = parse_file(&snap(&[]), "j.yaml", ok.as_bytes()).unwrap().remove(0);
-        assert!(c.job.is_some());
-        assert_eq!(c.checksum.len(), 64);
-    }
-
-    #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
-        assert!(parse_duration("10").is_err());
-        assert!(parse_duration("x").is_err());
-    }
-}
+mod tests;
