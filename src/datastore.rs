@@ -59,6 +59,8 @@ ALTER TABLE backstop.datastore_lock ADD COLUMN IF NOT EXISTS suspended text[] NO
 /// is written (with what the target held before) before `pg_restore` starts,
 /// so that `rollback` knows what to drop even when the import was killed.
 const IMPORT_DDL: &str = "SET client_min_messages = warning;
+BEGIN;
+SET TRANSACTION READ WRITE;
 CREATE SCHEMA IF NOT EXISTS backstop;
 CREATE TABLE IF NOT EXISTS backstop.datastore_import (
     id int PRIMARY KEY DEFAULT 1 CHECK (id = 1),
@@ -71,7 +73,8 @@ CREATE TABLE IF NOT EXISTS backstop.datastore_import (
 );
 ALTER TABLE backstop.datastore_import ALTER COLUMN imported_at DROP NOT NULL;
 ALTER TABLE backstop.datastore_import ADD COLUMN IF NOT EXISTS started_at timestamptz;
-ALTER TABLE backstop.datastore_import ADD COLUMN IF NOT EXISTS before text;";
+ALTER TABLE backstop.datastore_import ADD COLUMN IF NOT EXISTS before text;
+COMMIT;";
 
 /// Builds a connectable database from a URL given on the command line.
 pub fn database(url: &str, side: &'static str) -> Result<Database> {
@@ -269,7 +272,13 @@ pub async fn export(db: &Database, file: &Path, bindir: &Path, progress: impl Fn
     }
     let mut cmd = pgbin::command(bindir, "pg_dump", None);
     cmd.envs(db.libpq_env())
-        .args(["-Fc", "--no-password", "--exclude-table=backstop.datastore_lock", "-f"])
+        .args([
+            "-Fc",
+            "--no-password",
+            "--exclude-table=backstop.datastore_lock",
+            "--exclude-table=backstop.run_owner",
+            "-f",
+        ])
         .arg(file)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
@@ -447,9 +456,14 @@ pub async fn import(db: &Database, file: &Path, bindir: &Path, opts: ImportOptio
         )
         .await
         .map_err(q(db, "recording the import's intent"))?;
+    // The target already has the `backstop` schema (the record above): restore
+    // everything but the dump's CREATE SCHEMA of it.
+    let list = restore_list(bindir, file).await?;
     let mut cmd = pgbin::command(bindir, "pg_restore", None);
     cmd.envs(db.libpq_env())
-        .args(["--no-owner", "--single-transaction", "--no-password", "-d", db.dbname()]);
+        .args(["--no-owner", "--single-transaction", "--no-password", "-d", db.dbname()])
+        .arg("-L")
+        .arg(list.path());
     if no_privileges {
         cmd.arg("--no-privileges");
     }
@@ -483,6 +497,31 @@ pub async fn import(db: &Database, file: &Path, bindir: &Path, opts: ImportOptio
         types.len(),
         functions.len()
     ))
+}
+
+/// The dump's table of contents without the entries backstop keeps on the
+/// target itself (the `backstop` schema, the owner claim, the lock record).
+async fn restore_list(bindir: &Path, file: &Path) -> Result<tempfile::NamedTempFile> {
+    let mut cmd = pgbin::command(bindir, "pg_restore", None);
+    cmd.arg("-l").arg(file);
+    let toc = pgbin::run(cmd, "pg_restore")
+        .await
+        .map_err(|source| DatastoreError::Tool {
+            step: format!("reading the table of contents of {}", file.display()),
+            source,
+        })?;
+    let kept: Vec<&str> = toc
+        .lines()
+        .filter(|l| {
+            !(l.contains(" SCHEMA - backstop ")
+                || l.contains(" backstop run_owner ")
+                || l.contains(" backstop datastore_lock "))
+        })
+        .collect();
+    let io = |e: std::io::Error| DatastoreError::Refused(format!("writing the restore list: {e}"));
+    let mut list = tempfile::NamedTempFile::new().map_err(io)?;
+    std::io::Write::write_all(&mut list, kept.join("\n").as_bytes()).map_err(io)?;
+    Ok(list)
 }
 
 /// One table compared by [`verify`].

@@ -296,3 +296,75 @@ async fn import_into_a_non_empty_target_is_refused_and_export_needs_a_lock() {
     let again = m.step(&["import", "--target", &t, "-f", &f, "--allow-non-empty"]).await;
     assert!(again.contains("already holds an import"), "{again}");
 }
+
+#[tokio::test]
+async fn a_killed_import_takes_its_pg_restore_with_it_and_rollback_cleans_up() {
+    let m = Move::new().await;
+    // Enough data that pg_restore runs for a while.
+    m.source
+        .database("shop")
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+        .batch_execute(
+            "CREATE TABLE bulk AS SELECT g AS id, md5(g::text) || md5((g + 1)::text) AS body FROM generate_series(1, 1500000) g",
+        )
+        .await
+        .unwrap();
+    let (s, t, f) = (m.source.url("shop"), m.target.url("shop"), m.dump());
+    m.step(&["lock", "--source", &s]).await;
+    m.step(&["export", "--source", &s, "-o", &f]).await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args(["datastore", "import", "--target", &t, "-f", &f])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let target = m.target.database("shop").unwrap().connect().await.unwrap();
+    let restoring = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg_restore' AND datname = 'shop'";
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let n: i64 = target.query_one(restoring, &[]).await.unwrap().get(0);
+        if n > 0 {
+            break;
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            let out = child.wait_with_output().await.unwrap();
+            panic!("import ended before pg_restore was seen: {}", text(&out));
+        }
+        assert!(tokio::time::Instant::now() < deadline, "pg_restore never started");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    child.start_kill().unwrap();
+    let status = child.wait().await.unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9));
+    // pg_restore dies with backstop: its session ends and its transaction is rolled back.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let n: i64 = target.query_one(restoring, &[]).await.unwrap().get(0);
+        if n == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "pg_restore outlived backstop");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let user_tables = "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'";
+    let n: i64 = target.query_one(user_tables, &[]).await.unwrap().get(0);
+    assert_eq!(n, 0, "the killed import committed nothing");
+    // The intent was recorded: a new import is refused until rollback.
+    let again = m.ds(&["import", "--target", &t, "-f", &f]).await;
+    assert_eq!(again.status.code(), Some(2), "{}", text(&again));
+    assert!(text(&again).contains("did not finish"), "{}", text(&again));
+    let out = m.step(&["rollback", "--source", &s, "--target", &t]).await;
+    assert!(out.contains("rolled back"), "{out}");
+    // The source is back in service, and the move can start over.
+    let (app, conn) = tokio_postgres::connect(&app_url(&m.source), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    app.batch_execute("INSERT INTO customers (name) VALUES ('back in service')")
+        .await
+        .unwrap();
+}
