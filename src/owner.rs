@@ -47,6 +47,24 @@ pub enum OwnerError {
     },
 }
 
+impl OwnerError {
+    /// Whether asking again later may succeed (the connection, the server's
+    /// state), rather than a refusal (permissions, a broken schema).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            OwnerError::Db(_) => true,
+            OwnerError::Query { source, .. } => match source.code() {
+                None => true,
+                // connection, operator intervention, resources, rollbacks, locks
+                Some(code) => ["08", "57", "53", "40", "55"]
+                    .iter()
+                    .any(|c| code.code().starts_with(c)),
+            },
+            _ => false,
+        }
+    }
+}
+
 /// An exclusive lock on a state directory, held until dropped (or the process dies).
 #[derive(Debug)]
 pub struct StateLock {
@@ -195,6 +213,22 @@ CREATE TABLE IF NOT EXISTS backstop.run_owner (
 );
 COMMIT;";
 
+/// Creates backstop's tables unless they exist (a role that does not own
+/// them may use them, but `CREATE INDEX IF NOT EXISTS` wants the owner).
+pub async fn ensure_schema(client: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+    let ready: bool = client
+        .query_one(
+            "SELECT to_regclass('backstop.migration_history') IS NOT NULL AND to_regclass('backstop.run_owner') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    if ready {
+        return Ok(());
+    }
+    client.batch_execute(SCHEMA_DDL).await
+}
+
 fn query_err<'a>(db: &'a Database, step: &'static str) -> impl FnOnce(tokio_postgres::Error) -> OwnerError + 'a {
     move |source| OwnerError::Query {
         database: db.describe(),
@@ -207,8 +241,7 @@ fn query_err<'a>(db: &'a Database, step: &'static str) -> impl FnOnce(tokio_post
 /// instance already holds it, refused when another instance does.
 pub async fn claim(db: &Database, me: &Owner) -> Result<Claim, OwnerError> {
     let client = db.connect().await?;
-    client
-        .batch_execute(SCHEMA_DDL)
+    ensure_schema(&client)
         .await
         .map_err(query_err(db, "creating backstop's tables"))?;
     let row = client

@@ -169,9 +169,6 @@ pub async fn end_sessions(db: &Database, run_id: &str) -> Result<usize, RunnerEr
 /// Advisory lock key serializing backstop migrations on one database ("backstop" in ASCII).
 const LOCK_KEY: i64 = 0x6261_636b_7374_6f70;
 
-/// backstop's tables, created on first use (see [`crate::owner::SCHEMA_DDL`]).
-const HISTORY_DDL: &str = crate::owner::SCHEMA_DDL;
-
 const INSERT_HISTORY: &str = "INSERT INTO backstop.migration_history (id, checksum, phase, commit, run_id, started_at, finished_at, success) VALUES ($1, $2, $3, $4, $5, $6, now(), $7)";
 
 /// The `sql` runner.
@@ -210,8 +207,7 @@ pub async fn record_history(
     success: bool,
 ) -> Result<(), RunnerError> {
     let client = db.connect().await?;
-    client
-        .batch_execute(HISTORY_DDL)
+    crate::owner::ensure_schema(&client)
         .await
         .map_err(query_err(db, "creating the history table"))?;
     client
@@ -327,8 +323,7 @@ impl Runner for SqlRunner {
             )
             .await
             .map_err(query_err(db, "naming the session"))?;
-        client
-            .batch_execute(HISTORY_DDL)
+        crate::owner::ensure_schema(&client)
             .await
             .map_err(query_err(db, "creating the history table"))?;
         // Serialize with any other backstop on this database, bounded by the timeout.

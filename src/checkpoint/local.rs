@@ -162,8 +162,18 @@ impl LocalBackend {
             .get(0);
         let wait = ARCHIVE_PREFLIGHT_WAIT;
         let deadline = std::time::Instant::now() + wait;
+        let size: i64 = client
+            .query_one(
+                "SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'",
+                &[],
+            )
+            .await
+            .map_err(query("reading wal_segment_size"))?
+            .get(0);
         while std::time::Instant::now() < deadline {
-            if self.wal_archive.join(&segment).exists() {
+            // Complete, not a truncated copy a full archive left behind.
+            let len = std::fs::metadata(self.wal_archive.join(&segment)).map(|m| m.len());
+            if len.is_ok_and(|l| l == size as u64) {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -184,6 +194,110 @@ impl LocalBackend {
             detail,
         })
     }
+}
+
+impl LocalBackend {
+    /// Preflight: the role may run `pg_basebackup`.
+    async fn may_replicate(&self, db: &Database, client: &tokio_postgres::Client) -> Result<(), CheckpointError> {
+        let row = client
+            .query_one(
+                "SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
+                &[],
+            )
+            .await
+            .map_err(|source| CheckpointError::Query {
+                database: db.describe(),
+                step: "reading the role's attributes",
+                source,
+            })?;
+        if row.get::<_, bool>(1) {
+            return Ok(());
+        }
+        Err(CheckpointError::NoReplication {
+            database: db.describe(),
+            user: row.get(0),
+        })
+    }
+
+    /// Preflight: the archiver's last attempt did not fail (a full archive
+    /// leaves the archiver failing on every retry).
+    async fn archiver_healthy(&self, db: &Database, client: &tokio_postgres::Client) -> Result<(), CheckpointError> {
+        let row = client
+            .query_one(
+                "SELECT failed_count > 0 AND last_failed_time > coalesce(last_archived_time, '-infinity'),
+                        format('%s failure(s), the last of %s at %s; last archived %s at %s', failed_count,
+                               coalesce(last_failed_wal, '-'), coalesce(last_failed_time::text, '-'),
+                               coalesce(last_archived_wal, '-'), coalesce(last_archived_time::text, '-'))
+                   FROM pg_stat_archiver",
+                &[],
+            )
+            .await
+            .map_err(|source| CheckpointError::Query {
+                database: db.describe(),
+                step: "reading pg_stat_archiver",
+                source,
+            })?;
+        if row.get::<_, Option<bool>>(0) == Some(true) {
+            return Err(CheckpointError::ArchiveFailing {
+                database: db.describe(),
+                detail: format!("pg_stat_archiver: {}", row.get::<_, String>(1)),
+            });
+        }
+        Ok(())
+    }
+
+    /// Preflight: room for the base backup in the checkpoint store, and for
+    /// a checkpoint's worth of WAL (`max_wal_size`) in the archive.
+    async fn room(&self, db: &Database, client: &tokio_postgres::Client) -> Result<(), CheckpointError> {
+        let row = client
+            .query_one(
+                "SELECT (SELECT sum(pg_database_size(oid)) FROM pg_database)::bigint,
+                        (SELECT setting::bigint FROM pg_settings WHERE name = 'max_wal_size') * 1024 * 1024",
+                &[],
+            )
+            .await
+            .map_err(|source| CheckpointError::Query {
+                database: db.describe(),
+                step: "reading the server's size",
+                source,
+            })?;
+        let (cluster, max_wal): (i64, i64) = (row.get(0), row.get(1));
+        let mib = |b: u64| b / (1024 * 1024);
+        std::fs::create_dir_all(&self.store).map_err(Self::io("create the checkpoint store", &self.store))?;
+        let checks = [
+            (
+                "the checkpoint store",
+                &self.store,
+                cluster.max(0) as u64,
+                "the base backup is about the size of all databases of the server".to_string(),
+            ),
+            (
+                "the WAL archive",
+                &self.wal_archive,
+                max_wal.max(0) as u64,
+                "max_wal_size: the WAL a migration may write before the next checkpoint".to_string(),
+            ),
+        ];
+        for (what, path, needed, why) in checks {
+            let free = free_bytes(path).map_err(Self::io("measure free space", path))?;
+            if free < needed {
+                return Err(CheckpointError::NoSpace {
+                    what,
+                    path: path.clone(),
+                    free: mib(free),
+                    needed: mib(needed),
+                    why,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Bytes available to an unprivileged writer under `path`.
+fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    let s = nix::sys::statvfs::statvfs(path).map_err(std::io::Error::from)?;
+    Ok(s.blocks_available() as u64 * s.fragment_size() as u64)
 }
 
 /// How long the archive preflight waits for a switched segment.
@@ -213,6 +327,7 @@ impl Checkpoint for LocalBackend {
             });
         }
         let client = db.connect().await?;
+        self.may_replicate(db, &client).await?;
         let query = |e| CheckpointError::Query {
             database: db.describe(),
             step: "reading archive settings",
@@ -232,6 +347,8 @@ impl Checkpoint for LocalBackend {
             });
         }
         self.same_server(db, &client).await?;
+        self.archiver_healthy(db, &client).await?;
+        self.room(db, &client).await?;
         self.archive_reached(db, &client).await
     }
 

@@ -39,6 +39,18 @@ pub enum CheckpointError {
         seconds: u64,
         detail: String,
     },
+    #[error("WAL archiving of {database} is failing ({detail}); a checkpoint now could not be restored: fix the archive (full disk? a truncated segment left behind?) first")]
+    ArchiveFailing { database: String, detail: String },
+    #[error("role {user} of {database} may not take base backups: it needs the REPLICATION attribute (ALTER ROLE {user} REPLICATION) or superuser")]
+    NoReplication { database: String, user: String },
+    #[error("{what} {path} has {free} MiB free, but {needed} MiB are needed ({why})")]
+    NoSpace {
+        what: &'static str,
+        path: PathBuf,
+        free: u64,
+        needed: u64,
+        why: String,
+    },
     #[error("local checkpoints need {what}")]
     Misconfigured { what: String },
     #[error(transparent)]

@@ -97,6 +97,8 @@ enum Claimed {
     Unknown(String),
     /// The reference does not resolve (bad input the plan refuses).
     Unresolved,
+    /// The database refuses the claim (permissions): a person must fix it.
+    Refused(String),
 }
 
 /// How a drive of a run stopped.
@@ -253,6 +255,14 @@ impl Engine {
                     report.gate = self.advance(&gate, &trees, &exempt).await?;
                     return Ok(());
                 }
+                Claimed::Refused(message) => {
+                    report.waiting = Some(Wait::Refused {
+                        commit: candidate.commit.sha.clone(),
+                        message: format!("claiming the database for this run failed: {message}"),
+                    });
+                    report.gate = self.advance(&gate, &trees, &exempt).await?;
+                    return Ok(());
+                }
                 Claimed::Unknown(cause) => {
                     report.waiting = Some(self.retrying_plan(cause).await);
                     report.gate = self.advance(&gate, &trees, &exempt).await?;
@@ -378,7 +388,8 @@ impl Engine {
                 database: db.describe(),
                 owner,
             }),
-            Err(e) => Claimed::Unknown(chain(&e)),
+            Err(e) if e.is_transient() => Claimed::Unknown(chain(&e)),
+            Err(e) => Claimed::Refused(chain(&e)),
         }
     }
 
