@@ -224,3 +224,28 @@ async fn wal_archive_that_the_server_does_not_write_to_is_refused() {
     assert_eq!(f.journal_len(), 0, "no run started");
     assert_eq!(f.checkpoints(), 0, "no checkpoint taken");
 }
+
+#[tokio::test]
+async fn a_verify_that_writes_through_a_function_changes_nothing() {
+    let (f, c1) = with_orders().await;
+    let sneaky = carrier("0002-note")
+        .sql("001.sql", "ALTER TABLE orders ADD COLUMN note text;")
+        .verify("SELECT setval('orders_id_seq', 1000) > 0");
+    f.commit_carrier(&sneaky, "add note, verify writes");
+    let out = f.run(&["--revert", "commit"]).await;
+    assert_eq!(out.status.code(), Some(1), "the verify failed: {}", text(&out));
+    let report = f.reports().pop().unwrap();
+    assert!(
+        report.to_string().contains("read-only transaction"),
+        "the verify ran read-only: {report}"
+    );
+    let last: i64 = f
+        .client()
+        .await
+        .query_one("SELECT last_value FROM orders_id_seq", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(last, 1000, "the verify did not write");
+    assert_eq!(f.gate(), c1);
+}

@@ -521,6 +521,19 @@ fn parse_carrier(
         if parsed.len() != 1 || parsed[0].kind != "SelectStmt" {
             return Err(ctx.error("verify", "must be exactly one SELECT returning a boolean first column"));
         }
+        // A verify only reads (it also runs in a READ ONLY transaction).
+        if let Ok(tree) = pg_query::parse(q, 0) {
+            let written = tree.dml_tables();
+            if !written.is_empty() {
+                return Err(ctx.error(
+                    "verify",
+                    format!(
+                        "must only read, but it modifies {} (a data-modifying WITH); move the change into the migration",
+                        written.join(", ")
+                    ),
+                ));
+            }
+        }
     }
 
     let mut statements = Vec::new();

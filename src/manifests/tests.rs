@@ -273,3 +273,19 @@ fn byte_order_marks_are_stripped_from_yaml_and_sql_files() {
     let patched = patch_manifest(&s, "Job", "default", "j", &serde_json::json!({"spec": {"x": 1}})).unwrap();
     assert!(patched.content.starts_with("\u{feff}---\n"), "{}", patched.content);
 }
+
+#[test]
+fn a_verify_that_writes_is_refused_naming_the_table() {
+    let text = CARRIER.replace(
+        "check: SELECT true",
+        "check: WITH d AS (DELETE FROM t RETURNING 1) SELECT true",
+    );
+    let s = snap(&[("a/m.yaml", &text)]);
+    let errs = parse_file(&s, "a/m.yaml", text.as_bytes()).unwrap_err();
+    assert_eq!(errs[0].key.as_deref(), Some("backstop.dev/verify"), "{}", errs[0]);
+    assert!(
+        errs[0].message.contains("must only read, but it modifies t"),
+        "{}",
+        errs[0]
+    );
+}
