@@ -55,6 +55,22 @@ fn condition(type_: &str, status: &str, reason: &str, message: &str, generation:
     }
 }
 
+/// Annotation by which a person takes over a failed run (`kubectl annotate
+/// migrationrun RUN backstop.dev/acknowledged-by=NAME`), the `backstop ack`
+/// of the controller; `backstop.dev/ack-note` says what was done.
+pub const ACK_BY: &str = "backstop.dev/acknowledged-by";
+const ACK_NOTE: &str = "backstop.dev/ack-note";
+
+fn acknowledgement(mr: &MigrationRun) -> Option<crate::run::Acknowledged> {
+    let annotations = mr.metadata.annotations.as_ref()?;
+    let by = annotations.get(ACK_BY)?.trim();
+    (!by.is_empty()).then(|| crate::run::Acknowledged {
+        by: by.to_string(),
+        at: Utc::now(),
+        note: annotations.get(ACK_NOTE).cloned().unwrap_or_default(),
+    })
+}
+
 /// The status a run record maps to.
 pub fn status_of(run: &RunRecord, generation: Option<i64>) -> MigrationRunStatus {
     let message = run.failure.as_ref().map(|f| f.message.clone()).unwrap_or_default();
@@ -193,9 +209,15 @@ impl RunStore for MigrationRunStore {
             .items
             .into_iter()
             .filter_map(|mr| {
-                mr.status
+                let ack = acknowledgement(&mr);
+                let mut run: RunRecord = mr
+                    .status
                     .and_then(|s| s.record)
-                    .and_then(|r| serde_json::from_value(r).ok())
+                    .and_then(|r| serde_json::from_value(r).ok())?;
+                if run.acknowledged.is_none() && run.phase == crate::run::Phase::Failed {
+                    run.acknowledged = ack;
+                }
+                Some(run)
             })
             .collect();
         runs.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
