@@ -264,6 +264,11 @@ impl Engine {
                     return Ok(());
                 }
                 Claimed::Unknown(cause) => {
+                    let ids: Vec<&str> = candidate.carriers.iter().map(|c| c.id.as_str()).collect();
+                    let cause = format!(
+                        "claiming the database of migration(s) {} failed: {cause}",
+                        ids.join(", ")
+                    );
                     report.waiting = Some(self.retrying_plan(cause).await);
                     report.gate = self.advance(&gate, &trees, &exempt).await?;
                     return Ok(());

@@ -1,0 +1,114 @@
+//! Seeded random kills: a real `backstop run` is sent SIGKILL after a random
+//! delay (a passing or a failing migration, chosen by the seed), then rerun
+//! until it finishes. Whatever the moment, the end state is the designed one:
+//! a passing migration applied exactly once and promoted with no revert and
+//! no restore; a failing one rolled back with the data as before, one restore
+//! and one revert.
+//!
+//! `BACKSTOP_KILL_SEEDS` (default `1,2`) picks the seeds; each seed is one
+//! fresh server and repository. A failing seed prints the command that
+//! reproduces it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+fn passing() -> CarrierBuilder {
+    carrier("0002-note")
+        .sql(
+            "001.sql",
+            "ALTER TABLE orders ADD COLUMN note text;\nSELECT pg_sleep(0.3);",
+        )
+        .verify("SELECT count(*) = 1 FROM information_schema.columns WHERE column_name = 'note'")
+}
+
+fn failing() -> CarrierBuilder {
+    carrier("0002-backfill")
+        .phase("migrate")
+        .sql(
+            "001.sql",
+            "ALTER TABLE orders ADD COLUMN total int;\nINSERT INTO orders (customer, qty) VALUES ('mallory', 1);\nSELECT pg_sleep(0.3);",
+        )
+        .verify("SELECT count(*) = 0 FROM orders WHERE total IS NULL")
+}
+
+async fn one_seed(seed: u64) {
+    let mut rng = SplitMix(seed);
+    let fails = rng.next() % 2 == 1;
+    let kills = 1 + rng.next() % 2;
+    let (f, c1) = with_orders().await;
+    let schema = f.schema().await;
+    let c2 = f.commit_carrier(if fails { &failing() } else { &passing() }, "second migration");
+    let mut log = Vec::new();
+    for _ in 0..kills {
+        let delay = Duration::from_millis(50 + rng.next() % 2500);
+        let mut child = f.spawn_run(&f.state(), &["--revert", "commit"], &[]);
+        let ended = tokio::time::timeout(delay, child.wait()).await;
+        match ended {
+            Ok(status) => log.push(format!("ended on its own after <{delay:?}: {:?}", status.unwrap())),
+            Err(_) => {
+                child.start_kill().unwrap();
+                child.wait().await.unwrap();
+                log.push(format!("killed after {delay:?}"));
+            }
+        }
+    }
+    let repro = format!("BACKSTOP_KILL_SEEDS={seed} cargo test --test kill_soak -- --nocapture ({log:?})");
+    let mut out = f.run(&["--revert", "commit"]).await;
+    // A rerun may find a transient fault (the server restarting): one more.
+    if out.status.code() == Some(0) && fails {
+        out = f.run(&["--revert", "commit"]).await;
+    }
+    let all = text(&out);
+    let report = f.reports().pop().unwrap();
+    if fails {
+        assert_eq!(out.status.code(), Some(1), "{repro}\n{all}");
+        assert_eq!(report["outcome"], "RolledBack", "{repro}\n{report}");
+        assert_eq!(f.schema().await, schema, "{repro}");
+        assert_eq!(f.count("SELECT count(*) FROM orders").await, 3, "{repro}");
+        assert_eq!(f.gate(), c1, "{repro}");
+        assert_eq!(f.revert_commits("main"), 1, "{repro}");
+        assert!(f.kept_data_dirs() <= 1, "{repro}");
+    } else {
+        assert_eq!(out.status.code(), Some(0), "{repro}\n{all}");
+        assert_eq!(report["outcome"], "Succeeded", "{repro}\n{report}");
+        assert_eq!(f.gate(), c2, "{repro}");
+        assert_eq!(
+            f.count("SELECT count(*) FROM backstop.migration_history WHERE id = '0002-note' AND success")
+                .await,
+            1,
+            "{repro}"
+        );
+        assert_eq!(f.revert_commits("main"), 0, "{repro}");
+        assert_eq!(f.kept_data_dirs(), 0, "{repro}");
+    }
+    assert_eq!(f.journal_len(), 2, "one run for the migration: {repro}");
+    assert_eq!(f.count("SELECT count(*) FROM backstop.run_owner").await, 0, "{repro}");
+    println!(
+        "kill_soak: seed {seed}: {} {log:?} -> {}",
+        if fails { "failing" } else { "passing" },
+        report["outcome"]
+    );
+}
+
+#[tokio::test]
+async fn random_kills_end_in_the_designed_state() {
+    let seeds = std::env::var("BACKSTOP_KILL_SEEDS").unwrap_or_else(|_| "1,2".into());
+    for seed in seeds.split(',').filter_map(|s| s.trim().parse().ok()) {
+        one_seed(seed).await;
+    }
+}
