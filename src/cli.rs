@@ -928,19 +928,16 @@ async fn ack(state: &std::path::Path, id: &str, by: String, note: String) -> any
         );
         return Ok(EXIT_OK);
     }
-    let _lock = match crate::owner::StateLock::acquire(state) {
-        Ok(lock) => lock,
-        Err(e) => {
-            eprintln!("backstop: {}", crate::run::chain(&e));
-            return Ok(EXIT_BUSY);
-        }
-    };
-    run.acknowledged = Some(crate::run::Acknowledged {
+    // No state lock: a running `backstop run` holds it; its next pass reads this.
+    let ack = crate::run::Acknowledged {
         by,
         at: chrono::Utc::now(),
         note,
-    });
-    journal.save(&run).await.context("writing the journal")?;
+    };
+    journal
+        .acknowledge(&run.id, &ack)
+        .context("recording the acknowledgement")?;
+    run.acknowledged = Some(ack);
     let report = Report::from_run(&run);
     journal
         .write_report(&run, &report)

@@ -468,12 +468,17 @@ pub async fn import(db: &Database, file: &Path, bindir: &Path, opts: ImportOptio
         cmd.arg("--no-privileges");
     }
     cmd.arg(file);
-    pgbin::run(cmd, "pg_restore")
-        .await
-        .map_err(|source| DatastoreError::Tool {
+    if let Err(source) = pgbin::run(cmd, "pg_restore").await {
+        // pg_restore ended with an error: its single transaction was rolled
+        // back, nothing is left to drop, so the intent goes too.
+        let _ = client
+            .batch_execute("BEGIN; SET TRANSACTION READ WRITE; DELETE FROM backstop.datastore_import; COMMIT;")
+            .await;
+        return Err(DatastoreError::Tool {
             step: format!("pg_restore into {}", db.describe()),
             source,
-        })?;
+        });
+    }
     let after = inventory(db, &client).await?;
     let created = |a: &BTreeSet<String>, b: &BTreeSet<String>| -> Vec<String> { a.difference(b).cloned().collect() };
     let schemas = created(&after.schemas, &before.schemas);

@@ -49,6 +49,22 @@ impl Journal {
         })
     }
 
+    fn ack_file(&self, id: &str) -> PathBuf {
+        self.state.join("acks").join(format!("{id}.json"))
+    }
+
+    /// Records that a person took over run `id` (`backstop ack`). Needs no
+    /// state lock: the next pass of a running backstop reads it.
+    pub fn acknowledge(&self, id: &str, ack: &crate::run::Acknowledged) -> Result<(), StoreError> {
+        let err = |action, source: Box<dyn std::error::Error + Send + Sync>| StoreError {
+            action,
+            run: id.to_string(),
+            source,
+        };
+        let bytes = serde_json::to_vec_pretty(ack).map_err(|e| err("encode the acknowledgement", e.into()))?;
+        write_atomic(&self.ack_file(id), &bytes).map_err(|e| err("write the acknowledgement", e.into()))
+    }
+
     fn gate_file(&self, path: &str) -> PathBuf {
         let name: String = path
             .chars()
@@ -111,6 +127,13 @@ impl Journal {
                 source: e.into(),
             })?;
             runs.push(run);
+        }
+        // `backstop ack` writes beside the journal (a running `backstop run`
+        // holds the state lock): merged here.
+        for run in runs.iter_mut().filter(|r| r.acknowledged.is_none()) {
+            if let Ok(bytes) = std::fs::read(self.ack_file(&run.id)) {
+                run.acknowledged = serde_json::from_slice(&bytes).ok();
+            }
         }
         runs.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
         Ok(runs)

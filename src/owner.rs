@@ -37,6 +37,8 @@ pub enum OwnerError {
     StateLock { state: PathBuf, source: std::io::Error },
     #[error("failed to read or create the state id in {state}")]
     StateId { state: PathBuf, source: std::io::Error },
+    #[error("the claim on {database} was released by its owner while this instance asked; the next pass claims it")]
+    Raced { database: String },
     #[error(transparent)]
     Db(#[from] DbError),
     #[error("query on {database} failed while {step}")]
@@ -52,7 +54,7 @@ impl OwnerError {
     /// state), rather than a refusal (permissions, a broken schema).
     pub fn is_transient(&self) -> bool {
         match self {
-            OwnerError::Db(_) => true,
+            OwnerError::Db(_) | OwnerError::Raced { .. } => true,
             OwnerError::Query { source, .. } => match source.code() {
                 None => true,
                 // connection, operator intervention, resources, rollbacks, locks
@@ -259,8 +261,11 @@ pub async fn claim(db: &Database, me: &Owner) -> Result<Claim, OwnerError> {
     }
     match current(db).await? {
         Some(other) if other.state != me.state => Ok(Claim::Theirs(other)),
-        // Released between the two statements: try once more.
-        _ => Box::pin(claim(db, me)).await,
+        Some(_) => Ok(Claim::Ours),
+        // Released between the two statements: the next pass tries again.
+        None => Err(OwnerError::Raced {
+            database: db.describe(),
+        }),
     }
 }
 

@@ -90,13 +90,14 @@ pub fn tool(program: &str) -> Command {
 pub fn dies_with_us(cmd: &mut Command) {
     let parent = nix::unistd::getpid();
     cmd.kill_on_drop(true);
-    // SAFETY: prctl and getppid are async-signal-safe; nothing is allocated.
+    // SAFETY: prctl and getppid are async-signal-safe; nothing is allocated
+    // (the error is a raw OS error).
     unsafe {
         cmd.pre_exec(move || {
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)?;
             // The parent may have died before the line above: then die now.
             if nix::unistd::getppid() != parent {
-                return Err(std::io::Error::other("backstop exited before its child started"));
+                return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));
             }
             Ok(())
         });

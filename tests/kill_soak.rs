@@ -46,16 +46,41 @@ fn failing() -> CarrierBuilder {
         .verify("SELECT count(*) = 0 FROM orders WHERE total IS NULL")
 }
 
+/// The phase and last step of the newest run in the journal.
+fn journal_point(f: &Fixture) -> String {
+    let dir = f.state().join("journal");
+    let newest = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .max();
+    let Some(path) = newest else { return "no run".into() };
+    let run: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let step = run["steps"]
+        .as_array()
+        .and_then(|s| s.last())
+        .cloned()
+        .unwrap_or_default();
+    format!(
+        "{}/{}{}",
+        run["phase"].as_str().unwrap_or("?"),
+        step["name"].as_str().unwrap_or("-"),
+        if step["finished_at"].is_null() { " (open)" } else { "" }
+    )
+}
+
 async fn one_seed(seed: u64) {
     let mut rng = SplitMix(seed);
     let fails = rng.next() % 2 == 1;
     let kills = 1 + rng.next() % 2;
     let (f, c1) = with_orders().await;
     let schema = f.schema().await;
-    let c2 = f.commit_carrier(if fails { &failing() } else { &passing() }, "second migration");
+    let migration = if fails { failing() } else { passing() };
+    let c2 = f.commit_carrier(&migration, "second migration");
     let mut log = Vec::new();
     for _ in 0..kills {
-        let delay = Duration::from_millis(50 + rng.next() % 2500);
+        let delay = Duration::from_millis(30 + rng.next() % 1200);
         let mut child = f.spawn_run(&f.state(), &["--revert", "commit"], &[]);
         let ended = tokio::time::timeout(delay, child.wait()).await;
         match ended {
@@ -63,7 +88,7 @@ async fn one_seed(seed: u64) {
             Err(_) => {
                 child.start_kill().unwrap();
                 child.wait().await.unwrap();
-                log.push(format!("killed after {delay:?}"));
+                log.push(format!("killed after {delay:?} in {}", journal_point(&f)));
             }
         }
     }

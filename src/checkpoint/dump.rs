@@ -96,6 +96,7 @@ impl Checkpoint for DumpBackend {
         let started_at = Utc::now();
         let name = db.dbname().to_string();
         let kept = Self::kept_name(db, run_id);
+        let restored = self.store.join(run_id).join("restored");
         let admin = db.sibling("postgres");
         let client = admin.connect().await?;
         let database = admin.describe();
@@ -118,9 +119,21 @@ impl Checkpoint for DumpBackend {
             .await
             .map_err(query("looking for the kept database"))?
         {
-            // Resumed: the damaged database is already kept; a database under the
-            // original name is our own half-finished restore.
-            if exists(name.clone()).await.map_err(query("looking for the database"))? {
+            // Resumed: the damaged database is already kept. A database under
+            // the original name is either the finished restore, live and maybe
+            // written to (never dropped), or a half-finished one whose
+            // pg_restore died with backstop (rebuilt).
+            let finished = exists(name.clone()).await.map_err(query("looking for the database"))?;
+            if finished && restored.exists() {
+                return Ok(RestoreRecord {
+                    started_at,
+                    finished_at: Utc::now(),
+                    target: format!("dump taken at {}", checkpoint.completed_at.to_rfc3339()),
+                    kept: format!("database {kept}"),
+                    manifest_patch: None,
+                });
+            }
+            if finished {
                 client
                     .execute(terminate, &[&name])
                     .await
@@ -152,6 +165,21 @@ impl Checkpoint for DumpBackend {
             .await
             .map_err(|source| CheckpointError::Tool {
                 step: format!("pg_restore into {}", db.describe()),
+                source,
+            })?;
+        // From now on the restored database is live: a resumed restore keeps it.
+        if let Some(dir) = restored.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Io {
+                step: "record the finished restore",
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        std::fs::File::create(&restored)
+            .and_then(|f| f.sync_all())
+            .map_err(|source| CheckpointError::Io {
+                step: "record the finished restore",
+                path: restored.clone(),
                 source,
             })?;
         Ok(RestoreRecord {

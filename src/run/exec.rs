@@ -43,7 +43,9 @@ impl Engine {
             match action {
                 Action::Done => {
                     let outcome = run.outcome().unwrap_or(Outcome::Failed);
-                    if let Some(carrier) = run.migrations.first() {
+                    // A failed remediation keeps the database claimed until a
+                    // person takes it over (`backstop ack`): nobody has checked it.
+                    if let (Some(carrier), false) = (run.migrations.first(), outcome == Outcome::Failed) {
                         self.release(carrier).await;
                     }
                     match outcome {

@@ -194,9 +194,32 @@ impl Engine {
         self.schedule(report).await
     }
 
+    /// Releases claims this instance may still hold (a release that failed,
+    /// a run taken over by a person): no run is open when this is called.
+    async fn release_owed(&self, runs: &[RunRecord]) {
+        let mut done = std::collections::BTreeSet::new();
+        for run in runs.iter().rev().take(50) {
+            let Some(carrier) = run.migrations.first() else {
+                continue;
+            };
+            if !done.insert(gate::database_key(carrier)) {
+                continue;
+            }
+            let held = runs.iter().any(|r| {
+                r.phase == Phase::Failed
+                    && r.acknowledged.is_none()
+                    && r.migrations.first().map(gate::database_key) == Some(gate::database_key(carrier))
+            });
+            if !held {
+                self.release(carrier).await;
+            }
+        }
+    }
+
     /// Picks what runs, in order, and moves the gate between runs.
     async fn schedule(&self, report: &mut PassReport) -> Result<(), EngineError> {
         let mut runs = self.store.list().await?;
+        self.release_owed(&runs).await;
         let mut gate = self.git.require_branch(&self.settings.gate).await?;
         let head = self.git.require_branch(&self.settings.upstream).await?;
         report.gate = gate.clone();
@@ -278,6 +301,7 @@ impl Engine {
                 match plan::prepare(&candidate, self.cluster.as_ref(), self.runner.as_ref(), &checkpoint_for).await {
                     Ok(p) => p,
                     Err(e) => {
+                        self.release(&candidate.carriers[0]).await;
                         report.waiting = Some(self.plan_wait(&e, &candidate.commit.sha).await);
                         report.gate = self.advance(&gate, &trees, &exempt).await?;
                         return Ok(());
@@ -608,7 +632,7 @@ pub fn wait_for_run(run: &RunRecord) -> Option<Wait> {
                 }
                 None => format!("revert branch {} ({})", v.branch, short(&v.commit)),
             }),
-            needs_person: run.phase == Phase::Failed,
+            needs_person: run.phase == Phase::Failed && run.acknowledged.is_none(),
             detail: run.failure.as_ref().map(|f| f.message.clone()).unwrap_or_default(),
         }),
         _ => None,

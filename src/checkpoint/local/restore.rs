@@ -100,6 +100,11 @@ impl LocalBackend {
             }
             owner
         } else {
+            // A marker left by an earlier, failed attempt that put the original
+            // back must not make the next attempt's directory look live.
+            if marker.exists() {
+                std::fs::remove_file(&marker).map_err(Self::io("remove an old restore marker", &marker))?;
+            }
             let owner = pgbin::owner_of(&self.pgdata).map_err(Self::tool("inspecting the data directory"))?;
             self.flush_wal(db, target).await;
             let pgdata = self.pgdata.to_string_lossy().into_owned();
@@ -120,6 +125,18 @@ impl LocalBackend {
         // Until the restored server is promoted it has taken no write: any
         // failure up to then puts the original back.
         if let Err(e) = self.recover(db, checkpoint, run_id, owner, &kept, &target_line).await {
+            if marker.exists() && !self.pgdata.join("recovery.signal").exists() {
+                // PostgreSQL removes recovery.signal when it promotes: the
+                // restored server may be live and have taken writes. Leave it.
+                return Err(CheckpointError::RestoreFailed {
+                    source: Box::new(e),
+                    put_back: format!(
+                        "the restored server at {} was promoted and may hold writes, so it was left in place (the original is kept at {})",
+                        self.pgdata.display(),
+                        kept.display()
+                    ),
+                });
+            }
             let put_back = self.put_back(&kept, run_id, owner).await;
             let _ = std::fs::remove_file(&marker);
             return Err(CheckpointError::RestoreFailed {
@@ -254,9 +271,17 @@ impl LocalBackend {
         failed.push(format!(".backstop-{run_id}-failed"));
         let failed = self.pgdata.with_file_name(failed);
         if self.pgdata.join("postmaster.pid").exists() {
-            let _ = self
+            if let Err(e) = self
                 .pg_ctl(&["stop", "-D", &pgdata, "-m", "immediate", "-w"], owner, "stop")
-                .await;
+                .await
+            {
+                return format!(
+                    "the failed restore's server at {} could not be stopped ({}), so nothing was moved; the original data directory is at {}",
+                    self.pgdata.display(),
+                    crate::run::chain(&e),
+                    kept.display()
+                );
+            }
         }
         if !self.pgdata.exists() {
             // Nothing was built: only the original to move back.
@@ -308,10 +333,17 @@ fn recovery_target(target: &RecoveryPoint) -> (String, String) {
 /// left by a full archive is skipped, so recovery reads the complete copy
 /// from `pg_wal`); history and other files as they are.
 fn restore_command(archive: &Path, segment_size: u64) -> String {
-    let archive = archive.display().to_string().replace('\'', "''");
-    format!(
-        "f=\"{archive}/%f\"; case \"%f\" in *.history|*.backup|*.partial) cp \"$f\" \"%p\";; *) test \"$(stat -c %s \"$f\" 2>/dev/null)\" = {segment_size} && cp \"$f\" \"%p\";; esac"
-    )
+    // The path in shell single quotes; then `%` doubled for PostgreSQL's
+    // placeholder expansion (PG16+ rejects unknown codes such as `%s`), and
+    // `'` doubled for the configuration file's quoting.
+    let dir = format!(
+        "'{}'",
+        archive.display().to_string().replace('\'', "'\\''").replace('%', "%%")
+    );
+    let command = format!(
+        "f={dir}/%f; case %f in *.history|*.backup|*.partial) cp \"$f\" \"%p\";; *) test \"$(stat -c %%s \"$f\" 2>/dev/null)\" = {segment_size} && cp \"$f\" \"%p\";; esac"
+    );
+    command.replace('\'', "''")
 }
 
 fn write_synced(path: &Path) -> std::io::Result<()> {
@@ -404,10 +436,12 @@ mod tests {
     }
 
     #[test]
-    fn the_restore_command_checks_the_segment_size() {
-        let c = restore_command(Path::new("/srv/wal's"), 16777216);
+    fn the_restore_command_checks_the_segment_size_and_quotes_the_path() {
+        let c = restore_command(Path::new("/srv/wal's $x"), 16777216);
+        assert!(c.contains("stat -c %%s"), "PG16+ rejects %s: {c}");
         assert!(c.contains("= 16777216 && cp"), "{c}");
-        assert!(c.contains("/srv/wal''s/%f"), "{c}");
-        assert!(!c.contains('\''.to_string().repeat(3).as_str()));
+        // As the shell sees it after the configuration file's unquoting.
+        let shell = c.replace("''", "'");
+        assert!(shell.starts_with("f='/srv/wal'\\''s $x'/%f;"), "{shell}");
     }
 }
