@@ -471,12 +471,13 @@ async fn a_failed_restore_puts_the_original_data_directory_back_and_stops_the_ga
     assert_eq!(crashed.status.code(), Some(86), "{}", text(&crashed));
     // The checkpoint is damaged before the restore needs it.
     let checkpoints = f.state().join("checkpoints");
+    // The newest run's checkpoint (run ids start with their time).
     let run = std::fs::read_dir(&checkpoints)
         .unwrap()
         .flatten()
-        .last()
-        .unwrap()
-        .path();
+        .map(|e| e.path())
+        .max()
+        .unwrap();
     let tar = run.join("base").join("base.tar");
     let len = std::fs::metadata(&tar).unwrap().len();
     std::fs::OpenOptions::new()
@@ -515,6 +516,8 @@ async fn a_failed_restore_puts_the_original_data_directory_back_and_stops_the_ga
     assert_eq!(f.gate(), c1);
     // A person takes it over; then the gate goes on (to the revert, whose tree is c1's).
     let report = f.reports().pop().unwrap();
+    // Even while another process (a watching `backstop run`) holds the state.
+    let _watcher = backstop::owner::StateLock::acquire(&f.state()).unwrap();
     let ack = std::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
         .args([
             "ack",
@@ -529,7 +532,45 @@ async fn a_failed_restore_puts_the_original_data_directory_back_and_stops_the_ga
         .output()
         .unwrap();
     assert_eq!(ack.status.code(), Some(0), "{}", text(&ack));
+    drop(_watcher);
     let after = f.run(&["--revert", "commit"]).await;
     assert_eq!(after.status.code(), Some(0), "{}", text(&after));
     assert!(f.reports().pop().unwrap()["acknowledged"]["by"] == "sre-on-call");
+}
+
+#[tokio::test]
+async fn killed_after_a_dump_restore_finished_keeps_the_restored_databases_writes() {
+    let (f, c1) = with_orders().await;
+    f.commit_carrier(&failing(), "backfill that fails verify");
+    let server = common::http::git_server(f.dir.path().to_path_buf(), "x-access-token", TOKEN).await;
+    let url = format!("{}/sre.git", server.url());
+    let flags = ["--git-token-env", "GIT_TOKEN", "--revert", "commit"];
+    let mut child = f
+        .url_command(
+            &url,
+            &flags,
+            &[("GIT_TOKEN", TOKEN), ("BACKSTOP_TEST_PAUSE_AT", "dump-restored")],
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_for_line(&mut child, "test pause at dump-restored").await;
+    f.client()
+        .await
+        .batch_execute("INSERT INTO orders (customer, qty) VALUES ('after-restore', 9)")
+        .await
+        .unwrap();
+    kill9(child).await;
+    let out = f.run_url(&url, &flags, &[("GIT_TOKEN", TOKEN)]).await;
+    assert_eq!(out.status.code(), Some(1), "rolled back: {}", text(&out));
+    assert_eq!(
+        f.count("SELECT count(*) FROM orders WHERE customer = 'after-restore'")
+            .await,
+        1,
+        "the write to the restored database survives the resumed restore"
+    );
+    assert_eq!(f.revert_commits("main"), 1);
+    assert_eq!(f.gate(), c1);
 }

@@ -182,6 +182,7 @@ impl Checkpoint for DumpBackend {
                 path: restored.clone(),
                 source,
             })?;
+        super::local::pause_point("dump-restored").await;
         Ok(RestoreRecord {
             started_at,
             finished_at: Utc::now(),

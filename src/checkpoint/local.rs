@@ -16,6 +16,7 @@ use crate::pgbin;
 
 mod restore;
 
+pub(crate) use restore::pause_point;
 use restore::untar;
 
 /// Settings of the local backend.
