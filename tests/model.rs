@@ -325,7 +325,13 @@ impl Model {
                 if blocking.is_empty() {
                     return Box::pin(self.apply(Step::DeployOnly)).await;
                 }
-                match &blocking[self.rng.below(blocking.len())] {
+                // A file the plan cannot read blocks everything after it: a
+                // developer fixes that first.
+                let pick = blocking
+                    .iter()
+                    .position(|b| b.is_err())
+                    .unwrap_or_else(|| self.rng.below(blocking.len()));
+                match &blocking[pick] {
                     Err(file) => {
                         self.dev.remove(file);
                         self.dev.commit_push(&format!("fix: remove {file}"));
@@ -549,7 +555,7 @@ fn journal_ids(state: &Path) -> Vec<String> {
 }
 
 fn status_json(state: &Path) -> serde_json::Value {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
+    let out = std::process::Command::new(bin())
         .args(["status", "--json", "--state"])
         .arg(state)
         .output()

@@ -97,6 +97,14 @@ impl CarrierBuilder {
     }
 }
 
+/// The `backstop` binary under test: `BACKSTOP_TEST_BIN` when set (a copy,
+/// so that a long run is not disturbed by rebuilds), else cargo's.
+pub fn bin() -> std::path::PathBuf {
+    std::env::var_os("BACKSTOP_TEST_BIN")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_backstop").into())
+}
+
 /// A server, a remote and a state directory.
 pub struct Fixture {
     pub server: PgServer,
@@ -180,7 +188,7 @@ impl Fixture {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> tokio::process::Command {
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_backstop"));
+        let mut cmd = tokio::process::Command::new(bin());
         cmd.arg("run")
             .arg("--repo")
             .arg(self.remote.path())
@@ -222,7 +230,7 @@ impl Fixture {
 
     /// The `backstop run --once` command of [`Fixture::run_url`].
     pub fn url_command(&self, url: &str, extra: &[&str], env: &[(&str, &str)]) -> tokio::process::Command {
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_backstop"));
+        let mut cmd = tokio::process::Command::new(bin());
         cmd.args([
             "run",
             "--once",
