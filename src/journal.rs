@@ -28,6 +28,19 @@ impl Journal {
         self.state.join("journal")
     }
 
+    /// Removes what interrupted atomic writes left (`.tmp*` files beside the
+    /// journal and gate status). Only for the holder of the state lock: no
+    /// other writer can be mid-write then.
+    pub fn sweep(&self) {
+        for dir in [self.journal_dir(), self.state.join("gate")] {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if entry.file_name().to_string_lossy().starts_with(".tmp") {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+    }
+
     /// Folder of one run's reports.
     pub fn run_dir(&self, id: &str) -> PathBuf {
         self.state.join("runs").join(id)

@@ -144,7 +144,12 @@ pub async fn engine(opts: &LocalOptions) -> Result<Engine, LocalError> {
         runner: Arc::new(SqlRunner),
         checkpoints,
         forge,
-        store: Arc::new(Journal::new(&opts.state)),
+        store: Arc::new({
+            // The caller holds the state lock (`owner::StateLock`).
+            let journal = Journal::new(&opts.state);
+            journal.sweep();
+            journal
+        }),
         settings: Settings {
             upstream: opts.upstream.clone(),
             gate: opts.gate.clone(),

@@ -42,6 +42,14 @@ async fn run_sessions(f: &Fixture, like: &str) -> i64 {
         .get(0)
 }
 
+/// Starts `backstop run --once` and kills it with SIGKILL once one of its
+/// sessions runs a query matching `like` (watched in `pg_stat_activity`).
+async fn kill_when_running(f: &Fixture, like: &str, what: &str) {
+    let child = f.spawn_run(&f.state(), &["--revert", "commit"], &[]);
+    wait_until(what, || async { run_sessions(f, like).await == 1 }).await;
+    kill9(child).await;
+}
+
 /// SIGKILL, and reap.
 async fn kill9(mut child: Child) {
     child.start_kill().expect("SIGKILL");
@@ -114,12 +122,7 @@ async fn assert_applied_once_and_promoted(f: &Fixture, out: &std::process::Outpu
 async fn killed_during_commit_and_rerun_at_once_applies_the_migration_once_without_revert() {
     let (f, _) = with_orders().await;
     let c2 = f.commit_carrier(&slow_commit(), "note column, slow commit");
-    let child = f.spawn_run(&f.state(), &["--revert", "commit"], &[]);
-    wait_until("the migration's COMMIT", || async {
-        run_sessions(&f, "COMMIT").await == 1
-    })
-    .await;
-    kill9(child).await;
+    kill_when_running(&f, "COMMIT", "the migration's COMMIT").await;
     // Rerun while the killed process's COMMIT is still running on the server.
     let out = f.run(&["--revert", "commit"]).await;
     assert!(text(&out).contains("resuming run"), "{}", text(&out));
@@ -130,12 +133,7 @@ async fn killed_during_commit_and_rerun_at_once_applies_the_migration_once_witho
 async fn killed_during_commit_that_then_lands_is_found_applied_not_reverted() {
     let (f, _) = with_orders().await;
     let c2 = f.commit_carrier(&slow_commit(), "note column, slow commit");
-    let child = f.spawn_run(&f.state(), &["--revert", "commit"], &[]);
-    wait_until("the migration's COMMIT", || async {
-        run_sessions(&f, "COMMIT").await == 1
-    })
-    .await;
-    kill9(child).await;
+    kill_when_running(&f, "COMMIT", "the migration's COMMIT").await;
     // The server finishes the COMMIT of the dead client.
     wait_until("the orphaned COMMIT to land", || async {
         run_sessions(&f, "%").await == 0 && history_rows(&f, "0002-note").await == 1
@@ -157,12 +155,7 @@ async fn killed_during_commit_that_then_lands_is_found_applied_not_reverted() {
 async fn killed_mid_migration_of_a_good_migration_reruns_it_instead_of_reverting() {
     let (f, _) = with_orders().await;
     let c2 = f.commit_carrier(&slow_statement(), "note column after a slow statement");
-    let child = f.spawn_run(&f.state(), &["--revert", "commit"], &[]);
-    wait_until("the slow statement", || async {
-        run_sessions(&f, "%pg_sleep%").await == 1
-    })
-    .await;
-    kill9(child).await;
+    kill_when_running(&f, "%pg_sleep%", "the slow statement").await;
     let out = f.run(&["--revert", "commit"]).await;
     assert_applied_once_and_promoted(&f, &out, &c2).await;
 }
@@ -241,16 +234,6 @@ async fn two_instances_started_together_on_two_states_migrate_once() {
     two_instances(false, false).await;
 }
 
-fn failing() -> CarrierBuilder {
-    carrier("0002-backfill")
-        .phase("migrate")
-        .sql(
-            "001.sql",
-            "ALTER TABLE orders ADD COLUMN total int;\nINSERT INTO orders (customer, qty) VALUES ('mallory', 1);",
-        )
-        .verify("SELECT count(*) = 0 FROM orders WHERE total IS NULL")
-}
-
 /// Reads the child's stderr until a line contains `marker`.
 async fn wait_for_line(child: &mut Child, marker: &str) -> String {
     let stderr = child.stderr.take().expect("piped stderr");
@@ -275,7 +258,7 @@ async fn wait_for_line(child: &mut Child, marker: &str) -> String {
 async fn killed_after_the_restored_server_was_promoted_keeps_its_writes() {
     let (f, c1) = with_orders().await;
     let schema = f.schema().await;
-    f.commit_carrier(&failing(), "backfill that fails verify");
+    f.commit_carrier(&failing_backfill(""), "backfill that fails verify");
     let mut child = f.spawn_run(
         &f.state(),
         &["--revert", "commit"],
@@ -377,7 +360,7 @@ async fn killed_during_the_gate_push_that_the_remote_accepted_promotes_once_with
 #[tokio::test]
 async fn killed_during_the_revert_branch_push_makes_one_revert() {
     let (f, c1) = with_orders().await;
-    let c2 = f.commit_carrier(&failing(), "backfill that fails verify");
+    let c2 = f.commit_carrier(&failing_backfill(""), "backfill that fails verify");
     let hooks = f.dir.path().join("hook");
     std::fs::create_dir_all(&hooks).unwrap();
     install_hook(&f, "post-receive", "refs/heads/backstop/revert-*", &hooks);
@@ -419,7 +402,7 @@ async fn killed_during_the_revert_branch_push_makes_one_revert() {
 #[tokio::test]
 async fn a_revert_the_remote_refused_is_owed_in_status_and_made_by_a_later_pass() {
     let (f, c1) = with_orders().await;
-    let c2 = f.commit_carrier(&failing(), "backfill that fails verify");
+    let c2 = f.commit_carrier(&failing_backfill(""), "backfill that fails verify");
     let hooks = f.dir.path().join("hook");
     std::fs::create_dir_all(&hooks).unwrap();
     std::fs::write(hooks.join("refuse"), "").unwrap();
@@ -464,7 +447,7 @@ async fn a_revert_the_remote_refused_is_owed_in_status_and_made_by_a_later_pass(
 #[tokio::test]
 async fn a_failed_restore_puts_the_original_data_directory_back_and_stops_the_gate() {
     let (f, c1) = with_orders().await;
-    f.commit_carrier(&failing(), "backfill that fails verify");
+    f.commit_carrier(&failing_backfill(""), "backfill that fails verify");
     let crashed = f
         .run_env(&["--revert", "commit"], &[("BACKSTOP_TEST_CRASH_AT", "Verifying")])
         .await;
@@ -541,7 +524,7 @@ async fn a_failed_restore_puts_the_original_data_directory_back_and_stops_the_ga
 #[tokio::test]
 async fn killed_after_a_dump_restore_finished_keeps_the_restored_databases_writes() {
     let (f, c1) = with_orders().await;
-    f.commit_carrier(&failing(), "backfill that fails verify");
+    f.commit_carrier(&failing_backfill(""), "backfill that fails verify");
     let server = common::http::git_server(f.dir.path().to_path_buf(), "x-access-token", TOKEN).await;
     let url = format!("{}/sre.git", server.url());
     let flags = ["--git-token-env", "GIT_TOKEN", "--revert", "commit"];

@@ -27,24 +27,7 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 
-/// splitmix64: small, seeded, reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-}
+type Rng = SplitMix;
 
 const DIR: &str = "apps/shop/migrations";
 
@@ -570,7 +553,7 @@ async fn run_seed(seed: u64, steps: usize) {
     let mut m = Model {
         f,
         dev,
-        rng: Rng(seed),
+        rng: SplitMix(seed),
         next_id: 0,
         gate,
         log: Vec::new(),

@@ -306,9 +306,14 @@ impl Fixture {
     }
 
     /// Journal entries.
+    /// Runs in the journal (not the leftovers of an interrupted atomic write).
     pub fn journal_len(&self) -> usize {
         std::fs::read_dir(self.state().join("journal"))
-            .map(|d| d.count())
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                    .count()
+            })
             .unwrap_or(0)
     }
 
@@ -402,4 +407,35 @@ pub async fn insert_orders(f: &Fixture) {
         .batch_execute("INSERT INTO orders (customer, qty) VALUES ('ada', 2), ('grace', 1), ('linus', 3)")
         .await
         .unwrap();
+}
+
+/// A migration that commits (a column and a row without it) and then fails
+/// its verify: remediation must restore the data. `extra` is appended SQL.
+pub fn failing_backfill(extra: &str) -> CarrierBuilder {
+    carrier("0002-backfill")
+        .phase("migrate")
+        .sql(
+            "001.sql",
+            &format!("ALTER TABLE orders ADD COLUMN total int;\nINSERT INTO orders (customer, qty) VALUES ('mallory', 1);\n{extra}"),
+        )
+        .verify("SELECT count(*) = 0 FROM orders WHERE total IS NULL")
+}
+
+/// splitmix64: a small seeded generator for reproducible random tests.
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
 }
