@@ -310,9 +310,16 @@ impl Model {
                 }
                 // A file the plan cannot read blocks everything after it: a
                 // developer fixes that first.
+                // Then what the gate says it waits for.
+                let waiting = status_json(&self.f.state())["gates"][0]["waiting"].to_string();
                 let pick = blocking
                     .iter()
                     .position(|b| b.is_err())
+                    .or_else(|| {
+                        blocking
+                            .iter()
+                            .position(|b| b.as_ref().is_ok_and(|(id, _, _)| waiting.contains(id.as_str())))
+                    })
                     .unwrap_or_else(|| self.rng.below(blocking.len()));
                 match &blocking[pick] {
                     Err(file) => {
