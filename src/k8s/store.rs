@@ -247,3 +247,34 @@ impl RunStore for MigrationRunStore {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_with(annotations: &[(&str, &str)]) -> MigrationRun {
+        let mut mr = MigrationRun::new(
+            "r1",
+            MigrationRunSpec {
+                kustomization: "shop".into(),
+                commit: "abc".into(),
+                migrations: vec![],
+            },
+        );
+        mr.metadata.annotations = Some(
+            annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        mr
+    }
+
+    #[test]
+    fn an_acknowledged_by_annotation_takes_a_failed_run_over() {
+        let ack = acknowledgement(&run_with(&[(ACK_BY, "alice"), (ACK_NOTE, "checked the db")])).unwrap();
+        assert_eq!((ack.by.as_str(), ack.note.as_str()), ("alice", "checked the db"));
+        assert!(acknowledgement(&run_with(&[(ACK_BY, "  ")])).is_none());
+        assert!(acknowledgement(&run_with(&[])).is_none());
+    }
+}
