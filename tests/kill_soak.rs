@@ -34,6 +34,10 @@ fn journal_point(f: &Fixture) -> String {
         .map(|e| e.path())
         .max();
     let Some(path) = newest else { return "no run".into() };
+    if f.journal_len() < 2 {
+        // Only the fixture's first run: killed before this run was recorded.
+        return "before the run was recorded (fetch, plan, claim)".into();
+    }
     let run: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
     let step = run["steps"]
         .as_array()
