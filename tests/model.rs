@@ -544,13 +544,39 @@ impl Model {
 /// Carriers of `sha` under apps/shop, read with git and parsed with
 /// backstop's annotation parser: Ok((id, checksum, file)) or Err(broken file).
 fn gate_carriers(remote: &Path, sha: &str) -> Vec<Result<(String, String, String), String>> {
+    // One `ls-tree` and one `cat-file --batch` (not a process per file):
+    // long runs hold hundreds of files.
     let names = git(remote, &["ls-tree", "-r", "--name-only", sha, "apps/shop"]);
+    let names: Vec<&str> = names.lines().collect();
+    let mut child = std::process::Command::new("git")
+        .arg("-C")
+        .arg(remote)
+        .args(["cat-file", "--batch"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("git cat-file");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        for name in &names {
+            writeln!(stdin, "{sha}:{name}").unwrap();
+        }
+    }
+    let out = child.wait_with_output().expect("git cat-file").stdout;
     let mut snapshot = backstop::manifests::Snapshot::new();
-    for name in names.lines() {
-        snapshot.insert(
-            name.to_string(),
-            git(remote, &["show", &format!("{sha}:{name}")]).into_bytes(),
-        );
+    let mut at = 0;
+    for name in &names {
+        let header_end = at + out[at..].iter().position(|b| *b == b'\n').expect("cat-file header");
+        let header = String::from_utf8_lossy(&out[at..header_end]).to_string();
+        let size: usize = header
+            .rsplit(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .expect("cat-file size");
+        let body = out[header_end + 1..header_end + 1 + size].to_vec();
+        at = header_end + 1 + size + 1;
+        snapshot.insert(name.to_string(), body);
     }
     let mut out = Vec::new();
     for (file, bytes) in snapshot.iter().filter(|(f, _)| backstop::manifests::is_yaml(f)) {
