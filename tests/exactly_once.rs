@@ -8,26 +8,12 @@
 
 mod common;
 
-use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
 use common::*;
 use tokio::io::AsyncBufReadExt;
 use tokio::process::Child;
-
-/// Polls `check` until it holds (panics naming `what` after 90 s).
-async fn wait_until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// Active sessions of backstop runs whose query matches `like`.
 async fn run_sessions(f: &Fixture, like: &str) -> i64 {
@@ -68,16 +54,6 @@ async fn history_rows(f: &Fixture, id: &str) -> i64 {
     .await
 }
 
-fn assert_nothing_reverted(f: &Fixture) {
-    assert_eq!(f.revert_commits("main"), 0, "no revert on main");
-    assert_eq!(
-        git(f.remote.path(), &["branch", "--list", "backstop/revert-*"]).trim(),
-        "",
-        "no revert branch"
-    );
-    assert_eq!(f.kept_data_dirs(), 0, "no restore");
-}
-
 fn slow_migration(id: &str, sql: &str) -> CarrierBuilder {
     carrier(id)
         .sql("001.sql", sql)
@@ -113,7 +89,7 @@ async fn assert_applied_once_and_promoted(f: &Fixture, out: &std::process::Outpu
             .await,
         1
     );
-    assert_nothing_reverted(f);
+    f.assert_nothing_reverted();
     let report = f.reports().pop().unwrap();
     assert_eq!(report["outcome"], "Succeeded", "{report}");
 }
@@ -188,7 +164,7 @@ async fn two_instances(shared_state: bool, staggered: bool) {
         assert!(text(&b).contains(expected), "{all}");
     }
     assert_eq!(history_rows(&f, "0002-note").await, 1, "exactly one migration:\n{all}");
-    assert_nothing_reverted(&f);
+    f.assert_nothing_reverted();
     // Whoever was busy catches up: nothing left to run.
     for state in [f.state(), other_state] {
         let out = f
@@ -211,7 +187,7 @@ async fn two_instances(shared_state: bool, staggered: bool) {
         0,
         "no claim left behind"
     );
-    assert_nothing_reverted(&f);
+    f.assert_nothing_reverted();
 }
 
 #[tokio::test]
@@ -327,22 +303,23 @@ async fn wait_file(path: &Path) {
     .await;
 }
 
-#[tokio::test]
-async fn killed_during_the_gate_push_that_the_remote_accepted_promotes_once_without_revert() {
-    let (f, _) = with_orders().await;
-    let c2 = f.commit_carrier(
-        &slow_migration("0002-note", "ALTER TABLE orders ADD COLUMN note text;"),
-        "note",
-    );
+/// Serves the remote over smart HTTP with a post-receive hook on `refs`,
+/// runs backstop there and kills it with SIGKILL while the remote is in the
+/// hook (the push accepted, backstop not yet told); returns once the hook
+/// has finished. The server and its URL are for the rerun.
+async fn kill_during_push(
+    f: &Fixture,
+    refs: &str,
+    flags: &[&str],
+    env: &[(&str, &str)],
+) -> (common::http::Server, String) {
     let hooks = f.dir.path().join("hook");
     std::fs::create_dir_all(&hooks).unwrap();
-    install_hook(&f, "post-receive", &format!("refs/heads/{GATE}"), &hooks);
+    install_hook(f, "post-receive", refs, &hooks);
     let server = common::http::git_server(f.dir.path().to_path_buf(), "x-access-token", TOKEN).await;
     let url = format!("{}/sre.git", server.url());
-    let flags = ["--git-token-env", "GIT_TOKEN", "--revert", "commit"];
-    let env = [("GIT_TOKEN", TOKEN)];
     let child = f
-        .url_command(&url, &flags, &env)
+        .url_command(&url, flags, env)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -350,6 +327,19 @@ async fn killed_during_the_gate_push_that_the_remote_accepted_promotes_once_with
     wait_file(&hooks.join("started")).await;
     kill9(child).await;
     wait_file(&hooks.join("done")).await;
+    (server, url)
+}
+
+#[tokio::test]
+async fn killed_during_the_gate_push_that_the_remote_accepted_promotes_once_without_revert() {
+    let (f, _) = with_orders().await;
+    let c2 = f.commit_carrier(
+        &slow_migration("0002-note", "ALTER TABLE orders ADD COLUMN note text;"),
+        "note",
+    );
+    let flags = ["--git-token-env", "GIT_TOKEN", "--revert", "commit"];
+    let env = [("GIT_TOKEN", TOKEN)];
+    let (_server, url) = kill_during_push(&f, &format!("refs/heads/{GATE}"), &flags, &env).await;
     assert_eq!(f.gate(), c2, "the remote took the push before backstop died");
 
     let out = f.run_url(&url, &flags, &env).await;
@@ -361,22 +351,9 @@ async fn killed_during_the_gate_push_that_the_remote_accepted_promotes_once_with
 async fn killed_during_the_revert_branch_push_makes_one_revert() {
     let (f, c1) = with_orders().await;
     let c2 = f.commit_carrier(&failing_backfill(""), "backfill that fails verify");
-    let hooks = f.dir.path().join("hook");
-    std::fs::create_dir_all(&hooks).unwrap();
-    install_hook(&f, "post-receive", "refs/heads/backstop/revert-*", &hooks);
-    let server = common::http::git_server(f.dir.path().to_path_buf(), "x-access-token", TOKEN).await;
-    let url = format!("{}/sre.git", server.url());
     let flags = ["--git-token-env", "GIT_TOKEN", "--revert", "pull-request"];
     let env = [("GIT_TOKEN", TOKEN)];
-    let child = f
-        .url_command(&url, &flags, &env)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_file(&hooks.join("started")).await;
-    kill9(child).await;
-    wait_file(&hooks.join("done")).await;
+    let (_server, url) = kill_during_push(&f, "refs/heads/backstop/revert-*", &flags, &env).await;
 
     let out = f.run_url(&url, &flags, &env).await;
     assert_eq!(out.status.code(), Some(1), "rolled back: {}", text(&out));
@@ -420,12 +397,7 @@ async fn a_revert_the_remote_refused_is_owed_in_status_and_made_by_a_later_pass(
     let env = [("GIT_TOKEN", TOKEN)];
     let out = f.run_url(&url, &flags, &env).await;
     assert!(text(&out).contains("pre-receive hook declined"), "{}", text(&out));
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
-        .args(["status", "--json", "--state"])
-        .arg(f.state())
-        .output()
-        .unwrap();
-    let s: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let s = f.status();
     let waiting = &s["gates"][0]["waiting"];
     assert_eq!(waiting["kind"], "retrying", "the revert is owed: {s}");
     assert!(waiting["step"].as_str().unwrap().starts_with("revert"), "{s}");

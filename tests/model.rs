@@ -613,15 +613,6 @@ fn journal_ids(state: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn status_json(state: &Path) -> serde_json::Value {
-    let out = std::process::Command::new(bin())
-        .args(["status", "--json", "--state"])
-        .arg(state)
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
-}
-
 async fn run_seed(seed: u64, steps: usize) {
     let f = Fixture::new().await;
     let dev = Dev::new(f.remote.path(), f.dir.path());

@@ -18,27 +18,6 @@ fn note_column() -> CarrierBuilder {
         .verify("SELECT count(*) = 1 FROM information_schema.columns WHERE column_name = 'note'")
 }
 
-/// `backstop status --json` of the fixture's state.
-fn status(f: &Fixture) -> serde_json::Value {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
-        .args(["status", "--json", "--state"])
-        .arg(f.state())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn assert_nothing_reverted(f: &Fixture) {
-    assert_eq!(f.revert_commits("main"), 0, "no revert on main");
-    assert_eq!(
-        git(f.remote.path(), &["branch", "--list", "backstop/revert-*"]).trim(),
-        "",
-        "no revert branch"
-    );
-    assert_eq!(f.kept_data_dirs(), 0, "no restore");
-}
-
 #[tokio::test]
 async fn advisory_lock_held_past_the_timeout_defers_without_revert_and_retries() {
     let (f, c1) = with_orders().await;
@@ -57,13 +36,13 @@ async fn advisory_lock_held_past_the_timeout_defers_without_revert_and_retries()
     );
     assert!(text(&out).contains("migration lock"), "{}", text(&out));
     assert_eq!(f.gate(), c1, "gate unchanged");
-    assert_nothing_reverted(&f);
+    f.assert_nothing_reverted();
     assert_eq!(
         f.count("SELECT count(*) FROM information_schema.columns WHERE column_name = 'note'")
             .await,
         0
     );
-    let s = status(&f);
+    let s = f.status();
     assert_eq!(s["runs"][1]["outcome"], "Deferred", "{s}");
     assert_eq!(s["runs"][1]["failure"]["kind"], "Transient", "{s}");
     let waiting = &s["gates"][0]["waiting"];
@@ -79,8 +58,8 @@ async fn advisory_lock_held_past_the_timeout_defers_without_revert_and_retries()
     let out = f.run(&["--revert", "commit", "--retry-backoff", "0"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_eq!(f.gate(), c2, "gate moved once the fault was gone");
-    assert_nothing_reverted(&f);
-    let s = status(&f);
+    f.assert_nothing_reverted();
+    let s = f.status();
     assert!(s["gates"][0]["waiting"].is_null(), "{s}");
     assert_eq!(s["runs"][2]["outcome"], "Succeeded", "{s}");
     // The retry knew it was one: the attempt count carried over.
@@ -118,7 +97,7 @@ async fn database_down_before_anything_ran_waits_without_revert_and_retries() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_eq!(f.gate(), c1, "gate unchanged");
     assert_eq!(f.revert_commits("main"), 0, "no revert on main");
-    let s = status(&f);
+    let s = f.status();
     let waiting = &s["gates"][0]["waiting"];
     assert_eq!(waiting["kind"], "retrying", "{s}");
     assert!(waiting["cause"].as_str().unwrap().contains("0002-note"), "{s}");
@@ -128,7 +107,7 @@ async fn database_down_before_anything_ran_waits_without_revert_and_retries() {
     let out = f.run(&["--revert", "commit", "--retry-backoff", "0"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_eq!(f.gate(), c2);
-    assert_nothing_reverted(&f);
+    f.assert_nothing_reverted();
 }
 
 /// Makes the remote refuse pushes to the gate while `flag` exists.
@@ -171,14 +150,14 @@ async fn remote_refusing_the_gate_push_at_promotion_retries_without_restore_or_r
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(text(&out).contains("pre-receive hook declined"), "{}", text(&out));
     assert_eq!(f.gate(), c1, "the remote refused the gate push");
-    assert_nothing_reverted(&f);
+    f.assert_nothing_reverted();
     // The migration stays applied and verified: the run waits in Promoting.
     assert_eq!(
         f.count("SELECT count(*) FROM backstop.migration_history WHERE id = '0002-note' AND success")
             .await,
         1
     );
-    let s = status(&f);
+    let s = f.status();
     assert_eq!(s["runs"][1]["phase"], "Promoting", "{s}");
     assert_eq!(s["gates"][0]["waiting"]["step"], "promote", "{s}");
 
@@ -187,7 +166,7 @@ async fn remote_refusing_the_gate_push_at_promotion_retries_without_restore_or_r
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(text(&out).contains("resuming run"), "{}", text(&out));
     assert_eq!(f.gate(), c2, "promoted once the remote accepted");
-    assert_nothing_reverted(&f);
+    f.assert_nothing_reverted();
     assert_eq!(f.journal_len(), 2, "the same run finished; no second run");
     assert_eq!(
         f.count("SELECT count(*) FROM backstop.migration_history WHERE id = '0002-note'")

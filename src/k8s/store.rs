@@ -214,7 +214,7 @@ impl RunStore for MigrationRunStore {
                     .status
                     .and_then(|s| s.record)
                     .and_then(|r| serde_json::from_value(r).ok())?;
-                if run.acknowledged.is_none() && run.phase == crate::run::Phase::Failed {
+                if run.awaits_person() {
                     run.acknowledged = ack;
                 }
                 Some(run)

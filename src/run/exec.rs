@@ -45,7 +45,7 @@ impl Engine {
                     let outcome = run.outcome().unwrap_or(Outcome::Failed);
                     // A failed remediation keeps the database claimed until a
                     // person takes it over (`backstop ack`): nobody has checked it.
-                    if let (Some(carrier), false) = (run.migrations.first(), outcome == Outcome::Failed) {
+                    if let (Some(carrier), false) = (run.migrations.first(), run.awaits_person()) {
                         self.release(carrier).await;
                     }
                     match outcome {

@@ -180,11 +180,7 @@ impl Engine {
         // person takes it over (`backstop ack`): the database is in a state
         // nobody checked.
         let runs = self.store.list().await?;
-        if let Some(run) = runs
-            .iter()
-            .rev()
-            .find(|r| r.phase == Phase::Failed && r.acknowledged.is_none())
-        {
+        if let Some(run) = runs.iter().rev().find(|r| r.awaits_person()) {
             report.gate = self.git.require_branch(&self.settings.gate).await?;
             report.waiting = wait_for_run(run);
             return Ok(());
@@ -202,14 +198,13 @@ impl Engine {
             let Some(carrier) = run.migrations.first() else {
                 continue;
             };
-            if !done.insert(gate::database_key(carrier)) {
+            let key = gate::database_key(carrier);
+            if !done.insert(key.clone()) {
                 continue;
             }
-            let held = runs.iter().any(|r| {
-                r.phase == Phase::Failed
-                    && r.acknowledged.is_none()
-                    && r.migrations.first().map(gate::database_key) == Some(gate::database_key(carrier))
-            });
+            let held = runs
+                .iter()
+                .any(|r| r.awaits_person() && r.migrations.first().map(gate::database_key).as_ref() == Some(&key));
             if !held {
                 self.release(carrier).await;
             }
@@ -632,7 +627,7 @@ pub fn wait_for_run(run: &RunRecord) -> Option<Wait> {
                 }
                 None => format!("revert branch {} ({})", v.branch, short(&v.commit)),
             }),
-            needs_person: run.phase == Phase::Failed && run.acknowledged.is_none(),
+            needs_person: run.awaits_person(),
             detail: run.failure.as_ref().map(|f| f.message.clone()).unwrap_or_default(),
         }),
         _ => None,

@@ -227,6 +227,12 @@ impl RunRecord {
         }
     }
 
+    /// Whether the run failed in a way only a person can finish and nobody
+    /// has taken it over yet (`backstop ack`): it holds the gate and its claim.
+    pub fn awaits_person(&self) -> bool {
+        self.phase == Phase::Failed && self.acknowledged.is_none()
+    }
+
     /// Whether the run still has work (including writing its report).
     pub fn is_open(&self) -> bool {
         !self.phase.is_terminal() || !self.report_written

@@ -105,6 +105,33 @@ pub fn bin() -> std::path::PathBuf {
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_backstop").into())
 }
 
+/// `backstop status --json --state <state>`.
+pub fn status_output(state: &Path) -> Output {
+    std::process::Command::new(bin())
+        .args(["status", "--json", "--state"])
+        .arg(state)
+        .output()
+        .expect("run backstop status")
+}
+
+/// The status JSON of `state` (Null when it cannot be read).
+pub fn status_json(state: &Path) -> serde_json::Value {
+    serde_json::from_slice(&status_output(state).stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// Polls `check` until it holds (panics naming `what` after 90 s).
+pub async fn wait_until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(90);
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// A server, a remote and a state directory.
 pub struct Fixture {
     pub server: PgServer,
@@ -147,6 +174,24 @@ impl Fixture {
 
     pub fn state(&self) -> PathBuf {
         self.dir.path().join("state")
+    }
+
+    /// `backstop status --json` of the fixture's state (which must succeed).
+    pub fn status(&self) -> serde_json::Value {
+        let out = status_output(&self.state());
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// No revert on main, no revert branch, no restore.
+    pub fn assert_nothing_reverted(&self) {
+        assert_eq!(self.revert_commits("main"), 0, "no revert on main");
+        assert_eq!(
+            git(self.remote.path(), &["branch", "--list", "backstop/revert-*"]).trim(),
+            "",
+            "no revert branch"
+        );
+        assert_eq!(self.kept_data_dirs(), 0, "no restore");
     }
 
     /// Commits a carrier on main.
