@@ -27,6 +27,58 @@ impl Drop for ControlPlane {
     }
 }
 
+fn log(dir: &tempfile::TempDir, name: &str) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.path().join(name))
+        .unwrap()
+}
+
+/// Spawns `spawn(attempt)` until its health URL answers 2xx; a child that
+/// exits first (its port was taken) is retried with the fresh ports the next
+/// call picks. Panics with the tail of `<name>.log` after 5 attempts or 60 s.
+async fn start_until_up(
+    dir: &tempfile::TempDir,
+    name: &str,
+    mut spawn: impl FnMut(u32) -> (Child, u16, String),
+) -> (Child, u16) {
+    let http = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    for attempt in 0..5 {
+        let (mut child, port, url) = spawn(attempt);
+        for _ in 0..240 {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            let up = http
+                .get(&url)
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await
+                .ok()
+                .filter(|r| r.status().is_success())
+                .is_some();
+            if up {
+                return (child, port);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        eprintln!("{name} did not come up on port {port} (attempt {attempt}); retrying on fresh ports");
+    }
+    let file = if name == "etcd" { "etcd.log" } else { "apiserver.log" };
+    let log = std::fs::read_to_string(dir.path().join(file)).unwrap_or_default();
+    panic!(
+        "{name} not ready after 5 attempts:\n{}",
+        &log[log.len().saturating_sub(3000)..]
+    );
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -59,18 +111,26 @@ impl ControlPlane {
     pub async fn start(tokens: &[&str]) -> Option<Self> {
         let bin = assets()?;
         let dir = tempfile::tempdir().unwrap();
-        let (etcd_port, peer_port, port) = (free_port(), free_port(), free_port());
-        let log = |name: &str| std::fs::File::create(dir.path().join(name)).unwrap();
-        let etcd = Command::new(bin.join("etcd"))
-            .arg("--data-dir")
-            .arg(dir.path().join("etcd"))
-            .arg(format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"))
-            .arg(format!("--advertise-client-urls=http://127.0.0.1:{etcd_port}"))
-            .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"))
-            .stdout(Stdio::null())
-            .stderr(log("etcd.log"))
-            .spawn()
-            .expect("start etcd");
+        // A port picked free can be taken (by another test's server or an
+        // outgoing connection) before etcd binds it: start etcd until it
+        // answers, with fresh ports each time.
+        let (etcd, etcd_port) = start_until_up(&dir, "etcd", |attempt| {
+            let (etcd_port, peer_port) = (free_port(), free_port());
+            let child = Command::new(bin.join("etcd"))
+                .arg("--data-dir")
+                .arg(dir.path().join(format!("etcd-{attempt}")))
+                .arg(format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"))
+                .arg(format!("--advertise-client-urls=http://127.0.0.1:{etcd_port}"))
+                .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"))
+                .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"))
+                .arg(format!("--initial-cluster=default=http://127.0.0.1:{peer_port}"))
+                .stdout(Stdio::null())
+                .stderr(log(&dir, "etcd.log"))
+                .spawn()
+                .expect("start etcd");
+            (child, etcd_port, format!("http://127.0.0.1:{etcd_port}/health"))
+        })
+        .await;
         let certs = dir.path().join("certs");
         std::fs::create_dir_all(&certs).unwrap();
         let sa = certs.join("sa.key");
@@ -97,64 +157,42 @@ impl ControlPlane {
             csv.push('\n');
         }
         std::fs::write(dir.path().join("tokens.csv"), csv).unwrap();
-        let apiserver = Command::new(bin.join("kube-apiserver"))
-            .arg(format!("--etcd-servers=http://127.0.0.1:{etcd_port}"))
-            .arg(format!("--cert-dir={}", certs.display()))
-            .arg(format!("--secure-port={port}"))
-            .args([
-                "--bind-address=127.0.0.1",
-                "--insecure-port=0",
-                "--service-account-issuer=https://kubernetes.default.svc",
-            ])
-            .arg(format!("--service-account-key-file={}", certs.join("sa.pub").display()))
-            .arg(format!("--service-account-signing-key-file={}", sa.display()))
-            .arg(format!("--token-auth-file={}", dir.path().join("tokens.csv").display()))
-            .args([
-                "--authorization-mode=RBAC",
-                "--service-cluster-ip-range=10.0.0.0/24",
-                "--allow-privileged=true",
-            ])
-            .stdout(Stdio::null())
-            .stderr(log("apiserver.log"))
-            .spawn()
-            .expect("start kube-apiserver");
+        let (apiserver, port) = start_until_up(&dir, "kube-apiserver", |_| {
+            let port = free_port();
+            let child = Command::new(bin.join("kube-apiserver"))
+                .arg(format!("--etcd-servers=http://127.0.0.1:{etcd_port}"))
+                .arg(format!("--cert-dir={}", certs.display()))
+                .arg(format!("--secure-port={port}"))
+                .args([
+                    "--bind-address=127.0.0.1",
+                    "--insecure-port=0",
+                    "--service-account-issuer=https://kubernetes.default.svc",
+                ])
+                .arg(format!("--service-account-key-file={}", certs.join("sa.pub").display()))
+                .arg(format!("--service-account-signing-key-file={}", sa.display()))
+                .arg(format!("--token-auth-file={}", dir.path().join("tokens.csv").display()))
+                .args([
+                    "--authorization-mode=RBAC",
+                    "--service-cluster-ip-range=10.0.0.0/24",
+                    "--allow-privileged=true",
+                ])
+                .stdout(Stdio::null())
+                .stderr(log(&dir, "apiserver.log"))
+                .spawn()
+                .expect("start kube-apiserver");
+            (child, port, format!("https://127.0.0.1:{port}/readyz"))
+        })
+        .await;
         let kubeconfig = kubeconfig(port, ADMIN_TOKEN);
         std::fs::write(dir.path().join("kubeconfig"), &kubeconfig).unwrap();
-        let mut plane = Self {
+        let plane = Self {
             children: vec![etcd, apiserver],
             dir,
             port,
             client: client_for(port, ADMIN_TOKEN).await,
         };
-        plane.wait_ready().await;
         plane.install_crds().await;
         Some(plane)
-    }
-
-    async fn wait_ready(&mut self) {
-        let http = reqwest::Client::builder()
-            .danger_accept_invalid_certs(true)
-            .build()
-            .unwrap();
-        for _ in 0..240 {
-            let ok = http
-                .get(format!("https://127.0.0.1:{}/readyz", self.port))
-                .bearer_auth(ADMIN_TOKEN)
-                .send()
-                .await
-                .ok()
-                .filter(|r| r.status().is_success())
-                .is_some();
-            if ok {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        let log = std::fs::read_to_string(self.dir.path().join("apiserver.log")).unwrap_or_default();
-        panic!(
-            "kube-apiserver not ready within 60s:\n{}",
-            &log[log.len().saturating_sub(3000)..]
-        );
     }
 
     async fn install_crds(&self) {
