@@ -91,7 +91,31 @@ impl PgServer {
             port,
             stopped: true,
         };
-        server.pg_ctl_start().await?;
+        // The port was free when picked but may be taken before the server
+        // binds it (other servers, outgoing connections): on a failed start,
+        // try again on a fresh port (a later `port =` line wins).
+        let mut attempt = 0;
+        loop {
+            match server.pg_ctl_start().await {
+                Ok(()) => break,
+                Err(_) if attempt < 3 => {
+                    attempt += 1;
+                    server.port = free_port().map_err(|source| PgServerError::Io {
+                        path: server.root.path().into(),
+                        source,
+                    })?;
+                    append(
+                        &server.data_dir().join("postgresql.conf"),
+                        &format!("port = {}\n", server.port),
+                    )
+                    .map_err(|source| PgServerError::Io {
+                        path: server.data_dir(),
+                        source,
+                    })?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
         server.stopped = false;
         Ok(server)
     }
