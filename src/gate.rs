@@ -38,8 +38,91 @@ pub struct BrokenFile {
 #[derive(Debug, Clone, PartialEq)]
 pub struct TreeState {
     pub sha: String,
+    /// In (file, line) order.
     pub carriers: Vec<Carrier>,
     pub broken: Vec<BrokenFile>,
+    /// Files under the path this commit changed against the commit before
+    /// it in the pending list (empty for the gate's own state).
+    pub changed: BTreeSet<String>,
+}
+
+impl TreeState {
+    /// The state of `sha` whose guarded files are `snapshot`.
+    pub fn parse(sha: &str, snapshot: &manifests::Snapshot) -> Self {
+        let mut state = TreeState {
+            sha: sha.to_string(),
+            carriers: Vec::new(),
+            broken: Vec::new(),
+            changed: BTreeSet::new(),
+        };
+        for file in snapshot.keys() {
+            state.parse_file(snapshot, file);
+        }
+        state
+    }
+
+    fn parse_file(&mut self, snapshot: &manifests::Snapshot, file: &str) {
+        let Some(bytes) = snapshot.get(file).filter(|_| manifests::is_yaml(file)) else {
+            return;
+        };
+        match manifests::parse_file(snapshot, file, bytes) {
+            Ok(mut found) => self.carriers.append(&mut found),
+            Err(errors) => self.broken.push(BrokenFile {
+                file: file.to_string(),
+                message: errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "),
+                digest: hex::encode(Sha256::digest(bytes)),
+            }),
+        }
+    }
+
+    /// The state of the child commit `sha` that made `changes` to this
+    /// state's tree (`snapshot`, updated in place). Only what the change can
+    /// affect is parsed again: changed YAML files, carriers whose SQL files
+    /// changed, and broken files (a change may mend what they name).
+    pub fn next(&self, sha: &str, snapshot: &mut manifests::Snapshot, changes: crate::git::Changes) -> Self {
+        if changes.is_empty() {
+            let mut same = self.clone();
+            same.sha = sha.to_string();
+            same.changed.clear();
+            return same;
+        }
+        let changed: BTreeSet<String> = changes.keys().cloned().collect();
+        for (file, content) in changes {
+            match content {
+                Some(bytes) => snapshot.insert(file, bytes),
+                None => snapshot.remove(&file),
+            };
+        }
+        let mut reparse: BTreeSet<String> = changed.iter().filter(|f| manifests::is_yaml(f)).cloned().collect();
+        for c in &self.carriers {
+            if c.sql_files.iter().any(|f| changed.contains(f)) {
+                reparse.insert(c.file.clone());
+            }
+        }
+        reparse.extend(self.broken.iter().map(|b| b.file.clone()));
+        let mut next = TreeState {
+            sha: sha.to_string(),
+            carriers: self
+                .carriers
+                .iter()
+                .filter(|c| !reparse.contains(&c.file))
+                .cloned()
+                .collect(),
+            broken: self
+                .broken
+                .iter()
+                .filter(|b| !reparse.contains(&b.file))
+                .cloned()
+                .collect(),
+            changed,
+        };
+        for file in &reparse {
+            next.parse_file(snapshot, file);
+        }
+        next.carriers.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
+        next.broken.sort_by(|a, b| a.file.cmp(&b.file));
+        next
+    }
 }
 
 /// Key of a database in history lookups (`url:VAR` / `cnpg:ns/name` + database name).
@@ -196,6 +279,30 @@ pub fn furthest(states: &[TreeState], history: &History, exempt: &Exempt) -> Opt
     states.iter().rposition(|s| violations(s, history, exempt).is_empty())
 }
 
+/// Tree states of `pending` (oldest first), built from `gate` by applying
+/// each commit's changes under `path` against the commit before it: one
+/// snapshot and one batch of path-limited diffs, whatever the number of
+/// commits, and only changed files parsed again.
+pub async fn trees(
+    git: &GitRepo,
+    path: &str,
+    gate: &TreeState,
+    pending: &[CommitInfo],
+) -> Result<Vec<TreeState>, GitError> {
+    if pending.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut snapshot = git.snapshot(&gate.sha, path).await?;
+    let shas: Vec<String> = pending.iter().map(|c| c.sha.clone()).collect();
+    let changes = git.changes(&gate.sha, &shas, path).await?;
+    let mut out: Vec<TreeState> = Vec::with_capacity(pending.len());
+    for (sha, changes) in shas.iter().zip(changes) {
+        let state = out.last().unwrap_or(gate).next(sha, &mut snapshot, changes);
+        out.push(state);
+    }
+    Ok(out)
+}
+
 /// Proof that a target passed the invariant check; only this module makes it.
 #[derive(Debug)]
 pub struct Checked {
@@ -242,42 +349,12 @@ pub struct GateView<'a> {
 impl GateView<'_> {
     /// The carriers and broken files of `sha`'s guarded tree.
     pub async fn tree(&self, sha: &str) -> Result<TreeState, GitError> {
-        let snapshot = self.git.snapshot(sha, self.path).await?;
-        let mut carriers = Vec::new();
-        let mut broken = Vec::new();
-        for (file, bytes) in snapshot.iter().filter(|(f, _)| manifests::is_yaml(f)) {
-            match manifests::parse_file(&snapshot, file, bytes) {
-                Ok(mut found) => carriers.append(&mut found),
-                Err(errors) => broken.push(BrokenFile {
-                    file: file.clone(),
-                    message: errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "),
-                    digest: hex::encode(Sha256::digest(bytes)),
-                }),
-            }
-        }
-        Ok(TreeState {
-            sha: sha.to_string(),
-            carriers,
-            broken,
-        })
+        Ok(TreeState::parse(sha, &self.git.snapshot(sha, self.path).await?))
     }
 
-    /// Tree states of `pending` (oldest first). A commit that changes nothing
-    /// under the path shares its parent's state.
+    /// Tree states of `pending` (oldest first): see [`trees`].
     pub async fn trees(&self, gate: &TreeState, pending: &[CommitInfo]) -> Result<Vec<TreeState>, GitError> {
-        let mut out: Vec<TreeState> = Vec::with_capacity(pending.len());
-        for c in pending {
-            let changed = self.git.changed_paths(None, &c.sha, self.path).await?;
-            let state = if changed.is_empty() {
-                let mut same = out.last().unwrap_or(gate).clone();
-                same.sha = c.sha.clone();
-                same
-            } else {
-                self.tree(&c.sha).await?
-            };
-            out.push(state);
-        }
-        Ok(out)
+        trees(self.git, self.path, gate, pending).await
     }
 
     /// History of every database the trees' carriers name.
@@ -469,6 +546,7 @@ mod tests {
             sha: sha.into(),
             carriers: carriers.iter().map(|(i, c)| carrier(i, c)).collect(),
             broken: vec![],
+            changed: BTreeSet::new(),
         }
     }
 

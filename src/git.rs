@@ -55,6 +55,9 @@ pub enum GitError {
 
 type Result<T> = std::result::Result<T, GitError>;
 
+/// One commit's changes under a path: file → new content (None: deleted).
+pub type Changes = std::collections::BTreeMap<String, Option<Vec<u8>>>;
+
 /// What a report needs to know about a commit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommitInfo {
@@ -206,8 +209,51 @@ impl GitRepo {
         tokio::task::spawn_blocking(move || f(&this)).await?
     }
 
-    /// Fetches every branch of the remote (pruning deleted ones).
+    /// Fetches every branch of the remote (pruning deleted ones), then
+    /// repacks the mirror when packs pile up (see [`maintain`](Self::maintain)).
     pub async fn fetch(&self) -> Result<()> {
+        self.fetch_only().await?;
+        self.maintain().await;
+        Ok(())
+    }
+
+    /// Packs in the mirror above which [`maintain`](Self::maintain) repacks
+    /// (git's own `gc.autoPackLimit` is 50).
+    pub const PACK_LIMIT: usize = 32;
+
+    /// Every fetch leaves one more pack, and every object lookup searches
+    /// them all: once more than [`PACK_LIMIT`](Self::PACK_LIMIT) pile up, the
+    /// mirror is repacked into one with `git repack -a -d` (git's own tool;
+    /// libgit2 has no repack). A repack that cannot run is logged and the
+    /// mirror stays usable, only slower.
+    pub async fn maintain(&self) {
+        let packs = std::fs::read_dir(self.mirror.join("objects").join("pack"))
+            .map(|dir| {
+                dir.filter_map(|e| e.ok())
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "pack"))
+                    .count()
+            })
+            .unwrap_or(0);
+        if packs <= Self::PACK_LIMIT {
+            return;
+        }
+        let mut cmd = tokio::process::Command::new("git");
+        cmd.arg("-C").arg(&self.mirror).args(["repack", "-a", "-d", "-q"]);
+        crate::pgbin::dies_with_us(&mut cmd);
+        match cmd.output().await {
+            Ok(out) if out.status.success() => tracing::info!(packs, "repacked the git mirror"),
+            Ok(out) => tracing::warn!(
+                packs,
+                stderr = %String::from_utf8_lossy(&out.stderr).trim(),
+                "git repack of the mirror failed; it stays usable, only slower"
+            ),
+            Err(e) => {
+                tracing::warn!(packs, error = %e, "cannot run git repack on the mirror; it stays usable, only slower")
+            }
+        }
+    }
+
+    async fn fetch_only(&self) -> Result<()> {
         self.blocking(|this| {
             let repo = this.repo()?;
             let err = |source| GitError::Fetch {
@@ -374,6 +420,66 @@ impl GitRepo {
                         }
                     }
                 }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// What each of `shas` changed under `prefix` against the one before it
+    /// (the first against `from`), with the new content of each changed file
+    /// (None: deleted). One repository and pathspec-limited tree diffs for the
+    /// whole list: the cost grows with the files the commits touch under the
+    /// path, not with the size of the tree.
+    pub async fn changes(&self, from: &str, shas: &[String], prefix: &str) -> Result<Vec<Changes>> {
+        let (from, shas, prefix) = (from.to_string(), shas.to_vec(), normalize_prefix(prefix));
+        self.blocking(move |this| {
+            let repo = this.repo()?;
+            let mut opts = git2::DiffOptions::new();
+            if !prefix.is_empty() {
+                opts.pathspec(&prefix);
+            }
+            let tree_of = |sha: &str| {
+                repo.find_commit(oid(sha)?)
+                    .and_then(|c| c.tree())
+                    .map_err(|source| GitError::Read {
+                        sha: sha.to_string(),
+                        source,
+                    })
+            };
+            let mut out = Vec::with_capacity(shas.len());
+            let mut before = tree_of(&from)?;
+            for sha in &shas {
+                let read = |source| GitError::Read {
+                    sha: sha.clone(),
+                    source,
+                };
+                let tree = tree_of(sha)?;
+                let diff = repo
+                    .diff_tree_to_tree(Some(&before), Some(&tree), Some(&mut opts))
+                    .map_err(read)?;
+                let mut changes = Changes::new();
+                for delta in diff.deltas() {
+                    for (file, side_is_new) in [(delta.old_file(), false), (delta.new_file(), true)] {
+                        let Some(path) = file.path().and_then(|p| p.to_str()) else {
+                            continue;
+                        };
+                        if !under(path, &prefix) || file.mode() == git2::FileMode::Commit {
+                            continue;
+                        }
+                        let content = if side_is_new && !file.id().is_zero() && file.exists() {
+                            Some(repo.find_blob(file.id()).map_err(read)?.content().to_vec())
+                        } else {
+                            None
+                        };
+                        // The new side wins when both name the path.
+                        if content.is_some() || !changes.contains_key(path) {
+                            changes.insert(path.to_string(), content);
+                        }
+                    }
+                }
+                out.push(changes);
+                before = tree;
             }
             Ok(out)
         })

@@ -77,12 +77,14 @@ pub struct Candidate {
 /// Finds the touched carriers in `gate..head` (limited to `path`) and groups
 /// them by introducing commit, in commit order. YAML files that the range
 /// changes must parse; unchanged ones that do not are skipped with a warning
-/// (they are already live and carry nothing to run).
+/// (they are already live and carry nothing to run). `trees` are the pending
+/// commits' tree states (their `changed` sets say what each commit touched).
 pub async fn discover(
     git: &GitRepo,
     gate: &str,
     head: &str,
     path: &str,
+    trees: &[crate::gate::TreeState],
     pending: &[CommitInfo],
 ) -> Result<Vec<Candidate>, PlanError> {
     let touched = touched_carriers(git, Some(gate), head, path).await?;
@@ -90,10 +92,7 @@ pub async fn discover(
         return Ok(Vec::new());
     }
     // Introducing commit: the last pending commit that changed the carrier's files.
-    let mut per_commit: Vec<BTreeSet<String>> = Vec::with_capacity(pending.len());
-    for c in pending {
-        per_commit.push(git.changed_paths(None, &c.sha, path).await?);
-    }
+    let per_commit: Vec<&BTreeSet<String>> = trees.iter().map(|t| &t.changed).collect();
     let mut groups: BTreeMap<usize, Vec<Carrier>> = BTreeMap::new();
     for carrier in touched {
         let files: Vec<&String> = std::iter::once(&carrier.file).chain(carrier.sql_files.iter()).collect();

@@ -254,7 +254,7 @@ impl Engine {
             return Ok(());
         }
         let trees = view.trees(&gate_tree, &pending).await?;
-        let candidates = match plan::discover(&self.git, &gate, &head, &self.settings.path, &pending).await {
+        let candidates = match plan::discover(&self.git, &gate, &head, &self.settings.path, &trees, &pending).await {
             Ok(c) => c,
             Err(e) => {
                 report.waiting = Some(self.plan_wait(&e, &head).await);
