@@ -30,13 +30,24 @@ pub trait Cluster: Send + Sync {
     async fn lock(&self, run_id: &str) -> Result<String, ClusterError>;
     /// After the gate moved to `commit`: resume and wait until it is live and healthy.
     async fn promote(&self, run_id: &str, commit: &str) -> Result<String, ClusterError>;
-    /// Releases the pause this run holds (never one a person holds).
-    async fn unlock(&self, run_id: &str) -> Result<String, ClusterError>;
+    /// Releases the pause this run holds (never one a person holds). `held`
+    /// (`NS/NAME`) is what the run's restore holds until the recovery
+    /// manifest is live: when that is the guarded target itself, it stays
+    /// paused and only [`release`](Self::release) resumes it.
+    async fn unlock(&self, run_id: &str, held: Option<&str>) -> Result<String, ClusterError>;
     /// Releases another object a restore held for the run (`NS/NAME` of a
     /// Kustomization owning a recreated database cluster).
     async fn release(&self, held: &str, run_id: &str) -> Result<String, ClusterError> {
         let _ = run_id;
         Ok(format!("nothing to release for {held} here"))
+    }
+    /// The commit the source of the held object `NS/NAME` has fetched (for
+    /// Flux: its GitRepository's `status.artifact.revision`): a hold is
+    /// released only once that commit carries the recovery manifest. None:
+    /// there is no such source here, the gate itself is what deploys.
+    async fn source_revision(&self, held: &str) -> Result<Option<String>, ClusterError> {
+        let _ = held;
+        Ok(None)
     }
 }
 
@@ -71,7 +82,7 @@ impl Cluster for LocalCluster {
         ))
     }
 
-    async fn unlock(&self, _run_id: &str) -> Result<String, ClusterError> {
+    async fn unlock(&self, _run_id: &str, _held: Option<&str>) -> Result<String, ClusterError> {
         Ok("local mode: nothing to resume".into())
     }
 }

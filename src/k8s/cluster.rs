@@ -123,7 +123,13 @@ impl Cluster for KubeCluster {
         }
     }
 
-    async fn unlock(&self, run_id: &str) -> Result<String, ClusterError> {
+    async fn unlock(&self, run_id: &str, held: Option<&str>) -> Result<String, ClusterError> {
+        if held == Some(self.kustomization.to_string().as_str()) {
+            return Ok(format!(
+                "{} stays suspended: it owns the recovered database cluster and is resumed only once its GitRepository artifact carries the recovery manifest",
+                self.kustomization
+            ));
+        }
         match pause::unlock(self.client.clone(), &self.kustomization, run_id).await {
             Ok(Resumed::Resumed) => Ok(format!("resumed {}", self.kustomization)),
             Ok(Resumed::NotSuspended) => Ok(format!("{} is running", self.kustomization)),
@@ -133,5 +139,47 @@ impl Cluster for KubeCluster {
             )),
             Err(e) => Err(ClusterError::Other(crate::run::chain(&e))),
         }
+    }
+
+    async fn source_revision(&self, held: &str) -> Result<Option<String>, ClusterError> {
+        let target: KustomizationRef = held
+            .parse()
+            .map_err(|e: pause::PauseError| ClusterError::Other(e.to_string()))?;
+        let ks = pause::kustomizations(self.client.clone(), &target.namespace)
+            .get(&target.name)
+            .await
+            .map_err(|e| ClusterError::Other(format!("failed to read Kustomization {target}: {e}")))?;
+        let source = &ks.data["spec"]["sourceRef"];
+        let ns = source["namespace"].as_str().unwrap_or(&target.namespace);
+        let name = source["name"].as_str().unwrap_or_default();
+        let repo = super::controller::git_repositories(self.client.clone(), ns)
+            .get(name)
+            .await
+            .map_err(|e| ClusterError::Other(format!("failed to read GitRepository {ns}/{name}: {e}")))?;
+        let revision = repo.data["status"]["artifact"]["revision"].as_str().unwrap_or("");
+        artifact_sha(revision).map(|sha| Some(sha.to_string())).ok_or_else(|| {
+            ClusterError::Other(format!(
+                "GitRepository {ns}/{name} has no artifact revision yet ({revision:?})"
+            ))
+        })
+    }
+}
+
+/// The commit of a GitRepository artifact revision: `branch@sha1:<sha>`
+/// (Flux v1) or `branch/<sha>` (older).
+pub fn artifact_sha(revision: &str) -> Option<&str> {
+    let sha = revision.rsplit([':', '/']).next()?;
+    (sha.len() >= 7 && sha.chars().all(|c| c.is_ascii_hexdigit())).then_some(sha)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn artifact_revisions_name_their_commit() {
+        let sha = "0123456789abcdef0123456789abcdef01234567";
+        assert_eq!(super::artifact_sha(&format!("backstop/gate@sha1:{sha}")), Some(sha));
+        assert_eq!(super::artifact_sha(&format!("main/{sha}")), Some(sha));
+        assert_eq!(super::artifact_sha(""), None);
+        assert_eq!(super::artifact_sha("main@sha1:"), None);
     }
 }

@@ -311,6 +311,12 @@ async fn publish_events(
     }
 }
 
+/// Flux GitRepositories in `namespace`.
+pub fn git_repositories(client: kube::Client, namespace: &str) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("source.toolkit.fluxcd.io", "v1", "GitRepository");
+    Api::namespaced_with(client, namespace, &ApiResource::from_gvk(&gvk))
+}
+
 fn kustomization_resource() -> ApiResource {
     ApiResource::from_gvk(&GroupVersionKind::gvk(
         "kustomize.toolkit.fluxcd.io",

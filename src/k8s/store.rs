@@ -138,6 +138,10 @@ pub fn status_of(run: &RunRecord, generation: Option<i64>) -> MigrationRunStatus
             ),
         ],
     };
+    let mut conditions = conditions;
+    if let Some(why) = run.hold_waiting.as_deref().filter(|_| !run.hold_released) {
+        conditions.push(condition("Held", "True", "WaitingForSource", why, generation));
+    }
     let window = Report::from_run(run).data_loss_window.map(|w| w.seconds);
     MigrationRunStatus {
         observed_generation: generation,

@@ -220,7 +220,15 @@ impl Engine {
                 let pr = revert_pull_request(run, &revert.branch, &self.settings.upstream);
                 O::PullRequest(self.forge.open_pull_request(&pr).await.map_err(|e| transient(&e)))
             }
-            Action::Unlock => O::Unlocked(self.cluster.unlock(&run.id).await.map_err(|e| transient(&e))),
+            Action::Unlock => {
+                let held = run
+                    .restore
+                    .as_ref()
+                    .and_then(|r| r.manifest_patch.as_ref())
+                    .and_then(|p| p.hold.as_deref())
+                    .filter(|_| !run.hold_released);
+                O::Unlocked(self.cluster.unlock(&run.id, held).await.map_err(|e| transient(&e)))
+            }
             Action::Report => {
                 let report = Report::from_run(run);
                 O::Reported(self.store.write_report(run, &report).await.map_err(|e| {
@@ -550,17 +558,53 @@ pub(super) async fn release_holds(engine: &Engine, runs: &[RunRecord], gate: &st
             continue;
         };
         let Some(hold) = patch.hold.clone() else { continue };
-        let Ok(snapshot) = engine.git.snapshot(gate, "").await else {
-            continue;
+        // What deploys the held object: its source's fetched revision (Flux's
+        // GitRepository artifact), else the gate.
+        let carried = match engine.cluster.source_revision(&hold).await {
+            Ok(Some(at)) => match engine.git.snapshot(&at, "").await {
+                Ok(snapshot) => Ok((at, snapshot)),
+                Err(e) => Err(format!(
+                    "the source of {hold} is at {at}, which cannot be read yet: {}",
+                    chain(&e)
+                )),
+            },
+            Ok(None) => match engine.git.snapshot(gate, "").await {
+                Ok(snapshot) => Ok((gate.to_string(), snapshot)),
+                Err(e) => Err(chain(&e)),
+            },
+            Err(e) => Err(chain(&e)),
         };
-        let applied =
-            crate::manifests::patch_manifest(&snapshot, &patch.kind, &patch.namespace, &patch.name, &patch.merge)
+        let waiting = match &carried {
+            Ok((at, snapshot)) => {
+                let applied = crate::manifests::patch_manifest(
+                    snapshot,
+                    &patch.kind,
+                    &patch.namespace,
+                    &patch.name,
+                    &patch.merge,
+                )
                 .is_some_and(|f| f.already);
-        if !applied {
-            tracing::info!(run = %run.id, held = %hold, "held until the gate carries the {} manifest change", patch.kind);
+                (!applied).then(|| {
+                    format!(
+                        "{hold} stays suspended until what it deploys carries the {} {}/{} recovery manifest (it deploys {})",
+                        patch.kind,
+                        patch.namespace,
+                        patch.name,
+                        &at[..at.len().min(12)]
+                    )
+                })
+            }
+            Err(e) => Some(format!("{hold} stays suspended: {e}")),
+        };
+        let mut run = run.clone();
+        if let Some(why) = waiting {
+            tracing::info!(run = %run.id, held = %hold, "{why}");
+            if run.hold_waiting.as_deref() != Some(why.as_str()) {
+                run.hold_waiting = Some(why);
+                engine.store.save(&run).await?;
+            }
             continue;
         }
-        let mut run = run.clone();
         let step = format!("release {hold}");
         machine::begin(&mut run, &step, Utc::now());
         engine.store.save(&run).await?;
@@ -568,6 +612,7 @@ pub(super) async fn release_holds(engine: &Engine, runs: &[RunRecord], gate: &st
             Ok(detail) => {
                 machine::close(&mut run, &step, true, detail, Utc::now());
                 run.hold_released = true;
+                run.hold_waiting = None;
             }
             Err(e) => machine::close(&mut run, &step, false, chain(&e), Utc::now()),
         }

@@ -480,6 +480,7 @@ impl Engine {
             revert: None,
             gate_revert: None,
             hold_released: false,
+            hold_waiting: None,
             remediation_errors: Vec::new(),
             report_written: false,
             acknowledged: None,

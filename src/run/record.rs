@@ -182,6 +182,9 @@ pub struct RunRecord {
     /// Whatever the restore held (a Kustomization) was released.
     #[serde(default)]
     pub hold_released: bool,
+    /// What the hold still waits for (shown on the run until released).
+    #[serde(default)]
+    pub hold_waiting: Option<String>,
     /// The revert pushed straight to the gate when the commit was already
     /// promoted (the bad code was live): its sha.
     #[serde(default)]

@@ -91,6 +91,7 @@ impl Build {
                 restore: None,
                 revert: None,
                 hold_released: false,
+                hold_waiting: None,
                 gate_revert: None,
                 remediation_errors: Vec::new(),
                 report_written: false,
