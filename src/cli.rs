@@ -129,7 +129,8 @@ pub enum Command {
         /// State directory: git mirrors, checkpoints, reports.
         #[arg(long, env = "BACKSTOP_STATE", default_value = "/var/lib/backstop")]
         state: PathBuf,
-        /// Seconds between passes (changes to Kustomizations wake it sooner).
+        /// Seconds between passes of each guarded Kustomization (a change of
+        /// it, of its GitRepository or of one of its MigrationRuns wakes it sooner).
         #[arg(long, env = "BACKSTOP_INTERVAL", default_value_t = 30)]
         interval: u64,
         /// Seconds the pause handshake and the post-promotion health gate may take.
@@ -144,6 +145,11 @@ pub enum Command {
         /// Name of the leader-election Lease.
         #[arg(long, env = "BACKSTOP_LEASE_NAME", default_value = "backstop-controller")]
         lease_name: String,
+        /// Seconds the Lease is valid without renewal. It is renewed every
+        /// third of this; the first failed renewal stops every reconcile, and
+        /// a follower takes over once it expired.
+        #[arg(long, env = "BACKSTOP_LEASE_SECONDS", default_value_t = 15)]
+        lease_seconds: u64,
         /// This replica's identity in the Lease (the pod name).
         #[arg(long, env = "HOSTNAME", default_value = "backstop")]
         identity: String,
@@ -433,6 +439,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             metrics_addr,
             lease_namespace,
             lease_name,
+            lease_seconds,
             identity,
             forge,
             forge_url,
@@ -447,6 +454,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                 timeout: Duration::from_secs(timeout),
                 metrics_addr,
                 lease: (lease_namespace, lease_name),
+                lease_duration: Duration::from_secs(lease_seconds.max(3)),
                 identity,
                 forge: (forge != crate::forge::ForgeKind::None).then(|| crate::k8s::controller::ControllerForge {
                     kind: forge,

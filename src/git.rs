@@ -85,6 +85,10 @@ pub struct GitRepo {
     auth: GitAuth,
     /// The gate branch: only [`GitRepo::push_gate`] may move it.
     protected: Option<String>,
+    /// Shared by the clones of one mirror (the controller's Kustomizations
+    /// on one repository): when the last fetch started, so that a fetch
+    /// asked for while another ran is answered by the next one alone.
+    fetched: std::sync::Arc<tokio::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 /// Identity backstop writes its commits with.
@@ -136,6 +140,7 @@ impl GitRepo {
                 .map(|(username, token)| GitAuth::Token { username, token })
                 .unwrap_or_default(),
             protected: None,
+            fetched: Default::default(),
         })
     }
 
@@ -176,6 +181,7 @@ impl GitRepo {
             url: path.display().to_string(),
             auth: GitAuth::None,
             protected: None,
+            fetched: Default::default(),
         })
     }
 
@@ -211,8 +217,18 @@ impl GitRepo {
 
     /// Fetches every branch of the remote (pruning deleted ones), then
     /// repacks the mirror when packs pile up (see [`maintain`](Self::maintain)).
+    /// Clones of one mirror (sharing it between Kustomizations) coalesce:
+    /// a fetch that began after this call was made and has finished
+    /// answers it, so a burst of passes on one repository fetches once.
     pub async fn fetch(&self) -> Result<()> {
+        let asked = std::time::Instant::now();
+        let mut last = self.fetched.lock().await;
+        if last.is_some_and(|started| started >= asked) {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
         self.fetch_only().await?;
+        *last = Some(started);
         self.maintain().await;
         Ok(())
     }

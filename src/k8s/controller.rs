@@ -1,14 +1,30 @@
-//! `backstop controller`: guards every Kustomization annotated
-//! `backstop.dev/guard: enabled`. For each, the GitRepository it follows gives
-//! the repository URL and the gate branch (`spec.ref.branch`), the annotation
-//! `backstop.dev/upstream-branch` the upstream (default `main`), `spec.path`
-//! the guarded folder, and the GitRepository's `spec.secretRef` (keys
-//! `username`, `password`) the git credentials, unless the Kustomization's
-//! `backstop.dev/git-secret` names another Secret (Flux only reads; backstop
-//! pushes the gate and reverts). Runs are `MigrationRun`s;
-//! the lock is the verified pause; promotion waits for Flux to report the new
-//! revision Ready. A pass runs on every change of a Kustomization and every
-//! `interval`; Kustomizations are processed one at a time.
+//! `backstop controller`: a `kube::runtime::Controller` over every
+//! Kustomization annotated `backstop.dev/guard: enabled`. For each, the
+//! GitRepository it follows gives the repository URL and the gate branch
+//! (`spec.ref.branch`), the annotation `backstop.dev/upstream-branch` the
+//! upstream (default `main`), `spec.path` the guarded folder, and the
+//! GitRepository's `spec.secretRef` (keys `username`, `password`) the git
+//! credentials, unless the Kustomization's `backstop.dev/git-secret` names
+//! another Secret (Flux only reads; backstop pushes the gate and reverts).
+//!
+//! - **Reconcile**: one pass of the Kustomization's engine (the same gate,
+//!   failure taxonomy and ownership rules as local mode). Every step of a run
+//!   is written to its `MigrationRun` before the next starts, so a reconcile
+//!   cut short resumes at the step it was in. Kustomizations reconcile
+//!   concurrently (a long migration on one app does not hold up another);
+//!   runs on one database are serialized by the database claim. A new
+//!   GitRepository artifact, a change of the Kustomization, or a person's
+//!   annotation on a `MigrationRun` triggers a reconcile; otherwise every
+//!   `interval`. A failed pass (an API or git fault) is retried with backoff
+//!   and never reverts anything.
+//! - **Leadership**: the controller runs only while this replica holds the
+//!   Lease, and is dropped (every reconcile cancelled) the moment a renewal
+//!   fails; every `MigrationRun` write carries the leadership's fence and is
+//!   refused once the Lease moved on. `/readyz` answers for a healthy
+//!   process, leader or not.
+//! - **What the gate waits for** is published once per change: a Warning
+//!   Event on the Kustomization, a `MigrationRun` for each refused commit
+//!   (`kubectl get mrun`), and the `backstop_refusals_total` metric.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -16,24 +32,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams};
-use kube::runtime::watcher;
-
-use super::cluster::KubeCluster;
-use super::crd::MigrationRun;
-use super::ops::{serve, LeaderElection, Metrics};
-use super::pause::{KustomizationRef, SUSPENDED_BY};
-use super::store::MigrationRunStore;
-use crate::checkpoint::{dump::DumpBackend, Checkpoint};
-use crate::forge::NoForge;
-use crate::git::{GitAuth, GitRepo};
-use crate::manifests::CheckpointKind;
-use crate::run::{CheckpointSet, Engine, Settings};
-use crate::run::{Outcome, RunRecord};
-use crate::runner::SqlRunner;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
+use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
 use kube::Resource;
+use tracing::Instrument;
+
+use super::crd::{MigrationRun, MigrationRunSpec};
+use super::engines::Engines;
+use super::ops::{serve, LeaderElection, Metrics};
+use super::pause::SUSPENDED_BY;
+use super::store::KUSTOMIZATION_LABEL;
+use crate::gate::Wait;
+use crate::run::{Outcome, RunRecord};
 
 /// Annotation that puts a Kustomization under guard.
 pub const GUARD: &str = "backstop.dev/guard";
@@ -42,42 +55,33 @@ pub const UPSTREAM: &str = "backstop.dev/upstream-branch";
 /// Annotation naming the Secret (`username`, `password`) backstop pushes with,
 /// when it differs from the GitRepository's read credentials.
 pub const GIT_SECRET: &str = "backstop.dev/git-secret";
+/// Annotation naming the repository on the forge (`owner/name`, or the GitLab
+/// project path); default: the path of the GitRepository URL.
+pub const FORGE_REPO: &str = "backstop.dev/forge-repo";
 
 /// Failures that stop the controller (a single Kustomization's failure does not).
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
     #[error(transparent)]
     Client(#[from] super::ClientError),
-    #[error("failed to list Kustomizations")]
-    List(#[source] kube::Error),
     #[error("PostgreSQL client programs are needed for dump checkpoints")]
     Bin(#[from] crate::pgbin::PgBinError),
     #[error(transparent)]
     Ops(#[from] super::ops::OpsError),
-    #[error("lost the leader lease to another replica; stopping so that only one acts")]
-    LostLease,
     #[error("forge configuration: {0}")]
     Forge(String),
 }
 
-/// Reads the Secret `namespace/name`.
-async fn read_secret(client: &kube::Client, namespace: &str, name: &str) -> Result<Secret, String> {
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    secrets
-        .get(name)
-        .await
-        .map_err(|e| format!("failed to read Secret {namespace}/{name}: {e}"))
-}
-
-/// One key of a Secret named `NAMESPACE/NAME`.
-async fn secret_value(client: &kube::Client, secret: &str, key: &str) -> Result<String, String> {
-    let (ns, name) = secret
-        .split_once('/')
-        .ok_or_else(|| format!("Secret {secret:?} must be NAMESPACE/NAME"))?;
-    let s = read_secret(client, ns, name).await?;
-    super::secret_key(&s, key)
-        .map(|v| v.trim().to_string())
-        .ok_or_else(|| format!("Secret {secret} has no key {key:?}"))
+/// Why one reconcile of a Kustomization did not complete (it is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("cannot guard {key}: {message}")]
+    Setup { key: String, message: String },
+    #[error("pass of {key} failed")]
+    Pass {
+        key: String,
+        source: crate::run::EngineError,
+    },
 }
 
 /// Settings of the controller.
@@ -93,6 +97,9 @@ pub struct ControllerOptions {
     pub metrics_addr: String,
     /// Namespace and name of the leader-election Lease.
     pub lease: (String, String),
+    /// How long the Lease is valid without renewal (renewed every third of
+    /// it; leadership ends at the first failed renewal).
+    pub lease_duration: Duration,
     /// This replica's identity (the pod name).
     pub identity: String,
     /// Where revert pull requests are opened (None: revert branches only).
@@ -109,18 +116,16 @@ pub struct ControllerForge {
     pub retry: crate::forge::Retry,
 }
 
-/// Annotation naming the repository on the forge (`owner/name`, or the GitLab
-/// project path); default: the path of the GitRepository URL.
-pub const FORGE_REPO: &str = "backstop.dev/forge-repo";
-
-/// `owner/name` from a git URL's path (`https://host/owner/name.git`).
-fn repo_path(url: &str) -> String {
-    let path = url.split_once("://").map(|(_, rest)| rest).unwrap_or(url);
-    let path = path.split_once('/').map(|(_, p)| p).unwrap_or("");
-    path.trim_end_matches('/').trim_end_matches(".git").to_string()
+/// `NS/NAME` of an object.
+fn key_of(obj: &DynamicObject) -> String {
+    format!(
+        "{}/{}",
+        obj.metadata.namespace.as_deref().unwrap_or_default(),
+        obj.metadata.name.as_deref().unwrap_or_default()
+    )
 }
 
-fn annotation<'a>(obj: &'a DynamicObject, key: &str) -> Option<&'a str> {
+pub(crate) fn annotation<'a>(obj: &'a DynamicObject, key: &str) -> Option<&'a str> {
     obj.metadata
         .annotations
         .as_ref()
@@ -128,145 +133,338 @@ fn annotation<'a>(obj: &'a DynamicObject, key: &str) -> Option<&'a str> {
         .map(String::as_str)
 }
 
-/// Runs until interrupted.
+/// What reconciles share.
+struct Ctx {
+    engines: Engines,
+    metrics: Arc<Metrics>,
+    recorder: Recorder,
+    interval: Duration,
+    /// Per Kustomization: the last wait published (no repeats) and the
+    /// consecutive failed reconciles (backoff).
+    published: tokio::sync::Mutex<HashMap<String, String>>,
+    failures: std::sync::Mutex<HashMap<String, u32>>,
+}
+
+/// Runs until interrupted: follows while another replica leads, leads while
+/// this one holds the Lease.
 pub async fn run(opts: ControllerOptions) -> Result<(), ControllerError> {
     let client = super::client(opts.kubeconfig.as_deref()).await?;
     let bindir = crate::pgbin::bindir()?;
     let metrics = Arc::new(Metrics::default());
     serve(&opts.metrics_addr, metrics.clone()).await?;
-    let election = LeaderElection {
-        api: Api::namespaced(client.clone(), &opts.lease.0),
-        namespace: opts.lease.0.clone(),
-        name: opts.lease.1.clone(),
-        identity: opts.identity.clone(),
-        duration: Duration::from_secs(15),
-    };
-    while !election.try_acquire().await? {
-        tracing::info!(lease = %election.name, "another replica leads; waiting");
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
-    metrics.set_leader(true);
-    tracing::info!(identity = %opts.identity, "leading");
-    let (lost_tx, lost) = tokio::sync::watch::channel(false);
-    let renewing = election.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(renewing.duration / 3).await;
-            if !matches!(renewing.try_acquire().await, Ok(true)) {
-                let _ = lost_tx.send(true);
-                return;
-            }
-        }
-    });
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: "backstop".into(),
-            instance: Some(opts.identity.clone()),
-        },
-    );
     // The forge token, read once; never logged.
     let forge_token = match &opts.forge {
         Some(f) => Some(
-            secret_value(&client, &f.token_secret, "token")
+            super::engines::secret_value(&client, &f.token_secret, "token")
                 .await
                 .map_err(ControllerError::Forge)?,
         ),
         None => None,
     };
-    let all: Api<DynamicObject> = Api::all_with(client.clone(), &kustomization_resource());
-    let wake = Arc::new(tokio::sync::Notify::new());
-    let notify = wake.clone();
-    let watch_api = all.clone();
-    tokio::spawn(async move {
-        let mut events = watcher(watch_api, watcher::Config::default()).boxed();
-        while let Some(event) = events.next().await {
-            if event.is_ok() {
-                notify.notify_one();
-            }
-        }
-    });
-    let mut engines: HashMap<String, Arc<Engine>> = HashMap::new();
-    tracing::info!(state = %opts.state.display(), "controller started");
+    metrics.set_ready(true);
+    let election = LeaderElection {
+        api: Api::namespaced(client.clone(), &opts.lease.0),
+        namespace: opts.lease.0.clone(),
+        name: opts.lease.1.clone(),
+        identity: opts.identity.clone(),
+        duration: opts.lease_duration,
+    };
+    tracing::info!(state = %opts.state.display(), identity = %opts.identity, "controller started");
     loop {
-        if *lost.borrow() {
-            metrics.set_leader(false);
-            return Err(ControllerError::LostLease);
-        }
-        let list = all.list(&ListParams::default()).await.map_err(ControllerError::List)?;
-        for ks in list.items.iter().filter(|k| annotation(k, GUARD) == Some("enabled")) {
-            let (Some(ns), Some(name)) = (ks.metadata.namespace.clone(), ks.metadata.name.clone()) else {
-                continue;
-            };
-            let key = format!("{ns}/{name}");
-            let span = tracing::info_span!("kustomization", kustomization = %key);
-            let _enter = span.enter();
-            let suspended = ks.data["spec"]["suspend"].as_bool().unwrap_or(false);
-            if suspended && annotation(ks, SUSPENDED_BY).is_none() {
-                tracing::info!("suspended by a person; waiting");
-                continue;
+        let transitions = loop {
+            match election.try_acquire().await {
+                Ok(Some(t)) => break t,
+                Ok(None) => tracing::debug!(lease = %election.name, "another replica leads; waiting"),
+                Err(e) => tracing::warn!(error = %crate::run::chain(&e), "cannot read the leader Lease; retrying"),
             }
-            let engine = match engines.get(&key) {
-                Some(e) => e.clone(),
-                None => match engine_for(&client, ks, &opts, &bindir, forge_token.as_deref()).await {
-                    Ok(e) => {
-                        let e = Arc::new(e);
-                        engines.insert(key.clone(), e.clone());
-                        e
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot guard this Kustomization");
-                        continue;
-                    }
-                },
-            };
-            drop(_enter);
-            match engine.pass().await {
-                Ok(report) => {
-                    for (id, outcome, location) in &report.runs {
-                        tracing::info!(kustomization = %key, run = %id, outcome = ?outcome, report = %location, "run finished");
-                        let record = engine
-                            .store
-                            .list()
-                            .await
-                            .ok()
-                            .and_then(|runs| runs.into_iter().find(|r| &r.id == id));
-                        if let Some(run) = &record {
-                            for step in &run.steps {
-                                if let Some(end) = step.finished_at {
-                                    metrics.step(
-                                        &step_kind(&step.name),
-                                        (end - step.started_at).num_milliseconds() as f64 / 1000.0,
-                                    );
-                                }
-                            }
-                        }
-                        let failure = record
-                            .as_ref()
-                            .and_then(|r| r.failure.as_ref())
-                            .map(|f| f.phase.to_string());
-                        metrics.run_finished(&format!("{outcome:?}"), failure.as_deref());
-                        publish_events(&recorder, &client, ks, id, *outcome, record.as_ref()).await;
-                    }
-                    if let Some(w) = report.waiting {
-                        tracing::warn!(kustomization = %key, "waiting: {w}");
-                    }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+            }
+        };
+        metrics.set_leader(true);
+        tracing::info!(identity = %opts.identity, transitions, "leading");
+        let (lost_tx, mut lost) = tokio::sync::watch::channel(false);
+        let renewing = election.clone();
+        let renewal = tokio::spawn(async move {
+            let every = renewing.duration / 3;
+            loop {
+                tokio::time::sleep(every).await;
+                let renewed = tokio::time::timeout(every, renewing.try_acquire()).await;
+                if !matches!(renewed, Ok(Ok(Some(t))) if t == transitions) {
+                    let _ = lost_tx.send(true);
+                    return;
                 }
-                Err(e) => tracing::error!(kustomization = %key, error = %crate::run::chain(&e), "pass failed"),
+            }
+        });
+        let ctx = Arc::new(Ctx {
+            engines: Engines::new(
+                client.clone(),
+                opts.clone(),
+                bindir.clone(),
+                forge_token.clone(),
+                Some(election.fence(transitions)),
+            ),
+            metrics: metrics.clone(),
+            recorder: Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: "backstop".into(),
+                    instance: Some(opts.identity.clone()),
+                },
+            ),
+            interval: opts.interval,
+            published: Default::default(),
+            failures: Default::default(),
+        });
+        let controller = controller(client.clone(), ctx);
+        tokio::select! {
+            _ = controller => tracing::warn!("the controller's watches ended"),
+            _ = lost.changed() => tracing::warn!(identity = %opts.identity, "lost the leader Lease; every reconcile stopped"),
+            _ = tokio::signal::ctrl_c() => {
+                renewal.abort();
+                return Ok(());
             }
         }
-        metrics.set_ready(true);
-        tokio::select! {
-            _ = tokio::time::sleep(opts.interval) => {}
-            _ = wake.notified() => {}
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+        renewal.abort();
+        metrics.set_leader(false);
+    }
+}
+
+/// The reconciler over guarded Kustomizations, triggered by their
+/// GitRepositories and MigrationRuns too.
+fn controller(client: kube::Client, ctx: Arc<Ctx>) -> impl std::future::Future<Output = ()> {
+    let ks_res = kustomization_resource();
+    let repo_res = git_repository_resource();
+    let main = Controller::new_with(
+        Api::<DynamicObject>::all_with(client.clone(), &ks_res),
+        watcher::Config::default(),
+        ks_res.clone(),
+    );
+    let store = main.store();
+    let by_source = ks_res.clone();
+    let by_run = ks_res.clone();
+    main.watches_with(
+        Api::<DynamicObject>::all_with(client.clone(), &repo_res),
+        repo_res,
+        watcher::Config::default(),
+        move |repo: DynamicObject| {
+            let (ns, name) = (repo.metadata.namespace.clone(), repo.metadata.name.clone());
+            store
+                .state()
+                .into_iter()
+                .filter(|ks| {
+                    let source = &ks.data["spec"]["sourceRef"];
+                    source["kind"] == "GitRepository"
+                        && source["name"].as_str() == name.as_deref()
+                        && source["namespace"].as_str().or(ks.metadata.namespace.as_deref()) == ns.as_deref()
+                })
+                .map(|ks| ObjectRef::from_obj_with(ks.as_ref(), by_source.clone()))
+                .collect::<Vec<_>>()
+        },
+    )
+    .watches(
+        Api::<MigrationRun>::all(client),
+        watcher::Config::default(),
+        move |mr: MigrationRun| {
+            let ks = mr
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(KUSTOMIZATION_LABEL))
+                .cloned();
+            let ns = mr.metadata.namespace.clone().unwrap_or_default();
+            ks.map(|name: String| ObjectRef::new_with(name.as_str(), by_run.clone()).within(&ns))
+        },
+    )
+    .run(reconcile, error_policy, ctx)
+    .for_each(|result| {
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "controller event");
+        }
+        futures::future::ready(())
+    })
+}
+
+async fn reconcile(ks: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, ReconcileError> {
+    let key = key_of(&ks);
+    let span = tracing::info_span!("kustomization", kustomization = %key);
+    async move {
+        if annotation(&ks, GUARD) != Some("enabled") {
+            return Ok(Action::await_change());
+        }
+        let suspended = ks.data["spec"]["suspend"].as_bool().unwrap_or(false);
+        if suspended && annotation(&ks, SUSPENDED_BY).is_none() {
+            tracing::info!("suspended by a person; waiting");
+            return Ok(Action::requeue(ctx.interval));
+        }
+        let engine = match ctx.engines.get(&ks).await {
+            Ok(engine) => engine,
+            Err(message) => {
+                let event = Event {
+                    type_: EventType::Warning,
+                    reason: "CannotGuard".into(),
+                    note: Some(truncate(message.clone())),
+                    action: "Guard".into(),
+                    secondary: None,
+                };
+                ctx.publish_once(&ks, &format!("setup: {message}"), &event).await;
+                return Err(ReconcileError::Setup { key, message });
+            }
+        };
+        let report = engine.pass().await.map_err(|source| ReconcileError::Pass {
+            key: key.clone(),
+            source,
+        })?;
+        if let Ok(mut failures) = ctx.failures.lock() {
+            failures.remove(&key);
+        }
+        if !report.runs.is_empty() {
+            let runs = engine.store.list().await.unwrap_or_default();
+            for (id, outcome, location) in &report.runs {
+                tracing::info!(run = %id, ?outcome, report = %location, "run finished");
+                let record = runs.iter().find(|r| &r.id == id);
+                ctx.metrics.record_run(*outcome, record);
+                publish_events(&ctx.recorder, &ctx.engines.client, &ks, id, *outcome, record).await;
+            }
+        }
+        ctx.publish_wait(&ks, report.waiting.as_ref()).await;
+        let next = match &report.waiting {
+            Some(Wait::Retrying { next_at, .. }) => (*next_at - chrono::Utc::now())
+                .to_std()
+                .unwrap_or_default()
+                .clamp(Duration::from_secs(1), ctx.interval),
+            _ => ctx.interval,
+        };
+        Ok(Action::requeue(next))
+    }
+    .instrument(span)
+    .await
+}
+
+/// A failed reconcile is logged once and retried with backoff (1 s doubling
+/// to 5 min); nothing is reverted for it.
+fn error_policy(ks: Arc<DynamicObject>, error: &ReconcileError, ctx: Arc<Ctx>) -> Action {
+    let key = key_of(&ks);
+    let attempts = ctx
+        .failures
+        .lock()
+        .map(|mut f| {
+            let n = f.entry(key.clone()).or_default();
+            *n += 1;
+            *n
+        })
+        .unwrap_or(1);
+    let delay = Duration::from_secs(1u64 << attempts.min(9)).min(Duration::from_secs(300));
+    tracing::error!(kustomization = %key, attempts, retry_in = ?delay, error = %crate::run::chain(error), "reconcile failed; retrying (nothing reverted)");
+    Action::requeue(delay)
+}
+
+fn truncate(mut note: String) -> String {
+    if note.len() > 1000 {
+        let mut end = 1000;
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+    }
+    note
+}
+
+impl Ctx {
+    /// Publishes `event` on the Kustomization unless `subject` is what was
+    /// last published for it. Returns whether it published.
+    async fn publish_once(&self, ks: &DynamicObject, subject: &str, event: &Event) -> bool {
+        let key = key_of(ks);
+        let mut published = self.published.lock().await;
+        if published.get(&key).map(String::as_str) == Some(subject) {
+            return false;
+        }
+        published.insert(key, subject.to_string());
+        drop(published);
+        if let Err(e) = self
+            .recorder
+            .publish(event, &ks.object_ref(&kustomization_resource()))
+            .await
+        {
+            tracing::warn!(error = %e, "could not publish the event on the Kustomization");
+        }
+        true
+    }
+
+    /// What the gate waits for, once per change: an Event, and for a
+    /// refused commit a `MigrationRun` and the refusal metric.
+    async fn publish_wait(&self, ks: &DynamicObject, waiting: Option<&Wait>) {
+        let Some(wait) = waiting else {
+            self.published.lock().await.remove(&key_of(ks));
+            return;
+        };
+        let (type_, reason) = match wait {
+            Wait::Refused { .. } => (EventType::Warning, "MigrationRefused"),
+            w if w.needs_person() => (EventType::Warning, "GateNeedsPerson"),
+            Wait::RunFailed { .. } => (EventType::Warning, "GateWaitsForRevert"),
+            Wait::Retrying { .. } => (EventType::Warning, "GateRetrying"),
+            Wait::GateRevert { .. } => (EventType::Normal, "GateHoldsRevert"),
+            Wait::Busy { .. } => (EventType::Normal, "DatabaseBusy"),
+        };
+        let text = wait.to_string();
+        // A retry's text changes with every attempt: publish it per cause.
+        let subject = match wait {
+            Wait::Retrying { step, cause, .. } => format!("retrying {step}: {cause}"),
+            _ => text.clone(),
+        };
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(truncate(text)),
+            action: "Gate".into(),
+            secondary: None,
+        };
+        if !self.publish_once(ks, &subject, &event).await {
+            return;
+        }
+        if let Wait::Refused { commit, message } = wait {
+            self.metrics.refused(&key_of(ks));
+            if let Err(e) = refusal_run(self.engines.client.clone(), ks, commit, message).await {
+                tracing::warn!(error = %e, "could not record the refusal as a MigrationRun");
+            }
         }
     }
 }
 
-/// `migrate 0001-x` → `migrate`: metrics label by step kind, not migration.
-fn step_kind(name: &str) -> String {
-    name.split_whitespace().next().unwrap_or(name).to_string()
+/// A `MigrationRun` named `<kustomization>-refused-<commit>` in phase
+/// `Refused` (Ready False, Stalled True) saying why: what `kubectl get mrun`
+/// shows for a commit the gate will not pass. It carries no run record, so
+/// the run store does not list it as a run.
+async fn refusal_run(client: kube::Client, ks: &DynamicObject, commit: &str, message: &str) -> Result<(), kube::Error> {
+    let ns = ks.metadata.namespace.clone().unwrap_or_default();
+    let ks_name = ks.metadata.name.clone().unwrap_or_default();
+    let name = format!("{ks_name}-refused-{}", &commit[..commit.len().min(12)]);
+    let api: Api<MigrationRun> = Api::namespaced(client, &ns);
+    let mut mr = MigrationRun::new(
+        &name,
+        MigrationRunSpec {
+            kustomization: ks_name.clone(),
+            commit: commit.to_string(),
+            migrations: Vec::new(),
+        },
+    );
+    mr.metadata.labels = Some([(KUSTOMIZATION_LABEL.to_string(), ks_name)].into());
+    match api.create(&PostParams::default(), &mr).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => return Err(e),
+    }
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let condition = |type_: &str, status: &str| serde_json::json!({"type": type_, "status": status, "reason": "Refused", "message": truncate(message.to_string()), "lastTransitionTime": now});
+    let patch = serde_json::json!({"status": {
+        "phase": "Refused",
+        "summary": truncate(message.to_string()),
+        "conditions": [condition("Ready", "False"), condition("Stalled", "True")],
+    }});
+    api.patch_status(&name, &Default::default(), &kube::api::Patch::Merge(&patch))
+        .await
+        .map(|_| ())
 }
 
 /// Events on the Kustomization (so Flux alerts see them) and on the MigrationRun.
@@ -313,8 +511,15 @@ async fn publish_events(
 
 /// Flux GitRepositories in `namespace`.
 pub fn git_repositories(client: kube::Client, namespace: &str) -> Api<DynamicObject> {
-    let gvk = GroupVersionKind::gvk("source.toolkit.fluxcd.io", "v1", "GitRepository");
-    Api::namespaced_with(client, namespace, &ApiResource::from_gvk(&gvk))
+    Api::namespaced_with(client, namespace, &git_repository_resource())
+}
+
+fn git_repository_resource() -> ApiResource {
+    ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "source.toolkit.fluxcd.io",
+        "v1",
+        "GitRepository",
+    ))
 }
 
 fn kustomization_resource() -> ApiResource {
@@ -323,141 +528,4 @@ fn kustomization_resource() -> ApiResource {
         "v1",
         "Kustomization",
     ))
-}
-
-/// Builds the engine for one guarded Kustomization from its GitRepository.
-async fn engine_for(
-    client: &kube::Client,
-    ks: &DynamicObject,
-    opts: &ControllerOptions,
-    bindir: &std::path::Path,
-    forge_token: Option<&str>,
-) -> Result<Engine, String> {
-    let ns = ks.metadata.namespace.clone().unwrap_or_default();
-    let name = ks.metadata.name.clone().unwrap_or_default();
-    let source = &ks.data["spec"]["sourceRef"];
-    if source["kind"] != "GitRepository" {
-        return Err(format!(
-            "spec.sourceRef must be a GitRepository, found {}",
-            source["kind"]
-        ));
-    }
-    let source_ns = source["namespace"].as_str().unwrap_or(&ns).to_string();
-    let source_name = source["name"].as_str().unwrap_or_default().to_string();
-    let gvk = GroupVersionKind::gvk("source.toolkit.fluxcd.io", "v1", "GitRepository");
-    let repos: Api<DynamicObject> = Api::namespaced_with(client.clone(), &source_ns, &ApiResource::from_gvk(&gvk));
-    let repo = repos
-        .get(&source_name)
-        .await
-        .map_err(|e| format!("failed to read GitRepository {source_ns}/{source_name}: {e}"))?;
-    let url = repo.data["spec"]["url"]
-        .as_str()
-        .ok_or("the GitRepository has no spec.url")?
-        .to_string();
-    let gate = repo.data["spec"]["ref"]["branch"]
-        .as_str()
-        .ok_or("the GitRepository must follow a branch (spec.ref.branch): the gate")?
-        .to_string();
-    // Credentials: the Secret `backstop.dev/git-secret` names (in the
-    // Kustomization's namespace), else the GitRepository's own secretRef.
-    let (secret_ns, secret_name) = match annotation(ks, GIT_SECRET) {
-        Some(name) => (ns.clone(), Some(name.to_string())),
-        None => (
-            source_ns.clone(),
-            repo.data["spec"]["secretRef"]["name"].as_str().map(str::to_string),
-        ),
-    };
-    let auth = match secret_name.as_deref() {
-        Some(secret) => {
-            let s = read_secret(client, &secret_ns, secret).await?;
-            let get = |k: &str| super::secret_key(&s, k);
-            match (get("username"), get("password")) {
-                (Some(username), Some(token)) => GitAuth::Token { username, token },
-                _ => {
-                    return Err(format!(
-                        "Secret {secret_ns}/{secret} needs `username` and `password` keys"
-                    ))
-                }
-            }
-        }
-        None => GitAuth::None,
-    };
-    let dir = opts.state.join(&ns).join(&name);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("failed to create {}: {e}", dir.display()))?;
-    let git = GitRepo::open(&dir.join("mirror.git"), &url)
-        .await
-        .map_err(|e| crate::run::chain(&e))?
-        .with_auth(auth)
-        .protect(&gate);
-    let dump: Arc<dyn Checkpoint> = Arc::new(DumpBackend {
-        bindir: bindir.to_path_buf(),
-        store: dir.join("checkpoints"),
-    });
-    let mut checkpoints = CheckpointSet::new();
-    checkpoints.insert(CheckpointKind::Dump, dump);
-    let cnpg: Arc<dyn Checkpoint> = Arc::new(crate::checkpoint::cnpg::CnpgBackend {
-        client: client.clone(),
-        timeout: opts.timeout,
-    });
-    checkpoints.insert(CheckpointKind::Backup, cnpg);
-    let forge: Arc<dyn crate::forge::Forge> = match (&opts.forge, forge_token) {
-        (Some(f), Some(token)) => crate::local::ForgeConfig {
-            kind: f.kind,
-            url: f.url.clone(),
-            repo: annotation(ks, FORGE_REPO)
-                .map(str::to_string)
-                .unwrap_or_else(|| repo_path(&url)),
-            token: token.to_string(),
-            retry: f.retry,
-        }
-        .build()
-        .map_err(|e| e.to_string())?,
-        _ => Arc::new(NoForge),
-    };
-    let path = ks.data["spec"]["path"]
-        .as_str()
-        .unwrap_or("")
-        .trim_start_matches("./")
-        .to_string();
-    let upstream = annotation(ks, UPSTREAM).unwrap_or("main").to_string();
-    let target = KustomizationRef {
-        namespace: ns.clone(),
-        name: name.clone(),
-    };
-    Ok(Engine {
-        git,
-        cluster: Arc::new(KubeCluster {
-            client: client.clone(),
-            kustomization: target,
-            timeout: opts.timeout,
-        }),
-        runner: Arc::new(super::job::KubeRunner {
-            client: client.clone(),
-            sql: SqlRunner,
-        }),
-        checkpoints,
-        forge,
-        store: Arc::new(MigrationRunStore::new(client.clone(), &ns, &name, dir.join("runs"))),
-        settings: Settings {
-            upstream,
-            gate,
-            path,
-            revert: None,
-            backoff: Default::default(),
-            // One leader-elected controller guards a Kustomization.
-            owner: format!("k8s:{ns}/{name}"),
-        },
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn forge_repository_comes_from_the_git_url_path() {
-        assert_eq!(super::repo_path("https://github.com/platform/sre.git"), "platform/sre");
-        assert_eq!(
-            super::repo_path("https://gitlab.example.com/group/sub/sre"),
-            "group/sub/sre"
-        );
-    }
 }

@@ -89,6 +89,10 @@ pub struct MigrationRunStatus {
     /// One-paragraph summary of the evidence report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<String>,
+    /// `holder/leaseTransitions` of the controller replica that last wrote
+    /// this status: a replica whose lease is older is refused (fencing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<String>,
     /// The full durable run record (what a restarted controller resumes from).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "preserve_unknown_fields")]

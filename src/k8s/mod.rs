@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod controller;
 pub mod crd;
+pub mod engines;
 pub mod job;
 pub mod ops;
 pub mod pause;

@@ -31,11 +31,33 @@ pub struct Metrics {
     runs: Mutex<BTreeMap<String, u64>>,
     failures: Mutex<BTreeMap<String, u64>>,
     steps: Mutex<BTreeMap<String, (f64, u64)>>,
+    refusals: Mutex<BTreeMap<String, u64>>,
     leader: Mutex<bool>,
     ready: Mutex<bool>,
 }
 
 impl Metrics {
+    /// A finished run: its outcome, failure phase and step timings.
+    pub fn record_run(&self, outcome: crate::run::Outcome, record: Option<&crate::run::RunRecord>) {
+        if let Some(run) = record {
+            for step in &run.steps {
+                if let Some(end) = step.finished_at {
+                    let kind = step.name.split_whitespace().next().unwrap_or(&step.name);
+                    self.step(kind, (end - step.started_at).num_milliseconds() as f64 / 1000.0);
+                }
+            }
+        }
+        let failure = record.and_then(|r| r.failure.as_ref()).map(|f| f.phase.to_string());
+        self.run_finished(&format!("{outcome:?}"), failure.as_deref());
+    }
+
+    /// The gate of `kustomization` refused a commit (counted once per refusal).
+    pub fn refused(&self, kustomization: &str) {
+        if let Ok(mut m) = self.refusals.lock() {
+            *m.entry(kustomization.into()).or_default() += 1;
+        }
+    }
+
     /// A finished run with its outcome (`Succeeded`, `RolledBack`, `Failed`).
     pub fn run_finished(&self, outcome: &str, failure_reason: Option<&str>) {
         if let Ok(mut m) = self.runs.lock() {
@@ -91,13 +113,17 @@ impl Metrics {
             let _ = writeln!(s, "backstop_step_duration_seconds_sum{{step=\"{k}\"}} {sum}");
             let _ = writeln!(s, "backstop_step_duration_seconds_count{{step=\"{k}\"}} {count}");
         }
+        let _ = writeln!(s, "# HELP backstop_refusals_total Commits the gate refused, by Kustomization.\n# TYPE backstop_refusals_total counter");
+        for (k, v) in self.refusals.lock().map(|m| m.clone()).unwrap_or_default() {
+            let _ = writeln!(s, "backstop_refusals_total{{kustomization=\"{k}\"}} {v}");
+        }
         let leader = self.leader.lock().map(|l| *l).unwrap_or(false);
         let _ = writeln!(s, "# HELP backstop_leader Whether this replica holds the lease.\n# TYPE backstop_leader gauge\nbackstop_leader {}", u8::from(leader));
         s
     }
 }
 
-/// Serves `/healthz` (alive), `/readyz` (leader and first pass done) and `/metrics`.
+/// Serves `/healthz` (alive), `/readyz` (started: client and endpoints up, leader or not) and `/metrics`.
 pub async fn serve(addr: &str, metrics: Arc<Metrics>) -> Result<tokio::task::JoinHandle<()>, OpsError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -153,10 +179,12 @@ impl LeaderElection {
         }
     }
 
-    /// One attempt: takes or renews the lease; `Ok(false)` while another
+    /// One attempt: takes or renews the lease; `Ok(None)` while another
     /// replica holds a lease that has not expired. A conflicting write (someone
-    /// else took it in between) is a `false` too.
-    pub async fn try_acquire(&self) -> Result<bool, OpsError> {
+    /// else took it in between) is a `None` too. `Some(transitions)`: this
+    /// replica holds it, and the lease changed hands that many times (the
+    /// fencing token of this leadership).
+    pub async fn try_acquire(&self) -> Result<Option<i32>, OpsError> {
         let now = Timestamp::now();
         let spec = LeaseSpec {
             holder_identity: Some(self.identity.clone()),
@@ -177,8 +205,8 @@ impl LeaderElection {
                     }),
                 };
                 match self.api.create(&PostParams::default(), &lease).await {
-                    Ok(_) => Ok(true),
-                    Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+                    Ok(_) => Ok(Some(0)),
+                    Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
                     Err(e) => Err(self.err()(e)),
                 }
             }
@@ -190,7 +218,7 @@ impl LeaderElection {
                     t.0.as_second() + ttl < now.as_second()
                 });
                 if !ours && !expired {
-                    return Ok(false);
+                    return Ok(None);
                 }
                 let acquire_time = if ours {
                     current.acquire_time.clone()
@@ -205,11 +233,87 @@ impl LeaderElection {
                 });
                 // Replace carries the resourceVersion: a concurrent taker makes this a 409.
                 match self.api.replace(&self.name, &PostParams::default(), &lease).await {
-                    Ok(_) => Ok(true),
-                    Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+                    Ok(_) => Ok(Some(transitions)),
+                    Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
                     Err(e) => Err(self.err()(e)),
                 }
             }
         }
+    }
+
+    /// The fence of the leadership `try_acquire` returned `transitions` for.
+    pub fn fence(&self, transitions: i32) -> Fence {
+        Fence {
+            election: self.clone(),
+            transitions,
+        }
+    }
+}
+
+/// One leadership of this replica: writes of run state carry its token and
+/// are refused once the Lease names another holder or a later transition,
+/// so a replica that lost the lease can never write a step after the next
+/// leader took over.
+#[derive(Clone)]
+pub struct Fence {
+    election: LeaderElection,
+    transitions: i32,
+}
+
+/// A write refused because this replica's leadership is over.
+#[derive(Debug, thiserror::Error)]
+#[error("this replica ({token}) no longer leads: {why}")]
+pub struct Fenced {
+    pub token: String,
+    pub why: String,
+}
+
+impl Fence {
+    /// `holder/transitions`, stored with every run-state write.
+    pub fn token(&self) -> String {
+        format!("{}/{}", self.election.identity, self.transitions)
+    }
+
+    /// The transition count of a stored token (None: not a token).
+    pub fn transitions_of(token: &str) -> Option<i32> {
+        token.rsplit_once('/').and_then(|(_, n)| n.parse().ok())
+    }
+
+    /// Ok while the Lease still names this leadership and has not expired.
+    pub async fn check(&self) -> Result<(), Fenced> {
+        let fenced = |why: String| Fenced {
+            token: self.token(),
+            why,
+        };
+        let lease = self
+            .election
+            .api
+            .get(&self.election.name)
+            .await
+            .map_err(|e| fenced(format!("the Lease cannot be read: {e}")))?;
+        let spec = lease.spec.unwrap_or_default();
+        let holder = spec.holder_identity.unwrap_or_default();
+        let transitions = spec.lease_transitions.unwrap_or(0);
+        let ttl = i64::from(spec.lease_duration_seconds.unwrap_or(15));
+        let expired = spec
+            .renew_time
+            .is_none_or(|t| t.0.as_second() + ttl < Timestamp::now().as_second());
+        if holder != self.election.identity || transitions != self.transitions {
+            return Err(fenced(format!(
+                "the Lease is held by {holder} (transition {transitions})"
+            )));
+        }
+        if expired {
+            return Err(fenced("the Lease expired".into()));
+        }
+        Ok(())
+    }
+
+    /// Whether a status written under `stored` may be overwritten by this
+    /// leadership (no later leadership wrote it).
+    pub fn may_overwrite(&self, stored: Option<&str>) -> bool {
+        stored
+            .and_then(Self::transitions_of)
+            .is_none_or(|theirs| theirs <= self.transitions)
     }
 }

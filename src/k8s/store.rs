@@ -23,6 +23,7 @@ pub struct MigrationRunStore {
     namespace: String,
     kustomization: String,
     reports: PathBuf,
+    fence: Option<super::ops::Fence>,
 }
 
 impl MigrationRunStore {
@@ -32,7 +33,15 @@ impl MigrationRunStore {
             namespace: namespace.into(),
             kustomization: kustomization.into(),
             reports,
+            fence: None,
         }
+    }
+
+    /// Fences every write with this replica's leadership: a save is refused
+    /// once the Lease moved on, or when a later leadership wrote the run.
+    pub fn fenced(mut self, fence: super::ops::Fence) -> Self {
+        self.fence = Some(fence);
+        self
     }
 }
 
@@ -166,6 +175,7 @@ pub fn status_of(run: &RunRecord, generation: Option<i64>) -> MigrationRunStatus
             .collect(),
         data_loss_window_seconds: window,
         summary: run.failure.as_ref().map(|f| f.message.clone()),
+        fence: None,
         record: serde_json::to_value(run).ok(),
     }
 }
@@ -173,13 +183,21 @@ pub fn status_of(run: &RunRecord, generation: Option<i64>) -> MigrationRunStatus
 #[async_trait::async_trait]
 impl RunStore for MigrationRunStore {
     async fn save(&self, run: &RunRecord) -> Result<(), StoreError> {
+        let fenced = |e: super::ops::Fenced| StoreError {
+            action: "write the MigrationRun",
+            run: run.id.clone(),
+            source: Box::new(e),
+        };
+        if let Some(fence) = &self.fence {
+            fence.check().await.map_err(fenced)?;
+        }
         let existing = self
             .api
             .get_opt(&run.id)
             .await
             .map_err(err("read the MigrationRun", &run.id))?;
-        let generation = match existing {
-            Some(mr) => mr.metadata.generation,
+        let current = match existing {
+            Some(mr) => mr,
             None => {
                 let mut mr = MigrationRun::new(
                     &run.id,
@@ -190,15 +208,29 @@ impl RunStore for MigrationRunStore {
                     },
                 );
                 mr.metadata.labels = Some([(KUSTOMIZATION_LABEL.to_string(), self.kustomization.clone())].into());
-                let created = self
-                    .api
+                self.api
                     .create(&PostParams::default(), &mr)
                     .await
-                    .map_err(err("create the MigrationRun", &run.id))?;
-                created.metadata.generation
+                    .map_err(err("create the MigrationRun", &run.id))?
             }
         };
-        let patch = json!({ "status": status_of(run, generation) });
+        let mut status = status_of(run, current.metadata.generation);
+        if let Some(fence) = &self.fence {
+            let stored = current.status.as_ref().and_then(|s| s.fence.as_deref());
+            if !fence.may_overwrite(stored) {
+                return Err(fenced(super::ops::Fenced {
+                    token: fence.token(),
+                    why: format!("a later leadership ({}) wrote this run", stored.unwrap_or("")),
+                }));
+            }
+            status.fence = Some(fence.token());
+        }
+        // The resourceVersion makes the write conditional: a write by anyone
+        // since the read above (another replica) turns this into a conflict.
+        let patch = json!({
+            "metadata": {"resourceVersion": current.metadata.resource_version},
+            "status": status,
+        });
         self.api
             .patch_status(&run.id, &PatchParams::default(), &Patch::Merge(&patch))
             .await
