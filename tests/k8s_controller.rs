@@ -240,12 +240,20 @@ async fn http_get(port: u16, path: &str) -> (u16, String) {
 
 /// The CNPG Cluster `app-db` (owned by the `databases` Kustomization) with backups configured.
 async fn cnpg_cluster(s: &Setup) -> Api<DynamicObject> {
-    create(&s.ks, json!({
-        "apiVersion": "kustomize.toolkit.fluxcd.io/v1", "kind": "Kustomization",
-        "metadata": {"name": "databases", "namespace": "default"},
-        "spec": {"interval": "10m", "path": "./infrastructure", "prune": false, "sourceRef": {"kind": "GitRepository", "name": "sre"}},
-    }))
-    .await;
+    cnpg_cluster_owned_by(s, "databases").await
+}
+
+/// The CNPG Cluster `app-db`, applied by Kustomization `owner` (`databases`
+/// is created for it; `shop` is the guarded one).
+async fn cnpg_cluster_owned_by(s: &Setup, owner: &str) -> Api<DynamicObject> {
+    if owner == "databases" {
+        create(&s.ks, json!({
+            "apiVersion": "kustomize.toolkit.fluxcd.io/v1", "kind": "Kustomization",
+            "metadata": {"name": "databases", "namespace": "default"},
+            "spec": {"interval": "10m", "path": "./infrastructure", "prune": false, "sourceRef": {"kind": "GitRepository", "name": "sre"}},
+        }))
+        .await;
+    }
     let gvk = kube::api::GroupVersionKind::gvk("postgresql.cnpg.io", "v1", "Cluster");
     let clusters: Api<DynamicObject> = Api::namespaced_with(
         s.plane.client.clone(),
@@ -255,7 +263,7 @@ async fn cnpg_cluster(s: &Setup) -> Api<DynamicObject> {
     create(&clusters, json!({
         "apiVersion": "postgresql.cnpg.io/v1", "kind": "Cluster",
         "metadata": {"name": "app-db", "namespace": "default",
-                     "labels": {"kustomize.toolkit.fluxcd.io/name": "databases", "kustomize.toolkit.fluxcd.io/namespace": "default"}},
+                     "labels": {"kustomize.toolkit.fluxcd.io/name": owner, "kustomize.toolkit.fluxcd.io/namespace": "default"}},
         "spec": {"instances": 1, "storage": {"size": "1Gi"},
                  "backup": {"barmanObjectStore": {"destinationPath": "s3://backups/app-db", "serverName": "app-db"}}},
     }))
@@ -466,13 +474,13 @@ async fn only_one_replica_leads() {
     }
     let mut b = s.controller_as("replica-b", pb, &[]);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (code, metrics) = http_get(pb, "/readyz").await;
-    assert_eq!(code, 503, "the second replica is not ready while the first leads");
-    assert!(
-        http_get(pb, "/metrics").await.1.contains("backstop_leader 0"),
-        "{metrics}"
-    );
-    assert_eq!(http_get(pa, "/readyz").await.0, 200);
+    // Ready means a healthy process, leader or not (a rolling update does
+    // not stall on the follower); leadership shows in the metric.
+    assert_eq!(http_get(pb, "/readyz").await.0, 200, "the follower is ready");
+    let (_, metrics) = http_get(pb, "/metrics").await;
+    assert!(metrics.contains("backstop_leader 0"), "{metrics}");
+    let (_, metrics) = http_get(pa, "/metrics").await;
+    assert!(metrics.contains("backstop_leader 1"), "{metrics}");
     a.kill().await.ok();
     b.kill().await.ok();
 }
@@ -637,9 +645,34 @@ fn fake_cnpg_operator(client: kube::Client, f: &Fixture) -> tokio::task::JoinHan
 
 #[tokio::test]
 async fn cnpg_backup_checkpoint_and_cluster_recreate_restore_roll_back_a_failed_migration() {
+    cnpg_restore_holds_the_cluster_owner_until_its_artifact_carries_the_recovery("databases").await;
+}
+
+#[tokio::test]
+async fn a_restore_hold_on_the_guarded_kustomization_outlasts_the_runs_unlock() {
+    cnpg_restore_holds_the_cluster_owner_until_its_artifact_carries_the_recovery("shop").await;
+}
+
+/// source-controller's part: the GitRepository's artifact is at `sha`.
+async fn set_artifact(s: &Setup, sha: &str) {
+    let repos = backstop::k8s::controller::git_repositories(s.plane.client.clone(), "default");
+    let patch = json!({"status": {"artifact": {
+        "revision": format!("{GATE}@sha1:{sha}"),
+        "digest": format!("sha256:{sha}"),
+        "lastUpdateTime": "2026-01-01T00:00:00Z",
+        "path": format!("gitrepository/default/sre/{sha}.tar.gz"),
+        "url": format!("http://source-controller.flux-system.svc/gitrepository/default/sre/{sha}.tar.gz"),
+    }}});
+    repos
+        .patch_status("sre", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+}
+
+async fn cnpg_restore_holds_the_cluster_owner_until_its_artifact_carries_the_recovery(owner_name: &str) {
     let Some(s) = setup().await else { return };
     let client = s.plane.client.clone();
-    let clusters = cnpg_cluster(&s).await;
+    let clusters = cnpg_cluster_owned_by(&s, owner_name).await;
     let operator = fake_cnpg_operator(client.clone(), &s.f);
     // The Cluster's manifest in the repository (applied by the `databases` Kustomization).
     let cluster_yaml = "# Shop database\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: default\n---\n# CNPG cluster\napiVersion: postgresql.cnpg.io/v1\nkind: Cluster\nmetadata:\n  name: app-db\n  namespace: default\nspec:\n  instances: 1\n  storage:\n    size: 1Gi\n  bootstrap:\n    initdb:\n      database: app\n  backup:\n    barmanObjectStore:\n      destinationPath: s3://backups/app-db\n      serverName: app-db\n";
@@ -683,8 +716,9 @@ async fn cnpg_backup_checkpoint_and_cluster_recreate_restore_roll_back_a_failed_
     );
     assert_eq!(s.f.schema().await, schema, "real PITR brought the schema back");
     assert_eq!(s.f.count("SELECT count(*) FROM orders").await, 3);
-    // The Kustomization owning the Cluster stays paused by the run...
-    let owner = s.ks.get("databases").await.unwrap();
+    // The Kustomization owning the Cluster stays paused by the run (its
+    // unlock too, when that is the guarded one)...
+    let owner = s.ks.get(owner_name).await.unwrap();
     assert_eq!(owner.data["spec"]["suspend"], true);
     assert_eq!(owner.metadata.annotations.as_ref().unwrap()[SUSPENDED_BY], run_id);
     // ...and the revert carries the matching Cluster manifest change, other documents untouched.
@@ -707,12 +741,38 @@ async fn cnpg_backup_checkpoint_and_cluster_recreate_restore_roll_back_a_failed_
         .unwrap()
         .to_string();
     assert!(manifest.contains(&format!("serverName: {new_server}")), "{manifest}");
-    // Once the revert is merged and reaches the gate, the owner is resumed.
+    // Once the revert is merged it reaches the gate, but the owner stays
+    // held until its GitRepository artifact carries the change.
     let revert = s.f.remote.head(&branch).unwrap().unwrap();
+    set_artifact(&s, &s.f.gate()).await;
     s.f.remote.set_branch("main", &revert).unwrap();
+    for _ in 0..60 {
+        if s.f.gate() == revert {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(s.f.gate(), revert, "the gate joined the merged revert");
+    let mut held = None;
+    for _ in 0..30 {
+        let mr = s.runs.get(&run_id).await.unwrap();
+        held = mr.status.unwrap().conditions.into_iter().find(|c| c.type_ == "Held");
+        if held.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let held = held.expect("the MigrationRun says what the hold waits for");
+    assert!(held.message.contains("recovery manifest"), "{}", held.message);
+    let owner = s.ks.get(owner_name).await.unwrap();
+    assert_eq!(
+        owner.data["spec"]["suspend"], true,
+        "held while the artifact lacks the change"
+    );
+    set_artifact(&s, &revert).await;
     let mut resumed = false;
     for _ in 0..60 {
-        let owner = s.ks.get("databases").await.unwrap();
+        let owner = s.ks.get(owner_name).await.unwrap();
         if owner.data["spec"]["suspend"] == false {
             resumed = true;
             break;
@@ -722,7 +782,7 @@ async fn cnpg_backup_checkpoint_and_cluster_recreate_restore_roll_back_a_failed_
     controller.kill().await.ok();
     assert!(
         resumed,
-        "the owning Kustomization was resumed once the gate carried the change"
+        "the owning Kustomization was resumed once its artifact carried the change"
     );
     assert_eq!(s.f.gate(), revert);
 }
