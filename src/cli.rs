@@ -150,6 +150,10 @@ pub enum Command {
         /// a follower takes over once it expired.
         #[arg(long, env = "BACKSTOP_LEASE_SECONDS", default_value_t = 15)]
         lease_seconds: u64,
+        /// Dump checkpoints of the newest this many ended runs per
+        /// Kustomization are kept (see `run --keep-checkpoints`; 0: all).
+        #[arg(long, env = "BACKSTOP_KEEP_CHECKPOINTS", default_value_t = 5)]
+        keep_checkpoints: usize,
         /// This replica's identity in the Lease (the pod name).
         #[arg(long, env = "HOSTNAME", default_value = "backstop")]
         identity: String,
@@ -341,6 +345,12 @@ pub struct RunArgs {
     /// Longest wait between retries, in seconds.
     #[arg(long, env = "BACKSTOP_RETRY_MAX", default_value_t = 600)]
     pub retry_max: u64,
+    /// Checkpoints (base backups, dumps, and data directories a restore set
+    /// aside) of the newest this many ended runs are kept; older ones are
+    /// deleted after each pass. Never deleted: an open run's, or a failed
+    /// run's until `backstop ack`. 0 keeps everything.
+    #[arg(long, env = "BACKSTOP_KEEP_CHECKPOINTS", default_value_t = 5)]
+    pub keep_checkpoints: usize,
     /// Forge that revert pull requests are opened on (`none`: push the branch only).
     #[arg(long, env = "BACKSTOP_FORGE", value_enum, default_value = "none")]
     pub forge: crate::forge::ForgeKind,
@@ -440,6 +450,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             lease_namespace,
             lease_name,
             lease_seconds,
+            keep_checkpoints,
             identity,
             forge,
             forge_url,
@@ -455,6 +466,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                 metrics_addr,
                 lease: (lease_namespace, lease_name),
                 lease_duration: Duration::from_secs(lease_seconds.max(3)),
+                keep_checkpoints,
                 identity,
                 forge: (forge != crate::forge::ForgeKind::None).then(|| crate::k8s::controller::ControllerForge {
                     kind: forge,
@@ -748,6 +760,7 @@ async fn run_local(args: RunArgs) -> anyhow::Result<u8> {
         revert: args.revert,
         state: args.state,
         env: Default::default(),
+        keep_checkpoints: args.keep_checkpoints,
         backoff: crate::run::machine::Backoff {
             base: Duration::from_secs(args.retry_backoff),
             max: Duration::from_secs(args.retry_max.max(args.retry_backoff)),

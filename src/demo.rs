@@ -75,6 +75,7 @@ pub async fn run(keep: bool) -> Result<(), DemoError> {
     ));
 
     let opts = LocalOptions {
+        keep_checkpoints: 0,
         repo: remote.path().display().to_string(),
         upstream: "main".into(),
         gate: "backstop/gate".into(),

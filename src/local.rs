@@ -46,6 +46,8 @@ pub struct LocalOptions {
     pub forge: Option<ForgeConfig>,
     /// Waits after transient faults.
     pub backoff: crate::run::machine::Backoff,
+    /// Checkpoints of the newest this many ended runs are kept (0: all).
+    pub keep_checkpoints: usize,
 }
 
 /// A forge to open revert pull requests on.
@@ -157,6 +159,7 @@ pub async fn engine(opts: &LocalOptions) -> Result<Engine, LocalError> {
             revert: opts.revert,
             backoff: opts.backoff,
             owner: crate::owner::state_id(&opts.state)?,
+            keep_checkpoints: opts.keep_checkpoints,
         },
     })
 }

@@ -482,6 +482,21 @@ impl Checkpoint for LocalBackend {
     ) -> Result<RestoreRecord, CheckpointError> {
         self.restore_in_place(db, checkpoint, target, run_id).await
     }
+
+    /// The run's base backup, and the data directory its restore set aside.
+    async fn prune(&self, run_id: &str) -> Result<u64, CheckpointError> {
+        let mut freed = 0;
+        for dir in [self.store.join(run_id), self.kept_dir(run_id)] {
+            freed += super::remove_tree(dir.clone())
+                .await
+                .map_err(|source| CheckpointError::Io {
+                    step: "delete a checkpoint retention let go",
+                    path: dir,
+                    source,
+                })?;
+        }
+        Ok(freed)
+    }
 }
 
 /// Queries the drill copy with the checkpointed database's credentials.

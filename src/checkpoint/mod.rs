@@ -157,6 +157,27 @@ pub trait Checkpoint: Send + Sync {
         target: &RecoveryPoint,
         run_id: &str,
     ) -> Result<RestoreRecord, CheckpointError>;
+    /// Deletes what this backend keeps for run `run_id` (its checkpoint,
+    /// and the data set aside by its restore); returns the bytes freed.
+    /// Called by retention only for runs nothing needs any more.
+    async fn prune(&self, run_id: &str) -> Result<u64, CheckpointError> {
+        let _ = run_id;
+        Ok(0)
+    }
+}
+
+/// Removes `dir` (absent is fine); returns the bytes it held.
+pub(crate) async fn remove_tree(dir: std::path::PathBuf) -> std::io::Result<u64> {
+    tokio::task::spawn_blocking(move || {
+        let size = tree_size(&dir);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(size),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(e),
+        }
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 /// Size in bytes of all files below `path`.

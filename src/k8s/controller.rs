@@ -100,6 +100,8 @@ pub struct ControllerOptions {
     /// How long the Lease is valid without renewal (renewed every third of
     /// it; leadership ends at the first failed renewal).
     pub lease_duration: Duration,
+    /// Checkpoints of the newest this many ended runs are kept (0: all).
+    pub keep_checkpoints: usize,
     /// This replica's identity (the pod name).
     pub identity: String,
     /// Where revert pull requests are opened (None: revert branches only).

@@ -244,6 +244,7 @@ async fn engine_for(engines: &Engines, ks: &DynamicObject, repo: &DynamicObject)
             backoff: Default::default(),
             // One leader-elected controller guards a Kustomization.
             owner: format!("k8s:{ns}/{name}"),
+            keep_checkpoints: opts.keep_checkpoints,
         },
     })
 }

@@ -16,6 +16,7 @@
 pub mod exec;
 pub mod machine;
 pub mod record;
+pub mod retention;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -61,6 +62,9 @@ pub struct Settings {
     pub backoff: Backoff,
     /// This instance's identity when it claims a database ([`crate::owner`]).
     pub owner: String,
+    /// Checkpoints of the newest this many ended runs are kept; older ones
+    /// are deleted (0: keep all). See [`retention::prunable`].
+    pub keep_checkpoints: usize,
 }
 
 /// What one pass did.
@@ -144,6 +148,7 @@ impl Engine {
         let result = self.pass_inner(&mut report).await;
         if result.is_ok() {
             self.record_status(&report).await?;
+            self.prune_checkpoints().await?;
         }
         result.map(|()| report)
     }
@@ -188,6 +193,35 @@ impl Engine {
         // Re-read: a resumed run may have pushed.
         self.git.fetch().await?;
         self.schedule(report).await
+    }
+
+    /// Deletes the checkpoints retention lets go ([`retention::prunable`]).
+    /// A deletion that fails is logged and tried again next pass.
+    async fn prune_checkpoints(&self) -> Result<(), EngineError> {
+        if self.settings.keep_checkpoints == 0 {
+            return Ok(());
+        }
+        let runs = self.store.list().await?;
+        for run in retention::prunable(&runs, self.settings.keep_checkpoints) {
+            let Some(kind) = run.migrations.first().map(|m| m.checkpoint) else {
+                continue;
+            };
+            let Ok(Some(backend)) = self.checkpoint_for(kind) else {
+                continue;
+            };
+            match backend.prune(&run.id).await {
+                Ok(freed) => {
+                    tracing::info!(run = %run.id, freed_mib = freed / (1 << 20), "retention deleted the checkpoint of an ended run");
+                    let mut run = run.clone();
+                    run.checkpoint_pruned = true;
+                    self.store.save(&run).await?;
+                }
+                Err(e) => {
+                    tracing::warn!(run = %run.id, error = %chain(&e), "retention could not delete a checkpoint; trying again next pass")
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Releases claims this instance may still hold (a release that failed,
@@ -481,6 +515,7 @@ impl Engine {
             gate_revert: None,
             hold_released: false,
             hold_waiting: None,
+            checkpoint_pruned: false,
             remediation_errors: Vec::new(),
             report_written: false,
             acknowledged: None,

@@ -182,6 +182,9 @@ pub struct RunRecord {
     /// Whatever the restore held (a Kustomization) was released.
     #[serde(default)]
     pub hold_released: bool,
+    /// Retention deleted the run's checkpoint (and any data its restore set aside).
+    #[serde(default)]
+    pub checkpoint_pruned: bool,
     /// What the hold still waits for (shown on the run until released).
     #[serde(default)]
     pub hold_waiting: Option<String>,

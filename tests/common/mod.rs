@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod envtest;
+pub mod flux;
 pub mod http;
 
 use std::path::{Path, PathBuf};

@@ -92,6 +92,7 @@ impl Build {
                 revert: None,
                 hold_released: false,
                 hold_waiting: None,
+                checkpoint_pruned: false,
                 gate_revert: None,
                 remediation_errors: Vec::new(),
                 report_written: false,

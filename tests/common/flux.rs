@@ -1,0 +1,360 @@
+//! Flux and CNPG played for controller tests against a real kube-apiserver:
+//! kustomize-controller (answers the pause handshake; when a Kustomization
+//! runs, applies its gate's head and reports Ready), source-controller (the
+//! GitRepository artifact, on request), the CNPG operator (real base backups
+//! and real PITR on the test's server), and the sre repo over git's smart
+//! HTTP, as a Flux GitRepository requires.
+
+use std::time::Duration;
+
+use backstop::k8s::crd::MigrationRun;
+use backstop::k8s::pause::{self, SUSPENDED_BY};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
+use serde_json::json;
+
+use super::envtest::ControlPlane;
+use super::*;
+
+pub async fn create(api: &Api<DynamicObject>, value: serde_json::Value) {
+    let obj: DynamicObject = serde_json::from_value(value).unwrap();
+    api.create(&PostParams::default(), &obj).await.unwrap();
+}
+
+/// kustomize-controller's part: the handshake, and applying the gate when running.
+pub fn fake_kustomize_controller(api: Api<DynamicObject>, remote: std::path::PathBuf) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut events = watcher(api.clone(), watcher::Config::default()).boxed();
+        while let Some(Ok(event)) = events.next().await {
+            let (watcher::Event::Apply(obj) | watcher::Event::InitApply(obj)) = event else {
+                continue;
+            };
+            let name = obj.metadata.name.clone().unwrap();
+            super::envtest::answer_reconcile_request(&api, &obj).await;
+            if !obj.data["spec"]["suspend"].as_bool().unwrap_or(false) {
+                let remote = backstop::sandbox::BareRemote::open(&remote);
+                let gate = remote.head(GATE).unwrap().unwrap();
+                let revision = format!("{GATE}@sha1:{gate}");
+                // A commit whose subject says [unhealthy] deploys code that never gets Ready.
+                let subject = remote.message(GATE).unwrap();
+                let healthy = !subject.lines().next().unwrap_or("").contains("[unhealthy]");
+                if obj.data["status"]["lastAppliedRevision"].as_str() != Some(revision.as_str()) {
+                    let (status, reason) = if healthy {
+                        ("True", "ReconciliationSucceeded")
+                    } else {
+                        ("False", "HealthCheckFailed")
+                    };
+                    let patch = json!({"status": {"lastAppliedRevision": revision, "conditions": [{
+                        "type": "Ready", "status": status, "reason": reason,
+                        "message": "Applied revision", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
+                    let _ = api
+                        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await;
+                }
+            }
+        }
+    })
+}
+
+/// A control plane, a database, the sre repo over smart HTTP, the Flux
+/// objects of a guarded Kustomization, and kustomize-controller played.
+pub struct Setup {
+    pub plane: ControlPlane,
+    pub f: Fixture,
+    pub _git: super::http::Server,
+    pub ks: Api<DynamicObject>,
+    pub runs: Api<MigrationRun>,
+    pub flux: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.flux.abort();
+    }
+}
+
+pub async fn setup() -> Option<Setup> {
+    setup_with_tokens(&[]).await
+}
+
+pub async fn setup_with_tokens(tokens: &[&str]) -> Option<Setup> {
+    let plane = ControlPlane::start(tokens).await?;
+    let f = Fixture::new().await;
+    let root = f.remote.path().parent().unwrap().to_path_buf();
+    let git = super::http::git_server(root, "flux", "git-password").await;
+    let client = plane.client.clone();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "default");
+    for (name, data) in [
+        ("git-auth", json!({"username": "flux", "password": "git-password"})),
+        ("app-db-app", json!({"uri": f.server.url("shop")})),
+    ] {
+        let s: Secret = serde_json::from_value(json!({"metadata": {"name": name}, "stringData": data})).unwrap();
+        secrets.create(&PostParams::default(), &s).await.unwrap();
+    }
+    let gvk = kube::api::GroupVersionKind::gvk("source.toolkit.fluxcd.io", "v1", "GitRepository");
+    let repos: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), "default", &kube::api::ApiResource::from_gvk(&gvk));
+    create(&repos, json!({
+        "apiVersion": "source.toolkit.fluxcd.io/v1", "kind": "GitRepository",
+        "metadata": {"name": "sre", "namespace": "default"},
+        "spec": {"interval": "1m", "url": format!("{}/sre.git", git.url()), "ref": {"branch": GATE}, "secretRef": {"name": "git-auth"}},
+    }))
+    .await;
+    let ks = pause::kustomizations(client.clone(), "default");
+    create(&ks, json!({
+        "apiVersion": "kustomize.toolkit.fluxcd.io/v1", "kind": "Kustomization",
+        "metadata": {"name": "shop", "namespace": "default",
+                     "annotations": {"backstop.dev/guard": "enabled", "backstop.dev/upstream-branch": "main"}},
+        "spec": {"interval": "5m", "path": "./apps/shop", "prune": true, "sourceRef": {"kind": "GitRepository", "name": "sre"}},
+    }))
+    .await;
+    let flux = fake_kustomize_controller(ks.clone(), f.remote.path().to_path_buf());
+    let runs: Api<MigrationRun> = Api::namespaced(client, "default");
+    Some(Setup {
+        plane,
+        f,
+        _git: git,
+        ks,
+        runs,
+        flux,
+    })
+}
+
+impl Setup {
+    pub fn controller(&self, env: &[(&str, &str)]) -> tokio::process::Child {
+        self.controller_as("replica-a", 0, env)
+    }
+
+    pub fn controller_as(&self, identity: &str, metrics_port: u16, env: &[(&str, &str)]) -> tokio::process::Child {
+        self.controller_with(identity, metrics_port, &self.plane.kubeconfig_path(), "default", env)
+    }
+
+    pub fn controller_with(
+        &self,
+        identity: &str,
+        metrics_port: u16,
+        kubeconfig: &std::path::Path,
+        lease_namespace: &str,
+        env: &[(&str, &str)],
+    ) -> tokio::process::Child {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_backstop"));
+        cmd.args([
+            "controller",
+            "--interval",
+            "1",
+            "--timeout",
+            "6",
+            "--lease-namespace",
+            lease_namespace,
+            "--identity",
+            identity,
+        ])
+        .arg("--metrics-addr")
+        .arg(format!("127.0.0.1:{metrics_port}"))
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .arg("--state")
+        .arg(self.f.state())
+        .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.spawn().unwrap()
+    }
+
+    /// Waits for a MigrationRun whose Ready condition is decided.
+    pub async fn finished_run(&self) -> MigrationRun {
+        for _ in 0..120 {
+            let list = self.runs.list(&ListParams::default()).await.unwrap();
+            if let Some(run) = list.items.into_iter().find(|r| {
+                r.status
+                    .as_ref()
+                    .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status != "Unknown"))
+            }) {
+                return run;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        panic!("no MigrationRun finished within 60s");
+    }
+
+    pub fn ready(run: &MigrationRun) -> (String, String) {
+        let c = run
+            .status
+            .as_ref()
+            .unwrap()
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .unwrap();
+        (c.status.clone(), c.reason.clone())
+    }
+
+    /// `orders` applied through the controller, three rows written, the run
+    /// records cleared: returns the commit and the schema at that point.
+    pub async fn orders_applied(&self) -> (String, String) {
+        let m1 = orders_table().database("cnpg:app-db").annotation("checkpoint", "dump");
+        let c1 = self.f.commit_carrier(&m1, "create orders");
+        let mut controller = self.controller(&[]);
+        self.finished_run().await;
+        controller.kill().await.ok();
+        insert_orders(&self.f).await;
+        let schema = self.f.schema().await;
+        self.runs
+            .delete_collection(&Default::default(), &ListParams::default())
+            .await
+            .unwrap();
+        (c1, schema)
+    }
+
+    pub async fn resumed(&self) {
+        let obj = self.ks.get("shop").await.unwrap();
+        assert_eq!(obj.data["spec"]["suspend"], false, "resumed");
+        assert!(obj.metadata.annotations.as_ref().unwrap().get(SUSPENDED_BY).is_none());
+    }
+}
+
+pub fn steps(run: &MigrationRun) -> Vec<String> {
+    run.status
+        .as_ref()
+        .unwrap()
+        .steps
+        .iter()
+        .map(|s| s.name.clone())
+        .collect()
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub async fn http_get(port: u16, path: &str) -> (u16, String) {
+    let resp = reqwest::get(format!("http://127.0.0.1:{port}{path}")).await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+/// The CNPG Cluster `app-db` (owned by the `databases` Kustomization) with backups configured.
+pub async fn cnpg_cluster(s: &Setup) -> Api<DynamicObject> {
+    cnpg_cluster_owned_by(s, "databases").await
+}
+
+/// The CNPG Cluster `app-db`, applied by Kustomization `owner` (`databases`
+/// is created for it; `shop` is the guarded one).
+pub async fn cnpg_cluster_owned_by(s: &Setup, owner: &str) -> Api<DynamicObject> {
+    if owner == "databases" {
+        create(&s.ks, json!({
+            "apiVersion": "kustomize.toolkit.fluxcd.io/v1", "kind": "Kustomization",
+            "metadata": {"name": "databases", "namespace": "default"},
+            "spec": {"interval": "10m", "path": "./infrastructure", "prune": false, "sourceRef": {"kind": "GitRepository", "name": "sre"}},
+        }))
+        .await;
+    }
+    let gvk = kube::api::GroupVersionKind::gvk("postgresql.cnpg.io", "v1", "Cluster");
+    let clusters: Api<DynamicObject> = Api::namespaced_with(
+        s.plane.client.clone(),
+        "default",
+        &kube::api::ApiResource::from_gvk(&gvk),
+    );
+    create(&clusters, json!({
+        "apiVersion": "postgresql.cnpg.io/v1", "kind": "Cluster",
+        "metadata": {"name": "app-db", "namespace": "default",
+                     "labels": {"kustomize.toolkit.fluxcd.io/name": owner, "kustomize.toolkit.fluxcd.io/namespace": "default"}},
+        "spec": {"instances": 1, "storage": {"size": "1Gi"},
+                 "backup": {"barmanObjectStore": {"destinationPath": "s3://backups/app-db", "serverName": "app-db"}}},
+    }))
+    .await;
+    clusters
+}
+
+/// Plays the CNPG operator: completes Backups with a real base backup of the
+/// test's server, and performs a real PITR (to `recoveryTarget.targetTime`)
+/// for a Cluster recreated with `bootstrap.recovery`.
+pub fn fake_cnpg_operator(client: kube::Client, f: &Fixture) -> tokio::task::JoinHandle<()> {
+    use backstop::checkpoint::{local::LocalBackend, Checkpoint, RecoveryPoint};
+    let backend = LocalBackend {
+        bindir: f.server.bindir().to_path_buf(),
+        pgdata: f.server.data_dir(),
+        wal_archive: f.server.archive(),
+        store: f.dir.path().join("cnpg-operator"),
+        recovery_timeout: Duration::from_secs(120),
+    };
+    let db = f.server.database("shop").unwrap();
+    let cnpg = |kind: &str| {
+        let gvk = kube::api::GroupVersionKind::gvk("postgresql.cnpg.io", "v1", kind);
+        Api::<DynamicObject>::namespaced_with(client.clone(), "default", &kube::api::ApiResource::from_gvk(&gvk))
+    };
+    let (backups, clusters) = (cnpg("Backup"), cnpg("Cluster"));
+    tokio::spawn(async move {
+        let mut last = None;
+        loop {
+            for b in backups.list(&ListParams::default()).await.unwrap().items {
+                if b.data["status"]["phase"].is_null() {
+                    let name = b.metadata.name.clone().unwrap();
+                    let started = chrono::Utc::now().to_rfc3339();
+                    let record = backend.create(&db, &name).await.unwrap();
+                    last = Some(record);
+                    let status = json!({"status": {"phase": "completed", "startedAt": started, "stoppedAt": chrono::Utc::now().to_rfc3339()}});
+                    backups
+                        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+                        .await
+                        .unwrap();
+                }
+            }
+            for c in clusters.list(&ListParams::default()).await.unwrap().items {
+                let recovery = &c.data["spec"]["bootstrap"]["recovery"];
+                if recovery.is_null() || c.data["status"]["phase"].as_str() == Some("Cluster in healthy state") {
+                    continue;
+                }
+                let t = recovery["recoveryTarget"]["targetTime"].as_str().unwrap();
+                let naive =
+                    chrono::NaiveDateTime::parse_from_str(t.trim_end_matches("+00"), "%Y-%m-%d %H:%M:%S%.f").unwrap();
+                let point = RecoveryPoint {
+                    time: naive.and_utc(),
+                    lsn: String::new(),
+                };
+                backend
+                    .restore(
+                        &db,
+                        last.as_ref().expect("a backup before a recovery"),
+                        &point,
+                        "cnpg-recovery",
+                    )
+                    .await
+                    .unwrap();
+                let status =
+                    json!({"status": {"phase": "Cluster in healthy state", "instances": 1, "readyInstances": 1}});
+                clusters
+                    .patch_status(
+                        c.metadata.name.as_deref().unwrap(),
+                        &PatchParams::default(),
+                        &Patch::Merge(&status),
+                    )
+                    .await
+                    .unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+}
+
+/// source-controller's part: the GitRepository's artifact is at `sha`.
+pub async fn set_artifact(s: &Setup, sha: &str) {
+    let repos = backstop::k8s::controller::git_repositories(s.plane.client.clone(), "default");
+    let patch = json!({"status": {"artifact": {
+        "revision": format!("{GATE}@sha1:{sha}"),
+        "digest": format!("sha256:{sha}"),
+        "lastUpdateTime": "2026-01-01T00:00:00Z",
+        "path": format!("gitrepository/default/sre/{sha}.tar.gz"),
+        "url": format!("http://source-controller.flux-system.svc/gitrepository/default/sre/{sha}.tar.gz"),
+    }}});
+    repos
+        .patch_status("sre", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+}
