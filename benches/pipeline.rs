@@ -259,6 +259,7 @@ async fn overhead(passes: u64) -> Res<()> {
         git_auth: Default::default(),
         forge: None,
         backoff: Default::default(),
+        keep_checkpoints: 0,
     };
     let engine = local::engine(&opts).await?;
     let journal = backstop::journal::Journal::new(&opts.state);
