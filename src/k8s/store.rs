@@ -24,6 +24,10 @@ pub struct MigrationRunStore {
     kustomization: String,
     reports: PathBuf,
     fence: Option<super::ops::Fence>,
+    /// The last gate status, kept for the engine's life (what the gate waits
+    /// for is said once per change, not every pass; the cluster sees it as
+    /// Events and refused MigrationRuns).
+    gate: std::sync::Arc<std::sync::Mutex<Option<crate::gate::GateStatus>>>,
 }
 
 impl MigrationRunStore {
@@ -34,6 +38,7 @@ impl MigrationRunStore {
             kustomization: kustomization.into(),
             reports,
             fence: None,
+            gate: Default::default(),
         }
     }
 
@@ -236,6 +241,17 @@ impl RunStore for MigrationRunStore {
             .await
             .map_err(err("update the MigrationRun status", &run.id))?;
         Ok(())
+    }
+
+    async fn save_gate(&self, status: &crate::gate::GateStatus) -> Result<(), StoreError> {
+        if let Ok(mut gate) = self.gate.lock() {
+            *gate = Some(status.clone());
+        }
+        Ok(())
+    }
+
+    async fn load_gate(&self, path: &str) -> Result<Option<crate::gate::GateStatus>, StoreError> {
+        Ok(self.gate.lock().ok().and_then(|g| g.clone()).filter(|g| g.path == path))
     }
 
     async fn list(&self) -> Result<Vec<RunRecord>, StoreError> {

@@ -24,7 +24,11 @@ pub async fn create(api: &Api<DynamicObject>, value: serde_json::Value) {
 }
 
 /// kustomize-controller's part: the handshake, and applying the gate when running.
-pub fn fake_kustomize_controller(api: Api<DynamicObject>, remote: std::path::PathBuf) -> tokio::task::JoinHandle<()> {
+pub fn fake_kustomize_controller(
+    client: kube::Client,
+    api: Api<DynamicObject>,
+    remote: std::path::PathBuf,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut events = watcher(api.clone(), watcher::Config::default()).boxed();
         while let Some(Ok(event)) = events.next().await {
@@ -34,11 +38,23 @@ pub fn fake_kustomize_controller(api: Api<DynamicObject>, remote: std::path::Pat
             let name = obj.metadata.name.clone().unwrap();
             super::envtest::answer_reconcile_request(&api, &obj).await;
             if !obj.data["spec"]["suspend"].as_bool().unwrap_or(false) {
+                // The gate branch its GitRepository follows.
+                let source = obj.data["spec"]["sourceRef"]["name"]
+                    .as_str()
+                    .unwrap_or("sre")
+                    .to_string();
+                let ns = obj.metadata.namespace.clone().unwrap_or_default();
+                let branch = backstop::k8s::controller::git_repositories(client.clone(), &ns)
+                    .get(&source)
+                    .await
+                    .ok()
+                    .and_then(|r| r.data["spec"]["ref"]["branch"].as_str().map(str::to_string))
+                    .unwrap_or_else(|| GATE.to_string());
                 let remote = backstop::sandbox::BareRemote::open(&remote);
-                let gate = remote.head(GATE).unwrap().unwrap();
-                let revision = format!("{GATE}@sha1:{gate}");
+                let gate = remote.head(&branch).unwrap().unwrap();
+                let revision = format!("{branch}@sha1:{gate}");
                 // A commit whose subject says [unhealthy] deploys code that never gets Ready.
-                let subject = remote.message(GATE).unwrap();
+                let subject = remote.message(&branch).unwrap();
                 let healthy = !subject.lines().next().unwrap_or("").contains("[unhealthy]");
                 if obj.data["status"]["lastAppliedRevision"].as_str() != Some(revision.as_str()) {
                     let (status, reason) = if healthy {
@@ -110,7 +126,7 @@ pub async fn setup_with_tokens(tokens: &[&str]) -> Option<Setup> {
         "spec": {"interval": "5m", "path": "./apps/shop", "prune": true, "sourceRef": {"kind": "GitRepository", "name": "sre"}},
     }))
     .await;
-    let flux = fake_kustomize_controller(ks.clone(), f.remote.path().to_path_buf());
+    let flux = fake_kustomize_controller(client.clone(), ks.clone(), f.remote.path().to_path_buf());
     let runs: Api<MigrationRun> = Api::namespaced(client, "default");
     Some(Setup {
         plane,
@@ -139,6 +155,29 @@ impl Setup {
         lease_namespace: &str,
         env: &[(&str, &str)],
     ) -> tokio::process::Child {
+        self.controller_full(
+            identity,
+            metrics_port,
+            kubeconfig,
+            lease_namespace,
+            &self.f.state(),
+            &[],
+            env,
+        )
+    }
+
+    /// A controller with its own `state` folder (a pod's own volume) and extra arguments.
+    #[allow(clippy::too_many_arguments)]
+    pub fn controller_full(
+        &self,
+        identity: &str,
+        metrics_port: u16,
+        kubeconfig: &std::path::Path,
+        lease_namespace: &str,
+        state: &std::path::Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> tokio::process::Child {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_backstop"));
         cmd.args([
             "controller",
@@ -156,7 +195,8 @@ impl Setup {
         .arg("--kubeconfig")
         .arg(kubeconfig)
         .arg("--state")
-        .arg(self.f.state())
+        .arg(state)
+        .args(extra)
         .kill_on_drop(true);
         for (k, v) in env {
             cmd.env(k, v);

@@ -1,0 +1,328 @@
+//! The controller as a reconciler, against a real kube-apiserver with Flux
+//! and CNPG played: fenced leadership across replicas, Kustomizations that
+//! proceed concurrently, refusals visible in the cluster, and API faults
+//! that requeue without reverting anything.
+//!
+//! `BACKSTOP_K8S_LONG_SECONDS` (default 20) is how long the "long" migration
+//! runs in the concurrency test; set 600 for the 10-minute version.
+
+mod common;
+
+use std::time::Duration;
+
+use backstop::k8s::crd::MigrationRun;
+use common::flux::*;
+use common::*;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DynamicObject, ListParams, PostParams};
+use serde_json::json;
+
+async fn metrics(port: u16) -> String {
+    match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+async fn wait_for_leader(port: u16) {
+    for _ in 0..120 {
+        if metrics(port).await.contains("backstop_leader 1") {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("the replica on port {port} never led");
+}
+
+/// Waits until a MigrationRun of `kustomization` is in `phase`.
+async fn run_in_phase(runs: &Api<MigrationRun>, kustomization: &str, phase: &str) -> MigrationRun {
+    for _ in 0..240 {
+        let list = runs.list(&ListParams::default()).await.unwrap();
+        if let Some(run) = list.items.into_iter().find(|r| {
+            r.spec.kustomization == kustomization && r.status.as_ref().and_then(|s| s.phase.as_deref()) == Some(phase)
+        }) {
+            return run;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("no MigrationRun of {kustomization} reached {phase} within 60s");
+}
+
+fn ready(run: &MigrationRun) -> Option<(String, String)> {
+    run.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready" && c.status != "Unknown")
+        .map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+async fn applied_times(f: &Fixture, id: &str) -> i64 {
+    f.count(&format!(
+        "SELECT count(*) FROM backstop.migration_history WHERE id = '{id}' AND success"
+    ))
+    .await
+}
+
+fn slow_carrier(id: &str, seconds: u64) -> CarrierBuilder {
+    carrier(id)
+        .database("cnpg:app-db")
+        .annotation("checkpoint", "dump")
+        .sql(
+            "001.sql",
+            &format!(
+                "SELECT pg_sleep({seconds});\nCREATE TABLE t_{} (id int);",
+                id.replace('-', "_")
+            ),
+        )
+}
+
+#[tokio::test]
+async fn a_follower_finishes_the_run_of_a_leader_killed_mid_migration_with_one_checkpoint() {
+    let Some(s) = setup().await else { return };
+    cnpg_cluster(&s).await;
+    let operator = fake_cnpg_operator(s.plane.client.clone(), &s.f);
+    let kubeconfig = s.plane.kubeconfig_path();
+    let lease = ["--lease-seconds", "3"];
+    let (pa, pb) = (free_port(), free_port());
+    let state_b = tempfile::tempdir().unwrap();
+    let mut a = s.controller_full("replica-a", pa, &kubeconfig, "default", &s.f.state(), &lease, &[]);
+    wait_for_leader(pa).await;
+    let mut b = s.controller_full("replica-b", pb, &kubeconfig, "default", state_b.path(), &lease, &[]);
+    // A CNPG Backup checkpoint (it lives in the cluster, not in A's volume).
+    let slow = carrier("0001-slow")
+        .database("cnpg:app-db")
+        .sql("001.sql", "SELECT pg_sleep(3);\nCREATE TABLE slow (id int);");
+    let c1 = s.f.commit_carrier(&slow, "slow migration");
+    run_in_phase(&s.runs, "shop", "Migrating").await;
+    a.kill().await.unwrap(); // SIGKILL, mid-migration
+    let run = s.finished_run().await;
+    b.kill().await.ok();
+    operator.abort();
+    assert_eq!(
+        ready(&run),
+        Some(("True".into(), "Succeeded".into())),
+        "{:?}",
+        run.status
+    );
+    let status = run.status.clone().unwrap();
+    assert!(
+        status.fence.as_deref().is_some_and(|f| f.starts_with("replica-b/")),
+        "the follower wrote the end of the run under its own fence: {:?}",
+        status.fence
+    );
+    let checkpoints = status.steps.iter().filter(|s| s.name == "checkpoint").count();
+    assert_eq!(checkpoints, 1, "{:?}", status.steps);
+    let gvk = kube::api::GroupVersionKind::gvk("postgresql.cnpg.io", "v1", "Backup");
+    let backups: Api<DynamicObject> = Api::namespaced_with(
+        s.plane.client.clone(),
+        "default",
+        &kube::api::ApiResource::from_gvk(&gvk),
+    );
+    assert_eq!(
+        backups.list(&ListParams::default()).await.unwrap().items.len(),
+        1,
+        "one Backup"
+    );
+    assert_eq!(applied_times(&s.f, "0001-slow").await, 1, "applied exactly once");
+    assert_eq!(
+        s.runs.list(&ListParams::default()).await.unwrap().items.len(),
+        1,
+        "one run"
+    );
+    assert_eq!(s.f.revert_commits("main"), 0, "nothing reverted");
+    assert_eq!(s.f.gate(), c1);
+    s.resumed().await;
+}
+
+#[tokio::test]
+async fn a_long_migration_on_one_app_does_not_hold_up_another_apps_migration() {
+    let Some(s) = setup().await else { return };
+    let long: u64 = std::env::var("BACKSTOP_K8S_LONG_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    // A second app: its own database, gate branch, GitRepository (same URL:
+    // one shared mirror) and guarded Kustomization.
+    s.f.server.create_database("billing").await.unwrap();
+    let client = s.plane.client.clone();
+    let secret: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "billing-db-app"}, "stringData": {"uri": s.f.server.url("billing")}}),
+    )
+    .unwrap();
+    Api::<Secret>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    s.f.remote.set_branch("backstop/gate-billing", &s.f.base).unwrap();
+    let repos = backstop::k8s::controller::git_repositories(client.clone(), "default");
+    let url = repos.get("sre").await.unwrap().data["spec"]["url"].clone();
+    let repo: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "source.toolkit.fluxcd.io/v1", "kind": "GitRepository",
+        "metadata": {"name": "sre-billing", "namespace": "default"},
+        "spec": {"interval": "1m", "url": url, "ref": {"branch": "backstop/gate-billing"}, "secretRef": {"name": "git-auth"}},
+    }))
+    .unwrap();
+    repos.create(&PostParams::default(), &repo).await.unwrap();
+    let ks: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "kustomize.toolkit.fluxcd.io/v1", "kind": "Kustomization",
+        "metadata": {"name": "billing", "namespace": "default",
+                     "annotations": {"backstop.dev/guard": "enabled", "backstop.dev/upstream-branch": "main"}},
+        "spec": {"interval": "5m", "path": "./apps/billing", "prune": true, "sourceRef": {"kind": "GitRepository", "name": "sre-billing"}},
+    }))
+    .unwrap();
+    s.ks.create(&PostParams::default(), &ks).await.unwrap();
+
+    s.f.commit_carrier(&slow_carrier("0001-long", long), "long migration");
+    let mut controller = s.controller(&[]);
+    run_in_phase(&s.runs, "shop", "Migrating").await;
+    let invoices = carrier("0001-invoices")
+        .database("cnpg:billing-db")
+        .annotation("checkpoint", "dump")
+        .sql("001.sql", "CREATE TABLE invoices (id int);");
+    let billing_commit = s.f.commit_files(
+        &[("apps/billing/migrations/0001-invoices.yaml", &invoices.yaml())],
+        "invoices",
+    );
+    let billing = run_in_phase(&s.runs, "billing", "Succeeded").await;
+    let shop_now = s
+        .runs
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|r| r.spec.kustomization == "shop")
+        .unwrap();
+    assert_eq!(
+        shop_now.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Migrating"),
+        "billing's migration completed while shop's long one was still running"
+    );
+    assert_eq!(ready(&billing), Some(("True".into(), "Succeeded".into())));
+    assert_eq!(
+        git(s.f.remote.path(), &["rev-parse", "backstop/gate-billing"]).trim(),
+        billing_commit,
+        "billing's gate moved to its commit"
+    );
+    let shop = run_in_phase(&s.runs, "shop", "Succeeded").await;
+    controller.kill().await.ok();
+    assert_eq!(ready(&shop), Some(("True".into(), "Succeeded".into())));
+    // One mirror for the one repository URL both GitRepositories name.
+    let mirrors = std::fs::read_dir(s.f.state().join("git")).unwrap().count();
+    assert_eq!(mirrors, 1, "one git mirror per repository URL");
+}
+
+#[tokio::test]
+async fn a_refused_carrier_gives_one_warning_event_a_refused_migration_run_and_a_metric() {
+    let Some(s) = setup().await else { return };
+    let bad = carrier("0001-bad")
+        .database("cnpg:app-db")
+        .annotation("checkpoint", "dump")
+        .annotation("phase", "sideways")
+        .sql("001.sql", "CREATE TABLE bad (id int);");
+    let commit = s.f.commit_carrier(&bad, "a carrier with a bad phase");
+    let port = free_port();
+    let mut controller = s.controller_as("replica-a", port, &[]);
+    let name = format!("shop-refused-{}", &commit[..12]);
+    let mut refused = None;
+    for _ in 0..120 {
+        if let Ok(mr) = s.runs.get(&name).await {
+            if mr.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Refused") {
+                refused = Some(mr);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let refused = refused.expect("a Refused MigrationRun for the commit");
+    // Several more passes (interval 1 s) publish nothing new.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let metrics = metrics(port).await;
+    controller.kill().await.ok();
+    let summary = refused.status.unwrap().summary.unwrap_or_default();
+    assert!(
+        summary.contains("apps/shop/migrations/0001-bad.yaml") && summary.contains("phase"),
+        "{summary}"
+    );
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(s.plane.client.clone(), "default");
+    let refusals: Vec<_> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some("MigrationRefused")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("shop")
+        })
+        .collect();
+    assert_eq!(refusals.len(), 1, "{refusals:?}");
+    assert_eq!(refusals[0].type_.as_deref(), Some("Warning"));
+    assert!(
+        refusals[0].series.is_none(),
+        "published once, not repeated: {:?}",
+        refusals[0].series
+    );
+    let note = refusals[0].note.clone().unwrap_or_default();
+    assert!(note.contains("apps/shop/migrations/0001-bad.yaml"), "{note}");
+    assert!(
+        metrics.contains("backstop_refusals_total{kustomization=\"default/shop\"} 1"),
+        "{metrics}"
+    );
+    assert_eq!(s.f.gate(), s.f.base, "the gate does not pass the refused commit");
+    assert_eq!(
+        s.runs.list(&ListParams::default()).await.unwrap().items.len(),
+        1,
+        "no run started"
+    );
+}
+
+const SA_TOKEN: &str = "sa-token,system:serviceaccount:backstop-system:backstop,sa-uid,system:serviceaccounts";
+
+#[tokio::test]
+async fn an_api_fault_mid_run_requeues_and_the_run_finishes_without_a_revert() {
+    let Some(s) = setup_with_tokens(&[SA_TOKEN]).await else {
+        return;
+    };
+    let admin = s.plane.client.clone();
+    let flux = |f: &str| std::fs::read_to_string(format!("{}/flux/{f}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    common::envtest::create_all(&admin, &flux("namespace.yaml"), None).await;
+    common::envtest::create_all(&admin, &flux("rbac.yaml"), None).await;
+    common::envtest::create_all(&admin, &flux("app-role.yaml"), Some("default")).await;
+    let kubeconfig = s.plane.dir.path().join("sa-kubeconfig");
+    std::fs::write(&kubeconfig, common::envtest::kubeconfig(s.plane.port, "sa-token")).unwrap();
+    let c1 = s.f.commit_carrier(&slow_carrier("0001-slow", 4), "slow migration");
+    let mut controller = s.controller_with("replica-a", 0, &kubeconfig, "backstop-system", &[]);
+    run_in_phase(&s.runs, "shop", "Migrating").await;
+    // The API refuses the controller (its ClusterRoleBinding is gone) while
+    // the migration ends and the run must record it.
+    let bindings: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(admin.clone());
+    let binding = bindings.get("backstop-controller").await.unwrap();
+    bindings
+        .delete("backstop-controller", &Default::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let mut restored = binding.clone();
+    restored.metadata.resource_version = None;
+    restored.metadata.uid = None;
+    restored.metadata.creation_timestamp = None;
+    restored.metadata.managed_fields = None;
+    bindings.create(&PostParams::default(), &restored).await.unwrap();
+    let run = run_in_phase(&s.runs, "shop", "Succeeded").await;
+    controller.kill().await.ok();
+    assert_eq!(
+        ready(&run),
+        Some(("True".into(), "Succeeded".into())),
+        "{:?}",
+        run.status
+    );
+    assert_eq!(applied_times(&s.f, "0001-slow").await, 1, "applied exactly once");
+    assert_eq!(s.f.revert_commits("main"), 0, "nothing reverted");
+    assert!(
+        !git(s.f.remote.path(), &["branch", "--list", "backstop/revert-*"]).contains("revert"),
+        "no revert branch"
+    );
+    assert_eq!(s.f.gate(), c1);
+}
