@@ -1,9 +1,17 @@
 //! Controller benchmark (`KUBEBUILDER_ASSETS=... cargo bench --bench controller`):
-//! on a real kube-apiserver,
-//! 1. `BACKSTOP_BENCH_KUSTOMIZATIONS` (default 1000) guarded Kustomizations
-//!    with nothing pending: the controller's RSS after its first full pass,
-//!    and how long that pass took;
-//! 2. the verified pause: time from kustomize-controller's status update
+//! on a real kube-apiserver, `BACKSTOP_BENCH_KUSTOMIZATIONS` (default 1000)
+//! guarded Kustomizations over `BACKSTOP_BENCH_REPOS` (default 10)
+//! GitRepositories, each its own repository served over smart HTTP:
+//! 1. the first full pass (until every Kustomization was reconciled once),
+//!    beside the anchor of listing them all once;
+//! 2. steady state with nothing pending: CPU seconds per minute, RSS and
+//!    peak RSS;
+//! 3. push-to-run-start: a commit with a migration is pushed and the
+//!    GitRepository's artifact moves to it (source-controller played); the
+//!    time until the Kustomization's `MigrationRun` exists, p50/p99 over
+//!    `BACKSTOP_BENCH_PUSHES` (default 20), beside the anchor of a plain
+//!    watch seeing the same artifact change;
+//! 4. the verified pause: time from kustomize-controller's status update
 //!    (played here, answering at once) to `lock` returning, p50/p99 over
 //!    `BACKSTOP_BENCH_LOCKS` (default 200) locks.
 //!
@@ -19,10 +27,11 @@ mod http;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use backstop::k8s::crd::MigrationRun;
 use backstop::k8s::pause::{self, KustomizationRef};
 use backstop::sandbox::{BareRemote, Change};
 use futures::StreamExt;
-use kube::api::{Api, DynamicObject, PostParams};
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use serde_json::json;
 
@@ -32,12 +41,51 @@ fn env_num(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-fn rss_kib(pid: u32) -> u64 {
+/// A `/proc/<pid>/status` field in KiB (`VmRSS`, `VmHWM`).
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(|l| l.to_string()))
+        .and_then(|s| s.lines().find(|l| l.starts_with(field)).map(|l| l.to_string()))
         .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         .unwrap_or(0)
+}
+
+/// User + system CPU seconds of `pid`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    ticks / 100.0
+}
+
+async fn metric(port: u16, name: &str) -> Option<f64> {
+    let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+}
+
+fn artifact(sha: &str) -> serde_json::Value {
+    json!({"status": {"artifact": {
+        "revision": format!("backstop/gate@sha1:{sha}"),
+        "digest": format!("sha256:{sha}"),
+        "lastUpdateTime": "2026-01-01T00:00:00Z",
+        "path": format!("gitrepository/{sha}.tar.gz"),
+        "url": format!("http://source-controller/gitrepository/{sha}.tar.gz"),
+    }}})
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 #[tokio::main]
@@ -50,21 +98,31 @@ async fn main() -> Res<()> {
         return Ok(());
     };
     let n = env_num("BACKSTOP_BENCH_KUSTOMIZATIONS", 1000);
+    let repos_n = env_num("BACKSTOP_BENCH_REPOS", 10).max(1);
+    let pushes = env_num("BACKSTOP_BENCH_PUSHES", 20);
     let locks = env_num("BACKSTOP_BENCH_LOCKS", 200);
     let client = plane.client.clone();
 
-    // A git remote with gate == main (nothing pending), served over smart HTTP.
+    // Repositories with gate == main (nothing pending), served over smart
+    // HTTP; app i lives in repository i % repos_n under apps/app-i.
     let dir = tempfile::tempdir()?;
-    let remote = BareRemote::init(&dir.path().join("sre.git"))?;
-    let base = remote.commit(
-        "main",
-        &[Change::Write(
-            "apps/shop/app.yaml",
-            "kind: ConfigMap\nmetadata: {name: app}\n",
-        )],
-        "base",
-    )?;
-    remote.set_branch("backstop/gate", &base)?;
+    let mut remotes = Vec::new();
+    for r in 0..repos_n {
+        let remote = BareRemote::init(&dir.path().join(format!("sre{r}.git")))?;
+        let files: Vec<(String, String)> = (0..n)
+            .filter(|i| i % repos_n == r)
+            .map(|i| {
+                (
+                    format!("apps/app-{i}/app.yaml"),
+                    format!("kind: ConfigMap\nmetadata: {{name: app-{i}}}\n"),
+                )
+            })
+            .collect();
+        let changes: Vec<Change> = files.iter().map(|(p, c)| Change::Write(p, c)).collect();
+        let base = remote.commit("main", &changes, "base")?;
+        remote.set_branch("backstop/gate", &base)?;
+        remotes.push(remote);
+    }
     let git = http::git_server(dir.path().to_path_buf(), "flux", "pw").await;
     let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(
         json!({"metadata": {"name": "git-auth"}, "stringData": {"username": "flux", "password": "pw"}}),
@@ -72,15 +130,15 @@ async fn main() -> Res<()> {
     Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), "default")
         .create(&PostParams::default(), &secret)
         .await?;
-    let gvk = kube::api::GroupVersionKind::gvk("source.toolkit.fluxcd.io", "v1", "GitRepository");
-    let repos: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), "default", &kube::api::ApiResource::from_gvk(&gvk));
-    let repo: DynamicObject = serde_json::from_value(json!({
-        "apiVersion": "source.toolkit.fluxcd.io/v1", "kind": "GitRepository",
-        "metadata": {"name": "sre", "namespace": "default"},
-        "spec": {"interval": "1m", "url": format!("{}/sre.git", git.url()), "ref": {"branch": "backstop/gate"}, "secretRef": {"name": "git-auth"}},
-    }))?;
-    repos.create(&PostParams::default(), &repo).await?;
+    let repos = backstop::k8s::controller::git_repositories(client.clone(), "default");
+    for r in 0..repos_n {
+        let repo: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "source.toolkit.fluxcd.io/v1", "kind": "GitRepository",
+            "metadata": {"name": format!("sre{r}"), "namespace": "default"},
+            "spec": {"interval": "1m", "url": format!("{}/sre{r}.git", git.url()), "ref": {"branch": "backstop/gate"}, "secretRef": {"name": "git-auth"}},
+        }))?;
+        repos.create(&PostParams::default(), &repo).await?;
+    }
     let ks = pause::kustomizations(client.clone(), "default");
     let t = Instant::now();
     for i in 0..n {
@@ -88,16 +146,20 @@ async fn main() -> Res<()> {
             "apiVersion": "kustomize.toolkit.fluxcd.io/v1", "kind": "Kustomization",
             "metadata": {"name": format!("app-{i}"), "namespace": "default",
                          "annotations": {"backstop.dev/guard": "enabled", "backstop.dev/upstream-branch": "main"}},
-            "spec": {"interval": "5m", "path": "./apps/shop", "prune": true, "sourceRef": {"kind": "GitRepository", "name": "sre"}},
+            "spec": {"interval": "5m", "path": format!("./apps/app-{i}"), "prune": true,
+                     "sourceRef": {"kind": "GitRepository", "name": format!("sre{}", i % repos_n)}},
         }))?;
         ks.create(&PostParams::default(), &obj).await?;
     }
     println!(
-        "created {n} guarded Kustomizations in {:.1}s",
+        "created {n} guarded Kustomizations over {repos_n} GitRepositories in {:.1}s",
         t.elapsed().as_secs_f64()
     );
+    let t = Instant::now();
+    let listed = ks.list(&ListParams::default()).await?.items.len();
+    let list_anchor = t.elapsed().as_secs_f64();
 
-    // 1. Controller RSS after its first full pass.
+    // 1. The first full pass.
     let state = tempfile::tempdir()?;
     let log = std::fs::File::create(state.path().join("controller.log"))?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
@@ -106,7 +168,9 @@ async fn main() -> Res<()> {
         .args([
             "controller",
             "--interval",
-            "3600",
+            "30",
+            "--timeout",
+            "2",
             "--lease-namespace",
             "default",
             "--metrics-addr",
@@ -117,28 +181,112 @@ async fn main() -> Res<()> {
         .arg("--state")
         .arg(state.path())
         .env("BACKSTOP_LOG", "warn")
+        .env("BENCH_DATABASE_URL", "postgresql://bench@127.0.0.1:1/bench")
         .stderr(log)
         .kill_on_drop(true)
         .spawn()?;
     let pid = controller.id().ok_or("no pid")?;
-    // /readyz turns ok after the first full pass.
     loop {
-        if reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
+        if metric(port, "backstop_kustomizations_reconciled").await.unwrap_or(0.0) >= n as f64 {
             break;
+        }
+        if started.elapsed() > Duration::from_secs(1800) {
+            return Err("the first full pass took over 30 minutes".into());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let pass = started.elapsed().as_secs_f64();
-    let rss = rss_kib(pid);
-    tokio::time::sleep(Duration::from_secs(2)).await;
     println!(
-        "controller with {n} guarded Kustomizations: first full pass {pass:.1}s ({:.1} ms each), RSS {:.1} MiB after it, {:.1} MiB 2s later",
+        "first full pass: {pass:.1}s ({:.1} ms per Kustomization); anchor: one LIST of the {listed} Kustomizations {:.0} ms",
         pass * 1000.0 / n as f64,
-        rss as f64 / 1024.0,
-        rss_kib(pid) as f64 / 1024.0
+        list_anchor * 1000.0
+    );
+
+    // 2. Steady state, nothing pending.
+    let cpu0 = cpu_seconds(pid);
+    let minute = Duration::from_secs(env_num("BACKSTOP_BENCH_STEADY_SECONDS", 60) as u64);
+    tokio::time::sleep(minute).await;
+    let cpu = (cpu_seconds(pid) - cpu0) * 60.0 / minute.as_secs_f64();
+    println!(
+        "steady state (interval 30s, nothing pending): {cpu:.1} CPU seconds per minute; RSS {:.1} MiB, peak {:.1} MiB",
+        status_kib(pid, "VmRSS:") as f64 / 1024.0,
+        status_kib(pid, "VmHWM:") as f64 / 1024.0
+    );
+
+    // 3. Push to run start, beside a plain watch seeing the artifact move.
+    let seen: Arc<Mutex<std::collections::HashMap<String, Instant>>> = Arc::default();
+    let seen_by_watch = seen.clone();
+    let watch_repos = repos.clone();
+    let anchor_watch = tokio::spawn(async move {
+        let mut events = watcher(watch_repos, watcher::Config::default()).boxed();
+        while let Some(Ok(event)) = events.next().await {
+            if let watcher::Event::Apply(obj) = event {
+                if let Some(rev) = obj.data["status"]["artifact"]["revision"].as_str() {
+                    seen_by_watch
+                        .lock()
+                        .unwrap()
+                        .entry(rev.to_string())
+                        .or_insert_with(Instant::now);
+                }
+            }
+        }
+    });
+    let runs: Api<MigrationRun> = Api::namespaced(client.clone(), "default");
+    let (mut to_run, mut to_watch) = (Vec::new(), Vec::new());
+    for p in 0..pushes {
+        let app = (p * 37) % n;
+        let r = app % repos_n;
+        let carrier = format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: m-{p}\n  annotations:\n    backstop.dev/migration: \"{p:04}-bench\"\n    backstop.dev/database: url:BENCH_DATABASE_URL\n    backstop.dev/checkpoint: none\ndata:\n  up.sql: |\n    CREATE TABLE bench_{p} (id int);\n"
+        );
+        let path = format!("apps/app-{app}/migrations/{p:04}.yaml");
+        let sha = remotes[r].commit("main", &[Change::Write(&path, &carrier)], "bench migration")?;
+        let pushed = Instant::now();
+        repos
+            .patch_status(
+                &format!("sre{r}"),
+                &PatchParams::default(),
+                &Patch::Merge(&artifact(&sha)),
+            )
+            .await?;
+        let name = format!("app-{app}");
+        let started = loop {
+            let found = runs
+                .list(&ListParams::default())
+                .await?
+                .items
+                .into_iter()
+                .any(|mr| mr.spec.kustomization == name && mr.spec.commit == sha);
+            if found {
+                break pushed.elapsed().as_secs_f64();
+            }
+            if pushed.elapsed() > Duration::from_secs(120) {
+                return Err(format!("no run started for {name} within 120s").into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        to_run.push(started * 1000.0);
+        if let Some(at) = seen.lock().unwrap().get(&format!("backstop/gate@sha1:{sha}")) {
+            to_watch.push(at.saturating_duration_since(pushed).as_secs_f64() * 1000.0);
+        }
+    }
+    anchor_watch.abort();
+    to_run.sort_by(|a, b| a.total_cmp(b));
+    to_watch.sort_by(|a, b| a.total_cmp(b));
+    if !to_run.is_empty() && !to_watch.is_empty() {
+        println!(
+            "push to run start ({} pushes): p50 {:.0} ms, p99 {:.0} ms; anchor: a watch sees the artifact change p50 {:.0} ms, p99 {:.0} ms",
+            to_run.len(),
+            pct(&to_run, 0.5),
+            pct(&to_run, 0.99),
+            pct(&to_watch, 0.5),
+            pct(&to_watch, 0.99)
+        );
+    }
+    println!(
+        "after the pushes: RSS {:.1} MiB, peak {:.1} MiB",
+        status_kib(pid, "VmRSS:") as f64 / 1024.0,
+        status_kib(pid, "VmHWM:") as f64 / 1024.0
     );
     controller.kill().await.ok();
 
@@ -174,12 +322,11 @@ async fn main() -> Res<()> {
     }
     fake.abort();
     latencies.sort_by(|a, b| a.total_cmp(b));
-    let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
     println!(
         "pause handshake ({} locks): status update -> pause taken p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         latencies.len(),
-        pct(0.5),
-        pct(0.99),
+        pct(&latencies, 0.5),
+        pct(&latencies, 0.99),
         latencies.last().copied().unwrap_or(0.0)
     );
     Ok(())

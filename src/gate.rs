@@ -279,22 +279,36 @@ pub fn furthest(states: &[TreeState], history: &History, exempt: &Exempt) -> Opt
     states.iter().rposition(|s| violations(s, history, exempt).is_empty())
 }
 
+/// The files under any of `paths` at `sha`.
+pub async fn snapshot(git: &GitRepo, paths: &[&str], sha: &str) -> Result<manifests::Snapshot, GitError> {
+    let mut all = manifests::Snapshot::new();
+    for path in paths {
+        all.extend(git.snapshot(sha, path).await?);
+    }
+    Ok(all)
+}
+
 /// Tree states of `pending` (oldest first), built from `gate` by applying
-/// each commit's changes under `path` against the commit before it: one
-/// snapshot and one batch of path-limited diffs, whatever the number of
-/// commits, and only changed files parsed again.
+/// each commit's changes under `paths` against the commit before it: one
+/// snapshot and one batch of path-limited diffs per path, whatever the
+/// number of commits, and only changed files parsed again.
 pub async fn trees(
     git: &GitRepo,
-    path: &str,
+    paths: &[&str],
     gate: &TreeState,
     pending: &[CommitInfo],
 ) -> Result<Vec<TreeState>, GitError> {
     if pending.is_empty() {
         return Ok(Vec::new());
     }
-    let mut snapshot = git.snapshot(&gate.sha, path).await?;
+    let mut snapshot = snapshot(git, paths, &gate.sha).await?;
     let shas: Vec<String> = pending.iter().map(|c| c.sha.clone()).collect();
-    let changes = git.changes(&gate.sha, &shas, path).await?;
+    let mut changes: Vec<crate::git::Changes> = vec![Default::default(); shas.len()];
+    for path in paths {
+        for (all, more) in changes.iter_mut().zip(git.changes(&gate.sha, &shas, path).await?) {
+            all.extend(more);
+        }
+    }
     let mut out: Vec<TreeState> = Vec::with_capacity(pending.len());
     for (sha, changes) in shas.iter().zip(changes) {
         let state = out.last().unwrap_or(gate).next(sha, &mut snapshot, changes);
@@ -341,6 +355,10 @@ pub struct GateView<'a> {
     pub runner: &'a dyn Runner,
     pub branch: &'a str,
     pub path: &'a str,
+    /// Other guarded paths deployed from the same gate branch (several
+    /// Kustomizations following one GitRepository): the gate moves only to
+    /// commits whose trees hold the invariant on every one of them.
+    pub also: &'a [String],
     /// This instance's state id: a database another instance owns mid-run
     /// counts as unreadable (its history may be rolled back by that run).
     pub me: &'a str,
@@ -349,12 +367,19 @@ pub struct GateView<'a> {
 impl GateView<'_> {
     /// The carriers and broken files of `sha`'s guarded tree.
     pub async fn tree(&self, sha: &str) -> Result<TreeState, GitError> {
-        Ok(TreeState::parse(sha, &self.git.snapshot(sha, self.path).await?))
+        Ok(TreeState::parse(sha, &snapshot(self.git, &self.paths(), sha).await?))
+    }
+
+    /// The guarded path and the others deployed from the same gate.
+    pub fn paths(&self) -> Vec<&str> {
+        std::iter::once(self.path)
+            .chain(self.also.iter().map(String::as_str))
+            .collect()
     }
 
     /// Tree states of `pending` (oldest first): see [`trees`].
     pub async fn trees(&self, gate: &TreeState, pending: &[CommitInfo]) -> Result<Vec<TreeState>, GitError> {
-        trees(self.git, self.path, gate, pending).await
+        trees(self.git, &self.paths(), gate, pending).await
     }
 
     /// History of every database the trees' carriers name.

@@ -156,6 +156,7 @@ pub async fn engine(opts: &LocalOptions) -> Result<Engine, LocalError> {
             upstream: opts.upstream.clone(),
             gate: opts.gate.clone(),
             path: opts.path.clone(),
+            also_guarded: Vec::new(),
             revert: opts.revert,
             backoff: opts.backoff,
             owner: crate::owner::state_id(&opts.state)?,

@@ -170,7 +170,7 @@ async fn check_seed(seed: u64) {
     for gate_sha in gates.iter().step_by(3) {
         let pending = repo.pending(gate_sha, &head, ("gate", "main")).await.unwrap();
         let gate_state = full(&repo, gate_sha).await;
-        let states = gate::trees(&repo, PATH, &gate_state, &pending).await.unwrap();
+        let states = gate::trees(&repo, &[PATH], &gate_state, &pending).await.unwrap();
         assert_eq!(states.len(), pending.len());
         for (state, commit) in states.iter().zip(&pending) {
             let want = full(&repo, &commit.sha).await;

@@ -326,3 +326,60 @@ async fn an_api_fault_mid_run_requeues_and_the_run_finishes_without_a_revert() {
     );
     assert_eq!(s.f.gate(), c1);
 }
+
+#[tokio::test]
+async fn kustomizations_sharing_a_gitrepository_never_move_its_gate_past_each_others_carriers() {
+    let Some(s) = setup().await else { return };
+    // A second guarded Kustomization on the same GitRepository (so the same
+    // gate branch), for another folder.
+    let ks: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "kustomize.toolkit.fluxcd.io/v1", "kind": "Kustomization",
+        "metadata": {"name": "billing", "namespace": "default",
+                     "annotations": {"backstop.dev/guard": "enabled", "backstop.dev/upstream-branch": "main"}},
+        "spec": {"interval": "5m", "path": "./apps/billing", "prune": true, "sourceRef": {"kind": "GitRepository", "name": "sre"}},
+    }))
+    .unwrap();
+    s.ks.create(&PostParams::default(), &ks).await.unwrap();
+    // billing's carrier is refused; then shop gets a deploy-only change.
+    let refused = carrier("0001-invoices")
+        .database("cnpg:billing-db")
+        .annotation("checkpoint", "dump")
+        .annotation("phase", "sideways")
+        .sql("001.sql", "CREATE TABLE invoices (id int);");
+    s.f.commit_files(
+        &[("apps/billing/migrations/0001-invoices.yaml", &refused.yaml())],
+        "billing: invoices",
+    );
+    s.f.commit_files(
+        &[(
+            "apps/shop/deployment.yaml",
+            "kind: ConfigMap\nmetadata: {name: shop-v2}\n",
+        )],
+        "shop: deploy v2",
+    );
+    let mut controller = s.controller(&[]);
+    let refusal = || async {
+        s.runs
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .any(|r| r.metadata.name.as_deref().unwrap_or("").starts_with("billing-refused-"))
+    };
+    for _ in 0..120 {
+        if refusal().await {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(refusal().await, "billing's refusal is visible");
+    // Several passes of shop, which has nothing of its own pending.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    controller.kill().await.ok();
+    assert_eq!(
+        s.f.gate(),
+        s.f.base,
+        "shop's engine did not move the shared gate onto billing's refused carrier"
+    );
+}

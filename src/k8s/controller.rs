@@ -138,6 +138,8 @@ pub(crate) fn annotation<'a>(obj: &'a DynamicObject, key: &str) -> Option<&'a st
 /// What reconciles share.
 struct Ctx {
     engines: Engines,
+    /// Every Kustomization, as the controller's watch sees them.
+    kustomizations: kube::runtime::reflector::Store<DynamicObject>,
     metrics: Arc<Metrics>,
     recorder: Recorder,
     interval: Duration,
@@ -199,7 +201,14 @@ pub async fn run(opts: ControllerOptions) -> Result<(), ControllerError> {
                 }
             }
         });
+        let ks_res = kustomization_resource();
+        let main = Controller::new_with(
+            Api::<DynamicObject>::all_with(client.clone(), &ks_res),
+            watcher::Config::default(),
+            ks_res,
+        );
         let ctx = Arc::new(Ctx {
+            kustomizations: main.store(),
             engines: Engines::new(
                 client.clone(),
                 opts.clone(),
@@ -219,7 +228,7 @@ pub async fn run(opts: ControllerOptions) -> Result<(), ControllerError> {
             published: Default::default(),
             failures: Default::default(),
         });
-        let controller = controller(client.clone(), ctx);
+        let controller = controller(main, client.clone(), ctx);
         tokio::select! {
             _ = controller => tracing::warn!("the controller's watches ended"),
             _ = lost.changed() => tracing::warn!(identity = %opts.identity, "lost the leader Lease; every reconcile stopped"),
@@ -235,14 +244,13 @@ pub async fn run(opts: ControllerOptions) -> Result<(), ControllerError> {
 
 /// The reconciler over guarded Kustomizations, triggered by their
 /// GitRepositories and MigrationRuns too.
-fn controller(client: kube::Client, ctx: Arc<Ctx>) -> impl std::future::Future<Output = ()> {
+fn controller(
+    main: Controller<DynamicObject>,
+    client: kube::Client,
+    ctx: Arc<Ctx>,
+) -> impl std::future::Future<Output = ()> {
     let ks_res = kustomization_resource();
     let repo_res = git_repository_resource();
-    let main = Controller::new_with(
-        Api::<DynamicObject>::all_with(client.clone(), &ks_res),
-        watcher::Config::default(),
-        ks_res.clone(),
-    );
     let store = main.store();
     let by_source = ks_res.clone();
     let by_run = ks_res.clone();
@@ -300,7 +308,8 @@ async fn reconcile(ks: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Reco
             tracing::info!("suspended by a person; waiting");
             return Ok(Action::requeue(ctx.interval));
         }
-        let engine = match ctx.engines.get(&ks).await {
+        let others = ctx.kustomizations.state();
+        let engine = match ctx.engines.get(&ks, &others).await {
             Ok(engine) => engine,
             Err(message) => {
                 let event = Event {
@@ -321,6 +330,7 @@ async fn reconcile(ks: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Reco
         if let Ok(mut failures) = ctx.failures.lock() {
             failures.remove(&key);
         }
+        ctx.metrics.reconciled(&key);
         if !report.runs.is_empty() {
             let runs = engine.store.list().await.unwrap_or_default();
             for (id, outcome, location) in &report.runs {

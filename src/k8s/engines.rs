@@ -57,7 +57,10 @@ impl Engines {
 
     /// The engine of `ks`, built anew when the Kustomization's spec or
     /// annotations or its GitRepository's spec changed.
-    pub async fn get(&self, ks: &DynamicObject) -> Result<Arc<Engine>, String> {
+    /// `all`: every Kustomization; the guarded ones following the same
+    /// GitRepository share its gate, so their paths are checked too before
+    /// this engine moves it.
+    pub async fn get(&self, ks: &DynamicObject, all: &[Arc<DynamicObject>]) -> Result<Arc<Engine>, String> {
         let ns = ks.metadata.namespace.clone().unwrap_or_default();
         let name = ks.metadata.name.clone().unwrap_or_default();
         let source = &ks.data["spec"]["sourceRef"];
@@ -73,8 +76,10 @@ impl Engines {
             .get(&source_name)
             .await
             .map_err(|e| format!("failed to read GitRepository {source_ns}/{source_name}: {e}"))?;
-        let fingerprint = serde_json::to_string(&(&ks.data["spec"], &ks.metadata.annotations, &repo.data["spec"]))
-            .unwrap_or_default();
+        let also = also_guarded(ks, all);
+        let fingerprint =
+            serde_json::to_string(&(&ks.data["spec"], &ks.metadata.annotations, &repo.data["spec"], &also))
+                .unwrap_or_default();
         let key = format!("{ns}/{name}");
         let mut engines = self.engines.lock().await;
         if let Some((seen, engine)) = engines.get(&key) {
@@ -82,7 +87,7 @@ impl Engines {
                 return Ok(engine.clone());
             }
         }
-        let engine = Arc::new(engine_for(self, ks, &repo).await?);
+        let engine = Arc::new(engine_for(self, ks, &repo, also).await?);
         engines.insert(key, (fingerprint, engine.clone()));
         Ok(engine)
     }
@@ -102,6 +107,46 @@ impl Engines {
         mirrors.insert(url.to_string(), repo.clone());
         Ok(repo)
     }
+}
+
+/// The normalized `spec.path` of a Kustomization.
+fn path_of(ks: &DynamicObject) -> String {
+    ks.data["spec"]["path"]
+        .as_str()
+        .unwrap_or("")
+        .trim_start_matches("./")
+        .trim_matches('/')
+        .to_string()
+}
+
+/// The GitRepository (`namespace/name`) a Kustomization follows.
+fn source_of(ks: &DynamicObject) -> Option<String> {
+    let source = &ks.data["spec"]["sourceRef"];
+    if source["kind"] != "GitRepository" {
+        return None;
+    }
+    let ns = source["namespace"]
+        .as_str()
+        .or(ks.metadata.namespace.as_deref())
+        .unwrap_or_default();
+    Some(format!("{ns}/{}", source["name"].as_str().unwrap_or_default()))
+}
+
+/// Paths of the other guarded Kustomizations that follow the same
+/// GitRepository as `ks` (and so the same gate branch), sorted.
+pub fn also_guarded(ks: &DynamicObject, all: &[Arc<DynamicObject>]) -> Vec<String> {
+    let (me, source, path) = ((&ks.metadata.namespace, &ks.metadata.name), source_of(ks), path_of(ks));
+    let mut out: Vec<String> = all
+        .iter()
+        .filter(|o| (&o.metadata.namespace, &o.metadata.name) != me)
+        .filter(|o| annotation(o, super::controller::GUARD) == Some("enabled"))
+        .filter(|o| source.is_some() && source_of(o) == source)
+        .map(|o| path_of(o))
+        .filter(|p| *p != path)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Reads the Secret `namespace/name`.
@@ -132,7 +177,12 @@ fn repo_path(url: &str) -> String {
 }
 
 /// Builds the engine for one guarded Kustomization from its GitRepository.
-async fn engine_for(engines: &Engines, ks: &DynamicObject, repo: &DynamicObject) -> Result<Engine, String> {
+async fn engine_for(
+    engines: &Engines,
+    ks: &DynamicObject,
+    repo: &DynamicObject,
+    also_guarded: Vec<String>,
+) -> Result<Engine, String> {
     let (client, opts, bindir, forge_token) = (
         &engines.client,
         &engines.opts,
@@ -240,6 +290,7 @@ async fn engine_for(engines: &Engines, ks: &DynamicObject, repo: &DynamicObject)
             upstream,
             gate,
             path,
+            also_guarded,
             revert: None,
             backoff: Default::default(),
             // One leader-elected controller guards a Kustomization.

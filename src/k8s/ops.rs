@@ -32,6 +32,7 @@ pub struct Metrics {
     failures: Mutex<BTreeMap<String, u64>>,
     steps: Mutex<BTreeMap<String, (f64, u64)>>,
     refusals: Mutex<BTreeMap<String, u64>>,
+    reconciled: Mutex<std::collections::BTreeSet<String>>,
     leader: Mutex<bool>,
     ready: Mutex<bool>,
 }
@@ -49,6 +50,16 @@ impl Metrics {
         }
         let failure = record.and_then(|r| r.failure.as_ref()).map(|f| f.phase.to_string());
         self.run_finished(&format!("{outcome:?}"), failure.as_deref());
+    }
+
+    /// A reconcile of `kustomization` completed (the gauge counts distinct
+    /// Kustomizations: it reaches their number after the first full pass).
+    pub fn reconciled(&self, kustomization: &str) {
+        if let Ok(mut m) = self.reconciled.lock() {
+            if !m.contains(kustomization) {
+                m.insert(kustomization.to_string());
+            }
+        }
     }
 
     /// The gate of `kustomization` refused a commit (counted once per refusal).
@@ -117,6 +128,8 @@ impl Metrics {
         for (k, v) in self.refusals.lock().map(|m| m.clone()).unwrap_or_default() {
             let _ = writeln!(s, "backstop_refusals_total{{kustomization=\"{k}\"}} {v}");
         }
+        let reconciled = self.reconciled.lock().map(|m| m.len()).unwrap_or(0);
+        let _ = writeln!(s, "# HELP backstop_kustomizations_reconciled Guarded Kustomizations reconciled at least once by this process.\n# TYPE backstop_kustomizations_reconciled gauge\nbackstop_kustomizations_reconciled {reconciled}");
         let leader = self.leader.lock().map(|l| *l).unwrap_or(false);
         let _ = writeln!(s, "# HELP backstop_leader Whether this replica holds the lease.\n# TYPE backstop_leader gauge\nbackstop_leader {}", u8::from(leader));
         s

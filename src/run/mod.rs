@@ -56,6 +56,10 @@ pub struct Settings {
     pub gate: String,
     /// Folder of the repo the guarded target applies (empty: everything).
     pub path: String,
+    /// Folders other guarded targets apply from the same gate branch: the
+    /// gate invariant is checked on them too before the gate moves (their
+    /// migrations are theirs to run).
+    pub also_guarded: Vec<String>,
     /// Overrides the carriers' `backstop.dev/revert` when set.
     pub revert: Option<RevertMode>,
     /// Waits after transient faults.
@@ -137,6 +141,7 @@ impl Engine {
             runner: self.runner.as_ref(),
             branch: &self.settings.gate,
             path: &self.settings.path,
+            also: &self.settings.also_guarded,
             me: &self.settings.owner,
         }
     }
