@@ -1,8 +1,12 @@
 //! Connection targets: a database reference resolved to something connectable,
 //! with the password kept out of `Debug`, logs, command lines and reports.
 
+mod tls;
+
 use tokio_postgres::config::Host;
 use tokio_postgres::{Client, NoTls};
+
+pub use tls::{SslMode, Tls};
 
 use crate::manifests::DatabaseRef;
 
@@ -13,6 +17,13 @@ pub enum DbError {
     MissingVar { var: String },
     #[error("environment variable {var} does not hold a valid libpq URL")]
     BadUrl { var: String, source: tokio_postgres::Error },
+    #[error("the connection string of {var}: {message}")]
+    BadTls { var: String, message: String },
+    #[error("failed to set up TLS for database {database} (sslrootcert unreadable or not a certificate?)")]
+    TlsSetup {
+        database: String,
+        source: openssl::error::ErrorStack,
+    },
     #[error("failed to connect to database {database}")]
     Connect {
         database: String,
@@ -26,6 +37,7 @@ pub struct Database {
     /// What the carrier named.
     pub reference: DatabaseRef,
     config: tokio_postgres::Config,
+    tls: Tls,
 }
 
 impl std::fmt::Debug for Database {
@@ -41,11 +53,16 @@ impl Database {
             DatabaseRef::Url { var } => var.clone(),
             other => other.to_string(),
         };
-        let mut config: tokio_postgres::Config = url.parse().map_err(|source| DbError::BadUrl { var, source })?;
+        let (rest, tls) = tls::split(url).map_err(|message| DbError::BadTls {
+            var: var.clone(),
+            message,
+        })?;
+        let mut config: tokio_postgres::Config = rest.parse().map_err(|source| DbError::BadUrl { var, source })?;
+        config.ssl_mode(tls.mode.negotiation());
         if let Some(name) = database_name {
             config.dbname(name);
         }
-        Ok(Self { reference, config })
+        Ok(Self { reference, config, tls })
     }
 
     /// Resolves `url:VAR` from the environment. Other references need a cluster.
@@ -78,17 +95,54 @@ impl Database {
     }
 
     /// Opens a connection; the connection task runs on the runtime.
+    /// With `sslmode` other than `disable`, over TLS as libpq would.
     pub async fn connect(&self) -> Result<Client, DbError> {
-        let (client, connection) = self.config.connect(NoTls).await.map_err(|source| DbError::Connect {
+        let connect_err = |source| DbError::Connect {
+            database: self.describe(),
+            source,
+        };
+        let connector = tls::connector(&self.tls).map_err(|source| DbError::TlsSetup {
             database: self.describe(),
             source,
         })?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "database connection closed");
+        let client = match connector {
+            None => {
+                let (client, connection) = self.config.connect(NoTls).await.map_err(connect_err)?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "database connection closed");
+                    }
+                });
+                client
             }
-        });
+            Some(tls) => {
+                let (client, connection) = self.config.connect(tls).await.map_err(connect_err)?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "database connection closed");
+                    }
+                });
+                client
+            }
+        };
         Ok(client)
+    }
+
+    /// Cancels the query running on the connection of `token`, over TLS
+    /// when the connection uses it (best effort: the caller has timed out).
+    pub async fn cancel(&self, token: &tokio_postgres::CancelToken) {
+        let result = match tls::connector(&self.tls) {
+            Ok(Some(tls)) => token.cancel_query(tls).await,
+            _ => token.cancel_query(NoTls).await,
+        };
+        if let Err(e) = result {
+            tracing::warn!(database = %self.describe(), error = %e, "could not cancel the timed-out statement");
+        }
+    }
+
+    /// The TLS settings (`sslmode`, `sslrootcert`).
+    pub fn tls(&self) -> &Tls {
+        &self.tls
     }
 
     /// A connection to another database of the same server (e.g. `postgres`).
@@ -98,6 +152,7 @@ impl Database {
         Self {
             reference: self.reference.clone(),
             config,
+            tls: self.tls.clone(),
         }
     }
 
@@ -111,9 +166,12 @@ impl Database {
             config.password(p);
         }
         config.dbname(self.dbname()).host(host).port(port);
+        // Another server (a drill copy on loopback): its own certificate, if any.
+        config.ssl_mode(tokio_postgres::config::SslMode::Prefer);
         Self {
             reference: self.reference.clone(),
             config,
+            tls: Tls::default(),
         }
     }
 
@@ -134,6 +192,10 @@ impl Database {
             env.push(("PGPASSWORD", String::from_utf8_lossy(pw).into_owned()));
         }
         env.push(("PGDATABASE", self.dbname().to_string()));
+        env.push(("PGSSLMODE", self.tls.mode.as_str().to_string()));
+        if let Some(root) = &self.tls.root_cert {
+            env.push(("PGSSLROOTCERT", root.display().to_string()));
+        }
         env
     }
 }

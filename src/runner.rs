@@ -422,7 +422,7 @@ impl Runner for SqlRunner {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(pg_message(&e)),
             Err(_) => {
-                let _ = client.cancel_token().cancel_query(tokio_postgres::NoTls).await;
+                db.cancel(&client.cancel_token()).await;
                 Some(format!("timed out after {}s", m.timeout.as_secs()))
             }
         };
