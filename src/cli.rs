@@ -154,6 +154,12 @@ pub enum Command {
         /// Kustomization are kept (see `run --keep-checkpoints`; 0: all).
         #[arg(long, env = "BACKSTOP_KEEP_CHECKPOINTS", default_value_t = 5)]
         keep_checkpoints: usize,
+        /// Say that --state is on a durable volume every replica mounts (a
+        /// ReadWriteMany PersistentVolumeClaim, flux/state-pvc.yaml). Without
+        /// it `backstop.dev/checkpoint: dump` is refused before anything is
+        /// touched: a dump on an emptyDir is lost with the pod.
+        #[arg(long, env = "BACKSTOP_DURABLE_STATE")]
+        durable_state: bool,
         /// This replica's identity in the Lease (the pod name).
         #[arg(long, env = "HOSTNAME", default_value = "backstop")]
         identity: String,
@@ -451,6 +457,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             lease_name,
             lease_seconds,
             keep_checkpoints,
+            durable_state,
             identity,
             forge,
             forge_url,
@@ -467,6 +474,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                 lease: (lease_namespace, lease_name),
                 lease_duration: Duration::from_secs(lease_seconds.max(3)),
                 keep_checkpoints,
+                durable_state,
                 identity,
                 forge: (forge != crate::forge::ForgeKind::None).then(|| crate::k8s::controller::ControllerForge {
                     kind: forge,

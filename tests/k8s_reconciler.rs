@@ -383,3 +383,41 @@ async fn kustomizations_sharing_a_gitrepository_never_move_its_gate_past_each_ot
         "shop's engine did not move the shared gate onto billing's refused carrier"
     );
 }
+
+#[tokio::test]
+async fn a_controller_without_durable_state_refuses_dump_checkpoints_before_touching_anything() {
+    let Some(s) = setup().await else { return };
+    let migration = orders_table().database("cnpg:app-db").annotation("checkpoint", "dump");
+    let commit = s.f.commit_carrier(&migration, "create orders");
+    let kubeconfig = s.plane.kubeconfig_path();
+    let mut controller = s.controller_full(
+        "replica-a",
+        0,
+        &kubeconfig,
+        "default",
+        &s.f.state(),
+        &["--no-durable-state"],
+        &[],
+    );
+    let name = format!("shop-refused-{}", &commit[..12]);
+    let mut refused = None;
+    for _ in 0..120 {
+        if let Ok(mr) = s.runs.get(&name).await {
+            refused = mr.status.and_then(|st| st.summary);
+            if refused.is_some() {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    controller.kill().await.ok();
+    let summary = refused.expect("the commit is refused");
+    assert!(summary.contains("--durable-state"), "{summary}");
+    assert_eq!(s.f.gate(), s.f.base);
+    assert_eq!(
+        s.f.count("SELECT count(*) FROM information_schema.tables WHERE table_name = 'orders'")
+            .await,
+        0,
+        "nothing ran"
+    );
+}

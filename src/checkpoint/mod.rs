@@ -53,6 +53,8 @@ pub enum CheckpointError {
     },
     #[error("local checkpoints need {what}")]
     Misconfigured { what: String },
+    #[error("{backend} checkpoints are not available here: {why}")]
+    Unavailable { backend: &'static str, why: String },
     #[error(transparent)]
     Db(#[from] DbError),
     #[error("query on {database} failed while {step}")]
@@ -163,6 +165,44 @@ pub trait Checkpoint: Send + Sync {
     async fn prune(&self, run_id: &str) -> Result<u64, CheckpointError> {
         let _ = run_id;
         Ok(0)
+    }
+}
+
+/// A backend that refuses, with the reason, before anything is touched
+/// (e.g. `dump` in a controller whose state is not on a durable volume).
+pub struct Unavailable {
+    pub backend: &'static str,
+    pub why: String,
+}
+
+impl Unavailable {
+    fn error(&self) -> CheckpointError {
+        CheckpointError::Unavailable {
+            backend: self.backend,
+            why: self.why.clone(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Checkpoint for Unavailable {
+    fn name(&self) -> &'static str {
+        self.backend
+    }
+    async fn preflight(&self, _db: &Database) -> Result<(), CheckpointError> {
+        Err(self.error())
+    }
+    async fn create(&self, _db: &Database, _run_id: &str) -> Result<CheckpointRecord, CheckpointError> {
+        Err(self.error())
+    }
+    async fn restore(
+        &self,
+        _db: &Database,
+        _checkpoint: &CheckpointRecord,
+        _target: &RecoveryPoint,
+        _run_id: &str,
+    ) -> Result<RestoreRecord, CheckpointError> {
+        Err(self.error())
     }
 }
 

@@ -102,6 +102,9 @@ pub struct ControllerOptions {
     pub lease_duration: Duration,
     /// Checkpoints of the newest this many ended runs are kept (0: all).
     pub keep_checkpoints: usize,
+    /// `--state` is on a volume that outlives the pod and is shared by the
+    /// replicas: only then are `dump` checkpoints taken.
+    pub durable_state: bool,
     /// This replica's identity (the pod name).
     pub identity: String,
     /// Where revert pull requests are opened (None: revert branches only).

@@ -234,10 +234,19 @@ async fn engine_for(
     let dir = opts.state.join(&ns).join(&name);
     std::fs::create_dir_all(&dir).map_err(|e| format!("failed to create {}: {e}", dir.display()))?;
     let git = engines.mirror(&url).await?.with_auth(auth).protect(&gate);
-    let dump: Arc<dyn Checkpoint> = Arc::new(DumpBackend {
-        bindir: bindir.to_path_buf(),
-        store: dir.join("checkpoints"),
-    });
+    // A dump lives in the state folder: on an emptyDir a pod restart or a
+    // failover to the other replica loses the checkpoint a run depends on.
+    let dump: Arc<dyn Checkpoint> = if opts.durable_state {
+        Arc::new(DumpBackend {
+            bindir: bindir.to_path_buf(),
+            store: dir.join("checkpoints"),
+        })
+    } else {
+        Arc::new(crate::checkpoint::Unavailable {
+            backend: "dump",
+            why: "the controller's --state is not on a durable volume (a pod restart or failover would lose the dump); mount a ReadWriteMany PersistentVolumeClaim at --state (flux/state-pvc.yaml) and pass --durable-state, or use backstop.dev/checkpoint: backup (a CNPG Backup)".into(),
+        })
+    };
     let mut checkpoints = CheckpointSet::new();
     checkpoints.insert(CheckpointKind::Dump, dump);
     let cnpg: Arc<dyn Checkpoint> = Arc::new(crate::checkpoint::cnpg::CnpgBackend {

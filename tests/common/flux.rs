@@ -196,7 +196,13 @@ impl Setup {
         .arg(kubeconfig)
         .arg("--state")
         .arg(state)
-        .args(extra)
+        // The tests' state folders are on disk; dump checkpoints are allowed.
+        .args(if extra.contains(&"--no-durable-state") {
+            &[][..]
+        } else {
+            &["--durable-state"][..]
+        })
+        .args(extra.iter().filter(|a| **a != "--no-durable-state"))
         .kill_on_drop(true);
         for (k, v) in env {
             cmd.env(k, v);
