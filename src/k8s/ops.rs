@@ -2,7 +2,7 @@
 //! `coordination.k8s.io/v1` Lease (one active replica), Prometheus metrics,
 //! and the `/healthz`, `/readyz`, `/metrics` endpoints.
 
-use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -10,7 +10,11 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ObjectMeta, PostParams};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
 
 /// Failures of leader election and the HTTP endpoints.
 #[derive(Debug, thiserror::Error)]
@@ -25,16 +29,74 @@ pub enum OpsError {
     Listen { addr: String, source: std::io::Error },
 }
 
-/// Counters and timings, rendered in the Prometheus text format.
-#[derive(Debug, Default)]
+/// The controller's metrics, kept in a `prometheus-client` registry and
+/// served in the OpenMetrics text format.
 pub struct Metrics {
-    runs: Mutex<BTreeMap<String, u64>>,
-    failures: Mutex<BTreeMap<String, u64>>,
-    steps: Mutex<BTreeMap<String, (f64, u64)>>,
-    refusals: Mutex<BTreeMap<String, u64>>,
+    registry: Registry,
+    runs: Family<Vec<(String, String)>, Counter>,
+    failures: Family<Vec<(String, String)>, Counter>,
+    steps: Family<Vec<(String, String)>, Histogram>,
+    refusals: Family<Vec<(String, String)>, Counter>,
+    reconciled_gauge: Gauge,
     reconciled: Mutex<std::collections::BTreeSet<String>>,
-    leader: Mutex<bool>,
-    ready: Mutex<bool>,
+    leader: Gauge,
+    ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let runs = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register("backstop_runs", "Runs finished, by outcome", runs.clone());
+        let failures = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register(
+            "backstop_run_failures",
+            "Failed runs, by the phase that failed",
+            failures.clone(),
+        );
+        let steps = Family::<Vec<(String, String)>, Histogram>::new_with_constructor(|| {
+            Histogram::new([0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0, 1800.0])
+        });
+        registry.register_with_unit(
+            "backstop_step_duration",
+            "Time spent in run steps",
+            Unit::Seconds,
+            steps.clone(),
+        );
+        let refusals = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register(
+            "backstop_refusals",
+            "Commits the gate refused, by Kustomization",
+            refusals.clone(),
+        );
+        let reconciled_gauge = Gauge::default();
+        registry.register(
+            "backstop_kustomizations_reconciled",
+            "Guarded Kustomizations reconciled at least once by this process",
+            reconciled_gauge.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register(
+            "backstop_leader",
+            "Whether this replica holds the lease",
+            leader.clone(),
+        );
+        Self {
+            registry,
+            runs,
+            failures,
+            steps,
+            refusals,
+            reconciled_gauge,
+            reconciled: Mutex::default(),
+            leader,
+            ready: AtomicBool::new(false),
+        }
+    }
+}
+
+fn label(key: &str, value: &str) -> Vec<(String, String)> {
+    vec![(key.to_string(), value.to_string())]
 }
 
 impl Metrics {
@@ -44,99 +106,63 @@ impl Metrics {
             for step in &run.steps {
                 if let Some(end) = step.finished_at {
                     let kind = step.name.split_whitespace().next().unwrap_or(&step.name);
-                    self.step(kind, (end - step.started_at).num_milliseconds() as f64 / 1000.0);
+                    self.steps
+                        .get_or_create(&label("step", kind))
+                        .observe((end - step.started_at).num_milliseconds() as f64 / 1000.0);
                 }
             }
         }
-        let failure = record.and_then(|r| r.failure.as_ref()).map(|f| f.phase.to_string());
-        self.run_finished(&format!("{outcome:?}"), failure.as_deref());
+        self.runs
+            .get_or_create(&label("outcome", &format!("{outcome:?}")))
+            .inc();
+        if let Some(f) = record.and_then(|r| r.failure.as_ref()) {
+            self.failures
+                .get_or_create(&label("reason", &f.phase.to_string()))
+                .inc();
+        }
     }
 
     /// A reconcile of `kustomization` completed (the gauge counts distinct
     /// Kustomizations: it reaches their number after the first full pass).
     pub fn reconciled(&self, kustomization: &str) {
         if let Ok(mut m) = self.reconciled.lock() {
-            if !m.contains(kustomization) {
-                m.insert(kustomization.to_string());
+            if m.insert(kustomization.to_string()) {
+                self.reconciled_gauge.set(m.len() as i64);
             }
         }
     }
 
     /// The gate of `kustomization` refused a commit (counted once per refusal).
     pub fn refused(&self, kustomization: &str) {
-        if let Ok(mut m) = self.refusals.lock() {
-            *m.entry(kustomization.into()).or_default() += 1;
-        }
-    }
-
-    /// A finished run with its outcome (`Succeeded`, `RolledBack`, `Failed`).
-    pub fn run_finished(&self, outcome: &str, failure_reason: Option<&str>) {
-        if let Ok(mut m) = self.runs.lock() {
-            *m.entry(outcome.into()).or_default() += 1;
-        }
-        if let (Some(reason), Ok(mut m)) = (failure_reason, self.failures.lock()) {
-            *m.entry(reason.into()).or_default() += 1;
-        }
-    }
-
-    /// A step took `seconds`.
-    pub fn step(&self, name: &str, seconds: f64) {
-        if let Ok(mut m) = self.steps.lock() {
-            let e = m.entry(name.into()).or_default();
-            e.0 += seconds;
-            e.1 += 1;
-        }
+        self.refusals
+            .get_or_create(&label("kustomization", kustomization))
+            .inc();
     }
 
     pub fn set_leader(&self, v: bool) {
-        if let Ok(mut l) = self.leader.lock() {
-            *l = v;
-        }
+        self.leader.set(i64::from(v));
     }
 
     pub fn set_ready(&self, v: bool) {
-        if let Ok(mut r) = self.ready.lock() {
-            *r = v;
-        }
+        self.ready.store(v, Ordering::Relaxed);
     }
 
     fn is_ready(&self) -> bool {
-        self.ready.lock().map(|r| *r).unwrap_or(false)
+        self.ready.load(Ordering::Relaxed)
     }
 
-    /// The Prometheus exposition.
+    /// The OpenMetrics exposition.
     pub fn render(&self) -> String {
-        use std::fmt::Write;
         let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "# HELP backstop_runs_total Runs finished, by outcome.\n# TYPE backstop_runs_total counter"
-        );
-        for (k, v) in self.runs.lock().map(|m| m.clone()).unwrap_or_default() {
-            let _ = writeln!(s, "backstop_runs_total{{outcome=\"{k}\"}} {v}");
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut s, &self.registry) {
+            tracing::warn!(error = %e, "could not encode the metrics");
         }
-        let _ = writeln!(s, "# HELP backstop_run_failures_total Failed runs, by the phase that failed.\n# TYPE backstop_run_failures_total counter");
-        for (k, v) in self.failures.lock().map(|m| m.clone()).unwrap_or_default() {
-            let _ = writeln!(s, "backstop_run_failures_total{{reason=\"{k}\"}} {v}");
-        }
-        let _ = writeln!(s, "# HELP backstop_step_duration_seconds Time spent in run steps.\n# TYPE backstop_step_duration_seconds summary");
-        for (k, (sum, count)) in self.steps.lock().map(|m| m.clone()).unwrap_or_default() {
-            let _ = writeln!(s, "backstop_step_duration_seconds_sum{{step=\"{k}\"}} {sum}");
-            let _ = writeln!(s, "backstop_step_duration_seconds_count{{step=\"{k}\"}} {count}");
-        }
-        let _ = writeln!(s, "# HELP backstop_refusals_total Commits the gate refused, by Kustomization.\n# TYPE backstop_refusals_total counter");
-        for (k, v) in self.refusals.lock().map(|m| m.clone()).unwrap_or_default() {
-            let _ = writeln!(s, "backstop_refusals_total{{kustomization=\"{k}\"}} {v}");
-        }
-        let reconciled = self.reconciled.lock().map(|m| m.len()).unwrap_or(0);
-        let _ = writeln!(s, "# HELP backstop_kustomizations_reconciled Guarded Kustomizations reconciled at least once by this process.\n# TYPE backstop_kustomizations_reconciled gauge\nbackstop_kustomizations_reconciled {reconciled}");
-        let leader = self.leader.lock().map(|l| *l).unwrap_or(false);
-        let _ = writeln!(s, "# HELP backstop_leader Whether this replica holds the lease.\n# TYPE backstop_leader gauge\nbackstop_leader {}", u8::from(leader));
         s
     }
 }
 
-/// Serves `/healthz` (alive), `/readyz` (started: client and endpoints up, leader or not) and `/metrics`.
+/// Serves `/healthz` (alive), `/readyz` (started: client and endpoints up,
+/// leader or not) and `/metrics`, with hyper (HTTP/1.1).
 pub async fn serve(addr: &str, metrics: Arc<Metrics>) -> Result<tokio::task::JoinHandle<()>, OpsError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -146,31 +172,45 @@ pub async fn serve(addr: &str, metrics: Arc<Metrics>) -> Result<tokio::task::Joi
         })?;
     Ok(tokio::spawn(async move {
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
+            let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
             let metrics = metrics.clone();
             tokio::spawn(async move {
-                let mut buf = [0u8; 2048];
-                let n = stream.read(&mut buf).await.unwrap_or(0);
-                let request = String::from_utf8_lossy(&buf[..n]);
-                let path = request.split_whitespace().nth(1).unwrap_or("/");
-                let (status, body) = match path {
-                    "/healthz" => ("200 OK", "ok\n".to_string()),
-                    "/readyz" if metrics.is_ready() => ("200 OK", "ok\n".to_string()),
-                    "/readyz" => ("503 Service Unavailable", "not ready\n".to_string()),
-                    "/metrics" => ("200 OK", metrics.render()),
-                    _ => ("404 Not Found", "not found\n".to_string()),
-                };
-                let head = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = stream.write_all(head.as_bytes()).await;
-                let _ = stream.write_all(body.as_bytes()).await;
+                let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let metrics = metrics.clone();
+                    async move { Ok::<_, std::convert::Infallible>(answer(req.uri().path(), &metrics)) }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await
+                {
+                    tracing::debug!(error = %e, "metrics connection ended");
+                }
             });
         }
     }))
+}
+
+fn answer(path: &str, metrics: &Metrics) -> hyper::Response<http_body_util::Full<hyper::body::Bytes>> {
+    let (status, content_type, body) = match path {
+        "/healthz" => (200, "text/plain", "ok\n".to_string()),
+        "/readyz" if metrics.is_ready() => (200, "text/plain", "ok\n".to_string()),
+        "/readyz" => (503, "text/plain", "not ready\n".to_string()),
+        "/metrics" => (
+            200,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.render(),
+        ),
+        _ => (404, "text/plain", "not found\n".to_string()),
+    };
+    let mut response = hyper::Response::new(http_body_util::Full::new(hyper::body::Bytes::from(body)));
+    *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
+    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+        response.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    response
 }
 
 /// Leader election on a Lease.
@@ -328,5 +368,31 @@ impl Fence {
         stored
             .and_then(Self::transitions_of)
             .is_none_or(|theirs| theirs <= self.transitions)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_render_in_the_openmetrics_text_format() {
+        let m = Metrics::default();
+        m.record_run(crate::run::Outcome::Succeeded, None);
+        m.refused("default/shop");
+        m.reconciled("default/shop");
+        m.reconciled("default/shop");
+        m.set_leader(true);
+        let text = m.render();
+        for line in [
+            "backstop_runs_total{outcome=\"Succeeded\"} 1",
+            "backstop_refusals_total{kustomization=\"default/shop\"} 1",
+            "backstop_kustomizations_reconciled 1",
+            "backstop_leader 1",
+            "# TYPE backstop_step_duration_seconds histogram",
+            "# EOF",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} missing in:\n{text}");
+        }
     }
 }
