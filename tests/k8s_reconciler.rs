@@ -421,3 +421,56 @@ async fn a_controller_without_durable_state_refuses_dump_checkpoints_before_touc
         "nothing ran"
     );
 }
+
+#[tokio::test]
+async fn cnpg_databases_are_reached_over_tls_verified_with_the_clusters_ca_secret() {
+    let Some(mut s) = setup().await else { return };
+    let certs = tempfile::tempdir().unwrap();
+    common::tls::make_certs(certs.path());
+    common::tls::tls_on(&mut s.f, certs.path()).await;
+    // The app Secret names the server by a host its certificate carries.
+    let secrets: Api<Secret> = Api::namespaced(s.plane.client.clone(), "default");
+    let uri = format!("postgresql://postgres@localhost:{}/shop", s.f.server.port());
+    let patch = json!({"stringData": {"uri": uri}});
+    secrets
+        .patch(
+            "app-db-app",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+    // First a CA that did not sign the server's certificate: nothing runs.
+    let ca_secret = |file: &str| -> Secret {
+        let ca = std::fs::read_to_string(certs.path().join(file)).unwrap();
+        serde_json::from_value(json!({"metadata": {"name": "app-db-ca"}, "stringData": {"ca.crt": ca}})).unwrap()
+    };
+    secrets
+        .create(&PostParams::default(), &ca_secret("other-ca.crt"))
+        .await
+        .unwrap();
+    let migration = orders_table().database("cnpg:app-db").annotation("checkpoint", "dump");
+    let c1 = s.f.commit_carrier(&migration, "create orders");
+    let mut controller = s.controller(&[]);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        s.f.gate(),
+        s.f.base,
+        "a server the cluster's CA does not vouch for is not used"
+    );
+    assert_eq!(
+        s.f.count("SELECT count(*) FROM information_schema.tables WHERE table_name = 'orders'")
+            .await,
+        0
+    );
+    // The cluster's real CA: the run goes through, verified.
+    secrets.delete("app-db-ca", &Default::default()).await.unwrap();
+    secrets
+        .create(&PostParams::default(), &ca_secret("ca.crt"))
+        .await
+        .unwrap();
+    let run = run_in_phase(&s.runs, "shop", "Succeeded").await;
+    controller.kill().await.ok();
+    assert_eq!(ready(&run), Some(("True".into(), "Succeeded".into())));
+    assert_eq!(s.f.gate(), c1);
+}

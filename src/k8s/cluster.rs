@@ -40,6 +40,56 @@ fn secret_url(secret: &Secret) -> Option<String> {
     ))
 }
 
+/// The CA of a CNPG cluster (its `<cluster>-ca` Secret, key `ca.crt`),
+/// written to a file libpq and the TLS connector can read. None when the
+/// Secret cannot be read (RBAC does not name it, or the cluster uses its own
+/// certificates): the connection string's own `sslmode` applies.
+async fn cnpg_ca(secrets: &Api<Secret>, namespace: &str, cluster: &str) -> Option<std::path::PathBuf> {
+    let name = format!("{cluster}-ca");
+    let secret = match secrets.get(&name).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(secret = %format!("{namespace}/{name}"), error = %e, "no CNPG CA to verify the server with");
+            return None;
+        }
+    };
+    let ca = super::secret_key(&secret, "ca.crt")?;
+    let dir = std::env::temp_dir().join("backstop-cnpg-ca");
+    let path = dir.join(format!("{namespace}-{cluster}.crt"));
+    let tmp = dir.join(format!(".{namespace}-{cluster}.crt.{}", std::process::id()));
+    let written = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(&tmp, ca.as_bytes()))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    match written {
+        Ok(()) => Some(path),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "could not write the CNPG CA; connecting without verifying the server");
+            None
+        }
+    }
+}
+
+/// `url` with `sslmode=verify-full` and `sslrootcert=<ca>`, unless it names
+/// an `sslmode` of its own (the Secret's owner chose).
+fn with_verify_full(url: &str, ca: &std::path::Path) -> String {
+    if url.contains("sslmode=") {
+        return url.to_string();
+    }
+    let ca = ca.display().to_string();
+    if url.contains("://") {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        format!(
+            "{url}{sep}sslmode=verify-full&sslrootcert={}",
+            ca.replace('%', "%25").replace('&', "%26")
+        )
+    } else {
+        format!(
+            "{url} sslmode=verify-full sslrootcert='{}'",
+            ca.replace('\\', "\\\\").replace('\'', "\\'")
+        )
+    }
+}
+
 #[async_trait]
 impl Cluster for KubeCluster {
     async fn resolve(&self, reference: &DatabaseRef, database_name: Option<&str>) -> Result<Database, ClusterError> {
@@ -58,6 +108,10 @@ impl Cluster for KubeCluster {
                         "Secret {namespace}/{name} has neither `uri` nor `host` and `username`"
                     ))
                 })?;
+                let url = match cnpg_ca(&secrets, namespace, cluster).await {
+                    Some(ca) => with_verify_full(&url, &ca),
+                    None => url,
+                };
                 Ok(Database::from_url(reference.clone(), &url, database_name)?)
             }
         }
@@ -174,6 +228,21 @@ pub fn artifact_sha(revision: &str) -> Option<&str> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_cnpg_ca_turns_on_verify_full_unless_the_url_chose_an_sslmode() {
+        let ca = std::path::Path::new("/tmp/ca dir/x.crt");
+        assert_eq!(
+            super::with_verify_full("postgresql://app@db-rw.shop:5432/app", ca),
+            "postgresql://app@db-rw.shop:5432/app?sslmode=verify-full&sslrootcert=/tmp/ca dir/x.crt"
+        );
+        assert_eq!(
+            super::with_verify_full("host=db-rw user=app password='x' dbname=app", ca),
+            "host=db-rw user=app password='x' dbname=app sslmode=verify-full sslrootcert='/tmp/ca dir/x.crt'"
+        );
+        let chosen = "postgresql://app@db/app?sslmode=disable";
+        assert_eq!(super::with_verify_full(chosen, ca), chosen);
+    }
+
     #[test]
     fn artifact_revisions_name_their_commit() {
         let sha = "0123456789abcdef0123456789abcdef01234567";

@@ -6,6 +6,7 @@
 pub mod envtest;
 pub mod flux;
 pub mod http;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
