@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, PostParams};
+use kube::runtime::wait::{await_condition, conditions};
 use serde_json::{json, Value};
 
 use super::{Checkpoint, CheckpointError, CheckpointRecord, ManifestPatch, RecoveryPoint, RestoreRecord};
@@ -78,26 +79,25 @@ fn kube_err(step: &'static str, target: String) -> impl FnOnce(kube::Error) -> C
 }
 
 impl CnpgBackend {
-    async fn wait<F: Fn(&DynamicObject) -> Result<bool, String>>(
+    /// Waits (watching, up to the timeout) until `done` says the object
+    /// finished, and returns it; `done`'s error is a failure.
+    async fn wait<F: Fn(&DynamicObject) -> Result<bool, String> + Send + Clone + 'static>(
         &self,
         api: &Api<DynamicObject>,
         name: &str,
         what: &str,
         done: F,
     ) -> Result<DynamicObject, CheckpointError> {
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        loop {
-            if let Ok(Some(obj)) = api.get_opt(name).await {
-                match done(&obj) {
-                    Ok(true) => return Ok(obj),
-                    Ok(false) => {}
-                    Err(e) => return Err(other(format!("{what} to succeed, but it failed: {e}"))),
-                }
-            }
-            if tokio::time::Instant::now() > deadline {
-                return Err(other(format!("{what} within {}s", self.timeout.as_secs())));
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+        let finished = done.clone();
+        let condition = move |o: Option<&DynamicObject>| o.is_some_and(|o| finished(o) != Ok(false));
+        match tokio::time::timeout(self.timeout, await_condition(api.clone(), name, condition)).await {
+            Ok(Ok(Some(obj))) => match done(&obj) {
+                Err(e) => Err(other(format!("{what} to succeed, but it failed: {e}"))),
+                Ok(_) => Ok(obj),
+            },
+            Ok(Ok(None)) => Err(other(format!("{what}, but it was deleted"))),
+            Ok(Err(e)) => Err(other(format!("{what}: watching it failed: {e}"))),
+            Err(_) => Err(other(format!("{what} within {}s", self.timeout.as_secs()))),
         }
     }
 }
@@ -245,15 +245,21 @@ impl Checkpoint for CnpgBackend {
                 .delete(&name, &DeleteParams::background())
                 .await
                 .map_err(kube_err("deleting the CNPG Cluster", format!("{ns}/{name}")))?;
-            let deadline = tokio::time::Instant::now() + self.timeout;
-            while clusters.get_opt(&name).await.ok().flatten().is_some() {
-                if tokio::time::Instant::now() > deadline {
+            let uid = old.metadata.uid.clone().unwrap_or_default();
+            let gone = await_condition(clusters.clone(), &name, conditions::is_deleted(&uid));
+            match tokio::time::timeout(self.timeout, gone).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    return Err(other(format!(
+                        "CNPG Cluster {ns}/{name} to be deleted: watching it failed: {e}"
+                    )))
+                }
+                Err(_) => {
                     return Err(other(format!(
                         "CNPG Cluster {ns}/{name} to be deleted within {}s",
                         self.timeout.as_secs()
-                    )));
+                    )))
                 }
-                tokio::time::sleep(Duration::from_millis(500)).await;
             }
             clusters
                 .create(&PostParams::default(), &recreated)
@@ -261,11 +267,12 @@ impl Checkpoint for CnpgBackend {
                 .map_err(kube_err("creating the recovery Cluster", format!("{ns}/{name}")))?;
             (old_server, new_server, owner)
         };
+        let run = run_id.to_string();
         self.wait(
             &clusters,
             &name,
             &format!("recovered CNPG Cluster {ns}/{name} to become healthy"),
-            |c| {
+            move |c| {
                 let healthy = c.data["status"]["phase"].as_str() == Some("Cluster in healthy state");
                 Ok(healthy
                     && c.metadata
@@ -273,7 +280,7 @@ impl Checkpoint for CnpgBackend {
                         .as_ref()
                         .and_then(|a| a.get(RESTORED_BY))
                         .map(String::as_str)
-                        == Some(run_id))
+                        == Some(run.as_str()))
             },
         )
         .await?;

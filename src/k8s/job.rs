@@ -9,6 +9,7 @@ use chrono::Utc;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, LogParams, PostParams};
+use kube::runtime::wait::await_condition;
 
 use crate::checkpoint::RecoveryPoint;
 use crate::db::Database;
@@ -96,25 +97,29 @@ impl KubeRunner {
             Err(kube::Error::Api(e)) if e.code == 409 => {}
             Err(e) => return Ok(fail(format!("creating Job {ns}/{name} failed: {e}"))),
         }
-        let deadline = tokio::time::Instant::now() + m.timeout;
-        let result = loop {
-            if let Ok(j) = jobs.get(&name).await {
+        // Watch the Job until it completes or fails, up to the migration's timeout.
+        let ended = |j: Option<&Job>| {
+            let conditions = j.and_then(|j| j.status.as_ref()).and_then(|s| s.conditions.as_ref());
+            conditions.is_some_and(|c| {
+                c.iter()
+                    .any(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")
+            })
+        };
+        let result = match tokio::time::timeout(m.timeout, await_condition(jobs.clone(), &name, ended)).await {
+            Ok(Ok(Some(j))) => {
                 let conditions = j.status.and_then(|s| s.conditions).unwrap_or_default();
-                let has = |t: &str| conditions.iter().any(|c| c.type_ == t && c.status == "True");
-                if has("Complete") {
-                    break Ok(());
-                }
-                if has("Failed") {
-                    break Err(format!("Job {ns}/{name} failed"));
+                if conditions.iter().any(|c| c.type_ == "Complete" && c.status == "True") {
+                    Ok(())
+                } else {
+                    Err(format!("Job {ns}/{name} failed"))
                 }
             }
-            if tokio::time::Instant::now() > deadline {
-                break Err(format!(
-                    "Job {ns}/{name} did not finish within {}s",
-                    m.timeout.as_secs()
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            Ok(Ok(None)) => Err(format!("Job {ns}/{name} was deleted before it finished")),
+            Ok(Err(e)) => Err(format!("watching Job {ns}/{name} failed: {e}")),
+            Err(_) => Err(format!(
+                "Job {ns}/{name} did not finish within {}s",
+                m.timeout.as_secs()
+            )),
         };
         let logs = self.log_tail(&ns, &name).await;
         match result {
