@@ -159,6 +159,11 @@ async fn main() -> Res<()> {
     let listed = ks.list(&ListParams::default()).await?.items.len();
     let list_anchor = t.elapsed().as_secs_f64();
 
+    // A real database for the migrations of step 3 (a run starts only once
+    // its database answers).
+    let server = backstop::pgserver::PgServer::start().await?;
+    server.create_database("bench").await?;
+
     // 1. The first full pass.
     let state = tempfile::tempdir()?;
     let log = std::fs::File::create(state.path().join("controller.log"))?;
@@ -181,7 +186,7 @@ async fn main() -> Res<()> {
         .arg("--state")
         .arg(state.path())
         .env("BACKSTOP_LOG", "warn")
-        .env("BENCH_DATABASE_URL", "postgresql://bench@127.0.0.1:1/bench")
+        .env("BENCH_DATABASE_URL", server.url("bench"))
         .stderr(log)
         .kill_on_drop(true)
         .spawn()?;

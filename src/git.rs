@@ -89,6 +89,18 @@ pub struct GitRepo {
     /// on one repository): when the last fetch started, so that a fetch
     /// asked for while another ran is answered by the next one alone.
     fetched: std::sync::Arc<tokio::sync::Mutex<Option<std::time::Instant>>>,
+    /// Shared too: what the controller knows of the source (see
+    /// [`hint_source`](Self::hint_source)).
+    hint: std::sync::Arc<std::sync::Mutex<FetchHint>>,
+}
+
+/// When a fetch may be skipped: the source revision is what it was at the
+/// last fetch, and that fetch is younger than `max_age`.
+#[derive(Debug, Default)]
+struct FetchHint {
+    current: Option<String>,
+    at_last_fetch: Option<String>,
+    max_age: Option<std::time::Duration>,
 }
 
 /// Identity backstop writes its commits with.
@@ -141,6 +153,7 @@ impl GitRepo {
                 .unwrap_or_default(),
             protected: None,
             fetched: Default::default(),
+            hint: Default::default(),
         })
     }
 
@@ -182,6 +195,7 @@ impl GitRepo {
             auth: GitAuth::None,
             protected: None,
             fetched: Default::default(),
+            hint: Default::default(),
         })
     }
 
@@ -226,11 +240,40 @@ impl GitRepo {
         if last.is_some_and(|started| started >= asked) {
             return Ok(());
         }
+        let source = match self.hint.lock() {
+            Ok(h) => {
+                let unchanged = h.current.is_some() && h.current == h.at_last_fetch;
+                let young = match (h.max_age, *last) {
+                    (Some(age), Some(at)) => at.elapsed() < age,
+                    _ => false,
+                };
+                if unchanged && young {
+                    return Ok(());
+                }
+                h.current.clone()
+            }
+            Err(_) => None,
+        };
         let started = std::time::Instant::now();
         self.fetch_only().await?;
         *last = Some(started);
+        if let Ok(mut h) = self.hint.lock() {
+            h.at_last_fetch = source;
+        }
         self.maintain().await;
         Ok(())
+    }
+
+    /// The controller's hint: the source (GitRepository artifact) is at
+    /// `revision`. While it stays there, fetches younger than `max_age` are
+    /// reused: a new artifact fetches at once, upstream-only pushes are seen
+    /// within `max_age` (the reconcile interval), and a thousand
+    /// Kustomizations on one repository do not fetch it a thousand times.
+    pub fn hint_source(&self, revision: Option<String>, max_age: std::time::Duration) {
+        if let Ok(mut h) = self.hint.lock() {
+            h.current = revision;
+            h.max_age = Some(max_age);
+        }
     }
 
     /// Packs in the mirror above which [`maintain`](Self::maintain) repacks
@@ -239,7 +282,7 @@ impl GitRepo {
 
     /// Every fetch leaves one more pack, and every object lookup searches
     /// them all: once more than [`PACK_LIMIT`](Self::PACK_LIMIT) pile up, the
-    /// mirror is repacked into one with `git repack -a -d` (git's own tool;
+    /// mirror is repacked into one with `git repack -a -d -k` (git's own tool;
     /// libgit2 has no repack). A repack that cannot run is logged and the
     /// mirror stays usable, only slower.
     pub async fn maintain(&self) {
@@ -254,7 +297,9 @@ impl GitRepo {
             return;
         }
         let mut cmd = tokio::process::Command::new("git");
-        cmd.arg("-C").arg(&self.mirror).args(["repack", "-a", "-d", "-q"]);
+        // -k: objects no ref reaches any more (an upstream force-push) stay, so an
+        // open run's commit is never lost from the mirror.
+        cmd.arg("-C").arg(&self.mirror).args(["repack", "-a", "-d", "-k", "-q"]);
         crate::pgbin::dies_with_us(&mut cmd);
         match cmd.output().await {
             Ok(out) if out.status.success() => tracing::info!(packs, "repacked the git mirror"),
@@ -453,7 +498,8 @@ impl GitRepo {
             let repo = this.repo()?;
             let mut opts = git2::DiffOptions::new();
             if !prefix.is_empty() {
-                opts.pathspec(&prefix);
+                // The path literally (`*?[` in a folder name are not patterns).
+                opts.pathspec(&prefix).disable_pathspec_match(true);
             }
             let tree_of = |sha: &str| {
                 repo.find_commit(oid(sha)?)

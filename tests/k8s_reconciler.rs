@@ -329,14 +329,34 @@ async fn an_api_fault_mid_run_requeues_and_the_run_finishes_without_a_revert() {
 
 #[tokio::test]
 async fn kustomizations_sharing_a_gitrepository_never_move_its_gate_past_each_others_carriers() {
+    shared_gate_holds_for_every_path("sre").await;
+}
+
+#[tokio::test]
+async fn gitrepositories_naming_one_url_and_branch_share_one_gate() {
+    shared_gate_holds_for_every_path("sre-copy").await;
+}
+
+/// billing follows GitRepository `source` (`sre` itself, or another object
+/// with the same URL and branch): either way it deploys from shop's gate.
+async fn shared_gate_holds_for_every_path(source: &str) {
     let Some(s) = setup().await else { return };
-    // A second guarded Kustomization on the same GitRepository (so the same
-    // gate branch), for another folder.
+    if source != "sre" {
+        let repos = backstop::k8s::controller::git_repositories(s.plane.client.clone(), "default");
+        let sre = repos.get("sre").await.unwrap();
+        let copy: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "source.toolkit.fluxcd.io/v1", "kind": "GitRepository",
+            "metadata": {"name": source, "namespace": "default"},
+            "spec": sre.data["spec"].clone(),
+        }))
+        .unwrap();
+        repos.create(&PostParams::default(), &copy).await.unwrap();
+    }
     let ks: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "kustomize.toolkit.fluxcd.io/v1", "kind": "Kustomization",
         "metadata": {"name": "billing", "namespace": "default",
                      "annotations": {"backstop.dev/guard": "enabled", "backstop.dev/upstream-branch": "main"}},
-        "spec": {"interval": "5m", "path": "./apps/billing", "prune": true, "sourceRef": {"kind": "GitRepository", "name": "sre"}},
+        "spec": {"interval": "5m", "path": "./apps/billing", "prune": true, "sourceRef": {"kind": "GitRepository", "name": source}},
     }))
     .unwrap();
     s.ks.create(&PostParams::default(), &ks).await.unwrap();

@@ -1,13 +1,13 @@
-//! Checkpoint retention (`--keep-checkpoints`): base backups and the data
-//! directories restores set aside are deleted once newer ended runs replace
-//! them, and never while a run may still need them.
+//! Checkpoint retention (`--keep-checkpoints`): base backups are deleted
+//! once newer ended runs replace them; the data directory a restore set
+//! aside (the only copy of the data-loss window's writes) is never deleted.
 
 mod common;
 
 use common::*;
 
 #[tokio::test]
-async fn checkpoints_beyond_the_newest_kept_are_deleted_with_the_data_a_restore_set_aside() {
+async fn checkpoints_beyond_the_newest_kept_are_deleted_but_not_the_data_a_restore_set_aside() {
     let f = Fixture::new().await;
     f.commit_carrier(&orders_table(), "create orders");
     let out = f.run(&["--keep-checkpoints", "1"]).await;
@@ -24,8 +24,8 @@ async fn checkpoints_beyond_the_newest_kept_are_deleted_with_the_data_a_restore_
     let failed_run = f.reports().last().unwrap()["run"].as_str().unwrap().to_string();
     assert!(f.state().join("checkpoints").join(&failed_run).exists());
 
-    // The next good run replaces it: the failed run's checkpoint and its
-    // set-aside data directory go, and its record says so.
+    // The next good run replaces it: the failed run's checkpoint goes (its
+    // record says so); the set-aside data directory stays for a person.
     let note = carrier("0003-note").phase("expand").sql(
         "001.sql",
         "SET lock_timeout = '5s';\nALTER TABLE orders ADD COLUMN note text;",
@@ -35,7 +35,7 @@ async fn checkpoints_beyond_the_newest_kept_are_deleted_with_the_data_a_restore_
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(f.checkpoints(), 1);
     assert!(!f.state().join("checkpoints").join(&failed_run).exists());
-    assert_eq!(f.kept_data_dirs(), 0, "the set-aside data directory was deleted");
+    assert_eq!(f.kept_data_dirs(), 1, "the set-aside data directory is kept");
     let record: serde_json::Value =
         serde_json::from_slice(&std::fs::read(f.state().join("journal").join(format!("{failed_run}.json"))).unwrap())
             .unwrap();

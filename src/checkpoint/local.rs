@@ -483,19 +483,18 @@ impl Checkpoint for LocalBackend {
         self.restore_in_place(db, checkpoint, target, run_id).await
     }
 
-    /// The run's base backup, and the data directory its restore set aside.
+    /// The run's base backup. The data directory a restore set aside stays:
+    /// it holds the writes of the data-loss window, the only copy; a person
+    /// deletes it (the report names it).
     async fn prune(&self, run_id: &str) -> Result<u64, CheckpointError> {
-        let mut freed = 0;
-        for dir in [self.store.join(run_id), self.kept_dir(run_id)] {
-            freed += super::remove_tree(dir.clone())
-                .await
-                .map_err(|source| CheckpointError::Io {
-                    step: "delete a checkpoint retention let go",
-                    path: dir,
-                    source,
-                })?;
-        }
-        Ok(freed)
+        let dir = self.store.join(run_id);
+        super::remove_tree(dir.clone())
+            .await
+            .map_err(|source| CheckpointError::Io {
+                step: "delete a checkpoint retention let go",
+                path: dir,
+                source,
+            })
     }
 }
 

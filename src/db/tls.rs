@@ -141,12 +141,16 @@ pub fn split(conninfo: &str) -> Result<(String, Tls), String> {
 
 fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
+    let hex = |b: u8| (b as char).to_digit(16);
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(b);
+        if bytes[i] == b'%' {
+            if let (Some(hi), Some(lo)) = (
+                bytes.get(i + 1).and_then(|b| hex(*b)),
+                bytes.get(i + 2).and_then(|b| hex(*b)),
+            ) {
+                out.push((hi * 16 + lo) as u8);
                 i += 3;
                 continue;
             }
@@ -201,6 +205,12 @@ mod tests {
         assert_eq!(rest, "host=db user=app password='s3\\'cret'");
         let (rest, tls) = split("postgresql://app@db/shop").unwrap();
         assert_eq!((rest.as_str(), tls.mode), ("postgresql://app@db/shop", SslMode::Prefer));
+    }
+
+    #[test]
+    fn percent_escapes_next_to_multibyte_characters_do_not_panic() {
+        let (_, tls) = split("postgresql://db/x?sslrootcert=%a\u{e9}%2F%zz").unwrap();
+        assert_eq!(tls.root_cert.unwrap().display().to_string(), "%a\u{e9}/%zz");
     }
 
     #[test]

@@ -41,32 +41,44 @@ fn secret_url(secret: &Secret) -> Option<String> {
 }
 
 /// The CA of a CNPG cluster (its `<cluster>-ca` Secret, key `ca.crt`),
-/// written to a file libpq and the TLS connector can read. None when the
-/// Secret cannot be read (RBAC does not name it, or the cluster uses its own
-/// certificates): the connection string's own `sslmode` applies.
-async fn cnpg_ca(secrets: &Api<Secret>, namespace: &str, cluster: &str) -> Option<std::path::PathBuf> {
+/// written to a file libpq and the TLS connector can read. None when there
+/// is no such Secret or key (the cluster uses certificates of its own): the
+/// connection string's own `sslmode` applies. Any other failure (RBAC, the
+/// API, the disk) is an error: never a silent fallback to an unverified
+/// connection.
+async fn cnpg_ca(
+    secrets: &Api<Secret>,
+    namespace: &str,
+    cluster: &str,
+) -> Result<Option<std::path::PathBuf>, ClusterError> {
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let name = format!("{cluster}-ca");
-    let secret = match secrets.get(&name).await {
-        Ok(s) => s,
+    let secret = match secrets.get_opt(&name).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return Ok(None),
         Err(e) => {
-            tracing::debug!(secret = %format!("{namespace}/{name}"), error = %e, "no CNPG CA to verify the server with");
-            return None;
+            return Err(ClusterError::Other(format!(
+                "failed to read Secret {namespace}/{name}, the CA TLS to CNPG cluster {cluster} is verified with: {e}"
+            )))
         }
     };
-    let ca = super::secret_key(&secret, "ca.crt")?;
-    let dir = std::env::temp_dir().join("backstop-cnpg-ca");
-    let path = dir.join(format!("{namespace}-{cluster}.crt"));
-    let tmp = dir.join(format!(".{namespace}-{cluster}.crt.{}", std::process::id()));
-    let written = std::fs::create_dir_all(&dir)
+    let Some(ca) = super::secret_key(&secret, "ca.crt") else {
+        return Ok(None);
+    };
+    let dir = std::env::temp_dir().join("backstop-cnpg-ca").join(namespace);
+    let path = dir.join(format!("{cluster}.crt"));
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{cluster}.crt.{}.{n}", std::process::id()));
+    std::fs::create_dir_all(&dir)
         .and_then(|()| std::fs::write(&tmp, ca.as_bytes()))
-        .and_then(|()| std::fs::rename(&tmp, &path));
-    match written {
-        Ok(()) => Some(path),
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "could not write the CNPG CA; connecting without verifying the server");
-            None
-        }
-    }
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| {
+            ClusterError::Other(format!(
+                "failed to write the CA of CNPG cluster {namespace}/{cluster} to {}: {e}",
+                path.display()
+            ))
+        })?;
+    Ok(Some(path))
 }
 
 /// `url` with `sslmode=verify-full` and `sslrootcert=<ca>`, unless it names
@@ -108,7 +120,7 @@ impl Cluster for KubeCluster {
                         "Secret {namespace}/{name} has neither `uri` nor `host` and `username`"
                     ))
                 })?;
-                let url = match cnpg_ca(&secrets, namespace, cluster).await {
+                let url = match cnpg_ca(&secrets, namespace, cluster).await? {
                     Some(ca) => with_verify_full(&url, &ca),
                     None => url,
                 };

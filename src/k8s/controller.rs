@@ -143,6 +143,8 @@ struct Ctx {
     engines: Engines,
     /// Every Kustomization, as the controller's watch sees them.
     kustomizations: kube::runtime::reflector::Store<DynamicObject>,
+    /// Every GitRepository (which Kustomizations share a gate branch).
+    repositories: kube::runtime::reflector::Store<DynamicObject>,
     metrics: Arc<Metrics>,
     recorder: Recorder,
     interval: Duration,
@@ -193,12 +195,20 @@ pub async fn run(opts: ControllerOptions) -> Result<(), ControllerError> {
         tracing::info!(identity = %opts.identity, transitions, "leading");
         let (lost_tx, mut lost) = tokio::sync::watch::channel(false);
         let renewing = election.clone();
+        // Leadership ends at a deadline two thirds into the Lease from the
+        // start of the last successful renewal, well before a follower may
+        // take it over (at the full duration, by its own reading).
         let renewal = tokio::spawn(async move {
-            let every = renewing.duration / 3;
+            let d = renewing.duration;
+            let mut last_ok = tokio::time::Instant::now();
             loop {
-                tokio::time::sleep(every).await;
-                let renewed = tokio::time::timeout(every, renewing.try_acquire()).await;
-                if !matches!(renewed, Ok(Ok(Some(t))) if t == transitions) {
+                tokio::time::sleep(d / 3).await;
+                let started = tokio::time::Instant::now();
+                let deadline = last_ok + d * 2 / 3;
+                let renewed = tokio::time::timeout_at(deadline, renewing.try_acquire()).await;
+                if matches!(renewed, Ok(Ok(Some(t))) if t == transitions) {
+                    last_ok = started;
+                } else {
                     let _ = lost_tx.send(true);
                     return;
                 }
@@ -210,7 +220,21 @@ pub async fn run(opts: ControllerOptions) -> Result<(), ControllerError> {
             watcher::Config::default(),
             ks_res,
         );
+        let repo_res = git_repository_resource();
+        let writer = kube::runtime::reflector::store::Writer::new(repo_res.clone());
+        let repositories = writer.as_reader();
+        let repo_watch = tokio::spawn(
+            kube::runtime::reflector(
+                writer,
+                watcher(
+                    Api::<DynamicObject>::all_with(client.clone(), &repo_res),
+                    watcher::Config::default(),
+                ),
+            )
+            .for_each(|_| futures::future::ready(())),
+        );
         let ctx = Arc::new(Ctx {
+            repositories,
             kustomizations: main.store(),
             engines: Engines::new(
                 client.clone(),
@@ -237,10 +261,12 @@ pub async fn run(opts: ControllerOptions) -> Result<(), ControllerError> {
             _ = lost.changed() => tracing::warn!(identity = %opts.identity, "lost the leader Lease; every reconcile stopped"),
             _ = tokio::signal::ctrl_c() => {
                 renewal.abort();
+                repo_watch.abort();
                 return Ok(());
             }
         }
         renewal.abort();
+        repo_watch.abort();
         metrics.set_leader(false);
     }
 }
@@ -312,7 +338,8 @@ async fn reconcile(ks: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Reco
             return Ok(Action::requeue(ctx.interval));
         }
         let others = ctx.kustomizations.state();
-        let engine = match ctx.engines.get(&ks, &others).await {
+        let repos = ctx.repositories.state();
+        let engine = match ctx.engines.get(&ks, &others, &repos).await {
             Ok(engine) => engine,
             Err(message) => {
                 let event = Event {

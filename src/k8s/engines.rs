@@ -60,7 +60,12 @@ impl Engines {
     /// `all`: every Kustomization; the guarded ones following the same
     /// GitRepository share its gate, so their paths are checked too before
     /// this engine moves it.
-    pub async fn get(&self, ks: &DynamicObject, all: &[Arc<DynamicObject>]) -> Result<Arc<Engine>, String> {
+    pub async fn get(
+        &self,
+        ks: &DynamicObject,
+        all: &[Arc<DynamicObject>],
+        repos: &[Arc<DynamicObject>],
+    ) -> Result<Arc<Engine>, String> {
         let ns = ks.metadata.namespace.clone().unwrap_or_default();
         let name = ks.metadata.name.clone().unwrap_or_default();
         let source = &ks.data["spec"]["sourceRef"];
@@ -76,19 +81,22 @@ impl Engines {
             .get(&source_name)
             .await
             .map_err(|e| format!("failed to read GitRepository {source_ns}/{source_name}: {e}"))?;
-        let also = also_guarded(ks, all);
+        let also = also_guarded(ks, all, repos);
         let fingerprint =
             serde_json::to_string(&(&ks.data["spec"], &ks.metadata.annotations, &repo.data["spec"], &also))
                 .unwrap_or_default();
         let key = format!("{ns}/{name}");
+        let artifact = repo.data["status"]["artifact"]["revision"].as_str().map(str::to_string);
         let mut engines = self.engines.lock().await;
-        if let Some((seen, engine)) = engines.get(&key) {
-            if *seen == fingerprint {
-                return Ok(engine.clone());
+        let engine = match engines.get(&key) {
+            Some((seen, engine)) if *seen == fingerprint => engine.clone(),
+            _ => {
+                let engine = Arc::new(engine_for(self, ks, &repo, also).await?);
+                engines.insert(key, (fingerprint, engine.clone()));
+                engine
             }
-        }
-        let engine = Arc::new(engine_for(self, ks, &repo, also).await?);
-        engines.insert(key, (fingerprint, engine.clone()));
+        };
+        engine.git.hint_source(artifact, self.opts.interval);
         Ok(engine)
     }
 
@@ -132,15 +140,43 @@ fn source_of(ks: &DynamicObject) -> Option<String> {
     Some(format!("{ns}/{}", source["name"].as_str().unwrap_or_default()))
 }
 
-/// Paths of the other guarded Kustomizations that follow the same
-/// GitRepository as `ks` (and so the same gate branch), sorted.
-pub fn also_guarded(ks: &DynamicObject, all: &[Arc<DynamicObject>]) -> Vec<String> {
-    let (me, source, path) = ((&ks.metadata.namespace, &ks.metadata.name), source_of(ks), path_of(ks));
+/// The gate a Kustomization deploys from: its GitRepository's URL (without
+/// credentials) and branch; the GitRepository's name when it is not known
+/// (yet) to the watch.
+fn gate_of(ks: &DynamicObject, repos: &[Arc<DynamicObject>]) -> Option<String> {
+    let source = source_of(ks)?;
+    let repo = repos.iter().find(|r| {
+        format!(
+            "{}/{}",
+            r.metadata.namespace.as_deref().unwrap_or_default(),
+            r.metadata.name.as_deref().unwrap_or_default()
+        ) == source
+    });
+    Some(match repo {
+        Some(r) => {
+            let url = r.data["spec"]["url"].as_str().unwrap_or_default();
+            let (plain, _) = crate::git::split_credentials(url);
+            let branch = r.data["spec"]["ref"]["branch"].as_str().unwrap_or_default();
+            format!("{} {branch}", plain.trim_end_matches('/').trim_end_matches(".git"))
+        }
+        None => format!("GitRepository {source}"),
+    })
+}
+
+/// Paths of the other guarded Kustomizations that deploy from the same
+/// gate as `ks` (the same repository URL and branch, whichever
+/// GitRepository objects name them), sorted.
+pub fn also_guarded(ks: &DynamicObject, all: &[Arc<DynamicObject>], repos: &[Arc<DynamicObject>]) -> Vec<String> {
+    let (me, gate, path) = (
+        (&ks.metadata.namespace, &ks.metadata.name),
+        gate_of(ks, repos),
+        path_of(ks),
+    );
     let mut out: Vec<String> = all
         .iter()
         .filter(|o| (&o.metadata.namespace, &o.metadata.name) != me)
         .filter(|o| annotation(o, super::controller::GUARD) == Some("enabled"))
-        .filter(|o| source.is_some() && source_of(o) == source)
+        .filter(|o| gate.is_some() && gate_of(o, repos) == gate)
         .map(|o| path_of(o))
         .filter(|p| *p != path)
         .collect();

@@ -254,11 +254,15 @@ impl LeaderElection {
                     },
                     spec: Some(LeaseSpec {
                         acquire_time: Some(MicroTime(now)),
+                        // A Lease made anew (deleted by someone) must not
+                        // restart the count below fences already written:
+                        // start from the clock, which only grows.
+                        lease_transitions: Some(created_transitions(now)),
                         ..spec
                     }),
                 };
                 match self.api.create(&PostParams::default(), &lease).await {
-                    Ok(_) => Ok(Some(0)),
+                    Ok(_) => Ok(Some(created_transitions(now))),
                     Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
                     Err(e) => Err(self.err()(e)),
                 }
@@ -301,6 +305,12 @@ impl LeaderElection {
             transitions,
         }
     }
+}
+
+/// The transition count a newly created Lease starts at: seconds since
+/// 2020, so that it exceeds any count a deleted Lease reached by takeovers.
+fn created_transitions(now: Timestamp) -> i32 {
+    i32::try_from(now.as_second() - 1_577_836_800).unwrap_or(i32::MAX / 2)
 }
 
 /// One leadership of this replica: writes of run state carry its token and

@@ -153,7 +153,10 @@ impl Engine {
         let result = self.pass_inner(&mut report).await;
         if result.is_ok() {
             self.record_status(&report).await?;
-            self.prune_checkpoints().await?;
+            // Retention only has something new to let go when runs ended.
+            if !report.runs.is_empty() {
+                self.prune_checkpoints().await?;
+            }
         }
         result.map(|()| report)
     }
@@ -208,10 +211,16 @@ impl Engine {
         }
         let runs = self.store.list().await?;
         for run in retention::prunable(&runs, self.settings.keep_checkpoints) {
-            let Some(kind) = run.migrations.first().map(|m| m.checkpoint) else {
+            // The backend that took it, by the name its record carries; one
+            // that keeps nothing here (a CNPG Backup) is left alone.
+            let Some(name) = run.checkpoint.as_ref().map(|c| c.backend.as_str()) else {
                 continue;
             };
-            let Ok(Some(backend)) = self.checkpoint_for(kind) else {
+            let Some(backend) = self
+                .checkpoints
+                .values()
+                .find(|b| b.name() == name && matches!(name, "local" | "dump"))
+            else {
                 continue;
             };
             match backend.prune(&run.id).await {
@@ -257,6 +266,12 @@ impl Engine {
         let mut gate = self.git.require_branch(&self.settings.gate).await?;
         let head = self.git.require_branch(&self.settings.upstream).await?;
         report.gate = gate.clone();
+        let holds_revert = runs.iter().any(|r| r.gate_revert.as_deref() == Some(gate.as_str()));
+        if gate == head && !holds_revert {
+            // Nothing pending: no tree to read (the cheap pass of a controller
+            // guarding many quiet Kustomizations).
+            return Ok(());
+        }
         let view = self.gate();
         let gate_tree = view.tree(&gate).await?;
         let exempt = exempt_at_gate(&gate_tree, &runs);
