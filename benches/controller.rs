@@ -266,10 +266,15 @@ async fn main() -> Res<()> {
                 break pushed.elapsed().as_secs_f64();
             }
             if pushed.elapsed() > Duration::from_secs(120) {
-                return Err(format!("no run started for {name} within 120s").into());
+                println!("push {p}: no run started for {name} within 120s; stopping the pushes");
+                break f64::INFINITY;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
+        if !started.is_finite() {
+            break;
+        }
+        println!("push {p} ({name}): run started after {:.0} ms", started * 1000.0);
         to_run.push(started * 1000.0);
         if let Some(at) = seen.lock().unwrap().get(&format!("backstop/gate@sha1:{sha}")) {
             to_watch.push(at.saturating_duration_since(pushed).as_secs_f64() * 1000.0);
