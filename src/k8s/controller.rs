@@ -337,6 +337,14 @@ async fn reconcile(ks: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Reco
             tracing::info!("suspended by a person; waiting");
             return Ok(Action::requeue(ctx.interval));
         }
+        // Which Kustomizations share a gate is read from the GitRepository
+        // watch: wait until it has listed them all once.
+        if ctx.repositories.wait_until_ready().await.is_err() {
+            return Err(ReconcileError::Setup {
+                key,
+                message: "the GitRepository watch stopped".into(),
+            });
+        }
         let others = ctx.kustomizations.state();
         let repos = ctx.repositories.state();
         let engine = match ctx.engines.get(&ks, &others, &repos).await {

@@ -81,7 +81,7 @@ impl Engines {
             .get(&source_name)
             .await
             .map_err(|e| format!("failed to read GitRepository {source_ns}/{source_name}: {e}"))?;
-        let also = also_guarded(ks, all, repos);
+        let also = also_guarded(ks, &repo, all, repos);
         let fingerprint =
             serde_json::to_string(&(&ks.data["spec"], &ks.metadata.annotations, &repo.data["spec"], &also))
                 .unwrap_or_default();
@@ -140,43 +140,48 @@ fn source_of(ks: &DynamicObject) -> Option<String> {
     Some(format!("{ns}/{}", source["name"].as_str().unwrap_or_default()))
 }
 
-/// The gate a Kustomization deploys from: its GitRepository's URL (without
-/// credentials) and branch; the GitRepository's name when it is not known
-/// (yet) to the watch.
-fn gate_of(ks: &DynamicObject, repos: &[Arc<DynamicObject>]) -> Option<String> {
-    let source = source_of(ks)?;
-    let repo = repos.iter().find(|r| {
-        format!(
-            "{}/{}",
-            r.metadata.namespace.as_deref().unwrap_or_default(),
-            r.metadata.name.as_deref().unwrap_or_default()
-        ) == source
-    });
-    Some(match repo {
-        Some(r) => {
-            let url = r.data["spec"]["url"].as_str().unwrap_or_default();
-            let (plain, _) = crate::git::split_credentials(url);
-            let branch = r.data["spec"]["ref"]["branch"].as_str().unwrap_or_default();
-            format!("{} {branch}", plain.trim_end_matches('/').trim_end_matches(".git"))
-        }
-        None => format!("GitRepository {source}"),
-    })
+/// The gate a GitRepository serves: its URL (without credentials) and branch.
+fn gate_of_repo(repo: &DynamicObject) -> String {
+    let url = repo.data["spec"]["url"].as_str().unwrap_or_default();
+    let (plain, _) = crate::git::split_credentials(url);
+    let branch = repo.data["spec"]["ref"]["branch"].as_str().unwrap_or_default();
+    format!("{} {branch}", plain.trim_end_matches('/').trim_end_matches(".git"))
 }
 
 /// Paths of the other guarded Kustomizations that deploy from the same
-/// gate as `ks` (the same repository URL and branch, whichever
-/// GitRepository objects name them), sorted.
-pub fn also_guarded(ks: &DynamicObject, all: &[Arc<DynamicObject>], repos: &[Arc<DynamicObject>]) -> Vec<String> {
+/// gate as `ks` (whose GitRepository is `repo`): the same repository URL
+/// and branch, whichever GitRepository objects name them, sorted. A guarded
+/// Kustomization whose GitRepository the watch does not know (yet) counts
+/// as sharing the gate: checking a path too many only holds the gate back.
+pub fn also_guarded(
+    ks: &DynamicObject,
+    repo: &DynamicObject,
+    all: &[Arc<DynamicObject>],
+    repos: &[Arc<DynamicObject>],
+) -> Vec<String> {
     let (me, gate, path) = (
         (&ks.metadata.namespace, &ks.metadata.name),
-        gate_of(ks, repos),
+        gate_of_repo(repo),
         path_of(ks),
     );
+    let shares = |o: &DynamicObject| {
+        let Some(source) = source_of(o) else {
+            return false;
+        };
+        let known = repos.iter().find(|r| {
+            format!(
+                "{}/{}",
+                r.metadata.namespace.as_deref().unwrap_or_default(),
+                r.metadata.name.as_deref().unwrap_or_default()
+            ) == source
+        });
+        known.is_none_or(|r| gate_of_repo(r) == gate)
+    };
     let mut out: Vec<String> = all
         .iter()
         .filter(|o| (&o.metadata.namespace, &o.metadata.name) != me)
         .filter(|o| annotation(o, super::controller::GUARD) == Some("enabled"))
-        .filter(|o| gate.is_some() && gate_of(o, repos) == gate)
+        .filter(|o| shares(o))
         .map(|o| path_of(o))
         .filter(|p| *p != path)
         .collect();
