@@ -228,26 +228,19 @@ async fn only_one_replica_leads() {
     b.kill().await.ok();
 }
 
-const SA_TOKEN: &str = "sa-token,system:serviceaccount:backstop-system:backstop,sa-uid,system:serviceaccounts";
-
 #[tokio::test]
 async fn the_shipped_roles_allow_what_the_controller_does_and_deny_the_rest() {
     let Some(s) = setup_with_tokens(&[SA_TOKEN]).await else {
         return;
     };
     let admin = s.plane.client.clone();
-    let flux = |f: &str| std::fs::read_to_string(format!("{}/flux/{f}", env!("CARGO_MANIFEST_DIR"))).unwrap();
-    common::envtest::create_all(&admin, &flux("namespace.yaml"), None).await;
-    common::envtest::create_all(&admin, &flux("rbac.yaml"), None).await;
-    common::envtest::create_all(&admin, &flux("app-role.yaml"), Some("default")).await;
+    let kubeconfig = s.install_shipped_roles().await;
     let other: Secret =
         serde_json::from_value(json!({"metadata": {"name": "payroll-db"}, "stringData": {"password": "x"}})).unwrap();
     Api::<Secret>::namespaced(admin.clone(), "default")
         .create(&PostParams::default(), &other)
         .await
         .unwrap();
-    let kubeconfig = s.plane.dir.path().join("sa-kubeconfig");
-    std::fs::write(&kubeconfig, common::envtest::kubeconfig(s.plane.port, "sa-token")).unwrap();
 
     // Everything the controller does works with the shipped roles.
     let migration = orders_table().database("cnpg:app-db").annotation("checkpoint", "dump");

@@ -278,20 +278,13 @@ async fn a_refused_carrier_gives_one_warning_event_a_refused_migration_run_and_a
     );
 }
 
-const SA_TOKEN: &str = "sa-token,system:serviceaccount:backstop-system:backstop,sa-uid,system:serviceaccounts";
-
 #[tokio::test]
 async fn an_api_fault_mid_run_requeues_and_the_run_finishes_without_a_revert() {
     let Some(s) = setup_with_tokens(&[SA_TOKEN]).await else {
         return;
     };
     let admin = s.plane.client.clone();
-    let flux = |f: &str| std::fs::read_to_string(format!("{}/flux/{f}", env!("CARGO_MANIFEST_DIR"))).unwrap();
-    common::envtest::create_all(&admin, &flux("namespace.yaml"), None).await;
-    common::envtest::create_all(&admin, &flux("rbac.yaml"), None).await;
-    common::envtest::create_all(&admin, &flux("app-role.yaml"), Some("default")).await;
-    let kubeconfig = s.plane.dir.path().join("sa-kubeconfig");
-    std::fs::write(&kubeconfig, common::envtest::kubeconfig(s.plane.port, "sa-token")).unwrap();
+    let kubeconfig = s.install_shipped_roles().await;
     let c1 = s.f.commit_carrier(&slow_carrier("0001-slow", 4), "slow migration");
     let mut controller = s.controller_with("replica-a", 0, &kubeconfig, "backstop-system", &[]);
     run_in_phase(&s.runs, "shop", "Migrating").await;

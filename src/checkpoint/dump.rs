@@ -195,13 +195,6 @@ impl Checkpoint for DumpBackend {
     /// The run's dump files (a database its restore kept aside stays: it
     /// lives in the server, where a person decides about it).
     async fn prune(&self, run_id: &str) -> Result<u64, CheckpointError> {
-        let dir = self.store.join(run_id);
-        super::remove_tree(dir.clone())
-            .await
-            .map_err(|source| CheckpointError::Io {
-                step: "delete a checkpoint retention let go",
-                path: dir,
-                source,
-            })
+        super::prune_run_dir(&self.store, run_id).await
     }
 }

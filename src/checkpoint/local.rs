@@ -487,14 +487,7 @@ impl Checkpoint for LocalBackend {
     /// it holds the writes of the data-loss window, the only copy; a person
     /// deletes it (the report names it).
     async fn prune(&self, run_id: &str) -> Result<u64, CheckpointError> {
-        let dir = self.store.join(run_id);
-        super::remove_tree(dir.clone())
-            .await
-            .map_err(|source| CheckpointError::Io {
-                step: "delete a checkpoint retention let go",
-                path: dir,
-                source,
-            })
+        super::prune_run_dir(&self.store, run_id).await
     }
 }
 

@@ -206,6 +206,17 @@ impl Checkpoint for Unavailable {
     }
 }
 
+/// Retention's deletion for backends that keep a run's checkpoint in
+/// `<store>/<run_id>/`; returns the bytes freed.
+pub(crate) async fn prune_run_dir(store: &std::path::Path, run_id: &str) -> Result<u64, CheckpointError> {
+    let dir = store.join(run_id);
+    remove_tree(dir.clone()).await.map_err(|source| CheckpointError::Io {
+        step: "delete a checkpoint retention let go",
+        path: dir,
+        source,
+    })
+}
+
 /// Removes `dir` (absent is fine); returns the bytes it held.
 pub(crate) async fn remove_tree(dir: std::path::PathBuf) -> std::io::Result<u64> {
     tokio::task::spawn_blocking(move || {

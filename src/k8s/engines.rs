@@ -232,14 +232,8 @@ async fn engine_for(
     );
     let ns = ks.metadata.namespace.clone().unwrap_or_default();
     let name = ks.metadata.name.clone().unwrap_or_default();
-    let source = &ks.data["spec"]["sourceRef"];
-    if source["kind"] != "GitRepository" {
-        return Err(format!(
-            "spec.sourceRef must be a GitRepository, found {}",
-            source["kind"]
-        ));
-    }
-    let source_ns = source["namespace"].as_str().unwrap_or(&ns).to_string();
+    // `get` checked the sourceRef and read this GitRepository.
+    let source_ns = repo.metadata.namespace.clone().unwrap_or_else(|| ns.clone());
     let url = repo.data["spec"]["url"]
         .as_str()
         .ok_or("the GitRepository has no spec.url")?

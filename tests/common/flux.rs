@@ -76,6 +76,9 @@ pub fn fake_kustomize_controller(
 
 /// A control plane, a database, the sre repo over smart HTTP, the Flux
 /// objects of a guarded Kustomization, and kustomize-controller played.
+/// The controller ServiceAccount's bearer token line (tokens.csv).
+pub const SA_TOKEN: &str = "sa-token,system:serviceaccount:backstop-system:backstop,sa-uid,system:serviceaccounts";
+
 pub struct Setup {
     pub plane: ControlPlane,
     pub f: Fixture,
@@ -208,6 +211,20 @@ impl Setup {
             cmd.env(k, v);
         }
         cmd.spawn().unwrap()
+    }
+
+    /// Installs flux/'s namespace, RBAC and app Role (in `default`) and
+    /// returns a kubeconfig for the controller's ServiceAccount, whose token
+    /// [`SA_TOKEN`] gives the API server (`setup_with_tokens(&[SA_TOKEN])`).
+    pub async fn install_shipped_roles(&self) -> std::path::PathBuf {
+        let admin = self.plane.client.clone();
+        let flux = |f: &str| std::fs::read_to_string(format!("{}/flux/{f}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        super::envtest::create_all(&admin, &flux("namespace.yaml"), None).await;
+        super::envtest::create_all(&admin, &flux("rbac.yaml"), None).await;
+        super::envtest::create_all(&admin, &flux("app-role.yaml"), Some("default")).await;
+        let kubeconfig = self.plane.dir.path().join("sa-kubeconfig");
+        std::fs::write(&kubeconfig, super::envtest::kubeconfig(self.plane.port, "sa-token")).unwrap();
+        kubeconfig
     }
 
     /// Waits for a MigrationRun whose Ready condition is decided.
