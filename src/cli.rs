@@ -432,6 +432,7 @@ fn parse_revert(s: &str) -> Result<RevertMode, String> {
 
 /// Runs the command; returns the exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<u8> {
+    crate::git::bound_network_waits();
     match cli.command {
         Command::Demo { keep } => {
             crate::demo::run(keep).await.context("backstop demo failed")?;

@@ -281,16 +281,12 @@ pub fn furthest(states: &[TreeState], history: &History, exempt: &Exempt) -> Opt
 
 /// The files under any of `paths` at `sha`.
 pub async fn snapshot(git: &GitRepo, paths: &[&str], sha: &str) -> Result<manifests::Snapshot, GitError> {
-    let mut all = manifests::Snapshot::new();
-    for path in paths {
-        all.extend(git.snapshot(sha, path).await?);
-    }
-    Ok(all)
+    git.snapshot_paths(sha, paths).await
 }
 
 /// Tree states of `pending` (oldest first), built from `gate` by applying
 /// each commit's changes under `paths` against the commit before it: one
-/// snapshot and one batch of path-limited diffs per path, whatever the
+/// snapshot and one batch of path-limited diffs for all paths, whatever the
 /// number of commits, and only changed files parsed again.
 pub async fn trees(
     git: &GitRepo,
@@ -303,12 +299,7 @@ pub async fn trees(
     }
     let mut snapshot = snapshot(git, paths, &gate.sha).await?;
     let shas: Vec<String> = pending.iter().map(|c| c.sha.clone()).collect();
-    let mut changes: Vec<crate::git::Changes> = vec![Default::default(); shas.len()];
-    for path in paths {
-        for (all, more) in changes.iter_mut().zip(git.changes(&gate.sha, &shas, path).await?) {
-            all.extend(more);
-        }
-    }
+    let changes = git.changes_paths(&gate.sha, &shas, paths).await?;
     let mut out: Vec<TreeState> = Vec::with_capacity(pending.len());
     for (sha, changes) in shas.iter().zip(changes) {
         let state = out.last().unwrap_or(gate).next(sha, &mut snapshot, changes);

@@ -4,7 +4,7 @@
 //!
 //! git2 is blocking: every public method runs its work on tokio's blocking pool.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use git2::{Oid, Repository};
@@ -92,14 +92,18 @@ pub struct GitRepo {
     /// Shared too: what the controller knows of the source (see
     /// [`hint_source`](Self::hint_source)).
     hint: std::sync::Arc<std::sync::Mutex<FetchHint>>,
+    /// The GitRepository (`namespace/name`) this clone's hints are about.
+    source: Option<String>,
 }
 
-/// When a fetch may be skipped: the source revision is what it was at the
-/// last fetch, and that fetch is younger than `max_age`.
+/// When a fetch may be skipped: the revision of the asking clone's source
+/// (its GitRepository) is what it was when the last fetch started, and that
+/// fetch is younger than `max_age`. Revisions are kept per source: several
+/// GitRepositories (branches) can share one mirror.
 #[derive(Debug, Default)]
 struct FetchHint {
-    current: Option<String>,
-    at_last_fetch: Option<String>,
+    current: HashMap<String, String>,
+    at_last_fetch: HashMap<String, String>,
     max_age: Option<std::time::Duration>,
 }
 
@@ -154,6 +158,7 @@ impl GitRepo {
             protected: None,
             fetched: Default::default(),
             hint: Default::default(),
+            source: None,
         })
     }
 
@@ -196,6 +201,7 @@ impl GitRepo {
             protected: None,
             fetched: Default::default(),
             hint: Default::default(),
+            source: None,
         })
     }
 
@@ -240,38 +246,55 @@ impl GitRepo {
         if last.is_some_and(|started| started >= asked) {
             return Ok(());
         }
-        let source = match self.hint.lock() {
+        let sources = match self.hint.lock() {
             Ok(h) => {
-                let unchanged = h.current.is_some() && h.current == h.at_last_fetch;
+                let unchanged = self.source.as_ref().is_some_and(|source| {
+                    h.current.get(source).is_some() && h.current.get(source) == h.at_last_fetch.get(source)
+                });
                 let young = match (h.max_age, *last) {
                     (Some(age), Some(at)) => at.elapsed() < age,
                     _ => false,
                 };
                 if unchanged && young {
+                    tracing::debug!(url = %self.url, "fetch skipped: the source revision is unchanged");
                     return Ok(());
                 }
                 h.current.clone()
             }
-            Err(_) => None,
+            Err(_) => HashMap::new(),
         };
         let started = std::time::Instant::now();
+        tracing::debug!(url = %self.url, "fetching");
         self.fetch_only().await?;
         *last = Some(started);
         if let Ok(mut h) = self.hint.lock() {
-            h.at_last_fetch = source;
+            h.at_last_fetch = sources;
         }
         self.maintain().await;
         Ok(())
     }
 
-    /// The controller's hint: the source (GitRepository artifact) is at
-    /// `revision`. While it stays there, fetches younger than `max_age` are
-    /// reused: a new artifact fetches at once, upstream-only pushes are seen
-    /// within `max_age` (the reconcile interval), and a thousand
-    /// Kustomizations on one repository do not fetch it a thousand times.
+    /// This clone follows `source` (a GitRepository, `namespace/name`):
+    /// its revision hints ([`hint_source`](Self::hint_source)) are its own.
+    pub fn for_source(mut self, source: &str) -> Self {
+        self.source = Some(source.to_string());
+        self
+    }
+
+    /// The controller's hint: this clone's source (its GitRepository's
+    /// artifact) is at `revision`. While it stays there, fetches younger
+    /// than `max_age` are reused: a new artifact fetches at once,
+    /// upstream-only pushes are seen within `max_age` (the reconcile
+    /// interval), and a thousand Kustomizations on one repository do not
+    /// fetch it a thousand times. Without a source (see
+    /// [`for_source`](Self::for_source)) every fetch goes to the remote.
     pub fn hint_source(&self, revision: Option<String>, max_age: std::time::Duration) {
+        let Some(source) = &self.source else { return };
         if let Ok(mut h) = self.hint.lock() {
-            h.current = revision;
+            match revision {
+                Some(r) => h.current.insert(source.clone(), r),
+                None => h.current.remove(source),
+            };
             h.max_age = Some(max_age);
         }
     }
@@ -415,40 +438,73 @@ impl GitRepo {
 
     /// Every file under `prefix` (empty = whole tree) at `sha`.
     pub async fn snapshot(&self, sha: &str, prefix: &str) -> Result<Snapshot> {
-        let (sha, prefix) = (sha.to_string(), normalize_prefix(prefix));
+        self.snapshot_paths(sha, &[prefix]).await
+    }
+
+    /// The files under any of `prefixes` at `sha`, in one task: each
+    /// prefix's subtree is looked up and walked alone, so the cost grows
+    /// with the files under the prefixes, not with the whole tree.
+    pub async fn snapshot_paths(&self, sha: &str, prefixes: &[&str]) -> Result<Snapshot> {
+        let sha = sha.to_string();
+        let mut prefixes: Vec<String> = prefixes.iter().map(|p| normalize_prefix(p)).collect();
+        prefixes.sort();
+        prefixes.dedup();
+        // A prefix under another adds nothing.
+        let prefixes: Vec<String> = prefixes
+            .iter()
+            .filter(|p| !prefixes.iter().any(|q| q != *p && under(p, q)))
+            .cloned()
+            .collect();
         self.blocking(move |this| {
             let repo = this.repo()?;
             let read = |source| GitError::Read {
                 sha: sha.clone(),
                 source,
             };
-            let tree = repo.find_commit(oid(&sha)?).and_then(|c| c.tree()).map_err(read)?;
+            let root = repo.find_commit(oid(&sha)?).and_then(|c| c.tree()).map_err(read)?;
             let mut snap = Snapshot::new();
-            let mut failure = None;
-            tree.walk(git2::TreeWalkMode::PreOrder, |dir, entry| {
-                if entry.kind() != Some(git2::ObjectType::Blob) {
-                    return git2::TreeWalkResult::Ok;
-                }
-                let path = format!("{dir}{}", entry.name().unwrap_or(""));
-                if !under(&path, &prefix) {
-                    return git2::TreeWalkResult::Ok;
-                }
-                match repo.find_blob(entry.id()) {
-                    Ok(blob) => {
-                        snap.insert(path, blob.content().to_vec());
-                        git2::TreeWalkResult::Ok
+            for prefix in &prefixes {
+                let tree = if prefix.is_empty() {
+                    root.clone()
+                } else {
+                    let entry = match root.get_path(Path::new(prefix)) {
+                        Ok(entry) => entry,
+                        Err(e) if e.code() == git2::ErrorCode::NotFound => continue,
+                        Err(e) => return Err(read(e)),
+                    };
+                    match entry.kind() {
+                        Some(git2::ObjectType::Tree) => repo.find_tree(entry.id()).map_err(read)?,
+                        Some(git2::ObjectType::Blob) => {
+                            let blob = repo.find_blob(entry.id()).map_err(read)?;
+                            snap.insert(prefix.clone(), blob.content().to_vec());
+                            continue;
+                        }
+                        _ => continue,
                     }
-                    Err(e) => {
-                        failure = Some(e);
-                        git2::TreeWalkResult::Abort
+                };
+                let base = if prefix.is_empty() { String::new() } else { format!("{prefix}/") };
+                let mut failure = None;
+                tree.walk(git2::TreeWalkMode::PreOrder, |dir, entry| {
+                    if entry.kind() != Some(git2::ObjectType::Blob) {
+                        return git2::TreeWalkResult::Ok;
                     }
+                    match repo.find_blob(entry.id()) {
+                        Ok(blob) => {
+                            snap.insert(format!("{base}{dir}{}", entry.name().unwrap_or("")), blob.content().to_vec());
+                            git2::TreeWalkResult::Ok
+                        }
+                        Err(e) => {
+                            failure = Some(e);
+                            git2::TreeWalkResult::Abort
+                        }
+                    }
+                })
+                .map_err(read)?;
+                if let Some(e) = failure {
+                    return Err(read(e));
                 }
-            })
-            .map_err(read)?;
-            match failure {
-                Some(e) => Err(read(e)),
-                None => Ok(snap),
             }
+            Ok(snap)
         })
         .await
     }
@@ -493,14 +549,26 @@ impl GitRepo {
     /// whole list: the cost grows with the files the commits touch under the
     /// path, not with the size of the tree.
     pub async fn changes(&self, from: &str, shas: &[String], prefix: &str) -> Result<Vec<Changes>> {
-        let (from, shas, prefix) = (from.to_string(), shas.to_vec(), normalize_prefix(prefix));
+        self.changes_paths(from, shas, &[prefix]).await
+    }
+
+    /// Like [`changes`](Self::changes), under any of `prefixes`, in one
+    /// task and one diff per commit (several guarded paths on one gate).
+    pub async fn changes_paths(&self, from: &str, shas: &[String], prefixes: &[&str]) -> Result<Vec<Changes>> {
+        let (from, shas) = (from.to_string(), shas.to_vec());
+        let prefixes: Vec<String> = prefixes.iter().map(|p| normalize_prefix(p)).collect();
+        let whole = prefixes.iter().any(|p| p.is_empty());
         self.blocking(move |this| {
             let repo = this.repo()?;
             let mut opts = git2::DiffOptions::new();
-            if !prefix.is_empty() {
-                // The path literally (`*?[` in a folder name are not patterns).
-                opts.pathspec(&prefix).disable_pathspec_match(true);
+            if !whole {
+                for prefix in &prefixes {
+                    opts.pathspec(prefix);
+                }
+                // The paths literally (`*?[` in a folder name are not patterns).
+                opts.disable_pathspec_match(true);
             }
+            let wanted = |path: &str| whole || prefixes.iter().any(|p| under(path, p));
             let tree_of = |sha: &str| {
                 repo.find_commit(oid(sha)?)
                     .and_then(|c| c.tree())
@@ -526,7 +594,7 @@ impl GitRepo {
                         let Some(path) = file.path().and_then(|p| p.to_str()) else {
                             continue;
                         };
-                        if !under(path, &prefix) || file.mode() == git2::FileMode::Commit {
+                        if !wanted(path) || file.mode() == git2::FileMode::Commit {
                             continue;
                         }
                         let content = if side_is_new && !file.id().is_zero() && file.exists() {
@@ -576,7 +644,12 @@ impl GitRepo {
                 url: this.url.clone(),
                 source,
             };
-            let local = "refs/backstop/push";
+            // One local ref per commit: clones of one mirror (Kustomizations
+            // sharing a repository) push concurrently, and a ref shared
+            // between them could send one's commit to the other's branch.
+            // (Not under `refs/backstop/push`: older versions left that ref behind.)
+            let local = format!("refs/backstop/pushing/{sha}");
+            let local = local.as_str();
             repo.reference(local, oid(&sha)?, true, "backstop push").map_err(err)?;
             let mut remote = repo.find_remote("origin").map_err(err)?;
             let mut rejected: Option<String> = None;
@@ -591,7 +664,11 @@ impl GitRepo {
                 let mut opts = git2::PushOptions::new();
                 opts.remote_callbacks(callbacks);
                 let refspec = format!("{}{local}:refs/heads/{branch}", if force { "+" } else { "" });
-                remote.push(&[refspec.as_str()], Some(&mut opts)).map_err(err)?;
+                let pushed = remote.push(&[refspec.as_str()], Some(&mut opts));
+                if let Ok(mut r) = repo.find_reference(local) {
+                    let _ = r.delete();
+                }
+                pushed.map_err(err)?;
             }
             if let Some(reason) = rejected {
                 return Err(GitError::Rejected {
@@ -814,6 +891,36 @@ fn userinfo(url: &str) -> Option<(&str, &str, &str)> {
     let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
     let at = authority.rfind('@')?;
     Some((scheme, &rest[..at], &rest[at + 1..]))
+}
+
+/// How long a git server may take to accept a connection.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a git server may stay silent in the middle of a fetch or push.
+pub const SERVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Bounds every git network operation of this process: libgit2 waits
+/// forever on a server that stops answering, and a fetch or push that
+/// hangs holds its mirror (every Kustomization on that repository) with
+/// it. A timed-out fetch or push is a transient failure, retried with
+/// backoff like any other. Called once at startup, before any git
+/// operation (libgit2's options are process-wide).
+pub fn bound_network_waits() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(set_network_timeouts);
+}
+
+fn set_network_timeouts() {
+    let ms = |d: std::time::Duration| i32::try_from(d.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: libgit2's global options are set once, at startup, before
+    // any git operation of this process.
+    unsafe {
+        if let Err(e) = git2::opts::set_server_connect_timeout_in_milliseconds(ms(CONNECT_TIMEOUT)) {
+            tracing::warn!(error = %e, "cannot bound git connection waits");
+        }
+        if let Err(e) = git2::opts::set_server_timeout_in_milliseconds(ms(SERVER_TIMEOUT)) {
+            tracing::warn!(error = %e, "cannot bound git server waits");
+        }
+    }
 }
 
 /// A URL without user information (`https://user:token@host` → `https://host`).

@@ -16,6 +16,8 @@ use backstop::git::GitRepo;
 use common::*;
 
 const PATH: &str = "apps/shop";
+/// A second guarded path on the same gate (another Kustomization's).
+const OTHER: &str = "apps/other";
 
 struct Work<'a> {
     dir: &'a Path,
@@ -94,9 +96,18 @@ impl Work<'_> {
                 self.write(&format!("{PATH}/notes{n}.txt"), &salt.to_string());
                 format!("non-yaml {n}")
             }
-            _ => {
+            _ if self.rng.chance(33) => {
+                self.write(&format!("apps/elsewhere/f{n}.yaml"), &format!("x: {salt}\n"));
+                format!("outside the guarded paths {n}")
+            }
+            _ if self.rng.chance(50) => {
                 self.write(&format!("apps/other/f{n}.yaml"), &format!("x: {salt}\n"));
-                format!("outside the path {n}")
+                format!("the other guarded path {n}")
+            }
+            _ => {
+                let c = carrier(&format!("9{id}")).sql("up.sql", &format!("CREATE TABLE o{salt} (id int);"));
+                self.write(&c.path().replace(PATH, OTHER), &c.yaml());
+                format!("carrier 9{id} on the other guarded path")
             }
         }
     }
@@ -133,8 +144,11 @@ impl Work<'_> {
     }
 }
 
+/// A full parse of both guarded paths, each read on its own.
 async fn full(repo: &GitRepo, sha: &str) -> TreeState {
-    TreeState::parse(sha, &repo.snapshot(sha, PATH).await.unwrap())
+    let mut snap = repo.snapshot(sha, PATH).await.unwrap();
+    snap.extend(repo.snapshot(sha, OTHER).await.unwrap());
+    TreeState::parse(sha, &snap)
 }
 
 async fn check_seed(seed: u64) {
@@ -170,7 +184,7 @@ async fn check_seed(seed: u64) {
     for gate_sha in gates.iter().step_by(3) {
         let pending = repo.pending(gate_sha, &head, ("gate", "main")).await.unwrap();
         let gate_state = full(&repo, gate_sha).await;
-        let states = gate::trees(&repo, &[PATH], &gate_state, &pending).await.unwrap();
+        let states = gate::trees(&repo, &[PATH, OTHER], &gate_state, &pending).await.unwrap();
         assert_eq!(states.len(), pending.len());
         for (state, commit) in states.iter().zip(&pending) {
             let want = full(&repo, &commit.sha).await;

@@ -45,7 +45,17 @@ async fn run_in_phase(runs: &Api<MigrationRun>, kustomization: &str, phase: &str
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    panic!("no MigrationRun of {kustomization} reached {phase} within 60s");
+    let seen: Vec<_> = runs
+        .list(&ListParams::default())
+        .await
+        .map(|l| {
+            l.items
+                .into_iter()
+                .map(|r| (r.metadata.name, r.spec.kustomization, r.status.and_then(|s| s.phase)))
+                .collect()
+        })
+        .unwrap_or_default();
+    panic!("no MigrationRun of {kustomization} reached {phase} within 60s; runs: {seen:?}");
 }
 
 fn ready(run: &MigrationRun) -> Option<(String, String)> {
@@ -174,7 +184,8 @@ async fn a_long_migration_on_one_app_does_not_hold_up_another_apps_migration() {
     s.ks.create(&PostParams::default(), &ks).await.unwrap();
 
     s.f.commit_carrier(&slow_carrier("0001-long", long), "long migration");
-    let mut controller = s.controller(&[]);
+    // Debug logs: should a pass ever stall here, the log says where.
+    let mut controller = s.controller(&[("BACKSTOP_LOG", "info,backstop=debug")]);
     run_in_phase(&s.runs, "shop", "Migrating").await;
     let invoices = carrier("0001-invoices")
         .database("cnpg:billing-db")

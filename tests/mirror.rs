@@ -50,3 +50,156 @@ async fn packs_left_by_fetches_are_repacked_once_they_pile_up() {
     let snap = repo.snapshot(&head, "").await.unwrap();
     assert_eq!(snap.len(), GitRepo::PACK_LIMIT + 8);
 }
+
+/// Kustomizations on one repository share its mirror and push their gates
+/// concurrently: each push lands its own commit on its own branch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_pushes_from_one_mirror_land_each_commit_on_its_own_branch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (remote, work, mirror) = (dir.path().join("r.git"), dir.path().join("w"), dir.path().join("m.git"));
+    git(
+        dir.path(),
+        &["init", "-q", "--bare", "-b", "main", remote.to_str().unwrap()],
+    );
+    git(
+        dir.path(),
+        &["clone", "-q", remote.to_str().unwrap(), work.to_str().unwrap()],
+    );
+    git(&work, &["config", "user.email", "dev@example.com"]);
+    git(&work, &["config", "user.name", "dev"]);
+    git(&work, &["commit", "-q", "--allow-empty", "-m", "base"]);
+    // Two lines of history, one per gate branch.
+    let mut lines: Vec<Vec<String>> = vec![Vec::new(), Vec::new()];
+    for (n, line) in lines.iter_mut().enumerate() {
+        git(&work, &["checkout", "-q", "-B", &format!("line{n}"), "main"]);
+        for i in 0..25 {
+            git(&work, &["commit", "-q", "--allow-empty", "-m", &format!("line{n} c{i}")]);
+            line.push(git(&work, &["rev-parse", "HEAD"]).trim().to_string());
+        }
+        git(&work, &["push", "-q", "origin", &format!("line{n}")]);
+    }
+    let repo = GitRepo::open(&mirror, remote.to_str().unwrap()).await.unwrap();
+    repo.fetch().await.unwrap();
+    let (a, b) = (repo.clone(), repo.clone());
+    for i in 0..25 {
+        let (sa, sb) = (lines[0][i].clone(), lines[1][i].clone());
+        let (a2, b2) = (a.clone(), b.clone());
+        let pa = tokio::spawn(async move { a2.push(&sa, "gate-a").await });
+        let pb = tokio::spawn(async move { b2.push(&sb, "gate-b").await });
+        pa.await.unwrap().unwrap();
+        pb.await.unwrap().unwrap();
+        let on = |branch: &str| {
+            git(remote.as_path(), &["rev-parse", &format!("refs/heads/{branch}")])
+                .trim()
+                .to_string()
+        };
+        assert_eq!(on("gate-a"), lines[0][i], "gate-a after push {i}");
+        assert_eq!(on("gate-b"), lines[1][i], "gate-b after push {i}");
+    }
+    // No push refs are left behind in the mirror.
+    let left = git(&mirror, &["for-each-ref", "refs/backstop/"]);
+    assert!(left.trim().is_empty(), "push refs left in the mirror: {left}");
+}
+
+/// Two GitRepositories (branches) on one URL share the mirror; a new
+/// artifact of one fetches at once even while the other's hint is
+/// unchanged and the last fetch is young.
+#[tokio::test]
+async fn a_new_artifact_of_one_gitrepository_fetches_although_another_on_the_mirror_is_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (remote, work, mirror) = (dir.path().join("r.git"), dir.path().join("w"), dir.path().join("m.git"));
+    git(
+        dir.path(),
+        &["init", "-q", "--bare", "-b", "main", remote.to_str().unwrap()],
+    );
+    git(
+        dir.path(),
+        &["clone", "-q", remote.to_str().unwrap(), work.to_str().unwrap()],
+    );
+    git(&work, &["config", "user.email", "dev@example.com"]);
+    git(&work, &["config", "user.name", "dev"]);
+    git(&work, &["commit", "-q", "--allow-empty", "-m", "base"]);
+    git(&work, &["push", "-q", "origin", "main"]);
+    let hour = std::time::Duration::from_secs(3600);
+    let repo = GitRepo::open(&mirror, remote.to_str().unwrap()).await.unwrap();
+    let (shop, billing) = (repo.clone().for_source("default/sre"), repo.clone().for_source("default/sre-billing"));
+    shop.hint_source(Some("gate@sha1:1".into()), hour);
+    billing.hint_source(Some("gate-billing@sha1:1".into()), hour);
+    shop.fetch().await.unwrap();
+    git(&work, &["commit", "-q", "--allow-empty", "-m", "new"]);
+    git(&work, &["push", "-q", "origin", "main"]);
+    let new = git(&work, &["rev-parse", "HEAD"]).trim().to_string();
+    // billing's source has a new artifact; shop's hint comes in after it.
+    billing.hint_source(Some("gate-billing@sha1:2".into()), hour);
+    shop.hint_source(Some("gate@sha1:1".into()), hour);
+    shop.fetch().await.unwrap();
+    assert_ne!(
+        repo.require_branch("main").await.unwrap(),
+        new,
+        "shop's unchanged source fetched again within max_age (the test proves nothing)"
+    );
+    billing.fetch().await.unwrap();
+    assert_eq!(repo.require_branch("main").await.unwrap(), new, "billing's new artifact was not fetched");
+}
+
+/// A snapshot of several paths reads each path's subtree alone and holds
+/// exactly the files `git ls-tree -r` lists under them: nested and
+/// overlapping paths, a path naming a file, a missing path.
+#[tokio::test]
+async fn a_snapshot_of_several_paths_holds_exactly_what_git_lists_under_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (remote, work, mirror) = (dir.path().join("r.git"), dir.path().join("w"), dir.path().join("m.git"));
+    git(
+        dir.path(),
+        &["init", "-q", "--bare", "-b", "main", remote.to_str().unwrap()],
+    );
+    git(
+        dir.path(),
+        &["clone", "-q", remote.to_str().unwrap(), work.to_str().unwrap()],
+    );
+    git(&work, &["config", "user.email", "dev@example.com"]);
+    git(&work, &["config", "user.name", "dev"]);
+    for f in [
+        "apps/a/x.yaml",
+        "apps/a/m/1.yaml",
+        "apps/ab/y.yaml",
+        "apps/b/z.yaml",
+        "apps/c.yaml",
+        "top.yaml",
+    ] {
+        let path = work.join(f);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, format!("file: {f}\n")).unwrap();
+    }
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "files"]);
+    git(&work, &["push", "-q", "origin", "main"]);
+    let repo = GitRepo::open(&mirror, remote.to_str().unwrap()).await.unwrap();
+    repo.fetch().await.unwrap();
+    let head = repo.require_branch("main").await.unwrap();
+    let cases: &[&[&str]] = &[
+        &["apps/a"],
+        &["./apps/a/", "apps/a/m"],
+        &["apps/a", "apps/b", "apps/missing"],
+        &["apps/c.yaml", "top.yaml"],
+        &[""],
+        &["apps", "apps/b"],
+    ];
+    for paths in cases {
+        let snap = repo.snapshot_paths(&head, paths).await.unwrap();
+        let mut args = vec!["ls-tree", "-r", "--name-only", head.as_str(), "--"];
+        let cleaned: Vec<String> = paths
+            .iter()
+            .map(|p| p.trim_start_matches("./").trim_matches('/').to_string())
+            .collect();
+        if !cleaned.iter().any(|p| p.is_empty()) {
+            args.extend(cleaned.iter().map(String::as_str));
+        }
+        let listed: Vec<String> = git(&mirror, &args).lines().map(str::to_string).collect();
+        let got: Vec<String> = snap.keys().cloned().collect();
+        assert_eq!(got, listed, "snapshot of {paths:?}");
+        for (path, content) in &snap {
+            assert_eq!(String::from_utf8_lossy(content), format!("file: {path}\n"));
+        }
+    }
+}

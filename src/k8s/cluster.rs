@@ -65,8 +65,16 @@ async fn cnpg_ca(
     let Some(ca) = super::secret_key(&secret, "ca.crt") else {
         return Ok(None);
     };
+    // Named by content: a file once written never changes under a reader,
+    // and two clusters (or two controllers on one host) with the same name
+    // but different CAs never share one.
+    use sha2::Digest;
+    let digest = hex::encode(sha2::Sha256::digest(ca.as_bytes()));
     let dir = std::env::temp_dir().join("backstop-cnpg-ca").join(namespace);
-    let path = dir.join(format!("{cluster}.crt"));
+    let path = dir.join(format!("{cluster}-{}.crt", &digest[..16]));
+    if std::fs::read(&path).is_ok_and(|have| have == ca.as_bytes()) {
+        return Ok(Some(path));
+    }
     let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = dir.join(format!(".{cluster}.crt.{}.{n}", std::process::id()));
     std::fs::create_dir_all(&dir)

@@ -337,6 +337,7 @@ async fn reconcile(ks: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Reco
             tracing::info!("suspended by a person; waiting");
             return Ok(Action::requeue(ctx.interval));
         }
+        tracing::debug!("reconcile started");
         // Which Kustomizations share a gate is read from the GitRepository
         // watch: wait until it has listed them all once.
         if ctx.repositories.wait_until_ready().await.is_err() {
@@ -347,6 +348,7 @@ async fn reconcile(ks: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Reco
         }
         let others = ctx.kustomizations.state();
         let repos = ctx.repositories.state();
+        tracing::debug!(repositories = repos.len(), kustomizations = others.len(), "watches ready");
         let engine = match ctx.engines.get(&ks, &others, &repos).await {
             Ok(engine) => engine,
             Err(message) => {

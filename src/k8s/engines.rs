@@ -268,7 +268,12 @@ async fn engine_for(
     };
     let dir = opts.state.join(&ns).join(&name);
     std::fs::create_dir_all(&dir).map_err(|e| format!("failed to create {}: {e}", dir.display()))?;
-    let git = engines.mirror(&url).await?.with_auth(auth).protect(&gate);
+    let git = engines
+        .mirror(&url)
+        .await?
+        .with_auth(auth)
+        .protect(&gate)
+        .for_source(&format!("{source_ns}/{}", repo.metadata.name.as_deref().unwrap_or_default()));
     // A dump lives in the state folder: on an emptyDir a pod restart or a
     // failover to the other replica loses the checkpoint a run depends on.
     let dump: Arc<dyn Checkpoint> = if opts.durable_state {

@@ -162,8 +162,10 @@ impl Engine {
     }
 
     async fn pass_inner(&self, report: &mut PassReport) -> Result<(), EngineError> {
+        tracing::debug!("pass started");
         self.git.fetch().await?;
         let previous = self.store.list().await?;
+        tracing::debug!(runs = previous.len(), "pass read the runs");
         self.open_pending_pull_requests(&previous).await?;
         if let Some(gate) = self.git.branch(&self.settings.gate).await? {
             exec::release_holds(self, &previous, &gate).await?;
@@ -200,6 +202,7 @@ impl Engine {
         }
         // Re-read: a resumed run may have pushed.
         self.git.fetch().await?;
+        tracing::debug!("pass schedules");
         self.schedule(report).await
     }
 
