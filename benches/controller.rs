@@ -159,14 +159,20 @@ async fn main() -> Res<()> {
     let listed = ks.list(&ListParams::default()).await?.items.len();
     let list_anchor = t.elapsed().as_secs_f64();
 
-    // A real database for the migrations of step 3 (a run starts only once
-    // its database answers).
+    // Real databases for the migrations of step 3, one per repository (a
+    // run starts only once its database answers and is claimed: pushes to
+    // different apps' databases do not wait for each other's runs).
     let server = backstop::pgserver::PgServer::start().await?;
-    server.create_database("bench").await?;
+    for r in 0..repos_n {
+        server.create_database(&format!("bench{r}")).await?;
+    }
 
     // 1. The first full pass.
     let state = tempfile::tempdir()?;
     let log = std::fs::File::create(state.path().join("controller.log"))?;
+    if std::env::var_os("BACKSTOP_BENCH_LOG").is_some() {
+        println!("controller log: {}", state.path().join("controller.log").display());
+    }
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let started = Instant::now();
     let mut controller = tokio::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
@@ -175,7 +181,7 @@ async fn main() -> Res<()> {
             "--interval",
             "30",
             "--timeout",
-            "2",
+            "10",
             "--lease-namespace",
             "default",
             "--metrics-addr",
@@ -185,8 +191,11 @@ async fn main() -> Res<()> {
         .arg(plane.kubeconfig_path())
         .arg("--state")
         .arg(state.path())
-        .env("BACKSTOP_LOG", "warn")
-        .env("BENCH_DATABASE_URL", server.url("bench"))
+        .env(
+            "BACKSTOP_LOG",
+            std::env::var("BACKSTOP_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .envs((0..repos_n).map(|r| (format!("BENCH_DATABASE_URL_{r}"), server.url(&format!("bench{r}")))))
         .stderr(log)
         .kill_on_drop(true)
         .spawn()?;
@@ -218,6 +227,23 @@ async fn main() -> Res<()> {
         status_kib(pid, "VmHWM:") as f64 / 1024.0
     );
 
+    // kustomize-controller, played: it answers every reconcile request (the
+    // pause handshake of each run, and of step 4).
+    let answered: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+    let at = answered.clone();
+    let api = ks.clone();
+    let fake = tokio::spawn(async move {
+        let mut events = watcher(api.clone(), watcher::Config::default()).boxed();
+        while let Some(Ok(event)) = events.next().await {
+            let (watcher::Event::Apply(obj) | watcher::Event::InitApply(obj)) = event else {
+                continue;
+            };
+            if envtest::answer_reconcile_request(&api, &obj).await {
+                *at.lock().unwrap() = Some(Instant::now());
+            }
+        }
+    });
+
     // 3. Push to run start, beside a plain watch seeing the artifact move.
     let seen: Arc<Mutex<std::collections::HashMap<String, Instant>>> = Arc::default();
     let seen_by_watch = seen.clone();
@@ -242,7 +268,7 @@ async fn main() -> Res<()> {
         let app = (p * 37) % n;
         let r = app % repos_n;
         let carrier = format!(
-            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: m-{p}\n  annotations:\n    backstop.dev/migration: \"{p:04}-bench\"\n    backstop.dev/database: url:BENCH_DATABASE_URL\n    backstop.dev/checkpoint: none\ndata:\n  up.sql: |\n    CREATE TABLE bench_{p} (id int);\n"
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: m-{p}\n  annotations:\n    backstop.dev/migration: \"{p:04}-bench\"\n    backstop.dev/database: url:BENCH_DATABASE_URL_{r}\n    backstop.dev/checkpoint: none\ndata:\n  up.sql: |\n    CREATE TABLE bench_{p} (id int);\n"
         );
         let path = format!("apps/app-{app}/migrations/{p:04}.yaml");
         let sha = remotes[r].commit("main", &[Change::Write(&path, &carrier)], "bench migration")?;
@@ -299,22 +325,12 @@ async fn main() -> Res<()> {
         status_kib(pid, "VmHWM:") as f64 / 1024.0
     );
     controller.kill().await.ok();
+    if let Ok(to) = std::env::var("BACKSTOP_BENCH_KEEP_LOG") {
+        std::fs::copy(state.path().join("controller.log"), &to)?;
+        println!("controller log kept at {to}");
+    }
 
-    // 2. Handshake latency: status update -> pause taken.
-    let answered: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
-    let at = answered.clone();
-    let api = ks.clone();
-    let fake = tokio::spawn(async move {
-        let mut events = watcher(api.clone(), watcher::Config::default()).boxed();
-        while let Some(Ok(event)) = events.next().await {
-            let (watcher::Event::Apply(obj) | watcher::Event::InitApply(obj)) = event else {
-                continue;
-            };
-            if envtest::answer_reconcile_request(&api, &obj).await {
-                *at.lock().unwrap() = Some(Instant::now());
-            }
-        }
-    });
+    // 4. Handshake latency: status update -> pause taken.
     let mut latencies = Vec::with_capacity(locks);
     for i in 0..locks {
         let target = KustomizationRef {

@@ -150,6 +150,12 @@ pub enum Command {
         /// a follower takes over once it expired.
         #[arg(long, env = "BACKSTOP_LEASE_SECONDS", default_value_t = 15)]
         lease_seconds: u64,
+        /// Kustomizations reconciled at once (at least 1). Each holds a git
+        /// task and up to two database connections while it runs, and a
+        /// running migration holds its slot until it ends: size it above the
+        /// number of migrations expected to run at the same time.
+        #[arg(long, env = "BACKSTOP_CONCURRENCY", default_value_t = 8)]
+        concurrency: u16,
         /// Dump checkpoints of the newest this many ended runs per
         /// Kustomization are kept (see `run --keep-checkpoints`; 0: all).
         #[arg(long, env = "BACKSTOP_KEEP_CHECKPOINTS", default_value_t = 5)]
@@ -457,6 +463,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             lease_namespace,
             lease_name,
             lease_seconds,
+            concurrency,
             keep_checkpoints,
             durable_state,
             identity,
@@ -474,6 +481,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                 metrics_addr,
                 lease: (lease_namespace, lease_name),
                 lease_duration: Duration::from_secs(lease_seconds.max(3)),
+                concurrency: concurrency.max(1),
                 keep_checkpoints,
                 durable_state,
                 identity,

@@ -482,7 +482,11 @@ impl GitRepo {
                         _ => continue,
                     }
                 };
-                let base = if prefix.is_empty() { String::new() } else { format!("{prefix}/") };
+                let base = if prefix.is_empty() {
+                    String::new()
+                } else {
+                    format!("{prefix}/")
+                };
                 let mut failure = None;
                 tree.walk(git2::TreeWalkMode::PreOrder, |dir, entry| {
                     if entry.kind() != Some(git2::ObjectType::Blob) {
@@ -490,7 +494,10 @@ impl GitRepo {
                     }
                     match repo.find_blob(entry.id()) {
                         Ok(blob) => {
-                            snap.insert(format!("{base}{dir}{}", entry.name().unwrap_or("")), blob.content().to_vec());
+                            snap.insert(
+                                format!("{base}{dir}{}", entry.name().unwrap_or("")),
+                                blob.content().to_vec(),
+                            );
                             git2::TreeWalkResult::Ok
                         }
                         Err(e) => {

@@ -157,6 +157,7 @@ pub async fn engine(opts: &LocalOptions) -> Result<Engine, LocalError> {
             gate: opts.gate.clone(),
             path: opts.path.clone(),
             also_guarded: Vec::new(),
+            steward: true,
             revert: opts.revert,
             backoff: opts.backoff,
             owner: crate::owner::state_id(&opts.state)?,

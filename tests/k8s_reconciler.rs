@@ -184,8 +184,7 @@ async fn a_long_migration_on_one_app_does_not_hold_up_another_apps_migration() {
     s.ks.create(&PostParams::default(), &ks).await.unwrap();
 
     s.f.commit_carrier(&slow_carrier("0001-long", long), "long migration");
-    // Debug logs: should a pass ever stall here, the log says where.
-    let mut controller = s.controller(&[("BACKSTOP_LOG", "info,backstop=debug")]);
+    let mut controller = s.controller(&[]);
     run_in_phase(&s.runs, "shop", "Migrating").await;
     let invoices = carrier("0001-invoices")
         .database("cnpg:billing-db")
@@ -497,4 +496,65 @@ async fn cnpg_databases_are_reached_over_tls_verified_with_the_clusters_ca_secre
     controller.kill().await.ok();
     assert_eq!(ready(&run), Some(("True".into(), "Succeeded".into())));
     assert_eq!(s.f.gate(), c1);
+}
+
+async fn gate_reaches(s: &Setup, sha: &str, what: &str) {
+    for _ in 0..240 {
+        if s.f.gate() == sha {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("the shared gate never reached {what} ({sha}); it is at {}", s.f.gate());
+}
+
+/// Of the Kustomizations sharing a gate, only those whose path a push
+/// touches do the work; commits touching no guarded path are moved over by
+/// the gate's steward (the first by name a person has not suspended), so
+/// the gate keeps moving when the steward is suspended too.
+#[tokio::test]
+async fn a_shared_gate_moves_over_commits_no_guarded_path_touches_even_with_its_steward_suspended() {
+    let Some(s) = setup().await else { return };
+    // billing sorts before shop: it is the steward.
+    let ks: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "kustomize.toolkit.fluxcd.io/v1", "kind": "Kustomization",
+        "metadata": {"name": "billing", "namespace": "default",
+                     "annotations": {"backstop.dev/guard": "enabled", "backstop.dev/upstream-branch": "main"}},
+        "spec": {"interval": "5m", "path": "./apps/billing", "prune": true, "sourceRef": {"kind": "GitRepository", "name": "sre"}},
+    }))
+    .unwrap();
+    s.ks.create(&PostParams::default(), &ks).await.unwrap();
+    let mut controller = s.controller(&[]);
+    let outside = s.f.commit_files(
+        &[("infra/dns.yaml", "kind: ConfigMap\nmetadata: {name: dns}\n")],
+        "infra",
+    );
+    gate_reaches(&s, &outside, "a commit outside every guarded path").await;
+    let shop_only = s.f.commit_files(
+        &[(
+            "apps/shop/deployment.yaml",
+            "kind: ConfigMap\nmetadata: {name: shop-v2}\n",
+        )],
+        "shop: deploy v2",
+    );
+    gate_reaches(&s, &shop_only, "a deploy-only commit of shop").await;
+    // A person suspends the steward: shop takes over.
+    s.ks.patch(
+        "billing",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(json!({"spec": {"suspend": true}})),
+    )
+    .await
+    .unwrap();
+    let later = s.f.commit_files(
+        &[("infra/dns.yaml", "kind: ConfigMap\nmetadata: {name: dns2}\n")],
+        "infra 2",
+    );
+    gate_reaches(
+        &s,
+        &later,
+        "a commit outside every guarded path with the steward suspended",
+    )
+    .await;
+    controller.kill().await.ok();
 }

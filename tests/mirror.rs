@@ -73,7 +73,10 @@ async fn concurrent_pushes_from_one_mirror_land_each_commit_on_its_own_branch() 
     for (n, line) in lines.iter_mut().enumerate() {
         git(&work, &["checkout", "-q", "-B", &format!("line{n}"), "main"]);
         for i in 0..25 {
-            git(&work, &["commit", "-q", "--allow-empty", "-m", &format!("line{n} c{i}")]);
+            git(
+                &work,
+                &["commit", "-q", "--allow-empty", "-m", &format!("line{n} c{i}")],
+            );
             line.push(git(&work, &["rev-parse", "HEAD"]).trim().to_string());
         }
         git(&work, &["push", "-q", "origin", &format!("line{n}")]);
@@ -122,7 +125,10 @@ async fn a_new_artifact_of_one_gitrepository_fetches_although_another_on_the_mir
     git(&work, &["push", "-q", "origin", "main"]);
     let hour = std::time::Duration::from_secs(3600);
     let repo = GitRepo::open(&mirror, remote.to_str().unwrap()).await.unwrap();
-    let (shop, billing) = (repo.clone().for_source("default/sre"), repo.clone().for_source("default/sre-billing"));
+    let (shop, billing) = (
+        repo.clone().for_source("default/sre"),
+        repo.clone().for_source("default/sre-billing"),
+    );
     shop.hint_source(Some("gate@sha1:1".into()), hour);
     billing.hint_source(Some("gate-billing@sha1:1".into()), hour);
     shop.fetch().await.unwrap();
@@ -139,7 +145,11 @@ async fn a_new_artifact_of_one_gitrepository_fetches_although_another_on_the_mir
         "shop's unchanged source fetched again within max_age (the test proves nothing)"
     );
     billing.fetch().await.unwrap();
-    assert_eq!(repo.require_branch("main").await.unwrap(), new, "billing's new artifact was not fetched");
+    assert_eq!(
+        repo.require_branch("main").await.unwrap(),
+        new,
+        "billing's new artifact was not fetched"
+    );
 }
 
 /// A snapshot of several paths reads each path's subtree alone and holds

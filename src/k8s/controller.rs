@@ -100,6 +100,8 @@ pub struct ControllerOptions {
     /// How long the Lease is valid without renewal (renewed every third of
     /// it; leadership ends at the first failed renewal).
     pub lease_duration: Duration,
+    /// Reconciles running at once.
+    pub concurrency: u16,
     /// Checkpoints of the newest this many ended runs are kept (0: all).
     pub keep_checkpoints: usize,
     /// `--state` is on a volume that outlives the pod and is shared by the
@@ -219,7 +221,10 @@ pub async fn run(opts: ControllerOptions) -> Result<(), ControllerError> {
             Api::<DynamicObject>::all_with(client.clone(), &ks_res),
             watcher::Config::default(),
             ks_res,
-        );
+        )
+        // Bounded: a thousand Kustomizations woken by one GitRepository
+        // would otherwise open a thousand git tasks and database connections.
+        .with_config(kube::runtime::controller::Config::default().concurrency(opts.concurrency));
         let repo_res = git_repository_resource();
         let writer = kube::runtime::reflector::store::Writer::new(repo_res.clone());
         let repositories = writer.as_reader();
@@ -332,8 +337,7 @@ async fn reconcile(ks: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Reco
         if annotation(&ks, GUARD) != Some("enabled") {
             return Ok(Action::await_change());
         }
-        let suspended = ks.data["spec"]["suspend"].as_bool().unwrap_or(false);
-        if suspended && annotation(&ks, SUSPENDED_BY).is_none() {
+        if suspended_by_person(&ks) {
             tracing::info!("suspended by a person; waiting");
             return Ok(Action::requeue(ctx.interval));
         }
@@ -348,7 +352,11 @@ async fn reconcile(ks: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Reco
         }
         let others = ctx.kustomizations.state();
         let repos = ctx.repositories.state();
-        tracing::debug!(repositories = repos.len(), kustomizations = others.len(), "watches ready");
+        tracing::debug!(
+            repositories = repos.len(),
+            kustomizations = others.len(),
+            "watches ready"
+        );
         let engine = match ctx.engines.get(&ks, &others, &repos).await {
             Ok(engine) => engine,
             Err(message) => {
@@ -392,6 +400,11 @@ async fn reconcile(ks: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Reco
     }
     .instrument(span)
     .await
+}
+
+/// Suspended by a person (not by backstop's own pause): not reconciled.
+pub(super) fn suspended_by_person(ks: &DynamicObject) -> bool {
+    ks.data["spec"]["suspend"].as_bool().unwrap_or(false) && annotation(ks, SUSPENDED_BY).is_none()
 }
 
 /// A failed reconcile is logged once and retried with backoff (1 s doubling

@@ -158,7 +158,7 @@ pub fn also_guarded(
     repo: &DynamicObject,
     all: &[Arc<DynamicObject>],
     repos: &[Arc<DynamicObject>],
-) -> Vec<String> {
+) -> GatePeers {
     let (me, gate, path) = (
         (&ks.metadata.namespace, &ks.metadata.name),
         gate_of_repo(repo),
@@ -177,17 +177,38 @@ pub fn also_guarded(
         });
         known.is_none_or(|r| gate_of_repo(r) == gate)
     };
-    let mut out: Vec<String> = all
+    let peers: Vec<&Arc<DynamicObject>> = all
         .iter()
         .filter(|o| (&o.metadata.namespace, &o.metadata.name) != me)
         .filter(|o| annotation(o, super::controller::GUARD) == Some("enabled"))
         .filter(|o| shares(o))
-        .map(|o| path_of(o))
-        .filter(|p| *p != path)
         .collect();
-    out.sort();
-    out.dedup();
-    out
+    let mut paths: Vec<String> = peers.iter().map(|o| path_of(o)).filter(|p| *p != path).collect();
+    paths.sort();
+    paths.dedup();
+    // The steward: the first by namespace/name of those a person has not
+    // suspended (a suspended one does not pass at all).
+    let key = |o: &DynamicObject| {
+        (
+            o.metadata.namespace.clone().unwrap_or_default(),
+            o.metadata.name.clone().unwrap_or_default(),
+        )
+    };
+    let steward = peers
+        .iter()
+        .filter(|o| !super::controller::suspended_by_person(o))
+        .all(|o| key(o) > key(ks));
+    GatePeers { paths, steward }
+}
+
+/// What a guarded Kustomization shares its gate with.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GatePeers {
+    /// The other guarded paths deployed from the gate, sorted.
+    pub paths: Vec<String>,
+    /// Whether this Kustomization is the gate's steward (see
+    /// [`crate::run::Settings::steward`]).
+    pub steward: bool,
 }
 
 /// Reads the Secret `namespace/name`.
@@ -222,7 +243,7 @@ async fn engine_for(
     engines: &Engines,
     ks: &DynamicObject,
     repo: &DynamicObject,
-    also_guarded: Vec<String>,
+    peers: GatePeers,
 ) -> Result<Engine, String> {
     let (client, opts, bindir, forge_token) = (
         &engines.client,
@@ -273,7 +294,10 @@ async fn engine_for(
         .await?
         .with_auth(auth)
         .protect(&gate)
-        .for_source(&format!("{source_ns}/{}", repo.metadata.name.as_deref().unwrap_or_default()));
+        .for_source(&format!(
+            "{source_ns}/{}",
+            repo.metadata.name.as_deref().unwrap_or_default()
+        ));
     // A dump lives in the state folder: on an emptyDir a pod restart or a
     // failover to the other replica loses the checkpoint a run depends on.
     let dump: Arc<dyn Checkpoint> = if opts.durable_state {
@@ -339,7 +363,8 @@ async fn engine_for(
             upstream,
             gate,
             path,
-            also_guarded,
+            also_guarded: peers.paths,
+            steward: peers.steward,
             revert: None,
             backoff: Default::default(),
             // One leader-elected controller guards a Kustomization.

@@ -60,6 +60,15 @@ pub struct Settings {
     /// gate invariant is checked on them too before the gate moves (their
     /// migrations are theirs to run).
     pub also_guarded: Vec<String>,
+    /// Whether this engine moves a shared gate over pending commits that
+    /// touch none of its own path (always, when the gate is not shared).
+    /// Of the Kustomizations sharing a gate, one is the steward; the others
+    /// skip a pass whose pending commits leave their path untouched, so a
+    /// push wakes a hundred Kustomizations but only those it concerns work.
+    /// Skipping never moves the gate, so the invariant does not depend on
+    /// it; the gate moves on the steward's pass, or on the pass of the
+    /// Kustomization whose carrier runs.
+    pub steward: bool,
     /// Overrides the carriers' `backstop.dev/revert` when set.
     pub revert: Option<RevertMode>,
     /// Waits after transient faults.
@@ -193,17 +202,21 @@ impl Engine {
         }
         // A run whose remediation did not complete holds the gate until a
         // person takes it over (`backstop ack`): the database is in a state
-        // nobody checked.
-        let runs = self.store.list().await?;
+        // nobody checked. (Read again only when a run was driven above:
+        // a quiet pass reads its runs once.)
+        let resumed = previous.iter().any(changes_in_pass);
+        let runs = if resumed { self.store.list().await? } else { previous };
         if let Some(run) = runs.iter().rev().find(|r| r.awaits_person()) {
             report.gate = self.git.require_branch(&self.settings.gate).await?;
             report.waiting = wait_for_run(run);
             return Ok(());
         }
         // Re-read: a resumed run may have pushed.
-        self.git.fetch().await?;
+        if resumed {
+            self.git.fetch().await?;
+        }
         tracing::debug!("pass schedules");
-        self.schedule(report).await
+        self.schedule(report, runs).await
     }
 
     /// Deletes the checkpoints retention lets go ([`retention::prunable`]).
@@ -263,8 +276,7 @@ impl Engine {
     }
 
     /// Picks what runs, in order, and moves the gate between runs.
-    async fn schedule(&self, report: &mut PassReport) -> Result<(), EngineError> {
-        let mut runs = self.store.list().await?;
+    async fn schedule(&self, report: &mut PassReport, mut runs: Vec<RunRecord>) -> Result<(), EngineError> {
         self.release_owed(&runs).await;
         let mut gate = self.git.require_branch(&self.settings.gate).await?;
         let head = self.git.require_branch(&self.settings.upstream).await?;
@@ -274,6 +286,21 @@ impl Engine {
             // Nothing pending: no tree to read (the cheap pass of a controller
             // guarding many quiet Kustomizations).
             return Ok(());
+        }
+        if !holds_revert && !self.settings.steward && !self.settings.also_guarded.is_empty() {
+            let pending = self
+                .git
+                .pending(&gate, &head, (&self.settings.gate, &self.settings.upstream))
+                .await?;
+            let shas: Vec<String> = pending.iter().map(|c| c.sha.clone()).collect();
+            let own = self.git.changes_paths(&gate, &shas, &[&self.settings.path]).await?;
+            if own.iter().all(|c| c.is_empty()) {
+                tracing::debug!(
+                    pending = pending.len(),
+                    "nothing pending under this path; the gate's steward moves the gate"
+                );
+                return Ok(());
+            }
         }
         let view = self.gate();
         let gate_tree = view.tree(&gate).await?;
@@ -657,6 +684,20 @@ fn blocked_by(run: &RunRecord, now: chrono::DateTime<Utc>) -> Option<Wait> {
         },
         _ => None,
     }
+}
+
+/// Whether the first steps of a pass may write `run`: it is open (resumed),
+/// its revert pull request is pending, or it holds a Kustomization until
+/// the recovery manifest is deployed. A pass where no run is any of these
+/// reads its runs once.
+fn changes_in_pass(run: &RunRecord) -> bool {
+    run.is_open()
+        || run.revert.as_ref().is_some_and(|v| v.pr_pending)
+        || (!run.hold_released
+            && run
+                .restore
+                .as_ref()
+                .is_some_and(|r| r.manifest_patch.as_ref().is_some_and(|p| p.hold.is_some())))
 }
 
 /// What the gate waits for because of `run` (None: it does not).

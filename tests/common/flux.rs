@@ -206,6 +206,11 @@ impl Setup {
             &["--durable-state"][..]
         })
         .args(extra.iter().filter(|a| **a != "--no-durable-state"))
+        // Each pass's steps at debug: a stalled test shows where it stalled.
+        .env(
+            "BACKSTOP_LOG",
+            std::env::var("BACKSTOP_LOG").unwrap_or_else(|_| "info,backstop=debug".into()),
+        )
         .kill_on_drop(true);
         for (k, v) in env {
             cmd.env(k, v);
