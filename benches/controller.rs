@@ -228,19 +228,52 @@ async fn main() -> Res<()> {
     );
 
     // kustomize-controller, played: it answers every reconcile request (the
-    // pause handshake of each run, and of step 4).
+    // pause handshake of each run, and of step 4), and a Kustomization that
+    // is not suspended applies its gate and is Ready at it (the health gate
+    // after a promotion).
     let answered: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
     let at = answered.clone();
     let api = ks.clone();
+    let root = dir.path().to_path_buf();
     let fake = tokio::spawn(async move {
         let mut events = watcher(api.clone(), watcher::Config::default()).boxed();
         while let Some(Ok(event)) = events.next().await {
-            let (watcher::Event::Apply(obj) | watcher::Event::InitApply(obj)) = event else {
-                continue;
+            let (changed, obj) = match event {
+                watcher::Event::Apply(obj) => (true, obj),
+                watcher::Event::InitApply(obj) => (false, obj),
+                _ => continue,
             };
             if envtest::answer_reconcile_request(&api, &obj).await {
                 *at.lock().unwrap() = Some(Instant::now());
             }
+            // Applying happens on a change after startup (an unsuspend),
+            // not for the initial listing of a thousand objects.
+            if !changed || obj.data["spec"]["suspend"].as_bool() == Some(true) {
+                continue;
+            }
+            let source = obj.data["spec"]["sourceRef"]["name"].as_str().unwrap_or_default();
+            let Ok(out) = std::process::Command::new("git")
+                .arg("--git-dir")
+                .arg(root.join(format!("{source}.git")))
+                .args(["rev-parse", "backstop/gate"])
+                .output()
+            else {
+                continue;
+            };
+            let gate = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            let applied = obj.data["status"]["lastAppliedRevision"].as_str().unwrap_or_default();
+            if gate.is_empty() || applied.ends_with(&gate) {
+                continue;
+            }
+            let status = json!({"status": {
+                "lastAppliedRevision": format!("backstop/gate@sha1:{gate}"),
+                "conditions": [{"type": "Ready", "status": "True", "reason": "ReconciliationSucceeded",
+                                "message": "Applied", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+            }});
+            let name = obj.metadata.name.clone().unwrap_or_default();
+            let _ = api
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+                .await;
         }
     });
 
@@ -264,8 +297,10 @@ async fn main() -> Res<()> {
     });
     let runs: Api<MigrationRun> = Api::namespaced(client.clone(), "default");
     let (mut to_run, mut to_watch) = (Vec::new(), Vec::new());
+    let mut pushed_apps = std::collections::BTreeSet::new();
     for p in 0..pushes {
         let app = (p * 37) % n;
+        pushed_apps.insert(app);
         let r = app % repos_n;
         let carrier = format!(
             "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: m-{p}\n  annotations:\n    backstop.dev/migration: \"{p:04}-bench\"\n    backstop.dev/database: url:BENCH_DATABASE_URL_{r}\n    backstop.dev/checkpoint: none\ndata:\n  up.sql: |\n    CREATE TABLE bench_{p} (id int);\n"
@@ -333,9 +368,13 @@ async fn main() -> Res<()> {
     // 4. Handshake latency: status update -> pause taken.
     let mut latencies = Vec::with_capacity(locks);
     for i in 0..locks {
+        // Kustomizations no push touched (a run may still hold those).
+        let Some(app) = (0..n).map(|k| (i + k) % n).find(|a| !pushed_apps.contains(a)) else {
+            break;
+        };
         let target = KustomizationRef {
             namespace: "default".into(),
-            name: format!("app-{}", i % n),
+            name: format!("app-{app}"),
         };
         let owner = format!("bench-{i}");
         *answered.lock().unwrap() = None;

@@ -249,7 +249,7 @@ impl GitRepo {
         let sources = match self.hint.lock() {
             Ok(h) => {
                 let unchanged = self.source.as_ref().is_some_and(|source| {
-                    h.current.get(source).is_some() && h.current.get(source) == h.at_last_fetch.get(source)
+                    h.current.contains_key(source) && h.current.get(source) == h.at_last_fetch.get(source)
                 });
                 let young = match (h.max_age, *last) {
                     (Some(age), Some(at)) => at.elapsed() < age,

@@ -84,11 +84,10 @@ async fn concurrent_pushes_from_one_mirror_land_each_commit_on_its_own_branch() 
     let repo = GitRepo::open(&mirror, remote.to_str().unwrap()).await.unwrap();
     repo.fetch().await.unwrap();
     let (a, b) = (repo.clone(), repo.clone());
-    for i in 0..25 {
-        let (sa, sb) = (lines[0][i].clone(), lines[1][i].clone());
-        let (a2, b2) = (a.clone(), b.clone());
-        let pa = tokio::spawn(async move { a2.push(&sa, "gate-a").await });
-        let pb = tokio::spawn(async move { b2.push(&sb, "gate-b").await });
+    for (i, (sa, sb)) in lines[0].iter().zip(&lines[1]).enumerate() {
+        let (a2, b2, sa2, sb2) = (a.clone(), b.clone(), sa.clone(), sb.clone());
+        let pa = tokio::spawn(async move { a2.push(&sa2, "gate-a").await });
+        let pb = tokio::spawn(async move { b2.push(&sb2, "gate-b").await });
         pa.await.unwrap().unwrap();
         pb.await.unwrap().unwrap();
         let on = |branch: &str| {
@@ -96,8 +95,8 @@ async fn concurrent_pushes_from_one_mirror_land_each_commit_on_its_own_branch() 
                 .trim()
                 .to_string()
         };
-        assert_eq!(on("gate-a"), lines[0][i], "gate-a after push {i}");
-        assert_eq!(on("gate-b"), lines[1][i], "gate-b after push {i}");
+        assert_eq!(&on("gate-a"), sa, "gate-a after push {i}");
+        assert_eq!(&on("gate-b"), sb, "gate-b after push {i}");
     }
     // No push refs are left behind in the mirror.
     let left = git(&mirror, &["for-each-ref", "refs/backstop/"]);
