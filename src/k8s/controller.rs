@@ -154,6 +154,22 @@ struct Ctx {
     /// consecutive failed reconciles (backoff).
     published: tokio::sync::Mutex<HashMap<String, String>>,
     failures: std::sync::Mutex<HashMap<String, u32>>,
+    /// Per Kustomization (`namespace/name`): its MigrationRuns that need a
+    /// full pass (open, a pending pull request, a hold, awaiting a person),
+    /// kept by the MigrationRun watch.
+    attention: Attention,
+}
+
+type Attention = Arc<std::sync::Mutex<HashMap<String, std::collections::BTreeSet<String>>>>;
+
+/// Whether `mr` needs full passes of its Kustomization. A record that does
+/// not parse counts as needing them.
+fn needs_attention(mr: &MigrationRun) -> bool {
+    match super::store::record_of(mr) {
+        None => false,
+        Some(Ok(run)) => crate::run::changes_in_pass(&run) || run.awaits_person(),
+        Some(Err(_)) => true,
+    }
 }
 
 /// Runs until interrupted: follows while another replica leads, leads while
@@ -259,6 +275,7 @@ pub async fn run(opts: ControllerOptions) -> Result<(), ControllerError> {
             interval: opts.interval,
             published: Default::default(),
             failures: Default::default(),
+            attention: Default::default(),
         });
         let controller = controller(main, client.clone(), ctx);
         tokio::select! {
@@ -288,6 +305,7 @@ fn controller(
     let store = main.store();
     let by_source = ks_res.clone();
     let by_run = ks_res.clone();
+    let attention = ctx.attention.clone();
     main.watches_with(
         Api::<DynamicObject>::all_with(client.clone(), &repo_res),
         repo_res,
@@ -318,6 +336,16 @@ fn controller(
                 .and_then(|l| l.get(KUSTOMIZATION_LABEL))
                 .cloned();
             let ns = mr.metadata.namespace.clone().unwrap_or_default();
+            // Marked before the reconcile this triggers can read it. (A
+            // deleted run stays marked: only extra full passes.)
+            if let (Some(name), Some(run), Ok(mut attention)) = (&ks, &mr.metadata.name, attention.lock()) {
+                let runs = attention.entry(format!("{ns}/{name}")).or_default();
+                if needs_attention(&mr) {
+                    runs.insert(run.clone());
+                } else {
+                    runs.remove(run);
+                }
+            }
             ks.map(|name: String| ObjectRef::new_with(name.as_str(), by_run.clone()).within(&ns))
         },
     )
@@ -371,6 +399,26 @@ async fn reconcile(ks: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Reco
                 return Err(ReconcileError::Setup { key, message });
             }
         };
+        // Of the Kustomizations a push woke, those it does not concern
+        // return here, without a single API call.
+        let busy = ctx
+            .attention
+            .lock()
+            .map(|a| a.get(&key).is_some_and(|runs| !runs.is_empty()))
+            .unwrap_or(true);
+        if !busy
+            && engine
+                .nothing_pending_here()
+                .await
+                .map_err(|source| ReconcileError::Pass {
+                    key: key.clone(),
+                    source,
+                })?
+        {
+            tracing::debug!("nothing pending under this path; skipped");
+            ctx.metrics.reconciled(&key);
+            return Ok(Action::requeue(ctx.interval));
+        }
         let report = engine.pass().await.map_err(|source| ReconcileError::Pass {
             key: key.clone(),
             source,

@@ -75,7 +75,19 @@ fn condition(type_: &str, status: &str, reason: &str, message: &str, generation:
 pub const ACK_BY: &str = "backstop.dev/acknowledged-by";
 const ACK_NOTE: &str = "backstop.dev/ack-note";
 
-fn acknowledgement(mr: &MigrationRun) -> Option<crate::run::Acknowledged> {
+/// The run record a MigrationRun carries (None: a refusal, or not written
+/// yet), with a person's acknowledgement applied.
+pub(super) fn record_of(mr: &MigrationRun) -> Option<Result<RunRecord, serde_json::Error>> {
+    let record = mr.status.as_ref()?.record.clone()?;
+    Some(serde_json::from_value::<RunRecord>(record).map(|mut run| {
+        if run.awaits_person() {
+            run.acknowledged = acknowledgement(mr);
+        }
+        run
+    }))
+}
+
+pub(super) fn acknowledgement(mr: &MigrationRun) -> Option<crate::run::Acknowledged> {
     let annotations = mr.metadata.annotations.as_ref()?;
     let by = annotations.get(ACK_BY)?.trim();
     (!by.is_empty()).then(|| crate::run::Acknowledged {
@@ -260,17 +272,7 @@ impl RunStore for MigrationRunStore {
         let mut runs: Vec<RunRecord> = list
             .items
             .into_iter()
-            .filter_map(|mr| {
-                let ack = acknowledgement(&mr);
-                let mut run: RunRecord = mr
-                    .status
-                    .and_then(|s| s.record)
-                    .and_then(|r| serde_json::from_value(r).ok())?;
-                if run.awaits_person() {
-                    run.acknowledged = ack;
-                }
-                Some(run)
-            })
+            .filter_map(|mr| record_of(&mr).and_then(Result::ok))
             .collect();
         runs.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
         Ok(runs)

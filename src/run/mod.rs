@@ -219,6 +219,36 @@ impl Engine {
         self.schedule(report, runs).await
     }
 
+    /// Whether a pass of this engine would find nothing of its own to do:
+    /// it shares its gate, is not the gate's steward, and the commits
+    /// pending at the gate leave its path untouched (or none are pending).
+    /// Run state is the caller's to check: a run that [`changes_in_pass`]
+    /// or awaits a person always needs a full pass. Reads git only.
+    pub async fn nothing_pending_here(&self) -> Result<bool, EngineError> {
+        if self.settings.steward || self.settings.also_guarded.is_empty() {
+            return Ok(false);
+        }
+        self.git.fetch().await?;
+        let Some(gate) = self.git.branch(&self.settings.gate).await? else {
+            return Ok(false);
+        };
+        let head = self.git.require_branch(&self.settings.upstream).await?;
+        if gate == head {
+            return Ok(true);
+        }
+        if !self.git.is_ancestor(&gate, &head).await? {
+            // The gate holds a revert upstream has not taken as such.
+            return Ok(false);
+        }
+        let pending = self
+            .git
+            .pending(&gate, &head, (&self.settings.gate, &self.settings.upstream))
+            .await?;
+        let shas: Vec<String> = pending.iter().map(|c| c.sha.clone()).collect();
+        let own = self.git.changes_paths(&gate, &shas, &[&self.settings.path]).await?;
+        Ok(own.iter().all(|c| c.is_empty()))
+    }
+
     /// Deletes the checkpoints retention lets go ([`retention::prunable`]).
     /// A deletion that fails is logged and tried again next pass.
     async fn prune_checkpoints(&self) -> Result<(), EngineError> {
@@ -690,7 +720,7 @@ fn blocked_by(run: &RunRecord, now: chrono::DateTime<Utc>) -> Option<Wait> {
 /// its revert pull request is pending, or it holds a Kustomization until
 /// the recovery manifest is deployed. A pass where no run is any of these
 /// reads its runs once.
-fn changes_in_pass(run: &RunRecord) -> bool {
+pub fn changes_in_pass(run: &RunRecord) -> bool {
     run.is_open()
         || run.revert.as_ref().is_some_and(|v| v.pr_pending)
         || (!run.hold_released
