@@ -94,7 +94,13 @@ pub struct GitRepo {
     hint: std::sync::Arc<std::sync::Mutex<FetchHint>>,
     /// The GitRepository (`namespace/name`) this clone's hints are about.
     source: Option<String>,
+    /// Shared too: the files the commits pending between two shas change
+    /// (see [`pending_touches`](Self::pending_touches)).
+    touched: TouchedCache,
 }
+
+/// Files changed by the commits pending between (gate, upstream) shas.
+type TouchedCache = std::sync::Arc<std::sync::Mutex<HashMap<(Oid, Oid), std::sync::Arc<BTreeSet<String>>>>>;
 
 /// When a fetch may be skipped: the revision of the asking clone's source
 /// (its GitRepository) is what it was when the last fetch started, and that
@@ -159,6 +165,7 @@ impl GitRepo {
             fetched: Default::default(),
             hint: Default::default(),
             source: None,
+            touched: Default::default(),
         })
     }
 
@@ -202,6 +209,7 @@ impl GitRepo {
             fetched: Default::default(),
             hint: Default::default(),
             source: None,
+            touched: Default::default(),
         })
     }
 
@@ -426,6 +434,73 @@ impl GitRepo {
                 out.push(commit_info(&repo, id)?);
             }
             Ok(out)
+        })
+        .await
+    }
+
+    /// Whether the commits pending between the remote branches `gate` and
+    /// `upstream` (those [`pending`](Self::pending) lists) change anything
+    /// under `prefix`; None when the gate branch is missing or upstream does
+    /// not descend from it. One task and one repository; the files the
+    /// pending commits change are computed once per pair of shas and shared
+    /// by every clone of the mirror, so the Kustomizations of one gate ask
+    /// it for the cost of one.
+    pub async fn pending_touches(&self, gate: &str, upstream: &str, prefix: &str) -> Result<Option<bool>> {
+        let (gate, upstream, prefix) = (gate.to_string(), upstream.to_string(), normalize_prefix(prefix));
+        self.blocking(move |this| {
+            let repo = this.repo()?;
+            let at = |branch: &str| repo.refname_to_id(&format!("refs/remotes/origin/{branch}")).ok();
+            let (Some(g), Some(u)) = (at(&gate), at(&upstream)) else {
+                return Ok(None);
+            };
+            if g == u {
+                return Ok(Some(false));
+            }
+            let cached = this.touched.lock().ok().and_then(|c| c.get(&(g, u)).cloned());
+            let files = match cached {
+                Some(files) => files,
+                None => {
+                    let read = |source| GitError::Read {
+                        sha: u.to_string(),
+                        source,
+                    };
+                    if !repo.graph_descendant_of(u, g).map_err(read)? {
+                        return Ok(None);
+                    }
+                    let mut walk = repo.revwalk().map_err(read)?;
+                    walk.push(u).map_err(read)?;
+                    walk.hide(g).map_err(read)?;
+                    walk.simplify_first_parent().map_err(read)?;
+                    walk.set_sorting(git2::Sort::TOPOLOGICAL | git2::Sort::REVERSE)
+                        .map_err(read)?;
+                    let mut files = BTreeSet::new();
+                    let mut before = repo.find_commit(g).and_then(|c| c.tree()).map_err(read)?;
+                    for id in walk {
+                        let tree = repo
+                            .find_commit(id.map_err(read)?)
+                            .and_then(|c| c.tree())
+                            .map_err(read)?;
+                        let diff = repo.diff_tree_to_tree(Some(&before), Some(&tree), None).map_err(read)?;
+                        for delta in diff.deltas() {
+                            for file in [delta.old_file(), delta.new_file()] {
+                                if let Some(path) = file.path().and_then(|p| p.to_str()) {
+                                    files.insert(path.to_string());
+                                }
+                            }
+                        }
+                        before = tree;
+                    }
+                    let files = std::sync::Arc::new(files);
+                    if let Ok(mut cache) = this.touched.lock() {
+                        if cache.len() >= 64 {
+                            cache.clear();
+                        }
+                        cache.insert((g, u), files.clone());
+                    }
+                    files
+                }
+            };
+            Ok(Some(files.iter().any(|f| under(f, &prefix))))
         })
         .await
     }

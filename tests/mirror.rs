@@ -212,3 +212,74 @@ async fn a_snapshot_of_several_paths_holds_exactly_what_git_lists_under_them() {
         }
     }
 }
+
+/// Which guarded paths the pending commits touch, asked by every
+/// Kustomization of a gate: per path, over the union of the commits'
+/// changes (a file added and removed again counts), None when the gate is
+/// missing or upstream does not descend from it.
+#[tokio::test]
+async fn pending_touches_names_the_paths_the_pending_commits_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let (remote, work, mirror) = (dir.path().join("r.git"), dir.path().join("w"), dir.path().join("m.git"));
+    git(
+        dir.path(),
+        &["init", "-q", "--bare", "-b", "main", remote.to_str().unwrap()],
+    );
+    git(
+        dir.path(),
+        &["clone", "-q", remote.to_str().unwrap(), work.to_str().unwrap()],
+    );
+    git(&work, &["config", "user.email", "dev@example.com"]);
+    git(&work, &["config", "user.name", "dev"]);
+    let write = |f: &str, c: &str| {
+        let path = work.join(f);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, c).unwrap();
+    };
+    let commit = |m: &str| {
+        git(&work, &["add", "-A"]);
+        git(&work, &["commit", "-q", "--allow-empty", "-m", m]);
+    };
+    write("apps/a/x.yaml", "a: 1\n");
+    write("apps/b/x.yaml", "b: 1\n");
+    commit("base");
+    git(&work, &["push", "-q", "origin", "main", "main:gate"]);
+    let repo = GitRepo::open(&mirror, remote.to_str().unwrap()).await.unwrap();
+    repo.fetch().await.unwrap();
+    assert_eq!(
+        repo.pending_touches("gate", "main", "apps/a").await.unwrap(),
+        Some(false)
+    );
+    assert_eq!(repo.pending_touches("nogate", "main", "apps/a").await.unwrap(), None);
+    write("apps/a/x.yaml", "a: 2\n");
+    commit("a");
+    write("apps/d/tmp.yaml", "d: 1\n");
+    commit("d added");
+    std::fs::remove_file(work.join("apps/d/tmp.yaml")).unwrap();
+    commit("d removed");
+    write("infra/x.yaml", "i: 1\n");
+    commit("infra");
+    git(&work, &["push", "-q", "origin", "main"]);
+    repo.fetch().await.unwrap();
+    for (path, want) in [
+        ("apps/a", true),
+        ("./apps/a/", true),
+        ("apps/b", false),
+        ("apps/d", true),
+        ("apps", true),
+        ("apps/ab", false),
+        ("infra", true),
+    ] {
+        assert_eq!(
+            repo.pending_touches("gate", "main", path).await.unwrap(),
+            Some(want),
+            "{path}"
+        );
+    }
+    // The gate on a line of its own: unknown.
+    git(&work, &["checkout", "-q", "-b", "side", "HEAD~4"]);
+    commit("side");
+    git(&work, &["push", "-q", "-f", "origin", "side:gate"]);
+    repo.fetch().await.unwrap();
+    assert_eq!(repo.pending_touches("gate", "main", "apps/b").await.unwrap(), None);
+}

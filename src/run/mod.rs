@@ -229,24 +229,13 @@ impl Engine {
             return Ok(false);
         }
         self.git.fetch().await?;
-        let Some(gate) = self.git.branch(&self.settings.gate).await? else {
-            return Ok(false);
-        };
-        let head = self.git.require_branch(&self.settings.upstream).await?;
-        if gate == head {
-            return Ok(true);
-        }
-        if !self.git.is_ancestor(&gate, &head).await? {
-            // The gate holds a revert upstream has not taken as such.
-            return Ok(false);
-        }
-        let pending = self
+        let touched = self
             .git
-            .pending(&gate, &head, (&self.settings.gate, &self.settings.upstream))
+            .pending_touches(&self.settings.gate, &self.settings.upstream, &self.settings.path)
             .await?;
-        let shas: Vec<String> = pending.iter().map(|c| c.sha.clone()).collect();
-        let own = self.git.changes_paths(&gate, &shas, &[&self.settings.path]).await?;
-        Ok(own.iter().all(|c| c.is_empty()))
+        // Unknown (no gate yet, or the gate holds a revert upstream has not
+        // taken as such): a full pass decides.
+        Ok(touched == Some(false))
     }
 
     /// Deletes the checkpoints retention lets go ([`retention::prunable`]).
@@ -318,17 +307,12 @@ impl Engine {
             return Ok(());
         }
         if !holds_revert && !self.settings.steward && !self.settings.also_guarded.is_empty() {
-            let pending = self
+            let touched = self
                 .git
-                .pending(&gate, &head, (&self.settings.gate, &self.settings.upstream))
+                .pending_touches(&self.settings.gate, &self.settings.upstream, &self.settings.path)
                 .await?;
-            let shas: Vec<String> = pending.iter().map(|c| c.sha.clone()).collect();
-            let own = self.git.changes_paths(&gate, &shas, &[&self.settings.path]).await?;
-            if own.iter().all(|c| c.is_empty()) {
-                tracing::debug!(
-                    pending = pending.len(),
-                    "nothing pending under this path; the gate's steward moves the gate"
-                );
+            if touched == Some(false) {
+                tracing::debug!("nothing pending under this path; the gate's steward moves the gate");
                 return Ok(());
             }
         }
