@@ -34,9 +34,14 @@ async fn wait_for_leader(port: u16) {
     panic!("the replica on port {port} never led");
 }
 
-/// Waits until a MigrationRun of `kustomization` is in `phase`.
+/// Waits until a MigrationRun of `kustomization` is in `phase` (60 s).
 async fn run_in_phase(runs: &Api<MigrationRun>, kustomization: &str, phase: &str) -> MigrationRun {
-    for _ in 0..240 {
+    run_in_phase_within(runs, kustomization, phase, 60).await
+}
+
+/// Waits up to `seconds` until a MigrationRun of `kustomization` is in `phase`.
+async fn run_in_phase_within(runs: &Api<MigrationRun>, kustomization: &str, phase: &str, seconds: u64) -> MigrationRun {
+    for _ in 0..seconds * 4 {
         let list = runs.list(&ListParams::default()).await.unwrap();
         if let Some(run) = list.items.into_iter().find(|r| {
             r.spec.kustomization == kustomization && r.status.as_ref().and_then(|s| s.phase.as_deref()) == Some(phase)
@@ -55,7 +60,7 @@ async fn run_in_phase(runs: &Api<MigrationRun>, kustomization: &str, phase: &str
                 .collect()
         })
         .unwrap_or_default();
-    panic!("no MigrationRun of {kustomization} reached {phase} within 60s; runs: {seen:?}");
+    panic!("no MigrationRun of {kustomization} reached {phase} within {seconds}s; runs: {seen:?}");
 }
 
 fn ready(run: &MigrationRun) -> Option<(String, String)> {
@@ -215,7 +220,8 @@ async fn a_long_migration_on_one_app_does_not_hold_up_another_apps_migration() {
         billing_commit,
         "billing's gate moved to its commit"
     );
-    let shop = run_in_phase(&s.runs, "shop", "Succeeded").await;
+    // The long migration still has up to `long` seconds to go.
+    let shop = run_in_phase_within(&s.runs, "shop", "Succeeded", long + 60).await;
     controller.kill().await.ok();
     assert_eq!(ready(&shop), Some(("True".into(), "Succeeded".into())));
     // One mirror for the one repository URL both GitRepositories name.
