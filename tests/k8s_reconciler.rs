@@ -83,6 +83,9 @@ fn slow_carrier(id: &str, seconds: u64) -> CarrierBuilder {
     carrier(id)
         .database("cnpg:app-db")
         .annotation("checkpoint", "dump")
+        // The default statement timeout (10 min) would cancel the
+        // 10-minute version.
+        .annotation("timeout", &format!("{}s", seconds + 120))
         .sql(
             "001.sql",
             &format!(
