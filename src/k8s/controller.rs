@@ -158,6 +158,9 @@ struct Ctx {
     /// full pass (open, a pending pull request, a hold, awaiting a person),
     /// kept by the MigrationRun watch.
     attention: Attention,
+    /// Per Kustomization: when its last full pass ended, forgotten on any
+    /// change of one of its MigrationRuns (see `may_skip`).
+    last_full: Arc<std::sync::Mutex<HashMap<String, std::time::Instant>>>,
 }
 
 type Attention = Arc<std::sync::Mutex<HashMap<String, std::collections::BTreeSet<String>>>>;
@@ -276,6 +279,7 @@ pub async fn run(opts: ControllerOptions) -> Result<(), ControllerError> {
             published: Default::default(),
             failures: Default::default(),
             attention: Default::default(),
+            last_full: Default::default(),
         });
         let controller = controller(main, client.clone(), ctx);
         tokio::select! {
@@ -306,6 +310,7 @@ fn controller(
     let by_source = ks_res.clone();
     let by_run = ks_res.clone();
     let attention = ctx.attention.clone();
+    let last_full = ctx.last_full.clone();
     main.watches_with(
         Api::<DynamicObject>::all_with(client.clone(), &repo_res),
         repo_res,
@@ -338,6 +343,9 @@ fn controller(
             let ns = mr.metadata.namespace.clone().unwrap_or_default();
             // Marked before the reconcile this triggers can read it. (A
             // deleted run stays marked: only extra full passes.)
+            if let (Some(name), Ok(mut last)) = (&ks, last_full.lock()) {
+                last.remove(&format!("{ns}/{name}"));
+            }
             if let (Some(name), Some(run), Ok(mut attention)) = (&ks, &mr.metadata.name, attention.lock()) {
                 let runs = attention.entry(format!("{ns}/{name}")).or_default();
                 if needs_attention(&mr) {
@@ -401,12 +409,7 @@ async fn reconcile(ks: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Reco
         };
         // Of the Kustomizations a push woke, those it does not concern
         // return here, without a single API call.
-        let busy = ctx
-            .attention
-            .lock()
-            .map(|a| a.get(&key).is_some_and(|runs| !runs.is_empty()))
-            .unwrap_or(true);
-        if !busy
+        if ctx.may_skip(&key)
             && engine
                 .nothing_pending_here()
                 .await
@@ -423,6 +426,9 @@ async fn reconcile(ks: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<Action, Reco
             key: key.clone(),
             source,
         })?;
+        if let Ok(mut last) = ctx.last_full.lock() {
+            last.insert(key.clone(), std::time::Instant::now());
+        }
         if let Ok(mut failures) = ctx.failures.lock() {
             failures.remove(&key);
         }
@@ -485,6 +491,24 @@ fn truncate(mut note: String) -> String {
 }
 
 impl Ctx {
+    /// Whether a pass of `key` may be skipped when git says nothing is
+    /// pending under its path: none of its runs needs a pass, and it had a
+    /// full pass since the last change of any of its MigrationRuns and
+    /// within ten intervals (a full pass also releases database claims
+    /// left owed: a release that failed, a run a person acknowledged).
+    fn may_skip(&self, key: &str) -> bool {
+        let busy = self
+            .attention
+            .lock()
+            .map(|a| a.get(key).is_some_and(|runs| !runs.is_empty()))
+            .unwrap_or(true);
+        let recent = self
+            .last_full
+            .lock()
+            .map(|l| l.get(key).is_some_and(|at| at.elapsed() < self.interval * 10))
+            .unwrap_or(false);
+        !busy && recent
+    }
     /// Publishes `event` on the Kustomization unless `subject` is what was
     /// last published for it. Returns whether it published.
     async fn publish_once(&self, ks: &DynamicObject, subject: &str, event: &Event) -> bool {
