@@ -257,6 +257,26 @@ pub async fn run(opts: ControllerOptions) -> Result<(), ControllerError> {
             )
             .for_each(|_| futures::future::ready(())),
         );
+        // Wait here, once, until the GitRepository watch has listed
+        // everything: kube-runtime's `Store::wait_until_ready` wakes only
+        // the last of several concurrent waiters (its DelayedInit polls one
+        // oneshot receiver from many tasks), so reconciles waiting for it
+        // at startup could stay parked forever, and with them their
+        // Kustomizations (a reconcile never starts while one is in flight).
+        tokio::select! {
+            ready = repositories.wait_until_ready() => {
+                if ready.is_err() {
+                    tracing::warn!("the GitRepository watch stopped before it listed; retrying");
+                }
+            }
+            _ = lost.changed() => {
+                tracing::warn!(identity = %opts.identity, "lost the leader Lease before the watches listed");
+                renewal.abort();
+                repo_watch.abort();
+                metrics.set_leader(false);
+                continue;
+            }
+        }
         let ctx = Arc::new(Ctx {
             repositories,
             kustomizations: main.store(),
