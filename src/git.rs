@@ -422,12 +422,7 @@ impl GitRepo {
                     upstream: upstream_name,
                 });
             }
-            let mut walk = repo.revwalk().map_err(read)?;
-            walk.push(u).map_err(read)?;
-            walk.hide(g).map_err(read)?;
-            walk.simplify_first_parent().map_err(read)?;
-            walk.set_sorting(git2::Sort::TOPOLOGICAL | git2::Sort::REVERSE)
-                .map_err(read)?;
+            let walk = first_parent_walk(&repo, g, u).map_err(read)?;
             let mut out = Vec::new();
             for id in walk {
                 let id = id.map_err(read)?;
@@ -467,12 +462,7 @@ impl GitRepo {
                     if !repo.graph_descendant_of(u, g).map_err(read)? {
                         return Ok(None);
                     }
-                    let mut walk = repo.revwalk().map_err(read)?;
-                    walk.push(u).map_err(read)?;
-                    walk.hide(g).map_err(read)?;
-                    walk.simplify_first_parent().map_err(read)?;
-                    walk.set_sorting(git2::Sort::TOPOLOGICAL | git2::Sort::REVERSE)
-                        .map_err(read)?;
+                    let walk = first_parent_walk(&repo, g, u).map_err(read)?;
                     let mut files = BTreeSet::new();
                     let mut before = repo.find_commit(g).and_then(|c| c.tree()).map_err(read)?;
                     for id in walk {
@@ -1085,6 +1075,21 @@ fn oid(sha: &str) -> Result<Oid> {
         sha: sha.to_string(),
         source,
     })
+}
+
+/// The commits after `gate` up to `upstream` along upstream's first
+/// parents, oldest first: what is pending at the gate.
+fn first_parent_walk(
+    repo: &Repository,
+    gate: Oid,
+    upstream: Oid,
+) -> std::result::Result<git2::Revwalk<'_>, git2::Error> {
+    let mut walk = repo.revwalk()?;
+    walk.push(upstream)?;
+    walk.hide(gate)?;
+    walk.simplify_first_parent()?;
+    walk.set_sorting(git2::Sort::TOPOLOGICAL | git2::Sort::REVERSE)?;
+    Ok(walk)
 }
 
 fn normalize_prefix(prefix: &str) -> String {

@@ -13,8 +13,14 @@ fn packs(mirror: &std::path::Path) -> usize {
         .count()
 }
 
-#[tokio::test]
-async fn packs_left_by_fetches_are_repacked_once_they_pile_up() {
+/// A bare remote (`r.git`, branch main), a clone of it to commit in (`w`)
+/// and where the mirror goes (`m.git`), in a temporary folder.
+fn remote_and_work() -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
     let dir = tempfile::tempdir().unwrap();
     let (remote, work, mirror) = (dir.path().join("r.git"), dir.path().join("w"), dir.path().join("m.git"));
     git(
@@ -27,6 +33,12 @@ async fn packs_left_by_fetches_are_repacked_once_they_pile_up() {
     );
     git(&work, &["config", "user.email", "dev@example.com"]);
     git(&work, &["config", "user.name", "dev"]);
+    (dir, remote, work, mirror)
+}
+
+#[tokio::test]
+async fn packs_left_by_fetches_are_repacked_once_they_pile_up() {
+    let (_dir, remote, work, mirror) = remote_and_work();
     let repo = GitRepo::open(&mirror, remote.to_str().unwrap()).await.unwrap();
     let mut most = 0;
     for i in 0..(GitRepo::PACK_LIMIT + 8) {
@@ -55,18 +67,7 @@ async fn packs_left_by_fetches_are_repacked_once_they_pile_up() {
 /// concurrently: each push lands its own commit on its own branch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_pushes_from_one_mirror_land_each_commit_on_its_own_branch() {
-    let dir = tempfile::tempdir().unwrap();
-    let (remote, work, mirror) = (dir.path().join("r.git"), dir.path().join("w"), dir.path().join("m.git"));
-    git(
-        dir.path(),
-        &["init", "-q", "--bare", "-b", "main", remote.to_str().unwrap()],
-    );
-    git(
-        dir.path(),
-        &["clone", "-q", remote.to_str().unwrap(), work.to_str().unwrap()],
-    );
-    git(&work, &["config", "user.email", "dev@example.com"]);
-    git(&work, &["config", "user.name", "dev"]);
+    let (_dir, remote, work, mirror) = remote_and_work();
     git(&work, &["commit", "-q", "--allow-empty", "-m", "base"]);
     // Two lines of history, one per gate branch.
     let mut lines: Vec<Vec<String>> = vec![Vec::new(), Vec::new()];
@@ -108,18 +109,7 @@ async fn concurrent_pushes_from_one_mirror_land_each_commit_on_its_own_branch() 
 /// unchanged and the last fetch is young.
 #[tokio::test]
 async fn a_new_artifact_of_one_gitrepository_fetches_although_another_on_the_mirror_is_unchanged() {
-    let dir = tempfile::tempdir().unwrap();
-    let (remote, work, mirror) = (dir.path().join("r.git"), dir.path().join("w"), dir.path().join("m.git"));
-    git(
-        dir.path(),
-        &["init", "-q", "--bare", "-b", "main", remote.to_str().unwrap()],
-    );
-    git(
-        dir.path(),
-        &["clone", "-q", remote.to_str().unwrap(), work.to_str().unwrap()],
-    );
-    git(&work, &["config", "user.email", "dev@example.com"]);
-    git(&work, &["config", "user.name", "dev"]);
+    let (_dir, remote, work, mirror) = remote_and_work();
     git(&work, &["commit", "-q", "--allow-empty", "-m", "base"]);
     git(&work, &["push", "-q", "origin", "main"]);
     let hour = std::time::Duration::from_secs(3600);
@@ -156,18 +146,7 @@ async fn a_new_artifact_of_one_gitrepository_fetches_although_another_on_the_mir
 /// overlapping paths, a path naming a file, a missing path.
 #[tokio::test]
 async fn a_snapshot_of_several_paths_holds_exactly_what_git_lists_under_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let (remote, work, mirror) = (dir.path().join("r.git"), dir.path().join("w"), dir.path().join("m.git"));
-    git(
-        dir.path(),
-        &["init", "-q", "--bare", "-b", "main", remote.to_str().unwrap()],
-    );
-    git(
-        dir.path(),
-        &["clone", "-q", remote.to_str().unwrap(), work.to_str().unwrap()],
-    );
-    git(&work, &["config", "user.email", "dev@example.com"]);
-    git(&work, &["config", "user.name", "dev"]);
+    let (_dir, remote, work, mirror) = remote_and_work();
     for f in [
         "apps/a/x.yaml",
         "apps/a/m/1.yaml",
@@ -219,18 +198,7 @@ async fn a_snapshot_of_several_paths_holds_exactly_what_git_lists_under_them() {
 /// missing or upstream does not descend from it.
 #[tokio::test]
 async fn pending_touches_names_the_paths_the_pending_commits_change() {
-    let dir = tempfile::tempdir().unwrap();
-    let (remote, work, mirror) = (dir.path().join("r.git"), dir.path().join("w"), dir.path().join("m.git"));
-    git(
-        dir.path(),
-        &["init", "-q", "--bare", "-b", "main", remote.to_str().unwrap()],
-    );
-    git(
-        dir.path(),
-        &["clone", "-q", remote.to_str().unwrap(), work.to_str().unwrap()],
-    );
-    git(&work, &["config", "user.email", "dev@example.com"]);
-    git(&work, &["config", "user.name", "dev"]);
+    let (_dir, remote, work, mirror) = remote_and_work();
     let write = |f: &str, c: &str| {
         let path = work.join(f);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
