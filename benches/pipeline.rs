@@ -75,6 +75,7 @@ async fn checkpoint_restore(mb: u64) -> Res<()> {
         wal_archive: server.archive(),
         store: state.path().join("checkpoints"),
         recovery_timeout: Duration::from_secs(1800),
+        policy: Default::default(),
     };
     let runner = SqlRunner;
 
@@ -260,6 +261,9 @@ async fn overhead(passes: u64) -> Res<()> {
         forge: None,
         backoff: Default::default(),
         keep_checkpoints: 0,
+        base_policy: Default::default(),
+        pgbackrest_stanza: None,
+        pgbackrest_config: None,
     };
     let engine = local::engine(&opts).await?;
     let journal = backstop::journal::Journal::new(&opts.state);

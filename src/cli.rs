@@ -327,15 +327,33 @@ pub struct RunArgs {
     #[arg(long, env = "BACKSTOP_PATH", default_value = "")]
     pub path: String,
     /// What `backstop.dev/checkpoint: backup` means: `local` (base backup + WAL
-    /// archive, real PITR; needs --pgdata and --wal-archive) or `dump`.
+    /// archive, real PITR; needs --pgdata and --wal-archive), `pgbackrest` (a
+    /// recovery point in a pgBackRest stanza; needs --pgbackrest-stanza and
+    /// --pgdata) or `dump`.
     #[arg(long, env = "BACKSTOP_CHECKPOINT", value_enum, default_value = "local")]
     pub checkpoint: BackupBackend,
-    /// Data directory of the PostgreSQL server (local checkpoints).
+    /// Data directory of the PostgreSQL server (local and pgbackrest checkpoints).
     #[arg(long, env = "BACKSTOP_PGDATA")]
     pub pgdata: Option<PathBuf>,
     /// Folder the server's archive_command writes WAL segments to (local checkpoints).
     #[arg(long, env = "BACKSTOP_WAL_ARCHIVE")]
     pub wal_archive: Option<PathBuf>,
+    /// The pgBackRest stanza of the server (pgbackrest checkpoints).
+    #[arg(long, env = "BACKSTOP_PGBACKREST_STANZA")]
+    pub pgbackrest_stanza: Option<String>,
+    /// pgBackRest's configuration file (default: pgBackRest's own default).
+    #[arg(long, env = "BACKSTOP_PGBACKREST_CONFIG")]
+    pub pgbackrest_config: Option<PathBuf>,
+    /// A checkpoint is a recovery point on the newest base backup; it takes
+    /// a new base backup (local: pg_basebackup; pgbackrest: an incremental
+    /// backup) when the newest is older than this. `0`: a new one for every
+    /// checkpoint.
+    #[arg(long, env = "BACKSTOP_BASE_BACKUP_MAX_AGE", default_value = "24h", value_parser = crate::checkpoint::base::parse_age)]
+    pub base_backup_max_age: Duration,
+    /// ... or when a restore from the newest would replay more WAL than this
+    /// (bounds the restore's replay time; e.g. 4GiB, 512MiB).
+    #[arg(long, env = "BACKSTOP_BASE_BACKUP_MAX_WAL", default_value = "4GiB", value_parser = crate::checkpoint::base::parse_size)]
+    pub base_backup_max_wal: u64,
     /// How to revert code on failure; overrides the carriers' backstop.dev/revert.
     #[arg(long, env = "BACKSTOP_REVERT", value_parser = parse_revert)]
     pub revert: Option<RevertMode>,
@@ -778,6 +796,12 @@ async fn run_local(args: RunArgs) -> anyhow::Result<u8> {
         state: args.state,
         env: Default::default(),
         keep_checkpoints: args.keep_checkpoints,
+        base_policy: crate::checkpoint::base::BasePolicy {
+            max_age: args.base_backup_max_age,
+            max_wal: args.base_backup_max_wal,
+        },
+        pgbackrest_stanza: args.pgbackrest_stanza,
+        pgbackrest_config: args.pgbackrest_config,
         backoff: crate::run::machine::Backoff {
             base: Duration::from_secs(args.retry_backoff),
             max: Duration::from_secs(args.retry_max.max(args.retry_backoff)),

@@ -89,6 +89,9 @@ pub async fn run(keep: bool) -> Result<(), DemoError> {
         git_auth: Default::default(),
         forge: None,
         backoff: Default::default(),
+        base_policy: Default::default(),
+        pgbackrest_stanza: None,
+        pgbackrest_config: None,
     };
     let engine = local::engine(&opts).await?;
 

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::checkpoint::{dump::DumpBackend, local::LocalBackend, Checkpoint};
+use crate::checkpoint::{dump::DumpBackend, local::LocalBackend, pgbackrest::PgBackRestBackend, Checkpoint};
 use crate::cluster::LocalCluster;
 use crate::forge::{Forge, ForgeError, ForgeKind, NoForge, RestForge, Retry};
 use crate::git::{GitAuth, GitError, GitRepo};
@@ -24,6 +24,9 @@ pub enum BackupBackend {
     Local,
     /// Logical pg_dump / pg_restore.
     Dump,
+    /// A recovery point in a pgBackRest stanza's archive, restored by
+    /// `pgbackrest restore --delta --type=lsn` (needs --pgbackrest-stanza and --pgdata).
+    Pgbackrest,
 }
 
 /// Everything local mode needs.
@@ -48,6 +51,12 @@ pub struct LocalOptions {
     pub backoff: crate::run::machine::Backoff,
     /// Checkpoints of the newest this many ended runs are kept (0: all).
     pub keep_checkpoints: usize,
+    /// When a checkpoint takes a new base backup (local, pgbackrest).
+    pub base_policy: crate::checkpoint::base::BasePolicy,
+    /// The pgBackRest stanza (`--checkpoint pgbackrest`).
+    pub pgbackrest_stanza: Option<String>,
+    /// pgBackRest's configuration file (default: its own default).
+    pub pgbackrest_config: Option<PathBuf>,
 }
 
 /// A forge to open revert pull requests on.
@@ -133,6 +142,19 @@ pub async fn engine(opts: &LocalOptions) -> Result<Engine, LocalError> {
             wal_archive: opts.wal_archive.clone().unwrap_or_default(),
             store,
             recovery_timeout: Duration::from_secs(600),
+            policy: opts.base_policy,
+        }),
+        BackupBackend::Pgbackrest => Arc::new(PgBackRestBackend {
+            program: PathBuf::from("pgbackrest"),
+            stanza: opts.pgbackrest_stanza.clone().unwrap_or_default(),
+            config: opts.pgbackrest_config.clone(),
+            server: crate::checkpoint::server::Server {
+                bindir,
+                pgdata: opts.pgdata.clone().unwrap_or_default(),
+                recovery_timeout: Duration::from_secs(600),
+            },
+            store,
+            policy: opts.base_policy,
         }),
     };
     let mut checkpoints = CheckpointSet::new();

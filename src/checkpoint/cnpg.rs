@@ -165,6 +165,7 @@ impl Checkpoint for CnpgBackend {
             completed_at: time(&status["stoppedAt"]).unwrap_or_else(Utc::now),
             size_bytes: 0,
             restore_drill: "not run (cnpg backend: restore recreates the Cluster)".into(),
+            base: None,
         })
     }
 

@@ -67,6 +67,7 @@ impl Checkpoint for DumpBackend {
             completed_at: Utc::now(),
             size_bytes: tree_size(&file),
             restore_drill: "not run (dump backend)".into(),
+            base: None,
         })
     }
 

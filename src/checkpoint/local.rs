@@ -1,23 +1,30 @@
 //! The `local` checkpoint backend: a PostgreSQL server whose data directory and
-//! WAL archive backstop can reach on disk. Checkpoint = `pg_basebackup` (tar,
-//! WAL streamed in); restore = real point-in-time recovery to the LSN read
-//! before the migration, restarting the server on a new data directory. The
-//! previous data directory is renamed `<pgdata>.backstop-<run>` and never deleted.
-//! A restore rewinds the whole server (every database in it).
+//! WAL archive backstop can reach on disk. A checkpoint is a recovery point:
+//! it switches the WAL segment, confirms the archive holds it and every
+//! segment since the newest base backup, and relies on that base backup; a
+//! new `pg_basebackup` (tar, WAL streamed in) is taken only when the
+//! [`BasePolicy`] says so ([`catalog`]). Its cost does not grow with the
+//! database. Restore = real point-in-time recovery from that base backup to
+//! the LSN read before the migration, restarting the server on a new data
+//! directory. The previous data directory is renamed `<pgdata>.backstop-<run>`
+//! and never deleted. A restore rewinds the whole server (every database in it).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chrono::Utc;
 
-use super::{tree_size, Checkpoint, CheckpointError, CheckpointRecord, RecoveryPoint, RestoreRecord};
+use super::base::{format_lsn, BaseDue, BasePolicy, BaseUse};
+use super::server::Server;
+use super::{Checkpoint, CheckpointError, CheckpointRecord, RecoveryPoint, RestoreRecord};
 use crate::db::Database;
 use crate::pgbin;
 
+mod catalog;
+mod drill;
 mod restore;
 
 pub(crate) use restore::pause_point;
-use restore::untar;
 
 /// Settings of the local backend.
 #[derive(Debug, Clone)]
@@ -32,17 +39,11 @@ pub struct LocalBackend {
     pub store: PathBuf,
     /// How long recovery may take before the restore is declared failed.
     pub recovery_timeout: Duration,
+    /// When a checkpoint takes a new base backup.
+    pub policy: BasePolicy,
 }
 
 const MARK: &str = "# backstop restore settings";
-const RECOVERY_SETTINGS: &[&str] = &[
-    "restore_command",
-    "recovery_target_lsn",
-    "recovery_target_time",
-    "recovery_target_inclusive",
-    "recovery_target_timeline",
-    "recovery_target_action",
-];
 
 impl LocalBackend {
     fn io<'a>(step: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> CheckpointError + 'a {
@@ -58,16 +59,19 @@ impl LocalBackend {
         move |source| CheckpointError::Tool { step, source }
     }
 
+    /// The server whose data directory this backend restores.
+    pub(crate) fn server(&self) -> Server {
+        Server {
+            bindir: self.bindir.clone(),
+            pgdata: self.pgdata.clone(),
+            recovery_timeout: self.recovery_timeout,
+        }
+    }
+
     fn kept_dir(&self, run_id: &str) -> PathBuf {
         let mut name = self.pgdata.file_name().unwrap_or_default().to_os_string();
         name.push(format!(".backstop-{run_id}"));
         self.pgdata.with_file_name(name)
-    }
-
-    async fn pg_ctl(&self, args: &[&str], owner: (u32, u32), step: &str) -> Result<String, CheckpointError> {
-        let mut cmd = pgbin::command(&self.bindir, "pg_ctl", Some(owner));
-        cmd.args(args);
-        pgbin::run(cmd, "pg_ctl").await.map_err(Self::tool(step))
     }
 
     /// Makes sure the archive holds the WAL segment of the recovery target:
@@ -161,8 +165,6 @@ impl LocalBackend {
             .await
             .map_err(query("switching the WAL segment"))?
             .get(0);
-        let wait = ARCHIVE_PREFLIGHT_WAIT;
-        let deadline = std::time::Instant::now() + wait;
         let size: i64 = client
             .query_one(
                 "SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'",
@@ -171,33 +173,19 @@ impl LocalBackend {
             .await
             .map_err(query("reading wal_segment_size"))?
             .get(0);
-        while std::time::Instant::now() < deadline {
-            // Complete, not a truncated copy a full archive left behind.
-            let len = std::fs::metadata(self.wal_archive.join(&segment)).map(|m| m.len());
-            if len.is_ok_and(|l| l == size as u64) {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let detail = client
-            .query_one(
-                "SELECT format('pg_stat_archiver: last archived %s, last failed %s at %s, %s failures', coalesce(last_archived_wal, '-'), coalesce(last_failed_wal, '-'), coalesce(last_failed_time::text, '-'), failed_count) FROM pg_stat_archiver",
-                &[],
-            )
+        self.await_archived(db, client, &segment, size.max(1) as u64, ARCHIVE_PREFLIGHT_WAIT)
             .await
-            .map(|r| r.get::<_, String>(0))
-            .unwrap_or_else(|e| format!("pg_stat_archiver unreadable: {e}"));
-        Err(CheckpointError::ArchiveNotReached {
-            database: db.describe(),
-            archive: self.wal_archive.clone(),
-            segment,
-            seconds: wait.as_secs(),
-            detail,
-        })
     }
 }
 
 impl LocalBackend {
+    /// Whether a checkpoint now takes a new base backup, and why.
+    fn due(&self, here: &catalog::Here) -> Option<BaseDue> {
+        let newest = self.bases(&here.system).pop();
+        self.policy
+            .due(newest.as_ref().map(|(_, b)| b), &here.position, Utc::now())
+    }
+
     /// Preflight: the role may run `pg_basebackup`.
     async fn may_replicate(&self, db: &Database, client: &tokio_postgres::Client) -> Result<(), CheckpointError> {
         let row = client
@@ -247,9 +235,12 @@ impl LocalBackend {
         Ok(())
     }
 
-    /// Preflight: room for the base backup in the checkpoint store, and for
-    /// a checkpoint's worth of WAL (`max_wal_size`) in the archive.
+    /// Preflight: room for a base backup in the checkpoint store when the
+    /// policy will take one, and for a checkpoint's worth of WAL
+    /// (`max_wal_size`) in the archive.
     async fn room(&self, db: &Database, client: &tokio_postgres::Client) -> Result<(), CheckpointError> {
+        let here = self.here(db, client).await?;
+        let due = self.due(&here).is_some();
         let row = client
             .query_one(
                 "SELECT (SELECT sum(pg_database_size(oid)) FROM pg_database)::bigint,
@@ -269,8 +260,8 @@ impl LocalBackend {
             (
                 "the checkpoint store",
                 &self.store,
-                cluster.max(0) as u64,
-                "the base backup is about the size of all databases of the server".to_string(),
+                if due { cluster.max(0) as u64 } else { 0 },
+                "a new base backup is due, and it is about the size of all databases of the server".to_string(),
             ),
             (
                 "the WAL archive",
@@ -353,124 +344,62 @@ impl Checkpoint for LocalBackend {
         self.archive_reached(db, &client).await
     }
 
+    /// A recovery point, not a copy: the newest base backup plus the archived
+    /// WAL since; a new base backup only when the policy says so, or when
+    /// the archive has a gap after the newest.
     async fn create(&self, db: &Database, run_id: &str) -> Result<CheckpointRecord, CheckpointError> {
-        let dir = self.store.join(run_id).join("base");
-        if dir.exists() {
-            // An interrupted attempt of this run: its partial backup is useless.
-            tokio::fs::remove_dir_all(&dir)
-                .await
-                .map_err(Self::io("remove partial backup", &dir))?;
-        }
-        tokio::fs::create_dir_all(&dir)
-            .await
-            .map_err(Self::io("create backup folder", &dir))?;
         let started_at = Utc::now();
-        let mut cmd = pgbin::command(&self.bindir, "pg_basebackup", None);
-        cmd.envs(db.libpq_env())
-            .arg("-D")
-            .arg(&dir)
-            .args(["-Ft", "-X", "stream", "-c", "fast", "--no-password", "-l"])
-            .arg(format!("backstop {run_id}"));
-        pgbin::run(cmd, "pg_basebackup")
-            .await
-            .map_err(Self::tool(format!("pg_basebackup of {}", db.describe())))?;
+        let client = db.connect().await?;
+        let here = self.here(db, &client).await?;
+        let mut due = self.due(&here);
+        let (mut dir, mut base) = match (&due, self.bases(&here.system).pop()) {
+            (None, Some(newest)) => newest,
+            _ => self.take_base(db, run_id, &here.system).await?,
+        };
+        let mut lsn = self.switch_and_confirm(db, &client, here.segment_size).await?;
+        if let Some(segment) = self.first_gap(&base, lsn, here.segment_size) {
+            if due.is_some() {
+                return Err(CheckpointError::ArchiveGap {
+                    database: db.describe(),
+                    archive: self.wal_archive.display().to_string(),
+                    segment,
+                });
+            }
+            tracing::warn!(segment, base = %base.label, "the WAL archive has a gap after the newest base backup; taking a new one");
+            due = Some(BaseDue::ArchiveGap { segment });
+            (dir, base) = self.take_base(db, run_id, &here.system).await?;
+            lsn = self.switch_and_confirm(db, &client, here.segment_size).await?;
+            if let Some(segment) = self.first_gap(&base, lsn, here.segment_size) {
+                return Err(CheckpointError::ArchiveGap {
+                    database: db.describe(),
+                    archive: self.wal_archive.display().to_string(),
+                    segment,
+                });
+            }
+        }
+        self.record_use(run_id, &base.label)?;
+        let start = super::base::parse_lsn(&base.start_lsn).unwrap_or(0);
+        let used = BaseUse {
+            taken_because: due.as_ref().map(ToString::to_string),
+            checkpoint_lsn: format_lsn(lsn),
+            replay_bytes: lsn.saturating_sub(start),
+            base,
+        };
+        tracing::info!(base = %used.base.label, taken = due.is_some(), replay_bytes = used.replay_bytes, "checkpoint: recovery point confirmed in the WAL archive");
         Ok(CheckpointRecord {
             backend: self.name().into(),
             location: dir.display().to_string(),
             database: db.describe(),
             started_at,
             completed_at: Utc::now(),
-            size_bytes: tree_size(&dir),
+            size_bytes: if due.is_some() { used.base.size_bytes } else { 0 },
             restore_drill: "not run (local backend: restore is exercised on failure)".into(),
+            base: Some(used),
         })
     }
 
     async fn drill(&self, db: &Database, checkpoint: &CheckpointRecord) -> Result<String, CheckpointError> {
-        let base = PathBuf::from(&checkpoint.location);
-        let run = base
-            .parent()
-            .and_then(|p| p.file_name())
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let mut name = self.pgdata.file_name().unwrap_or_default().to_os_string();
-        name.push(format!(".backstop-drill-{run}"));
-        // Next to the data directory, where the server's owner can reach it.
-        let dir = self.pgdata.with_file_name(name);
-        let owner = pgbin::owner_of(&self.pgdata).map_err(Self::tool("inspecting the data directory"))?;
-        if dir.exists() {
-            let _ = self
-                .pg_ctl(
-                    &["stop", "-D", &dir.to_string_lossy(), "-m", "immediate", "-w"],
-                    owner,
-                    "stop",
-                )
-                .await;
-            tokio::fs::remove_dir_all(&dir)
-                .await
-                .map_err(Self::io("remove an old drill", &dir))?;
-        }
-        std::fs::create_dir(&dir).map_err(Self::io("create drill directory", &dir))?;
-        set_mode_0700(&dir).map_err(Self::io("set drill directory mode", &dir))?;
-        untar(&base.join("base.tar"), &dir).await?;
-        let wal = dir.join("pg_wal");
-        tokio::fs::create_dir_all(&wal)
-            .await
-            .map_err(Self::io("create pg_wal", &wal))?;
-        untar(&base.join("pg_wal.tar"), &wal).await?;
-        // Servers whose configuration lives elsewhere (Debian's /etc) get a minimal one.
-        for (file, text) in [
-            ("postgresql.conf", ""),
-            ("pg_hba.conf", "local all all trust\nhost all all 127.0.0.1/32 trust\n"),
-        ] {
-            let path = dir.join(file);
-            if !path.exists() {
-                std::fs::write(&path, text).map_err(Self::io("write drill configuration", &path))?;
-            }
-        }
-        pgbin::chown_tree(&dir, owner)
-            .await
-            .map_err(Self::tool("giving the drill directory to its owner"))?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(Self::io("find a free port", &dir))?
-            .port();
-        let options = format!(
-            "-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='{}' -c archive_mode=off -c hot_standby=on",
-            dir.display()
-        );
-        let log = dir.join("backstop-drill.log");
-        let dir_s = dir.to_string_lossy().into_owned();
-        let started = self
-            .pg_ctl(
-                &[
-                    "start",
-                    "-D",
-                    &dir_s,
-                    "-w",
-                    "-t",
-                    "300",
-                    "-o",
-                    &options,
-                    "-l",
-                    &log.to_string_lossy(),
-                ],
-                owner,
-                "starting the drill copy",
-            )
-            .await;
-        let answer = match started {
-            Ok(_) => query_drill(db.at("127.0.0.1", port)).await,
-            Err(e) => Err(e),
-        };
-        let _ = self
-            .pg_ctl(
-                &["stop", "-D", &dir_s, "-m", "immediate", "-w"],
-                owner,
-                "stopping the drill copy",
-            )
-            .await;
-        let _ = tokio::fs::remove_dir_all(&dir).await;
-        answer
+        self.drill_copy(db, checkpoint).await
     }
 
     async fn restore(
@@ -483,29 +412,22 @@ impl Checkpoint for LocalBackend {
         self.restore_in_place(db, checkpoint, target, run_id).await
     }
 
-    /// The run's base backup. The data directory a restore set aside stays:
+    /// The run's claim on its base backup. The data directory a restore set aside stays:
     /// it holds the writes of the data-loss window, the only copy; a person
     /// deletes it (the report names it).
+    /// Base backups no kept run relies on go too (never the newest).
     async fn prune(&self, run_id: &str) -> Result<u64, CheckpointError> {
-        super::prune_run_dir(&self.store, run_id).await
+        let run = super::prune_run_dir(&self.store, run_id).await?;
+        Ok(run + self.prune_bases().await?)
     }
-}
-
-/// Queries the drill copy with the checkpointed database's credentials.
-async fn query_drill(copy: Database) -> Result<String, CheckpointError> {
-    let client = copy.connect().await?;
-    let row = client
-        .query_one("SELECT count(*) FROM pg_class WHERE relnamespace NOT IN (SELECT oid FROM pg_namespace WHERE nspname IN ('pg_catalog', 'information_schema', 'pg_toast'))", &[])
-        .await
-        .map_err(|source| CheckpointError::Query { database: copy.describe(), step: "querying the drill copy", source })?;
-    let relations: i64 = row.get(0);
-    Ok(format!(
-        "a copy restored from the base backup started and answered ({relations} relations in {})",
-        copy.dbname()
-    ))
 }
 
 fn set_mode_0700(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Writes an empty marker file durably (file and folder synced).
+pub(crate) fn write_marker(path: &Path) -> std::io::Result<()> {
+    catalog::write_synced(path, b"")
 }

@@ -3,9 +3,12 @@
 //! run keeps of them. Backends: [`local`] (physical base backup + WAL archive,
 //! real PITR) and [`dump`] (logical `pg_dump -Fc` / `pg_restore`).
 
+pub mod base;
 pub mod cnpg;
 pub mod dump;
 pub mod local;
+pub mod pgbackrest;
+pub mod server;
 
 use std::path::PathBuf;
 
@@ -75,6 +78,12 @@ pub enum CheckpointError {
     RecoveryTimeout { pgdata: PathBuf, seconds: u64 },
     #[error("the restored server at {pgdata} stopped during recovery (server log: {log})")]
     RecoveryStopped { pgdata: PathBuf, log: String },
+    #[error("WAL segment {segment} of {database} is missing from the archive {archive}, after a base backup taken for this checkpoint; the archive is not continuous")]
+    ArchiveGap {
+        database: String,
+        archive: String,
+        segment: String,
+    },
     #[error("restore failed; {put_back}")]
     RestoreFailed {
         source: Box<CheckpointError>,
@@ -96,6 +105,10 @@ pub struct CheckpointRecord {
     pub size_bytes: u64,
     /// Result of a restore drill, where the backend runs one.
     pub restore_drill: String,
+    /// The base backup a restore starts from and the WAL it replays, for
+    /// backends whose checkpoint is a recovery point ([`base`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<base::BaseUse>,
 }
 
 /// The point a restore goes back to: read over the database connection just

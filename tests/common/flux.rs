@@ -351,6 +351,7 @@ pub fn fake_cnpg_operator(client: kube::Client, f: &Fixture) -> tokio::task::Joi
         wal_archive: f.server.archive(),
         store: f.dir.path().join("cnpg-operator"),
         recovery_timeout: Duration::from_secs(120),
+        policy: Default::default(),
     };
     let db = f.server.database("shop").unwrap();
     let cnpg = |kind: &str| {

@@ -364,10 +364,21 @@ impl Fixture {
             .unwrap_or(0)
     }
 
-    /// Folders of local checkpoints taken.
+    /// Runs that took a checkpoint (their folders in the checkpoint store).
     pub fn checkpoints(&self) -> usize {
         std::fs::read_dir(self.state().join("checkpoints"))
-            .map(|d| d.count())
+            .map(|d| d.flatten().filter(|e| e.file_name() != "base").count())
+            .unwrap_or(0)
+    }
+
+    /// Complete base backups in the local checkpoint store.
+    pub fn base_backups(&self) -> usize {
+        std::fs::read_dir(self.state().join("checkpoints").join("base"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                    .count()
+            })
             .unwrap_or(0)
     }
 

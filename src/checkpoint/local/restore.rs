@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 
-use super::{set_mode_0700, LocalBackend, MARK, RECOVERY_SETTINGS};
+use super::{set_mode_0700, LocalBackend, MARK};
 use crate::checkpoint::{CheckpointError, CheckpointRecord, RecoveryPoint, RestoreRecord};
 use crate::db::Database;
 use crate::pgbin;
@@ -74,10 +74,10 @@ impl LocalBackend {
             tracing::warn!(pgdata = %self.pgdata.display(), "resuming a restore whose server was already started: continuing on it, never restoring over it");
             let owner = pgbin::owner_of(&self.pgdata).map_err(Self::tool("inspecting the restored data directory"))?;
             if !self.pgdata.join("postmaster.pid").exists() {
-                self.start(owner, "starting the restored server again").await?;
+                self.server().start(owner, "starting the restored server again").await?;
             }
-            self.await_promotion(db).await?;
-            self.clear_recovery_settings(db).await?;
+            self.server().await_promotion(db).await?;
+            self.server().clear_recovery_settings(db).await?;
             return Ok(record(started_at));
         }
         let owner = if kept.exists() {
@@ -109,12 +109,13 @@ impl LocalBackend {
             self.flush_wal(db, target).await;
             let pgdata = self.pgdata.to_string_lossy().into_owned();
             if self.pgdata.join("postmaster.pid").exists() {
-                self.pg_ctl(
-                    &["stop", "-D", &pgdata, "-m", "fast", "-w", "-t", "120"],
-                    owner,
-                    "stopping the server",
-                )
-                .await?;
+                self.server()
+                    .pg_ctl(
+                        &["stop", "-D", &pgdata, "-m", "fast", "-w", "-t", "120"],
+                        owner,
+                        "stopping the server",
+                    )
+                    .await?;
             }
             tokio::fs::rename(&self.pgdata, &kept)
                 .await
@@ -145,7 +146,7 @@ impl LocalBackend {
             });
         }
         pause_point("restored-server-promoted").await;
-        self.clear_recovery_settings(db).await?;
+        self.server().clear_recovery_settings(db).await?;
         Ok(record(started_at))
     }
 
@@ -190,77 +191,10 @@ impl LocalBackend {
             .map_err(Self::tool("giving the data directory to its owner"))?;
 
         // From here on the restored server may take writes: say so durably first.
-        write_synced(&marker).map_err(Self::io("record that the restored server starts", &marker))?;
-        self.start(owner, "starting the restored server").await?;
-        self.await_promotion(db).await
-    }
-
-    async fn start(&self, owner: (u32, u32), step: &str) -> Result<(), CheckpointError> {
-        let log = self.pgdata.join("backstop-restore.log");
-        let pgdata = self.pgdata.to_string_lossy().into_owned();
-        self.pg_ctl(
-            &["start", "-D", &pgdata, "-w", "-t", "300", "-l", &log.to_string_lossy()],
-            owner,
-            step,
-        )
-        .await
-        .map(|_| ())
-        .map_err(|e| match e {
-            CheckpointError::Tool { step, source } => CheckpointError::Tool {
-                step: format!(
-                    "{step} (server log: {})",
-                    pgbin::tail(&std::fs::read_to_string(&log).unwrap_or_default(), 5)
-                ),
-                source,
-            },
-            other => other,
-        })
-    }
-
-    /// Waits until the restored server has left recovery.
-    async fn await_promotion(&self, db: &Database) -> Result<(), CheckpointError> {
-        let deadline = tokio::time::Instant::now() + self.recovery_timeout;
-        loop {
-            if let Ok(client) = db.connect().await {
-                if let Ok(row) = client.query_one("SELECT pg_is_in_recovery()", &[]).await {
-                    if !row.get::<_, bool>(0) {
-                        return Ok(());
-                    }
-                }
-            }
-            if !self.pgdata.join("postmaster.pid").exists() {
-                let log = self.pgdata.join("backstop-restore.log");
-                return Err(CheckpointError::RecoveryStopped {
-                    pgdata: self.pgdata.clone(),
-                    log: pgbin::tail(&std::fs::read_to_string(&log).unwrap_or_default(), 5),
-                });
-            }
-            if tokio::time::Instant::now() > deadline {
-                return Err(CheckpointError::RecoveryTimeout {
-                    pgdata: self.pgdata.clone(),
-                    seconds: self.recovery_timeout.as_secs(),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    /// Drops the recovery settings from the promoted server's configuration.
-    async fn clear_recovery_settings(&self, db: &Database) -> Result<(), CheckpointError> {
-        let client = db.connect().await?;
-        // ALTER SYSTEM refuses to run in a (multi-statement) transaction.
-        for setting in RECOVERY_SETTINGS {
-            client
-                .batch_execute(&format!("ALTER SYSTEM RESET {setting}"))
-                .await
-                .map_err(|source| CheckpointError::Query {
-                    database: db.describe(),
-                    step: "clearing recovery settings",
-                    source,
-                })?;
-        }
-        let _ = client.batch_execute("SELECT pg_reload_conf()").await;
-        Ok(())
+        super::catalog::write_synced(&marker, b"")
+            .map_err(Self::io("record that the restored server starts", &marker))?;
+        self.server().start(owner, "starting the restored server").await?;
+        self.server().await_promotion(db).await
     }
 
     /// Stops the failed restored server, moves it aside, moves the original
@@ -272,6 +206,7 @@ impl LocalBackend {
         let failed = self.pgdata.with_file_name(failed);
         if self.pgdata.join("postmaster.pid").exists() {
             if let Err(e) = self
+                .server()
                 .pg_ctl(&["stop", "-D", &pgdata, "-m", "immediate", "-w"], owner, "stop")
                 .await
             {
@@ -298,7 +233,7 @@ impl LocalBackend {
                 kept.display()
             );
         }
-        match self.start(owner, "starting the original server again").await {
+        match self.server().start(owner, "starting the original server again").await {
             Ok(()) => format!(
                 "the original data directory is back at {} and its server started; the failed restore is kept at {}",
                 self.pgdata.display(),
@@ -332,7 +267,7 @@ fn recovery_target(target: &RecoveryPoint) -> (String, String) {
 /// The `restore_command`: WAL segments only when complete (a truncated copy
 /// left by a full archive is skipped, so recovery reads the complete copy
 /// from `pg_wal`); history and other files as they are.
-fn restore_command(archive: &Path, segment_size: u64) -> String {
+pub(super) fn restore_command(archive: &Path, segment_size: u64) -> String {
     // The path in shell single quotes; then `%` doubled for PostgreSQL's
     // placeholder expansion (PG16+ rejects unknown codes such as `%s`), and
     // `'` doubled for the configuration file's quoting.
@@ -344,18 +279,6 @@ fn restore_command(archive: &Path, segment_size: u64) -> String {
         "f={dir}/%f; case %f in *.history|*.backup|*.partial) cp \"$f\" \"%p\";; *) test \"$(stat -c %%s \"$f\" 2>/dev/null)\" = {segment_size} && cp \"$f\" \"%p\";; esac"
     );
     command.replace('\'', "''")
-}
-
-fn write_synced(path: &Path) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let file = std::fs::File::create(path)?;
-    file.sync_all()?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 pub(super) async fn untar(archive: &Path, into: &Path) -> Result<(), CheckpointError> {

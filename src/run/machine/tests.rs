@@ -147,6 +147,7 @@ fn checkpoint_record() -> CheckpointRecord {
         completed_at: t0(),
         size_bytes: 1234,
         restore_drill: String::new(),
+        base: None,
     }
 }
 
