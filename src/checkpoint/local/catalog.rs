@@ -79,21 +79,29 @@ impl LocalBackend {
         })
     }
 
-    /// Complete base backups of server `system`, newest last.
-    pub(super) fn bases(&self, system: &str) -> Vec<(PathBuf, BaseBackup)> {
-        let mut found: Vec<(PathBuf, BaseBackup)> = std::fs::read_dir(self.bases_dir())
+    /// Complete base backups in the store, oldest first.
+    fn all_bases(&self) -> Vec<(PathBuf, LocalBase)> {
+        let mut found: Vec<(PathBuf, LocalBase)> = std::fs::read_dir(self.bases_dir())
             .into_iter()
             .flatten()
             .flatten()
             .filter(|e| !e.file_name().to_string_lossy().starts_with(PARTIAL))
             .filter_map(|e| {
                 let text = std::fs::read_to_string(e.path().join(META)).ok()?;
-                let meta: LocalBase = serde_json::from_str(&text).ok()?;
-                (meta.system == system).then(|| (e.path(), meta.base))
+                Some((e.path(), serde_json::from_str(&text).ok()?))
             })
             .collect();
-        found.sort_by(|a, b| a.1.taken_at.cmp(&b.1.taken_at).then(a.1.label.cmp(&b.1.label)));
+        found.sort_by(|a, b| (a.1.base.taken_at, &a.1.base.label).cmp(&(b.1.base.taken_at, &b.1.base.label)));
         found
+    }
+
+    /// Complete base backups of server `system`, newest last.
+    pub(super) fn bases(&self, system: &str) -> Vec<(PathBuf, BaseBackup)> {
+        self.all_bases()
+            .into_iter()
+            .filter(|(_, meta)| meta.system == system)
+            .map(|(dir, meta)| (dir, meta.base))
+            .collect()
     }
 
     /// Takes a new base backup (`pg_basebackup`, WAL streamed in).
@@ -242,17 +250,7 @@ impl LocalBackend {
             .filter_map(|e| std::fs::read_to_string(e.path().join(USES)).ok())
             .map(|l| l.trim().to_string())
             .collect();
-        let mut all: Vec<(PathBuf, LocalBase)> = std::fs::read_dir(self.bases_dir())
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| !e.file_name().to_string_lossy().starts_with(PARTIAL))
-            .filter_map(|e| {
-                let text = std::fs::read_to_string(e.path().join(META)).ok()?;
-                Some((e.path(), serde_json::from_str(&text).ok()?))
-            })
-            .collect();
-        all.sort_by(|a, b| a.1.base.taken_at.cmp(&b.1.base.taken_at));
+        let mut all = self.all_bases();
         all.pop();
         let mut freed = 0;
         for (dir, meta) in all {
