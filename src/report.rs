@@ -247,6 +247,9 @@ pub fn markdown(r: &Report) -> String {
                 c.completed_at.to_rfc3339(),
                 c.size_bytes
             );
+            if let Some(base) = &c.base {
+                let _ = writeln!(s, "- a restore starts from: {}", base.describe());
+            }
             let _ = writeln!(s, "- restore drill: {}", c.restore_drill);
         }
         None => {

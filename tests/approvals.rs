@@ -199,7 +199,8 @@ async fn valid_approval_runs_the_contract_after_a_restore_drill() {
     assert_eq!(report["outcome"], "Succeeded");
     let drill = report["checkpoint"]["restore_drill"].as_str().unwrap();
     assert!(
-        drill.starts_with("passed: a copy restored from the base backup started and answered"),
+        drill.starts_with("passed: a copy restored from the checkpoint started and answered")
+            && drill.contains("it replayed the WAL to the recovery point"),
         "{drill}"
     );
     assert!(

@@ -311,8 +311,13 @@ impl StepDetail for () {
 }
 impl StepDetail for CheckpointRecord {
     fn detail(&self) -> String {
+        let base = self
+            .base
+            .as_ref()
+            .map(|b| format!("; a restore starts from {}", b.describe()))
+            .unwrap_or_default();
         format!(
-            "{} checkpoint at {} ({} bytes)",
+            "{} checkpoint at {} ({} bytes){base}",
             self.backend, self.location, self.size_bytes
         )
     }

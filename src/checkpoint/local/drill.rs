@@ -119,10 +119,9 @@ impl LocalBackend {
         };
         let answer = answer.map(|said| match &checkpoint.base {
             Some(used) => format!(
-                "{said}, after replaying {} from {} in {:.1} s",
-                bytesize::ByteSize(used.replay_bytes).display().iec(),
-                used.describe(),
-                clock.elapsed().as_secs_f64()
+                "{said}; it replayed the WAL to the recovery point in {:.1} s: {}",
+                clock.elapsed().as_secs_f64(),
+                used.describe()
             ),
             None => said,
         });
