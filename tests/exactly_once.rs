@@ -9,11 +9,8 @@
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
 
 use common::*;
-use tokio::io::AsyncBufReadExt;
-use tokio::process::Child;
 
 /// Active sessions of backstop runs whose query matches `like`.
 async fn run_sessions(f: &Fixture, like: &str) -> i64 {
@@ -37,16 +34,6 @@ async fn kill_when_running(f: &Fixture, like: &str, what: &str) {
 }
 
 /// SIGKILL, and reap.
-async fn kill9(mut child: Child) {
-    child.start_kill().expect("SIGKILL");
-    let status = child.wait().await.unwrap();
-    assert_eq!(
-        std::os::unix::process::ExitStatusExt::signal(&status),
-        Some(9),
-        "killed by SIGKILL, not ended on its own: {status:?}"
-    );
-}
-
 async fn history_rows(f: &Fixture, id: &str) -> i64 {
     f.count(&format!(
         "SELECT count(*) FROM backstop.migration_history WHERE id = '{id}' AND success"
@@ -208,26 +195,6 @@ async fn two_processes_started_together_on_one_state_migrate_once() {
 #[tokio::test]
 async fn two_instances_started_together_on_two_states_migrate_once() {
     two_instances(false, false).await;
-}
-
-/// Reads the child's stderr until a line contains `marker`.
-async fn wait_for_line(child: &mut Child, marker: &str) -> String {
-    let stderr = child.stderr.take().expect("piped stderr");
-    let mut lines = tokio::io::BufReader::new(stderr).lines();
-    let mut seen = String::new();
-    let found = tokio::time::timeout(Duration::from_secs(120), async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            seen.push_str(&line);
-            seen.push('\n');
-            if line.contains(marker) {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
-    assert_eq!(found, Ok(true), "never printed {marker:?}:\n{seen}");
-    seen
 }
 
 #[tokio::test]

@@ -320,6 +320,7 @@ impl Checkpoint for PgBackRestBackend {
                         )
                         .await?;
                 }
+                super::local::pause_point("pgbackrest-server-stopped").await;
             } else if self.running() {
                 return Err(CheckpointError::Misconfigured {
                     what: format!(
@@ -345,6 +346,7 @@ impl Checkpoint for PgBackRestBackend {
             )
             .await?;
             super::local::write_marker(&started).map_err(io("record that the restored server starts", &started))?;
+            super::local::pause_point("pgbackrest-restored").await;
         }
         if !self.running() {
             self.server.start(owner, "starting the restored server").await?;

@@ -10,6 +10,10 @@ pub mod tls;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
+use std::time::Duration;
+
+use tokio::io::AsyncBufReadExt;
+use tokio::process::Child;
 
 use backstop::pgserver::PgServer;
 use backstop::sandbox::{BareRemote, Change};
@@ -496,4 +500,35 @@ impl SplitMix {
     pub fn chance(&mut self, percent: u64) -> bool {
         self.next() % 100 < percent
     }
+}
+
+/// Kills `child` with SIGKILL and checks it died of it.
+pub async fn kill9(mut child: Child) {
+    child.start_kill().expect("SIGKILL");
+    let status = child.wait().await.unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9),
+        "killed by SIGKILL, not ended on its own: {status:?}"
+    );
+}
+
+/// Reads `child`'s stderr until a line contains `marker` (bounded); returns what it read.
+pub async fn wait_for_line(child: &mut Child, marker: &str) -> String {
+    let stderr = child.stderr.take().expect("piped stderr");
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    let mut seen = String::new();
+    let found = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            seen.push_str(&line);
+            seen.push('\n');
+            if line.contains(marker) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(found, Ok(true), "never printed {marker:?}:\n{seen}");
+    seen
 }
