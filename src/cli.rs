@@ -160,6 +160,8 @@ pub enum Command {
         /// Kustomization are kept (see `run --keep-checkpoints`; 0: all).
         #[arg(long, env = "BACKSTOP_KEEP_CHECKPOINTS", default_value_t = 5)]
         keep_checkpoints: usize,
+        #[command(flatten)]
+        base_backup: BasePolicyArgs,
         /// Say that --state is on a durable volume every replica mounts (a
         /// ReadWriteMany PersistentVolumeClaim, flux/state-pvc.yaml). Without
         /// it `backstop.dev/checkpoint: dump` is refused before anything is
@@ -312,6 +314,31 @@ pub enum Format {
 }
 
 /// Flags of `backstop run`.
+/// When a checkpoint takes a new base backup (`run` and `controller`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct BasePolicyArgs {
+    /// A checkpoint is a recovery point on the newest base backup (local:
+    /// pg_basebackup; pgbackrest: a backup in the stanza; controller: a
+    /// completed CNPG Backup while the Cluster archives WAL); it takes a new
+    /// one when the newest is older than this. `0`: a new one for every
+    /// checkpoint.
+    #[arg(long, env = "BACKSTOP_BASE_BACKUP_MAX_AGE", default_value = "24h", value_parser = crate::checkpoint::base::parse_age)]
+    pub base_backup_max_age: Duration,
+    /// ... or when a restore from the newest would replay more WAL than this
+    /// (bounds the restore's replay time; e.g. 4GiB, 512MiB).
+    #[arg(long, env = "BACKSTOP_BASE_BACKUP_MAX_WAL", default_value = "4GiB", value_parser = crate::checkpoint::base::parse_size)]
+    pub base_backup_max_wal: u64,
+}
+
+impl BasePolicyArgs {
+    fn policy(&self) -> crate::checkpoint::base::BasePolicy {
+        crate::checkpoint::base::BasePolicy {
+            max_age: self.base_backup_max_age,
+            max_wal: self.base_backup_max_wal,
+        }
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// The sre repository: a path or URL git can fetch from and push to.
@@ -344,16 +371,8 @@ pub struct RunArgs {
     /// pgBackRest's configuration file (default: pgBackRest's own default).
     #[arg(long, env = "BACKSTOP_PGBACKREST_CONFIG")]
     pub pgbackrest_config: Option<PathBuf>,
-    /// A checkpoint is a recovery point on the newest base backup; it takes
-    /// a new base backup (local: pg_basebackup; pgbackrest: an incremental
-    /// backup) when the newest is older than this. `0`: a new one for every
-    /// checkpoint.
-    #[arg(long, env = "BACKSTOP_BASE_BACKUP_MAX_AGE", default_value = "24h", value_parser = crate::checkpoint::base::parse_age)]
-    pub base_backup_max_age: Duration,
-    /// ... or when a restore from the newest would replay more WAL than this
-    /// (bounds the restore's replay time; e.g. 4GiB, 512MiB).
-    #[arg(long, env = "BACKSTOP_BASE_BACKUP_MAX_WAL", default_value = "4GiB", value_parser = crate::checkpoint::base::parse_size)]
-    pub base_backup_max_wal: u64,
+    #[command(flatten)]
+    pub base_backup: BasePolicyArgs,
     /// How to revert code on failure; overrides the carriers' backstop.dev/revert.
     #[arg(long, env = "BACKSTOP_REVERT", value_parser = parse_revert)]
     pub revert: Option<RevertMode>,
@@ -483,6 +502,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             lease_seconds,
             concurrency,
             keep_checkpoints,
+            base_backup,
             durable_state,
             identity,
             forge,
@@ -501,6 +521,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                 lease_duration: Duration::from_secs(lease_seconds.max(3)),
                 concurrency: concurrency.max(1),
                 keep_checkpoints,
+                base_policy: base_backup.policy(),
                 durable_state,
                 identity,
                 forge: (forge != crate::forge::ForgeKind::None).then(|| crate::k8s::controller::ControllerForge {
@@ -796,10 +817,7 @@ async fn run_local(args: RunArgs) -> anyhow::Result<u8> {
         state: args.state,
         env: Default::default(),
         keep_checkpoints: args.keep_checkpoints,
-        base_policy: crate::checkpoint::base::BasePolicy {
-            max_age: args.base_backup_max_age,
-            max_wal: args.base_backup_max_wal,
-        },
+        base_policy: args.base_backup.policy(),
         pgbackrest_stanza: args.pgbackrest_stanza,
         pgbackrest_config: args.pgbackrest_config,
         backoff: crate::run::machine::Backoff {

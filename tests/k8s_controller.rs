@@ -309,6 +309,70 @@ async fn controller_leaves_a_kustomization_suspended_by_a_person_alone() {
 }
 
 #[tokio::test]
+async fn cnpg_checkpoints_reuse_the_newest_backup_while_the_cluster_archives_and_still_roll_back() {
+    let Some(s) = setup().await else { return };
+    let clusters = cnpg_cluster(&s).await;
+    continuous_archiving(&clusters, "True").await;
+    let operator = fake_cnpg_operator(s.plane.client.clone(), &s.f);
+    let c1 =
+        s.f.commit_carrier(&orders_table().database("cnpg:app-db"), "create orders");
+    let mut controller = s.controller(&[]);
+    let first = s.finished_run().await;
+    controller.kill().await.ok();
+    assert_eq!(Setup::ready(&first).1, "Succeeded", "{:?}", first.status);
+    assert_eq!(s.f.gate(), c1);
+    insert_orders(&s.f).await;
+    let schema = s.f.schema().await;
+    s.runs
+        .delete_collection(&Default::default(), &ListParams::default())
+        .await
+        .unwrap();
+
+    let bad = carrier("0002-backfill")
+        .database("cnpg:app-db")
+        .phase("migrate")
+        .sql("001.sql", "SET lock_timeout = '5s';\nALTER TABLE orders ADD COLUMN total int;\nUPDATE orders SET total = 1 WHERE qty > 1;")
+        .verify("SELECT count(*) = 0 FROM orders WHERE total IS NULL");
+    s.f.commit_carrier(&bad, "backfill totals");
+    let mut controller = s.controller(&[]);
+    let run = s.finished_run().await;
+    controller.kill().await.ok();
+    operator.abort();
+    assert_eq!(Setup::ready(&run).1, "RolledBack", "{:?}", run.status);
+    let gvk = kube::api::GroupVersionKind::gvk("postgresql.cnpg.io", "v1", "Backup");
+    let backups: Api<DynamicObject> = Api::namespaced_with(
+        s.plane.client.clone(),
+        "default",
+        &kube::api::ApiResource::from_gvk(&gvk),
+    );
+    let names: Vec<String> = backups
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|b| b.metadata.name)
+        .collect();
+    assert_eq!(
+        names,
+        vec![format!("backstop-{}", first.metadata.name.as_deref().unwrap())],
+        "the second checkpoint relied on the first Backup"
+    );
+    let checkpoint = run
+        .status
+        .as_ref()
+        .unwrap()
+        .steps
+        .iter()
+        .find(|st| st.name == "checkpoint")
+        .map(|st| format!("{st:?}"))
+        .unwrap();
+    assert!(checkpoint.contains("reused"), "{checkpoint}");
+    assert_eq!(s.f.schema().await, schema, "real PITR brought the schema back");
+    assert_eq!(s.f.count("SELECT count(*) FROM orders").await, 3);
+}
+
+#[tokio::test]
 async fn cnpg_backup_checkpoint_and_cluster_recreate_restore_roll_back_a_failed_migration() {
     cnpg_restore_holds_the_cluster_owner_until_its_artifact_carries_the_recovery("databases").await;
 }

@@ -67,6 +67,9 @@ pub enum BaseDue {
     TooMuchWal { bytes: u64, max: u64 },
     /// A WAL segment after the newest is missing from the archive.
     ArchiveGap { segment: String },
+    /// The archive's owner reports archiving unhealthy (CNPG's
+    /// `ContinuousArchiving` condition): the WAL since the newest may be lost.
+    ArchivingUnhealthy { detail: String },
 }
 
 impl std::fmt::Display for BaseDue {
@@ -91,6 +94,9 @@ impl std::fmt::Display for BaseDue {
                 f,
                 "WAL segment {segment} after the newest base backup is missing from the archive"
             ),
+            BaseDue::ArchivingUnhealthy { detail } => {
+                write!(f, "continuous archiving is not healthy ({detail})")
+            }
         }
     }
 }

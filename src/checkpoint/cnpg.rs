@@ -1,5 +1,8 @@
-//! The `cnpg` checkpoint backend: a CloudNativePG `Backup` of the database's
-//! Cluster, with the method the Cluster's backup configuration uses; restore
+//! The `cnpg` checkpoint backend: a recovery point on the newest completed
+//! CloudNativePG `Backup` of the database's Cluster while the Cluster's
+//! continuous archiving is healthy (its `ContinuousArchiving` condition); a
+//! new `Backup`, with the method the Cluster's backup configuration uses, only
+//! when the [`BasePolicy`] says so or archiving is not healthy; restore
 //! is CNPG's only kind, a new Cluster bootstrapped by `recovery` from the old
 //! WAL archive (`source` = the old `serverName`, `recoveryTarget.targetTime` =
 //! the time read before the migration) writing to a new archive `serverName`
@@ -14,6 +17,7 @@ use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind,
 use kube::runtime::wait::{await_condition, conditions};
 use serde_json::{json, Value};
 
+use super::base::{format_lsn, parse_lsn, BaseBackup, BaseDue, BasePolicy, BaseUse, ServerPosition};
 use super::{Checkpoint, CheckpointError, CheckpointRecord, ManifestPatch, RecoveryPoint, RestoreRecord};
 use crate::db::Database;
 use crate::k8s::pause::{self, KustomizationRef};
@@ -25,6 +29,8 @@ pub struct CnpgBackend {
     pub client: kube::Client,
     /// Bound on the backup and on the recovered Cluster becoming healthy.
     pub timeout: Duration,
+    /// When a checkpoint creates a Backup.
+    pub policy: BasePolicy,
 }
 
 /// Marks a Cluster recreated by a restore (value: the run id).
@@ -68,6 +74,55 @@ fn server_name(cluster: &DynamicObject) -> String {
         .unwrap_or_else(|| cluster.metadata.name.clone().unwrap_or_default())
 }
 
+/// The Cluster's `ContinuousArchiving` condition, when not `True`, says why.
+fn continuous_archiving(cluster: &DynamicObject) -> Result<(), String> {
+    let condition = cluster.data["status"]["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "ContinuousArchiving"));
+    match condition {
+        Some(c) if c["status"] == "True" => Ok(()),
+        Some(c) => Err(format!(
+            "ContinuousArchiving is {} ({}: {})",
+            c["status"].as_str().unwrap_or("?"),
+            c["reason"].as_str().unwrap_or(""),
+            c["message"].as_str().unwrap_or("")
+        )),
+        None => Err("the Cluster reports no ContinuousArchiving condition".into()),
+    }
+}
+
+/// A completed Backup as a base backup (`beginLSN`, `beginWal`, `stoppedAt`).
+fn backup_base(backup: &DynamicObject, timeline: u32) -> Option<BaseBackup> {
+    let status = &backup.data["status"];
+    Some(BaseBackup {
+        label: backup.metadata.name.clone()?,
+        taken_at: time(&status["stoppedAt"])?,
+        start_lsn: status["beginLSN"].as_str().unwrap_or_default().to_string(),
+        timeline: status["beginWal"]
+            .as_str()
+            .and_then(|w| u32::from_str_radix(w.get(..8)?, 16).ok())
+            .unwrap_or(timeline),
+        size_bytes: 0,
+    })
+}
+
+/// Timeline and WAL position of the database's server, when it answers.
+async fn server_position(db: &Database) -> Option<ServerPosition> {
+    let client = db.connect().await.ok()?;
+    let row = client
+        .query_one(
+            "SELECT pg_walfile_name(pg_current_wal_lsn()), pg_current_wal_lsn()::text",
+            &[],
+        )
+        .await
+        .ok()?;
+    let file: String = row.get(0);
+    Some(ServerPosition {
+        timeline: u32::from_str_radix(file.get(..8)?, 16).ok()?,
+        lsn: parse_lsn(&row.get::<_, String>(1))?,
+    })
+}
+
 fn time(v: &Value) -> Option<DateTime<Utc>> {
     v.as_str()
         .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
@@ -79,6 +134,71 @@ fn kube_err(step: &'static str, target: String) -> impl FnOnce(kube::Error) -> C
 }
 
 impl CnpgBackend {
+    /// Creates Backup `name` (a resumed run finds the one it created) and
+    /// waits until it completed.
+    async fn take_backup(
+        &self,
+        ns: &str,
+        cluster_name: &str,
+        method: &str,
+        run_id: &str,
+        name: &str,
+    ) -> Result<DynamicObject, CheckpointError> {
+        let backups = api(&self.client, ns, "Backup");
+        let backup: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "postgresql.cnpg.io/v1", "kind": "Backup",
+            "metadata": {"name": name, "namespace": ns, "labels": {"backstop.dev/run": run_id}},
+            "spec": {"cluster": {"name": cluster_name}, "method": method},
+        }))
+        .map_err(|e| other(format!("a valid Backup object: {e}")))?;
+        match backups.create(&PostParams::default(), &backup).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(kube_err("creating Backup", format!("{ns}/{name}"))(e)),
+        }
+        self.wait(&backups, name, &format!("Backup {ns}/{name}"), |b| {
+            // Phases are strings; anything else is still running.
+            match b.data["status"]["phase"].as_str().unwrap_or("") {
+                "completed" => Ok(true),
+                p @ ("failed" | "walArchivingFailing" | "invalid backup definition") => {
+                    Err(format!("{p}: {}", b.data["status"]["error"].as_str().unwrap_or("")))
+                }
+                _ => Ok(false),
+            }
+        })
+        .await
+    }
+
+    /// The newest completed Backup of `cluster` into its current archive:
+    /// for its `serverName` where the Backup says, and not older than the
+    /// Cluster (a Cluster recreated by a restore writes a new archive).
+    async fn newest_backup(
+        &self,
+        ns: &str,
+        cluster: &DynamicObject,
+    ) -> Result<Option<(String, BaseBackup)>, CheckpointError> {
+        let name = cluster.metadata.name.clone().unwrap_or_default();
+        let born = cluster
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .and_then(|t| DateTime::from_timestamp(t.0.as_second(), 0));
+        let server = server_name(cluster);
+        let list = api(&self.client, ns, "Backup")
+            .list(&kube::api::ListParams::default())
+            .await
+            .map_err(kube_err("listing Backups in", ns.to_string()))?;
+        Ok(list
+            .items
+            .iter()
+            .filter(|b| b.data["spec"]["cluster"]["name"].as_str() == Some(name.as_str()))
+            .filter(|b| b.data["status"]["phase"].as_str() == Some("completed"))
+            .filter(|b| b.data["status"]["serverName"].as_str().is_none_or(|s| s == server))
+            .filter_map(|b| Some((b.metadata.name.clone()?, backup_base(b, 0)?)))
+            .filter(|(_, base)| born.is_none_or(|born| base.taken_at >= born))
+            .max_by_key(|(name, base)| (base.taken_at, name.clone())))
+    }
+
     /// Waits (watching, up to the timeout) until `done` says the object
     /// finished, and returns it; `done`'s error is a failure.
     async fn wait<F: Fn(&DynamicObject) -> Result<bool, String> + Send + Clone + 'static>(
@@ -129,43 +249,63 @@ impl Checkpoint for CnpgBackend {
             .map_err(kube_err("CNPG Cluster", format!("{ns}/{cluster_name}")))?;
         let method =
             method(&cluster).ok_or_else(|| other(format!("CNPG Cluster {ns}/{cluster_name} to configure backups")))?;
-        let backups = api(&self.client, &ns, "Backup");
-        let name = format!("backstop-{run_id}");
         let started_at = Utc::now();
-        let backup: DynamicObject = serde_json::from_value(json!({
-            "apiVersion": "postgresql.cnpg.io/v1", "kind": "Backup",
-            "metadata": {"name": name, "namespace": ns, "labels": {"backstop.dev/run": run_id}},
-            "spec": {"cluster": {"name": cluster_name}, "method": method},
-        }))
-        .map_err(|e| other(format!("a valid Backup object: {e}")))?;
-        match backups.create(&PostParams::default(), &backup).await {
-            Ok(_) => {}
-            // A resumed run finds the Backup it created before.
-            Err(kube::Error::Api(e)) if e.code == 409 => {}
-            Err(e) => return Err(kube_err("creating Backup", format!("{ns}/{name}"))(e)),
-        }
-        let done = self
-            .wait(&backups, &name, &format!("Backup {ns}/{name}"), |b| {
-                // Phases are strings; anything else is still running.
-                match b.data["status"]["phase"].as_str().unwrap_or("") {
-                    "completed" => Ok(true),
-                    p @ ("failed" | "walArchivingFailing" | "invalid backup definition") => {
-                        Err(format!("{p}: {}", b.data["status"]["error"].as_str().unwrap_or("")))
-                    }
-                    _ => Ok(false),
+        let position = server_position(db).await;
+        let (due, newest) = match continuous_archiving(&cluster) {
+            Err(detail) => (Some(BaseDue::ArchivingUnhealthy { detail }), None),
+            Ok(()) => match self.newest_backup(&ns, &cluster).await? {
+                None => (
+                    Some(BaseDue::NoneOnTimeline {
+                        timeline: position.as_ref().map_or(0, |p| p.timeline),
+                    }),
+                    None,
+                ),
+                Some((name, mut base)) => {
+                    // CNPG recovers across timelines (targetTLI latest): a
+                    // failover does not make the Backup useless.
+                    let here = position.clone().unwrap_or(ServerPosition {
+                        timeline: base.timeline,
+                        lsn: 0,
+                    });
+                    base.timeline = here.timeline;
+                    (self.policy.due(Some(&base), &here, Utc::now()), Some((name, base)))
                 }
-            })
-            .await?;
-        let status = &done.data["status"];
+            },
+        };
+        let (name, base) = match (&due, newest) {
+            (None, Some(newest)) => newest,
+            _ => {
+                let name = format!("backstop-{run_id}");
+                let done = self.take_backup(&ns, &cluster_name, method, run_id, &name).await?;
+                let timeline = position.as_ref().map_or(0, |p| p.timeline);
+                (
+                    name,
+                    backup_base(&done, timeline).unwrap_or_else(|| BaseBackup {
+                        label: done.metadata.name.clone().unwrap_or_default(),
+                        taken_at: Utc::now(),
+                        start_lsn: String::new(),
+                        timeline,
+                        size_bytes: 0,
+                    }),
+                )
+            }
+        };
+        let lsn = position.as_ref().map_or(0, |p| p.lsn);
+        let used = BaseUse {
+            taken_because: due.as_ref().map(ToString::to_string),
+            checkpoint_lsn: format_lsn(lsn),
+            replay_bytes: lsn.saturating_sub(parse_lsn(&base.start_lsn).unwrap_or(lsn)),
+            base,
+        };
         Ok(CheckpointRecord {
             backend: self.name().into(),
             location: format!("Backup {ns}/{name} ({method}, serverName {})", server_name(&cluster)),
             database: db.describe(),
-            started_at: time(&status["startedAt"]).unwrap_or(started_at),
-            completed_at: time(&status["stoppedAt"]).unwrap_or_else(Utc::now),
+            started_at,
+            completed_at: Utc::now(),
             size_bytes: 0,
             restore_drill: "not run (cnpg backend: restore recreates the Cluster)".into(),
-            base: None,
+            base: Some(used),
         })
     }
 
@@ -319,5 +459,45 @@ impl Checkpoint for CnpgBackend {
             kept: format!("the old Cluster's backups and WAL under serverName {old_server}; the new Cluster archives as {new_server}{held}"),
             manifest_patch: Some(ManifestPatch { kind: "Cluster".into(), namespace: ns.clone(), name: name.clone(), merge, hold }),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(value: Value) -> DynamicObject {
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn only_a_true_continuous_archiving_condition_counts_as_healthy() {
+        let cluster = |conditions: Value| {
+            object(json!({"apiVersion": "postgresql.cnpg.io/v1", "kind": "Cluster",
+                          "metadata": {"name": "db"}, "status": {"conditions": conditions}}))
+        };
+        let ok = cluster(json!([{"type": "ContinuousArchiving", "status": "True"}]));
+        assert_eq!(continuous_archiving(&ok), Ok(()));
+        let failing = cluster(json!([{"type": "ContinuousArchiving", "status": "False",
+                                      "reason": "ContinuousArchivingFailing", "message": "disk full"}]));
+        let why = continuous_archiving(&failing).unwrap_err();
+        assert!(why.contains("False") && why.contains("disk full"), "{why}");
+        assert!(continuous_archiving(&cluster(json!([]))).is_err());
+    }
+
+    #[test]
+    fn a_completed_backup_gives_its_start_and_timeline() {
+        let b = object(json!({"apiVersion": "postgresql.cnpg.io/v1", "kind": "Backup",
+            "metadata": {"name": "nightly"},
+            "status": {"phase": "completed", "stoppedAt": "2026-11-22T10:00:00Z",
+                       "beginLSN": "0/5000028", "beginWal": "000000020000000000000005"}}));
+        let base = backup_base(&b, 1).unwrap();
+        assert_eq!(
+            (base.label.as_str(), base.start_lsn.as_str(), base.timeline),
+            ("nightly", "0/5000028", 2)
+        );
+        let unfinished = object(json!({"apiVersion": "postgresql.cnpg.io/v1", "kind": "Backup",
+            "metadata": {"name": "x"}, "status": {"phase": "running"}}));
+        assert!(backup_base(&unfinished, 1).is_none(), "no stoppedAt: not a base");
     }
 }

@@ -104,6 +104,8 @@ pub struct ControllerOptions {
     pub concurrency: u16,
     /// Checkpoints of the newest this many ended runs are kept (0: all).
     pub keep_checkpoints: usize,
+    /// When a CNPG checkpoint creates a Backup.
+    pub base_policy: crate::checkpoint::base::BasePolicy,
     /// `--state` is on a volume that outlives the pod and is shared by the
     /// replicas: only then are `dump` checkpoints taken.
     pub durable_state: bool,

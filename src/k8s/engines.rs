@@ -316,6 +316,7 @@ async fn engine_for(
     let cnpg: Arc<dyn Checkpoint> = Arc::new(crate::checkpoint::cnpg::CnpgBackend {
         client: client.clone(),
         timeout: opts.timeout,
+        policy: opts.base_policy,
     });
     checkpoints.insert(CheckpointKind::Backup, cnpg);
     let forge: Arc<dyn crate::forge::Forge> = match (&opts.forge, forge_token) {

@@ -308,6 +308,24 @@ pub async fn http_get(port: u16, path: &str) -> (u16, String) {
 }
 
 /// The CNPG Cluster `app-db` (owned by the `databases` Kustomization) with backups configured.
+/// Plays CNPG's report on WAL archiving: the Cluster's `ContinuousArchiving`
+/// condition.
+pub async fn continuous_archiving(clusters: &Api<DynamicObject>, status: &str) {
+    let reason = if status == "True" {
+        "ContinuousArchivingSuccess"
+    } else {
+        "ContinuousArchivingFailing"
+    };
+    let patch = json!({"status": {"conditions": [{
+        "type": "ContinuousArchiving", "status": status, "reason": reason,
+        "message": "archiving", "lastTransitionTime": chrono::Utc::now().to_rfc3339(),
+    }]}});
+    clusters
+        .patch_status("app-db", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+}
+
 pub async fn cnpg_cluster(s: &Setup) -> Api<DynamicObject> {
     cnpg_cluster_owned_by(s, "databases").await
 }
@@ -367,8 +385,9 @@ pub fn fake_cnpg_operator(client: kube::Client, f: &Fixture) -> tokio::task::Joi
                     let name = b.metadata.name.clone().unwrap();
                     let started = chrono::Utc::now().to_rfc3339();
                     let record = backend.create(&db, &name).await.unwrap();
+                    let begin = record.base.as_ref().map(|b| b.base.start_lsn.clone());
                     last = Some(record);
-                    let status = json!({"status": {"phase": "completed", "startedAt": started, "stoppedAt": chrono::Utc::now().to_rfc3339()}});
+                    let status = json!({"status": {"phase": "completed", "startedAt": started, "stoppedAt": chrono::Utc::now().to_rfc3339(), "beginLSN": begin}});
                     backups
                         .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
                         .await
