@@ -83,7 +83,7 @@ impl Server {
                     seconds: self.recovery_timeout.as_secs(),
                 });
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

@@ -24,11 +24,11 @@
 //!   run then ends `Failed`: a person decides, and the gate does not move.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use chrono::Utc;
 
 use super::{set_mode_0700, LocalBackend, MARK};
+use crate::checkpoint::base::parse_lsn;
 use crate::checkpoint::{CheckpointError, CheckpointRecord, RecoveryPoint, RestoreRecord};
 use crate::db::Database;
 use crate::pgbin;
@@ -40,7 +40,7 @@ pub(crate) async fn pause_point(point: &str) {
     #[cfg(debug_assertions)]
     if std::env::var("BACKSTOP_TEST_PAUSE_AT").ok().as_deref() == Some(point) {
         eprintln!("backstop: test pause at {point}");
-        tokio::time::sleep(Duration::from_secs(60)).await;
+        tokio::time::sleep(std::time::Duration::from_secs(60)).await;
     }
     #[cfg(not(debug_assertions))]
     let _ = point;
@@ -59,6 +59,7 @@ impl LocalBackend {
         run_id: &str,
     ) -> Result<RestoreRecord, CheckpointError> {
         let started_at = Utc::now();
+        tracing::debug!(run = run_id, "restore: begins");
         let kept = self.kept_dir(run_id);
         let marker = self.started_marker(run_id);
         let (target_line, target_text) = recovery_target(target);
@@ -107,6 +108,7 @@ impl LocalBackend {
             }
             let owner = pgbin::owner_of(&self.pgdata).map_err(Self::tool("inspecting the data directory"))?;
             self.flush_wal(db, target).await;
+            tracing::debug!("restore: the target's WAL is archived; stopping the server");
             let pgdata = self.pgdata.to_string_lossy().into_owned();
             if self.pgdata.join("postmaster.pid").exists() {
                 self.server()
@@ -125,7 +127,18 @@ impl LocalBackend {
 
         // Until the restored server is promoted it has taken no write: any
         // failure up to then puts the original back.
-        if let Err(e) = self.recover(db, checkpoint, run_id, owner, &kept, &target_line).await {
+        if let Err(e) = self
+            .recover(
+                db,
+                checkpoint,
+                run_id,
+                owner,
+                &kept,
+                &target_line,
+                parse_lsn(&target.lsn),
+            )
+            .await
+        {
             if marker.exists() && !self.pgdata.join("recovery.signal").exists() {
                 // PostgreSQL removes recovery.signal when it promotes: the
                 // restored server may be live and have taken writes. Leave it.
@@ -145,6 +158,7 @@ impl LocalBackend {
                 put_back,
             });
         }
+        tracing::debug!("restore: the restored server is promoted");
         pause_point("restored-server-promoted").await;
         self.server().clear_recovery_settings(db).await?;
         Ok(record(started_at))
@@ -160,11 +174,13 @@ impl LocalBackend {
         owner: (u32, u32),
         kept: &Path,
         target_line: &str,
+        target_lsn: Option<u64>,
     ) -> Result<(), CheckpointError> {
         let marker = self.started_marker(run_id);
         let base = PathBuf::from(&checkpoint.location);
         std::fs::create_dir(&self.pgdata).map_err(Self::io("create data directory", &self.pgdata))?;
         set_mode_0700(&self.pgdata).map_err(Self::io("set data directory mode", &self.pgdata))?;
+        tracing::debug!(base = %base.display(), "restore: extracting the base backup");
         untar(&base.join("base.tar"), &self.pgdata).await?;
         let wal = self.pgdata.join("pg_wal");
         tokio::fs::create_dir_all(&wal)
@@ -173,7 +189,7 @@ impl LocalBackend {
         untar(&base.join("pg_wal.tar"), &wal).await?;
         // WAL that never reached the archive, or reached it truncated: the
         // complete copy from the old pg_wal, as the PostgreSQL PITR procedure says.
-        let segment_size = copy_unarchived_wal(&kept.join("pg_wal"), &wal, &self.wal_archive)?;
+        let segment_size = copy_unarchived_wal(&kept.join("pg_wal"), &wal, &self.wal_archive, target_lsn)?;
 
         let settings = format!(
             "\n{MARK} (run {run_id})\nrestore_command = '{}'\n{target_line}\n\
@@ -186,6 +202,7 @@ impl LocalBackend {
         std::fs::write(&auto, conf).map_err(Self::io("write recovery settings", &auto))?;
         let signal = self.pgdata.join("recovery.signal");
         std::fs::write(&signal, "").map_err(Self::io("write recovery.signal", &signal))?;
+        tracing::debug!("restore: recovery settings written");
         pgbin::chown_tree(&self.pgdata, owner)
             .await
             .map_err(Self::tool("giving the data directory to its owner"))?;
@@ -194,6 +211,7 @@ impl LocalBackend {
         super::catalog::write_synced(&marker, b"")
             .map_err(Self::io("record that the restored server starts", &marker))?;
         self.server().start(owner, "starting the restored server").await?;
+        tracing::debug!("restore: the restored server started; waiting for the end of recovery");
         self.server().await_promotion(db).await
     }
 
@@ -298,9 +316,13 @@ fn is_segment(name: &str) -> bool {
 }
 
 /// Copies WAL segments from `old` to `new` that the archive lacks or holds
-/// only truncated. Returns the segment size (16 MiB unless the old `pg_wal`
+/// only truncated, up to the segment after the one holding `upto` (a record
+/// that starts before the target may end in the next segment; recovery
+/// reads nothing later). Without that bound, `pg_wal`'s recycled segments,
+/// named for the future and up to `max_wal_size` of them, would be copied
+/// for nothing. Returns the segment size (16 MiB unless the old `pg_wal`
 /// shows another).
-fn copy_unarchived_wal(old: &Path, new: &Path, archive: &Path) -> Result<u64, CheckpointError> {
+fn copy_unarchived_wal(old: &Path, new: &Path, archive: &Path, upto: Option<u64>) -> Result<u64, CheckpointError> {
     let mut size = 16 * 1024 * 1024;
     let Ok(entries) = std::fs::read_dir(old) else {
         return Ok(size);
@@ -314,6 +336,13 @@ fn copy_unarchived_wal(old: &Path, new: &Path, archive: &Path) -> Result<u64, Ch
         }
         // pg_wal segments are always allocated whole.
         size = meta.len();
+        if let Some(upto) = upto {
+            // Log and segment number, whatever the timeline.
+            let last = crate::checkpoint::base::segment_name(0, upto + size, size);
+            if text[8..] > last[8..] {
+                continue;
+            }
+        }
         let archived = std::fs::metadata(archive.join(text)).map(|m| m.len()).ok();
         if archived == Some(meta.len()) {
             continue;
@@ -352,10 +381,35 @@ mod tests {
         std::fs::write(old.join(seg(3)), vec![3u8; 4096]).unwrap();
         std::fs::write(archive.join(seg(1)), vec![1u8; 4096]).unwrap();
         std::fs::write(archive.join(seg(2)), vec![2u8; 100]).unwrap();
-        assert_eq!(copy_unarchived_wal(&old, &new, &archive).unwrap(), 4096);
+        assert_eq!(copy_unarchived_wal(&old, &new, &archive, None).unwrap(), 4096);
         assert!(!new.join(seg(1)).exists(), "complete in the archive: not copied");
         assert_eq!(std::fs::read(new.join(seg(2))).unwrap().len(), 4096);
         assert!(new.join(seg(3)).exists());
+    }
+
+    #[test]
+    fn recycled_segments_past_the_target_are_not_copied() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new, archive) = (
+            dir.path().join("old"),
+            dir.path().join("new"),
+            dir.path().join("archive"),
+        );
+        for d in [&old, &new, &archive] {
+            std::fs::create_dir(d).unwrap();
+        }
+        let seg = |n: u8| format!("0000000200000000000000{n:02X}");
+        for n in 1..=6 {
+            std::fs::write(old.join(seg(n)), vec![n; 4096]).unwrap();
+        }
+        // Target in segment 3: segments 1..=4 are what recovery may read.
+        copy_unarchived_wal(&old, &new, &archive, Some(3 * 4096 + 100)).unwrap();
+        let mut copied: Vec<String> = std::fs::read_dir(&new)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        copied.sort();
+        assert_eq!(copied, (1..=4).map(seg).collect::<Vec<_>>());
     }
 
     #[test]
