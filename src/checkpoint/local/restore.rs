@@ -62,7 +62,7 @@ impl LocalBackend {
         tracing::debug!(run = run_id, "restore: begins");
         let kept = self.kept_dir(run_id);
         let marker = self.started_marker(run_id);
-        let (target_line, target_text) = recovery_target(target);
+        let (_, target_text) = recovery_target(target);
         let record = |started_at| RestoreRecord {
             started_at,
             finished_at: Utc::now(),
@@ -127,18 +127,7 @@ impl LocalBackend {
 
         // Until the restored server is promoted it has taken no write: any
         // failure up to then puts the original back.
-        if let Err(e) = self
-            .recover(
-                db,
-                checkpoint,
-                run_id,
-                owner,
-                &kept,
-                &target_line,
-                parse_lsn(&target.lsn),
-            )
-            .await
-        {
+        if let Err(e) = self.recover(db, checkpoint, run_id, owner, &kept, target).await {
             if marker.exists() && !self.pgdata.join("recovery.signal").exists() {
                 // PostgreSQL removes recovery.signal when it promotes: the
                 // restored server may be live and have taken writes. Leave it.
@@ -173,9 +162,10 @@ impl LocalBackend {
         run_id: &str,
         owner: (u32, u32),
         kept: &Path,
-        target_line: &str,
-        target_lsn: Option<u64>,
+        target: &RecoveryPoint,
     ) -> Result<(), CheckpointError> {
+        let (target_line, _) = recovery_target(target);
+        let target_lsn = parse_lsn(&target.lsn);
         let marker = self.started_marker(run_id);
         let base = PathBuf::from(&checkpoint.location);
         std::fs::create_dir(&self.pgdata).map_err(Self::io("create data directory", &self.pgdata))?;
