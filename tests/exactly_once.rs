@@ -393,14 +393,17 @@ async fn a_failed_restore_puts_the_original_data_directory_back_and_stops_the_ga
     assert_eq!(crashed.status.code(), Some(86), "{}", text(&crashed));
     // The checkpoint is damaged before the restore needs it.
     let checkpoints = f.state().join("checkpoints");
-    // The newest run's checkpoint (run ids start with their time).
+    // The newest run's checkpoint (run ids start with their time) names the
+    // base backup it relies on; damage that one.
     let run = std::fs::read_dir(&checkpoints)
         .unwrap()
         .flatten()
         .map(|e| e.path())
+        .filter(|p| p.join("base-backup").is_file())
         .max()
         .unwrap();
-    let tar = run.join("base").join("base.tar");
+    let label = std::fs::read_to_string(run.join("base-backup")).unwrap();
+    let tar = checkpoints.join("base").join(label.trim()).join("base.tar");
     let len = std::fs::metadata(&tar).unwrap().len();
     std::fs::OpenOptions::new()
         .write(true)
