@@ -1,10 +1,12 @@
-//! Lint throughput (`cargo bench --bench lint`): a generated corpus of
-//! `BACKSTOP_BENCH_LINT_MB` (default 12) MB of migration SQL, split into
-//! migrations of about 64 KiB, parsed and classified. Prints MB/s.
+//! Lint (`cargo bench --bench lint`): `backstop lint` and squawk (the
+//! anchor, when `squawk` is on the PATH: `pip install squawk-cli`) on the same
+//! generated corpus of `BACKSTOP_BENCH_LINT_MB` (default 50) MB of migration
+//! SQL, as one file and as migrations of about 64 KiB. Each run is a child
+//! process: wall time and its peak RSS (`wait4`). Linear growth shows in the
+//! MB/s of the one file against the small ones.
 
+use std::path::{Path, PathBuf};
 use std::time::Instant;
-
-use backstop::lint::{self, LintOptions};
 
 const TEMPLATES: &[&str] = &[
     "CREATE TABLE t{n} (id bigserial PRIMARY KEY, customer text NOT NULL, qty integer NOT NULL DEFAULT 0, created_at timestamptz NOT NULL DEFAULT now());",
@@ -19,44 +21,110 @@ const TEMPLATES: &[&str] = &[
     "ALTER TABLE t{n} ALTER COLUMN customer SET NOT NULL;",
 ];
 
-fn main() {
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn main() -> Res<()> {
     if std::env::args().any(|a| a == "--list") {
-        return;
+        return Ok(());
     }
     let mb: usize = std::env::var("BACKSTOP_BENCH_LINT_MB")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(12);
-    let target = mb * 1024 * 1024;
-    let mut migrations = Vec::new();
-    let mut current = String::new();
-    let mut total = 0usize;
-    let mut n = 0usize;
-    while total < target {
-        let stmt = TEMPLATES[n % TEMPLATES.len()].replace("{n}", &n.to_string());
-        current.push_str(&stmt);
-        current.push('\n');
-        total += stmt.len() + 1;
-        n += 1;
-        if current.len() >= 64 * 1024 {
-            migrations.push(std::mem::take(&mut current));
+        .unwrap_or(50);
+    let dir = tempfile::tempdir()?;
+    let (one, many, statements) = corpus(dir.path(), mb << 20)?;
+    let size = std::fs::metadata(&one)?.len() as f64 / 1048576.0;
+    println!(
+        "corpus: {size:.1} MB, {statements} statements; as one file and as {} files of ~64 KiB",
+        many.len()
+    );
+    let backstop = PathBuf::from(env!("CARGO_BIN_EXE_backstop"));
+    let squawk = which("squawk");
+    let mut rows = Vec::new();
+    for (label, files) in [("one file", vec![one.clone()]), ("64 KiB files", many.clone())] {
+        let ours = measure(&backstop, &["lint"], &files)?;
+        let theirs = match &squawk {
+            Some(s) => Some(measure(s, &[], &files)?),
+            None => None,
+        };
+        rows.push((label, ours, theirs));
+    }
+    for (label, (secs, rss), theirs) in rows {
+        print!(
+            "lint, {label}: backstop {secs:.2} s ({:.1} MB/s), peak RSS {:.0} MiB",
+            size / secs,
+            rss as f64 / 1024.0
+        );
+        match theirs {
+            Some((s, r)) => println!(
+                " | squawk {s:.2} s ({:.1} MB/s), peak RSS {:.0} MiB | throughput ratio backstop/squawk {:.2}",
+                size / s,
+                r as f64 / 1024.0,
+                s / secs
+            ),
+            None => println!(" | squawk not on the PATH (pip install squawk-cli)"),
         }
     }
-    migrations.push(current);
-    let start = Instant::now();
-    let mut findings = 0usize;
-    let mut statements = 0usize;
-    for (i, m) in migrations.iter().enumerate() {
-        let parsed = backstop::sql::split(&format!("m{i}.sql"), m, 1).expect("generated SQL parses");
-        statements += parsed.len();
-        findings += lint::lint(&parsed, LintOptions::default()).len();
+    Ok(())
+}
+
+/// Writes the corpus as one file and as ~64 KiB files.
+fn corpus(dir: &Path, target: usize) -> Res<(PathBuf, Vec<PathBuf>, usize)> {
+    let one = dir.join("all.sql");
+    let mut all = String::with_capacity(target + 1024);
+    let mut many = Vec::new();
+    let mut current = String::new();
+    let mut n = 0usize;
+    while all.len() < target {
+        let stmt = TEMPLATES[n % TEMPLATES.len()].replace("{n}", &n.to_string());
+        all.push_str(&stmt);
+        all.push('\n');
+        current.push_str(&stmt);
+        current.push('\n');
+        n += 1;
+        if current.len() >= 64 * 1024 {
+            let path = dir.join(format!("m{:05}.sql", many.len()));
+            std::fs::write(&path, std::mem::take(&mut current))?;
+            many.push(path);
+        }
     }
+    if !current.is_empty() {
+        let path = dir.join(format!("m{:05}.sql", many.len()));
+        std::fs::write(&path, current)?;
+        many.push(path);
+    }
+    std::fs::write(&one, all)?;
+    Ok((one, many, n))
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(program))
+        .find(|p| p.is_file())
+}
+
+/// Runs `program args files` to its end; wall seconds and peak RSS (KiB).
+/// Findings make linters exit non-zero: only a signal is a failure.
+fn measure(program: &Path, args: &[&str], files: &[PathBuf]) -> Res<(f64, i64)> {
+    let start = Instant::now();
+    let child = std::process::Command::new(program)
+        .args(args)
+        .args(files)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let mut status = 0;
+    // SAFETY: wait4 on our own child, with valid pointers to locals.
+    let mut usage: nix::libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { nix::libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
     let secs = start.elapsed().as_secs_f64();
-    println!(
-        "lint: {:.1} MB in {} migrations, {statements} statements, {findings} findings, {secs:.2}s: {:.2} MB/s, {:.0} statements/s",
-        total as f64 / 1048576.0,
-        migrations.len(),
-        total as f64 / 1048576.0 / secs,
-        statements as f64 / secs
-    );
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    if nix::libc::WIFSIGNALED(status) {
+        return Err(format!("{} died of signal {}", program.display(), nix::libc::WTERMSIG(status)).into());
+    }
+    Ok((secs, usage.ru_maxrss))
 }

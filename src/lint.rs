@@ -248,45 +248,70 @@ const VOLATILE: &[&str] = &[
 /// Analyses the statements of one migration, in order. Tables created earlier
 /// in the same migration are new and empty: lock and rewrite rules skip them.
 pub fn lint(statements: &[Statement], opts: LintOptions) -> Vec<Finding> {
-    let mut out = Vec::new();
-    let mut created: BTreeSet<String> = BTreeSet::new();
-    let mut lock_timeout_set = false;
+    let mut linter = Linter::new(opts);
     for s in statements {
         let Ok(parsed) = pg_query::parse(&s.sql, 0) else {
             continue;
         };
-        let Some(node) = parsed
+        if let Some(node) = parsed
             .protobuf
             .stmts
             .first()
             .and_then(|r| r.stmt.as_ref())
             .and_then(|n| n.node.as_ref())
-        else {
-            continue;
-        };
+        {
+            linter.statement(s, node);
+        }
+    }
+    linter.findings
+}
+
+/// The rules over one migration's statements as they come, each with the
+/// tree the split already parsed ([`crate::sql::split_each`]).
+pub struct Linter {
+    opts: LintOptions,
+    created: BTreeSet<String>,
+    lock_timeout_set: bool,
+    pub statements: usize,
+    pub findings: Vec<Finding>,
+}
+
+impl Linter {
+    pub fn new(opts: LintOptions) -> Self {
+        Linter {
+            opts,
+            created: BTreeSet::new(),
+            lock_timeout_set: false,
+            statements: 0,
+            findings: Vec::new(),
+        }
+    }
+
+    /// Checks the next statement of the migration.
+    pub fn statement(&mut self, s: &Statement, node: &NodeEnum) {
+        self.statements += 1;
         let mut found: Vec<&Rule> = Vec::new();
-        classify(node, opts, &created, &mut found);
+        classify(node, self.opts, &self.created, &mut found);
         if !s.transactional {
             found.push(&NON_TRANSACTIONAL);
         }
-        let takes_exclusive_lock = takes_exclusive_lock(node, &created);
+        let takes_exclusive_lock = takes_exclusive_lock(node, &self.created);
         match node {
-            NodeEnum::VariableSetStmt(v) if v.name == "lock_timeout" => lock_timeout_set = true,
+            NodeEnum::VariableSetStmt(v) if v.name == "lock_timeout" => self.lock_timeout_set = true,
             NodeEnum::CreateStmt(c) => {
                 if let Some(r) = &c.relation {
-                    created.insert(r.relname.clone());
+                    self.created.insert(r.relname.clone());
                 }
             }
             _ => {}
         }
-        if takes_exclusive_lock && !lock_timeout_set {
+        if takes_exclusive_lock && !self.lock_timeout_set {
             found.push(&LOCK_TIMEOUT);
         }
         for r in found {
-            out.push(Finding::new(r, s));
+            self.findings.push(Finding::new(r, s));
         }
     }
-    out
 }
 
 fn relname(r: &Option<pg_query::protobuf::RangeVar>) -> String {
@@ -517,11 +542,15 @@ pub fn lint_files(paths: &[String], opts: LintOptions) -> Result<Vec<FileFinding
         } else {
             let bytes = read_regular(path, None)?;
             let text = String::from_utf8_lossy(&bytes);
-            let statements = crate::sql::split(path, crate::manifests::strip_bom(&text), 1)?;
+            // One parse per statement, one statement's tree held at a time.
+            let mut linter = Linter::new(opts);
+            crate::sql::split_each(path, crate::manifests::strip_bom(&text), 1, |s, node| {
+                linter.statement(&s, node)
+            })?;
             out.push(FileFindings {
                 file: path.clone(),
-                statements: statements.len(),
-                findings: lint(&statements, opts),
+                statements: linter.statements,
+                findings: linter.findings,
             });
         }
     }

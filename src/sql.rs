@@ -38,15 +38,135 @@ pub struct Statement {
     pub kind: String,
 }
 
+/// The largest statement backstop parses: a parse tree is many times the
+/// size of its text, and one statement's tree is held whole.
+pub const MAX_STATEMENT_BYTES: usize = 16 << 20;
+
 /// Splits `text` into statements. `origin` names the source for messages and
 /// `first_line` is the line of `text`'s first line in that source (1-based).
 pub fn split(origin: &str, text: &str, first_line: usize) -> Result<Vec<Statement>, SqlError> {
-    // One parse gives both the statement boundaries and their trees.
+    let mut out = Vec::new();
+    split_each(origin, text, first_line, |statement, _| out.push(statement))?;
+    Ok(out)
+}
+
+/// Splits `text` and hands each statement with its parse tree to `each`, in
+/// order, holding one statement's tree at a time: time and memory grow with
+/// the text, not with its square. The scanner finds the boundaries; each
+/// piece is parsed on its own. Where a piece does not parse alone (a
+/// `BEGIN ATOMIC` body holds semicolons the scanner splits at), the whole
+/// text is parsed at once instead, which is exact but holds every tree.
+pub fn split_each(
+    origin: &str,
+    text: &str,
+    first_line: usize,
+    mut each: impl FnMut(Statement, &NodeEnum),
+) -> Result<(), SqlError> {
+    let pieces = match pg_query::split_with_scanner(text) {
+        Ok(pieces) => pieces,
+        Err(err) => return Err(locate_parse_error(origin, text, first_line, err)),
+    };
+    // Pieces are handed out in batches once parsed; `emitted` is where the
+    // next batch starts (a fallback to the whole-text parse resumes there).
+    let mut emitted = 0;
+    let mut lines = LineCursor::new(text, first_line);
+    let mut parsed = Vec::new();
+    for piece in pieces {
+        let start = piece.as_ptr() as usize - text.as_ptr() as usize;
+        let lead = code_start(piece);
+        let (line, column) = lines.at(start + lead);
+        if piece.len() > MAX_STATEMENT_BYTES {
+            return Err(SqlError {
+                origin: origin.to_string(),
+                line,
+                message: format!(
+                    "the statement is {} MiB, above the {} MiB backstop parses; split it into smaller statements",
+                    piece.len() >> 20,
+                    MAX_STATEMENT_BYTES >> 20
+                ),
+            });
+        }
+        match pg_query::parse(piece, 0) {
+            Ok(tree) => parsed.push((&piece[lead..], line, column, tree)),
+            Err(_) => {
+                for (piece, line, column, tree) in parsed.drain(..) {
+                    hand_out(origin, piece, line, column, &tree, &mut each);
+                }
+                return split_whole(origin, text, first_line, emitted.max(start), each);
+            }
+        }
+        // Hand out in batches so trees do not pile up.
+        if parsed.len() >= 256 {
+            for (piece, line, column, tree) in parsed.drain(..) {
+                hand_out(origin, piece, line, column, &tree, &mut each);
+            }
+            emitted = start + piece.len();
+        }
+    }
+    for (piece, line, column, tree) in parsed {
+        hand_out(origin, piece, line, column, &tree, &mut each);
+    }
+    Ok(())
+}
+
+/// Hands out the statements of one parsed piece (a piece holds one, or none
+/// when it is only a comment).
+fn hand_out(
+    origin: &str,
+    piece: &str,
+    line: usize,
+    column: usize,
+    tree: &pg_query::ParseResult,
+    each: &mut impl FnMut(Statement, &NodeEnum),
+) {
+    for raw in &tree.protobuf.stmts {
+        if let Some(node) = raw.stmt.as_ref().and_then(|n| n.node.as_ref()) {
+            emit(origin, piece, line, column, node, each);
+        }
+    }
+}
+
+fn emit(
+    origin: &str,
+    piece: &str,
+    line: usize,
+    column: usize,
+    node: &NodeEnum,
+    each: &mut impl FnMut(Statement, &NodeEnum),
+) {
+    let sql = piece.trim().trim_end_matches(';').trim_end().to_string();
+    if sql.is_empty() {
+        return;
+    }
+    each(
+        Statement {
+            normalized: normalize(&sql),
+            sql,
+            origin: origin.to_string(),
+            line,
+            column,
+            transactional: can_run_in_transaction(node),
+            kind: kind_name(node),
+        },
+        node,
+    );
+}
+
+/// The exact split for texts the scanner splits wrongly: one parse of the
+/// whole text, which gives boundaries and trees together. Statements that
+/// start before `skip_before` were handed out already.
+fn split_whole(
+    origin: &str,
+    text: &str,
+    first_line: usize,
+    skip_before: usize,
+    mut each: impl FnMut(Statement, &NodeEnum),
+) -> Result<(), SqlError> {
     let parsed = match pg_query::parse(text, 0) {
         Ok(parsed) => parsed,
         Err(err) => return Err(locate_parse_error(origin, text, first_line, err)),
     };
-    let mut out = Vec::with_capacity(parsed.protobuf.stmts.len());
+    let mut lines = LineCursor::new(text, first_line);
     for raw in &parsed.protobuf.stmts {
         let start = usize::try_from(raw.stmt_location).unwrap_or(0).min(text.len());
         let end = match usize::try_from(raw.stmt_len) {
@@ -54,31 +174,69 @@ pub fn split(origin: &str, text: &str, first_line: usize) -> Result<Vec<Statemen
             Ok(len) => (start + len).min(text.len()),
         };
         let Some(piece) = text.get(start..end) else { continue };
-        let lead = piece.len() - piece.trim_start().len();
-        let before = &text[..start + lead];
-        let line = first_line + before.matches('\n').count();
-        let column = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
-        let sql = piece.trim().trim_end_matches(';').trim_end().to_string();
-        if sql.is_empty() {
+        let lead = code_start(piece);
+        let (line, column) = lines.at(start + lead);
+        let piece = &piece[lead..];
+        if end <= skip_before {
             continue;
         }
-        let (kind, transactional) = raw
-            .stmt
-            .as_ref()
-            .and_then(|node| node.node.as_ref())
-            .map(|node| (kind_name(node), can_run_in_transaction(node)))
-            .unwrap_or_else(|| ("Empty".to_string(), true));
-        out.push(Statement {
-            normalized: normalize(&sql),
-            sql,
-            origin: origin.to_string(),
-            line,
-            column,
-            transactional,
-            kind,
-        });
+        if let Some(node) = raw.stmt.as_ref().and_then(|n| n.node.as_ref()) {
+            emit(origin, piece, line, column, node, &mut each);
+        }
     }
-    Ok(out)
+    Ok(())
+}
+
+/// Where the statement's code starts in `piece`: after whitespace and the
+/// comments before it, so that its line is the statement's own.
+fn code_start(piece: &str) -> usize {
+    let lead = piece.len() - piece.trim_start().len();
+    let rest = &piece[lead..];
+    if !(rest.starts_with("--") || rest.starts_with("/*")) {
+        return lead;
+    }
+    let Ok(scan) = pg_query::scan(piece) else {
+        return lead;
+    };
+    scan.tokens
+        .iter()
+        .find(|t| t.token != Token::SqlComment as i32 && t.token != Token::CComment as i32)
+        .and_then(|t| usize::try_from(t.start).ok())
+        .filter(|s| piece.is_char_boundary(*s))
+        .unwrap_or(lead)
+}
+
+/// Line and column of increasing byte offsets, counting each byte once.
+struct LineCursor<'a> {
+    text: &'a str,
+    offset: usize,
+    line: usize,
+    line_start: usize,
+}
+
+impl<'a> LineCursor<'a> {
+    fn new(text: &'a str, first_line: usize) -> Self {
+        LineCursor {
+            text,
+            offset: 0,
+            line: first_line,
+            line_start: 0,
+        }
+    }
+
+    /// 1-based line and column of `offset` (not before the previous one).
+    fn at(&mut self, offset: usize) -> (usize, usize) {
+        let offset = offset.min(self.text.len()).max(self.offset);
+        let bytes = &self.text.as_bytes()[self.offset..offset];
+        for (i, b) in bytes.iter().enumerate() {
+            if *b == b'\n' {
+                self.line += 1;
+                self.line_start = self.offset + i + 1;
+            }
+        }
+        self.offset = offset;
+        (self.line, offset - self.line_start + 1)
+    }
 }
 
 /// The parser's message without the wrapper's prefix.
@@ -204,6 +362,50 @@ pub fn checksum<'a>(statements: impl IntoIterator<Item = &'a Statement>) -> Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_statement_over_the_limit_is_refused_naming_its_line() {
+        let huge = format!(
+            "SELECT 1;\nSELECT 2;\nINSERT INTO t VALUES ('{}');",
+            "x".repeat(MAX_STATEMENT_BYTES)
+        );
+        let err = split("big.sql", &huge, 1).unwrap_err();
+        assert_eq!(err.line, 3);
+        assert!(err.message.contains("above the 16 MiB"), "{}", err.message);
+    }
+
+    #[test]
+    fn a_begin_atomic_body_is_split_exactly_even_after_many_statements() {
+        let mut text = String::new();
+        for i in 0..300 {
+            text.push_str(&format!("SELECT {i};\n"));
+        }
+        text.push_str("CREATE FUNCTION f() RETURNS int LANGUAGE sql\nBEGIN ATOMIC\n  SELECT 1;\n  SELECT 2;\nEND;\nSELECT 'after';\n");
+        let statements = split("f.sql", &text, 1).unwrap();
+        assert_eq!(
+            statements.len(),
+            302,
+            "{:?}",
+            statements.iter().map(|s| &s.sql).collect::<Vec<_>>()
+        );
+        for (i, s) in statements.iter().take(300).enumerate() {
+            assert_eq!((s.sql.as_str(), s.line), (format!("SELECT {i}").as_str(), i + 1));
+        }
+        assert_eq!(statements[300].kind, "CreateFunctionStmt");
+        assert_eq!(statements[300].line, 301);
+        assert_eq!(
+            (statements[301].sql.as_str(), statements[301].line),
+            ("SELECT 'after'", 306)
+        );
+    }
+
+    #[test]
+    fn lines_and_columns_follow_the_text() {
+        let text = "-- head\nSELECT 1; SELECT 2;\n\n  SELECT\n 3;";
+        let statements = split("x.sql", text, 10).unwrap();
+        let at: Vec<(usize, usize)> = statements.iter().map(|s| (s.line, s.column)).collect();
+        assert_eq!(at, vec![(11, 1), (11, 11), (13, 3)]);
+    }
 
     #[test]
     fn split_reports_lines_and_transactional_flag() {
