@@ -3,7 +3,8 @@
 //! generated corpus of `BACKSTOP_BENCH_LINT_MB` (default 50) MB of migration
 //! SQL, as one file and as migrations of about 64 KiB. Each run is a child
 //! process: wall time and its peak RSS (`wait4`). Linear growth shows in the
-//! MB/s of the one file against the small ones.
+//! MB/s of the one file against the small ones. With pyenv, point
+//! `BACKSTOP_BENCH_SQUAWK=$(pyenv which squawk)` at the binary itself.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -39,29 +40,35 @@ fn main() -> Res<()> {
         many.len()
     );
     let backstop = PathBuf::from(env!("CARGO_BIN_EXE_backstop"));
-    let squawk = which("squawk");
-    let mut rows = Vec::new();
-    for (label, files) in [("one file", vec![one.clone()]), ("64 KiB files", many.clone())] {
-        let ours = measure(&backstop, &["lint"], &files)?;
-        let theirs = match &squawk {
-            Some(s) => Some(measure(s, &[], &files)?),
-            None => None,
-        };
-        rows.push((label, ours, theirs));
-    }
-    for (label, (secs, rss), theirs) in rows {
+    // `BACKSTOP_BENCH_SQUAWK` names the binary itself (a pyenv shim on the
+    // PATH would add its own start-up to every squawk figure).
+    let squawk = std::env::var_os("BACKSTOP_BENCH_SQUAWK")
+        .map(PathBuf::from)
+        .or_else(|| which("squawk"));
+    // squawk is stopped after this long (its one-file run grows faster than
+    // linearly); the figure is then a lower bound.
+    let cap: f64 = std::env::var("BACKSTOP_BENCH_LINT_CAP_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300.0);
+    for (label, files) in [("64 KiB files", many.clone()), ("one file", vec![one.clone()])] {
+        let (secs, rss, _) = measure(&backstop, &["lint"], &files, f64::INFINITY)?;
         print!(
             "lint, {label}: backstop {secs:.2} s ({:.1} MB/s), peak RSS {:.0} MiB",
             size / secs,
             rss as f64 / 1024.0
         );
-        match theirs {
-            Some((s, r)) => println!(
-                " | squawk {s:.2} s ({:.1} MB/s), peak RSS {:.0} MiB | throughput ratio backstop/squawk {:.2}",
-                size / s,
-                r as f64 / 1024.0,
-                s / secs
-            ),
+        match &squawk {
+            Some(program) => {
+                let (s, r, finished) = measure(program, &[], &files, cap)?;
+                let over = if finished { "" } else { "> " };
+                println!(
+                    " | squawk {over}{s:.2} s ({:.1} MB/s), peak RSS {:.0} MiB | throughput backstop/squawk {over}{:.2}",
+                    size / s,
+                    r as f64 / 1024.0,
+                    s / secs
+                );
+            }
             None => println!(" | squawk not on the PATH (pip install squawk-cli)"),
         }
     }
@@ -105,11 +112,12 @@ fn which(program: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Runs `program args files` to its end; wall seconds and peak RSS (KiB).
-/// Findings make linters exit non-zero: only a signal is a failure.
-fn measure(program: &Path, args: &[&str], files: &[PathBuf]) -> Res<(f64, i64)> {
+/// Runs `program args files` to its end or for `cap` seconds (then killed):
+/// wall seconds, peak RSS (KiB) and whether it finished. Findings make
+/// linters exit non-zero: only a signal we did not send is a failure.
+fn measure(program: &Path, args: &[&str], files: &[PathBuf], cap: f64) -> Res<(f64, i64, bool)> {
     let start = Instant::now();
-    let child = std::process::Command::new(program)
+    let mut child = std::process::Command::new(program)
         .args(args)
         .args(files)
         .stdout(std::process::Stdio::null())
@@ -118,13 +126,24 @@ fn measure(program: &Path, args: &[&str], files: &[PathBuf]) -> Res<(f64, i64)> 
     let mut status = 0;
     // SAFETY: wait4 on our own child, with valid pointers to locals.
     let mut usage: nix::libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = unsafe { nix::libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
-    let secs = start.elapsed().as_secs_f64();
-    if pid < 0 {
-        return Err(std::io::Error::last_os_error().into());
+    let mut killed = false;
+    loop {
+        let pid = unsafe { nix::libc::wait4(child.id() as i32, &mut status, nix::libc::WNOHANG, &mut usage) };
+        if pid < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        if pid > 0 {
+            break;
+        }
+        if !killed && start.elapsed().as_secs_f64() > cap {
+            child.kill()?;
+            killed = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    if nix::libc::WIFSIGNALED(status) {
+    let secs = start.elapsed().as_secs_f64();
+    if !killed && nix::libc::WIFSIGNALED(status) {
         return Err(format!("{} died of signal {}", program.display(), nix::libc::WTERMSIG(status)).into());
     }
-    Ok((secs, usage.ru_maxrss))
+    Ok((secs.min(if killed { cap } else { secs }), usage.ru_maxrss, !killed))
 }

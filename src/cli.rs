@@ -248,22 +248,32 @@ pub enum DatastoreStep {
         #[arg(long, env = "BACKSTOP_KUBECONFIG")]
         kubeconfig: Option<PathBuf>,
     },
-    /// Export schema and data of the locked source (pg_dump -Fc).
+    /// Export schema and data of the locked source (`pg_dump -Fd --jobs`,
+    /// uncompressed).
     Export {
         #[arg(long, env = "BACKSTOP_SOURCE")]
         source: String,
-        /// Dump file to write.
+        /// Dump directory to write (pg_dump's directory format); it must not
+        /// exist. Written as `<output>.partial` and renamed when complete.
         #[arg(short = 'o', long = "output", env = "BACKSTOP_FILE")]
         file: PathBuf,
+        /// Tables dumped at once (each a connection to the source).
+        #[arg(short = 'j', long, env = "BACKSTOP_JOBS", default_value_t = 2)]
+        jobs: u32,
     },
     /// Import a dump into the target (all or nothing); the target stays locked
     /// until `unlock`. Refuses a target that already has tables.
     Import {
         #[arg(long, env = "BACKSTOP_TARGET")]
         target: String,
-        /// Dump file to read.
+        /// Dump to read: the directory `export` wrote (or a `pg_dump -Fc` file).
         #[arg(short = 'f', long = "file", env = "BACKSTOP_FILE")]
         file: PathBuf,
+        /// Tables restored at once (each a connection to the target). Each
+        /// commits on its own: a failed import drops what it created, and a
+        /// killed one is undone by `rollback`.
+        #[arg(short = 'j', long, env = "BACKSTOP_JOBS", default_value_t = 2)]
+        jobs: u32,
         /// Import even though the target already has tables.
         #[arg(long, env = "BACKSTOP_ALLOW_NON_EMPTY")]
         allow_non_empty: bool,
@@ -666,7 +676,7 @@ async fn datastore(step: DatastoreStep) -> anyhow::Result<u8> {
                 }
                 println!("{}", ds::lock(&db, "source", &by, &reason, &suspend).await?);
             }
-            DatastoreStep::Export { source, file } => {
+            DatastoreStep::Export { source, file, jobs } => {
                 let bindir = crate::pgbin::bindir().map_err(|e| DatastoreError::Tool {
                     step: "finding pg_dump".into(),
                     source: e,
@@ -677,7 +687,7 @@ async fn datastore(step: DatastoreStep) -> anyhow::Result<u8> {
                         eprint!("\rexporting: {:.1} MB written", bytes as f64 / 1048576.0);
                     }
                 };
-                let done = ds::export(&ds::database(&source, "source")?, &file, &bindir, progress).await?;
+                let done = ds::export(&ds::database(&source, "source")?, &file, &bindir, jobs, progress).await?;
                 if tty {
                     eprintln!();
                 }
@@ -688,6 +698,7 @@ async fn datastore(step: DatastoreStep) -> anyhow::Result<u8> {
                 file,
                 allow_non_empty,
                 no_privileges,
+                jobs,
             } => {
                 let bindir = crate::pgbin::bindir().map_err(|e| DatastoreError::Tool {
                     step: "finding pg_restore".into(),
@@ -701,7 +712,8 @@ async fn datastore(step: DatastoreStep) -> anyhow::Result<u8> {
                         &bindir,
                         ds::ImportOptions {
                             allow_non_empty,
-                            no_privileges
+                            no_privileges,
+                            jobs,
                         },
                         &by
                     )

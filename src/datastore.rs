@@ -9,7 +9,7 @@
 //! exactly that). Every step checks that state first, so it is safe to rerun
 //! and says what it found.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -40,6 +40,9 @@ pub enum DatastoreError {
 }
 
 type Result<T> = std::result::Result<T, DatastoreError>;
+
+mod verify;
+pub use verify::{render_diffs, verify, TableDiff};
 
 const LOCK_DDL: &str = "SET client_min_messages = warning;
 CREATE SCHEMA IF NOT EXISTS backstop;
@@ -257,9 +260,14 @@ pub async fn unlock(db: &Database) -> Result<String> {
     ))
 }
 
-/// Exports schema and data of a locked source with `pg_dump -Fc` (the lock
-/// record itself stays behind). `progress` gets bytes written so far.
-pub async fn export(db: &Database, file: &Path, bindir: &Path, progress: impl Fn(u64)) -> Result<String> {
+/// Exports schema and data of a locked source (the lock record itself stays
+/// behind) into the directory `dir`, with `pg_dump -Fd --jobs` and no
+/// compression: the move is bound by how fast the servers read and write,
+/// and zlib would make the export ten times slower for a smaller dump that
+/// is deleted after the move. The dump is written to `<dir>.partial` and
+/// renamed when complete, so a killed export never leaves a directory that
+/// looks like a dump. `progress` gets bytes written so far.
+pub async fn export(db: &Database, dir: &Path, bindir: &Path, jobs: u32, progress: impl Fn(u64)) -> Result<String> {
     let client = db.connect().await?;
     match lock_record(db, &client).await? {
         Some(rec) if rec.locked => {}
@@ -270,58 +278,97 @@ pub async fn export(db: &Database, file: &Path, bindir: &Path, progress: impl Fn
             )))
         }
     }
+    if dir.exists() {
+        return Err(DatastoreError::Refused(format!(
+            "{} already exists: remove it or choose another --output (a dump is never overwritten)",
+            dir.display()
+        )));
+    }
+    let partial = partial_of(dir);
+    if partial.exists() {
+        // Left by an export that was killed; only ever ours.
+        std::fs::remove_dir_all(&partial).map_err(|e| {
+            DatastoreError::Refused(format!(
+                "cannot remove {} left by an interrupted export: {e}",
+                partial.display()
+            ))
+        })?;
+    }
+    let tool = |source| DatastoreError::Tool {
+        step: format!("pg_dump of {}", db.describe()),
+        source,
+    };
     let mut cmd = pgbin::command(bindir, "pg_dump", None);
     cmd.envs(db.libpq_env())
         .args([
-            "-Fc",
+            "-Fd",
+            "-Z0",
             "--no-password",
             "--exclude-table=backstop.datastore_lock",
             "--exclude-table=backstop.run_owner",
-            "-f",
         ])
-        .arg(file)
+        .arg(format!("--jobs={}", jobs.max(1)))
+        .arg("-f")
+        .arg(&partial)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
-    let child = cmd.spawn().map_err(|e| DatastoreError::Tool {
-        step: "pg_dump".into(),
-        source: PgBinError::Spawn {
+    let spawn = |source| {
+        tool(PgBinError::Spawn {
             program: "pg_dump".into(),
-            source: e,
-        },
-    })?;
+            source,
+        })
+    };
+    let child = cmd.spawn().map_err(spawn)?;
     let mut wait = Box::pin(child.wait_with_output());
     let out = loop {
         tokio::select! {
             out = &mut wait => break out,
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {
-                progress(std::fs::metadata(file).map(|m| m.len()).unwrap_or(0));
-            }
+            _ = tokio::time::sleep(Duration::from_millis(250)) => progress(dir_size(&partial)),
         }
     };
-    let out = out.map_err(|e| DatastoreError::Tool {
-        step: "pg_dump".into(),
-        source: PgBinError::Spawn {
-            program: "pg_dump".into(),
-            source: e,
-        },
-    })?;
+    let out = out.map_err(spawn)?;
     if !out.status.success() {
-        return Err(DatastoreError::Tool {
-            step: format!("pg_dump of {}", db.describe()),
-            source: PgBinError::Failed {
-                program: "pg_dump".into(),
-                status: out.status.to_string(),
-                stderr: pgbin::tail(&String::from_utf8_lossy(&out.stderr), 20),
-            },
-        });
+        let _ = std::fs::remove_dir_all(&partial);
+        return Err(tool(PgBinError::Failed {
+            program: "pg_dump".into(),
+            status: out.status.to_string(),
+            stderr: pgbin::tail(&String::from_utf8_lossy(&out.stderr), 20),
+        }));
     }
-    let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+    std::fs::rename(&partial, dir).map_err(|e| {
+        DatastoreError::Refused(format!(
+            "the dump is complete in {} but cannot be renamed to {}: {e}",
+            partial.display(),
+            dir.display()
+        ))
+    })?;
+    let size = dir_size(dir);
     progress(size);
     Ok(format!(
-        "exported {} to {} ({size} bytes)",
+        "exported {} to {} ({size} bytes, pg_dump directory format)",
         db.describe(),
-        file.display()
+        dir.display()
     ))
+}
+
+/// Where an export is written until it is complete.
+fn partial_of(dir: &Path) -> PathBuf {
+    let mut name = dir.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".partial");
+    dir.with_file_name(name)
+}
+
+/// Bytes of the files directly in `dir` (a dump directory is flat).
+fn dir_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 /// Objects of the user schemas, for telling what an import created.
@@ -382,6 +429,8 @@ pub struct ImportOptions {
     pub allow_non_empty: bool,
     /// Leave out GRANTs (when the roles do not exist on the target).
     pub no_privileges: bool,
+    /// `pg_restore --jobs` (0 or 1: one).
+    pub jobs: u32,
 }
 
 /// Imports a dump into the target, all or nothing (one transaction; objects
@@ -393,6 +442,7 @@ pub async fn import(db: &Database, file: &Path, bindir: &Path, opts: ImportOptio
     let ImportOptions {
         allow_non_empty,
         no_privileges,
+        jobs,
     } = opts;
     let client = db.connect().await?;
     let imported: bool = client
@@ -461,7 +511,8 @@ pub async fn import(db: &Database, file: &Path, bindir: &Path, opts: ImportOptio
     let list = restore_list(bindir, file).await?;
     let mut cmd = pgbin::command(bindir, "pg_restore", None);
     cmd.envs(db.libpq_env())
-        .args(["--no-owner", "--single-transaction", "--no-password", "-d", db.dbname()])
+        .args(["--no-owner", "--exit-on-error", "--no-password", "-d", db.dbname()])
+        .arg(format!("--jobs={}", jobs.max(1)))
         .arg("-L")
         .arg(list.path());
     if no_privileges {
@@ -469,13 +520,18 @@ pub async fn import(db: &Database, file: &Path, bindir: &Path, opts: ImportOptio
     }
     cmd.arg(file);
     if let Err(source) = pgbin::run(cmd, "pg_restore").await {
-        // pg_restore ended with an error: its single transaction was rolled
-        // back, nothing is left to drop, so the intent goes too.
-        let _ = client
-            .batch_execute("BEGIN; SET TRANSACTION READ WRITE; DELETE FROM backstop.datastore_import; COMMIT;")
-            .await;
+        // Parallel workers commit as they go: drop whatever exists now that
+        // did not before, then the intent. If that fails too, the intent
+        // stays and `rollback` finishes the job.
+        let undo = match drop_created(db, &client, &before).await {
+            Ok(n) => format!("dropped the {n} object(s) it had created"),
+            Err(e) => format!(
+                "dropping what it created failed too ({}); run `backstop datastore rollback`",
+                crate::run::chain(&e)
+            ),
+        };
         return Err(DatastoreError::Tool {
-            step: format!("pg_restore into {}", db.describe()),
+            step: format!("pg_restore into {} ({undo})", db.describe()),
             source,
         });
     }
@@ -527,184 +583,6 @@ async fn restore_list(bindir: &Path, file: &Path) -> Result<tempfile::NamedTempF
     let mut list = tempfile::NamedTempFile::new().map_err(io)?;
     std::io::Write::write_all(&mut list, kept.join("\n").as_bytes()).map_err(io)?;
     Ok(list)
-}
-
-/// One table compared by [`verify`].
-#[derive(Debug, Clone, Serialize)]
-pub struct TableDiff {
-    pub table: String,
-    pub source_rows: Option<i64>,
-    pub target_rows: Option<i64>,
-    /// `ok`, `missing in target`, `missing in source`, `rows differ`.
-    pub status: String,
-    /// Keys of rows that differ (changed, missing or extra), at most 20.
-    pub rows: Vec<String>,
-}
-
-const CHUNK_ROWS: i64 = 10_000;
-
-/// Tables (quoted, qualified) of the user schemas with their primary key as
-/// `t.col, ...` (empty without one: rows are then ordered by their text).
-async fn tables(db: &Database, client: &Client) -> Result<BTreeMap<String, String>> {
-    let rows = client
-        .query(
-            &format!(
-                "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname),
-                        coalesce((SELECT string_agg('t.' || quote_ident(a.attname), ', ' ORDER BY array_position(i.indkey, a.attnum))
-                                    FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
-                                   WHERE i.indrelid = c.oid AND i.indisprimary), '')
-                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                  WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND {USER_SCHEMAS}"
-            ),
-            &[],
-        )
-        .await
-        .map_err(q(db, "listing tables"))?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-}
-
-/// Per-chunk (count, checksum) of a table, chunks of [`CHUNK_ROWS`] rows in key order.
-async fn chunks(db: &Database, client: &Client, table: &str, key: &str) -> Result<Vec<(i64, String)>> {
-    let order = if key.is_empty() {
-        "t::text".to_string()
-    } else {
-        key.to_string()
-    };
-    let sql = format!(
-        "SELECT count(*), md5(string_agg(h, '' ORDER BY rn)) FROM (
-             SELECT row_number() OVER (ORDER BY {order}) - 1 AS rn, md5(t::text) AS h FROM {table} t) s
-         GROUP BY rn / {CHUNK_ROWS} ORDER BY rn / {CHUNK_ROWS}"
-    );
-    let rows = client.query(&sql, &[]).await.map_err(q(db, "checksumming a table"))?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-}
-
-/// (key text, row md5) of chunk `index` of a table.
-async fn chunk_rows(
-    db: &Database,
-    client: &Client,
-    table: &str,
-    key: &str,
-    index: usize,
-) -> Result<BTreeMap<String, String>> {
-    let order = if key.is_empty() {
-        "t::text".to_string()
-    } else {
-        key.to_string()
-    };
-    let key_text = if key.is_empty() {
-        "md5(t::text)".to_string()
-    } else {
-        format!("({key})::text")
-    };
-    let sql = format!(
-        "SELECT {key_text} AS k, md5(t::text) AS h FROM {table} t ORDER BY {order} OFFSET {} LIMIT {CHUNK_ROWS}",
-        index as i64 * CHUNK_ROWS
-    );
-    let rows = client.query(&sql, &[]).await.map_err(q(db, "reading differing rows"))?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-}
-
-/// Compares every table of source and target: row counts and content
-/// checksums computed in the databases, chunk by chunk in key order; for
-/// differing chunks, the keys of the rows that differ.
-pub async fn verify(source: &Database, target: &Database) -> Result<Vec<TableDiff>> {
-    let (s, t) = (source.connect().await?, target.connect().await?);
-    let (st, tt) = (tables(source, &s).await?, tables(target, &t).await?);
-    let names: BTreeSet<&String> = st.keys().chain(tt.keys()).collect();
-    let mut out = Vec::new();
-    for name in names {
-        let (sk, tk) = (st.get(name), tt.get(name));
-        let (Some(sk), Some(tk)) = (sk, tk) else {
-            let (side_db, side_client, status) = if sk.is_some() {
-                (source, &s, "missing in target")
-            } else {
-                (target, &t, "missing in source")
-            };
-            let count: i64 = side_client
-                .query_one(&format!("SELECT count(*) FROM {name}"), &[])
-                .await
-                .map_err(q(side_db, "counting rows"))?
-                .get(0);
-            let (source_rows, target_rows) = if sk.is_some() {
-                (Some(count), None)
-            } else {
-                (None, Some(count))
-            };
-            out.push(TableDiff {
-                table: name.clone(),
-                source_rows,
-                target_rows,
-                status: status.into(),
-                rows: Vec::new(),
-            });
-            continue;
-        };
-        let key = if sk == tk { sk.clone() } else { String::new() };
-        // Both sides scan at once: each server does its own half of the work.
-        let (sc, tc) = tokio::try_join!(chunks(source, &s, name, &key), chunks(target, &t, name, &key))?;
-        let source_rows: i64 = sc.iter().map(|c| c.0).sum();
-        let target_rows: i64 = tc.iter().map(|c| c.0).sum();
-        let mut rows = Vec::new();
-        for i in 0..sc.len().max(tc.len()) {
-            if sc.get(i) == tc.get(i) || rows.len() >= 20 {
-                continue;
-            }
-            let (a, b) = tokio::try_join!(
-                chunk_rows(source, &s, name, &key, i),
-                chunk_rows(target, &t, name, &key, i)
-            )?;
-            for (k, h) in &a {
-                match b.get(k) {
-                    None => rows.push(format!("{k}: missing in target")),
-                    Some(h2) if h2 != h => rows.push(format!("{k}: changed")),
-                    _ => {}
-                }
-            }
-            for k in b.keys().filter(|k| !a.contains_key(*k)) {
-                rows.push(format!("{k}: only in target"));
-            }
-            // A shifted chunk (a missing row moves the rest) is reported by its
-            // first differences; later chunks repeat them.
-            if !rows.is_empty() {
-                break;
-            }
-        }
-        rows.truncate(20);
-        let same = sc == tc;
-        out.push(TableDiff {
-            table: name.clone(),
-            source_rows: Some(source_rows),
-            target_rows: Some(target_rows),
-            status: if same { "ok".into() } else { "rows differ".into() },
-            rows,
-        });
-    }
-    Ok(out)
-}
-
-/// The differences as a table for people.
-pub fn render_diffs(diffs: &[TableDiff]) -> String {
-    use std::fmt::Write;
-    let mut s = String::new();
-    let _ = writeln!(s, "{:<40} {:>12} {:>12}  status", "TABLE", "SOURCE ROWS", "TARGET ROWS");
-    for d in diffs {
-        let n = |v: Option<i64>| v.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
-        let _ = writeln!(
-            s,
-            "{:<40} {:>12} {:>12}  {}",
-            d.table,
-            n(d.source_rows),
-            n(d.target_rows),
-            d.status
-        );
-        for r in &d.rows {
-            let _ = writeln!(s, "    {r}");
-        }
-    }
-    let bad = diffs.iter().filter(|d| d.status != "ok").count();
-    let _ = writeln!(s, "{} table(s), {bad} differ", diffs.len());
-    s
 }
 
 /// Rolls the move back while the source exists and holds its lock record:
@@ -760,10 +638,8 @@ pub async fn rollback(source: &Database, target: &Database, force: bool) -> Resu
             .await
             .map_err(q(target, "reading the import record"))?
         {
-            let (mut schemas, mut relations, mut types, mut functions): (Vec<String>, Vec<String>, Vec<String>, Vec<String>) =
-                (r.get(0), r.get(1), r.get(2), r.get(3));
             let interrupted: bool = r.get(4);
-            if interrupted {
+            dropped = if interrupted {
                 // Killed mid-import: whatever exists now and did not before is its.
                 let before: Inventory = r
                     .get::<_, Option<String>>(5)
@@ -774,31 +650,16 @@ pub async fn rollback(source: &Database, target: &Database, force: bool) -> Resu
                             target.describe()
                         ))
                     })?;
-                let now = inventory(target, &t).await?;
-                let new = |a: &BTreeSet<String>, b: &BTreeSet<String>| -> Vec<String> { a.difference(b).cloned().collect() };
-                schemas = new(&now.schemas, &before.schemas);
-                relations = new(&now.relations, &before.relations);
-                types = new(&now.types, &before.types);
-                functions = new(&now.functions, &before.functions);
-            }
-            let mut sql = String::from("BEGIN;\nSET TRANSACTION READ WRITE;\n");
-            for s in &schemas {
-                sql.push_str(&format!("DROP SCHEMA IF EXISTS {s} CASCADE;\n"));
-            }
-            for r in &relations {
-                sql.push_str(&format!("DROP {} IF EXISTS {} CASCADE;\n", kind_of(r), name_of(r)));
-            }
-            for ty in &types {
-                sql.push_str(&format!("DROP TYPE IF EXISTS {ty} CASCADE;\n"));
-            }
-            for f in &functions {
-                sql.push_str(&format!("DROP ROUTINE IF EXISTS {f} CASCADE;\n"));
-            }
-            sql.push_str("DELETE FROM backstop.datastore_import;\nCOMMIT;");
-            t.batch_execute(&sql)
-                .await
-                .map_err(q(target, "dropping what the import created"))?;
-            dropped = schemas.len() + relations.len() + types.len() + functions.len();
+                drop_created(target, &t, &before).await?
+            } else {
+                let created = Inventory {
+                    schemas: r.get::<_, Vec<String>>(0).into_iter().collect(),
+                    relations: r.get::<_, Vec<String>>(1).into_iter().collect(),
+                    types: r.get::<_, Vec<String>>(2).into_iter().collect(),
+                    functions: r.get::<_, Vec<String>>(3).into_iter().collect(),
+                };
+                drop_objects(target, &t, &created).await?
+            };
         }
     }
     drop(s);
@@ -808,6 +669,43 @@ pub async fn rollback(source: &Database, target: &Database, force: bool) -> Resu
         "rolled back: dropped {dropped} object(s) the import created in {}; {unlocked}; {target_lock}",
         target.describe()
     ))
+}
+
+/// Drops what exists in the target now and is not in `before`, and the
+/// import record, in one transaction. Returns how many objects.
+async fn drop_created(db: &Database, client: &Client, before: &Inventory) -> Result<usize> {
+    let now = inventory(db, client).await?;
+    let new = |a: &BTreeSet<String>, b: &BTreeSet<String>| -> BTreeSet<String> { a.difference(b).cloned().collect() };
+    let created = Inventory {
+        schemas: new(&now.schemas, &before.schemas),
+        relations: new(&now.relations, &before.relations),
+        types: new(&now.types, &before.types),
+        functions: new(&now.functions, &before.functions),
+    };
+    drop_objects(db, client, &created).await
+}
+
+/// Drops `objects` (an import's) and the import record, in one transaction.
+async fn drop_objects(db: &Database, client: &Client, objects: &Inventory) -> Result<usize> {
+    let mut sql = String::from("BEGIN;\nSET TRANSACTION READ WRITE;\n");
+    for s in &objects.schemas {
+        sql.push_str(&format!("DROP SCHEMA IF EXISTS {s} CASCADE;\n"));
+    }
+    for r in &objects.relations {
+        sql.push_str(&format!("DROP {} IF EXISTS {} CASCADE;\n", kind_of(r), name_of(r)));
+    }
+    for ty in &objects.types {
+        sql.push_str(&format!("DROP TYPE IF EXISTS {ty} CASCADE;\n"));
+    }
+    for f in &objects.functions {
+        sql.push_str(&format!("DROP ROUTINE IF EXISTS {f} CASCADE;\n"));
+    }
+    sql.push_str("DELETE FROM backstop.datastore_import;\nCOMMIT;");
+    client
+        .batch_execute(&sql)
+        .await
+        .map_err(q(db, "dropping what the import created"))?;
+    Ok(objects.schemas.len() + objects.relations.len() + objects.types.len() + objects.functions.len())
 }
 
 fn kind_of(entry: &str) -> &str {

@@ -291,6 +291,10 @@ async fn import_into_a_non_empty_target_is_refused_and_export_needs_a_lock() {
         .unwrap()
         .get(0);
     assert_eq!(tables, 1, "nothing imported");
+    // A dump is never overwritten.
+    let out = m.ds(&["export", "--source", &s, "-o", &f]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("already exists"), "{}", text(&out));
     let forced = m.step(&["import", "--target", &t, "-f", &f, "--allow-non-empty"]).await;
     assert!(forced.contains("imported"), "{forced}");
     let again = m.step(&["import", "--target", &t, "-f", &f, "--allow-non-empty"]).await;
@@ -350,15 +354,16 @@ async fn a_killed_import_takes_its_pg_restore_with_it_and_rollback_cleans_up() {
         assert!(tokio::time::Instant::now() < deadline, "pg_restore outlived backstop");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let user_tables = "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'";
-    let n: i64 = target.query_one(user_tables, &[]).await.unwrap().get(0);
-    assert_eq!(n, 0, "the killed import committed nothing");
-    // The intent was recorded: a new import is refused until rollback.
+    // The parallel import commits table by table: the intent was recorded
+    // first, so a new import is refused until rollback, which drops it all.
     let again = m.ds(&["import", "--target", &t, "-f", &f]).await;
     assert_eq!(again.status.code(), Some(2), "{}", text(&again));
     assert!(text(&again).contains("did not finish"), "{}", text(&again));
     let out = m.step(&["rollback", "--source", &s, "--target", &t]).await;
     assert!(out.contains("rolled back"), "{out}");
+    let left = "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public'";
+    let n: i64 = target.query_one(left, &[]).await.unwrap().get(0);
+    assert_eq!(n, 0, "rollback left objects of the killed import");
     // The source is back in service, and the move can start over.
     let (app, conn) = tokio_postgres::connect(&app_url(&m.source), tokio_postgres::NoTls)
         .await
@@ -367,4 +372,65 @@ async fn a_killed_import_takes_its_pg_restore_with_it_and_rollback_cleans_up() {
     app.batch_execute("INSERT INTO customers (name) VALUES ('back in service')")
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn a_failed_parallel_import_drops_what_it_created_and_keeps_what_was_there() {
+    let m = Move::new().await;
+    let (s, t, f) = (m.source.url("shop"), m.target.url("shop"), m.dump());
+    m.step(&["lock", "--source", &s]).await;
+    m.step(&["export", "--source", &s, "-o", &f]).await;
+    // The target already has an `orders`: the import creates `customers` and
+    // `events` (tables come in name order), then fails on `orders`.
+    m.target_sql("CREATE TABLE orders (kept int); INSERT INTO orders VALUES (7)").await;
+    let out = m
+        .ds(&["import", "--target", &t, "-f", &f, "--allow-non-empty", "--jobs", "2"])
+        .await;
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{report}");
+    assert!(report.contains("pg_restore into"), "{report}");
+    assert!(report.contains("dropped the"), "{report}");
+    let c = m.target.database("shop").unwrap().connect().await.unwrap();
+    let left: Vec<String> = c
+        .query(
+            "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, vec!["orders".to_string()], "only what was there before is left");
+    let kept: i32 = c.query_one("SELECT kept FROM orders", &[]).await.unwrap().get(0);
+    assert_eq!(kept, 7);
+    // Nothing is pending: once the target is cleared, the import goes through.
+    m.target_sql("DROP TABLE orders").await;
+    m.step(&["import", "--target", &t, "-f", &f]).await;
+    let out = m.verify().await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}
+
+#[tokio::test]
+async fn verify_finds_a_missing_duplicate_in_a_table_without_a_primary_key() {
+    let m = Move::new().await;
+    m.source
+        .database("shop")
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE notes (v text); INSERT INTO notes SELECT 'n' || g FROM generate_series(1, 5000) g; INSERT INTO notes VALUES ('dup'), ('dup')")
+        .await
+        .unwrap();
+    m.lock_export_import().await;
+    let out = m.verify().await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    m.target_sql("DELETE FROM notes WHERE ctid = (SELECT ctid FROM notes WHERE v = 'dup' LIMIT 1)")
+        .await;
+    let out = m.verify().await;
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert!(report.contains("5002         5001  rows differ"), "{report}");
+    assert!(report.contains("(dup) (copy 2): missing in target"), "{report}");
 }
