@@ -128,14 +128,20 @@ async fn main() -> Res<()> {
     Ok(())
 }
 
-/// Drops and recreates database `name` on `server`.
+/// Drops and recreates database `name` on `server` (psql: each `-c` on its own,
+/// outside a transaction block).
 async fn fresh(server: &PgServer, name: &str) -> Res<()> {
-    let admin = server.database("postgres")?.connect().await?;
-    admin
-        .batch_execute(&format!(
-            "DROP DATABASE IF EXISTS {name} WITH (FORCE); CREATE DATABASE {name}"
-        ))
-        .await?;
+    let ok = std::process::Command::new(server.bindir().join("psql"))
+        .args(["-qAt", "-c"])
+        .arg(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .arg("-c")
+        .arg(format!("CREATE DATABASE {name}"))
+        .arg(server.url("postgres"))
+        .status()?
+        .success();
+    if !ok {
+        return Err(format!("recreating database {name} failed").into());
+    }
     Ok(())
 }
 

@@ -166,12 +166,19 @@ async fn writes_are_refused_on_a_locked_source_and_lock_is_rerunnable() {
 async fn verify_reports_a_changed_row_a_missing_row_and_a_missing_table() {
     let m = Move::new().await;
     m.lock_export_import().await;
-    m.target_sql("UPDATE orders SET total = 0 WHERE id = 42; DELETE FROM orders WHERE id = 20001; DROP TABLE events")
+    // `customers` is hashed by record (portable types), `orders` by text (an enum).
+    m.target_sql("UPDATE orders SET total = 0 WHERE id = 42; DELETE FROM orders WHERE id = 20001; DROP TABLE events; UPDATE customers SET name = 'renamed' WHERE id = 7")
         .await;
     let out = m.verify().await;
     let report = text(&out);
     assert_eq!(out.status.code(), Some(1), "{report}");
     assert!(report.contains("42: changed"), "{report}");
+    assert!(
+        report.contains(
+            "public.customers                                   50           50  rows differ\n    7: changed"
+        ),
+        "{report}"
+    );
     assert!(
         report.contains("public.events") && report.contains("missing in target"),
         "{report}"
@@ -361,7 +368,8 @@ async fn a_killed_import_takes_its_pg_restore_with_it_and_rollback_cleans_up() {
     assert!(text(&again).contains("did not finish"), "{}", text(&again));
     let out = m.step(&["rollback", "--source", &s, "--target", &t]).await;
     assert!(out.contains("rolled back"), "{out}");
-    let left = "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public'";
+    let left =
+        "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public'";
     let n: i64 = target.query_one(left, &[]).await.unwrap().get(0);
     assert_eq!(n, 0, "rollback left objects of the killed import");
     // The source is back in service, and the move can start over.
@@ -382,7 +390,8 @@ async fn a_failed_parallel_import_drops_what_it_created_and_keeps_what_was_there
     m.step(&["export", "--source", &s, "-o", &f]).await;
     // The target already has an `orders`: the import creates `customers` and
     // `events` (tables come in name order), then fails on `orders`.
-    m.target_sql("CREATE TABLE orders (kept int); INSERT INTO orders VALUES (7)").await;
+    m.target_sql("CREATE TABLE orders (kept int); INSERT INTO orders VALUES (7)")
+        .await;
     let out = m
         .ds(&["import", "--target", &t, "-f", &f, "--allow-non-empty", "--jobs", "2"])
         .await;
@@ -412,7 +421,8 @@ async fn a_failed_parallel_import_drops_what_it_created_and_keeps_what_was_there
 }
 
 #[tokio::test]
-async fn verify_finds_a_missing_duplicate_in_a_table_without_a_primary_key() {
+async fn verify_finds_a_missing_duplicate_in_a_table_without_a_primary_key_or_a_hashable_type() {
+    // `json` has no hash function: the table is checksummed by its rows' text.
     let m = Move::new().await;
     m.source
         .database("shop")
@@ -420,7 +430,7 @@ async fn verify_finds_a_missing_duplicate_in_a_table_without_a_primary_key() {
         .connect()
         .await
         .unwrap()
-        .batch_execute("CREATE TABLE notes (v text); INSERT INTO notes SELECT 'n' || g FROM generate_series(1, 5000) g; INSERT INTO notes VALUES ('dup'), ('dup')")
+        .batch_execute("CREATE TABLE notes (v text, meta json); INSERT INTO notes SELECT 'n' || g, '{}' FROM generate_series(1, 5000) g; INSERT INTO notes VALUES ('dup', '{}'), ('dup', '{}')")
         .await
         .unwrap();
     m.lock_export_import().await;
@@ -432,5 +442,5 @@ async fn verify_finds_a_missing_duplicate_in_a_table_without_a_primary_key() {
     let report = text(&out);
     assert_eq!(out.status.code(), Some(1), "{report}");
     assert!(report.contains("5002         5001  rows differ"), "{report}");
-    assert!(report.contains("(dup) (copy 2): missing in target"), "{report}");
+    assert!(report.contains("(dup,{}) (copy 2): missing in target"), "{report}");
 }

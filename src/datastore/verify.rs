@@ -1,14 +1,20 @@
 //! `datastore verify`: every table of source and target compared by row
 //! counts and content checksums computed in the databases.
 //!
-//! A table's rows are split into buckets by a hash of their key (the primary
-//! key, or the whole row without one), and each bucket is summarised by an
-//! order-independent aggregate: `count(*)` and the sums of two 64-bit hashes
-//! of the row's text (seeded differently; PostgreSQL 11 and later). That is one sequential scan with a
-//! hash aggregate per side (PostgreSQL may run it with parallel workers), no
-//! sort and no window over the table, and both sides run at once. Buckets
-//! that differ are read row by row (key and `md5` of the row) to name the
-//! rows that differ.
+//! A table is first summarised whole on both sides at once: `count(*)` and
+//! the sum of a 64-bit hash of each row, an order-independent aggregate (one
+//! sequential scan, no sort, no window; PostgreSQL may use parallel
+//! workers). The row hash is `hash_record_extended` (PostgreSQL 14 and later:
+//! each column hashed by its type's own hash function, five times cheaper
+//! than printing the row) when every column is of a built-in type whose hash
+//! depends only on the value ([`PORTABLE_TYPES`], or arrays of them, with a
+//! deterministic collation); otherwise the hash of the row's text (enums
+//! hash by their OID, which differs between servers; `json`, `point` and
+//! others have no hash function). Only a table whose summaries differ
+//! is looked at more closely: its rows are split into buckets by a hash of
+//! their key (the primary key, or the whole row without one), the buckets
+//! summarised the same way, and the rows of differing buckets read (key and
+//! `md5` of the row) to name the rows that differ.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -37,9 +43,51 @@ const MAX_BUCKETS: i64 = 4096;
 /// Differing rows named per table.
 const MAX_ROWS: usize = 20;
 
-/// Tables (quoted, qualified) of the user schemas with their primary key as
-/// `t.col, ...` (empty without one) and the planner's row estimate.
-async fn tables(db: &Database, client: &Client) -> Result<BTreeMap<String, (String, f64)>> {
+/// Built-in types whose extended hash is a function of the value alone,
+/// the same on every server.
+const PORTABLE_TYPES: &[&str] = &[
+    "int2",
+    "int4",
+    "int8",
+    "numeric",
+    "float4",
+    "float8",
+    "text",
+    "varchar",
+    "bpchar",
+    "char",
+    "bool",
+    "bytea",
+    "date",
+    "time",
+    "timetz",
+    "timestamp",
+    "timestamptz",
+    "interval",
+    "uuid",
+    "jsonb",
+    "inet",
+    "cidr",
+    "macaddr",
+];
+
+/// A table of the user schemas.
+struct Table {
+    /// Its primary key as `t.col, ...`; empty without one.
+    key: String,
+    /// The planner's row estimate.
+    estimate: f64,
+    /// Whether rows can be hashed by [`RowHash::Record`] on this server.
+    portable: bool,
+}
+
+/// Tables (quoted, qualified) of the user schemas.
+async fn tables(db: &Database, client: &Client) -> Result<BTreeMap<String, Table>> {
+    let portable = PORTABLE_TYPES
+        .iter()
+        .map(|t| format!("'pg_catalog.{t}'::regtype"))
+        .collect::<Vec<_>>()
+        .join(", ");
     let rows = client
         .query(
             &format!(
@@ -47,7 +95,13 @@ async fn tables(db: &Database, client: &Client) -> Result<BTreeMap<String, (Stri
                         coalesce((SELECT string_agg('t.' || quote_ident(a.attname), ', ' ORDER BY array_position(i.indkey, a.attnum))
                                     FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
                                    WHERE i.indrelid = c.oid AND i.indisprimary), ''),
-                        greatest(c.reltuples, 0)::float8
+                        greatest(c.reltuples, 0)::float8,
+                        current_setting('server_version_num')::int >= 140000 AND NOT EXISTS (
+                            SELECT 1 FROM pg_attribute a JOIN pg_type ty ON ty.oid = a.atttypid
+                              LEFT JOIN pg_type el ON el.oid = ty.typelem AND ty.typcategory = 'A'
+                              LEFT JOIN pg_collation co ON co.oid = a.attcollation
+                             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                               AND (coalesce(el.oid, ty.oid) NOT IN ({portable}) OR NOT coalesce(co.collisdeterministic, true)))
                    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                   WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND {USER_SCHEMAS}"
             ),
@@ -55,7 +109,19 @@ async fn tables(db: &Database, client: &Client) -> Result<BTreeMap<String, (Stri
         )
         .await
         .map_err(q(db, "listing tables"))?;
-    Ok(rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect())
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                r.get(0),
+                Table {
+                    key: r.get(1),
+                    estimate: r.get(2),
+                    portable: r.get(3),
+                },
+            )
+        })
+        .collect())
 }
 
 /// The text a row is bucketed and named by: its key, or the whole row.
@@ -75,20 +141,56 @@ fn bucket_expr(key: &str, buckets: i64) -> String {
     )
 }
 
-/// One bucket's summary: rows, and two order-independent sums of row hashes.
-type Summary = (i64, String, String);
+/// How a row is hashed (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RowHash {
+    Record,
+    Text,
+}
+
+impl RowHash {
+    fn expr(self) -> &'static str {
+        match self {
+            RowHash::Record => "hash_record_extended(t, 0)",
+            RowHash::Text => "hashtextextended(t::text, 0)",
+        }
+    }
+}
+
+/// A summary: rows, and the sum of their hashes.
+type Summary = (i64, String);
+
+/// The whole table's summary.
+async fn summary(db: &Database, client: &Client, table: &str, hash: RowHash) -> Result<Summary> {
+    let sql = format!(
+        "SELECT count(*), coalesce(sum({})::text, '') FROM {table} t",
+        hash.expr()
+    );
+    let row = client
+        .query_one(&sql, &[])
+        .await
+        .map_err(q(db, "checksumming a table"))?;
+    Ok((row.get(0), row.get(1)))
+}
 
 /// Summaries of the non-empty buckets of a table.
-async fn buckets(db: &Database, client: &Client, table: &str, key: &str, n: i64) -> Result<BTreeMap<i64, Summary>> {
+async fn buckets(
+    db: &Database,
+    client: &Client,
+    table: &str,
+    key: &str,
+    n: i64,
+    hash: RowHash,
+) -> Result<BTreeMap<i64, Summary>> {
     let sql = format!(
-        "SELECT {b} AS b, count(*), sum(hashtextextended(t::text, 0))::text, sum(hashtextextended(t::text, 1))::text
-           FROM {table} t GROUP BY 1",
-        b = bucket_expr(key, n)
+        "SELECT {b} AS b, count(*), sum({h})::text FROM {table} t GROUP BY 1",
+        b = bucket_expr(key, n),
+        h = hash.expr()
     );
     let rows = client.query(&sql, &[]).await.map_err(q(db, "checksumming a table"))?;
     Ok(rows
         .iter()
-        .map(|r| (r.get::<_, i64>(0), (r.get(1), r.get(2), r.get(3))))
+        .map(|r| (r.get::<_, i64>(0), (r.get(1), r.get(2))))
         .collect())
 }
 
@@ -129,23 +231,34 @@ pub async fn verify(source: &Database, target: &Database) -> Result<Vec<TableDif
     let names: BTreeSet<&String> = st.keys().chain(tt.keys()).collect();
     let mut out = Vec::new();
     for name in names {
-        let (Some((sk, estimate)), Some((tk, _))) = (st.get(name), tt.get(name)) else {
+        let (Some(a), Some(b)) = (st.get(name), tt.get(name)) else {
             out.push(one_sided(source, &s, target, &t, name, st.contains_key(name)).await?);
             continue;
         };
-        let key = if sk == tk { sk.clone() } else { String::new() };
-        let n = ((estimate / BUCKET_ROWS).ceil() as i64).clamp(1, MAX_BUCKETS);
-        let (sb, tb) = tokio::try_join!(buckets(source, &s, name, &key, n), buckets(target, &t, name, &key, n))?;
-        let source_rows: i64 = sb.values().map(|b| b.0).sum();
-        let target_rows: i64 = tb.values().map(|b| b.0).sum();
-        let differing: Vec<i64> = sb
-            .keys()
-            .chain(tb.keys())
-            .copied()
-            .collect::<BTreeSet<i64>>()
-            .into_iter()
-            .filter(|b| sb.get(b) != tb.get(b))
-            .collect();
+        let key = if a.key == b.key { a.key.clone() } else { String::new() };
+        let hash = if a.portable && b.portable {
+            RowHash::Record
+        } else {
+            RowHash::Text
+        };
+        let (sa, ta) = tokio::try_join!(summary(source, &s, name, hash), summary(target, &t, name, hash))?;
+        let (source_rows, target_rows) = (sa.0, ta.0);
+        let n = ((a.estimate / BUCKET_ROWS).ceil() as i64).clamp(1, MAX_BUCKETS);
+        let differing: Vec<i64> = if sa == ta {
+            Vec::new()
+        } else {
+            let (sb, tb) = tokio::try_join!(
+                buckets(source, &s, name, &key, n, hash),
+                buckets(target, &t, name, &key, n, hash)
+            )?;
+            sb.keys()
+                .chain(tb.keys())
+                .copied()
+                .collect::<BTreeSet<i64>>()
+                .into_iter()
+                .filter(|b| sb.get(b) != tb.get(b))
+                .collect()
+        };
         let mut rows = Vec::new();
         for &b in &differing {
             if rows.len() >= MAX_ROWS {
@@ -171,11 +284,7 @@ pub async fn verify(source: &Database, target: &Database) -> Result<Vec<TableDif
             table: name.clone(),
             source_rows: Some(source_rows),
             target_rows: Some(target_rows),
-            status: if differing.is_empty() {
-                "ok".into()
-            } else {
-                "rows differ".into()
-            },
+            status: if sa == ta { "ok".into() } else { "rows differ".into() },
             rows,
         });
     }
