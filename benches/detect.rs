@@ -220,7 +220,7 @@ fn backstop_pass(remote: &Path, state: &Path, url: &str) -> Res<()> {
         .arg("--state")
         .arg(state)
         .env("DB", url)
-        .env("RUST_LOG", "warn")
+        .env("BACKSTOP_LOG", "warn")
         .output()?;
     if !out.status.success() {
         return Err(format!(

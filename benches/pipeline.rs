@@ -7,7 +7,8 @@
 //! is shown apart: the goal is pass − checkpoint ≤ 2× psql.
 //! Checkpoints and restores: `benches/checkpoint.rs`.
 //!
-//! Figures are printed; nothing is asserted.
+//! `BACKSTOP_BENCH_LOG=debug` prints each pass's log. Figures are printed;
+//! nothing is asserted.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -45,6 +46,8 @@ async fn main() -> Res<()> {
     let state = dir.path().join("state");
     let psql = server.bindir().join("psql");
     let url = server.url("shop");
+    // `BACKSTOP_BENCH_LOG=debug` prints each pass's log (where the time goes).
+    let log = std::env::var("BACKSTOP_BENCH_LOG").unwrap_or_else(|_| "warn".into());
     let pass = || -> Res<f64> {
         let t = Instant::now();
         let out = Command::new(env!("CARGO_BIN_EXE_backstop"))
@@ -63,9 +66,12 @@ async fn main() -> Res<()> {
             .arg("--state")
             .arg(&state)
             .env("DB", &url)
-            .env("RUST_LOG", "warn")
+            .env("BACKSTOP_LOG", &log)
             .output()?;
         let secs = t.elapsed().as_secs_f64();
+        if log != "warn" {
+            eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+        }
         if !out.status.success() {
             return Err(format!("backstop run failed: {}", String::from_utf8_lossy(&out.stderr)).into());
         }

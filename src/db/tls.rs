@@ -161,11 +161,24 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The connector for `tls` (None for `disable`).
+/// The connector for `tls` (None for `disable`). Built once per process and
+/// settings: OpenSSL reads the system's CA bundle for every new connector
+/// (about 25 ms here), which would otherwise be paid on every connection.
 pub fn connector(tls: &Tls) -> Result<Option<MakeTlsConnector>, openssl::error::ErrorStack> {
+    static BUILT: std::sync::Mutex<Vec<(Tls, MakeTlsConnector)>> = std::sync::Mutex::new(Vec::new());
     if tls.mode == SslMode::Disable {
         return Ok(None);
     }
+    let mut built = BUILT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((_, connector)) = built.iter().find(|(t, _)| t == tls) {
+        return Ok(Some(connector.clone()));
+    }
+    let connector = build(tls)?;
+    built.push((tls.clone(), connector.clone()));
+    Ok(Some(connector))
+}
+
+fn build(tls: &Tls) -> Result<MakeTlsConnector, openssl::error::ErrorStack> {
     let mut builder = SslConnector::builder(SslMethod::tls_client())?;
     match tls.mode {
         SslMode::VerifyCa | SslMode::VerifyFull => {
@@ -183,7 +196,7 @@ pub fn connector(tls: &Tls) -> Result<Option<MakeTlsConnector>, openssl::error::
         config.set_verify_hostname(full);
         Ok(())
     });
-    Ok(Some(connector))
+    Ok(connector)
 }
 
 #[cfg(test)]
