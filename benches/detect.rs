@@ -11,12 +11,14 @@
 //!   the gate, against the git pipeline `git fetch` + `git log --first-parent
 //!   --name-only gate..main -- apps/shop` + `git show` | `grep` of each file
 //!   named + `psql -c 'select 1'` + `git push` of the gate;
-//! - **first**: the same pass from an empty state against `git clone --mirror`.
+//! - **first**: the same pass from an empty state against `git clone --mirror
+//!   --no-local` (a fetch of everything).
 //!
 //! Each figure is the median of `BACKSTOP_BENCH_DETECT_REPS` (default 3)
 //! alternating runs; between runs the gate is put back and the database's
 //! `backstop` schema dropped. The migration is `SELECT 1` with
 //! `checkpoint: none`: what is measured is finding it, not running it.
+//! `BACKSTOP_BENCH_LOG=debug` prints each backstop pass's log.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -220,8 +222,14 @@ fn backstop_pass(remote: &Path, state: &Path, url: &str) -> Res<()> {
         .arg("--state")
         .arg(state)
         .env("DB", url)
-        .env("BACKSTOP_LOG", "warn")
+        .env(
+            "BACKSTOP_LOG",
+            std::env::var("BACKSTOP_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .output()?;
+    if std::env::var_os("BACKSTOP_BENCH_LOG").is_some() {
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    }
     if !out.status.success() {
         return Err(format!(
             "backstop run failed: {}{}",
@@ -265,7 +273,8 @@ git push -q origin main:{GATE}
 /// that commit (a mirror fetched up to the gate).
 fn clone_mirror(remote: &Path, clone: &Path, at: Option<&str>) -> Res<()> {
     let status = Command::new("git")
-        .args(["clone", "-q", "--mirror"])
+        // --no-local: a real fetch of packs, not hard links to the remote's.
+        .args(["clone", "-q", "--mirror", "--no-local"])
         .arg(remote)
         .arg(clone)
         .status()?;
@@ -309,6 +318,7 @@ fn git(dir: &Path, args: &[&str]) -> Res<()> {
 fn psql_run(psql: &Path, url: &str, sql: &str) -> Res<()> {
     let status = Command::new(psql)
         .args(["-qAt", "-c", sql, url])
+        .env("PGOPTIONS", "-c client_min_messages=warning")
         .stdout(Stdio::null())
         .status()?;
     if !status.success() {
