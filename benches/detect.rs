@@ -26,8 +26,9 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use backstop::pgserver::PgServer;
+use common::Res;
 
-type Res<T> = Result<T, Box<dyn std::error::Error>>;
+mod common;
 
 const GATE: &str = "backstop/gate";
 
@@ -63,7 +64,7 @@ async fn main() -> Res<()> {
             let pristine = dir.path().join("pristine");
             let head = rev(&remote, "refs/heads/main")?;
             git(&remote, &["update-ref", "refs/heads/main", &base])?;
-            backstop_pass(&remote, &pristine, &url)?;
+            common::run_once(&remote, &pristine, &url)?;
             git(&remote, &["update-ref", "refs/heads/main", &head])?;
             for rep in 0..reps {
                 let reset = |remote: &Path| -> Res<()> {
@@ -78,7 +79,7 @@ async fn main() -> Res<()> {
                         let state = dir.path().join(format!("state-{rep}"));
                         copy_dir(&pristine, &state)?;
                         let t = Instant::now();
-                        backstop_pass(&remote, &state, &url)?;
+                        common::run_once(&remote, &state, &url)?;
                         warm.0.push(t.elapsed().as_secs_f64());
                         moved(&remote, &base)?;
                         std::fs::remove_dir_all(&state)?;
@@ -97,7 +98,7 @@ async fn main() -> Res<()> {
                     if side == 0 {
                         let state = dir.path().join(format!("cold-{rep}"));
                         let t = Instant::now();
-                        backstop_pass(&remote, &state, &url)?;
+                        common::run_once(&remote, &state, &url)?;
                         first.0.push(t.elapsed().as_secs_f64());
                         moved(&remote, &base)?;
                         std::fs::remove_dir_all(&state)?;
@@ -203,42 +204,6 @@ fn build(dir: &Path, files: usize, commits: usize) -> Res<PathBuf> {
         return Err("git fast-import failed".into());
     }
     Ok(remote)
-}
-
-fn backstop_pass(remote: &Path, state: &Path, url: &str) -> Res<()> {
-    let out = Command::new(env!("CARGO_BIN_EXE_backstop"))
-        .args([
-            "run",
-            "--once",
-            "--checkpoint",
-            "dump",
-            "--path",
-            "apps/shop",
-            "--revert",
-            "commit",
-        ])
-        .arg("--repo")
-        .arg(remote)
-        .arg("--state")
-        .arg(state)
-        .env("DB", url)
-        .env(
-            "BACKSTOP_LOG",
-            std::env::var("BACKSTOP_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .output()?;
-    if std::env::var_os("BACKSTOP_BENCH_LOG").is_some() {
-        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-    }
-    if !out.status.success() {
-        return Err(format!(
-            "backstop run failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-        .into());
-    }
-    Ok(())
 }
 
 /// What git alone would do for the same pass, in one shell: fetch, list the

@@ -17,8 +17,9 @@ use std::time::Instant;
 
 use backstop::pgserver::PgServer;
 use backstop::sandbox::{BareRemote, Change};
+use common::Res;
 
-type Res<T> = Result<T, Box<dyn std::error::Error>>;
+mod common;
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -46,36 +47,10 @@ async fn main() -> Res<()> {
     let state = dir.path().join("state");
     let psql = server.bindir().join("psql");
     let url = server.url("shop");
-    // `BACKSTOP_BENCH_LOG=debug` prints each pass's log (where the time goes).
-    let log = std::env::var("BACKSTOP_BENCH_LOG").unwrap_or_else(|_| "warn".into());
     let pass = || -> Res<f64> {
         let t = Instant::now();
-        let out = Command::new(env!("CARGO_BIN_EXE_backstop"))
-            .args([
-                "run",
-                "--once",
-                "--checkpoint",
-                "dump",
-                "--path",
-                "apps/shop",
-                "--revert",
-                "commit",
-            ])
-            .arg("--repo")
-            .arg(remote.path())
-            .arg("--state")
-            .arg(&state)
-            .env("DB", &url)
-            .env("BACKSTOP_LOG", &log)
-            .output()?;
-        let secs = t.elapsed().as_secs_f64();
-        if log != "warn" {
-            eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-        }
-        if !out.status.success() {
-            return Err(format!("backstop run failed: {}", String::from_utf8_lossy(&out.stderr)).into());
-        }
-        Ok(secs)
+        common::run_once(remote.path(), &state, &url)?;
+        Ok(t.elapsed().as_secs_f64())
     };
     let anchor = || -> Res<f64> {
         let t = Instant::now();

@@ -98,6 +98,11 @@ impl Move {
         .await
     }
 
+    async fn source_sql(&self, sql: &str) {
+        let c = self.source.database("shop").unwrap().connect().await.unwrap();
+        c.batch_execute(sql).await.unwrap();
+    }
+
     async fn target_sql(&self, sql: &str) {
         let c = self.target.database("shop").unwrap().connect().await.unwrap();
         c.batch_execute(&format!("BEGIN; SET TRANSACTION READ WRITE; {sql}; COMMIT;"))
@@ -312,17 +317,10 @@ async fn import_into_a_non_empty_target_is_refused_and_export_needs_a_lock() {
 async fn a_killed_import_takes_its_pg_restore_with_it_and_rollback_cleans_up() {
     let m = Move::new().await;
     // Enough data that pg_restore runs for a while.
-    m.source
-        .database("shop")
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
-        .batch_execute(
-            "CREATE TABLE bulk AS SELECT g AS id, md5(g::text) || md5((g + 1)::text) AS body FROM generate_series(1, 1500000) g",
-        )
-        .await
-        .unwrap();
+    m.source_sql(
+        "CREATE TABLE bulk AS SELECT g AS id, md5(g::text) || md5((g + 1)::text) AS body FROM generate_series(1, 1500000) g",
+    )
+    .await;
     let (s, t, f) = (m.source.url("shop"), m.target.url("shop"), m.dump());
     m.step(&["lock", "--source", &s]).await;
     m.step(&["export", "--source", &s, "-o", &f]).await;
@@ -424,15 +422,8 @@ async fn a_failed_parallel_import_drops_what_it_created_and_keeps_what_was_there
 async fn verify_finds_a_missing_duplicate_in_a_table_without_a_primary_key_or_a_hashable_type() {
     // `json` has no hash function: the table is checksummed by its rows' text.
     let m = Move::new().await;
-    m.source
-        .database("shop")
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
-        .batch_execute("CREATE TABLE notes (v text, meta json); INSERT INTO notes SELECT 'n' || g, '{}' FROM generate_series(1, 5000) g; INSERT INTO notes VALUES ('dup', '{}'), ('dup', '{}')")
-        .await
-        .unwrap();
+    m.source_sql("CREATE TABLE notes (v text, meta json); INSERT INTO notes SELECT 'n' || g, '{}' FROM generate_series(1, 5000) g; INSERT INTO notes VALUES ('dup', '{}'), ('dup', '{}')")
+        .await;
     m.lock_export_import().await;
     let out = m.verify().await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
