@@ -19,11 +19,6 @@ pub enum DbError {
     BadUrl { var: String, source: tokio_postgres::Error },
     #[error("the connection string of {var}: {message}")]
     BadTls { var: String, message: String },
-    #[error("failed to set up TLS for database {database} (sslrootcert unreadable or not a certificate?)")]
-    TlsSetup {
-        database: String,
-        source: openssl::error::ErrorStack,
-    },
     #[error("failed to connect to database {database}")]
     Connect {
         database: String,
@@ -101,11 +96,7 @@ impl Database {
             database: self.describe(),
             source,
         };
-        let connector = tls::connector(&self.tls).map_err(|source| DbError::TlsSetup {
-            database: self.describe(),
-            source,
-        })?;
-        let client = match connector {
+        let client = match tls::connector(&self.tls) {
             None => {
                 let (client, connection) = self.config.connect(NoTls).await.map_err(connect_err)?;
                 tokio::spawn(async move {
@@ -132,8 +123,8 @@ impl Database {
     /// when the connection uses it (best effort: the caller has timed out).
     pub async fn cancel(&self, token: &tokio_postgres::CancelToken) {
         let result = match tls::connector(&self.tls) {
-            Ok(Some(tls)) => token.cancel_query(tls).await,
-            _ => token.cancel_query(NoTls).await,
+            Some(tls) => token.cancel_query(tls).await,
+            None => token.cancel_query(NoTls).await,
         };
         if let Err(e) = result {
             tracing::warn!(database = %self.describe(), error = %e, "could not cancel the timed-out statement");

@@ -54,6 +54,15 @@ async fn sslmode_and_sslrootcert_are_honoured_against_a_real_tls_server() {
         Ok(true),
         "verify-ca checks the chain, not the name"
     );
+    // The CA file is read at the handshake: one that is missing fails the
+    // connection, it does not fall back to no verification.
+    let missing = encrypted(&url("localhost", "sslmode=verify-full&sslrootcert=/nonexistent/ca.crt")).await;
+    assert!(
+        missing
+            .as_ref()
+            .is_err_and(|e| e.contains("failed to connect to database")),
+        "{missing:?}"
+    );
     assert_eq!(encrypted(&url("127.0.0.1", "sslmode=require")).await, Ok(true));
     assert_eq!(encrypted(&url("127.0.0.1", "sslmode=disable")).await, Ok(false));
     // The keyword form too.

@@ -5,10 +5,14 @@
 //! tokio-postgres knows only the first three and no `sslrootcert`, so both
 //! are taken out of the connection string here before it is parsed.
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 
 use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
-use postgres_openssl::MakeTlsConnector;
+use postgres_openssl::{TlsConnector, TlsStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 
 /// libpq's `sslmode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -161,24 +165,71 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The connector for `tls` (None for `disable`). Built once per process and
-/// settings: OpenSSL reads the system's CA bundle for every new connector
-/// (about 25 ms here), which would otherwise be paid on every connection.
-pub fn connector(tls: &Tls) -> Result<Option<MakeTlsConnector>, openssl::error::ErrorStack> {
-    static BUILT: std::sync::Mutex<Vec<(Tls, MakeTlsConnector)>> = std::sync::Mutex::new(Vec::new());
-    if tls.mode == SslMode::Disable {
-        return Ok(None);
-    }
-    let mut built = BUILT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some((_, connector)) = built.iter().find(|(t, _)| t == tls) {
-        return Ok(Some(connector.clone()));
-    }
-    let connector = build(tls)?;
-    built.push((tls.clone(), connector.clone()));
-    Ok(Some(connector))
+/// The connector for `tls` (None for `disable`). OpenSSL's context is
+/// built only when a server accepts TLS, and then once per process and
+/// settings: building it reads the system's CA bundle (about 30 ms here),
+/// which a server without TLS (`prefer`) never needs.
+pub fn connector(tls: &Tls) -> Option<LazyTls> {
+    (tls.mode != SslMode::Disable).then(|| LazyTls { tls: tls.clone() })
 }
 
-fn build(tls: &Tls) -> Result<MakeTlsConnector, openssl::error::ErrorStack> {
+/// Makes [`LazyTlsConnect`]s (tokio-postgres' `MakeTlsConnect`).
+#[derive(Debug, Clone)]
+pub struct LazyTls {
+    tls: Tls,
+}
+
+impl<S> MakeTlsConnect<S> for LazyTls
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = TlsStream<S>;
+    type TlsConnect = LazyTlsConnect;
+    type Error = std::convert::Infallible;
+
+    fn make_tls_connect(&mut self, domain: &str) -> Result<LazyTlsConnect, Self::Error> {
+        Ok(LazyTlsConnect {
+            tls: self.tls.clone(),
+            domain: domain.to_string(),
+        })
+    }
+}
+
+/// One TLS handshake; the OpenSSL context is taken (or built) only here.
+#[derive(Debug)]
+pub struct LazyTlsConnect {
+    tls: Tls,
+    domain: String,
+}
+
+impl<S> TlsConnect<S> for LazyTlsConnect
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = TlsStream<S>;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = Pin<Box<dyn Future<Output = Result<TlsStream<S>, Self::Error>> + Send>>;
+
+    fn connect(self, stream: S) -> Self::Future {
+        let configured = shared(&self.tls).and_then(|connector| {
+            let mut config = connector.configure()?;
+            config.set_verify_hostname(self.tls.mode == SslMode::VerifyFull);
+            Ok(config)
+        });
+        match configured {
+            Ok(config) => TlsConnector::new(config, &self.domain).connect(stream),
+            Err(e) => Box::pin(std::future::ready(Err(Box::new(e) as Self::Error))),
+        }
+    }
+}
+
+/// The OpenSSL connector for `tls`, built once per process and settings.
+fn shared(tls: &Tls) -> Result<SslConnector, openssl::error::ErrorStack> {
+    static BUILT: std::sync::Mutex<Vec<(Tls, SslConnector)>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((_, connector)) = built.iter().find(|(t, _)| t == tls) {
+        return Ok(connector.clone());
+    }
     let mut builder = SslConnector::builder(SslMethod::tls_client())?;
     match tls.mode {
         SslMode::VerifyCa | SslMode::VerifyFull => {
@@ -190,12 +241,8 @@ fn build(tls: &Tls) -> Result<MakeTlsConnector, openssl::error::ErrorStack> {
         }
         _ => builder.set_verify(SslVerifyMode::NONE),
     }
-    let mut connector = MakeTlsConnector::new(builder.build());
-    let full = tls.mode == SslMode::VerifyFull;
-    connector.set_callback(move |config, _| {
-        config.set_verify_hostname(full);
-        Ok(())
-    });
+    let connector = builder.build();
+    built.push((tls.clone(), connector.clone()));
     Ok(connector)
 }
 
