@@ -150,7 +150,7 @@ async fn local(mb: u64) -> Res<Duration> {
     let (server, db, rows) = loaded(mb).await?;
     let state = tempfile::tempdir()?;
     let backend = LocalBackend {
-        bindir: server.bindir().to_path_buf(),
+        bindir: server.bindir().to_path_buf().into(),
         pgdata: server.data_dir(),
         wal_archive: server.archive(),
         store: state.path().join("checkpoints"),
@@ -317,7 +317,7 @@ async fn with_pgbackrest(mb: u64, local_restore: Duration) -> Res<()> {
         stanza: "bench".into(),
         config: Some(config.clone()),
         server: Server {
-            bindir: server.bindir().to_path_buf(),
+            bindir: server.bindir().to_path_buf().into(),
             pgdata: server.data_dir(),
             recovery_timeout: Duration::from_secs(3600),
         },

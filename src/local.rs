@@ -128,7 +128,8 @@ pub async fn engine(opts: &LocalOptions) -> Result<Engine, LocalError> {
         Some(f) => f.build()?,
         None => Arc::new(NoForge),
     };
-    let bindir = pgbin::bindir()?;
+    // Found when a checkpoint first spawns a PostgreSQL program.
+    let bindir = pgbin::Bindir::lazy();
     let store = opts.state.join("checkpoints");
     let dump: Arc<dyn Checkpoint> = Arc::new(DumpBackend {
         bindir: bindir.clone(),

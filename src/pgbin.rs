@@ -54,6 +54,41 @@ pub fn bindir() -> Result<PathBuf, PgBinError> {
     candidates.pop().map(|(_, d)| d).ok_or(PgBinError::NotFound)
 }
 
+/// Where the PostgreSQL programs are: a folder given, or found by
+/// [`bindir`] on first use, so that a pass that spawns none of them never
+/// looks (looking spawns `pg_config`). Clones share what was found.
+#[derive(Debug, Clone, Default)]
+pub struct Bindir(std::sync::Arc<std::sync::OnceLock<PathBuf>>);
+
+impl Bindir {
+    /// Found on first use.
+    pub fn lazy() -> Self {
+        Self::default()
+    }
+
+    /// The folder, found now if it was not yet.
+    pub fn get(&self) -> Result<&Path, PgBinError> {
+        if let Some(dir) = self.0.get() {
+            return Ok(dir);
+        }
+        let found = bindir()?;
+        Ok(self.0.get_or_init(|| found))
+    }
+
+    /// [`command`] for `program` of this folder.
+    pub fn command(&self, program: &str, owner: Option<(u32, u32)>) -> Result<Command, PgBinError> {
+        Ok(command(self.get()?, program, owner))
+    }
+}
+
+impl From<PathBuf> for Bindir {
+    fn from(dir: PathBuf) -> Self {
+        let cell = std::sync::OnceLock::new();
+        let _ = cell.set(dir);
+        Self(std::sync::Arc::new(cell))
+    }
+}
+
 /// Owner (uid, gid) of `path`.
 pub fn owner_of(path: &Path) -> Result<(u32, u32), PgBinError> {
     let meta = std::fs::metadata(path).map_err(|source| PgBinError::Inspect {

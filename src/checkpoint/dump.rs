@@ -16,7 +16,7 @@ use crate::pgbin;
 #[derive(Debug, Clone)]
 pub struct DumpBackend {
     /// PostgreSQL client programs.
-    pub bindir: PathBuf,
+    pub bindir: pgbin::Bindir,
     /// Where dumps are kept (`<state>/checkpoints`).
     pub store: PathBuf,
 }
@@ -36,6 +36,11 @@ impl Checkpoint for DumpBackend {
     }
 
     async fn preflight(&self, db: &Database) -> Result<(), CheckpointError> {
+        // pg_dump must be there before a run starts, not only when it needs it.
+        self.bindir.get().map_err(|source| CheckpointError::Tool {
+            step: "finding pg_dump".into(),
+            source,
+        })?;
         db.connect().await?;
         Ok(())
     }
@@ -51,7 +56,13 @@ impl Checkpoint for DumpBackend {
             })?;
         let file = dir.join(format!("{}.dump", db.dbname()));
         let started_at = Utc::now();
-        let mut cmd = pgbin::command(&self.bindir, "pg_dump", None);
+        let mut cmd = self
+            .bindir
+            .command("pg_dump", None)
+            .map_err(|source| CheckpointError::Tool {
+                step: "finding pg_dump".into(),
+                source,
+            })?;
         cmd.envs(db.libpq_env()).args(["-Fc", "--no-password", "-f"]).arg(&file);
         pgbin::run(cmd, "pg_dump")
             .await
@@ -72,7 +83,13 @@ impl Checkpoint for DumpBackend {
     }
 
     async fn drill(&self, _db: &Database, checkpoint: &CheckpointRecord) -> Result<String, CheckpointError> {
-        let mut cmd = pgbin::command(&self.bindir, "pg_restore", None);
+        let mut cmd = self
+            .bindir
+            .command("pg_restore", None)
+            .map_err(|source| CheckpointError::Tool {
+                step: "finding pg_restore".into(),
+                source,
+            })?;
         cmd.arg("--list").arg(&checkpoint.location);
         let listing = pgbin::run(cmd, "pg_restore --list")
             .await
@@ -158,7 +175,13 @@ impl Checkpoint for DumpBackend {
                 .await
                 .map_err(query("keeping the damaged database"))?;
         }
-        let mut cmd = pgbin::command(&self.bindir, "pg_restore", None);
+        let mut cmd = self
+            .bindir
+            .command("pg_restore", None)
+            .map_err(|source| CheckpointError::Tool {
+                step: "finding pg_restore".into(),
+                source,
+            })?;
         cmd.envs(db.sibling("postgres").libpq_env())
             .args(["--create", "--exit-on-error", "--no-password", "-d", "postgres"])
             .arg(&checkpoint.location);

@@ -30,7 +30,7 @@ pub(crate) use restore::pause_point;
 #[derive(Debug, Clone)]
 pub struct LocalBackend {
     /// PostgreSQL programs.
-    pub bindir: PathBuf,
+    pub bindir: pgbin::Bindir,
     /// The server's data directory.
     pub pgdata: PathBuf,
     /// The folder the server's `archive_command` copies WAL segments to.
@@ -124,7 +124,13 @@ impl LocalBackend {
                 source,
             })?
             .get(0);
-        let mut cmd = pgbin::command(&self.bindir, "pg_controldata", None);
+        let mut cmd = self
+            .bindir
+            .command("pg_controldata", None)
+            .map_err(|source| CheckpointError::Tool {
+                step: "finding pg_controldata".into(),
+                source,
+            })?;
         cmd.arg("-D").arg(&self.pgdata);
         let out = pgbin::run(cmd, "pg_controldata")
             .await

@@ -191,6 +191,11 @@ impl Checkpoint for PgBackRestBackend {
                 what: "--pgbackrest-stanza to name the server's stanza".into(),
             });
         }
+        // pg_ctl stops and starts the server around a restore: it must be there first.
+        self.server.bindir.get().map_err(|source| CheckpointError::Tool {
+            step: "finding pg_ctl".into(),
+            source,
+        })?;
         if !self.server.pgdata.join("PG_VERSION").is_file() {
             return Err(CheckpointError::Misconfigured {
                 what: format!(

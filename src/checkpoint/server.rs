@@ -21,7 +21,7 @@ pub const RECOVERY_SETTINGS: &[&str] = &[
 /// The server behind a data directory, run by `pg_ctl` as its owner.
 #[derive(Debug, Clone)]
 pub struct Server {
-    pub bindir: PathBuf,
+    pub bindir: pgbin::Bindir,
     pub pgdata: PathBuf,
     /// How long recovery may take before the restore is declared failed.
     pub recovery_timeout: Duration,
@@ -29,7 +29,13 @@ pub struct Server {
 
 impl Server {
     pub(crate) async fn pg_ctl(&self, args: &[&str], owner: (u32, u32), step: &str) -> Result<String, CheckpointError> {
-        let mut cmd = pgbin::command(&self.bindir, "pg_ctl", Some(owner));
+        let mut cmd = self
+            .bindir
+            .command("pg_ctl", Some(owner))
+            .map_err(|source| CheckpointError::Tool {
+                step: "finding pg_ctl".into(),
+                source,
+            })?;
         cmd.args(args);
         pgbin::run(cmd, "pg_ctl").await.map_err(|source| CheckpointError::Tool {
             step: step.to_string(),

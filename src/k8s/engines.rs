@@ -302,7 +302,7 @@ async fn engine_for(
     // failover to the other replica loses the checkpoint a run depends on.
     let dump: Arc<dyn Checkpoint> = if opts.durable_state {
         Arc::new(DumpBackend {
-            bindir: bindir.to_path_buf(),
+            bindir: bindir.to_path_buf().into(),
             store: dir.join("checkpoints"),
         })
     } else {

@@ -364,7 +364,7 @@ pub async fn cnpg_cluster_owned_by(s: &Setup, owner: &str) -> Api<DynamicObject>
 pub fn fake_cnpg_operator(client: kube::Client, f: &Fixture) -> tokio::task::JoinHandle<()> {
     use backstop::checkpoint::{local::LocalBackend, Checkpoint, RecoveryPoint};
     let backend = LocalBackend {
-        bindir: f.server.bindir().to_path_buf(),
+        bindir: f.server.bindir().to_path_buf().into(),
         pgdata: f.server.data_dir(),
         wal_archive: f.server.archive(),
         store: f.dir.path().join("cnpg-operator"),
