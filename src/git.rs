@@ -377,6 +377,31 @@ impl GitRepo {
         if !local {
             return false;
         }
+        // The branches as the mirror last saw them: nothing to fetch (and no
+        // process to start, the common case of a pass's second fetch).
+        let remote = PathBuf::from(self.url.strip_prefix("file://").unwrap_or(&self.url));
+        let current = self
+            .blocking(move |this| {
+                let branches = |repo: &Repository, prefix: &str| -> Option<Vec<(String, git2::Oid)>> {
+                    let mut out = Vec::new();
+                    for r in repo.references_glob(&format!("{prefix}*")).ok()? {
+                        let r = r.ok()?;
+                        out.push((r.name().ok()?.strip_prefix(prefix)?.to_string(), r.target()?));
+                    }
+                    out.sort();
+                    Some(out)
+                };
+                let theirs = Repository::open_bare(&remote)
+                    .ok()
+                    .and_then(|r| branches(&r, "refs/heads/"));
+                let ours = branches(&this.repo()?, "refs/remotes/origin/");
+                Ok(theirs.is_some() && theirs == ours)
+            })
+            .await
+            .unwrap_or(false);
+        if current {
+            return true;
+        }
         let mut cmd = tokio::process::Command::new("git");
         cmd.arg("-C")
             .arg(&self.mirror)
