@@ -78,10 +78,15 @@ pub enum Command {
         note: String,
     },
     /// Print the safety findings of SQL files or migration carriers (YAML):
-    /// file:line:column, rule, why, and how to do it safely. Exit 0 when no
-    /// finding is at error level, 1 otherwise, 2 when a file cannot be read or parsed.
+    /// file:line:column, rule, why, and how to do it safely. A statement that
+    /// does not parse (or a psql meta-command) is a BS001 finding at its line
+    /// and the rest is still linted; a file that cannot be read is named and
+    /// the others are still linted. Exit 0 when no finding is at error level,
+    /// 1 otherwise, 2 when any file could not be read or holds text that is
+    /// not SQL.
     Lint {
-        /// `.sql` files (one migration each) or YAML carriers.
+        /// `.sql` files (one migration each), YAML carriers, or `-` for SQL
+        /// on standard input.
         #[arg(required = true)]
         files: Vec<String>,
         /// Output for people or for programs.
@@ -768,16 +773,20 @@ async fn datastore(step: DatastoreStep) -> anyhow::Result<u8> {
 }
 
 fn lint(files: &[String], format: Format, pg_version: u32) -> anyhow::Result<u8> {
-    let results = match crate::lint::lint_files(files, LintOptions { pg_version }) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("backstop: {}", crate::run::chain(&e));
-            return Ok(EXIT_BAD_INPUT);
+    let results = crate::lint::lint_files(files, LintOptions { pg_version });
+    for f in &results {
+        if let Some(e) = &f.unreadable {
+            eprintln!("backstop: {e}");
         }
-    };
+    }
     match format {
         Format::Text => print!("{}", crate::lint::render_text(&results)),
         Format::Json => println!("{}", serde_json::to_string_pretty(&results)?),
+    }
+    // A file that could not be read, or text that is not SQL, is bad input
+    // (2) even beside findings; findings at error level alone are 1.
+    if results.iter().any(|f| f.unreadable.is_some() || f.not_sql > 0) {
+        return Ok(EXIT_BAD_INPUT);
     }
     let errors: usize = results.iter().map(|f| crate::lint::errors(&f.findings)).sum();
     Ok(if errors > 0 { EXIT_ROLLED_BACK } else { EXIT_OK })

@@ -492,190 +492,8 @@ pub fn errors(findings: &[Finding]) -> usize {
     findings.iter().filter(|f| f.severity == Severity::Error).count()
 }
 
-/// Input to `backstop lint` that cannot be analysed.
-#[derive(Debug, thiserror::Error)]
-pub enum LintInputError {
-    #[error("failed to read {path}")]
-    Read { path: String, source: std::io::Error },
-    #[error("{path} is {what}, not a regular file; refusing to read it")]
-    NotRegular { path: String, what: &'static str },
-    #[error(transparent)]
-    Sql(#[from] crate::sql::SqlError),
-    #[error("invalid migration input:\n  {}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n  "))]
-    Manifests(Vec<crate::manifests::ManifestError>),
-}
-
-/// Findings of one file.
-#[derive(Debug, Clone, Serialize)]
-pub struct FileFindings {
-    pub file: String,
-    pub statements: usize,
-    pub findings: Vec<Finding>,
-}
-
-/// Lints files: `.sql` files as one migration each, YAML files as migration
-/// carriers (SQL files they name are read relative to the carrier's folder).
-/// Only regular files are read (symlinks to them too): a FIFO or a device is
-/// refused by name rather than waited on.
-pub fn lint_files(paths: &[String], opts: LintOptions) -> Result<Vec<FileFindings>, LintInputError> {
-    let mut out = Vec::new();
-    for path in paths {
-        if crate::manifests::is_yaml(path) {
-            // One byte over the limit is enough for the parser to refuse the file.
-            let bytes = read_regular(path, Some(crate::manifests::MAX_FILE_BYTES))?;
-            let mut snapshot = crate::manifests::Snapshot::new();
-            let folder = std::path::Path::new(path)
-                .parent()
-                .map(|p| p.to_path_buf())
-                .unwrap_or_default();
-            let skipped = collect_files(&folder, &mut snapshot);
-            snapshot.insert(path.clone(), bytes.clone());
-            let carriers = crate::manifests::parse_file(&snapshot, path, &bytes)
-                .map_err(|errors| LintInputError::Manifests(explain_skipped(errors, &skipped)))?;
-            for c in carriers {
-                out.push(FileFindings {
-                    file: format!("{path} ({})", c.id),
-                    statements: c.statements.len(),
-                    findings: lint(&c.statements, opts),
-                });
-            }
-        } else {
-            let bytes = read_regular(path, None)?;
-            let text = String::from_utf8_lossy(&bytes);
-            // One parse per statement, one statement's tree held at a time.
-            let mut linter = Linter::new(opts);
-            crate::sql::split_each(path, crate::manifests::strip_bom(&text), 1, |s, node| {
-                linter.statement(&s, node)
-            })?;
-            out.push(FileFindings {
-                file: path.clone(),
-                statements: linter.statements,
-                findings: linter.findings,
-            });
-        }
-    }
-    Ok(out)
-}
-
-/// What a file that is not a regular file is, for errors.
-fn special_kind(t: std::fs::FileType) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    if t.is_dir() {
-        "a directory"
-    } else if t.is_fifo() {
-        "a FIFO (named pipe)"
-    } else if t.is_socket() {
-        "a socket"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else {
-        "a special file"
-    }
-}
-
-/// Reads `path` if it is a regular file (following symlinks), at most
-/// `limit` + 1 bytes when a limit is given.
-fn read_regular(path: &str, limit: Option<usize>) -> Result<Vec<u8>, LintInputError> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let read_err = |source| LintInputError::Read {
-        path: path.to_string(),
-        source,
-    };
-    let refuse = |meta: std::fs::Metadata| LintInputError::NotRegular {
-        path: path.to_string(),
-        what: special_kind(meta.file_type()),
-    };
-    let meta = std::fs::metadata(path).map_err(read_err)?;
-    if !meta.is_file() {
-        return Err(refuse(meta));
-    }
-    // Non-blocking: should a FIFO take the file's place after the check,
-    // opening it does not wait for a writer; the open file is checked again.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
-        .open(path)
-        .map_err(read_err)?;
-    let meta = file.metadata().map_err(read_err)?;
-    if !meta.is_file() {
-        return Err(refuse(meta));
-    }
-    let mut bytes = Vec::new();
-    match limit {
-        Some(limit) => file.take(limit as u64 + 1).read_to_end(&mut bytes),
-        None => (&file).read_to_end(&mut bytes),
-    }
-    .map_err(read_err)?;
-    Ok(bytes)
-}
-
-/// Reads the regular files below `dir` (at most 4 MiB each, 2,000 files;
-/// symlinks to files are followed, to folders not) into `snapshot`. Returns
-/// the files left out and why, for errors naming them.
-fn collect_files(
-    dir: &std::path::Path,
-    snapshot: &mut crate::manifests::Snapshot,
-) -> std::collections::BTreeMap<String, String> {
-    let mut skipped = std::collections::BTreeMap::new();
-    let mut stack = vec![if dir.as_os_str().is_empty() {
-        std::path::PathBuf::from(".")
-    } else {
-        dir.to_path_buf()
-    }];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
-        for e in entries.flatten() {
-            let p = e.path();
-            let Ok(kind) = e.file_type() else { continue };
-            if kind.is_dir() {
-                stack.push(p);
-                continue;
-            }
-            if snapshot.len() >= 2000 {
-                continue;
-            }
-            let key = p.to_string_lossy().trim_start_matches("./").to_string();
-            match read_regular(&key, Some(crate::manifests::MAX_FILE_BYTES)) {
-                Ok(bytes) if bytes.len() > crate::manifests::MAX_FILE_BYTES => {
-                    skipped.insert(
-                        key,
-                        "larger than 4 MiB, the limit for files lint reads beside a carrier".into(),
-                    );
-                }
-                Ok(bytes) => {
-                    snapshot.insert(key, bytes);
-                }
-                Err(LintInputError::NotRegular { what, .. }) if what != "a directory" => {
-                    skipped.insert(key, format!("{what}, not a regular file"));
-                }
-                Err(_) => {}
-            }
-        }
-    }
-    skipped
-}
-
-/// Says why a file a carrier names is missing when lint left it out.
-fn explain_skipped(
-    mut errors: Vec<crate::manifests::ManifestError>,
-    skipped: &std::collections::BTreeMap<String, String>,
-) -> Vec<crate::manifests::ManifestError> {
-    for e in &mut errors {
-        for (path, what) in skipped {
-            let missing = format!("but {path} is not in the repository");
-            if e.message.ends_with(&missing) {
-                let len = e.message.len() - missing.len();
-                e.message.truncate(len);
-                e.message
-                    .push_str(&format!("but {path} is {what}; refusing to read it"));
-            }
-        }
-    }
-    errors
-}
+mod files;
+pub use files::{lint_files, FileFindings, LintInputError, NOT_SQL};
 
 /// Findings for people, grouped by file, with the fix.
 pub fn render_text(files: &[FileFindings]) -> String {
@@ -683,6 +501,10 @@ pub fn render_text(files: &[FileFindings]) -> String {
     let mut s = String::new();
     let (mut errors, mut warnings) = (0, 0);
     for f in files {
+        if let Some(e) = &f.unreadable {
+            let _ = writeln!(s, "{}: not linted: {e}", f.file);
+            continue;
+        }
         let _ = writeln!(s, "{} ({} statements)", f.file, f.statements);
         if f.findings.is_empty() {
             let _ = writeln!(s, "  no findings");
@@ -715,9 +537,14 @@ pub fn render_text(files: &[FileFindings]) -> String {
 mod tests {
     use super::*;
 
-    fn lint_paths(paths: &[&std::path::Path]) -> Result<Vec<FileFindings>, LintInputError> {
+    /// The findings, or why the first file that could not be linted was not.
+    fn lint_paths(paths: &[&std::path::Path]) -> Result<Vec<FileFindings>, String> {
         let paths: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
-        lint_files(&paths, LintOptions::default())
+        let found = lint_files(&paths, LintOptions::default());
+        match found.iter().find_map(|f| f.unreadable.clone()) {
+            Some(e) => Err(e),
+            None => Ok(found),
+        }
     }
 
     #[test]

@@ -60,7 +60,61 @@ pub fn split_each(
     origin: &str,
     text: &str,
     first_line: usize,
+    each: impl FnMut(Statement, &NodeEnum),
+) -> Result<(), SqlError> {
+    split_inner(origin, text, first_line, each, None)
+}
+
+/// Like [`split_each`], for reading rather than running: what is not SQL is
+/// handed to `bad` and the rest goes on. A statement that does not parse is
+/// reported at its own line and the next one is read; a psql
+/// meta-command line (`\set`, `\i`, ...) is reported as not SQL and left
+/// out. Only text the scanner cannot read at all (an unterminated quote)
+/// ends the file, reported once.
+pub fn split_lenient(
+    origin: &str,
+    text: &str,
+    first_line: usize,
+    each: impl FnMut(Statement, &NodeEnum),
+    mut bad: impl FnMut(SqlError),
+) {
+    let mut blanked = None;
+    let mut lines = LineCursor::new(text, first_line);
+    let mut at = 0;
+    for line_text in text.split_inclusive('\n') {
+        if line_text.trim_start().starts_with('\\') {
+            let (line, _) = lines.at(at);
+            let command: String = line_text.trim().chars().take(60).collect();
+            bad(SqlError {
+                origin: origin.to_string(),
+                line,
+                message: format!(
+                    "`{command}` is a psql meta-command, not SQL: backstop sends SQL only, so it is left out"
+                ),
+            });
+            // Spaces keep every later offset, line and column where it was.
+            let copy = blanked.get_or_insert_with(|| text.to_string());
+            copy.replace_range(
+                at..at + line_text.trim_end_matches('\n').len(),
+                &" ".repeat(line_text.trim_end_matches('\n').len()),
+            );
+        }
+        at += line_text.len();
+    }
+    let text = blanked.as_deref().unwrap_or(text);
+    if let Err(e) = split_inner(origin, text, first_line, each, Some(&mut bad)) {
+        bad(e);
+    }
+}
+
+/// [`split_each`]; with `bad`, pieces that do not parse are reported there
+/// and skipped (unless they may be part of a larger statement).
+fn split_inner(
+    origin: &str,
+    text: &str,
+    first_line: usize,
     mut each: impl FnMut(Statement, &NodeEnum),
+    mut bad: Option<&mut dyn FnMut(SqlError)>,
 ) -> Result<(), SqlError> {
     let pieces = match pg_query::split_with_scanner(text) {
         Ok(pieces) => pieces,
@@ -71,12 +125,28 @@ pub fn split_each(
     let mut emitted = 0;
     let mut lines = LineCursor::new(text, first_line);
     let mut parsed = Vec::new();
-    for piece in pieces {
+    // The scanner leaves out text it cannot make a statement of (`SELEC x;`
+    // comes back as nothing): what lies between its pieces, other than
+    // semicolons, blanks and comments, is handed on as a piece of its own,
+    // so it fails to parse instead of vanishing.
+    let mut pieces_and_gaps = Vec::with_capacity(pieces.len());
+    let mut end = 0;
+    for piece in pieces.iter().copied().chain(std::iter::once(&text[text.len()..])) {
+        let start = piece.as_ptr() as usize - text.as_ptr() as usize;
+        if let Some(gap) = text.get(end..start).filter(|gap| has_code(gap)) {
+            pieces_and_gaps.push(gap.trim_start_matches(|c: char| c.is_whitespace() || c == ';'));
+        }
+        if !piece.is_empty() {
+            pieces_and_gaps.push(piece);
+        }
+        end = start + piece.len();
+    }
+    for piece in pieces_and_gaps {
         let start = piece.as_ptr() as usize - text.as_ptr() as usize;
         let lead = code_start(piece);
         let (line, column) = lines.at(start + lead);
         if piece.len() > MAX_STATEMENT_BYTES {
-            return Err(SqlError {
+            let too_big = SqlError {
                 origin: origin.to_string(),
                 line,
                 message: format!(
@@ -84,15 +154,42 @@ pub fn split_each(
                     piece.len() >> 20,
                     MAX_STATEMENT_BYTES >> 20
                 ),
-            });
+            };
+            match bad.as_mut() {
+                Some(report) => {
+                    report(too_big);
+                    continue;
+                }
+                None => return Err(too_big),
+            }
         }
         match pg_query::parse(piece, 0) {
             Ok(tree) => parsed.push((&piece[lead..], line, column, tree)),
-            Err(_) => {
+            Err(err) => {
                 for (piece, line, column, tree) in parsed.drain(..) {
                     hand_out(origin, piece, line, column, &tree, &mut each);
                 }
-                return split_whole(origin, text, first_line, emitted.max(start), each);
+                // Only a body with semicolons of its own (`BEGIN ATOMIC`, a
+                // rule's action list) needs the whole text; any other piece
+                // that does not parse is a statement of its own.
+                let upper = piece.to_ascii_uppercase();
+                let whole = upper.contains("ATOMIC") || upper.contains("RULE");
+                if whole {
+                    return split_whole(origin, text, first_line, emitted.max(start), each);
+                }
+                let broken = SqlError {
+                    origin: origin.to_string(),
+                    line,
+                    message: message_of(err),
+                };
+                match bad.as_mut() {
+                    Some(report) => {
+                        report(broken);
+                        emitted = start + piece.len();
+                        continue;
+                    }
+                    None => return Err(broken),
+                }
             }
         }
         // Hand out in batches so trees do not pile up.
@@ -185,6 +282,22 @@ fn split_whole(
         }
     }
     Ok(())
+}
+
+/// Whether `gap` (text between the scanner's statements) holds anything
+/// but semicolons, blanks and comments.
+fn has_code(gap: &str) -> bool {
+    let mut rest = gap;
+    loop {
+        rest = rest.trim_start_matches(|c: char| c.is_whitespace() || c == ';');
+        if let Some(after) = rest.strip_prefix("--") {
+            rest = after.split_once('\n').map(|(_, r)| r).unwrap_or("");
+        } else if let Some(after) = rest.strip_prefix("/*") {
+            rest = after.split_once("*/").map(|(_, r)| r).unwrap_or("");
+        } else {
+            return !rest.is_empty();
+        }
+    }
 }
 
 /// Where the statement's code starts in `piece`: after whitespace and the
@@ -455,5 +568,47 @@ mod tests {
             let s = split("x", sql, 1).unwrap();
             assert!(s[0].transactional, "{sql}");
         }
+    }
+}
+
+#[cfg(test)]
+mod lenient_tests {
+    use super::*;
+
+    #[test]
+    fn text_the_scanner_cannot_make_a_statement_of_is_an_error_not_skipped() {
+        // pg_query's scanner split returns nothing for `SELEC broken`: a
+        // migration must not lose a statement to a typo.
+        let text = "CREATE TABLE a (id int);\n-- note\nSELEC broken;\nALTER TABLE a ADD COLUMN b int;";
+        let e = split_each("m.sql", text, 1, |_, _| {}).unwrap_err();
+        assert_eq!(e.line, 3, "{e:?}");
+        assert!(e.message.contains("syntax error"), "{e:?}");
+        assert!(!has_code(" ;\n-- c\n/* d */ ;"));
+        assert!(has_code(";\nSELEC x"));
+    }
+
+    #[test]
+    fn a_statement_that_does_not_parse_is_reported_at_its_line_and_the_next_ones_are_read() {
+        let text = "CREATE TABLE a (id int);\nSELEC broken;\n\\set x 1\nALTER TABLE a ADD COLUMN b int;\n";
+        let (mut good, mut bad) = (Vec::new(), Vec::new());
+        split_lenient(
+            "m.sql",
+            text,
+            1,
+            |s, _| good.push((s.line, s.sql)),
+            |e| bad.push((e.line, e.message)),
+        );
+        assert_eq!(
+            good,
+            vec![
+                (1, "CREATE TABLE a (id int)".to_string()),
+                (4, "ALTER TABLE a ADD COLUMN b int".to_string())
+            ]
+        );
+        assert_eq!(bad.len(), 2, "{bad:?}");
+        assert_eq!(bad[0].0, 3, "{bad:?}");
+        assert!(bad[0].1.contains("psql meta-command"), "{bad:?}");
+        assert_eq!(bad[1].0, 2, "{bad:?}");
+        assert!(bad[1].1.contains("syntax error"), "{bad:?}");
     }
 }

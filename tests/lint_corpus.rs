@@ -92,3 +92,66 @@ fn findings_carry_location_why_and_fix() {
     assert_eq!(f.excerpt, "ALTER TABLE orders DROP COLUMN note");
     assert!(!f.why.is_empty() && !f.fix.is_empty());
 }
+
+fn lint_cli(args: &[&str], stdin: Option<&str>) -> (Option<i32>, String, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .arg("lint")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_statement_that_does_not_parse_is_a_finding_at_its_line_and_hides_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.sql");
+    std::fs::write(
+        &broken,
+        "CREATE TABLE a (id int);\nSELEC broken;\n\\set ON_ERROR_STOP 1\nDROP TABLE a;\n",
+    )
+    .unwrap();
+    let other = dir.path().join("other.sql");
+    std::fs::write(&other, "CREATE INDEX i ON t (x);\n").unwrap();
+    let missing = dir.path().join("missing.sql");
+    let (b, o, m) = (
+        broken.display().to_string(),
+        other.display().to_string(),
+        missing.display().to_string(),
+    );
+    let (code, out, err) = lint_cli(&[&m, &b, &o], None);
+    assert_eq!(code, Some(2), "text that is not SQL is bad input: {out}{err}");
+    assert!(out.contains(&format!("{b}:2:1: error BS001 not-sql")), "{out}");
+    assert!(out.contains("syntax error at or near \"SELEC\""), "{out}");
+    assert!(out.contains(&format!("{b}:3:1: error BS001 not-sql")), "{out}");
+    assert!(out.contains("psql meta-command"), "{out}");
+    // The statements around them are linted, and so is the next file.
+    assert!(out.contains(&format!("{b}:4:1: error BS101 drop-table")), "{out}");
+    assert!(out.contains(&format!("{o}:1:1: error BS301")), "{out}");
+    assert!(err.contains(&format!("failed to read {m}")), "{err}");
+    assert!(out.contains(&format!("{m}: not linted")), "{out}");
+}
+
+#[test]
+fn lint_dash_reads_standard_input() {
+    let (code, out, _) = lint_cli(&["-"], Some("ALTER TABLE orders DROP COLUMN note;\n"));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("-:1:1: error BS102 drop-column"), "{out}");
+    let (code, out, _) = lint_cli(&["-", "--format", "json"], Some("SELECT 1;\n"));
+    assert_eq!(code, Some(0), "{out}");
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json[0]["file"], "-");
+    assert_eq!(json[0]["statements"], 1);
+}
