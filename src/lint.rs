@@ -272,6 +272,8 @@ pub struct Linter {
     opts: LintOptions,
     created: BTreeSet<String>,
     lock_timeout_set: bool,
+    /// The migration already has its (one) lock-timeout finding.
+    lock_timeout_reported: bool,
     pub statements: usize,
     pub findings: Vec<Finding>,
 }
@@ -282,6 +284,7 @@ impl Linter {
             opts,
             created: BTreeSet::new(),
             lock_timeout_set: false,
+            lock_timeout_reported: false,
             statements: 0,
             findings: Vec::new(),
         }
@@ -305,7 +308,9 @@ impl Linter {
             }
             _ => {}
         }
-        if takes_exclusive_lock && !self.lock_timeout_set {
+        // Once per migration: one SET at its start is the fix for all of them.
+        if takes_exclusive_lock && !self.lock_timeout_set && !self.lock_timeout_reported {
+            self.lock_timeout_reported = true;
             found.push(&LOCK_TIMEOUT);
         }
         for r in found {
@@ -352,21 +357,8 @@ fn classify(node: &NodeEnum, opts: LintOptions, created: &BTreeSet<String>, out:
         NodeEnum::IndexStmt(i) if !i.concurrent && !created.contains(&relname(&i.relation)) => {
             out.push(&CREATE_INDEX_LOCK)
         }
-        NodeEnum::ReindexStmt(r) => {
-            let concurrent = r
-                .params
-                .iter()
-                .any(|p| matches!(&p.node, Some(NodeEnum::DefElem(d)) if d.defname == "concurrently"));
-            if !concurrent {
-                out.push(&REINDEX_LOCK);
-            }
-        }
-        NodeEnum::VacuumStmt(v)
-            if v.is_vacuumcmd
-                && v.options
-                    .iter()
-                    .any(|p| matches!(&p.node, Some(NodeEnum::DefElem(d)) if d.defname == "full")) =>
-        {
+        NodeEnum::ReindexStmt(r) if !crate::sql::option_on(&r.params, "concurrently") => out.push(&REINDEX_LOCK),
+        NodeEnum::VacuumStmt(v) if v.is_vacuumcmd && crate::sql::option_on(&v.options, "full") => {
             out.push(&VACUUM_FULL)
         }
         NodeEnum::ClusterStmt(_) => out.push(&CLUSTER),
@@ -466,16 +458,8 @@ fn takes_exclusive_lock(node: &NodeEnum, created: &BTreeSet<String>) -> bool {
         NodeEnum::DropStmt(d) => !d.concurrent,
         NodeEnum::RenameStmt(_) | NodeEnum::TruncateStmt(_) | NodeEnum::ClusterStmt(_) | NodeEnum::LockStmt(_) => true,
         NodeEnum::IndexStmt(i) => !i.concurrent && !created.contains(&relname(&i.relation)),
-        NodeEnum::ReindexStmt(r) => !r
-            .params
-            .iter()
-            .any(|p| matches!(&p.node, Some(NodeEnum::DefElem(d)) if d.defname == "concurrently")),
-        NodeEnum::VacuumStmt(v) => {
-            v.is_vacuumcmd
-                && v.options
-                    .iter()
-                    .any(|p| matches!(&p.node, Some(NodeEnum::DefElem(d)) if d.defname == "full"))
-        }
+        NodeEnum::ReindexStmt(r) => !crate::sql::option_on(&r.params, "concurrently"),
+        NodeEnum::VacuumStmt(v) => v.is_vacuumcmd && crate::sql::option_on(&v.options, "full"),
         _ => false,
     }
 }

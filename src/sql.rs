@@ -404,16 +404,33 @@ fn kind_name(node: &NodeEnum) -> String {
     name.0
 }
 
+/// Whether option `name` is on in a parenthesised option list
+/// (`VACUUM (FULL false)`, `REINDEX (CONCURRENTLY off)`): present and not
+/// turned off by its value.
+pub fn option_on(options: &[pg_query::Node], name: &str) -> bool {
+    options.iter().any(|p| match &p.node {
+        Some(NodeEnum::DefElem(d)) if d.defname.eq_ignore_ascii_case(name) => {
+            match d.arg.as_ref().and_then(|a| a.node.as_ref()) {
+                None => true,
+                Some(NodeEnum::String(v)) => {
+                    !matches!(v.sval.to_ascii_lowercase().as_str(), "false" | "off" | "0" | "no")
+                }
+                Some(NodeEnum::Integer(v)) => v.ival != 0,
+                Some(NodeEnum::Boolean(v)) => v.boolval,
+                Some(_) => true,
+            }
+        }
+        _ => false,
+    })
+}
+
 /// PostgreSQL refuses these inside a transaction block.
 pub fn can_run_in_transaction(node: &NodeEnum) -> bool {
     match node {
         NodeEnum::IndexStmt(s) => !s.concurrent,
         NodeEnum::DropStmt(s) => !s.concurrent,
         NodeEnum::VacuumStmt(s) => !s.is_vacuumcmd,
-        NodeEnum::ReindexStmt(s) => !s
-            .params
-            .iter()
-            .any(|p| matches!(&p.node, Some(NodeEnum::DefElem(d)) if d.defname.eq_ignore_ascii_case("concurrently"))),
+        NodeEnum::ReindexStmt(s) => !option_on(&s.params, "concurrently"),
         NodeEnum::AlterTableStmt(s) => !s.cmds.iter().any(|cmd| match &cmd.node {
             Some(NodeEnum::AlterTableCmd(c)) => {
                 c.subtype == AlterTableType::AtDetachPartition as i32

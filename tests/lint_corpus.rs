@@ -155,3 +155,21 @@ fn lint_dash_reads_standard_input() {
     assert_eq!(json[0]["file"], "-");
     assert_eq!(json[0]["statements"], 1);
 }
+
+#[test]
+fn a_migration_gets_one_lock_timeout_finding_however_many_statements_wait_for_locks() {
+    let statements = backstop::sql::split(
+        "m.sql",
+        "CREATE INDEX a ON orders (a);\nCREATE INDEX b ON orders (b);\nALTER TABLE orders DROP COLUMN c;\n",
+        1,
+    )
+    .unwrap();
+    let findings = lint::lint(&statements, LintOptions::default());
+    let timeouts: Vec<usize> = findings.iter().filter(|f| f.rule == "BS313").map(|f| f.line).collect();
+    assert_eq!(
+        timeouts,
+        vec![1],
+        "one, at the first statement that waits: {findings:?}"
+    );
+    assert_eq!(findings.iter().filter(|f| f.rule == "BS301").count(), 2);
+}

@@ -364,3 +364,21 @@ COMMENT ON TABLE orders IS 'customer orders';
 -- case: grant is safe
 -- expect: none
 GRANT SELECT ON orders TO reporting;
+
+-- case: vacuum full turned off by its value
+-- expect: BS401
+VACUUM (FULL false) orders;
+
+-- case: vacuum full turned on by its value
+-- expect: BS311,BS401
+SET lock_timeout = '5s';
+VACUUM (FULL true, ANALYZE) orders;
+
+-- case: reindex concurrently turned off by its value
+-- expect: BS303
+SET lock_timeout = '5s';
+REINDEX (CONCURRENTLY false) INDEX orders_customer;
+
+-- case: reindex concurrently by option value
+-- expect: BS401
+REINDEX (CONCURRENTLY) INDEX orders_customer;
