@@ -56,13 +56,7 @@ impl Checkpoint for DumpBackend {
             })?;
         let file = dir.join(format!("{}.dump", db.dbname()));
         let started_at = Utc::now();
-        let mut cmd = self
-            .bindir
-            .command("pg_dump", None)
-            .map_err(|source| CheckpointError::Tool {
-                step: "finding pg_dump".into(),
-                source,
-            })?;
+        let mut cmd = crate::checkpoint::program(&self.bindir, "pg_dump", None)?;
         cmd.envs(db.libpq_env()).args(["-Fc", "--no-password", "-f"]).arg(&file);
         pgbin::run(cmd, "pg_dump")
             .await
@@ -83,13 +77,7 @@ impl Checkpoint for DumpBackend {
     }
 
     async fn drill(&self, _db: &Database, checkpoint: &CheckpointRecord) -> Result<String, CheckpointError> {
-        let mut cmd = self
-            .bindir
-            .command("pg_restore", None)
-            .map_err(|source| CheckpointError::Tool {
-                step: "finding pg_restore".into(),
-                source,
-            })?;
+        let mut cmd = crate::checkpoint::program(&self.bindir, "pg_restore", None)?;
         cmd.arg("--list").arg(&checkpoint.location);
         let listing = pgbin::run(cmd, "pg_restore --list")
             .await
@@ -175,13 +163,7 @@ impl Checkpoint for DumpBackend {
                 .await
                 .map_err(query("keeping the damaged database"))?;
         }
-        let mut cmd = self
-            .bindir
-            .command("pg_restore", None)
-            .map_err(|source| CheckpointError::Tool {
-                step: "finding pg_restore".into(),
-                source,
-            })?;
+        let mut cmd = crate::checkpoint::program(&self.bindir, "pg_restore", None)?;
         cmd.envs(db.sibling("postgres").libpq_env())
             .args(["--create", "--exit-on-error", "--no-password", "-d", "postgres"])
             .arg(&checkpoint.location);

@@ -124,13 +124,7 @@ impl LocalBackend {
                 source,
             })?
             .get(0);
-        let mut cmd = self
-            .bindir
-            .command("pg_controldata", None)
-            .map_err(|source| CheckpointError::Tool {
-                step: "finding pg_controldata".into(),
-                source,
-            })?;
+        let mut cmd = crate::checkpoint::program(&self.bindir, "pg_controldata", None)?;
         cmd.arg("-D").arg(&self.pgdata);
         let out = pgbin::run(cmd, "pg_controldata")
             .await

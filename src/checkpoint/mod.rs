@@ -259,3 +259,16 @@ pub(crate) fn tree_size(path: &std::path::Path) -> u64 {
         .map(|e| tree_size(&e.path()))
         .sum()
 }
+
+/// A command for PostgreSQL program `name` (see [`crate::pgbin::command`]);
+/// not finding the programs is this step's failure.
+pub(crate) fn program(
+    bindir: &crate::pgbin::Bindir,
+    name: &str,
+    owner: Option<(u32, u32)>,
+) -> Result<tokio::process::Command, CheckpointError> {
+    bindir.command(name, owner).map_err(|source| CheckpointError::Tool {
+        step: format!("finding {name}"),
+        source,
+    })
+}

@@ -29,13 +29,7 @@ pub struct Server {
 
 impl Server {
     pub(crate) async fn pg_ctl(&self, args: &[&str], owner: (u32, u32), step: &str) -> Result<String, CheckpointError> {
-        let mut cmd = self
-            .bindir
-            .command("pg_ctl", Some(owner))
-            .map_err(|source| CheckpointError::Tool {
-                step: "finding pg_ctl".into(),
-                source,
-            })?;
+        let mut cmd = crate::checkpoint::program(&self.bindir, "pg_ctl", Some(owner))?;
         cmd.args(args);
         pgbin::run(cmd, "pg_ctl").await.map_err(|source| CheckpointError::Tool {
             step: step.to_string(),

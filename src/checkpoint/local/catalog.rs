@@ -125,13 +125,7 @@ impl LocalBackend {
         let label = format!("{}-{run_id}", Utc::now().format("%Y%m%dT%H%M%S%.3fZ"));
         let partial = bases.join(format!("{PARTIAL}{label}"));
         std::fs::create_dir_all(&partial).map_err(Self::io("create a base backup folder", &partial))?;
-        let mut cmd = self
-            .bindir
-            .command("pg_basebackup", None)
-            .map_err(|source| CheckpointError::Tool {
-                step: "finding pg_basebackup".into(),
-                source,
-            })?;
+        let mut cmd = crate::checkpoint::program(&self.bindir, "pg_basebackup", None)?;
         cmd.envs(db.libpq_env())
             .arg("-D")
             .arg(&partial)
