@@ -79,25 +79,21 @@ pub fn split_lenient(
     mut bad: impl FnMut(SqlError),
 ) {
     let mut blanked = None;
-    let mut lines = LineCursor::new(text, first_line);
     let mut at = 0;
-    for line_text in text.split_inclusive('\n') {
+    for (n, line_text) in text.split_inclusive('\n').enumerate() {
         if line_text.trim_start().starts_with('\\') {
-            let (line, _) = lines.at(at);
             let command: String = line_text.trim().chars().take(60).collect();
             bad(SqlError {
                 origin: origin.to_string(),
-                line,
+                line: first_line + n,
                 message: format!(
                     "`{command}` is a psql meta-command, not SQL: backstop sends SQL only, so it is left out"
                 ),
             });
             // Spaces keep every later offset, line and column where it was.
+            let len = line_text.trim_end_matches('\n').len();
             let copy = blanked.get_or_insert_with(|| text.to_string());
-            copy.replace_range(
-                at..at + line_text.trim_end_matches('\n').len(),
-                &" ".repeat(line_text.trim_end_matches('\n').len()),
-            );
+            copy.replace_range(at..at + len, &" ".repeat(len));
         }
         at += line_text.len();
     }

@@ -37,10 +37,7 @@ impl Checkpoint for DumpBackend {
 
     async fn preflight(&self, db: &Database) -> Result<(), CheckpointError> {
         // pg_dump must be there before a run starts, not only when it needs it.
-        self.bindir.get().map_err(|source| CheckpointError::Tool {
-            step: "finding pg_dump".into(),
-            source,
-        })?;
+        crate::checkpoint::program(&self.bindir, "pg_dump", None)?;
         db.connect().await?;
         Ok(())
     }

@@ -192,10 +192,7 @@ impl Checkpoint for PgBackRestBackend {
             });
         }
         // pg_ctl stops and starts the server around a restore: it must be there first.
-        self.server.bindir.get().map_err(|source| CheckpointError::Tool {
-            step: "finding pg_ctl".into(),
-            source,
-        })?;
+        crate::checkpoint::program(&self.server.bindir, "pg_ctl", None)?;
         if !self.server.pgdata.join("PG_VERSION").is_file() {
             return Err(CheckpointError::Misconfigured {
                 what: format!(

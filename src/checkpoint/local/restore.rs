@@ -354,8 +354,8 @@ fn copy_unarchived_wal(old: &Path, new: &Path, archive: &Path, upto: Option<u64>
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_truncated_archived_segment_is_replaced_by_the_complete_old_copy() {
+    /// A temporary folder with the old `pg_wal`, the new one and the archive.
+    fn wal_dirs() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let (old, new, archive) = (
             dir.path().join("old"),
@@ -365,6 +365,12 @@ mod tests {
         for d in [&old, &new, &archive] {
             std::fs::create_dir(d).unwrap();
         }
+        (dir, old, new, archive)
+    }
+
+    #[test]
+    fn a_truncated_archived_segment_is_replaced_by_the_complete_old_copy() {
+        let (_dir, old, new, archive) = wal_dirs();
         let seg = |n: u8| format!("0000000100000000000000{n:02X}");
         std::fs::write(old.join(seg(1)), vec![1u8; 4096]).unwrap();
         std::fs::write(old.join(seg(2)), vec![2u8; 4096]).unwrap();
@@ -379,15 +385,7 @@ mod tests {
 
     #[test]
     fn recycled_segments_past_the_target_are_not_copied() {
-        let dir = tempfile::tempdir().unwrap();
-        let (old, new, archive) = (
-            dir.path().join("old"),
-            dir.path().join("new"),
-            dir.path().join("archive"),
-        );
-        for d in [&old, &new, &archive] {
-            std::fs::create_dir(d).unwrap();
-        }
+        let (_dir, old, new, archive) = wal_dirs();
         let seg = |n: u8| format!("0000000200000000000000{n:02X}");
         for n in 1..=6 {
             std::fs::write(old.join(seg(n)), vec![n; 4096]).unwrap();
