@@ -111,9 +111,18 @@ pub enum Command {
         /// Output for people or for programs.
         #[arg(long, env = "BACKSTOP_FORMAT", value_enum, default_value = "text")]
         format: Format,
-        /// Target PostgreSQL major version.
+        /// Target PostgreSQL major version (read from the server instead
+        /// with --database-url).
         #[arg(long, env = "BACKSTOP_PG_VERSION", default_value_t = 15)]
         pg_version: u32,
+        /// Judge the statements against this database's live schema (libpq
+        /// URL; prefer the variable for URLs with passwords): `IF NOT EXISTS`
+        /// resolved, type changes against the real old type, a blocking
+        /// statement on a small table a warning and on a large one an error
+        /// with its size and lock time. Default: a static analysis. The plan
+        /// hash is the same either way.
+        #[arg(long, env = "BACKSTOP_DATABASE_URL", hide_env_values = true)]
+        database_url: Option<String>,
     },
     /// Move a PostgreSQL database to another server (the calicoctl
     /// `datastore migrate` runbook): lock, export, import, verify, unlock, or
@@ -569,7 +578,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             path,
             format,
             pg_version,
-        } => plan(&range, &repo, &path, format, pg_version).await,
+            database_url,
+        } => plan(&range, &repo, &path, format, pg_version, database_url.as_deref()).await,
     }
 }
 
@@ -792,20 +802,39 @@ fn lint(files: &[String], format: Format, pg_version: u32) -> anyhow::Result<u8>
     Ok(if errors > 0 { EXIT_ROLLED_BACK } else { EXIT_OK })
 }
 
-async fn plan(range: &str, repo: &std::path::Path, path: &str, format: Format, pg_version: u32) -> anyhow::Result<u8> {
-    let result = async {
+async fn plan(
+    range: &str,
+    repo: &std::path::Path,
+    path: &str,
+    format: Format,
+    pg_version: u32,
+    database_url: Option<&str>,
+) -> anyhow::Result<u8> {
+    let result: anyhow::Result<_> = async {
+        let live = match database_url {
+            Some(url) => {
+                let reference = crate::manifests::DatabaseRef::Url {
+                    var: "--database-url".into(),
+                };
+                let db = crate::db::Database::from_url(reference, url, None)?;
+                crate::runner::Runner::catalog(&crate::runner::SqlRunner, &db).await?
+            }
+            None => None,
+        };
         let git = crate::git::GitRepo::existing(repo).await?;
         let (from, to) = match range.split_once("..") {
             Some((f, t)) => (Some(git.resolve(f).await?), git.resolve(t).await?),
             None => (None, git.resolve(range).await?),
         };
-        crate::plan::plan_range(&git, from.as_deref(), &to, path, LintOptions { pg_version }).await
+        let pg_version = live.as_ref().map_or(pg_version, |(v, _)| *v);
+        let catalog = live.as_ref().map(|(_, c)| c);
+        Ok(crate::plan::plan_range(&git, from.as_deref(), &to, path, LintOptions { pg_version }, catalog).await?)
     }
     .await;
     let plan = match result {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("backstop: {}", crate::run::chain(&e));
+            eprintln!("backstop: {e:#}");
             return Ok(EXIT_BAD_INPUT);
         }
     };

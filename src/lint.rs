@@ -10,8 +10,7 @@
 
 use std::collections::BTreeSet;
 
-use pg_query::protobuf::{AlterTableType, ConstrType, ObjectType};
-use pg_query::{Node, NodeEnum};
+use pg_query::NodeEnum;
 use serde::{Deserialize, Serialize};
 
 use crate::sql::Statement;
@@ -48,118 +47,8 @@ pub struct Rule {
     pub fix: &'static str,
 }
 
-macro_rules! rules {
-    ($($konst:ident = $id:literal $name:literal $family:ident $sev:ident $incompat:literal, $why:literal, $fix:literal;)*) => {
-        $(pub const $konst: Rule = Rule {
-            id: $id, name: $name, family: Family::$family, severity: Severity::$sev,
-            incompatible: $incompat, why: $why, fix: $fix,
-        };)*
-        /// Every rule, in id order.
-        pub const RULES: &[Rule] = &[$($konst),*];
-    };
-}
-
-rules! {
-    DROP_TABLE = "BS101" "drop-table" Destructive Error true,
-        "drops the table and all its rows; the running app still reads it",
-        "stop using the table in a released app version, then drop it in a contract migration with an approval";
-    DROP_COLUMN = "BS102" "drop-column" Destructive Error true,
-        "drops the column and its data; the running app still reads or writes it",
-        "stop using the column in a released app version, then drop it in a contract migration with an approval";
-    DROP_SCHEMA = "BS103" "drop-schema" Destructive Error true,
-        "drops the schema and everything in it",
-        "drop the objects one by one in a contract migration with an approval";
-    DROP_INDEX = "BS104" "drop-index" Destructive Warning false,
-        "queries that use the index get slow at once",
-        "make sure no query plan needs the index; use DROP INDEX CONCURRENTLY";
-    DROP_VIEW = "BS105" "drop-view" Destructive Error true,
-        "the running app may still query the view",
-        "drop it in a contract migration after the app stopped using it";
-    DROP_TYPE = "BS106" "drop-type" Destructive Error true,
-        "columns or functions using the type break",
-        "drop it in a contract migration after nothing uses it";
-    DROP_SEQUENCE = "BS107" "drop-sequence" Destructive Error true,
-        "defaults using the sequence fail",
-        "drop it in a contract migration after nothing uses it";
-    TRUNCATE = "BS108" "truncate" Destructive Error false,
-        "deletes every row (CASCADE also empties referencing tables)",
-        "delete in batches with a WHERE clause, or truncate in a contract migration with an approval";
-    DELETE_ALL = "BS109" "delete-without-where" Destructive Error false,
-        "DELETE without WHERE removes every row",
-        "add a WHERE clause that names the rows to remove";
-    UPDATE_ALL = "BS110" "update-without-where" Destructive Warning false,
-        "UPDATE without WHERE rewrites every row and overwrites their values",
-        "add a WHERE clause (e.g. WHERE col IS NULL for a backfill) and batch large tables";
-    ALTER_COLUMN_TYPE = "BS111" "alter-column-type" Destructive Error true,
-        "changes a column's type in place: values may be converted or lost and the running app sees a new type",
-        "add a new column, backfill it, switch the app, then drop the old one (expand/contract)";
-    RENAME = "BS112" "rename" Destructive Error true,
-        "the running app still uses the old name",
-        "add the new object (or a view/column under the new name), switch the app, then drop the old one";
-    DROP_DATABASE = "BS113" "drop-database" Destructive Error true,
-        "drops a whole database",
-        "never from a migration; do it by hand with a fresh backup";
-    SET_NOT_NULL = "BS201" "set-not-null" Incompatible Error true,
-        "the running app may still write NULLs; the check also scans the table under an exclusive lock",
-        "add CHECK (col IS NOT NULL) NOT VALID, VALIDATE it, then SET NOT NULL (PostgreSQL 12+ uses the valid check)";
-    ADD_REQUIRED_COLUMN = "BS202" "add-required-column" Incompatible Error true,
-        "a NOT NULL column without a default makes the running app's INSERTs fail (and fails on a non-empty table)",
-        "add the column nullable or with a DEFAULT, backfill, then set NOT NULL in a later migration";
-    ENUM_VALUE_RENAME = "BS203" "enum-value-rename" Incompatible Error true,
-        "the running app still writes the old value",
-        "add the new value, migrate rows and the app, and stop writing the old value";
-    CREATE_INDEX_LOCK = "BS301" "create-index-not-concurrently" Locking Error false,
-        "CREATE INDEX blocks writes to the table while it builds",
-        "use CREATE INDEX CONCURRENTLY (it runs outside a transaction)";
-    DROP_INDEX_LOCK = "BS302" "drop-index-not-concurrently" Locking Warning false,
-        "DROP INDEX takes an ACCESS EXCLUSIVE lock on the table",
-        "use DROP INDEX CONCURRENTLY";
-    REINDEX_LOCK = "BS303" "reindex-not-concurrently" Locking Error false,
-        "REINDEX blocks writes (and reads that use the index) while it runs",
-        "use REINDEX ... CONCURRENTLY (PostgreSQL 12+)";
-    FK_VALIDATE = "BS304" "add-foreign-key-validating" Locking Error false,
-        "adding a validated foreign key scans the table while blocking writes on both tables",
-        "ADD CONSTRAINT ... NOT VALID, then VALIDATE CONSTRAINT in a separate migration";
-    CHECK_VALIDATE = "BS305" "add-check-validating" Locking Error false,
-        "adding a validated CHECK scans the table under an ACCESS EXCLUSIVE lock",
-        "ADD CONSTRAINT ... NOT VALID, then VALIDATE CONSTRAINT in a separate migration";
-    UNIQUE_INDEXLESS = "BS306" "add-unique-without-index" Locking Error false,
-        "adding a UNIQUE constraint builds its index under an ACCESS EXCLUSIVE lock",
-        "CREATE UNIQUE INDEX CONCURRENTLY, then ADD CONSTRAINT ... UNIQUE USING INDEX";
-    PRIMARY_INDEXLESS = "BS307" "add-primary-key-without-index" Locking Error false,
-        "adding a PRIMARY KEY builds its index under an ACCESS EXCLUSIVE lock",
-        "CREATE UNIQUE INDEX CONCURRENTLY, then ADD CONSTRAINT ... PRIMARY KEY USING INDEX";
-    VOLATILE_DEFAULT = "BS308" "volatile-default" Locking Error false,
-        "a volatile DEFAULT (random(), clock_timestamp(), gen_random_uuid(), nextval()) rewrites the whole table",
-        "add the column without a default, set the default, and backfill in batches";
-    DEFAULT_REWRITE = "BS309" "add-column-default-rewrite" Locking Error false,
-        "before PostgreSQL 11, ADD COLUMN with any DEFAULT rewrites the whole table",
-        "add the column without a default, set the default, and backfill in batches";
-    TYPE_REWRITE = "BS310" "alter-type-rewrite" Locking Error false,
-        "ALTER COLUMN TYPE usually rewrites the table and its indexes under an ACCESS EXCLUSIVE lock",
-        "add a new column and backfill it in batches";
-    VACUUM_FULL = "BS311" "vacuum-full" Locking Error false,
-        "VACUUM FULL rewrites the table under an ACCESS EXCLUSIVE lock",
-        "use plain VACUUM, or pg_repack outside the migration";
-    CLUSTER = "BS312" "cluster" Locking Error false,
-        "CLUSTER rewrites the table under an ACCESS EXCLUSIVE lock",
-        "use pg_repack outside the migration";
-    LOCK_TIMEOUT = "BS313" "lock-without-timeout" Locking Warning false,
-        "the statement waits for an exclusive lock with no lock_timeout and queues every query behind it",
-        "SET lock_timeout = '5s' at the start of the migration (and retry on timeout)";
-    NON_TRANSACTIONAL = "BS401" "non-transactional" Transaction Warning false,
-        "cannot run in a transaction: the migration runs statement by statement and a failure restores the checkpoint",
-        "keep non-transactional statements in a migration of their own";
-    TRANSACTION_CONTROL = "BS402" "transaction-control" Transaction Error false,
-        "BEGIN/COMMIT/ROLLBACK inside a migration break backstop's transaction handling",
-        "remove them: backstop runs the statements in one transaction when it can";
-    DO_BLOCK = "BS501" "do-block" Opaque Warning false,
-        "a DO block is code the analysis cannot see into",
-        "review it by hand, or write the statements out";
-    FUNCTION_BODY = "BS502" "function-body" Opaque Warning false,
-        "a function or procedure body is code the analysis cannot see into",
-        "review the body by hand";
-}
+mod rules;
+pub use rules::*;
 
 /// Looks a rule up by id or name.
 pub fn rule(key: &str) -> Option<&'static Rule> {
@@ -182,6 +71,15 @@ pub struct Finding {
     pub excerpt: String,
     pub why: String,
     pub fix: String,
+    /// What the live database said that decided this finding's severity
+    /// (a table's size, a column's type), when it was consulted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub facts: Option<String>,
+    /// The reason of a `-- backstop:ignore` on the statement: the finding
+    /// does not count as an error, but stays in the plan, the report and the
+    /// plan hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ignored: Option<String>,
 }
 
 impl Finding {
@@ -202,6 +100,8 @@ impl Finding {
             excerpt,
             why: rule.why.into(),
             fix: rule.fix.into(),
+            facts: None,
+            ignored: None,
         }
     }
 }
@@ -233,22 +133,16 @@ impl Default for LintOptions {
     }
 }
 
-/// Functions whose result changes per row: as a column default they force a rewrite.
-const VOLATILE: &[&str] = &[
-    "random",
-    "clock_timestamp",
-    "timeofday",
-    "gen_random_uuid",
-    "uuid_generate_v1",
-    "uuid_generate_v4",
-    "nextval",
-    "txid_current",
-];
-
 /// Analyses the statements of one migration, in order. Tables created earlier
 /// in the same migration are new and empty: lock and rewrite rules skip them.
 pub fn lint(statements: &[Statement], opts: LintOptions) -> Vec<Finding> {
-    let mut linter = Linter::new(opts);
+    analyse(statements, opts, None).findings
+}
+
+/// [`lint`] with the live database's catalog facts ([`Catalog`]), and the
+/// facts that removed findings.
+pub fn analyse(statements: &[Statement], opts: LintOptions, catalog: Option<&Catalog>) -> Analysis {
+    let mut linter = Linter::new(opts).with_catalog(catalog);
     for s in statements {
         let Ok(parsed) = pg_query::parse(&s.sql, 0) else {
             continue;
@@ -263,206 +157,299 @@ pub fn lint(statements: &[Statement], opts: LintOptions) -> Vec<Finding> {
             linter.statement(s, node);
         }
     }
-    linter.findings
+    linter.finish()
+}
+
+/// What the analysis of one migration found.
+#[derive(Debug, Clone, Default)]
+pub struct Analysis {
+    pub statements: usize,
+    pub findings: Vec<Finding>,
+    /// Catalog facts that removed a finding a static linter would report
+    /// (a widening type change, a check constraint dropped), for the plan.
+    pub facts: Vec<String>,
+}
+
+/// A destructive finding on a `DROP` whose objects may yet be recreated.
+struct PendingDrop {
+    finding: usize,
+    objects: Vec<classify::Recreatable>,
 }
 
 /// The rules over one migration's statements as they come, each with the
 /// tree the split already parsed ([`crate::sql::split_each`]).
-pub struct Linter {
+pub struct Linter<'c> {
     opts: LintOptions,
+    catalog: Option<&'c Catalog>,
+    schema: String,
     created: BTreeSet<String>,
+    added_constraints: BTreeSet<String>,
+    /// `table/constraint` added NOT VALID by this migration.
+    not_valid: BTreeSet<String>,
+    /// VALIDATE findings that stand only if the migration is one transaction.
+    validations: Vec<usize>,
+    drops: Vec<PendingDrop>,
+    /// Findings recreated objects made moot.
+    moot: BTreeSet<usize>,
+    all_transactional: bool,
     lock_timeout_set: bool,
     /// The migration already has its (one) lock-timeout finding.
     lock_timeout_reported: bool,
-    pub statements: usize,
-    pub findings: Vec<Finding>,
+    statements: usize,
+    findings: Vec<Finding>,
+    facts: Vec<String>,
+    bad_ignores: Vec<Finding>,
 }
 
-impl Linter {
+impl<'c> Linter<'c> {
     pub fn new(opts: LintOptions) -> Self {
         Linter {
             opts,
+            catalog: None,
+            schema: "public".into(),
             created: BTreeSet::new(),
+            added_constraints: BTreeSet::new(),
+            not_valid: BTreeSet::new(),
+            validations: Vec::new(),
+            drops: Vec::new(),
+            moot: BTreeSet::new(),
+            all_transactional: true,
             lock_timeout_set: false,
             lock_timeout_reported: false,
             statements: 0,
             findings: Vec::new(),
+            facts: Vec::new(),
+            bad_ignores: Vec::new(),
         }
+    }
+
+    /// Judges statements against the live database's facts.
+    pub fn with_catalog(mut self, catalog: Option<&'c Catalog>) -> Self {
+        if let Some(c) = catalog {
+            self.schema = c.default_schema.clone();
+        }
+        self.catalog = catalog;
+        self
     }
 
     /// Checks the next statement of the migration.
     pub fn statement(&mut self, s: &Statement, node: &NodeEnum) {
         self.statements += 1;
-        let mut found: Vec<&Rule> = Vec::new();
-        classify(node, self.opts, &self.created, &mut found);
-        if !s.transactional {
-            found.push(&NON_TRANSACTIONAL);
+        for i in &s.ignores {
+            let unknown: Vec<&String> = i.rules.iter().filter(|r| rule(r).is_none()).collect();
+            if i.rules.is_empty() || !unknown.is_empty() || i.reason.is_empty() {
+                let mut f = Finding::new(&BAD_SUPPRESSION, s);
+                f.facts = Some(if i.rules.is_empty() {
+                    "backstop:ignore names no rule".to_string()
+                } else if !unknown.is_empty() {
+                    format!("backstop:ignore names unknown rule(s) {unknown:?}")
+                } else {
+                    format!("backstop:ignore {} gives no reason", i.rules.join(","))
+                });
+                self.bad_ignores.push(f);
+            }
         }
-        let takes_exclusive_lock = takes_exclusive_lock(node, &self.created);
+        let ctx = classify::Ctx {
+            opts: self.opts,
+            catalog: self.catalog,
+            schema: &self.schema,
+            created: &self.created,
+            added_constraints: &self.added_constraints,
+        };
+        let mut hits = Vec::new();
+        let mut facts = Vec::new();
+        classify::classify(node, &ctx, &mut hits, &mut facts);
+        if !s.transactional {
+            self.all_transactional = false;
+            hits.push(classify::Hit::of(&NON_TRANSACTIONAL));
+        }
+        let takes_exclusive_lock = classify::takes_exclusive_lock(node, &ctx);
+        let dropped = match node {
+            NodeEnum::DropStmt(d) => classify::dropped_objects(d, &ctx),
+            _ => None,
+        };
+        let created = classify::created_object(node, &ctx);
+        let created_table = classify::created_table(node, &ctx);
+        let (adds, validates) = self.constraints_of(node, &ctx);
+        self.facts
+            .extend(facts.into_iter().map(|f| format!("{}:{}: {f}", s.origin, s.line)));
+        for (key, not_valid) in adds {
+            if not_valid {
+                self.not_valid.insert(key.clone());
+            }
+            self.added_constraints.insert(key);
+        }
         match node {
             NodeEnum::VariableSetStmt(v) if v.name == "lock_timeout" => self.lock_timeout_set = true,
-            NodeEnum::CreateStmt(c) => {
-                if let Some(r) = &c.relation {
-                    self.created.insert(r.relname.clone());
+            NodeEnum::VariableSetStmt(v) if v.name == "search_path" => {
+                if let Some(first) = v.args.first().and_then(|a| match &a.node {
+                    Some(NodeEnum::AConst(c)) => match &c.val {
+                        Some(pg_query::protobuf::a_const::Val::Sval(s)) => Some(s.sval.clone()),
+                        _ => None,
+                    },
+                    _ => None,
+                }) {
+                    self.schema = first;
                 }
             }
             _ => {}
         }
+        if let Some((table, certain)) = created_table {
+            // IF NOT EXISTS creates the table only where it is missing: the
+            // catalog says whether it is; without one, assume it exists.
+            let missing = self.catalog.is_some_and(|c| c.table(&table).is_none());
+            if certain || missing {
+                if !certain {
+                    self.facts.push(format!(
+                        "{}:{}: {table} does not exist yet: IF NOT EXISTS creates it",
+                        s.origin, s.line
+                    ));
+                }
+                self.created.insert(table);
+            }
+        }
         // Once per migration: one SET at its start is the fix for all of them.
         if takes_exclusive_lock && !self.lock_timeout_set && !self.lock_timeout_reported {
             self.lock_timeout_reported = true;
-            found.push(&LOCK_TIMEOUT);
+            hits.push(classify::Hit::of(&LOCK_TIMEOUT));
         }
-        for r in found {
-            self.findings.push(Finding::new(r, s));
+        if let Some(key) = validates {
+            hits.push(classify::Hit::on(&VALIDATE_SAME_TRANSACTION, key));
+        }
+        for hit in hits {
+            let finding = self.finding(hit, s);
+            let index = self.findings.len();
+            if finding.rule == VALIDATE_SAME_TRANSACTION.id {
+                self.validations.push(index);
+            }
+            if let Some(objects) = dropped.as_ref().filter(|_| finding.family == Family::Destructive) {
+                if !objects.is_empty() && finding.rule != DROP_INDEX_LOCK.id {
+                    self.drops.push(PendingDrop {
+                        finding: index,
+                        objects: objects.clone(),
+                    });
+                }
+            }
+            self.findings.push(finding);
+        }
+        if let Some(made) = created {
+            for d in &mut self.drops {
+                d.objects.retain(|o| !made.restores(o));
+                if d.objects.is_empty() {
+                    self.moot.insert(d.finding);
+                }
+            }
+            self.drops.retain(|d| !d.objects.is_empty());
         }
     }
-}
 
-fn relname(r: &Option<pg_query::protobuf::RangeVar>) -> String {
-    r.as_ref().map(|r| r.relname.clone()).unwrap_or_default()
-}
-
-fn is(v: i32, e: impl Into<i32>) -> bool {
-    v == e.into()
-}
-
-fn classify(node: &NodeEnum, opts: LintOptions, created: &BTreeSet<String>, out: &mut Vec<&'static Rule>) {
-    match node {
-        NodeEnum::DropStmt(d) => {
-            let t = d.remove_type;
-            if is(t, ObjectType::ObjectTable) || is(t, ObjectType::ObjectForeignTable) {
-                out.push(&DROP_TABLE);
-            } else if is(t, ObjectType::ObjectSchema) {
-                out.push(&DROP_SCHEMA);
-            } else if is(t, ObjectType::ObjectIndex) {
-                out.push(&DROP_INDEX);
-                if !d.concurrent {
-                    out.push(&DROP_INDEX_LOCK);
+    /// The constraints an ALTER TABLE adds (`table/name`, added NOT VALID
+    /// to an existing table), and the table of a VALIDATE CONSTRAINT that
+    /// validates one this migration added NOT VALID.
+    fn constraints_of(&self, node: &NodeEnum, ctx: &classify::Ctx<'_>) -> (Vec<(String, bool)>, Option<String>) {
+        let mut adds = Vec::new();
+        let NodeEnum::AlterTableStmt(a) = node else {
+            return (adds, None);
+        };
+        let Some(table) = a.relation.as_ref().map(|r| ctx.qualify(r)) else {
+            return (adds, None);
+        };
+        let mut validates = None;
+        for cmd in &a.cmds {
+            let Some(NodeEnum::AlterTableCmd(c)) = &cmd.node else {
+                continue;
+            };
+            if c.subtype == pg_query::protobuf::AlterTableType::AtAddConstraint as i32 {
+                if let Some(NodeEnum::Constraint(k)) = c.def.as_deref().and_then(|d| d.node.as_ref()) {
+                    let not_valid = k.skip_validation && !ctx.created.contains(&table);
+                    adds.push((format!("{table}/{}", k.conname), not_valid));
                 }
-            } else if is(t, ObjectType::ObjectView) || is(t, ObjectType::ObjectMatview) {
-                out.push(&DROP_VIEW);
-            } else if is(t, ObjectType::ObjectType) || is(t, ObjectType::ObjectDomain) {
-                out.push(&DROP_TYPE);
-            } else if is(t, ObjectType::ObjectSequence) {
-                out.push(&DROP_SEQUENCE);
-            }
-        }
-        NodeEnum::DropdbStmt(_) => out.push(&DROP_DATABASE),
-        NodeEnum::TruncateStmt(_) => out.push(&TRUNCATE),
-        NodeEnum::DeleteStmt(d) if d.where_clause.is_none() => out.push(&DELETE_ALL),
-        NodeEnum::UpdateStmt(u) if u.where_clause.is_none() => out.push(&UPDATE_ALL),
-        NodeEnum::RenameStmt(_) => out.push(&RENAME),
-        NodeEnum::AlterEnumStmt(e) if !e.old_val.is_empty() => out.push(&ENUM_VALUE_RENAME),
-        NodeEnum::IndexStmt(i) if !i.concurrent && !created.contains(&relname(&i.relation)) => {
-            out.push(&CREATE_INDEX_LOCK)
-        }
-        NodeEnum::ReindexStmt(r) if !crate::sql::option_on(&r.params, "concurrently") => out.push(&REINDEX_LOCK),
-        NodeEnum::VacuumStmt(v) if v.is_vacuumcmd && crate::sql::option_on(&v.options, "full") => {
-            out.push(&VACUUM_FULL)
-        }
-        NodeEnum::ClusterStmt(_) => out.push(&CLUSTER),
-        NodeEnum::TransactionStmt(_) => out.push(&TRANSACTION_CONTROL),
-        NodeEnum::DoStmt(_) => out.push(&DO_BLOCK),
-        NodeEnum::CreateFunctionStmt(_) => out.push(&FUNCTION_BODY),
-        NodeEnum::AlterTableStmt(a) => {
-            let is_new = created.contains(&relname(&a.relation));
-            for cmd in &a.cmds {
-                if let Some(NodeEnum::AlterTableCmd(c)) = &cmd.node {
-                    alter_table_cmd(c, opts, is_new, out);
+            } else if c.subtype == pg_query::protobuf::AlterTableType::AtValidateConstraint as i32 {
+                let key = format!("{table}/{}", c.name);
+                if self.not_valid.contains(&key) || adds.iter().any(|(k, nv)| *nv && *k == key) {
+                    validates = Some(table.clone());
                 }
             }
         }
-        _ => {}
+        (adds, validates)
     }
-}
 
-fn alter_table_cmd(
-    c: &pg_query::protobuf::AlterTableCmd,
-    opts: LintOptions,
-    is_new: bool,
-    out: &mut Vec<&'static Rule>,
-) {
-    let def = c.def.as_deref().and_then(|d| d.node.as_ref());
-    let t = c.subtype;
-    if is(t, AlterTableType::AtDropColumn) {
-        out.push(&DROP_COLUMN);
-    } else if is(t, AlterTableType::AtAlterColumnType) {
-        out.push(&ALTER_COLUMN_TYPE);
-        if !is_new {
-            out.push(&TYPE_REWRITE);
+    /// A finding for `hit`: catalog facts scale a lock by its table's size
+    /// (small: a warning; large: an error with the size and the lock time),
+    /// and the statement's suppressions mark it ignored.
+    fn finding(&self, hit: classify::Hit, s: &Statement) -> Finding {
+        let mut f = Finding::new(hit.rule, s);
+        if let Some(sev) = hit.severity {
+            f.severity = sev;
         }
-    } else if is(t, AlterTableType::AtSetNotNull) {
-        out.push(&SET_NOT_NULL);
-    } else if is(t, AlterTableType::AtAddColumn) {
-        if let Some(NodeEnum::ColumnDef(col)) = def {
-            let constraints: Vec<&pg_query::protobuf::Constraint> = col
-                .constraints
-                .iter()
-                .filter_map(|n| match &n.node {
-                    Some(NodeEnum::Constraint(c)) => Some(c.as_ref()),
-                    _ => None,
-                })
-                .collect();
-            let default = constraints.iter().find(|c| is(c.contype, ConstrType::ConstrDefault));
-            let not_null = col.is_not_null || constraints.iter().any(|c| is(c.contype, ConstrType::ConstrNotnull));
-            if not_null && default.is_none() && !is_new {
-                out.push(&ADD_REQUIRED_COLUMN);
-            }
-            if let Some(d) = default {
-                if !is_new {
-                    if opts.pg_version < 11 {
-                        out.push(&DEFAULT_REWRITE);
-                    } else if d.raw_expr.as_deref().is_some_and(calls_volatile) {
-                        out.push(&VOLATILE_DEFAULT);
-                    }
-                }
-            }
-            for c in &constraints {
-                constraint(c, is_new, out);
+        f.facts = hit.facts;
+        let table = hit
+            .table
+            .filter(|_| SIZE_SCALED.contains(&hit.rule.id))
+            .and_then(|name| Some((self.catalog?.table(&name)?, name)));
+        if let Some((t, name)) = table {
+            let said = t.describe(&name);
+            if t.is_small() {
+                f.severity = Severity::Warning;
+                f.facts = Some(format!("{said}: small, the lock lasts milliseconds"));
+            } else {
+                f.severity = Severity::Error;
+                f.facts = Some(format!("{said}: expect the lock to be held {}", t.lock_estimate()));
             }
         }
-    } else if is(t, AlterTableType::AtAddConstraint) {
-        if let Some(NodeEnum::Constraint(c)) = def {
-            constraint(c, is_new, out);
+        f.ignored = s
+            .ignores
+            .iter()
+            .find(|i| !i.reason.is_empty() && i.rules.iter().any(|r| r == hit.rule.id || r == hit.rule.name))
+            .map(|i| i.reason.clone());
+        f
+    }
+
+    /// The analysis of the migration: drops of objects it recreated are not
+    /// destructive, and a validation in the adding transaction only counts
+    /// when the migration runs as one transaction.
+    pub fn finish(mut self) -> Analysis {
+        if !self.all_transactional {
+            self.moot.extend(self.validations.iter().copied());
+        }
+        let moot = std::mem::take(&mut self.moot);
+        let mut findings: Vec<Finding> = self
+            .findings
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| !moot.contains(i))
+            .map(|(_, f)| f)
+            .collect();
+        // Suppressions that name no rule, give no reason, or name a rule
+        // the statement does not trigger are findings of their own.
+        findings.extend(self.bad_ignores);
+        Analysis {
+            statements: self.statements,
+            findings,
+            facts: self.facts,
         }
     }
 }
 
-fn constraint(c: &pg_query::protobuf::Constraint, is_new: bool, out: &mut Vec<&'static Rule>) {
-    if is_new {
-        return;
-    }
-    let t = c.contype;
-    if is(t, ConstrType::ConstrForeign) && !c.skip_validation {
-        out.push(&FK_VALIDATE);
-    } else if is(t, ConstrType::ConstrCheck) && !c.skip_validation {
-        out.push(&CHECK_VALIDATE);
-    } else if is(t, ConstrType::ConstrUnique) && c.indexname.is_empty() {
-        out.push(&UNIQUE_INDEXLESS);
-    } else if is(t, ConstrType::ConstrPrimary) && c.indexname.is_empty() {
-        out.push(&PRIMARY_INDEXLESS);
-    }
-}
-
-/// Whether an expression calls a volatile function anywhere.
-fn calls_volatile(node: &Node) -> bool {
-    let debug = format!("{node:?}");
-    VOLATILE.iter().any(|f| debug.contains(&format!("sval: \"{f}\"")))
-}
-
-/// Statements that wait for an ACCESS EXCLUSIVE (or similar) lock on an existing table.
-fn takes_exclusive_lock(node: &NodeEnum, created: &BTreeSet<String>) -> bool {
-    match node {
-        NodeEnum::AlterTableStmt(a) => !created.contains(&relname(&a.relation)),
-        NodeEnum::DropStmt(d) => !d.concurrent,
-        NodeEnum::RenameStmt(_) | NodeEnum::TruncateStmt(_) | NodeEnum::ClusterStmt(_) | NodeEnum::LockStmt(_) => true,
-        NodeEnum::IndexStmt(i) => !i.concurrent && !created.contains(&relname(&i.relation)),
-        NodeEnum::ReindexStmt(r) => !crate::sql::option_on(&r.params, "concurrently"),
-        NodeEnum::VacuumStmt(v) => v.is_vacuumcmd && crate::sql::option_on(&v.options, "full"),
-        _ => false,
-    }
-}
+/// Rules whose lock lasts as long as a scan, rewrite or build of the table:
+/// with catalog facts, their severity follows the table's size.
+const SIZE_SCALED: &[&str] = &[
+    CREATE_INDEX_LOCK.id,
+    REINDEX_LOCK.id,
+    FK_VALIDATE.id,
+    CHECK_VALIDATE.id,
+    UNIQUE_INDEXLESS.id,
+    PRIMARY_INDEXLESS.id,
+    VOLATILE_DEFAULT.id,
+    DEFAULT_REWRITE.id,
+    TYPE_REWRITE.id,
+    VACUUM_FULL.id,
+    CLUSTER.id,
+    GENERATED_COLUMN.id,
+    IDENTITY_COLUMN.id,
+    VALIDATE_SAME_TRANSACTION.id,
+    REFRESH_MATVIEW.id,
+];
 
 /// Whether any finding is destructive or breaks the running app version.
 pub fn has_destructive_or_incompatible(findings: &[Finding]) -> bool {
@@ -471,12 +458,18 @@ pub fn has_destructive_or_incompatible(findings: &[Finding]) -> bool {
         .any(|f| f.family == Family::Destructive || f.incompatible)
 }
 
-/// Findings at error level.
+/// Findings at error level that no suppression ignores.
 pub fn errors(findings: &[Finding]) -> usize {
-    findings.iter().filter(|f| f.severity == Severity::Error).count()
+    findings
+        .iter()
+        .filter(|f| f.severity == Severity::Error && f.ignored.is_none())
+        .count()
 }
 
+pub mod catalog;
+mod classify;
 mod files;
+pub use catalog::Catalog;
 pub use files::{lint_files, FileFindings, LintInputError, NOT_SQL};
 
 /// Findings for people, grouped by file, with the fix.
@@ -495,6 +488,7 @@ pub fn render_text(files: &[FileFindings]) -> String {
         }
         for x in &f.findings {
             let sev = match x.severity {
+                _ if x.ignored.is_some() => "ignored",
                 Severity::Error => {
                     errors += 1;
                     "error"
@@ -510,7 +504,13 @@ pub fn render_text(files: &[FileFindings]) -> String {
                 x.origin, x.line, x.column, x.rule, x.name, x.why
             );
             let _ = writeln!(s, "      {}", x.excerpt);
+            if let Some(facts) = &x.facts {
+                let _ = writeln!(s, "      facts: {facts}");
+            }
             let _ = writeln!(s, "      fix: {}", x.fix);
+            if let Some(reason) = &x.ignored {
+                let _ = writeln!(s, "      ignored: {reason}");
+            }
         }
     }
     let _ = writeln!(s, "{errors} error(s), {warnings} warning(s)");

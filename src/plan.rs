@@ -173,6 +173,8 @@ pub struct Prepared {
     pub plan_hash: String,
     /// Findings of the safety analysis, all migrations.
     pub findings: Vec<Finding>,
+    /// Catalog facts that removed a finding (`file:line: fact`).
+    pub facts: Vec<String>,
     /// One verdict per migration to run.
     pub verdicts: Vec<Verdict>,
     /// Approvals found (annotations and commit trailers).
@@ -284,13 +286,21 @@ pub async fn prepare(
             }
         }
     }
-    let opts = LintOptions {
-        pg_version: runner.server_version(&db).await.map_err(|source| PlanError::History {
-            id: first.id.clone(),
-            source,
-        })?,
+    // The live catalog decides what a static analysis must guess; only
+    // needed when something is left to run.
+    let history_err = |source| PlanError::History {
+        id: first.id.clone(),
+        source,
     };
-    let analysed = policy::analyse(&migrations, opts);
+    let (pg_version, catalog) = match migrations.is_empty() {
+        true => (runner.server_version(&db).await.map_err(history_err)?, None),
+        false => match runner.catalog(&db).await.map_err(history_err)? {
+            Some((version, catalog)) => (version, Some(catalog)),
+            None => (runner.server_version(&db).await.map_err(history_err)?, None),
+        },
+    };
+    let opts = LintOptions { pg_version };
+    let analysed = policy::analyse(&migrations, opts, catalog.as_ref());
     let plan_hash = policy::plan_hash(&migrations, &analysed);
     let approvals = approvals(&candidate.commit, &candidate.carriers)?;
     let mut verdicts = Vec::new();
@@ -349,6 +359,7 @@ pub async fn prepare(
         already_applied,
         database: Some(db),
         order: first.order,
+        facts: analysed.iter().flat_map(|a| a.facts.iter().cloned()).collect(),
         findings: analysed.into_iter().flat_map(|a| a.findings).collect(),
         verdicts,
         approvals,
@@ -368,6 +379,9 @@ pub struct PlannedMigration {
     pub transactional: bool,
     pub statements: Vec<crate::sql::Statement>,
     pub findings: Vec<Finding>,
+    /// Catalog facts that removed a finding (`--database-url`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub facts: Vec<String>,
 }
 
 /// What a commit range would run, and whether it may (`backstop plan`).
@@ -389,18 +403,20 @@ impl RangePlan {
     }
 }
 
-/// Plans the carriers that `from..to` touches under `path`, without a
-/// database: history (already applied, soak) is checked at run time.
+/// Plans the carriers that `from..to` touches under `path`. History
+/// (already applied, soak) is checked at run time; with `catalog` (`backstop
+/// plan --database-url`), statements are judged against the live schema.
 pub async fn plan_range(
     git: &GitRepo,
     from: Option<&str>,
     to: &str,
     path: &str,
     opts: LintOptions,
+    catalog: Option<&crate::lint::Catalog>,
 ) -> Result<RangePlan, PlanError> {
     let commit = git.commit(to).await?;
     let carriers = touched_carriers(git, from, to, path).await?;
-    let analysed = policy::analyse(&carriers, opts);
+    let analysed = policy::analyse(&carriers, opts, catalog);
     let plan_hash = policy::plan_hash(&carriers, &analysed);
     let approvals = approvals(&commit, &carriers)?;
     let verdicts: Vec<Verdict> = carriers
@@ -432,6 +448,7 @@ pub async fn plan_range(
             checkpoint: c.checkpoint,
             statements: c.statements,
             findings: a.findings,
+            facts: a.facts,
         })
         .collect();
     Ok(RangePlan {
@@ -485,6 +502,15 @@ pub fn render_plan(p: &RangePlan) -> String {
                 "  {:?} {} {} at {}:{}:{}: {}\n    fix: {}",
                 f.severity, f.rule, f.name, f.origin, f.line, f.column, f.why, f.fix
             );
+            if let Some(facts) = &f.facts {
+                let _ = writeln!(s, "    facts: {facts}");
+            }
+            if let Some(reason) = &f.ignored {
+                let _ = writeln!(s, "    ignored (backstop:ignore): {reason}");
+            }
+        }
+        for fact in &m.facts {
+            let _ = writeln!(s, "  fact: {fact}");
         }
         let _ = writeln!(s, "  verdict: {}", if v.allowed { "ALLOWED" } else { "REFUSED" });
         for r in &v.reasons {

@@ -57,17 +57,46 @@ impl Approval {
 pub struct Analysed {
     pub id: String,
     pub phase: Phase,
+    /// Findings, judged with the catalog's facts when it was read.
     pub findings: Vec<Finding>,
+    /// Catalog facts that dropped a finding (shown in the plan and the report).
+    #[serde(default)]
+    pub facts: Vec<String>,
+    /// What the plan hash covers: the static analysis's rule ids and the
+    /// suppressions with their reasons (see [`plan_hash`]).
+    #[serde(default)]
+    pub hashed: Vec<String>,
 }
 
-/// Lints every migration.
-pub fn analyse(migrations: &[Carrier], opts: LintOptions) -> Vec<Analysed> {
+/// Lints every migration; with `catalog`, against the live database's facts.
+pub fn analyse(migrations: &[Carrier], opts: LintOptions, catalog: Option<&lint::Catalog>) -> Vec<Analysed> {
     migrations
         .iter()
-        .map(|m| Analysed {
-            id: m.id.clone(),
-            phase: m.phase,
-            findings: lint::lint(&m.statements, opts),
+        .map(|m| {
+            let judged = lint::analyse(&m.statements, opts, catalog);
+            let static_findings = match catalog {
+                Some(_) => lint::lint(&m.statements, opts),
+                None => judged.findings.clone(),
+            };
+            let mut hashed: Vec<String> = static_findings.iter().map(|f| f.rule.clone()).collect();
+            hashed.sort_unstable();
+            hashed.dedup();
+            for f in static_findings.iter().filter(|f| f.ignored.is_some()) {
+                hashed.push(format!(
+                    "ignored {} at {}:{} {}",
+                    f.rule,
+                    f.origin,
+                    f.line,
+                    f.ignored.as_deref().unwrap_or_default()
+                ));
+            }
+            Analysed {
+                id: m.id.clone(),
+                phase: m.phase,
+                findings: judged.findings,
+                facts: judged.facts,
+                hashed,
+            }
         })
         .collect()
 }
@@ -79,11 +108,20 @@ pub fn analyse(migrations: &[Carrier], opts: LintOptions) -> Vec<Analysed> {
 /// migration <id> phase <phase>\n
 /// statement <kind> <normalized statement>\n      (each statement, in order)
 /// classes <rule ids of its findings, sorted, comma-separated>\n
+/// ignored <rule id> at <file>:<line> <reason>\n   (each suppressed finding)
 /// ```
 ///
 /// The normalized statement is its tokens joined by single spaces (comments and
 /// layout removed), so reformatting a migration keeps its approval; changing
-/// what runs, or what the analysis says about it, does not.
+/// what runs, or what the analysis says about it, does not. A suppression is
+/// a comment, so its line puts it (and its reason) in the hash: an ignored
+/// error still counts.
+///
+/// The findings hashed are the static analysis's, without catalog facts:
+/// facts only ever lower what a plan needs (a warning instead of an error on
+/// a small table, a false alarm dropped), never raise it, so the approval of
+/// the plan `backstop plan` printed without a database still holds when the
+/// run judges the same migration against the live catalog.
 pub fn plan_hash(migrations: &[Carrier], analysed: &[Analysed]) -> String {
     let mut hasher = Sha256::new();
     for m in migrations {
@@ -91,14 +129,16 @@ pub fn plan_hash(migrations: &[Carrier], analysed: &[Analysed]) -> String {
         for s in &m.statements {
             hasher.update(format!("statement {} {}\n", s.kind, s.normalized));
         }
-        let mut classes: Vec<&str> = analysed
+        let hashed: Vec<&str> = analysed
             .iter()
             .filter(|a| a.id == m.id)
-            .flat_map(|a| a.findings.iter().map(|f| f.rule.as_str()))
+            .flat_map(|a| a.hashed.iter().map(String::as_str))
             .collect();
-        classes.sort_unstable();
-        classes.dedup();
+        let (ignored, classes): (Vec<&str>, Vec<&str>) = hashed.into_iter().partition(|h| h.starts_with("ignored "));
         hasher.update(format!("classes {}\n", classes.join(",")));
+        for line in ignored {
+            hasher.update(format!("{line}\n"));
+        }
     }
     hex::encode(hasher.finalize())
 }

@@ -41,6 +41,9 @@ pub struct Report {
     pub already_applied: Vec<String>,
     /// Findings of the safety analysis.
     pub findings: Vec<crate::lint::Finding>,
+    /// Catalog facts that removed a finding.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub facts: Vec<String>,
     pub approvals: Vec<String>,
     pub checkpoint: Option<CheckpointRecord>,
     pub recovery_point: Option<RecoveryPoint>,
@@ -133,6 +136,7 @@ impl Report {
                 .collect(),
             already_applied: run.already_applied.clone(),
             findings: run.findings.clone(),
+            facts: run.facts.clone(),
             approvals: run.approvals.clone(),
             checkpoint: run.checkpoint.clone(),
             recovery_point: run.recovery_point.clone(),
@@ -228,6 +232,19 @@ pub fn markdown(r: &Report) -> String {
                 "- `{}:{}:{}` {} {} ({:?}): {}; fix: {}",
                 f.origin, f.line, f.column, f.rule, f.name, f.severity, f.why, f.fix
             );
+            if let Some(facts) = &f.facts {
+                let _ = writeln!(s, "  - database facts: {facts}");
+            }
+            if let Some(reason) = &f.ignored {
+                let _ = writeln!(s, "  - **ignored** by `backstop:ignore`: {reason}");
+            }
+        }
+        let _ = writeln!(s);
+    }
+    if !r.facts.is_empty() {
+        let _ = writeln!(s, "Database facts that cleared a finding a static linter reports:\n");
+        for f in &r.facts {
+            let _ = writeln!(s, "- {f}");
         }
         let _ = writeln!(s);
     }

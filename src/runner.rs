@@ -23,6 +23,11 @@ pub enum RunnerError {
     LockBusy { database: String, seconds: u64 },
     #[error("{sessions} session(s) of an interrupted attempt on {database} did not end within a minute of pg_terminate_backend")]
     SessionsLinger { database: String, sessions: i64 },
+    #[error("reading the catalog of {database} for the plan failed")]
+    Catalog {
+        database: String,
+        source: crate::lint::catalog::CatalogError,
+    },
     #[error("query on {database} failed while {step}")]
     Query {
         database: String,
@@ -92,6 +97,13 @@ pub trait Runner: Send + Sync {
     async fn latest_applied(&self, db: &Database, phase: &str) -> Result<Option<HistoryRow>, RunnerError>;
     /// The server's major version (e.g. 15).
     async fn server_version(&self, db: &Database) -> Result<u32, RunnerError>;
+    /// The catalog facts the analysis judges statements against, with the
+    /// server's major version, over one connection; `None` where the runner
+    /// does not read them (the analysis is then static).
+    async fn catalog(&self, db: &Database) -> Result<Option<(u32, crate::lint::Catalog)>, RunnerError> {
+        let _ = db;
+        Ok(None)
+    }
     /// The recovery point: now, as the server sees it.
     async fn recovery_point(&self, db: &Database) -> Result<RecoveryPoint, RunnerError>;
     /// Runs the migration; a failing statement is an outcome, not an error.
@@ -296,6 +308,22 @@ impl Runner for SqlRunner {
             .map_err(query_err(db, "reading the server version"))?
             .get(0);
         Ok(v.parse::<u32>().unwrap_or(150000) / 10000)
+    }
+
+    async fn catalog(&self, db: &Database) -> Result<Option<(u32, crate::lint::Catalog)>, RunnerError> {
+        let client = db.connect().await?;
+        let v: String = client
+            .query_one("SHOW server_version_num", &[])
+            .await
+            .map_err(query_err(db, "reading the server version"))?
+            .get(0);
+        let catalog = crate::lint::Catalog::load(&client)
+            .await
+            .map_err(|e| RunnerError::Catalog {
+                database: db.describe(),
+                source: e,
+            })?;
+        Ok(Some((v.parse::<u32>().unwrap_or(150000) / 10000, catalog)))
     }
 
     async fn recovery_point(&self, db: &Database) -> Result<RecoveryPoint, RunnerError> {

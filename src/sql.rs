@@ -36,6 +36,68 @@ pub struct Statement {
     pub normalized: String,
     /// Statement kind as PostgreSQL names it (`CreateStmt`, `IndexStmt`, ...).
     pub kind: String,
+    /// `-- backstop:ignore RULE reason` comments on the statement: on the
+    /// lines just above it, inside it, or after it on its last line.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ignores: Vec<Ignore>,
+}
+
+/// A reviewer's suppression of one rule on one statement, with the reason
+/// (`-- backstop:ignore BS301 the table holds 40 rows`). Several rules may be
+/// named, comma-separated. The finding stays in the plan, the report and the
+/// plan hash, marked ignored with the reason.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Ignore {
+    /// Rule ids or names as written.
+    pub rules: Vec<String>,
+    /// Empty when none was given (the suppression is then not applied).
+    pub reason: String,
+}
+
+const IGNORE_MARK: &str = "backstop:ignore";
+
+/// The suppressions in the comments of a statement: those in `leading`
+/// (the comments above it; text before the first line break belongs to the
+/// statement before), in `code` and in `trailing` (the rest of its last line).
+fn ignores_of(leading: &str, at_line_start: bool, code: &str, trailing: &str) -> Vec<Ignore> {
+    let leading = if at_line_start {
+        leading
+    } else {
+        leading.split_once('\n').map(|(_, rest)| rest).unwrap_or("")
+    };
+    let mut out = Vec::new();
+    for part in [leading, code, trailing] {
+        if !part.contains(IGNORE_MARK) {
+            continue;
+        }
+        let Ok(scan) = pg_query::scan(part) else { continue };
+        for t in &scan.tokens {
+            if t.token != Token::SqlComment as i32 && t.token != Token::CComment as i32 {
+                continue;
+            }
+            let (Ok(a), Ok(b)) = (usize::try_from(t.start), usize::try_from(t.end)) else {
+                continue;
+            };
+            let Some(comment) = part.get(a..b) else { continue };
+            let body = comment
+                .trim_start_matches("--")
+                .trim_start_matches("/*")
+                .trim_end_matches("*/");
+            let Some((_, rest)) = body.split_once(IGNORE_MARK) else {
+                continue;
+            };
+            let mut words = rest.split_whitespace();
+            let rules = words
+                .next()
+                .map(|r| r.split(',').filter(|r| !r.is_empty()).map(str::to_string).collect())
+                .unwrap_or_default();
+            out.push(Ignore {
+                rules,
+                reason: words.collect::<Vec<_>>().join(" "),
+            });
+        }
+    }
+    out
 }
 
 /// The largest statement backstop parses: a parse tree is many times the
@@ -160,10 +222,16 @@ fn split_inner(
             }
         }
         match pg_query::parse(piece, 0) {
-            Ok(tree) => parsed.push((&piece[lead..], line, column, tree)),
+            Ok(tree) => {
+                let end = start + piece.len();
+                let trailing = text[end..].split('\n').next().unwrap_or("");
+                let at_line_start = start == 0 || text.as_bytes()[start - 1] == b'\n';
+                let ignores = ignores_of(&piece[..lead], at_line_start, &piece[lead..], trailing);
+                parsed.push((&piece[lead..], line, column, tree, ignores))
+            }
             Err(err) => {
-                for (piece, line, column, tree) in parsed.drain(..) {
-                    hand_out(origin, piece, line, column, &tree, &mut each);
+                for (piece, line, column, tree, ignores) in parsed.drain(..) {
+                    hand_out(origin, piece, line, column, &tree, ignores, &mut each);
                 }
                 // Only a body with semicolons of its own (`BEGIN ATOMIC`, a
                 // rule's action list) needs the whole text; any other piece
@@ -190,14 +258,14 @@ fn split_inner(
         }
         // Hand out in batches so trees do not pile up.
         if parsed.len() >= 256 {
-            for (piece, line, column, tree) in parsed.drain(..) {
-                hand_out(origin, piece, line, column, &tree, &mut each);
+            for (piece, line, column, tree, ignores) in parsed.drain(..) {
+                hand_out(origin, piece, line, column, &tree, ignores, &mut each);
             }
             emitted = start + piece.len();
         }
     }
-    for (piece, line, column, tree) in parsed {
-        hand_out(origin, piece, line, column, &tree, &mut each);
+    for (piece, line, column, tree, ignores) in parsed {
+        hand_out(origin, piece, line, column, &tree, ignores, &mut each);
     }
     Ok(())
 }
@@ -210,11 +278,12 @@ fn hand_out(
     line: usize,
     column: usize,
     tree: &pg_query::ParseResult,
+    ignores: Vec<Ignore>,
     each: &mut impl FnMut(Statement, &NodeEnum),
 ) {
     for raw in &tree.protobuf.stmts {
         if let Some(node) = raw.stmt.as_ref().and_then(|n| n.node.as_ref()) {
-            emit(origin, piece, line, column, node, each);
+            emit(origin, piece, line, column, node, ignores.clone(), each);
         }
     }
 }
@@ -225,6 +294,7 @@ fn emit(
     line: usize,
     column: usize,
     node: &NodeEnum,
+    ignores: Vec<Ignore>,
     each: &mut impl FnMut(Statement, &NodeEnum),
 ) {
     let sql = piece.trim().trim_end_matches(';').trim_end().to_string();
@@ -240,6 +310,7 @@ fn emit(
             column,
             transactional: can_run_in_transaction(node),
             kind: kind_name(node),
+            ignores,
         },
         node,
     );
@@ -269,12 +340,15 @@ fn split_whole(
         let Some(piece) = text.get(start..end) else { continue };
         let lead = code_start(piece);
         let (line, column) = lines.at(start + lead);
-        let piece = &piece[lead..];
         if end <= skip_before {
             continue;
         }
+        let trailing = text[end..].split('\n').next().unwrap_or("");
+        let at_line_start = start == 0 || text.as_bytes()[start - 1] == b'\n';
+        let ignores = ignores_of(&piece[..lead], at_line_start, &piece[lead..], trailing);
+        let piece = &piece[lead..];
         if let Some(node) = raw.stmt.as_ref().and_then(|n| n.node.as_ref()) {
-            emit(origin, piece, line, column, node, &mut each);
+            emit(origin, piece, line, column, node, ignores, &mut each);
         }
     }
     Ok(())

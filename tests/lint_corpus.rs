@@ -173,3 +173,55 @@ fn a_migration_gets_one_lock_timeout_finding_however_many_statements_wait_for_lo
     );
     assert_eq!(findings.iter().filter(|f| f.rule == "BS301").count(), 2);
 }
+
+#[test]
+fn a_suppression_with_a_reason_marks_the_finding_ignored_and_it_no_longer_counts_as_an_error() {
+    let sql = "SET lock_timeout = '5s';\n-- backstop:ignore BS301 the table holds 40 rows\nCREATE INDEX a ON countries (code);\nCREATE INDEX b ON countries (name); -- backstop:ignore create-index-not-concurrently nightly job only\nCREATE INDEX c ON countries (region);\n";
+    let statements = backstop::sql::split("m.sql", sql, 1).unwrap();
+    let findings = lint::lint(&statements, LintOptions::default());
+    let got: Vec<(usize, Option<&str>)> = findings.iter().map(|f| (f.line, f.ignored.as_deref())).collect();
+    assert_eq!(
+        got,
+        vec![
+            (3, Some("the table holds 40 rows")),
+            (4, Some("nightly job only")),
+            (5, None),
+        ],
+        "a comment above the statement or after it on its line applies to it, not to the next"
+    );
+    assert_eq!(lint::errors(&findings), 1, "only the unsuppressed index counts");
+}
+
+#[test]
+fn a_suppression_cannot_waive_the_approval_of_a_destructive_statement() {
+    let sql = "SET lock_timeout = '5s';\n-- backstop:ignore BS101 nobody reads it\nDROP TABLE old_orders;\n";
+    let statements = backstop::sql::split("m.sql", sql, 1).unwrap();
+    let findings = lint::lint(&statements, LintOptions::default());
+    assert_eq!(findings[0].ignored.as_deref(), Some("nobody reads it"));
+    assert_eq!(lint::errors(&findings), 0);
+    assert!(
+        lint::has_destructive_or_incompatible(&findings),
+        "destructive statements still need an approval and a contract phase"
+    );
+}
+
+#[test]
+fn an_ignored_error_still_counts_in_the_plan_hash_with_its_reason() {
+    use backstop::manifests::Snapshot;
+    let hash = |comment: &str| {
+        let yaml = format!(
+            "kind: ConfigMap\nmetadata:\n  name: m\n  annotations:\n    backstop.dev/migration: m1\n    backstop.dev/database: url:DB\ndata:\n  001.sql: |\n    {comment}\n    CREATE INDEX a ON t (x);\n"
+        );
+        let mut snapshot = Snapshot::new();
+        snapshot.insert("m.yaml".into(), yaml.clone().into_bytes());
+        let carriers = backstop::manifests::parse_file(&snapshot, "m.yaml", yaml.as_bytes()).unwrap();
+        let analysed = backstop::policy::analyse(&carriers, LintOptions::default(), None);
+        backstop::policy::plan_hash(&carriers, &analysed)
+    };
+    let plain = hash("-- a comment");
+    let ignored = hash("-- backstop:ignore BS301 small table");
+    let other_reason = hash("-- backstop:ignore BS301 another reason");
+    assert_ne!(plain, ignored, "suppressing changes what is approved");
+    assert_ne!(ignored, other_reason, "the reason is part of it");
+    assert_eq!(plain, hash("-- another comment"), "plain comments do not count");
+}

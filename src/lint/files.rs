@@ -72,6 +72,8 @@ fn not_sql(e: crate::sql::SqlError) -> Finding {
         excerpt: e.message,
         why: NOT_SQL.why.to_string(),
         fix: NOT_SQL.fix.to_string(),
+        facts: None,
+        ignored: None,
     }
 }
 
@@ -141,12 +143,13 @@ fn lint_one(path: &str, opts: LintOptions) -> Result<Vec<FileFindings>, LintInpu
         |e| broken.push(not_sql(e)),
     );
     let not_sql = broken.len();
-    let mut findings = linter.findings;
+    let analysis = linter.finish();
+    let mut findings = analysis.findings;
     findings.extend(broken);
     findings.sort_by_key(|f| (f.line, f.column));
     Ok(vec![FileFindings {
         file: path.to_string(),
-        statements: linter.statements,
+        statements: analysis.statements,
         findings,
         not_sql,
         unreadable: None,

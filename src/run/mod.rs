@@ -556,6 +556,7 @@ impl Engine {
             already_applied: prepared.already_applied.clone(),
             plan_hash: prepared.plan_hash.clone(),
             findings: prepared.findings.clone(),
+            facts: prepared.facts.clone(),
             approvals: prepared
                 .verdicts
                 .iter()

@@ -154,6 +154,9 @@ pub struct RunRecord {
     /// Findings of the safety analysis.
     #[serde(default)]
     pub findings: Vec<crate::lint::Finding>,
+    /// Catalog facts that removed a finding a static analysis reports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub facts: Vec<String>,
     /// Approvals that allowed the run (`approver (source)`).
     #[serde(default)]
     pub approvals: Vec<String>,

@@ -103,7 +103,7 @@ SET lock_timeout = '5s';
 ALTER TABLE orders ALTER COLUMN qty TYPE bigint;
 
 -- case: alter column type on a new table
--- expect: BS111
+-- expect: none
 CREATE TABLE staging (id int);
 ALTER TABLE staging ALTER COLUMN id TYPE bigint;
 
@@ -325,8 +325,8 @@ CREATE DATABASE reporting;
 SET lock_timeout = '5s';
 ALTER TABLE measurements DETACH PARTITION measurements_2019 CONCURRENTLY;
 
--- case: detach partition blocking takes the lock only
--- expect: none
+-- case: detach partition blocking
+-- expect: BS317
 SET lock_timeout = '5s';
 ALTER TABLE measurements DETACH PARTITION measurements_2019;
 
@@ -382,3 +382,244 @@ REINDEX (CONCURRENTLY false) INDEX orders_customer;
 -- case: reindex concurrently by option value
 -- expect: BS401
 REINDEX (CONCURRENTLY) INDEX orders_customer;
+
+-- case: create table as builds a new table
+-- expect: none
+CREATE TABLE order_totals AS SELECT customer_id, sum(total) AS total FROM orders GROUP BY 1;
+CREATE INDEX order_totals_customer ON order_totals (customer_id);
+ALTER TABLE order_totals ADD CONSTRAINT order_totals_pk PRIMARY KEY (customer_id);
+
+-- case: select into builds a new table
+-- expect: none
+SELECT id, email INTO users_backup FROM users;
+CREATE INDEX users_backup_email ON users_backup (email);
+
+-- case: create table if not exists may create nothing
+-- expect: BS301, BS313
+CREATE TABLE IF NOT EXISTS orders (id int);
+CREATE INDEX orders_created ON orders (created_at);
+
+-- case: a schema-qualified table is not the unqualified one
+-- expect: BS301, BS313
+CREATE TABLE staging.orders (id int);
+CREATE INDEX orders_id ON public.orders (id);
+
+-- case: a schema-qualified new table is new
+-- expect: none
+CREATE TABLE staging.orders (id int);
+CREATE INDEX orders_id ON staging.orders (id);
+
+-- case: search_path decides what an unqualified name is
+-- expect: BS301, BS313
+CREATE TABLE staging.orders (id int);
+SET search_path TO public;
+CREATE INDEX orders_id ON orders (id);
+
+-- case: search_path set to the new table's schema
+-- expect: none
+CREATE TABLE staging.orders (id int);
+SET search_path TO staging;
+CREATE INDEX orders_id ON orders (id);
+
+-- case: set not null drop column and type change on a new table
+-- expect: none
+CREATE TABLE invoices (id int, note text, amount int);
+ALTER TABLE invoices ALTER COLUMN id SET NOT NULL;
+ALTER TABLE invoices DROP COLUMN note;
+ALTER TABLE invoices ALTER COLUMN amount TYPE bigint;
+
+-- case: view dropped and recreated is not destructive
+-- expect: BS313
+DROP VIEW active_users;
+CREATE VIEW active_users AS SELECT id, email FROM users WHERE active;
+
+-- case: view dropped and recreated with lock_timeout is safe
+-- expect: none
+SET lock_timeout = '5s';
+DROP VIEW IF EXISTS reporting.active_users;
+CREATE OR REPLACE VIEW reporting.active_users AS SELECT id FROM users;
+
+-- case: view dropped with cascade and recreated is destructive
+-- expect: BS105
+SET lock_timeout = '5s';
+DROP VIEW active_users CASCADE;
+CREATE VIEW active_users AS SELECT id FROM users;
+
+-- case: one of two dropped views recreated is destructive
+-- expect: BS105
+SET lock_timeout = '5s';
+DROP VIEW a, b;
+CREATE VIEW a AS SELECT 1 AS x;
+
+-- case: view dropped and another created is destructive
+-- expect: BS105
+SET lock_timeout = '5s';
+DROP VIEW active_users;
+CREATE VIEW active_users_v2 AS SELECT id FROM users;
+
+-- case: function dropped and recreated with the same arguments
+-- expect: BS502
+SET lock_timeout = '5s';
+DROP FUNCTION total(integer);
+CREATE FUNCTION total(n int) RETURNS int LANGUAGE sql AS 'SELECT n';
+
+-- case: function dropped and recreated with other arguments
+-- expect: BS114, BS502
+SET lock_timeout = '5s';
+DROP FUNCTION total(integer);
+CREATE FUNCTION total(n text) RETURNS int LANGUAGE sql AS 'SELECT 1';
+
+-- case: drop function
+-- expect: BS114
+SET lock_timeout = '5s';
+DROP FUNCTION IF EXISTS order_total(bigint);
+
+-- case: drop procedure
+-- expect: BS114
+SET lock_timeout = '5s';
+DROP PROCEDURE archive_orders();
+
+-- case: drop trigger
+-- expect: BS115
+SET lock_timeout = '5s';
+DROP TRIGGER orders_audit ON orders;
+
+-- case: trigger dropped and recreated
+-- expect: none
+SET lock_timeout = '5s';
+DROP TRIGGER orders_audit ON orders;
+CREATE TRIGGER orders_audit AFTER INSERT ON orders FOR EACH ROW EXECUTE FUNCTION audit();
+
+-- case: drop policy
+-- expect: BS116
+SET lock_timeout = '5s';
+DROP POLICY tenant_isolation ON orders;
+
+-- case: policy dropped and recreated
+-- expect: none
+SET lock_timeout = '5s';
+DROP POLICY tenant_isolation ON orders;
+CREATE POLICY tenant_isolation ON orders USING (tenant_id = current_setting('app.tenant')::int);
+
+-- case: index dropped and recreated keeps only the lock findings
+-- expect: BS301, BS302
+SET lock_timeout = '5s';
+DROP INDEX orders_ref;
+CREATE INDEX orders_ref ON orders (ref, created_at);
+
+-- case: add stored generated column
+-- expect: BS314
+SET lock_timeout = '5s';
+ALTER TABLE orders ADD COLUMN total_cents bigint GENERATED ALWAYS AS (total * 100) STORED;
+
+-- case: generated column on a new table is safe
+-- expect: none
+CREATE TABLE prices (amount numeric, cents bigint GENERATED ALWAYS AS (amount * 100) STORED);
+
+-- case: add identity column
+-- expect: BS315
+SET lock_timeout = '5s';
+ALTER TABLE events ADD COLUMN seq bigint GENERATED ALWAYS AS IDENTITY;
+
+-- case: add serial column
+-- expect: BS315
+SET lock_timeout = '5s';
+ALTER TABLE events ADD COLUMN seq bigserial;
+
+-- case: default calling an unknown function
+-- expect: BS308
+SET lock_timeout = '5s';
+ALTER TABLE orders ADD COLUMN token text DEFAULT make_token();
+
+-- case: default calling a known stable function
+-- expect: none
+SET lock_timeout = '5s';
+ALTER TABLE orders ADD COLUMN created_on date DEFAULT date_trunc('day', now())::date;
+
+-- case: default with a cast and a constant is safe
+-- expect: none
+SET lock_timeout = '5s';
+ALTER TABLE orders ADD COLUMN meta jsonb NOT NULL DEFAULT '{}'::jsonb;
+
+-- case: validate in the transaction that added the constraint
+-- expect: BS316
+SET lock_timeout = '5s';
+ALTER TABLE orders ADD CONSTRAINT orders_customer_fk FOREIGN KEY (customer_id) REFERENCES customers (id) NOT VALID;
+ALTER TABLE orders VALIDATE CONSTRAINT orders_customer_fk;
+
+-- case: validate after a non-transactional statement runs in its own transaction
+-- expect: BS401
+SET lock_timeout = '5s';
+ALTER TABLE orders ADD CONSTRAINT orders_total_positive CHECK (total > 0) NOT VALID;
+CREATE INDEX CONCURRENTLY orders_total ON orders (total);
+ALTER TABLE orders VALIDATE CONSTRAINT orders_total_positive;
+
+-- case: validate a constraint an earlier migration added is safe
+-- expect: none
+SET lock_timeout = '5s';
+ALTER TABLE orders VALIDATE CONSTRAINT orders_customer_fk;
+
+-- case: alter domain add constraint validating
+-- expect: BS318
+ALTER DOMAIN email ADD CONSTRAINT email_has_at CHECK (VALUE LIKE '%@%');
+
+-- case: alter domain add constraint not valid is safe
+-- expect: none
+ALTER DOMAIN email ADD CONSTRAINT email_has_at CHECK (VALUE LIKE '%@%') NOT VALID;
+
+-- case: new table with a foreign key locks the referenced table
+-- expect: BS313
+CREATE TABLE payments (id int, order_id int REFERENCES orders (id));
+
+-- case: new table referencing a new table locks nothing
+-- expect: none
+CREATE TABLE carts (id int PRIMARY KEY);
+CREATE TABLE cart_items (id int, cart_id int REFERENCES carts (id));
+
+-- case: refresh materialized view blocking
+-- expect: BS319
+SET lock_timeout = '5s';
+REFRESH MATERIALIZED VIEW sales_summary;
+
+-- case: refresh materialized view concurrently is safe
+-- expect: none
+SET lock_timeout = '5s';
+REFRESH MATERIALIZED VIEW CONCURRENTLY sales_summary;
+
+-- case: drop default
+-- expect: BS204
+SET lock_timeout = '5s';
+ALTER TABLE orders ALTER COLUMN status DROP DEFAULT;
+
+-- case: set default is safe
+-- expect: none
+SET lock_timeout = '5s';
+ALTER TABLE orders ALTER COLUMN status SET DEFAULT 'new';
+
+-- case: drop constraint
+-- expect: BS205
+SET lock_timeout = '5s';
+ALTER TABLE orders DROP CONSTRAINT orders_ref_key;
+
+-- case: drop a constraint the migration added is safe
+-- expect: BS305
+SET lock_timeout = '5s';
+ALTER TABLE orders ADD CONSTRAINT orders_tmp CHECK (total > 0);
+ALTER TABLE orders DROP CONSTRAINT orders_tmp;
+
+-- case: suppressed finding with a reason
+-- expect: BS301
+SET lock_timeout = '5s';
+-- backstop:ignore BS301 the table holds 40 rows and only the nightly job writes it
+CREATE INDEX countries_code ON countries (code);
+
+-- case: suppression without a reason is not applied
+-- expect: BS002, BS301
+SET lock_timeout = '5s';
+-- backstop:ignore BS301
+CREATE INDEX countries_code ON countries (code);
+
+-- case: suppression naming an unknown rule
+-- expect: BS002, BS301
+SET lock_timeout = '5s';
+CREATE INDEX countries_code ON countries (code); -- backstop:ignore BS999 typo

@@ -75,6 +75,7 @@ impl Build {
                 already_applied: Vec::new(),
                 plan_hash: "plan-hash".into(),
                 findings: Vec::new(),
+                facts: Vec::new(),
                 approvals: Vec::new(),
                 needs_drill: false,
                 phase: Phase::Pending,

@@ -1,0 +1,350 @@
+//! What the live database says about the objects a migration touches, read
+//! from the catalog at plan time (`backstop plan --database-url`, and the
+//! plan phase of every run): which tables exist, their estimated rows and
+//! size, column types, indexes and constraints, and how volatile functions
+//! are.
+//!
+//! The analysis uses these facts to decide what a static linter has to
+//! guess: `CREATE TABLE IF NOT EXISTS` creates a table or not; an `ALTER
+//! COLUMN TYPE` widens a `varchar` (no rewrite) or not; a blocking statement
+//! on an empty or small table is a warning, on a large one an error whose
+//! message gives the size and the lock time to expect; a dropped constraint
+//! is a unique one the running app's `ON CONFLICT` needs, or a check that
+//! only loosens. Facts only ever lower what a plan needs (see
+//! [`crate::policy::plan_hash`]), and every finding a fact changed says so.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Tables at most this large (all forks, indexes and TOAST) are small: a lock
+/// or rewrite on them lasts milliseconds.
+pub const SMALL_TABLE_BYTES: i64 = 8 << 20;
+
+/// The rate assumed to estimate how long a rewrite, index build or
+/// validating scan holds its lock: deliberately low (a busy server with the
+/// table not in memory), so the estimate errs long.
+pub const ESTIMATE_BYTES_PER_SECOND: f64 = 100e6;
+
+/// The catalog facts of one database.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Catalog {
+    /// The schema unqualified names resolve to (first of `search_path`).
+    pub default_schema: String,
+    /// Tables, views and materialized views by `schema.name`.
+    pub tables: BTreeMap<String, Table>,
+    /// Function volatility by (unqualified) name: the most volatile overload
+    /// (`i` immutable, `s` stable, `v` volatile).
+    pub functions: BTreeMap<String, char>,
+}
+
+/// One relation.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Table {
+    /// `r` table, `p` partitioned table, `v` view, `m` materialized view, `f` foreign table.
+    pub kind: char,
+    /// The planner's estimate (`pg_class.reltuples`); `None` when never analysed.
+    pub rows: Option<f64>,
+    /// `pg_total_relation_size`.
+    pub bytes: i64,
+    pub columns: BTreeMap<String, Column>,
+    pub indexes: Vec<Index>,
+    /// Constraints by name.
+    pub constraints: BTreeMap<String, Constraint>,
+}
+
+/// One column.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Column {
+    /// As `format_type` writes it: `character varying(50)`, `numeric(10,2)`, `text`.
+    pub type_name: String,
+    pub not_null: bool,
+    pub has_default: bool,
+}
+
+/// One index.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Index {
+    pub name: String,
+    pub unique: bool,
+    pub valid: bool,
+    pub partial: bool,
+    /// Key columns in order (an expression is `None`).
+    pub columns: Vec<Option<String>>,
+}
+
+/// What a constraint is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConstraintKind {
+    PrimaryKey,
+    Unique,
+    Exclusion,
+    ForeignKey,
+    Check,
+    /// `NOT NULL` (PostgreSQL 18 records them) and triggers.
+    Other,
+}
+
+/// One constraint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Constraint {
+    pub kind: ConstraintKind,
+    pub validated: bool,
+}
+
+impl ConstraintKind {
+    fn from_contype(c: &str) -> Self {
+        match c {
+            "p" => ConstraintKind::PrimaryKey,
+            "u" => ConstraintKind::Unique,
+            "x" => ConstraintKind::Exclusion,
+            "f" => ConstraintKind::ForeignKey,
+            "c" => ConstraintKind::Check,
+            _ => ConstraintKind::Other,
+        }
+    }
+
+    /// Whether the running app can depend on it being there (`ON CONFLICT`
+    /// names it or its index).
+    pub fn app_relies_on(self) -> bool {
+        matches!(
+            self,
+            ConstraintKind::PrimaryKey | ConstraintKind::Unique | ConstraintKind::Exclusion
+        )
+    }
+}
+
+impl Table {
+    /// Small enough that a lock or rewrite on it is over in milliseconds.
+    pub fn is_small(&self) -> bool {
+        self.bytes <= SMALL_TABLE_BYTES
+    }
+
+    /// The facts a finding cites: `public.orders: ~1,200,000 rows, 840 MB`.
+    pub fn describe(&self, name: &str) -> String {
+        let rows = match self.rows {
+            Some(r) => format!("~{} rows", thousands(r.round() as i64)),
+            None => "rows not yet estimated (never analysed)".to_string(),
+        };
+        format!("{name}: {rows}, {}", bytes(self.bytes))
+    }
+
+    /// `about 8 s` under [`ESTIMATE_BYTES_PER_SECOND`].
+    pub fn lock_estimate(&self) -> String {
+        let secs = self.bytes as f64 / ESTIMATE_BYTES_PER_SECOND;
+        if secs < 1.0 {
+            "under a second".to_string()
+        } else if secs < 120.0 {
+            format!("about {} s", secs.round())
+        } else {
+            format!("about {} min", (secs / 60.0).round())
+        }
+    }
+}
+
+fn thousands(n: i64) -> String {
+    let digits = n.abs().to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 {
+        format!("-{out}")
+    } else {
+        out
+    }
+}
+
+fn bytes(b: i64) -> String {
+    const UNITS: [&str; 5] = ["bytes", "kB", "MB", "GB", "TB"];
+    let mut v = b as f64;
+    let mut unit = 0;
+    while v >= 1000.0 && unit < UNITS.len() - 1 {
+        v /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{b} bytes")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// Reading the catalog failed.
+#[derive(Debug, thiserror::Error)]
+#[error("failed to read the database catalog ({what})")]
+pub struct CatalogError {
+    what: &'static str,
+    #[source]
+    source: tokio_postgres::Error,
+}
+
+impl Catalog {
+    /// Looks a relation up by its qualified name.
+    pub fn table(&self, qualified: &str) -> Option<&Table> {
+        self.tables.get(qualified)
+    }
+
+    /// Reads the facts of every user relation (not `pg_catalog`,
+    /// `information_schema` or TOAST) in five queries.
+    pub async fn load(client: &tokio_postgres::Client) -> Result<Catalog, CatalogError> {
+        let q = |what: &'static str| move |source| CatalogError { what, source };
+        const USER: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'";
+        let default_schema: String = client
+            .query_one("SELECT coalesce((current_schemas(false))[1], 'public')::text", &[])
+            .await
+            .map_err(q("search_path"))?
+            .get(0);
+        let mut cat = Catalog {
+            default_schema,
+            ..Catalog::default()
+        };
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT n.nspname::text, c.relname::text, c.relkind::text, c.reltuples::float8, \
+                     pg_total_relation_size(c.oid) \
+                     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND {USER}"
+                ),
+                &[],
+            )
+            .await
+            .map_err(q("tables"))?;
+        for r in rows {
+            let (schema, name, kind): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+            let rows: f64 = r.get(3);
+            cat.tables.insert(
+                format!("{schema}.{name}"),
+                Table {
+                    kind: kind.chars().next().unwrap_or('r'),
+                    rows: (rows >= 0.0).then_some(rows),
+                    bytes: r.get(4),
+                    ..Table::default()
+                },
+            );
+        }
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT n.nspname::text, c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod), \
+                     a.attnotnull, a.atthasdef \
+                     FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'v', 'm', 'f') AND {USER}"
+                ),
+                &[],
+            )
+            .await
+            .map_err(q("columns"))?;
+        for r in rows {
+            let key = format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1));
+            if let Some(t) = cat.tables.get_mut(&key) {
+                t.columns.insert(
+                    r.get(2),
+                    Column {
+                        type_name: r.get(3),
+                        not_null: r.get(4),
+                        has_default: r.get(5),
+                    },
+                );
+            }
+        }
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT n.nspname::text, c.relname::text, i.relname::text, x.indisunique, x.indisvalid, \
+                     x.indpred IS NOT NULL, \
+                     ARRAY(SELECT a.attname::text FROM unnest(x.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) \
+                           LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum AND k.attnum > 0 \
+                           WHERE k.ord <= x.indnkeyatts ORDER BY k.ord) \
+                     FROM pg_index x JOIN pg_class c ON c.oid = x.indrelid JOIN pg_class i ON i.oid = x.indexrelid \
+                     JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {USER}"
+                ),
+                &[],
+            )
+            .await
+            .map_err(q("indexes"))?;
+        for r in rows {
+            let key = format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1));
+            if let Some(t) = cat.tables.get_mut(&key) {
+                t.indexes.push(Index {
+                    name: r.get(2),
+                    unique: r.get(3),
+                    valid: r.get(4),
+                    partial: r.get(5),
+                    columns: r.get::<_, Vec<Option<String>>>(6),
+                });
+            }
+        }
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT n.nspname::text, c.relname::text, k.conname::text, k.contype::text, k.convalidated \
+                     FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid \
+                     JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {USER}"
+                ),
+                &[],
+            )
+            .await
+            .map_err(q("constraints"))?;
+        for r in rows {
+            let key = format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1));
+            if let Some(t) = cat.tables.get_mut(&key) {
+                t.constraints.insert(
+                    r.get(2),
+                    Constraint {
+                        kind: ConstraintKind::from_contype(&r.get::<_, String>(3)),
+                        validated: r.get(4),
+                    },
+                );
+            }
+        }
+        // The most volatile overload of each name: a default that calls the
+        // name is judged by the worst one it could resolve to.
+        let rows = client
+            .query(
+                "SELECT proname::text, max(CASE provolatile WHEN 'v' THEN 3 WHEN 's' THEN 2 ELSE 1 END)::int4 \
+                 FROM pg_proc GROUP BY proname",
+                &[],
+            )
+            .await
+            .map_err(q("functions"))?;
+        for r in rows {
+            let v = match r.get::<_, i32>(1) {
+                3 => 'v',
+                2 => 's',
+                _ => 'i',
+            };
+            cat.functions.insert(r.get(0), v);
+        }
+        Ok(cat)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_estimates_read_like_a_person_wrote_them() {
+        let t = Table {
+            rows: Some(1_234_567.0),
+            bytes: 840_000_000,
+            ..Table::default()
+        };
+        assert_eq!(t.describe("public.orders"), "public.orders: ~1,234,567 rows, 840.0 MB");
+        assert_eq!(t.lock_estimate(), "about 8 s");
+        assert!(!t.is_small());
+        let empty = Table::default();
+        assert_eq!(
+            empty.describe("s.t"),
+            "s.t: rows not yet estimated (never analysed), 0 bytes"
+        );
+        assert!(empty.is_small());
+        assert_eq!(empty.lock_estimate(), "under a second");
+    }
+}
