@@ -208,7 +208,7 @@ fn a_suppression_cannot_waive_the_approval_of_a_destructive_statement() {
 #[test]
 fn an_ignored_error_still_counts_in_the_plan_hash_with_its_reason() {
     use backstop::manifests::Snapshot;
-    let hash = |comment: &str| {
+    let plan = |comment: &str| {
         let yaml = format!(
             "kind: ConfigMap\nmetadata:\n  name: m\n  annotations:\n    backstop.dev/migration: m1\n    backstop.dev/database: url:DB\ndata:\n  001.sql: |\n    {comment}\n    CREATE INDEX a ON t (x);\n"
         );
@@ -216,12 +216,27 @@ fn an_ignored_error_still_counts_in_the_plan_hash_with_its_reason() {
         snapshot.insert("m.yaml".into(), yaml.clone().into_bytes());
         let carriers = backstop::manifests::parse_file(&snapshot, "m.yaml", yaml.as_bytes()).unwrap();
         let analysed = backstop::policy::analyse(&carriers, LintOptions::default(), None);
-        backstop::policy::plan_hash(&carriers, &analysed)
+        let hash = backstop::policy::plan_hash(&carriers, &analysed);
+        (carriers, analysed, hash)
     };
+    let hash = |comment: &str| plan(comment).2;
     let plain = hash("-- a comment");
     let ignored = hash("-- backstop:ignore BS301 small table");
     let other_reason = hash("-- backstop:ignore BS301 another reason");
     assert_ne!(plain, ignored, "suppressing changes what is approved");
     assert_ne!(ignored, other_reason, "the reason is part of it");
     assert_eq!(plain, hash("-- another comment"), "plain comments do not count");
+
+    // The ignored error still needs the approval an error needs.
+    let (carriers, analysed, hash) = plan("-- backstop:ignore BS301 small table");
+    let verdict = backstop::policy::evaluate(&backstop::policy::GateInput {
+        carrier: &carriers[0],
+        findings: &analysed[0].findings,
+        plan_hash: &hash,
+        approvals: &[],
+        soak: backstop::policy::Soak::Unknown,
+        now: chrono::Utc::now(),
+    });
+    assert!(verdict.needs_approval && !verdict.allowed, "{verdict:?}");
+    assert!(verdict.reasons[0].contains("m1 needs an approval"), "{verdict:?}");
 }
