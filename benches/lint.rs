@@ -3,7 +3,9 @@
 //! generated corpus of `BACKSTOP_BENCH_LINT_MB` (default 50) MB of migration
 //! SQL, as one file and as migrations of about 64 KiB. Each run is a child
 //! process: wall time and its peak RSS (`wait4`). Linear growth shows in the
-//! MB/s of the one file against the small ones. With pyenv, point
+//! MB/s of the one file against the small ones. Then both on the real
+//! migrations under `tests/lint/real/` (median of `BACKSTOP_BENCH_LINT_REPS`,
+//! default 5, alternating). With pyenv, point
 //! `BACKSTOP_BENCH_SQUAWK=$(pyenv which squawk)` at the binary itself.
 
 use std::path::{Path, PathBuf};
@@ -71,6 +73,53 @@ fn main() -> Res<()> {
             }
             None => println!(" | squawk not on the PATH (pip install squawk-cli)"),
         }
+    }
+    real(&backstop, squawk.as_deref())
+}
+
+/// Both linters on the real migrations (tests/lint/real), alternating.
+fn real(backstop: &Path, squawk: Option<&Path>) -> Res<()> {
+    let mut files = Vec::new();
+    let mut stack = vec![PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/lint/real"))];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir)?.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "sql") {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    let bytes: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
+    let size = bytes as f64 / 1048576.0;
+    let reps: usize = std::env::var("BACKSTOP_BENCH_LINT_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        ours.push(measure(backstop, &["lint"], &files, f64::INFINITY)?.0);
+        if let Some(program) = squawk {
+            theirs.push(measure(program, &[], &files, f64::INFINITY)?.0);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let b = median(&mut ours);
+    print!(
+        "lint, real migrations ({} files, {size:.1} MB): backstop {b:.3} s ({:.1} MB/s)",
+        files.len(),
+        size / b
+    );
+    if theirs.is_empty() {
+        println!(" | squawk not on the PATH");
+    } else {
+        let s = median(&mut theirs);
+        println!(" | squawk {s:.3} s ({:.1} MB/s) | throughput backstop/squawk {:.2}", size / s, s / b);
     }
     Ok(())
 }

@@ -538,6 +538,11 @@ pub(super) fn takes_exclusive_lock(node: &NodeEnum, ctx: &Ctx<'_>) -> bool {
         NodeEnum::ReindexStmt(r) => !crate::sql::option_on(&r.params, "concurrently"),
         NodeEnum::VacuumStmt(v) => v.is_vacuumcmd && crate::sql::option_on(&v.options, "full"),
         NodeEnum::RefreshMatViewStmt(r) => !r.concurrent && !ctx.is_new(r.relation.as_ref()),
+        // CREATE TRIGGER takes SHARE ROW EXCLUSIVE (blocks writes), CREATE
+        // and ALTER POLICY ACCESS EXCLUSIVE, on the table.
+        NodeEnum::CreateTrigStmt(t) => !ctx.is_new(t.relation.as_ref()),
+        NodeEnum::CreatePolicyStmt(p) => !ctx.is_new(p.table.as_ref()),
+        NodeEnum::AlterPolicyStmt(p) => !ctx.is_new(p.table.as_ref()),
         _ => false,
     }
 }

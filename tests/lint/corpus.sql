@@ -623,3 +623,12 @@ CREATE INDEX countries_code ON countries (code);
 -- expect: BS002, BS301
 SET lock_timeout = '5s';
 CREATE INDEX countries_code ON countries (code); -- backstop:ignore BS999 typo
+
+-- case: create trigger on an existing table waits for a lock
+-- expect: BS313
+CREATE TRIGGER orders_audit AFTER INSERT ON orders FOR EACH ROW EXECUTE FUNCTION audit();
+
+-- case: create policy on a new table locks nothing
+-- expect: none
+CREATE TABLE notes (id int, tenant int);
+CREATE POLICY tenant_notes ON notes USING (tenant = 1);

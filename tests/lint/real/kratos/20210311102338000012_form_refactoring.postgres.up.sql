@@ -1,0 +1,1 @@
+ALTER TABLE "selfservice_settings_flows" ADD COLUMN "ui" jsonb;

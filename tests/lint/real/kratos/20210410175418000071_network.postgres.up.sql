@@ -1,0 +1,1 @@
+ALTER TABLE "identity_verifiable_addresses" ADD COLUMN "nid" UUID;

@@ -1,0 +1,3 @@
+ALTER TABLE site
+    ADD COLUMN hide_modlog_mod_names boolean DEFAULT TRUE NOT NULL;
+

@@ -1,0 +1,3 @@
+ALTER TABLE local_site
+    ADD COLUMN disable_email_notifications bool NOT NULL DEFAULT FALSE;
+
