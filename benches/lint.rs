@@ -92,7 +92,11 @@ fn real(backstop: &Path, squawk: Option<&Path>) -> Res<()> {
         }
     }
     files.sort();
-    let bytes: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
+    let bytes: u64 = files
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum();
     let size = bytes as f64 / 1048576.0;
     let reps: usize = std::env::var("BACKSTOP_BENCH_LINT_REPS")
         .ok()
@@ -119,7 +123,11 @@ fn real(backstop: &Path, squawk: Option<&Path>) -> Res<()> {
         println!(" | squawk not on the PATH");
     } else {
         let s = median(&mut theirs);
-        println!(" | squawk {s:.3} s ({:.1} MB/s) | throughput backstop/squawk {:.2}", size / s, s / b);
+        println!(
+            " | squawk {s:.3} s ({:.1} MB/s) | throughput backstop/squawk {:.2}",
+            size / s,
+            s / b
+        );
     }
     Ok(())
 }

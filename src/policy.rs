@@ -201,7 +201,11 @@ pub fn evaluate(input: &GateInput<'_>) -> Verdict {
     // finding (e.g. a blocking CREATE INDEX) run only with an approval. A
     // `backstop:ignore` does not lift that: the approver sees its reason, and
     // the reason is in the plan hash they approve.
-    let errors = input.findings.iter().filter(|f| f.severity == lint::Severity::Error).count();
+    let errors = input
+        .findings
+        .iter()
+        .filter(|f| f.severity == lint::Severity::Error)
+        .count();
     let needs_approval = c.phase == Phase::Contract || destructive || errors > 0;
     if needs_approval && reasons.is_empty() {
         match input.approvals.iter().find(|a| a.matches(input.plan_hash)) {

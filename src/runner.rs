@@ -240,6 +240,16 @@ pub async fn record_history(
     Ok(())
 }
 
+/// The server's major version (e.g. 15).
+async fn major_version(db: &Database, client: &tokio_postgres::Client) -> Result<u32, RunnerError> {
+    let v: String = client
+        .query_one("SHOW server_version_num", &[])
+        .await
+        .map_err(query_err(db, "reading the server version"))?
+        .get(0);
+    Ok(v.parse::<u32>().unwrap_or(150000) / 10000)
+}
+
 /// The newest successful history row matching `filter` (`$1` = `value`).
 async fn history_row(db: &Database, filter: &str, value: &str) -> Result<Option<HistoryRow>, RunnerError> {
     let client = db.connect().await?;
@@ -301,29 +311,19 @@ impl Runner for SqlRunner {
     }
 
     async fn server_version(&self, db: &Database) -> Result<u32, RunnerError> {
-        let client = db.connect().await?;
-        let v: String = client
-            .query_one("SHOW server_version_num", &[])
-            .await
-            .map_err(query_err(db, "reading the server version"))?
-            .get(0);
-        Ok(v.parse::<u32>().unwrap_or(150000) / 10000)
+        major_version(db, &db.connect().await?).await
     }
 
     async fn catalog(&self, db: &Database) -> Result<Option<(u32, crate::lint::Catalog)>, RunnerError> {
         let client = db.connect().await?;
-        let v: String = client
-            .query_one("SHOW server_version_num", &[])
-            .await
-            .map_err(query_err(db, "reading the server version"))?
-            .get(0);
+        let version = major_version(db, &client).await?;
         let catalog = crate::lint::Catalog::load(&client)
             .await
             .map_err(|e| RunnerError::Catalog {
                 database: db.describe(),
                 source: e,
             })?;
-        Ok(Some((v.parse::<u32>().unwrap_or(150000) / 10000, catalog)))
+        Ok(Some((version, catalog)))
     }
 
     async fn recovery_point(&self, db: &Database) -> Result<RecoveryPoint, RunnerError> {

@@ -244,7 +244,10 @@ fn an_ignored_error_still_counts_in_the_plan_hash_with_its_reason() {
 /// Every `.sql` file under `tests/lint/real` (see its SOURCES.md).
 fn real_migrations() -> Vec<String> {
     let mut out = Vec::new();
-    let mut stack = vec![std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/lint/real"))];
+    let mut stack = vec![std::path::PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/lint/real"
+    ))];
     while let Some(dir) = stack.pop() {
         for e in std::fs::read_dir(&dir).unwrap().flatten() {
             let p = e.path();
