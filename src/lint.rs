@@ -282,9 +282,11 @@ impl<'c> Linter<'c> {
         match node {
             NodeEnum::VariableSetStmt(v) if v.name == "lock_timeout" => self.lock_timeout_set = true,
             NodeEnum::VariableSetStmt(v) if v.name == "search_path" => {
-                if let Some(first) = v.args.first().and_then(|a| match &a.node {
+                // `"$user"` names a schema only where one is named after the
+                // role: the first other entry is where names resolve.
+                if let Some(first) = v.args.iter().find_map(|a| match &a.node {
                     Some(NodeEnum::AConst(c)) => match &c.val {
-                        Some(pg_query::protobuf::a_const::Val::Sval(s)) => Some(s.sval.clone()),
+                        Some(pg_query::protobuf::a_const::Val::Sval(s)) if s.sval != "$user" => Some(s.sval.clone()),
                         _ => None,
                     },
                     _ => None,

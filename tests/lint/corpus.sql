@@ -632,3 +632,9 @@ CREATE TRIGGER orders_audit AFTER INSERT ON orders FOR EACH ROW EXECUTE FUNCTION
 -- expect: none
 CREATE TABLE notes (id int, tenant int);
 CREATE POLICY tenant_notes ON notes USING (tenant = 1);
+
+-- case: search_path with $user resolves to the next schema
+-- expect: none
+CREATE TABLE staging.orders (id int);
+SET search_path = "$user", staging;
+CREATE INDEX orders_id ON orders (id);
