@@ -189,7 +189,11 @@ pub struct Linter<'c> {
     /// VALIDATE findings that stand only if the migration is one transaction.
     validations: Vec<usize>,
     drops: Vec<PendingDrop>,
-    /// Findings recreated objects made moot.
+    /// Findings recreated objects made moot (only when the migration runs
+    /// as one transaction: statement by statement, the object is gone in
+    /// between, and for good if the CREATE fails).
+    recreated: BTreeSet<usize>,
+    /// Findings made moot whatever the migration's transaction.
     moot: BTreeSet<usize>,
     all_transactional: bool,
     lock_timeout_set: bool,
@@ -213,6 +217,7 @@ impl<'c> Linter<'c> {
             validations: Vec::new(),
             drops: Vec::new(),
             moot: BTreeSet::new(),
+            recreated: BTreeSet::new(),
             all_transactional: true,
             lock_timeout_set: false,
             lock_timeout_reported: false,
@@ -338,7 +343,7 @@ impl<'c> Linter<'c> {
             for d in &mut self.drops {
                 d.objects.retain(|o| !made.restores(o));
                 if d.objects.is_empty() {
-                    self.moot.insert(d.finding);
+                    self.recreated.insert(d.finding);
                 }
             }
             self.drops.retain(|d| !d.objects.is_empty());
@@ -411,7 +416,9 @@ impl<'c> Linter<'c> {
     /// destructive, and a validation in the adding transaction only counts
     /// when the migration runs as one transaction.
     pub fn finish(mut self) -> Analysis {
-        if !self.all_transactional {
+        if self.all_transactional {
+            self.moot.append(&mut self.recreated);
+        } else {
             self.moot.extend(self.validations.iter().copied());
         }
         let moot = std::mem::take(&mut self.moot);

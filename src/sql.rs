@@ -65,6 +65,14 @@ fn ignores_of(leading: &str, at_line_start: bool, code: &str, trailing: &str) ->
     } else {
         leading.split_once('\n').map(|(_, rest)| rest).unwrap_or("")
     };
+    // After the statement on its line, only a comment right after its
+    // semicolon is its own: one after a next statement is that one's.
+    let trailing = trailing.trim_start_matches(|c: char| c.is_whitespace() || c == ';');
+    let trailing = if trailing.starts_with("--") || trailing.starts_with("/*") {
+        trailing
+    } else {
+        ""
+    };
     let mut out = Vec::new();
     for part in [leading, code, trailing] {
         if !part.contains(IGNORE_MARK) {

@@ -193,6 +193,25 @@ fn a_suppression_with_a_reason_marks_the_finding_ignored_and_it_no_longer_counts
 }
 
 #[test]
+fn a_suppression_after_a_later_statement_on_the_line_is_not_the_earlier_ones() {
+    let sql =
+        "SET lock_timeout = '5s';\nDROP TABLE customers; DROP TABLE tmp_import; -- backstop:ignore BS101 scratch\n";
+    let statements = backstop::sql::split("m.sql", sql, 1).unwrap();
+    let findings = lint::lint(&statements, LintOptions::default());
+    let got: Vec<(&str, Option<&str>)> = findings
+        .iter()
+        .map(|f| (f.excerpt.as_str(), f.ignored.as_deref()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("DROP TABLE customers", None),
+            ("DROP TABLE tmp_import", Some("scratch"))
+        ]
+    );
+}
+
+#[test]
 fn a_suppression_cannot_waive_the_approval_of_a_destructive_statement() {
     let sql = "SET lock_timeout = '5s';\n-- backstop:ignore BS101 nobody reads it\nDROP TABLE old_orders;\n";
     let statements = backstop::sql::split("m.sql", sql, 1).unwrap();

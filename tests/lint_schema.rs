@@ -20,6 +20,9 @@ async fn schema(f: &Fixture) {
             "CREATE TABLE big (id bigint, payload text);
              INSERT INTO big SELECT g, repeat('x', 100) FROM generate_series(1, 120000) g;
              CREATE TABLE tiny (id int, code text);
+             CREATE TABLE parted (id bigint, payload text) PARTITION BY RANGE (id);
+             CREATE TABLE parted_1 PARTITION OF parted FOR VALUES FROM (0) TO (1000000);
+             INSERT INTO parted SELECT g, repeat('x', 100) FROM generate_series(1, 120000) g;
              CREATE TABLE users (id int, name varchar(50), email text, age int, status text NOT NULL DEFAULT 'new',
                                  CONSTRAINT users_email_key UNIQUE (email), CONSTRAINT users_age_check CHECK (age > 0));
              CREATE UNIQUE INDEX users_id_idx ON users (id);
@@ -72,6 +75,13 @@ async fn table_size_turns_a_blocking_statement_into_a_warning_or_an_error_with_i
     let facts = on_big.findings[0].facts.as_deref().unwrap();
     assert!(facts.starts_with("public.big: ~120,000 rows, "), "{facts}");
     assert!(facts.contains("MB: expect the lock to be held"), "{facts}");
+
+    // A partitioned table stores nothing itself: its partitions' size counts.
+    let on_parted = analyse(
+        "SET lock_timeout = '5s';\nCREATE INDEX parted_payload ON parted (payload);",
+        Some(&cat),
+    );
+    assert_eq!(rules(&on_parted), vec![("BS301".to_string(), Severity::Error)]);
 
     // Without the catalog the same statement is an error either way.
     let blind = analyse("SET lock_timeout = '5s';\nCREATE INDEX tiny_code ON tiny (code);", None);

@@ -45,7 +45,8 @@ pub struct Table {
     pub kind: char,
     /// The planner's estimate (`pg_class.reltuples`); `None` when never analysed.
     pub rows: Option<f64>,
-    /// `pg_total_relation_size`.
+    /// `pg_total_relation_size`; of a partitioned table, the sum over its
+    /// partitions (the parent itself stores nothing).
     pub bytes: i64,
     pub columns: BTreeMap<String, Column>,
     pub indexes: Vec<Index>,
@@ -207,7 +208,9 @@ impl Catalog {
             .query(
                 &format!(
                     "SELECT n.nspname::text, c.relname::text, c.relkind::text, c.reltuples::float8, \
-                     pg_total_relation_size(c.oid) \
+                     CASE WHEN c.relkind = 'p' \
+                          THEN (SELECT coalesce(sum(pg_total_relation_size(t.relid)), 0)::int8 FROM pg_partition_tree(c.oid) t) \
+                          ELSE coalesce(pg_total_relation_size(c.oid), 0) END \
                      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
                      WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND {USER}"
                 ),

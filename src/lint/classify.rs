@@ -299,7 +299,8 @@ fn add_column(col: &pg_query::protobuf::ColumnDef, at: &AlterCtx<'_>, out: &mut 
         )
     });
     let identity = has(ConstrType::ConstrIdentity).is_some() || serial;
-    let generated = has(ConstrType::ConstrGenerated).is_some();
+    // PostgreSQL 18's VIRTUAL generated columns are computed on read.
+    let generated = has(ConstrType::ConstrGenerated).is_some_and(|c| c.generated_kind != "v");
     let not_null = col.is_not_null || has(ConstrType::ConstrNotnull).is_some();
     if not_null && default.is_none() && !identity && !generated {
         out.push(Hit::of(&ADD_REQUIRED_COLUMN));

@@ -638,3 +638,10 @@ CREATE POLICY tenant_notes ON notes USING (tenant = 1);
 CREATE TABLE staging.orders (id int);
 SET search_path = "$user", staging;
 CREATE INDEX orders_id ON orders (id);
+
+-- case: view recreated but the migration runs statement by statement
+-- expect: BS105, BS401
+SET lock_timeout = '5s';
+DROP VIEW order_totals;
+CREATE VIEW order_totals AS SELECT 1 AS x;
+CREATE INDEX CONCURRENTLY orders_x ON orders (x);
