@@ -10,6 +10,7 @@
 
 use std::collections::BTreeSet;
 
+use pg_query::protobuf::VariableSetKind;
 use pg_query::NodeEnum;
 use serde::{Deserialize, Serialize};
 
@@ -142,7 +143,16 @@ pub fn lint(statements: &[Statement], opts: LintOptions) -> Vec<Finding> {
 /// [`lint`] with the live database's catalog facts ([`Catalog`]), and the
 /// facts that removed findings.
 pub fn analyse(statements: &[Statement], opts: LintOptions, catalog: Option<&Catalog>) -> Analysis {
-    let mut linter = Linter::new(opts).with_catalog(catalog);
+    run(Linter::new(opts).with_catalog(catalog), statements)
+}
+
+/// The static analysis, with unqualified names resolved in `schema` (the
+/// database's, when known): what the plan hash covers.
+pub fn analyse_in(statements: &[Statement], opts: LintOptions, schema: &str) -> Analysis {
+    run(Linter::new(opts).in_schema(schema), statements)
+}
+
+fn run(mut linter: Linter<'_>, statements: &[Statement]) -> Analysis {
     for s in statements {
         let Ok(parsed) = pg_query::parse(&s.sql, 0) else {
             continue;
@@ -181,7 +191,10 @@ struct PendingDrop {
 pub struct Linter<'c> {
     opts: LintOptions,
     catalog: Option<&'c Catalog>,
+    /// Where unqualified names resolve: `default_schema` until the
+    /// migration sets `search_path`.
     schema: String,
+    default_schema: String,
     created: BTreeSet<String>,
     added_constraints: BTreeSet<String>,
     /// `table/constraint` added NOT VALID by this migration.
@@ -211,6 +224,7 @@ impl<'c> Linter<'c> {
             opts,
             catalog: None,
             schema: "public".into(),
+            default_schema: "public".into(),
             created: BTreeSet::new(),
             added_constraints: BTreeSet::new(),
             not_valid: BTreeSet::new(),
@@ -231,9 +245,17 @@ impl<'c> Linter<'c> {
     /// Judges statements against the live database's facts.
     pub fn with_catalog(mut self, catalog: Option<&'c Catalog>) -> Self {
         if let Some(c) = catalog {
-            self.schema = c.default_schema.clone();
+            self = self.in_schema(&c.default_schema);
         }
         self.catalog = catalog;
+        self
+    }
+
+    /// Resolves unqualified names to `schema` (the database's search_path)
+    /// without judging anything else against the catalog.
+    pub fn in_schema(mut self, schema: &str) -> Self {
+        self.schema = schema.to_string();
+        self.default_schema = schema.to_string();
         self
     }
 
@@ -285,19 +307,28 @@ impl<'c> Linter<'c> {
             self.added_constraints.insert(key);
         }
         match node {
-            NodeEnum::VariableSetStmt(v) if v.name == "lock_timeout" => self.lock_timeout_set = true,
+            // RESET, DEFAULT and a zero timeout all mean: wait forever.
+            NodeEnum::VariableSetStmt(v) if v.name == "lock_timeout" => {
+                self.lock_timeout_set = v.kind == VariableSetKind::VarSetValue as i32 && !setting_is_zero(&v.args)
+            }
+            NodeEnum::VariableSetStmt(v) if v.kind == VariableSetKind::VarResetAll as i32 => {
+                self.lock_timeout_set = false;
+                self.schema = self.default_schema.clone();
+            }
             NodeEnum::VariableSetStmt(v) if v.name == "search_path" => {
                 // `"$user"` names a schema only where one is named after the
                 // role: the first other entry is where names resolve.
-                if let Some(first) = v.args.iter().find_map(|a| match &a.node {
+                let first = v.args.iter().find_map(|a| match &a.node {
                     Some(NodeEnum::AConst(c)) => match &c.val {
                         Some(pg_query::protobuf::a_const::Val::Sval(s)) if s.sval != "$user" => Some(s.sval.clone()),
                         _ => None,
                     },
                     _ => None,
-                }) {
-                    self.schema = first;
-                }
+                });
+                self.schema = match first {
+                    Some(first) if v.kind == VariableSetKind::VarSetValue as i32 => first,
+                    _ => self.default_schema.clone(),
+                };
             }
             _ => {}
         }
@@ -322,6 +353,18 @@ impl<'c> Linter<'c> {
         }
         if let Some(key) = validates {
             hits.push(classify::Hit::on(&VALIDATE_SAME_TRANSACTION, key));
+        }
+        for i in s.ignores.iter().filter(|i| !i.reason.is_empty() && !i.rules.is_empty()) {
+            let triggered = |r: &String| hits.iter().any(|h| *r == h.rule.id || *r == h.rule.name);
+            let unknown = i.rules.iter().any(|r| rule(r).is_none());
+            if !unknown && !i.rules.iter().any(triggered) {
+                let mut f = Finding::new(&BAD_SUPPRESSION, s);
+                f.facts = Some(format!(
+                    "backstop:ignore {} names no rule this statement triggers",
+                    i.rules.join(",")
+                ));
+                self.bad_ignores.push(f);
+            }
         }
         for hit in hits {
             let finding = self.finding(hit, s);
@@ -438,6 +481,20 @@ impl<'c> Linter<'c> {
             facts: self.facts,
         }
     }
+}
+
+/// Whether a `SET` value is zero (`0`, `'0'`, `'0s'`, `'0ms'`).
+fn setting_is_zero(args: &[pg_query::Node]) -> bool {
+    use pg_query::protobuf::a_const::Val;
+    args.first().is_some_and(|a| match &a.node {
+        Some(NodeEnum::AConst(c)) => match &c.val {
+            Some(Val::Ival(i)) => i.ival == 0,
+            Some(Val::Sval(s)) => s.sval.trim().trim_end_matches(|c: char| c.is_ascii_alphabetic()).trim() == "0",
+            Some(Val::Fval(f)) => f.fval.parse::<f64>().is_ok_and(|v| v == 0.0),
+            _ => false,
+        },
+        _ => false,
+    })
 }
 
 /// Rules whose lock lasts as long as a scan, rewrite or build of the table:

@@ -75,7 +75,7 @@ pub fn analyse(migrations: &[Carrier], opts: LintOptions, catalog: Option<&lint:
         .map(|m| {
             let judged = lint::analyse(&m.statements, opts, catalog);
             let static_findings = match catalog {
-                Some(_) => lint::lint(&m.statements, opts),
+                Some(c) => lint::analyse_in(&m.statements, opts, &c.default_schema).findings,
                 None => judged.findings.clone(),
             };
             let mut hashed: Vec<String> = static_findings.iter().map(|f| f.rule.clone()).collect();

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 
 use pg_query::protobuf::{AlterTableType, ConstrType, DropBehavior, FunctionParameterMode, ObjectType, RangeVar};
-use pg_query::{Node, NodeEnum, NodeRef};
+use pg_query::{Node, NodeEnum};
 
 use super::catalog::{Catalog, Table};
 use super::rules::*;
@@ -498,19 +498,36 @@ const KNOWN_STABLE: &[&str] = &[
 /// The first function `expr` calls that is not known to be immutable or
 /// stable (by the catalog when given, else by [`KNOWN_STABLE`]).
 fn not_known_stable(expr: &Node, catalog: Option<&Catalog>) -> Option<String> {
-    let node = expr.node.as_ref()?;
-    node.nodes().into_iter().find_map(|(n, ..)| {
-        let NodeRef::FuncCall(f) = n else { return None };
-        let name = f.funcname.iter().rev().find_map(|p| match &p.node {
-            Some(NodeEnum::String(s)) => Some(s.sval.to_ascii_lowercase()),
-            _ => None,
-        })?;
-        let stable = match catalog.and_then(|c| c.functions.get(&name)) {
+    called_functions(expr).into_iter().find(|name| {
+        let stable = match catalog.and_then(|c| c.functions.get(name)) {
             Some(v) => *v != 'v',
             None => KNOWN_STABLE.contains(&name.as_str()),
         };
-        (!stable).then_some(name)
+        !stable
     })
+}
+
+/// The names of every function an expression calls, at any depth. pg_query's
+/// own walker (`nodes()`) skips some expression kinds (array constructors,
+/// CASE arguments, named arguments), so the tree's complete `Debug` text is
+/// read instead: each `FuncCall` prints its name parts first.
+fn called_functions(expr: &Node) -> Vec<String> {
+    const CALL: &str = "FuncCall { funcname: [";
+    let text = format!("{expr:?}");
+    let mut out = Vec::new();
+    for (at, _) in text.match_indices(CALL) {
+        let rest = &text[at + CALL.len()..];
+        let names = rest.split("], ").next().unwrap_or("");
+        let last = names
+            .split("sval: \"")
+            .skip(1)
+            .filter_map(|s| s.split('"').next())
+            .last();
+        if let Some(name) = last {
+            out.push(name.to_ascii_lowercase());
+        }
+    }
+    out
 }
 
 /// Statements that wait for an ACCESS EXCLUSIVE (or similar) lock on a table
@@ -529,10 +546,17 @@ pub(super) fn takes_exclusive_lock(node: &NodeEnum, ctx: &Ctx<'_>) -> bool {
                     _ => false,
                 })
         }
-        NodeEnum::CreateStmt(c) => c.table_elts.iter().chain(&c.constraints).any(|n| match &n.node {
-            Some(NodeEnum::ColumnDef(col)) => col.constraints.iter().any(|n| constraint_references(n, ctx)),
-            _ => constraint_references(n, ctx),
-        }),
+        // A partition or child of a live table locks it (ACCESS EXCLUSIVE
+        // for PARTITION OF), and so does a foreign key to one.
+        NodeEnum::CreateStmt(c) => {
+            c.inh_relations.iter().any(|n| match &n.node {
+                Some(NodeEnum::RangeVar(r)) => !ctx.is_new(Some(r)),
+                _ => false,
+            }) || c.table_elts.iter().chain(&c.constraints).any(|n| match &n.node {
+                Some(NodeEnum::ColumnDef(col)) => col.constraints.iter().any(|n| constraint_references(n, ctx)),
+                _ => constraint_references(n, ctx),
+            })
+        }
         NodeEnum::DropStmt(d) => !d.concurrent,
         NodeEnum::RenameStmt(_) | NodeEnum::TruncateStmt(_) | NodeEnum::ClusterStmt(_) | NodeEnum::LockStmt(_) => true,
         NodeEnum::IndexStmt(i) => !i.concurrent && !ctx.is_new(i.relation.as_ref()),
@@ -575,9 +599,9 @@ impl Recreatable {
     /// Whether creating `self` puts back what dropping `dropped` removed.
     pub fn restores(&self, dropped: &Recreatable) -> bool {
         match (self, dropped) {
-            (Recreatable::Function(a, Some(x)), Recreatable::Function(b, y)) => {
-                a == b && y.as_ref().is_none_or(|y| y == x)
-            }
+            // A drop that named no arguments may have removed another overload.
+            (Recreatable::Function(a, Some(x)), Recreatable::Function(b, Some(y))) => a == b && x == y,
+            (Recreatable::Function(..), Recreatable::Function(..)) => false,
             _ => self == dropped,
         }
     }
@@ -644,7 +668,16 @@ pub(super) fn created_object(node: &NodeEnum, ctx: &Ctx<'_>) -> Option<Recreatab
         NodeEnum::CreateTableAsStmt(c) if is(c.objtype, ObjectType::ObjectMatview) => {
             Recreatable::View(ctx.qualify(c.into.as_ref()?.rel.as_ref()?))
         }
-        NodeEnum::IndexStmt(i) if !i.idxname.is_empty() => {
+        // An index recreated puts back what was dropped only if it cannot
+        // have lost uniqueness (the app's ON CONFLICT needs it): it is
+        // unique, or the catalog says the dropped one was not.
+        NodeEnum::IndexStmt(i)
+            if !i.idxname.is_empty()
+                && (i.unique
+                    || ctx
+                        .table(i.relation.as_ref())
+                        .is_some_and(|(_, t)| t.indexes.iter().any(|x| x.name == i.idxname && !x.unique))) =>
+        {
             let schema = i
                 .relation
                 .as_ref()

@@ -505,7 +505,7 @@ CREATE POLICY tenant_isolation ON orders USING (tenant_id = current_setting('app
 -- expect: BS301, BS302
 SET lock_timeout = '5s';
 DROP INDEX orders_ref;
-CREATE INDEX orders_ref ON orders (ref, created_at);
+CREATE UNIQUE INDEX orders_ref ON orders (ref, created_at);
 
 -- case: add stored generated column
 -- expect: BS314
@@ -645,3 +645,42 @@ SET lock_timeout = '5s';
 DROP VIEW order_totals;
 CREATE VIEW order_totals AS SELECT 1 AS x;
 CREATE INDEX CONCURRENTLY orders_x ON orders (x);
+
+-- case: lock_timeout of zero waits forever
+-- expect: BS301, BS302, BS313
+SET lock_timeout = 0;
+DROP INDEX orders_ref;
+CREATE UNIQUE INDEX orders_ref ON orders (ref);
+
+-- case: lock_timeout reset waits forever
+-- expect: BS313
+SET lock_timeout = '5s';
+RESET lock_timeout;
+ALTER TABLE orders ADD COLUMN note text;
+
+-- case: index recreated without unique may have lost uniqueness
+-- expect: BS104, BS301, BS302
+SET lock_timeout = '5s';
+DROP INDEX orders_email_uniq;
+CREATE INDEX orders_email_uniq ON orders (email);
+
+-- case: function dropped without arguments and recreated is destructive
+-- expect: BS114, BS502
+SET lock_timeout = '5s';
+DROP FUNCTION calc_total;
+CREATE FUNCTION calc_total(o bigint) RETURNS int LANGUAGE sql AS 'SELECT 1';
+
+-- case: volatile default inside an array constructor
+-- expect: BS308
+SET lock_timeout = '5s';
+ALTER TABLE orders ADD COLUMN ids uuid[] DEFAULT ARRAY[gen_random_uuid()];
+
+-- case: partition of a live table locks it
+-- expect: BS313
+CREATE TABLE events_2027 PARTITION OF events FOR VALUES FROM ('2027-01-01') TO ('2028-01-01');
+
+-- case: suppression of a rule the statement does not trigger
+-- expect: BS002, BS401
+SET lock_timeout = '5s';
+-- backstop:ignore BS301 stale
+CREATE INDEX CONCURRENTLY countries_code ON countries (code);
