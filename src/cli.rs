@@ -306,10 +306,16 @@ pub enum DatastoreStep {
         format: Format,
     },
     /// Release the lock on the side that is now live (and resume the
-    /// Kustomizations the lock suspended).
+    /// Kustomizations the lock suspended). The source of a move that was
+    /// exported is refused without --force: with the target live, both
+    /// sides would take writes (use `rollback` to go back to the source).
     Unlock {
-        #[arg(long, env = "BACKSTOP_URL")]
+        /// The database to unlock (libpq URL).
+        #[arg(long, env = "BACKSTOP_URL", hide_env_values = true)]
         url: String,
+        /// Unlock an exported source anyway (the target never went live).
+        #[arg(long)]
+        force: bool,
         /// kubeconfig for resuming suspended Kustomizations.
         #[arg(long, env = "BACKSTOP_KUBECONFIG")]
         kubeconfig: Option<PathBuf>,
@@ -745,10 +751,10 @@ async fn datastore(step: DatastoreStep) -> anyhow::Result<u8> {
                     return Ok(EXIT_ROLLED_BACK);
                 }
             }
-            DatastoreStep::Unlock { url, kubeconfig } => {
+            DatastoreStep::Unlock { url, force, kubeconfig } => {
                 let db = ds::database(&url, "url")?;
                 let suspended = ds::suspended(&db).await?;
-                println!("{}", ds::unlock(&db).await?);
+                println!("{}", ds::unlock(&db, force).await?);
                 for line in resume_kustomizations(&suspended, kubeconfig.as_deref()).await? {
                     println!("{line}");
                 }

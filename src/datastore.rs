@@ -9,7 +9,6 @@
 //! exactly that). Every step checks that state first, so it is safe to rerun
 //! and says what it found.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -41,7 +40,10 @@ pub enum DatastoreError {
 
 type Result<T> = std::result::Result<T, DatastoreError>;
 
+mod import;
 mod verify;
+use import::{drop_created, drop_objects, Inventory};
+pub use import::{import, ImportOptions};
 pub use verify::{render_diffs, verify, TableDiff};
 
 const LOCK_DDL: &str = "SET client_min_messages = warning;
@@ -56,7 +58,9 @@ CREATE TABLE IF NOT EXISTS backstop.datastore_lock (
     revoked_connect text[] NOT NULL DEFAULT '{}',
     unlocked_at timestamptz
 );
-ALTER TABLE backstop.datastore_lock ADD COLUMN IF NOT EXISTS suspended text[] NOT NULL DEFAULT '{}';";
+ALTER TABLE backstop.datastore_lock ADD COLUMN IF NOT EXISTS suspended text[] NOT NULL DEFAULT '{}';
+ALTER TABLE backstop.datastore_lock ADD COLUMN IF NOT EXISTS exported_at timestamptz;
+ALTER TABLE backstop.datastore_lock ADD COLUMN IF NOT EXISTS exported_to text;";
 
 /// The import record. `imported_at` is NULL while an import runs: the record
 /// is written (with what the target held before) before `pg_restore` starts,
@@ -77,7 +81,12 @@ CREATE TABLE IF NOT EXISTS backstop.datastore_import (
 ALTER TABLE backstop.datastore_import ALTER COLUMN imported_at DROP NOT NULL;
 ALTER TABLE backstop.datastore_import ADD COLUMN IF NOT EXISTS started_at timestamptz;
 ALTER TABLE backstop.datastore_import ADD COLUMN IF NOT EXISTS before text;
+ALTER TABLE backstop.datastore_import ADD COLUMN IF NOT EXISTS created_backstop_schema boolean NOT NULL DEFAULT false;
+ALTER TABLE backstop.datastore_import ADD COLUMN IF NOT EXISTS toc_sha256 text;
 COMMIT;";
+
+/// Schemas that hold the application's objects (not the catalogs, not backstop's own).
+const USER_SCHEMAS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema', 'backstop', 'pg_toast') AND n.nspname NOT LIKE 'pg_temp%' AND n.nspname NOT LIKE 'pg_toast_temp%'";
 
 /// Builds a connectable database from a URL given on the command line.
 pub fn database(url: &str, side: &'static str) -> Result<Database> {
@@ -103,6 +112,8 @@ pub struct LockRecord {
     pub reason: String,
     pub revoked_connect: Vec<String>,
     pub unlocked_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// When a source was exported for a move, and where to.
+    pub exported: Option<(chrono::DateTime<chrono::Utc>, String)>,
 }
 
 async fn lock_record(db: &Database, client: &Client) -> Result<Option<LockRecord>> {
@@ -116,7 +127,10 @@ async fn lock_record(db: &Database, client: &Client) -> Result<Option<LockRecord
     }
     let row = client
         .query_opt(
-            "SELECT side, locked, locked_by, locked_at, reason, revoked_connect, unlocked_at FROM backstop.datastore_lock",
+            // Read through to_jsonb: a record written by an older backstop has no export columns.
+            "SELECT side, locked, locked_by, locked_at, reason, revoked_connect, unlocked_at,
+                    (to_jsonb(l) ->> 'exported_at')::timestamptz, to_jsonb(l) ->> 'exported_to'
+               FROM backstop.datastore_lock l",
             &[],
         )
         .await
@@ -129,6 +143,9 @@ async fn lock_record(db: &Database, client: &Client) -> Result<Option<LockRecord
         reason: r.get(4),
         revoked_connect: r.get(5),
         unlocked_at: r.get(6),
+        exported: r
+            .get::<_, Option<chrono::DateTime<chrono::Utc>>>(7)
+            .map(|at| (at, r.get::<_, Option<String>>(8).unwrap_or_default())),
     }))
 }
 
@@ -184,7 +201,7 @@ pub async fn lock(db: &Database, side: &str, by: &str, reason: &str, suspended: 
              VALUES ($1, true, $2, now(), $3, $4, NULL, $5)
              ON CONFLICT (id) DO UPDATE SET side = EXCLUDED.side, locked = true, locked_by = EXCLUDED.locked_by,
                locked_at = EXCLUDED.locked_at, reason = EXCLUDED.reason, revoked_connect = EXCLUDED.revoked_connect,
-               unlocked_at = NULL, suspended = EXCLUDED.suspended",
+               unlocked_at = NULL, suspended = EXCLUDED.suspended, exported_at = NULL, exported_to = NULL",
             &[&side, &by, &reason, &revoked, &suspended],
         )
         .await
@@ -227,7 +244,10 @@ pub async fn suspended(db: &Database) -> Result<Vec<String>> {
 }
 
 /// Releases the lock: re-grants what was revoked and makes sessions writable.
-pub async fn unlock(db: &Database) -> Result<String> {
+/// A source that was exported for a move is refused without `force`: if the
+/// target went live, both sides would take writes and drift apart without a
+/// word. `rollback` (which drops the import first) is the way back.
+pub async fn unlock(db: &Database, force: bool) -> Result<String> {
     let client = db.connect().await?;
     let Some(rec) = lock_record(db, &client).await? else {
         return Ok(format!("{} holds no lock record: nothing to unlock", db.describe()));
@@ -238,6 +258,15 @@ pub async fn unlock(db: &Database) -> Result<String> {
             db.describe(),
             rec.unlocked_at.map(|t| t.to_rfc3339()).unwrap_or_default()
         ));
+    }
+    if let (Some((at, to)), "source", false) = (&rec.exported, rec.side.as_str(), force) {
+        return Err(DatastoreError::Refused(format!(
+            "{} is the source of a move, exported at {} to {to}: once the target is live, unlocking the source too leaves both sides writable. \
+             To undo the move, run `backstop datastore rollback --source ... --target ...` (it drops the import, then unlocks the source); \
+             if the target never went live, pass --force. Nothing was changed",
+            db.describe(),
+            at.to_rfc3339()
+        )));
     }
     let d = ident(db.dbname());
     // This session started read-only: ask for a writable transaction first.
@@ -342,6 +371,27 @@ pub async fn export(db: &Database, dir: &Path, bindir: &Path, jobs: u32, progres
             dir.display()
         ))
     })?;
+    // The source remembers it was exported: unlocking it later, once the
+    // target may be live, needs a word from a person (see `unlock`).
+    client
+        .batch_execute(
+            "BEGIN; SET TRANSACTION READ WRITE;
+             ALTER TABLE backstop.datastore_lock ADD COLUMN IF NOT EXISTS exported_at timestamptz;
+             ALTER TABLE backstop.datastore_lock ADD COLUMN IF NOT EXISTS exported_to text;",
+        )
+        .await
+        .map_err(q(db, "recording the export"))?;
+    client
+        .execute(
+            "UPDATE backstop.datastore_lock SET exported_at = now(), exported_to = $1",
+            &[&dir.display().to_string()],
+        )
+        .await
+        .map_err(q(db, "recording the export"))?;
+    client
+        .batch_execute("COMMIT")
+        .await
+        .map_err(q(db, "recording the export"))?;
     let size = dir_size(dir);
     progress(size);
     Ok(format!(
@@ -369,220 +419,6 @@ fn dir_size(dir: &Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
-}
-
-/// Objects of the user schemas, for telling what an import created.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
-struct Inventory {
-    schemas: BTreeSet<String>,
-    /// `kind qualified-name`, kind one of table, view, matview, sequence, foreign-table.
-    relations: BTreeSet<String>,
-    types: BTreeSet<String>,
-    functions: BTreeSet<String>,
-}
-
-const USER_SCHEMAS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema', 'backstop', 'pg_toast') AND n.nspname NOT LIKE 'pg_temp%' AND n.nspname NOT LIKE 'pg_toast_temp%'";
-
-async fn inventory(db: &Database, client: &Client) -> Result<Inventory> {
-    let one = |sql: String| async move {
-        client
-            .query(&sql, &[])
-            .await
-            .map(|rows| rows.iter().map(|r| r.get::<_, String>(0)).collect::<BTreeSet<String>>())
-    };
-    let schemas = one(format!(
-        "SELECT quote_ident(n.nspname) FROM pg_namespace n WHERE {USER_SCHEMAS}"
-    ))
-    .await;
-    let relations = one(format!(
-        "SELECT CASE c.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW' WHEN 'S' THEN 'SEQUENCE'
-                WHEN 'f' THEN 'FOREIGN TABLE' ELSE 'TABLE' END || ' ' || quote_ident(n.nspname) || '.' || quote_ident(c.relname)
-           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-          WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f') AND NOT c.relispartition AND {USER_SCHEMAS}
-            AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype IN ('a', 'i') AND c.relkind = 'S')"
-    ))
-    .await;
-    let types = one(format!(
-        "SELECT quote_ident(n.nspname) || '.' || quote_ident(t.typname) FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
-          WHERE t.typtype IN ('e', 'd', 'c', 'r', 'm') AND (t.typrelid = 0 OR (SELECT relkind FROM pg_class WHERE oid = t.typrelid) = 'c')
-            AND NOT EXISTS (SELECT 1 FROM pg_type e WHERE e.oid = t.typelem AND t.typcategory = 'A') AND {USER_SCHEMAS}"
-    ))
-    .await;
-    let functions = one(format!(
-        "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-          WHERE p.prokind IN ('f', 'p', 'a') AND {USER_SCHEMAS}
-            AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = p.oid AND d.deptype = 'e')"
-    ))
-    .await;
-    Ok(Inventory {
-        schemas: schemas.map_err(q(db, "listing the target's objects"))?,
-        relations: relations.map_err(q(db, "listing the target's objects"))?,
-        types: types.map_err(q(db, "listing the target's objects"))?,
-        functions: functions.map_err(q(db, "listing the target's objects"))?,
-    })
-}
-
-/// Options of [`import`].
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ImportOptions {
-    /// Import into a target that already holds tables.
-    pub allow_non_empty: bool,
-    /// Leave out GRANTs (when the roles do not exist on the target).
-    pub no_privileges: bool,
-    /// `pg_restore --jobs` (0 or 1: one).
-    pub jobs: u32,
-}
-
-/// Imports a dump into the target, all or nothing (one transaction; objects
-/// owned by the importing role; GRANTs kept, so the roles must exist on the
-/// target unless `no_privileges`). Refuses a target that already holds user
-/// tables unless `allow_non_empty`; records what the import created; leaves
-/// the target locked (read-only) until `unlock` after a passing `verify`.
-pub async fn import(db: &Database, file: &Path, bindir: &Path, opts: ImportOptions, by: &str) -> Result<String> {
-    let ImportOptions {
-        allow_non_empty,
-        no_privileges,
-        jobs,
-    } = opts;
-    let client = db.connect().await?;
-    let imported: bool = client
-        .query_one("SELECT to_regclass('backstop.datastore_import') IS NOT NULL", &[])
-        .await
-        .map_err(q(db, "looking for an earlier import"))?
-        .get(0);
-    if imported {
-        client
-            .batch_execute(IMPORT_DDL)
-            .await
-            .map_err(q(db, "updating the import record table"))?;
-        type Times = (
-            Option<chrono::DateTime<chrono::Utc>>,
-            Option<chrono::DateTime<chrono::Utc>>,
-        );
-        let at: Option<Times> = client
-            .query_opt("SELECT imported_at, started_at FROM backstop.datastore_import", &[])
-            .await
-            .map_err(q(db, "reading the earlier import"))?
-            .map(|r| (r.get(0), r.get(1)));
-        match at {
-            Some((Some(at), _)) => {
-                return Ok(format!(
-                    "{} already holds an import made at {}: nothing to do (roll back first to import again)",
-                    db.describe(),
-                    at.to_rfc3339()
-                ))
-            }
-            Some((None, started)) => {
-                return Err(DatastoreError::Refused(format!(
-                    "an import into {} started at {} did not finish (backstop was stopped); run `backstop datastore rollback` first, which drops whatever it created",
-                    db.describe(),
-                    started.map(|t| t.to_rfc3339()).unwrap_or_default()
-                )))
-            }
-            None => {}
-        }
-    }
-    let before = inventory(db, &client).await?;
-    let tables: Vec<&String> = before.relations.iter().filter(|r| r.starts_with("TABLE ")).collect();
-    if !tables.is_empty() && !allow_non_empty {
-        return Err(DatastoreError::Refused(format!(
-            "{} is not empty ({} table(s), e.g. {}); import into an empty database, or pass --allow-non-empty",
-            db.describe(),
-            tables.len(),
-            tables[0].trim_start_matches("TABLE ")
-        )));
-    }
-    // Intent first: a killed import still tells rollback what the target held.
-    let before_json =
-        serde_json::to_string(&before).map_err(|e| DatastoreError::Refused(format!("encoding the inventory: {e}")))?;
-    client
-        .batch_execute(IMPORT_DDL)
-        .await
-        .map_err(q(db, "creating the import record"))?;
-    client
-        .execute(
-            "INSERT INTO backstop.datastore_import (started_at, file, schemas, relations, types, functions, before) VALUES (now(), $1, '{}', '{}', '{}', '{}', $2)",
-            &[&file.display().to_string(), &before_json],
-        )
-        .await
-        .map_err(q(db, "recording the import's intent"))?;
-    // The target already has the `backstop` schema (the record above): restore
-    // everything but the dump's CREATE SCHEMA of it.
-    let list = restore_list(bindir, file).await?;
-    let mut cmd = pgbin::command(bindir, "pg_restore", None);
-    cmd.envs(db.libpq_env())
-        .args(["--no-owner", "--exit-on-error", "--no-password", "-d", db.dbname()])
-        .arg(format!("--jobs={}", jobs.max(1)))
-        .arg("-L")
-        .arg(list.path());
-    if no_privileges {
-        cmd.arg("--no-privileges");
-    }
-    cmd.arg(file);
-    if let Err(source) = pgbin::run(cmd, "pg_restore").await {
-        // Parallel workers commit as they go: drop whatever exists now that
-        // did not before, then the intent. If that fails too, the intent
-        // stays and `rollback` finishes the job.
-        let undo = match drop_created(db, &client, &before).await {
-            Ok(n) => format!("dropped the {n} object(s) it had created"),
-            Err(e) => format!(
-                "dropping what it created failed too ({}); run `backstop datastore rollback`",
-                crate::run::chain(&e)
-            ),
-        };
-        return Err(DatastoreError::Tool {
-            step: format!("pg_restore into {} ({undo})", db.describe()),
-            source,
-        });
-    }
-    let after = inventory(db, &client).await?;
-    let created = |a: &BTreeSet<String>, b: &BTreeSet<String>| -> Vec<String> { a.difference(b).cloned().collect() };
-    let schemas = created(&after.schemas, &before.schemas);
-    let relations = created(&after.relations, &before.relations);
-    let types = created(&after.types, &before.types);
-    let functions = created(&after.functions, &before.functions);
-    client
-        .execute(
-            "UPDATE backstop.datastore_import SET imported_at = now(), schemas = $1, relations = $2, types = $3, functions = $4",
-            &[&schemas, &relations, &types, &functions],
-        )
-        .await
-        .map_err(q(db, "recording the import"))?;
-    lock(db, "target", by, "imported; unlock after verify", &[]).await?;
-    Ok(format!(
-        "imported {} into {}: {} schema(s), {} relation(s), {} type(s), {} function(s); the target stays locked until `backstop datastore unlock`",
-        file.display(),
-        db.describe(),
-        schemas.len(),
-        relations.len(),
-        types.len(),
-        functions.len()
-    ))
-}
-
-/// The dump's table of contents without the entries backstop keeps on the
-/// target itself (the `backstop` schema, the owner claim, the lock record).
-async fn restore_list(bindir: &Path, file: &Path) -> Result<tempfile::NamedTempFile> {
-    let mut cmd = pgbin::command(bindir, "pg_restore", None);
-    cmd.arg("-l").arg(file);
-    let toc = pgbin::run(cmd, "pg_restore")
-        .await
-        .map_err(|source| DatastoreError::Tool {
-            step: format!("reading the table of contents of {}", file.display()),
-            source,
-        })?;
-    let kept: Vec<&str> = toc
-        .lines()
-        .filter(|l| {
-            !(l.contains(" SCHEMA - backstop ")
-                || l.contains(" backstop run_owner ")
-                || l.contains(" backstop datastore_lock "))
-        })
-        .collect();
-    let io = |e: std::io::Error| DatastoreError::Refused(format!("writing the restore list: {e}"));
-    let mut list = tempfile::NamedTempFile::new().map_err(io)?;
-    std::io::Write::write_all(&mut list, kept.join("\n").as_bytes()).map_err(io)?;
-    Ok(list)
 }
 
 /// Rolls the move back while the source exists and holds its lock record:
@@ -626,19 +462,21 @@ pub async fn rollback(source: &Database, target: &Database, force: bool) -> Resu
         .map_err(q(target, "looking for the import record"))?
         .get(0);
     let mut dropped = 0usize;
+    let mut created_backstop_schema = false;
     if recorded {
         t.batch_execute(IMPORT_DDL)
             .await
             .map_err(q(target, "updating the import record table"))?;
         if let Some(r) = t
             .query_opt(
-                "SELECT schemas, relations, types, functions, imported_at IS NULL, before FROM backstop.datastore_import",
+                "SELECT schemas, relations, types, functions, imported_at IS NULL, before, created_backstop_schema FROM backstop.datastore_import",
                 &[],
             )
             .await
             .map_err(q(target, "reading the import record"))?
         {
             let interrupted: bool = r.get(4);
+            created_backstop_schema = r.get(6);
             dropped = if interrupted {
                 // Killed mid-import: whatever exists now and did not before is its.
                 let before: Inventory = r
@@ -663,60 +501,23 @@ pub async fn rollback(source: &Database, target: &Database, force: bool) -> Resu
         }
     }
     drop(s);
-    let unlocked = unlock(source).await?;
-    let target_lock = unlock(target).await?;
+    // The sanctioned way back: the import is gone, the source may take writes.
+    let unlocked = unlock(source, true).await?;
+    let target_lock = unlock(target, false).await?;
+    // The import made the `backstop` schema (its record, the target's lock
+    // record): with both gone, so is the schema, and the target is as it was.
+    let schema = if created_backstop_schema {
+        t.batch_execute("BEGIN; SET TRANSACTION READ WRITE; DROP SCHEMA IF EXISTS backstop CASCADE; COMMIT;")
+            .await
+            .map_err(q(target, "dropping the backstop schema the import created"))?;
+        "; dropped the backstop schema the import created"
+    } else {
+        ""
+    };
     Ok(format!(
-        "rolled back: dropped {dropped} object(s) the import created in {}; {unlocked}; {target_lock}",
+        "rolled back: dropped {dropped} object(s) the import created in {}; {unlocked}; {target_lock}{schema}",
         target.describe()
     ))
-}
-
-/// Drops what exists in the target now and is not in `before`, and the
-/// import record, in one transaction. Returns how many objects.
-async fn drop_created(db: &Database, client: &Client, before: &Inventory) -> Result<usize> {
-    let now = inventory(db, client).await?;
-    let new = |a: &BTreeSet<String>, b: &BTreeSet<String>| -> BTreeSet<String> { a.difference(b).cloned().collect() };
-    let created = Inventory {
-        schemas: new(&now.schemas, &before.schemas),
-        relations: new(&now.relations, &before.relations),
-        types: new(&now.types, &before.types),
-        functions: new(&now.functions, &before.functions),
-    };
-    drop_objects(db, client, &created).await
-}
-
-/// Drops `objects` (an import's) and the import record, in one transaction.
-async fn drop_objects(db: &Database, client: &Client, objects: &Inventory) -> Result<usize> {
-    let mut sql = String::from("BEGIN;\nSET TRANSACTION READ WRITE;\n");
-    for s in &objects.schemas {
-        sql.push_str(&format!("DROP SCHEMA IF EXISTS {s} CASCADE;\n"));
-    }
-    for r in &objects.relations {
-        sql.push_str(&format!("DROP {} IF EXISTS {} CASCADE;\n", kind_of(r), name_of(r)));
-    }
-    for ty in &objects.types {
-        sql.push_str(&format!("DROP TYPE IF EXISTS {ty} CASCADE;\n"));
-    }
-    for f in &objects.functions {
-        sql.push_str(&format!("DROP ROUTINE IF EXISTS {f} CASCADE;\n"));
-    }
-    sql.push_str("DELETE FROM backstop.datastore_import;\nCOMMIT;");
-    client
-        .batch_execute(&sql)
-        .await
-        .map_err(q(db, "dropping what the import created"))?;
-    Ok(objects.schemas.len() + objects.relations.len() + objects.types.len() + objects.functions.len())
-}
-
-fn kind_of(entry: &str) -> &str {
-    ["MATERIALIZED VIEW", "FOREIGN TABLE", "SEQUENCE", "VIEW", "TABLE"]
-        .into_iter()
-        .find(|k| entry.starts_with(&format!("{k} ")))
-        .unwrap_or("TABLE")
-}
-
-fn name_of(entry: &str) -> &str {
-    entry.strip_prefix(kind_of(entry)).map(str::trim_start).unwrap_or(entry)
 }
 
 /// Who runs the command, for lock records.

@@ -310,7 +310,7 @@ async fn import_into_a_non_empty_target_is_refused_and_export_needs_a_lock() {
     let forced = m.step(&["import", "--target", &t, "-f", &f, "--allow-non-empty"]).await;
     assert!(forced.contains("imported"), "{forced}");
     let again = m.step(&["import", "--target", &t, "-f", &f, "--allow-non-empty"]).await;
-    assert!(again.contains("already holds an import"), "{again}");
+    assert!(again.contains("already holds this import"), "{again}");
 }
 
 #[tokio::test]
@@ -434,4 +434,122 @@ async fn verify_finds_a_missing_duplicate_in_a_table_without_a_primary_key_or_a_
     assert_eq!(out.status.code(), Some(1), "{report}");
     assert!(report.contains("5002         5001  rows differ"), "{report}");
     assert!(report.contains("(dup,{}) (copy 2): missing in target"), "{report}");
+}
+
+async fn target_count(m: &Move, sql: &str) -> i64 {
+    let t = m.target.database("shop").unwrap().connect().await.unwrap();
+    t.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test]
+async fn rollback_removes_everything_the_import_made_so_the_target_takes_the_import_again() {
+    let m = Move::new().await;
+    // The source is a database backstop runs migrations on: it has history.
+    m.source_sql(
+        "CREATE SCHEMA backstop; CREATE TABLE backstop.migration_history (seq bigserial PRIMARY KEY, id text NOT NULL);
+         INSERT INTO backstop.migration_history (id) VALUES ('0001-orders')",
+    )
+    .await;
+    m.lock_export_import().await;
+    assert_eq!(
+        target_count(&m, "SELECT count(*) FROM backstop.migration_history").await,
+        1
+    );
+    let (s, t, f) = (m.source.url("shop"), m.target.url("shop"), m.dump());
+    let out = m.step(&["rollback", "--source", &s, "--target", &t]).await;
+    assert!(out.contains("dropped the backstop schema the import created"), "{out}");
+    assert_eq!(
+        target_count(&m, "SELECT count(*) FROM pg_namespace WHERE nspname = 'backstop'").await,
+        0,
+        "no history of the source is left for a later `backstop run` to trust"
+    );
+    // The same dump goes in again, history and all.
+    m.step(&["lock", "--source", &s]).await;
+    let out = m.step(&["import", "--target", &t, "-f", &f]).await;
+    assert!(out.starts_with("imported"), "{out}");
+    assert_eq!(
+        target_count(&m, "SELECT count(*) FROM backstop.migration_history").await,
+        1
+    );
+    assert_eq!(target_count(&m, "SELECT count(*) FROM orders").await, 25_000);
+}
+
+#[tokio::test]
+async fn the_same_dump_imports_once_and_another_dump_into_an_imported_target_is_refused() {
+    let m = Move::new().await;
+    m.lock_export_import().await;
+    let (s, t, f) = (m.source.url("shop"), m.target.url("shop"), m.dump());
+    let out = m.step(&["import", "--target", &t, "-f", &f]).await;
+    assert!(out.contains("already holds this import"), "{out}");
+    // A later dump (its table of contents names another time).
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let other = m.dir.path().join("later.dump").display().to_string();
+    m.step(&["export", "--source", &s, "-o", &other]).await;
+    let out = m.ds(&["import", "--target", &t, "-f", &other]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("already holds an import of another dump"),
+        "{}",
+        text(&out)
+    );
+    assert!(text(&out).contains("Nothing was changed"), "{}", text(&out));
+    assert_eq!(target_count(&m, "SELECT count(*) FROM orders").await, 25_000);
+}
+
+#[tokio::test]
+async fn an_import_granting_to_roles_the_target_lacks_is_refused_before_anything_changes() {
+    let m = Move::new().await;
+    m.source_sql("CREATE ROLE reporting; GRANT SELECT ON orders TO reporting;")
+        .await;
+    let (s, t, f) = (m.source.url("shop"), m.target.url("shop"), m.dump());
+    m.step(&["lock", "--source", &s]).await;
+    m.step(&["export", "--source", &s, "-o", &f]).await;
+    let out = m.ds(&["import", "--target", &t, "-f", &f]).await;
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(said.contains("role(s) reporting"), "{said}");
+    assert!(
+        said.contains("CREATE ROLE reporting NOLOGIN") && said.contains("--no-privileges"),
+        "{said}"
+    );
+    assert_eq!(
+        target_count(
+            &m,
+            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname IN ('public', 'backstop')"
+        )
+        .await,
+        0,
+        "nothing was created"
+    );
+    let out = m.step(&["import", "--target", &t, "-f", &f, "--no-privileges"]).await;
+    assert!(out.starts_with("imported"), "{out}");
+}
+
+#[tokio::test]
+async fn unlocking_the_source_of_a_move_is_refused_without_force_once_it_was_exported() {
+    let m = Move::new().await;
+    m.lock_export_import().await;
+    let (s, t) = (m.source.url("shop"), m.target.url("shop"));
+    m.step(&["unlock", "--url", &t]).await;
+    let out = m.ds(&["unlock", "--url", &s]).await;
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("both sides writable") && said.contains("rollback"),
+        "{said}"
+    );
+    // The source still refuses the app's writes.
+    let (app, conn) = tokio_postgres::connect(&app_url(&m.source), tokio_postgres::NoTls)
+        .await
+        .map(|(c, conn)| (Some(c), Some(conn)))
+        .unwrap_or((None, None));
+    if let (Some(app), Some(conn)) = (app, conn) {
+        tokio::spawn(conn);
+        assert!(app
+            .batch_execute("INSERT INTO customers (name) VALUES ('split brain')")
+            .await
+            .is_err());
+    }
+    let out = m.step(&["unlock", "--url", &s, "--force"]).await;
+    assert!(out.contains("unlocked"), "{out}");
 }
