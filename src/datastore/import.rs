@@ -317,33 +317,32 @@ async fn missing_roles(db: &Database, client: &Client, bindir: &Path, file: &Pat
 fn grantees(sql: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for line in sql.lines().map(str::trim) {
-        let mut lists = Vec::new();
-        if let Some(rest) = line.split_once(" FOR ROLE ").map(|(_, r)| r) {
-            lists.push(
-                rest.split(" IN SCHEMA ")
-                    .next()
-                    .unwrap_or(rest)
-                    .split(" GRANT ")
-                    .next()
-                    .unwrap_or(rest)
-                    .split(" REVOKE ")
-                    .next()
-                    .unwrap_or(rest),
-            );
+        let line = line.replace(" WITH GRANT OPTION", "");
+        let mut lists: Vec<String> = Vec::new();
+        // ALTER DEFAULT PRIVILEGES FOR ROLE owner [IN SCHEMA s] GRANT ... TO r
+        let mut stmt = line.clone();
+        if line.starts_with("ALTER DEFAULT PRIVILEGES") {
+            let (head, grant) = match (line.split_once(" GRANT "), line.split_once(" REVOKE ")) {
+                (Some((h, g)), _) => (h, format!("GRANT {g}")),
+                (None, Some((h, r))) => (h, format!("REVOKE {r}")),
+                (None, None) => continue,
+            };
+            if let Some((_, owners)) = head.split_once(" FOR ROLE ") {
+                lists.push(owners.split(" IN SCHEMA ").next().unwrap_or(owners).to_string());
+            }
+            stmt = grant;
         }
-        let stmt = line.rsplit_once(" GRANT ").map(|(_, r)| r).unwrap_or(line);
-        if line.starts_with("GRANT ") || line.contains(" GRANT ") {
+        if stmt.starts_with("GRANT ") {
             if let Some((_, to)) = stmt.rsplit_once(" TO ") {
-                lists.push(to);
+                lists.push(to.to_string());
             }
-        } else if line.starts_with("REVOKE ") || line.contains(" REVOKE ") {
+        } else if stmt.starts_with("REVOKE ") {
             if let Some((_, from)) = stmt.rsplit_once(" FROM ") {
-                lists.push(from);
+                lists.push(from.to_string());
             }
         }
-        for list in lists {
+        for list in &lists {
             let list = list.trim_end_matches(';');
-            let list = list.split(" WITH GRANT OPTION").next().unwrap_or(list);
             let list = list.split(" GRANTED BY ").next().unwrap_or(list);
             for role in list.split(',') {
                 let role = role.trim().trim_start_matches("GROUP ").trim();
@@ -358,32 +357,6 @@ fn grantees(sql: &str) -> BTreeSet<String> {
         }
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::grantees;
-
-    #[test]
-    fn grantees_are_read_from_grant_revoke_and_default_privileges() {
-        let sql = "REVOKE ALL ON TABLE public.orders FROM PUBLIC;\n\
-                   GRANT SELECT ON TABLE public.orders TO app_reader;\n\
-                   GRANT ALL ON TABLE public.orders TO \"Odd \"\"Name\", writer WITH GRANT OPTION;\n\
-                   ALTER DEFAULT PRIVILEGES FOR ROLE owner_role IN SCHEMA public GRANT SELECT ON TABLES TO reporting;\n\
-                   REVOKE SELECT ON TABLE public.orders FROM old_role;\n";
-        let got: Vec<String> = grantees(sql).into_iter().collect();
-        assert_eq!(
-            got,
-            vec![
-                "Odd \"Name",
-                "app_reader",
-                "old_role",
-                "owner_role",
-                "reporting",
-                "writer"
-            ]
-        );
-    }
 }
 
 /// Drops what exists in the target now and is not in `before`, and the
@@ -432,4 +405,30 @@ fn kind_of(entry: &str) -> &str {
 
 fn name_of(entry: &str) -> &str {
     entry.strip_prefix(kind_of(entry)).map(str::trim_start).unwrap_or(entry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::grantees;
+
+    #[test]
+    fn grantees_are_read_from_grant_revoke_and_default_privileges() {
+        let sql = "REVOKE ALL ON TABLE public.orders FROM PUBLIC;\n\
+                   GRANT SELECT ON TABLE public.orders TO app_reader;\n\
+                   GRANT ALL ON TABLE public.orders TO \"Odd \"\"Name\", writer WITH GRANT OPTION;\n\
+                   ALTER DEFAULT PRIVILEGES FOR ROLE owner_role IN SCHEMA public GRANT SELECT ON TABLES TO reporting;\n\
+                   REVOKE SELECT ON TABLE public.orders FROM old_role;\n";
+        let got: Vec<String> = grantees(sql).into_iter().collect();
+        assert_eq!(
+            got,
+            vec![
+                "Odd \"Name",
+                "app_reader",
+                "old_role",
+                "owner_role",
+                "reporting",
+                "writer"
+            ]
+        );
+    }
 }
