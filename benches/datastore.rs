@@ -97,8 +97,8 @@ async fn main() -> Res<()> {
                     let diffs = datastore::verify(&s, &d).await?;
                     let verify = lap();
                     assert!(diffs.iter().all(|x| x.status == "ok"), "move did not verify: {diffs:?}");
-                    datastore::unlock(&d).await?;
-                    datastore::unlock(&s).await?;
+                    datastore::unlock(&d, false).await?;
+                    datastore::unlock(&s, true).await?;
                     let unlock = lap();
                     ours.push(t.elapsed().as_secs_f64());
                     steps.push((lock, export, import, verify, unlock));

@@ -196,6 +196,7 @@ pub struct Linter<'c> {
     schema: String,
     default_schema: String,
     created: BTreeSet<String>,
+    filled: BTreeSet<String>,
     added_constraints: BTreeSet<String>,
     /// `table/constraint` added NOT VALID by this migration.
     not_valid: BTreeSet<String>,
@@ -226,6 +227,7 @@ impl<'c> Linter<'c> {
             schema: "public".into(),
             default_schema: "public".into(),
             created: BTreeSet::new(),
+            filled: BTreeSet::new(),
             added_constraints: BTreeSet::new(),
             not_valid: BTreeSet::new(),
             validations: Vec::new(),
@@ -282,6 +284,7 @@ impl<'c> Linter<'c> {
             schema: &self.schema,
             created: &self.created,
             added_constraints: &self.added_constraints,
+            filled: &self.filled,
         };
         let mut hits = Vec::new();
         let mut facts = Vec::new();
@@ -342,6 +345,9 @@ impl<'c> Linter<'c> {
                         "{}:{}: {table} does not exist yet: IF NOT EXISTS creates it",
                         s.origin, s.line
                     ));
+                }
+                if matches!(node, NodeEnum::CreateTableAsStmt(_) | NodeEnum::SelectStmt(_)) {
+                    self.filled.insert(table.clone());
                 }
                 self.created.insert(table);
             }

@@ -21,6 +21,9 @@ pub(super) struct Ctx<'a> {
     pub created: &'a BTreeSet<String>,
     /// `table/constraint` added by this migration.
     pub added_constraints: &'a BTreeSet<String>,
+    /// New tables that are not empty: made by `CREATE TABLE ... AS` or
+    /// `SELECT ... INTO` from existing data.
+    pub filled: &'a BTreeSet<String>,
 }
 
 /// A rule a statement triggers, on which table, and what catalog facts said.
@@ -147,6 +150,7 @@ pub(super) fn classify(node: &NodeEnum, ctx: &Ctx<'_>, out: &mut Vec<Hit>, facts
                         ctx,
                         table: &table,
                         is_new,
+                        filled: ctx.filled.contains(&table),
                         facts: facts_of,
                     };
                     alter_table_cmd(c, &at, out, facts);
@@ -199,6 +203,8 @@ struct AlterCtx<'a> {
     ctx: &'a Ctx<'a>,
     table: &'a str,
     is_new: bool,
+    /// New, but filled from existing data by the statement that made it.
+    filled: bool,
     facts: Option<&'a Table>,
 }
 
@@ -212,8 +218,19 @@ fn alter_table_cmd(
     let t = c.subtype;
     let table = || at.table.to_string();
     if at.is_new {
-        // A table this migration created is empty and unused: only what
-        // its constraints lock elsewhere matters (see `takes_exclusive_lock`).
+        // A table this migration created is unused: only what its
+        // constraints lock elsewhere matters (see `takes_exclusive_lock`).
+        // Filled from existing data, a validating foreign key to a live
+        // table scans the copied rows while it blocks the live table's writes.
+        if let (true, Some(NodeEnum::Constraint(k))) = (at.filled, def) {
+            if is(t, AlterTableType::AtAddConstraint)
+                && is(k.contype, ConstrType::ConstrForeign)
+                && !k.skip_validation
+                && !at.ctx.is_new(k.pktable.as_ref())
+            {
+                out.push(Hit::on(&FK_VALIDATE, table()));
+            }
+        }
         return;
     }
     if is(t, AlterTableType::AtDropColumn) {

@@ -684,3 +684,13 @@ CREATE TABLE events_2027 PARTITION OF events FOR VALUES FROM ('2027-01-01') TO (
 SET lock_timeout = '5s';
 -- backstop:ignore BS301 stale
 CREATE INDEX CONCURRENTLY countries_code ON countries (code);
+
+-- case: foreign key from a table filled by create table as to a live table
+-- expect: BS304, BS313
+CREATE TABLE order_copy AS SELECT * FROM orders;
+ALTER TABLE order_copy ADD CONSTRAINT order_copy_customer_fk FOREIGN KEY (customer_id) REFERENCES customers (id);
+
+-- case: foreign key not valid from a filled table is safe but waits
+-- expect: BS313
+CREATE TABLE order_copy AS SELECT * FROM orders;
+ALTER TABLE order_copy ADD CONSTRAINT order_copy_customer_fk FOREIGN KEY (customer_id) REFERENCES customers (id) NOT VALID;
