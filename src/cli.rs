@@ -98,7 +98,8 @@ pub enum Command {
     },
     /// Show what a commit range would run: carriers, statements, findings, the
     /// plan hash to approve, and whether the phase rules and approvals allow
-    /// it. Exit 0 allowed, 1 refused, 2 bad input.
+    /// it. Exit 0 allowed; 2 refused or bad input, as `run` exits when it
+    /// stops in plan for the same reason.
     Plan {
         /// `TO` (the commit alone, against its parent) or `FROM..TO`.
         range: String,
@@ -848,7 +849,8 @@ async fn plan(
         Format::Text => print!("{}", crate::plan::render_plan(&plan)),
         Format::Json => println!("{}", serde_json::to_string_pretty(&plan)?),
     }
-    Ok(if plan.refused() { EXIT_ROLLED_BACK } else { EXIT_OK })
+    // The exit code `run` gives when it stops in plan for the same reason.
+    Ok(if plan.refused() { EXIT_BAD_INPUT } else { EXIT_OK })
 }
 
 async fn run_local(args: RunArgs) -> anyhow::Result<u8> {
@@ -1018,11 +1020,39 @@ async fn status(state: &std::path::Path, json: bool) -> anyhow::Result<u8> {
     Ok(EXIT_OK)
 }
 
+/// The run `id` (id, id prefix or commit prefix) names, or the message that
+/// says why none: missing, or ambiguous with the runs it matches.
+fn one_run(state: &std::path::Path, id: &str) -> anyhow::Result<Result<crate::run::RunRecord, String>> {
+    use crate::journal::Lookup;
+    Ok(match Journal::new(state).lookup(id).context("reading the journal")? {
+        Lookup::Found(run) => Ok(*run),
+        Lookup::Missing => Err(format!("no run {id:?} in {} (see `backstop status`)", state.display())),
+        Lookup::Ambiguous(runs) => {
+            let mut msg = format!(
+                "{id:?} is ambiguous: it matches {} runs in {}; give more of the run id:",
+                runs.len(),
+                state.display()
+            );
+            for r in &runs {
+                msg.push_str(&format!(
+                    "\n  {}  commit {}  {}",
+                    r.id,
+                    r.commit.short(),
+                    r.phase.as_str()
+                ));
+            }
+            Err(msg)
+        }
+    })
+}
+
 fn print_report(state: &std::path::Path, id: &str, json: bool) -> anyhow::Result<u8> {
-    let journal = Journal::new(state);
-    let Some(run) = journal.find(id).context("reading the journal")? else {
-        eprintln!("backstop: no run {id:?} in {} (see `backstop status`)", state.display());
-        return Ok(EXIT_BAD_INPUT);
+    let run = match one_run(state, id)? {
+        Ok(run) => run,
+        Err(why) => {
+            eprintln!("backstop: {why}");
+            return Ok(EXIT_BAD_INPUT);
+        }
     };
     let report = Report::from_run(&run);
     if json {
@@ -1041,12 +1071,12 @@ fn whoami() -> String {
 
 async fn ack(state: &std::path::Path, id: &str, by: String, note: String) -> anyhow::Result<u8> {
     let journal = Journal::new(state);
-    let Some(mut run) = journal.find(id).context("reading the journal")? else {
-        eprintln!(
-            "backstop: no run {id:?} in {} (or the prefix is ambiguous)",
-            state.display()
-        );
-        return Ok(EXIT_BAD_INPUT);
+    let mut run = match one_run(state, id)? {
+        Ok(run) => run,
+        Err(why) => {
+            eprintln!("backstop: {why}");
+            return Ok(EXIT_BAD_INPUT);
+        }
     };
     if run.phase != crate::run::Phase::Failed {
         eprintln!(

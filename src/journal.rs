@@ -16,6 +16,15 @@ pub struct Journal {
     state: PathBuf,
 }
 
+/// What a run id or prefix names.
+#[derive(Debug)]
+pub enum Lookup {
+    Found(Box<RunRecord>),
+    Missing,
+    /// Several runs match: their records, oldest first.
+    Ambiguous(Vec<RunRecord>),
+}
+
 impl Journal {
     /// A journal in `state` (created on first write).
     pub fn new(state: &Path) -> Self {
@@ -48,17 +57,27 @@ impl Journal {
 
     /// Reads one run by id (or unique id prefix).
     pub fn find(&self, id: &str) -> Result<Option<RunRecord>, StoreError> {
+        Ok(match self.lookup(id)? {
+            Lookup::Found(run) => Some(*run),
+            Lookup::Missing | Lookup::Ambiguous(_) => None,
+        })
+    }
+
+    /// Looks a run up by id, id prefix or commit prefix, telling a prefix
+    /// that matches several runs from one that matches none.
+    pub fn lookup(&self, id: &str) -> Result<Lookup, StoreError> {
         let runs = self.read_all()?;
         if let Some(r) = runs.iter().find(|r| r.id == id) {
-            return Ok(Some(r.clone()));
+            return Ok(Lookup::Found(Box::new(r.clone())));
         }
-        let matching: Vec<&RunRecord> = runs
-            .iter()
-            .filter(|r| r.id.starts_with(id) || r.commit.sha.starts_with(id))
+        let mut matching: Vec<RunRecord> = runs
+            .into_iter()
+            .filter(|r| !id.is_empty() && (r.id.starts_with(id) || r.commit.sha.starts_with(id)))
             .collect();
-        Ok(match matching.as_slice() {
-            [one] => Some((*one).clone()),
-            _ => None,
+        Ok(match matching.len() {
+            0 => Lookup::Missing,
+            1 => Lookup::Found(Box::new(matching.remove(0))),
+            _ => Lookup::Ambiguous(matching),
         })
     }
 

@@ -66,7 +66,11 @@ async fn plan_on_the_sample_repo_says_what_would_run_and_why() {
 
     let out = plan(remote.path(), &c3, false).await;
     let text = common::text(&out);
-    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "the code `run` gives for the same refusal: {text}"
+    );
     assert!(text.contains("BS102 drop-column"), "{text}");
     assert!(
         text.contains("the approval for plan 000000000000 does not match this plan"),
@@ -242,4 +246,51 @@ async fn approval_by_commit_trailer_counts_and_survives_reformatting() {
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert_eq!(f.gate(), approved);
     assert_eq!(qty_column(&f).await, 0);
+}
+
+#[tokio::test]
+async fn report_with_a_prefix_of_several_runs_says_it_is_ambiguous_and_lists_them() {
+    let (f, _) = with_orders().await;
+    // A second run: another migration on top.
+    f.commit_carrier(
+        &carrier("0002-note").sql(
+            "001.sql",
+            "SET lock_timeout = '5s';\nALTER TABLE orders ADD COLUMN note text;",
+        ),
+        "note",
+    );
+    let out = f.run(&[]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    // The stderr of a pass is a pipe here, not a terminal: no colour codes.
+    let logged = text(&out);
+    assert!(
+        logged.contains("run succeeded") && !logged.contains('\u{1b}'),
+        "{logged}"
+    );
+    let runs: Vec<String> = f.status()["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(runs.len(), 2);
+    // Run ids start with the date: the common prefix matches both.
+    let common: String = runs[0]
+        .chars()
+        .zip(runs[1].chars())
+        .take_while(|(a, b)| a == b)
+        .map(|(a, _)| a)
+        .collect();
+    let out = std::process::Command::new(bin())
+        .args(["report", "--state"])
+        .arg(f.state())
+        .arg(&common)
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(said.contains("is ambiguous: it matches 2 runs"), "{said}");
+    for id in &runs {
+        assert!(said.contains(id.as_str()), "{said}");
+    }
 }

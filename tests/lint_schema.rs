@@ -214,7 +214,7 @@ async fn plan_with_a_database_url_shows_the_facts_and_keeps_the_plan_hash() {
     let live = plan_cmd(&f, &sha, Some(&url));
     assert_eq!(
         live.status.code(),
-        Some(1),
+        Some(2),
         "the big table's index needs an approval: {}",
         text(&live)
     );
