@@ -413,6 +413,17 @@ pub struct RunArgs {
     /// Process what is pending, then exit (default: keep watching).
     #[arg(long, env = "BACKSTOP_ONCE")]
     pub once: bool,
+    /// How each pass ends: `text`, a short summary per run (what ran, the
+    /// outcome, gate from -> to, the revert, the next step for a person), or
+    /// `json`, the same as one JSON object per pass on standard output.
+    #[arg(
+        short = 'o',
+        long = "output",
+        env = "BACKSTOP_OUTPUT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub output: Format,
     /// Seconds between passes when watching.
     #[arg(long, env = "BACKSTOP_INTERVAL", default_value_t = 30)]
     pub interval: u64,
@@ -872,7 +883,7 @@ async fn run_local(args: RunArgs) -> anyhow::Result<u8> {
         pgdata: args.pgdata,
         wal_archive: args.wal_archive,
         revert: args.revert,
-        state: args.state,
+        state: args.state.clone(),
         env: Default::default(),
         keep_checkpoints: args.keep_checkpoints,
         base_policy: args.base_backup.policy(),
@@ -902,9 +913,18 @@ async fn run_local(args: RunArgs) -> anyhow::Result<u8> {
             return Ok(EXIT_BAD_INPUT);
         }
     };
+    let state = args.state.clone();
     loop {
         let code = match engine.pass().await {
-            Ok(report) => pass_exit_code(&report),
+            Ok(report) => {
+                let journal = Journal::new(&state);
+                let summary = crate::run::summary::PassSummary::of(&report, |id| journal.find(id).ok().flatten());
+                match args.output {
+                    Format::Text => print!("{}", summary.text()),
+                    Format::Json => println!("{}", serde_json::to_string(&summary)?),
+                }
+                pass_exit_code(&report)
+            }
             Err(e) => {
                 eprintln!("backstop: {}", crate::run::chain(&e));
                 match e {
@@ -923,15 +943,14 @@ async fn run_local(args: RunArgs) -> anyhow::Result<u8> {
     }
 }
 
-/// Prints a pass's runs and what the gate waits for; the exit code of the pass:
+/// Prints what the gate waits for (to standard error); the exit code of the pass:
 /// 0 nothing failed (also while a transient fault is retried), 1 a run was
 /// rolled back, 2 a commit is refused (bad input, plan, lint, approval),
 /// 3 a person must act (remediation failed, or a transient fault stalled),
 /// 4 another instance owns the database (nothing was done).
 pub fn pass_exit_code(report: &crate::run::PassReport) -> u8 {
     let mut code = EXIT_OK;
-    for (id, outcome, location) in &report.runs {
-        println!("{id} {outcome:?} {location}");
+    for (_, outcome, _) in &report.runs {
         code = code.max(match outcome {
             Outcome::Succeeded | Outcome::Deferred => EXIT_OK,
             Outcome::RolledBack => EXIT_ROLLED_BACK,

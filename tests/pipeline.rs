@@ -13,6 +13,21 @@ async fn success_writes_history_moves_gate_and_reports_succeeded() {
     let out = f.run(&[]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_eq!(f.gate(), c1, "gate fast-forwarded to the migration's commit");
+    // The pass ends with a summary a person can act on.
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("(") && said.contains("\"create orders\"): succeeded"),
+        "{said}"
+    );
+    assert!(said.contains("  migrations: 0001-orders"), "{said}");
+    assert!(said.contains(&format!(" -> {}", &c1[..7])), "{said}");
+    assert!(
+        said.contains(&format!(
+            "  next: nothing: Flux deploys {} from backstop/gate",
+            &c1[..7]
+        )),
+        "{said}"
+    );
     let rows = f
         .count("SELECT count(*) FROM backstop.migration_history WHERE id = '0001-orders' AND success AND commit = (SELECT commit FROM backstop.migration_history LIMIT 1)")
         .await;
@@ -123,11 +138,27 @@ async fn failure_inside_one_transaction_reverts_on_upstream_without_restore() {
 async fn failure_inside_one_transaction_in_pull_request_mode_pushes_a_revert_branch() {
     let (f, c1) = with_orders().await;
     let c2 = f.commit_carrier(&failing_in_transaction(), "add note column");
-    let out = f.run(&[]).await;
+    let out = f.run(&["-o", "json"]).await;
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert_eq!(f.gate(), c1);
     assert_eq!(f.main(), c2, "upstream untouched in pull-request mode");
     let branch = format!("backstop/revert-{}", &c2[..7]);
+    // `-o json`: the pass's summary as one object.
+    let summary: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    let run = &summary["runs"][0];
+    assert_eq!(run["outcome"], "RolledBack", "{summary}");
+    assert_eq!(run["commit"], c2.as_str());
+    assert_eq!(
+        (run["gate_from"].as_str(), run["gate_to"].as_str()),
+        (Some(c1.as_str()), Some(c1.as_str()))
+    );
+    assert_eq!(run["revert_branch"], branch.as_str());
+    let next = run["next"].as_str().unwrap();
+    assert!(
+        next.starts_with(&format!("open a pull request from {branch} into main")),
+        "no forge is configured here: {next}"
+    );
     let log = f.git_log(&branch);
     assert_eq!(log[0], "Revert \"add note column\"");
     assert_eq!(

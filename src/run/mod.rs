@@ -17,6 +17,7 @@ pub mod exec;
 pub mod machine;
 pub mod record;
 pub mod retention;
+pub mod summary;
 
 use std::collections::HashMap;
 use std::sync::Arc;
