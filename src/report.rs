@@ -28,6 +28,9 @@ pub struct MigrationEvidence {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub run: String,
+    /// What a person must do now (finished runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_steps: Option<String>,
     /// `Succeeded`, `RolledBack`, `Failed`, or the phase of an unfinished run.
     pub outcome: String,
     pub commit: String,
@@ -103,6 +106,9 @@ impl Report {
         });
         Report {
             run: run.id.clone(),
+            next_steps: run
+                .outcome()
+                .map(|o| crate::run::summary::next_step(run, o, "this report")),
             outcome: match run.outcome() {
                 Some(Outcome::Succeeded) => "Succeeded".into(),
                 Some(Outcome::RolledBack) => "RolledBack".into(),
@@ -176,6 +182,16 @@ pub fn markdown(r: &Report) -> String {
     };
     let _ = writeln!(s, "# backstop run {}\n", r.run);
     let _ = writeln!(s, "**Outcome: {}** ({verdict})\n", r.outcome);
+    if let Some(next) = &r.next_steps {
+        let _ = writeln!(s, "## Next steps\n\n{next}\n");
+        if let Some(restore) = &r.restore {
+            let _ = writeln!(
+                s,
+                "The state from before the restore is kept at `{}`: it is the only copy of the writes made after the checkpoint (start a server on a copy of it to read them). backstop never deletes it: remove it yourself once nobody needs them.\n",
+                restore.kept
+            );
+        }
+    }
     let _ = writeln!(s, "| | |\n|---|---|");
     let _ = writeln!(s, "| commit | `{}` {} |", r.commit, r.subject.replace('|', "\\|"));
     let _ = writeln!(s, "| author | {} |", r.author);

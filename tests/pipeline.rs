@@ -194,6 +194,13 @@ async fn assert_restored(f: &Fixture, c1: &str, schema: &str) {
     let window = &report["data_loss_window"];
     assert!(window["seconds"].as_f64().unwrap() >= 0.0, "{report}");
     assert!(window["from"].is_string() && window["to"].is_string());
+    // Next steps for the person reading it, and where the lost writes are.
+    let next = report["next_steps"].as_str().unwrap();
+    assert!(next.contains("is on main: fix the migration in a new commit"), "{next}");
+    let run = report["run"].as_str().unwrap();
+    let md = std::fs::read_to_string(f.state().join("runs").join(run).join("report.md")).unwrap();
+    assert!(md.contains("## Next steps\n\nthe revert commit "), "{md}");
+    assert!(md.contains("The state from before the restore is kept at `"), "{md}");
 }
 
 fn committed_then_verify_fails() -> CarrierBuilder {

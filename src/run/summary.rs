@@ -52,7 +52,31 @@ impl RunSummary {
             Outcome::Succeeded => run.commit.sha.clone(),
             _ => run.gate_revert.clone().unwrap_or_else(|| gate.to_string()),
         };
-        let next = match (outcome, revert) {
+        RunSummary {
+            id: run.id.clone(),
+            commit: run.commit.sha.clone(),
+            subject: run.commit.subject.clone(),
+            migrations: run.migrations.iter().map(|m| m.id.clone()).collect(),
+            outcome,
+            gate_from: run.gate_before.clone(),
+            gate_to,
+            failure: run.failure.as_ref().map(|f| format!("{}: {}", f.phase, f.message)),
+            restored: run.restore.is_some(),
+            revert_commit: revert.map(|r| r.commit.clone()),
+            revert_branch: revert.map(|r| r.branch.clone()),
+            revert_pull_request: revert.and_then(|r| r.pull_request.clone()),
+            report: report.to_string(),
+            next: next_step(run, outcome, report),
+        }
+    }
+}
+
+/// The one thing a person must do after `run` ended with `outcome` (the
+/// evidence report is at `report`).
+pub fn next_step(run: &RunRecord, outcome: Outcome, report: &str) -> String {
+    let revert = run.revert.as_ref();
+    {
+        match (outcome, revert) {
             (Outcome::Succeeded, _) => format!(
                 "nothing: Flux deploys {} from {}",
                 short(&run.commit.sha),
@@ -81,22 +105,6 @@ impl RunSummary {
             (Outcome::RolledBack, None) => {
                 "fix the migration in a new commit (the gate never moved onto this one)".to_string()
             }
-        };
-        RunSummary {
-            id: run.id.clone(),
-            commit: run.commit.sha.clone(),
-            subject: run.commit.subject.clone(),
-            migrations: run.migrations.iter().map(|m| m.id.clone()).collect(),
-            outcome,
-            gate_from: run.gate_before.clone(),
-            gate_to,
-            failure: run.failure.as_ref().map(|f| format!("{}: {}", f.phase, f.message)),
-            restored: run.restore.is_some(),
-            revert_commit: revert.map(|r| r.commit.clone()),
-            revert_branch: revert.map(|r| r.branch.clone()),
-            revert_pull_request: revert.and_then(|r| r.pull_request.clone()),
-            report: report.to_string(),
-            next,
         }
     }
 }
