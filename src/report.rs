@@ -293,6 +293,9 @@ pub fn markdown(r: &Report) -> String {
         let _ = writeln!(s, "- recovery point: {} (LSN {})", p.time.to_rfc3339(), p.lsn);
     }
 
+    if let Some(chart) = timeline(r) {
+        let _ = writeln!(s, "\n## Timeline\n\n{chart}");
+    }
     let _ = writeln!(
         s,
         "\n## Steps\n\n| step | phase | started | finished | result | detail |\n|---|---|---|---|---|---|"
@@ -387,4 +390,67 @@ pub fn markdown(r: &Report) -> String {
 
 fn short(sha: &str) -> &str {
     &sha[..sha.len().min(12)]
+}
+
+/// The run's phases as a Mermaid `gantt` chart (GitHub, GitLab and Gitea
+/// render it; as text it still reads as a list of times): each step, the
+/// recovery point, the failure and the data-loss window marked critical.
+pub fn timeline(r: &Report) -> Option<String> {
+    use std::fmt::Write;
+    if r.steps.is_empty() {
+        return None;
+    }
+    let at = |t: &DateTime<Utc>| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string();
+    // Task names may not hold the chart's own punctuation.
+    let name = |text: &str| -> String {
+        text.chars()
+            .map(|c| {
+                if c.is_alphanumeric() || " -_./()".contains(c) {
+                    c
+                } else {
+                    ' '
+                }
+            })
+            .collect::<String>()
+            .trim()
+            .to_string()
+    };
+    let mut s = String::from("```mermaid\ngantt\n");
+    let _ = writeln!(s, "    title run {}", name(&r.run));
+    let _ = writeln!(s, "    dateFormat YYYY-MM-DD HH:mm:ss.SSS");
+    let _ = writeln!(s, "    axisFormat %H:%M:%S");
+    let _ = writeln!(s, "    section run");
+    for (i, st) in r.steps.iter().enumerate() {
+        let tag = match st.ok {
+            Some(false) => "crit, ",
+            Some(true) => "done, ",
+            None => "active, ",
+        };
+        let end = st.finished_at.unwrap_or(st.started_at);
+        let _ = writeln!(
+            s,
+            "    {} :{tag}s{i}, {}, {}",
+            name(&st.name),
+            at(&st.started_at),
+            at(&end)
+        );
+    }
+    let _ = writeln!(s, "    section data");
+    if let Some(p) = &r.recovery_point {
+        let _ = writeln!(
+            s,
+            "    recovery point {} :milestone, rp, {}, 0d",
+            name(&p.lsn),
+            at(&p.time)
+        );
+    }
+    if let Some(failed) = r.steps.iter().find(|st| st.ok == Some(false)) {
+        let when = failed.finished_at.unwrap_or(failed.started_at);
+        let _ = writeln!(s, "    failure :crit, milestone, fail, {}, 0d", at(&when));
+    }
+    if let Some(w) = &r.data_loss_window {
+        let _ = writeln!(s, "    data-loss window :crit, loss, {}, {}", at(&w.from), at(&w.to));
+    }
+    s.push_str("```\n");
+    Some(s)
 }

@@ -201,6 +201,42 @@ async fn assert_restored(f: &Fixture, c1: &str, schema: &str) {
     let md = std::fs::read_to_string(f.state().join("runs").join(run).join("report.md")).unwrap();
     assert!(md.contains("## Next steps\n\nthe revert commit "), "{md}");
     assert!(md.contains("The state from before the restore is kept at `"), "{md}");
+    assert_timeline(&md);
+}
+
+/// The report's Mermaid gantt block: fenced, declared, every task line of
+/// the form `name :tags, id, start, end` with times in its dateFormat, and
+/// the recovery point, the failure and the data-loss window marked.
+fn assert_timeline(md: &str) {
+    let start = md.find("```mermaid\ngantt\n").expect("a mermaid gantt block");
+    let block = &md[start + "```mermaid\n".len()..];
+    let block = &block[..block.find("```").expect("the block is closed")];
+    let lines: Vec<&str> = block.lines().collect();
+    assert_eq!(lines[0], "gantt");
+    assert!(lines.contains(&"    dateFormat YYYY-MM-DD HH:mm:ss.SSS"), "{block}");
+    let time = |t: &str| chrono::NaiveDateTime::parse_from_str(t.trim(), "%Y-%m-%d %H:%M:%S%.3f").is_ok();
+    let mut tasks = 0;
+    for line in lines.iter().skip(1).map(|l| l.trim()) {
+        if line.starts_with("title ")
+            || line.starts_with("dateFormat ")
+            || line.starts_with("axisFormat ")
+            || line.starts_with("section ")
+        {
+            continue;
+        }
+        let (name, spec) = line.split_once(" :").unwrap_or_else(|| panic!("task line {line:?}"));
+        assert!(!name.contains(':') && !name.contains('#'), "{line}");
+        let parts: Vec<&str> = spec.split(',').map(str::trim).collect();
+        let n = parts.len();
+        assert!(n >= 3, "{line}");
+        assert!(time(parts[n - 2]), "start of {line}");
+        assert!(time(parts[n - 1]) || parts[n - 1] == "0d", "end of {line}");
+        tasks += 1;
+    }
+    assert!(tasks >= 4, "{block}");
+    for marked in ["recovery point ", "failure :crit, milestone", "data-loss window :crit"] {
+        assert!(block.contains(marked), "{marked} in {block}");
+    }
 }
 
 fn committed_then_verify_fails() -> CarrierBuilder {
