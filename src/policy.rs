@@ -240,8 +240,8 @@ pub fn evaluate(input: &GateInput<'_>) -> Verdict {
         match &soak_status {
             Soak::NotApplicable => {}
             Soak::Unknown => notes.push(format!(
-                "the expand must have soaked {}s; checked against history at run time",
-                soak.as_secs()
+                "the expand must have soaked {}; checked against history at run time",
+                human(soak)
             )),
             Soak::NoExpand => reasons.push(format!(
                 "{} has no applied expand migration to soak (name it with backstop.dev/expand-migration)",
@@ -251,16 +251,12 @@ pub fn evaluate(input: &GateInput<'_>) -> Verdict {
                 let soaked = (input.now - *at).to_std().unwrap_or_default();
                 if soaked < soak {
                     reasons.push(format!(
-                        "expand {id} was applied {}s ago; the contract waits until it soaked {}s",
-                        soaked.as_secs(),
-                        soak.as_secs()
+                        "expand {id} was applied {} ago; the contract waits until it soaked {}",
+                        human(soaked),
+                        human(soak)
                     ));
                 } else {
-                    notes.push(format!(
-                        "expand {id} soaked {}s (needs {}s)",
-                        soaked.as_secs(),
-                        soak.as_secs()
-                    ));
+                    notes.push(format!("expand {id} soaked {} (needs {})", human(soaked), human(soak)));
                 }
             }
         }
@@ -278,9 +274,36 @@ fn short(hash: &str) -> &str {
     &hash[..hash.len().min(12)]
 }
 
+/// A duration as people write `backstop.dev/soak`, to the second (`24h`,
+/// `1h30m`, `45s`).
+fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    let (h, m, sec) = (s / 3600, s / 60 % 60, s % 60);
+    let mut out = String::new();
+    if h > 0 {
+        out.push_str(&format!("{h}h"));
+    }
+    if m > 0 {
+        out.push_str(&format!("{m}m"));
+    }
+    if sec > 0 || out.is_empty() {
+        out.push_str(&format!("{sec}s"));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn soak_durations_read_as_people_write_them() {
+        assert_eq!(human(DEFAULT_SOAK), "24h");
+        assert_eq!(human(Duration::from_secs(5400)), "1h30m");
+        assert_eq!(human(Duration::from_secs(90061)), "25h1m1s");
+        assert_eq!(human(Duration::from_millis(1500)), "1s");
+        assert_eq!(human(Duration::ZERO), "0s");
+    }
 
     #[test]
     fn approvals_parse_with_or_without_prefix() {

@@ -147,7 +147,7 @@ async fn contract_without_soak_is_blocked() {
     let out = f.run(&[]).await;
     let text = text(&out);
     assert_eq!(out.status.code(), Some(2), "{text}");
-    assert!(text.contains("the contract waits until it soaked 86400s"), "{text}");
+    assert!(text.contains("the contract waits until it soaked 24h"), "{text}");
     assert_eq!(f.gate(), c1);
     assert_eq!(qty_column(&f).await, 1);
 }

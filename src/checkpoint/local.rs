@@ -305,7 +305,7 @@ impl Checkpoint for LocalBackend {
         if !self.pgdata.join("PG_VERSION").is_file() {
             return Err(CheckpointError::Misconfigured {
                 what: format!(
-                    "--pgdata to name the server's data directory ({} holds no PG_VERSION)",
+                    "--pgdata to name the server's data directory ({:?} holds no PG_VERSION)",
                     self.pgdata.display()
                 ),
             });

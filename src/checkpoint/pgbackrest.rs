@@ -196,7 +196,7 @@ impl Checkpoint for PgBackRestBackend {
         if !self.server.pgdata.join("PG_VERSION").is_file() {
             return Err(CheckpointError::Misconfigured {
                 what: format!(
-                    "--pgdata to name the server's data directory ({} holds no PG_VERSION)",
+                    "--pgdata to name the server's data directory ({:?} holds no PG_VERSION)",
                     self.server.pgdata.display()
                 ),
             });
