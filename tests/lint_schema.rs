@@ -255,7 +255,7 @@ async fn a_runs_plan_phase_judges_against_the_catalog_small_runs_large_needs_app
     // On the small table the index is a warning: no approval, it runs.
     let small = carrier("0001-tiny-index").sql(
         "001.sql",
-        "SET lock_timeout = '5s';\nCREATE INDEX tiny_code ON tiny (code);",
+        "SET lock_timeout = '5s';\n-- backstop:ignore BS301 only the nightly import writes tiny\nCREATE INDEX tiny_code ON tiny (code);",
     );
     let c1 = f.commit_carrier(&small, "index on tiny");
     let out = f.run(&[]).await;
@@ -265,6 +265,19 @@ async fn a_runs_plan_phase_judges_against_the_catalog_small_runs_large_needs_app
     let finding = &report["findings"][0];
     assert_eq!(finding["severity"], "warning");
     assert!(finding["facts"].as_str().unwrap().contains("public.tiny"), "{report}");
+    // The suppression's reason is in the evidence report.
+    assert_eq!(finding["ignored"], "only the nightly import writes tiny", "{report}");
+    let md = std::fs::read_to_string(
+        f.state()
+            .join("runs")
+            .join(report["run"].as_str().unwrap())
+            .join("report.md"),
+    )
+    .unwrap();
+    assert!(
+        md.contains("**ignored** by `backstop:ignore`: only the nightly import writes tiny"),
+        "{md}"
+    );
 
     // On the large table it is an error: refused without an approval.
     let large = carrier("0002-big-index").sql(
