@@ -249,7 +249,10 @@ pub enum DatastoreStep {
     /// new sessions read-only, end running sessions, and record the lock in the
     /// source database itself.
     Lock {
-        #[arg(long, env = "BACKSTOP_SOURCE")]
+        /// The source database: a libpq URL (`postgresql://user@host:port/db`,
+        /// with `sslmode=...` as libpq reads it). Prefer the variable when it
+        /// carries a password: --help never shows its value.
+        #[arg(long, env = "BACKSTOP_SOURCE", hide_env_values = true)]
         source: String,
         /// Why, for the lock record.
         #[arg(long, env = "BACKSTOP_REASON", default_value = "datastore move")]
@@ -266,7 +269,10 @@ pub enum DatastoreStep {
     /// Export schema and data of the locked source (`pg_dump -Fd --jobs`,
     /// uncompressed).
     Export {
-        #[arg(long, env = "BACKSTOP_SOURCE")]
+        /// The source database: a libpq URL (`postgresql://user@host:port/db`,
+        /// with `sslmode=...` as libpq reads it). Prefer the variable when it
+        /// carries a password: --help never shows its value.
+        #[arg(long, env = "BACKSTOP_SOURCE", hide_env_values = true)]
         source: String,
         /// Dump directory to write (pg_dump's directory format); it must not
         /// exist. Written as `<output>.partial` and renamed when complete.
@@ -279,7 +285,9 @@ pub enum DatastoreStep {
     /// Import a dump into the target (all or nothing); the target stays locked
     /// until `unlock`. Refuses a target that already has tables.
     Import {
-        #[arg(long, env = "BACKSTOP_TARGET")]
+        /// The target database: a libpq URL, as for --source (prefer the
+        /// variable when it carries a password).
+        #[arg(long, env = "BACKSTOP_TARGET", hide_env_values = true)]
         target: String,
         /// Dump to read: the directory `export` wrote (or a `pg_dump -Fc` file).
         #[arg(short = 'f', long = "file", env = "BACKSTOP_FILE")]
@@ -299,10 +307,16 @@ pub enum DatastoreStep {
     /// Compare every table: row counts and content checksums computed in the
     /// databases, chunked in primary-key order. Exit 1 when they differ.
     Verify {
-        #[arg(long, env = "BACKSTOP_SOURCE")]
+        /// The source database: a libpq URL (`postgresql://user@host:port/db`,
+        /// with `sslmode=...` as libpq reads it). Prefer the variable when it
+        /// carries a password: --help never shows its value.
+        #[arg(long, env = "BACKSTOP_SOURCE", hide_env_values = true)]
         source: String,
-        #[arg(long, env = "BACKSTOP_TARGET")]
+        /// The target database: a libpq URL, as for --source (prefer the
+        /// variable when it carries a password).
+        #[arg(long, env = "BACKSTOP_TARGET", hide_env_values = true)]
         target: String,
+        /// Output for people (text) or for programs (json).
         #[arg(long, env = "BACKSTOP_FORMAT", value_enum, default_value = "text")]
         format: Format,
     },
@@ -324,9 +338,14 @@ pub enum DatastoreStep {
     /// While the source exists and holds its lock: drop what import created in
     /// the target and unlock the source. Refuses otherwise.
     Rollback {
-        #[arg(long, env = "BACKSTOP_SOURCE")]
+        /// The source database: a libpq URL (`postgresql://user@host:port/db`,
+        /// with `sslmode=...` as libpq reads it). Prefer the variable when it
+        /// carries a password: --help never shows its value.
+        #[arg(long, env = "BACKSTOP_SOURCE", hide_env_values = true)]
         source: String,
-        #[arg(long, env = "BACKSTOP_TARGET")]
+        /// The target database: a libpq URL, as for --source (prefer the
+        /// variable when it carries a password).
+        #[arg(long, env = "BACKSTOP_TARGET", hide_env_values = true)]
         target: String,
         /// Roll back even though the target was unlocked (its new writes are lost).
         #[arg(long, env = "BACKSTOP_FORCE")]

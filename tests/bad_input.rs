@@ -249,3 +249,51 @@ async fn a_verify_that_writes_through_a_function_changes_nothing() {
     assert_ne!(last, 1000, "the verify did not write");
     assert_eq!(f.gate(), c1);
 }
+
+#[test]
+fn help_describes_every_flag_and_never_shows_a_password_from_the_environment() {
+    let commands: &[&[&str]] = &[
+        &["run"],
+        &["lint"],
+        &["plan"],
+        &["status"],
+        &["report"],
+        &["controller"],
+        &["datastore", "lock"],
+        &["datastore", "export"],
+        &["datastore", "import"],
+        &["datastore", "verify"],
+        &["datastore", "unlock"],
+        &["datastore", "rollback"],
+    ];
+    let secret = "postgresql://app:s3cret-pw@db.example:5432/shop";
+    for args in commands {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
+            .args(*args)
+            .arg("--help")
+            .env("BACKSTOP_SOURCE", secret)
+            .env("BACKSTOP_TARGET", secret)
+            .env("BACKSTOP_URL", secret)
+            .env("BACKSTOP_DATABASE_URL", secret)
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{args:?}: {help}");
+        assert!(!help.contains("s3cret-pw"), "{args:?} --help shows a password:\n{help}");
+        // A flag whose line starts with its env or default has no description.
+        for line in help.lines() {
+            let t = line.trim_start();
+            if let Some(rest) = t.strip_prefix("--").or_else(|| {
+                t.get(4..)
+                    .filter(|_| t.starts_with('-'))
+                    .and_then(|r| r.strip_prefix("--"))
+            }) {
+                let after = rest.split_once("  ").map(|(_, d)| d.trim_start()).unwrap_or("");
+                assert!(
+                    !after.starts_with("[env") && !after.starts_with("[default") && !after.starts_with("[possible"),
+                    "{args:?}: --{rest} has no description"
+                );
+            }
+        }
+    }
+}

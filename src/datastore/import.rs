@@ -234,14 +234,10 @@ pub async fn import(db: &Database, file: &Path, bindir: &Path, opts: ImportOptio
 /// as a list file and as lines, and the sha256 of the whole table of
 /// contents (which names the source and the time of the dump).
 async fn restore_list(bindir: &Path, file: &Path) -> Result<((tempfile::NamedTempFile, Vec<String>), String)> {
-    let mut cmd = pgbin::command(bindir, "pg_restore", None);
-    cmd.arg("-l").arg(file);
-    let toc = pgbin::run(cmd, "pg_restore")
-        .await
-        .map_err(|source| DatastoreError::Tool {
-            step: format!("reading the table of contents of {}", file.display()),
-            source,
-        })?;
+    let toc = pg_restore(bindir, &["-l"], &[file], || {
+        format!("reading the table of contents of {}", file.display())
+    })
+    .await?;
     let kept: Vec<&str> = toc
         .lines()
         .filter(|l| {
@@ -250,11 +246,26 @@ async fn restore_list(bindir: &Path, file: &Path) -> Result<((tempfile::NamedTem
                 || l.contains(" backstop datastore_lock "))
         })
         .collect();
-    let io = |e: std::io::Error| DatastoreError::Refused(format!("writing the restore list: {e}"));
-    let mut list = tempfile::NamedTempFile::new().map_err(io)?;
-    std::io::Write::write_all(&mut list, kept.join("\n").as_bytes()).map_err(io)?;
+    let list = list_file(&kept, "the restore list")?;
     let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(toc.as_bytes()));
     Ok(((list, kept.iter().map(|l| l.to_string()).collect()), sha))
+}
+
+/// `pg_restore ARGS PATHS`, its standard output, or the failure of `step`.
+async fn pg_restore(bindir: &Path, args: &[&str], paths: &[&Path], step: impl Fn() -> String) -> Result<String> {
+    let mut cmd = pgbin::command(bindir, "pg_restore", None);
+    cmd.args(args).args(paths);
+    pgbin::run(cmd, "pg_restore")
+        .await
+        .map_err(|source| DatastoreError::Tool { step: step(), source })
+}
+
+/// A pg_restore list file (`-L`) of `lines`.
+fn list_file(lines: &[&str], what: &str) -> Result<tempfile::NamedTempFile> {
+    let io = |e: std::io::Error| DatastoreError::Refused(format!("writing {what}: {e}"));
+    let mut list = tempfile::NamedTempFile::new().map_err(io)?;
+    std::io::Write::write_all(&mut list, lines.join("\n").as_bytes()).map_err(io)?;
+    Ok(list)
 }
 
 /// Refuses an import whose GRANTs name roles the target does not have:
@@ -270,17 +281,11 @@ async fn missing_roles(db: &Database, client: &Client, bindir: &Path, file: &Pat
     if acl.is_empty() {
         return Ok(());
     }
-    let io = |e: std::io::Error| DatastoreError::Refused(format!("writing the ACL list: {e}"));
-    let mut list = tempfile::NamedTempFile::new().map_err(io)?;
-    std::io::Write::write_all(&mut list, acl.join("\n").as_bytes()).map_err(io)?;
-    let mut cmd = pgbin::command(bindir, "pg_restore", None);
-    cmd.args(["-f", "-", "-L"]).arg(list.path()).arg(file);
-    let sql = pgbin::run(cmd, "pg_restore")
-        .await
-        .map_err(|source| DatastoreError::Tool {
-            step: format!("reading the GRANTs of {}", file.display()),
-            source,
-        })?;
+    let list = list_file(&acl, "the ACL list")?;
+    let sql = pg_restore(bindir, &["-f", "-", "-L"], &[list.path(), file], || {
+        format!("reading the GRANTs of {}", file.display())
+    })
+    .await?;
     let wanted: Vec<String> = grantees(&sql).into_iter().collect();
     let existing: Vec<String> = client
         .query("SELECT rolname::text FROM pg_roles WHERE rolname = ANY($1)", &[&wanted])
