@@ -143,6 +143,12 @@ async fn failure_inside_one_transaction_in_pull_request_mode_pushes_a_revert_bra
     assert_eq!(f.gate(), c1);
     assert_eq!(f.main(), c2, "upstream untouched in pull-request mode");
     let branch = format!("backstop/revert-{}", &c2[..7]);
+    // Log lines say the reason, not a Rust Option around it.
+    let logged = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        logged.contains("run failed and was rolled back") && !logged.contains("Some(\""),
+        "{logged}"
+    );
     // `-o json`: the pass's summary as one object.
     let summary: serde_json::Value =
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));

@@ -497,7 +497,7 @@ fn error_policy(ks: Arc<DynamicObject>, error: &ReconcileError, ctx: Arc<Ctx>) -
         })
         .unwrap_or(1);
     let delay = Duration::from_secs(1u64 << attempts.min(9)).min(Duration::from_secs(300));
-    tracing::error!(kustomization = %key, attempts, retry_in = ?delay, error = %crate::run::chain(error), "reconcile failed; retrying (nothing reverted)");
+    tracing::error!(kustomization = %key, attempts, retry_in = %humantime::format_duration(delay), error = %crate::run::chain(error), "reconcile failed; retrying (nothing reverted)");
     Action::requeue(delay)
 }
 

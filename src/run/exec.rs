@@ -51,13 +51,13 @@ impl Engine {
                     match outcome {
                         Outcome::Succeeded => tracing::info!("run succeeded"),
                         Outcome::RolledBack => {
-                            tracing::warn!(reason = ?run.failure.as_ref().map(|f| &f.message), "run failed and was rolled back")
+                            tracing::warn!(reason = %run.failure.as_ref().map(|f| f.message.as_str()).unwrap_or("unknown"), "run failed and was rolled back")
                         }
                         Outcome::Deferred => {
-                            tracing::warn!(reason = ?run.failure.as_ref().map(|f| &f.message), "run stopped on a transient fault before anything changed; it is tried again later, nothing was reverted")
+                            tracing::warn!(reason = %run.failure.as_ref().map(|f| f.message.as_str()).unwrap_or("unknown"), "run stopped on a transient fault before anything changed; it is tried again later, nothing was reverted")
                         }
                         Outcome::Failed => {
-                            tracing::error!(errors = ?run.remediation_errors, "run failed and remediation did not complete: a person must act")
+                            tracing::error!(errors = %run.remediation_errors.join("; "), "run failed and remediation did not complete: a person must act")
                         }
                     }
                     return Ok(Progress::Ended(outcome));
@@ -470,7 +470,7 @@ impl Engine {
                         v.pull_request = url.clone();
                         v.note = format!("{}; pull request opened by a later pass", v.note);
                     }
-                    tracing::info!(run = %run.id, url = ?url, "opened the pending revert pull request");
+                    tracing::info!(run = %run.id, url = %url.as_deref().unwrap_or("(the forge gave none)"), "opened the pending revert pull request");
                     let report = Report::from_run(&run);
                     if let Err(e) = self.store.write_report(&run, &report).await {
                         tracing::error!(error = %e, "could not rewrite the evidence report");
