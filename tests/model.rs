@@ -433,19 +433,29 @@ impl Model {
         // The exit code matches the pass.
         let code = out.status.code().unwrap_or(-1);
         let mut expected = 0;
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            expected = expected.max(match line.split_whitespace().nth(1) {
-                Some("RolledBack") => 1,
-                Some("Failed") => 3,
+        // The pass's summary: `run <id> (<sha> "<subject>"): <outcome>`.
+        let outcomes: Vec<&str> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("run "))
+            .filter_map(|l| match l.rsplit_once("): ").map(|(_, o)| o) {
+                Some("succeeded") => Some("Succeeded"),
+                Some("rolled back") => Some("RolledBack"),
+                Some("FAILED") => Some("Failed"),
+                Some("deferred") => Some("Deferred"),
+                _ => None,
+            })
+            .collect();
+        for o in &outcomes {
+            expected = expected.max(match *o {
+                "RolledBack" => 1,
+                "Failed" => 3,
                 _ => 0,
             });
         }
         let status = status_json(&self.f.state());
         let waiting = &status["gates"][0]["waiting"];
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            if let Some(o) = line.split_whitespace().nth(1) {
-                *self.seen.entry(format!("run {o}")).or_default() += 1;
-            }
+        for o in &outcomes {
+            *self.seen.entry(format!("run {o}")).or_default() += 1;
         }
         if let Some(kind) = waiting["kind"].as_str() {
             *self.seen.entry(format!("wait {kind}")).or_default() += 1;
