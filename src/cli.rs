@@ -55,8 +55,18 @@ pub enum Command {
         /// State directory holding the journal.
         #[arg(long, env = "BACKSTOP_STATE", default_value = ".backstop")]
         state: PathBuf,
-        /// Print JSON: a list of {id, commit, phase, outcome, migrations, report}.
-        #[arg(long, env = "BACKSTOP_JSON")]
+        /// `text` for people, or `json`: {"gates": [...], "runs": [{id,
+        /// commit, phase, outcome, migrations, report, ...}]}.
+        #[arg(
+            short = 'o',
+            long = "output",
+            env = "BACKSTOP_OUTPUT",
+            value_enum,
+            default_value = "text"
+        )]
+        output: Format,
+        /// The same as `-o json` (kept for scripts written before -o).
+        #[arg(long, env = "BACKSTOP_JSON", hide = true)]
         json: bool,
     },
     /// Take over a run whose remediation did not complete (exit 3, "a person
@@ -90,7 +100,14 @@ pub enum Command {
         #[arg(required = true)]
         files: Vec<String>,
         /// Output for people or for programs.
-        #[arg(long, env = "BACKSTOP_FORMAT", value_enum, default_value = "text")]
+        #[arg(
+            short = 'o',
+            long = "output",
+            alias = "format",
+            env = "BACKSTOP_OUTPUT",
+            value_enum,
+            default_value = "text"
+        )]
         format: Format,
         /// Target PostgreSQL major version (rules where behaviour changed).
         #[arg(long, env = "BACKSTOP_PG_VERSION", default_value_t = 15)]
@@ -110,7 +127,14 @@ pub enum Command {
         #[arg(long, env = "BACKSTOP_PATH", default_value = "")]
         path: String,
         /// Output for people or for programs.
-        #[arg(long, env = "BACKSTOP_FORMAT", value_enum, default_value = "text")]
+        #[arg(
+            short = 'o',
+            long = "output",
+            alias = "format",
+            env = "BACKSTOP_OUTPUT",
+            value_enum,
+            default_value = "text"
+        )]
         format: Format,
         /// Target PostgreSQL major version (read from the server instead
         /// with --database-url).
@@ -220,8 +244,17 @@ pub enum Command {
         /// State directory holding the journal.
         #[arg(long, env = "BACKSTOP_STATE", default_value = ".backstop")]
         state: PathBuf,
-        /// Print the JSON report instead of Markdown.
-        #[arg(long, env = "BACKSTOP_JSON")]
+        /// `text` (the Markdown report) or `json`.
+        #[arg(
+            short = 'o',
+            long = "output",
+            env = "BACKSTOP_OUTPUT",
+            value_enum,
+            default_value = "text"
+        )]
+        output: Format,
+        /// The same as `-o json` (kept for scripts written before -o).
+        #[arg(long, env = "BACKSTOP_JSON", hide = true)]
         json: bool,
     },
 }
@@ -317,7 +350,14 @@ pub enum DatastoreStep {
         #[arg(long, env = "BACKSTOP_TARGET", hide_env_values = true)]
         target: String,
         /// Output for people (text) or for programs (json).
-        #[arg(long, env = "BACKSTOP_FORMAT", value_enum, default_value = "text")]
+        #[arg(
+            short = 'o',
+            long = "output",
+            alias = "format",
+            env = "BACKSTOP_OUTPUT",
+            value_enum,
+            default_value = "text"
+        )]
         format: Format,
     },
     /// Release the lock on the side that is now live (and resume the
@@ -543,8 +583,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(EXIT_OK)
         }
         Command::Run(args) => run_local(*args).await,
-        Command::Status { state, json } => status(&state, json).await,
-        Command::Report { run, state, json } => print_report(&state, &run, json),
+        Command::Status { state, output, json } => status(&state, json || output == Format::Json).await,
+        Command::Report {
+            run,
+            state,
+            output,
+            json,
+        } => print_report(&state, &run, json || output == Format::Json),
         Command::Ack { run, state, by, note } => ack(&state, &run, by, note).await,
         Command::Lint {
             files,

@@ -297,3 +297,32 @@ fn help_describes_every_flag_and_never_shows_a_password_from_the_environment() {
         }
     }
 }
+
+#[test]
+fn every_command_takes_dash_o_json_and_the_old_flags_still_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().display().to_string();
+    for args in [
+        vec!["status", "--state", &state, "-o", "json"],
+        vec!["status", "--state", &state, "--json"],
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
+            .args(&args)
+            .output()
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        assert!(json["runs"].is_array(), "{args:?}: {json}");
+    }
+    for flag in [["-o", "json"], ["--format", "json"]] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
+            .args(["lint", "-", flag[0], flag[1]])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"SELECT 1;\n").unwrap();
+        let out = child.wait_with_output().unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(json[0]["statements"], 1, "{flag:?}");
+    }
+}
