@@ -237,6 +237,45 @@ pub enum Command {
     /// Resume a Kustomization that backstop (this owner) suspended; one a
     /// person suspended stays suspended.
     Unlock(PauseArgs),
+    /// Delete the checkpoints retention lets go now, or list them with
+    /// --dry-run. The checkpoints (dumps, base-backup claims) of ended runs
+    /// older than the newest --keep-checkpoints go, then base backups no kept
+    /// run relies on (never the newest). Never deleted: an open run's
+    /// checkpoint, a failed run's before `backstop ack`, and the data
+    /// directory a restore set aside (the only copy of the writes made after
+    /// the recovery point) unless you name its run with --set-aside. Refused
+    /// (exit 4) while a `backstop run` holds the state: its passes apply the
+    /// same retention.
+    Prune {
+        /// State directory holding the journal and checkpoints.
+        #[arg(long, env = "BACKSTOP_STATE", default_value = ".backstop")]
+        state: PathBuf,
+        /// Checkpoints of the newest this many ended runs are kept (0: all).
+        #[arg(long, env = "BACKSTOP_KEEP_CHECKPOINTS", default_value_t = 5)]
+        keep_checkpoints: usize,
+        /// List what would be deleted and what is kept, and why; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also delete the data directory this run's restore set aside (run
+        /// id, id prefix or commit prefix; repeat for several). Refused for a
+        /// run that is open or waits for `backstop ack`, and while a server
+        /// runs on that directory.
+        #[arg(long = "set-aside", value_name = "RUN")]
+        set_aside: Vec<String>,
+        /// Who asks (recorded in the run and its report).
+        #[arg(long, env = "BACKSTOP_ACK_BY", default_value_t = whoami())]
+        by: String,
+        /// `text` for people, or `json`: {dry_run, keep, deleted: [...],
+        /// kept: [...], freed_bytes}; each item {what, run, path, bytes, why}.
+        #[arg(
+            short = 'o',
+            long = "output",
+            env = "BACKSTOP_OUTPUT",
+            value_enum,
+            default_value = "text"
+        )]
+        output: Format,
+    },
     /// Print one run's evidence report (by id, id prefix or commit prefix).
     Report {
         /// Run id.
@@ -591,6 +630,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             json,
         } => print_report(&state, &run, json || output == Format::Json),
         Command::Ack { run, state, by, note } => ack(&state, &run, by, note).await,
+        Command::Prune {
+            state,
+            keep_checkpoints,
+            dry_run,
+            set_aside,
+            by,
+            output,
+        } => {
+            let opts = crate::prune::PruneOptions {
+                state,
+                keep: keep_checkpoints,
+                dry_run,
+                set_aside,
+                by,
+            };
+            prune(&opts, output).await
+        }
         Command::Lint {
             files,
             format,
@@ -1144,6 +1200,42 @@ fn print_report(state: &std::path::Path, id: &str, json: bool) -> anyhow::Result
         print!("{}", report::markdown(&report));
     }
     Ok(EXIT_OK)
+}
+
+async fn prune(opts: &crate::prune::PruneOptions, output: Format) -> anyhow::Result<u8> {
+    // A dry run reads; deleting needs the state to itself.
+    let _lock = if opts.dry_run {
+        None
+    } else {
+        match crate::owner::StateLock::acquire(&opts.state) {
+            Ok(lock) => Some(lock),
+            Err(e @ crate::owner::OwnerError::StateBusy { .. }) => {
+                eprintln!("backstop: {e}; its passes apply retention themselves (see `backstop prune --dry-run`)");
+                return Ok(EXIT_BUSY);
+            }
+            Err(e) => {
+                eprintln!("backstop: {}", crate::run::chain(&e));
+                return Ok(EXIT_BAD_INPUT);
+            }
+        }
+    };
+    match crate::prune::prune(opts).await {
+        Ok(report) => {
+            match output {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Format::Text => print!("{}", crate::prune::text(&report)),
+            }
+            Ok(EXIT_OK)
+        }
+        Err(e @ crate::prune::PruneError::Refused(_)) => {
+            eprintln!("backstop: {e}; nothing was deleted");
+            Ok(EXIT_BAD_INPUT)
+        }
+        Err(e) => {
+            eprintln!("backstop: {}", crate::run::chain(&e));
+            Ok(EXIT_NEEDS_PERSON)
+        }
+    }
 }
 
 fn whoami() -> String {

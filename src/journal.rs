@@ -85,16 +85,20 @@ impl Journal {
         self.state.join("acks").join(format!("{id}.json"))
     }
 
+    fn set_aside_file(&self, id: &str) -> PathBuf {
+        self.state.join("set-aside-deleted").join(format!("{id}.json"))
+    }
+
     /// Records that a person took over run `id` (`backstop ack`). Needs no
     /// state lock: the next pass of a running backstop reads it.
     pub fn acknowledge(&self, id: &str, ack: &crate::run::Acknowledged) -> Result<(), StoreError> {
-        let err = |action, source: Box<dyn std::error::Error + Send + Sync>| StoreError {
-            action,
-            run: id.to_string(),
-            source,
-        };
-        let bytes = serde_json::to_vec_pretty(ack).map_err(|e| err("encode the acknowledgement", e.into()))?;
-        write_atomic(&self.ack_file(id), &bytes).map_err(|e| err("write the acknowledgement", e.into()))
+        write_side(&self.ack_file(id), id, ack, "the acknowledgement")
+    }
+
+    /// Records that a person had the data a restore of run `id` set aside
+    /// deleted (`backstop prune --set-aside`). Needs no state lock either.
+    pub fn set_aside_deleted(&self, id: &str, by: &crate::run::Acknowledged) -> Result<(), StoreError> {
+        write_side(&self.set_aside_file(id), id, by, "the deletion of the set-aside data")
     }
 
     fn gate_file(&self, path: &str) -> PathBuf {
@@ -162,14 +166,34 @@ impl Journal {
         }
         // `backstop ack` writes beside the journal (a running `backstop run`
         // holds the state lock): merged here.
-        for run in runs.iter_mut().filter(|r| r.acknowledged.is_none()) {
-            if let Ok(bytes) = std::fs::read(self.ack_file(&run.id)) {
-                run.acknowledged = serde_json::from_slice(&bytes).ok();
+        // So does `backstop prune --set-aside`.
+        for run in runs.iter_mut() {
+            if run.acknowledged.is_none() {
+                run.acknowledged = read_side(&self.ack_file(&run.id));
+            }
+            if run.set_aside_deleted.is_none() {
+                run.set_aside_deleted = read_side(&self.set_aside_file(&run.id));
             }
         }
         runs.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
         Ok(runs)
     }
+}
+
+/// Writes a person's record about run `id` beside the journal.
+fn write_side(path: &Path, id: &str, what: &crate::run::Acknowledged, name: &'static str) -> Result<(), StoreError> {
+    let err = |action, source: Box<dyn std::error::Error + Send + Sync>| StoreError {
+        action,
+        run: id.to_string(),
+        source,
+    };
+    let bytes = serde_json::to_vec_pretty(what).map_err(|e| err("encode a person's record", e.into()))?;
+    write_atomic(path, &bytes).map_err(|e| err(name, e.into()))
+}
+
+/// A person's record beside the journal, if there is a readable one.
+fn read_side(path: &Path) -> Option<crate::run::Acknowledged> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 
 /// Writes `bytes` to `path` atomically.

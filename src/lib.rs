@@ -21,6 +21,7 @@
 //! - [`forge`]: revert pull requests
 //! - [`datastore`]: moving a database between servers (lock, export, import, verify, unlock, rollback)
 //! - [`journal`], [`report`]: the local run store and the evidence report
+//! - [`prune`]: retention on demand, and deleting what a restore set aside when a person says so
 //! - [`k8s`]: the controller: `MigrationRun` store, verified pause of Flux Kustomizations,
 //!   cluster side of a run, Job migrations, leader election, metrics and events
 //! - [`local`], [`demo`], [`cli`]: wiring for the command line
@@ -46,6 +47,7 @@ pub mod pgbin;
 pub mod pgserver;
 pub mod plan;
 pub mod policy;
+pub mod prune;
 pub mod report;
 pub mod run;
 pub mod runner;

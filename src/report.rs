@@ -60,6 +60,9 @@ pub struct Report {
     pub remediation_errors: Vec<String>,
     /// A person took the failed run over (`backstop ack`).
     pub acknowledged: Option<crate::run::Acknowledged>,
+    /// A person had the data the restore set aside deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set_aside_deleted: Option<crate::run::Acknowledged>,
     /// From the state the database went back to, until the restore started.
     pub data_loss_window: Option<DataLossWindow>,
     pub rollback_conditions: Vec<String>,
@@ -164,6 +167,7 @@ impl Report {
             revert: run.revert.clone(),
             remediation_errors: run.remediation_errors.clone(),
             acknowledged: run.acknowledged.clone(),
+            set_aside_deleted: run.set_aside_deleted.clone(),
             data_loss_window,
             rollback_conditions,
         }
@@ -184,12 +188,24 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(s, "**Outcome: {}** ({verdict})\n", r.outcome);
     if let Some(next) = &r.next_steps {
         let _ = writeln!(s, "## Next steps\n\n{next}\n");
-        if let Some(restore) = &r.restore {
-            let _ = writeln!(
-                s,
-                "The state from before the restore is kept at `{}`: it is the only copy of the writes made after the checkpoint (start a server on a copy of it to read them). backstop never deletes it: remove it yourself once nobody needs them.\n",
-                restore.kept
-            );
+        match (&r.restore, &r.set_aside_deleted) {
+            (Some(restore), None) => {
+                let _ = writeln!(
+                    s,
+                    "The state from before the restore is kept at `{}`: it is the only copy of the writes made after the checkpoint (start a server on a copy of it to read them). Retention never deletes it; once nobody needs those writes, `backstop prune --set-aside {}` does.\n",
+                    restore.kept, r.run
+                );
+            }
+            (Some(restore), Some(by)) => {
+                let _ = writeln!(
+                    s,
+                    "The state from before the restore, kept at `{}`, was deleted by {} at {} (`backstop prune --set-aside`).\n",
+                    restore.kept,
+                    by.by,
+                    by.at.to_rfc3339()
+                );
+            }
+            _ => {}
         }
     }
     let _ = writeln!(s, "| | |\n|---|---|");

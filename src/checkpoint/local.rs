@@ -21,6 +21,7 @@ use crate::db::Database;
 use crate::pgbin;
 
 mod catalog;
+pub use catalog::unused_bases;
 mod drill;
 mod restore;
 

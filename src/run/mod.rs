@@ -585,6 +585,7 @@ impl Engine {
             remediation_errors: Vec::new(),
             report_written: false,
             acknowledged: None,
+            set_aside_deleted: None,
         }
     }
 

@@ -202,9 +202,14 @@ pub struct RunRecord {
     /// (`backstop ack`); until then the gate does not move.
     #[serde(default)]
     pub acknowledged: Option<Acknowledged>,
+    /// A person had the data this run's restore set aside deleted
+    /// (`backstop prune --set-aside`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set_aside_deleted: Option<Acknowledged>,
 }
 
-/// Who took over a failed run, and when.
+/// Who did what a person must do for a run (took it over, deleted what it
+/// set aside), and when.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Acknowledged {
     pub by: String,

@@ -81,18 +81,7 @@ impl LocalBackend {
 
     /// Complete base backups in the store, oldest first.
     fn all_bases(&self) -> Vec<(PathBuf, LocalBase)> {
-        let mut found: Vec<(PathBuf, LocalBase)> = std::fs::read_dir(self.bases_dir())
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| !e.file_name().to_string_lossy().starts_with(PARTIAL))
-            .filter_map(|e| {
-                let text = std::fs::read_to_string(e.path().join(META)).ok()?;
-                Some((e.path(), serde_json::from_str(&text).ok()?))
-            })
-            .collect();
-        found.sort_by(|a, b| (a.1.base.taken_at, &a.1.base.label).cmp(&(b.1.base.taken_at, &b.1.base.label)));
-        found
+        all_bases(&self.bases_dir())
     }
 
     /// Complete base backups of server `system`, newest last.
@@ -243,27 +232,51 @@ impl LocalBackend {
     /// Deletes base backups that are not the newest and that no remaining
     /// run relies on; returns the bytes freed.
     pub(super) async fn prune_bases(&self) -> Result<u64, CheckpointError> {
-        let used: std::collections::HashSet<String> = std::fs::read_dir(&self.store)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| std::fs::read_to_string(e.path().join(USES)).ok())
-            .map(|l| l.trim().to_string())
-            .collect();
-        let mut all = self.all_bases();
-        all.pop();
         let mut freed = 0;
-        for (dir, meta) in all {
-            if used.contains(&meta.base.label) {
-                continue;
-            }
+        for (dir, label) in unused_bases(&self.store, &Default::default()) {
             freed += crate::checkpoint::remove_tree(dir.clone())
                 .await
                 .map_err(Self::io("delete a base backup no kept run relies on", &dir))?;
-            tracing::info!(base = %meta.base.label, "retention deleted a base backup no kept run relies on");
+            tracing::info!(base = %label, "retention deleted a base backup no kept run relies on");
         }
         Ok(freed)
     }
+}
+
+/// Base backups in checkpoint store `store` (folder and label, oldest first)
+/// that are not the newest and that no run relies on once the checkpoints
+/// of the runs in `going` are deleted too.
+pub fn unused_bases(store: &Path, going: &std::collections::HashSet<String>) -> Vec<(PathBuf, String)> {
+    let used: std::collections::HashSet<String> = std::fs::read_dir(store)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| !going.contains(e.file_name().to_string_lossy().as_ref()))
+        .filter_map(|e| std::fs::read_to_string(e.path().join(USES)).ok())
+        .map(|l| l.trim().to_string())
+        .collect();
+    let mut all = all_bases(&store.join("base"));
+    all.pop();
+    all.into_iter()
+        .filter(|(_, meta)| !used.contains(&meta.base.label))
+        .map(|(dir, meta)| (dir, meta.base.label))
+        .collect()
+}
+
+/// Complete base backups in `dir`, oldest first.
+fn all_bases(dir: &Path) -> Vec<(PathBuf, LocalBase)> {
+    let mut found: Vec<(PathBuf, LocalBase)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with(PARTIAL))
+        .filter_map(|e| {
+            let text = std::fs::read_to_string(e.path().join(META)).ok()?;
+            Some((e.path(), serde_json::from_str(&text).ok()?))
+        })
+        .collect();
+    found.sort_by(|a, b| (a.1.base.taken_at, &a.1.base.label).cmp(&(b.1.base.taken_at, &b.1.base.label)));
+    found
 }
 
 /// Timeline and start LSN from a `backup_manifest` (PostgreSQL 13+).

@@ -98,6 +98,7 @@ impl Build {
                 remediation_errors: Vec::new(),
                 report_written: false,
                 acknowledged: None,
+                set_aside_deleted: None,
             },
         }
     }
