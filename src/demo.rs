@@ -1,7 +1,9 @@
 //! `backstop demo`: the whole story on a throwaway PostgreSQL server and git
 //! remote built from the embedded `examples/sre-repo`: one migration that
 //! succeeds, one that fails after committing and is rolled back (PITR restore
-//! of the data, revert commit of the code), with both evidence reports.
+//! of the data, revert commit of the code). It shows each migration's SQL
+//! and verify query and each pass's summary; `--keep` keeps the remote, the
+//! state with both evidence reports, and the stopped server.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -60,7 +62,7 @@ pub enum DemoError {
 /// Runs the demo; `keep` leaves the folder (repo, state, reports) behind.
 pub async fn run(keep: bool) -> Result<(), DemoError> {
     say("starting a throwaway PostgreSQL server (WAL archiving on)");
-    let server = PgServer::start().await?;
+    let mut server = PgServer::start().await?;
     server.create_database("shop").await?;
     let work = tempfile::Builder::new().prefix("backstop-demo-").tempdir()?;
     let root: PathBuf = if keep { work.keep() } else { work.path().to_path_buf() };
@@ -96,13 +98,13 @@ pub async fn run(keep: bool) -> Result<(), DemoError> {
     let engine = local::engine(&opts).await?;
 
     say("commit 1: migration 0001-create-orders (expand)");
+    show_migration(GOOD);
     let c1 = remote.commit("main", &[Change::Write(GOOD.0, GOOD.1)], "shop: create orders table")?;
-    let first = pass(&engine).await?;
+    let first = pass(&engine, &opts.state).await?;
     expect(&first, Outcome::Succeeded)?;
     if remote.head("backstop/gate")?.as_deref() != Some(c1.as_str()) {
         return Err(DemoError::Unexpected("the gate did not move to commit 1".into()));
     }
-    say(&format!("gate fast-forwarded to {}", &c1[..7]));
 
     let client = server.database("shop")?.connect().await?;
     client
@@ -113,9 +115,10 @@ pub async fn run(keep: bool) -> Result<(), DemoError> {
     say("the app writes 3 orders");
     drop(client);
 
-    say("commit 2: migration 0002-backfill-order-totals (migrate) with a buggy backfill");
+    say("commit 2: migration 0002-backfill-order-totals (migrate), whose backfill skips orders of quantity 1");
+    show_migration(BAD);
     let c2 = remote.commit("main", &[Change::Write(BAD.0, BAD.1)], "shop: backfill order totals")?;
-    let second = pass(&engine).await?;
+    let second = pass(&engine, &opts.state).await?;
     expect(&second, Outcome::RolledBack)?;
 
     let client = server.database("shop")?.connect().await?;
@@ -141,36 +144,67 @@ pub async fn run(keep: bool) -> Result<(), DemoError> {
         return Err(DemoError::Unexpected("code and data were not both rolled back".into()));
     }
     let journal = crate::journal::Journal::new(&opts.state);
-    for (id, _, _) in first.runs.iter().chain(second.runs.iter()) {
-        if let Ok(Some(run)) = journal.find(id) {
-            say(&format!("evidence report of run {id}"));
-            println!("{}", crate::report::markdown(&crate::report::Report::from_run(&run)));
+    if let Some(run) = second
+        .runs
+        .last()
+        .and_then(|(id, _, _)| journal.find(id).ok().flatten())
+    {
+        if let Some(w) = crate::report::Report::from_run(&run).data_loss_window {
+            say(&format!(
+                "data-loss window of the restore: {:.3}s (writes committed between the checkpoint and the restore are not in the restored database; the report says where they are kept)",
+                w.seconds
+            ));
         }
     }
-    say("report files:");
-    for (id, outcome, location) in first.runs.iter().chain(second.runs.iter()) {
-        println!("  {id}  {outcome:?}  {location}");
-    }
     if keep {
-        say(&format!("kept everything under {}", root.display()));
+        server.keep_files();
+        say("evidence reports (Markdown and JSON beside it; `backstop report RUN --state STATE` prints one):");
+        for (id, outcome, location) in first.runs.iter().chain(second.runs.iter()) {
+            println!("    {id}  {outcome:?}  {location}");
+        }
+        say(&format!(
+            "kept: the remote, state and reports under {}; the stopped PostgreSQL server (and the data directory the restore set aside) under {}",
+            root.display(),
+            server.root().display()
+        ));
     } else {
-        say("the demo folder is deleted on exit; `backstop demo --keep` keeps it");
+        say("the evidence reports, the remote and the server are deleted on exit; `backstop demo --keep` keeps them");
     }
     say("done: one migration promoted, one failure rolled back (code and data)");
     Ok(())
 }
 
-async fn pass(engine: &Engine) -> Result<PassReport, DemoError> {
+/// Prints a carrier's SQL and verify query as backstop reads them.
+fn show_migration((file, yaml): (&str, &str)) {
+    let snapshot = crate::manifests::Snapshot::from([(file.to_string(), yaml.as_bytes().to_vec())]);
+    let Ok(carriers) = crate::manifests::parse_file(&snapshot, file, yaml.as_bytes()) else {
+        return;
+    };
+    for c in carriers {
+        for st in &c.statements {
+            let sql = st.sql.trim().replace('\n', "\n        ");
+            println!("    {}:{}\n        {sql};", st.origin, st.line);
+        }
+        if let Some(v) = &c.verify {
+            println!("    verify: {}", v.trim());
+        }
+    }
+}
+
+async fn pass(engine: &Engine, state: &std::path::Path) -> Result<PassReport, DemoError> {
     say("backstop run --once");
-    engine.pass().await.map_err(|e| DemoError::Engine(Box::new(e)))
+    let report = engine.pass().await.map_err(|e| DemoError::Engine(Box::new(e)))?;
+    let journal = crate::journal::Journal::new(state);
+    let summary = crate::run::summary::PassSummary::of(&report, |id| journal.find(id).ok().flatten());
+    for line in summary.text().lines() {
+        println!("    {line}");
+    }
+    Ok(report)
 }
 
 fn expect(report: &PassReport, outcome: Outcome) -> Result<(), DemoError> {
     match report.runs.last() {
-        Some((id, got, _)) if *got == outcome => {
-            say(&format!("run {id}: {got:?}"));
-            Ok(())
-        }
+        Some((_, got, _)) if *got == outcome => Ok(()),
         other => Err(DemoError::Unexpected(format!(
             "expected a run that {outcome:?}, got {other:?}"
         ))),

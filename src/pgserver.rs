@@ -146,6 +146,12 @@ impl PgServer {
         self.root.path()
     }
 
+    /// Leaves the server's folder (data directory, WAL archive, anything
+    /// set aside beside them) on disk when dropped; the server still stops.
+    pub fn keep_files(&mut self) {
+        self.root.disable_cleanup(true);
+    }
+
     /// The port the server listens on.
     pub fn port(&self) -> u16 {
         self.port
