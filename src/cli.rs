@@ -1093,68 +1093,21 @@ async fn status(state: &std::path::Path, json: bool) -> anyhow::Result<u8> {
     let journal = Journal::new(state);
     let runs = journal.list().await.context("reading the journal")?;
     let gates = journal.gates().context("reading the gate status")?;
-    if json {
-        let list: Vec<serde_json::Value> = runs
+    let now = chrono::Utc::now();
+    let status = crate::status::Status {
+        gates,
+        runs: runs
             .iter()
             .map(|r| {
-                serde_json::json!({
-                    "id": r.id,
-                    "commit": r.commit.sha,
-                    "phase": r.phase.as_str(),
-                    "outcome": r.outcome(),
-                    "migrations": r.migrations.iter().map(|m| m.id.clone()).collect::<Vec<_>>(),
-                    "report": journal.run_dir(&r.id).join("report.md"),
-                    "failure": r.failure,
-                    "retry": r.retry,
-                })
+                let report = journal.run_dir(&r.id).join("report.md").display().to_string();
+                crate::status::RunLine::of(r, report, now)
             })
-            .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({"gates": gates, "runs": list}))?
-        );
-        return Ok(EXIT_OK);
-    }
-    for g in &gates {
-        let path = if g.path.is_empty() {
-            "(whole repository)"
-        } else {
-            g.path.as_str()
-        };
-        println!(
-            "path {path}: gate {} at {}, upstream {} at {} (checked {})",
-            g.gate_branch,
-            &g.gate[..g.gate.len().min(7)],
-            g.upstream_branch,
-            &g.upstream[..g.upstream.len().min(7)],
-            g.updated_at.format("%Y-%m-%d %H:%M:%S UTC")
-        );
-        match (&g.waiting, g.since) {
-            (Some(w), Some(since)) => println!("  waiting since {}: {w}", since.format("%Y-%m-%d %H:%M:%S UTC")),
-            (Some(w), None) => println!("  waiting: {w}"),
-            (None, _) if g.gate == g.upstream => println!("  up to date"),
-            (None, _) => println!("  not waiting"),
-        }
-    }
-    if runs.is_empty() {
-        println!("no runs in {}", state.display());
+            .collect(),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
     } else {
-        println!(
-            "{:<29} {:<8} {:<14} {:<11} migrations",
-            "RUN", "COMMIT", "PHASE", "OUTCOME"
-        );
-        for r in &runs {
-            let outcome = r.outcome().map(|o| format!("{o:?}")).unwrap_or_else(|| "-".into());
-            let ids: Vec<&str> = r.migrations.iter().map(|m| m.id.as_str()).collect();
-            println!(
-                "{:<29} {:<8} {:<14} {:<11} {}",
-                r.id,
-                r.commit.short(),
-                r.phase.as_str(),
-                outcome,
-                ids.join(",")
-            );
-        }
+        print!("{}", crate::status::text(&status, now, state));
     }
     Ok(EXIT_OK)
 }

@@ -21,6 +21,7 @@
 //! - [`forge`]: revert pull requests
 //! - [`datastore`]: moving a database between servers (lock, export, import, verify, unlock, rollback)
 //! - [`journal`], [`report`]: the local run store and the evidence report
+//! - [`status`]: gates, what they wait for, runs with age and duration
 //! - [`prune`]: retention on demand, and deleting what a restore set aside when a person says so
 //! - [`k8s`]: the controller: `MigrationRun` store, verified pause of Flux Kustomizations,
 //!   cluster side of a run, Job migrations, leader election, metrics and events
@@ -53,3 +54,4 @@ pub mod run;
 pub mod runner;
 pub mod sandbox;
 pub mod sql;
+pub mod status;

@@ -128,6 +128,27 @@ async fn failure_inside_one_transaction_reverts_on_upstream_without_restore() {
         report["remediation"].as_str().unwrap().contains("zero data loss"),
         "{report}"
     );
+    // `status` says what the gate waits for and since when, and each run's
+    // age and duration.
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args(["status", "--state"])
+        .arg(f.state())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&status.stdout);
+    let waiting = said
+        .lines()
+        .find(|l| l.trim_start().starts_with("waiting for "))
+        .unwrap_or_default();
+    assert!(waiting.contains("(since ") && waiting.contains("0002-broken"), "{said}");
+    assert!(said.contains("STARTED") && said.contains("TOOK"), "{said}");
+    let row = said.lines().find(|l| l.contains("RolledBack")).unwrap_or_default();
+    assert!(row.contains(" ago ") && row.contains("0002-broken"), "{said}");
+    let json = f.status();
+    let run = &json["runs"].as_array().unwrap().last().unwrap().clone();
+    assert!(run["finished_at"].is_string(), "{json}");
+    let took = run["duration_seconds"].as_f64().unwrap();
+    assert!(took > 0.0 && took < 600.0, "{json}");
     // The next pass fast-forwards the gate through the commit and its revert.
     let next = f.run(&["--revert", "commit"]).await;
     assert_eq!(next.status.code(), Some(0), "{}", text(&next));
