@@ -1034,27 +1034,38 @@ async fn run_local(args: RunArgs) -> anyhow::Result<u8> {
         }
     };
     let state = args.state.clone();
+    // Watching: what lasts from pass to pass (an error, the gate's wait) is
+    // said once with its time, then summarised when it changes or ends.
+    let mut repeats = crate::run::summary::Repeats::default();
     loop {
-        let code = match engine.pass().await {
+        let (code, lasting) = match engine.pass().await {
             Ok(report) => {
                 let journal = Journal::new(&state);
                 let summary = crate::run::summary::PassSummary::of(&report, |id| journal.find(id).ok().flatten());
-                match args.output {
-                    Format::Text => print!("{}", summary.text()),
-                    Format::Json => println!("{}", serde_json::to_string(&summary)?),
+                match (args.output, args.once) {
+                    (Format::Json, _) => println!("{}", serde_json::to_string(&summary)?),
+                    (Format::Text, true) => print!("{}", summary.text()),
+                    (Format::Text, false) => print!("{}", summary.runs_text()),
                 }
-                pass_exit_code(&report)
+                let waiting = report.waiting.as_ref().map(|w| format!("backstop: waiting: {w}"));
+                (pass_exit_code(&report), waiting)
             }
             Err(e) => {
-                eprintln!("backstop: {}", crate::run::chain(&e));
-                match e {
+                let code = match e {
                     EngineError::Git(_) => EXIT_BAD_INPUT,
                     EngineError::Gate(_) | EngineError::Store(_) => EXIT_NEEDS_PERSON,
-                }
+                };
+                (code, Some(format!("backstop: {}", crate::run::chain(&e))))
             }
         };
         if args.once {
+            if let Some(line) = lasting {
+                eprintln!("{line}");
+            }
             return Ok(code);
+        }
+        for line in repeats.see(lasting.as_deref(), chrono::Utc::now()) {
+            eprintln!("{line}");
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(args.interval)) => {}
@@ -1063,7 +1074,7 @@ async fn run_local(args: RunArgs) -> anyhow::Result<u8> {
     }
 }
 
-/// Prints what the gate waits for (to standard error); the exit code of the pass:
+/// The exit code of a pass:
 /// 0 nothing failed (also while a transient fault is retried), 1 a run was
 /// rolled back, 2 a commit is refused (bad input, plan, lint, approval),
 /// 3 a person must act (remediation failed, or a transient fault stalled),
@@ -1078,7 +1089,6 @@ pub fn pass_exit_code(report: &crate::run::PassReport) -> u8 {
         });
     }
     if let Some(w) = &report.waiting {
-        eprintln!("backstop: waiting: {w}");
         code = code.max(match w {
             _ if w.needs_person() => EXIT_NEEDS_PERSON,
             crate::gate::Wait::Refused { .. } => EXIT_BAD_INPUT,

@@ -339,3 +339,53 @@ async fn remote_given_as_a_file_url_works_like_a_path() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_eq!(f.gate(), c1);
 }
+
+#[tokio::test]
+async fn watching_says_a_lasting_wait_once_with_its_time_not_every_pass() {
+    let (f, _) = with_orders().await;
+    let refused = carrier("0002-drop")
+        .phase("expand")
+        .sql("001.sql", "DROP TABLE orders;");
+    f.commit_carrier(&refused, "drop orders in an expand");
+    let mut child = tokio::process::Command::new(bin())
+        .args(["run", "--path", "apps/shop", "--interval", "1", "--repo"])
+        .arg(f.remote.path())
+        .arg("--state")
+        .arg(f.state())
+        .arg("--pgdata")
+        .arg(f.server.data_dir())
+        .arg("--wal-archive")
+        .arg(f.server.archive())
+        .env(DB_VAR, f.server.url("shop"))
+        .env("BACKSTOP_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Four passes at least: each records when it checked the gate.
+    let mut seen = std::collections::BTreeSet::new();
+    wait_until("four passes", || {
+        let checked = f.status()["gates"][0]["updated_at"].to_string();
+        seen.insert(checked);
+        let passes = seen.len();
+        async move { passes > 4 }
+    })
+    .await;
+    child.start_kill().unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let waits: Vec<&str> = err.lines().filter(|l| l.contains("backstop: waiting:")).collect();
+    assert_eq!(waits.len(), 1, "said once:\n{err}");
+    assert!(err.contains("0002-drop.yaml"), "{err}");
+    let stamp = waits[0].split(' ').next().unwrap();
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(stamp).is_ok(),
+        "begins with its time: {err}"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !stdout.contains("waits:"),
+        "the wait is not repeated on stdout either: {stdout}"
+    );
+}

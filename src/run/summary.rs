@@ -2,6 +2,7 @@
 //! ended, what it ran, its outcome, where the gate went, the revert it made,
 //! and the one next step a person must take (or that none is needed).
 
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::{Outcome, PassReport, RunRecord};
@@ -158,9 +159,108 @@ impl PassSummary {
             let _ = writeln!(s, "  report: {}", r.report);
             let _ = writeln!(s, "  next: {}", r.next);
         }
-        if let Some(w) = &self.waiting {
-            let _ = writeln!(s, "gate {} waits: {w}", short(&self.gate));
+        if let Some(w) = self.waiting_line() {
+            let _ = writeln!(s, "{w}");
         }
         s
+    }
+
+    /// The runs' part of [`text`](Self::text), without the waiting line.
+    pub fn runs_text(&self) -> String {
+        PassSummary {
+            waiting: None,
+            ..self.clone()
+        }
+        .text()
+    }
+
+    /// `gate <sha> waits: <why>`, when it waits.
+    pub fn waiting_line(&self) -> Option<String> {
+        let w = self.waiting.as_ref()?;
+        Some(format!("gate {} waits: {w}", short(&self.gate)))
+    }
+}
+
+/// What a watching `backstop run` says about a condition that lasts: said
+/// once with its time, then not again while it holds; when it changes or
+/// ends, how long it lasted and how many passes saw it. An hourly reminder
+/// keeps a long one from going quiet in the log.
+#[derive(Debug, Default)]
+pub struct Repeats {
+    current: Option<(String, DateTime<Utc>, u64)>,
+    reminded: Option<DateTime<Utc>>,
+}
+
+/// How often a condition that lasts is said again.
+const REMIND_EVERY: chrono::TimeDelta = chrono::TimeDelta::hours(1);
+
+impl Repeats {
+    /// Lines to print for this pass, which saw `message` (or nothing when
+    /// `None`: the condition ended).
+    pub fn see(&mut self, message: Option<&str>, now: DateTime<Utc>) -> Vec<String> {
+        let stamp = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let mut out = Vec::new();
+        if let Some((last, since, count)) = &mut self.current {
+            if Some(last.as_str()) == message {
+                *count += 1;
+                let due = self.reminded.unwrap_or(*since) + REMIND_EVERY;
+                if now >= due {
+                    out.push(format!(
+                        "{} still ({} passes since {}): {last}",
+                        stamp(now),
+                        count,
+                        stamp(*since)
+                    ));
+                    self.reminded = Some(now);
+                }
+                return out;
+            }
+            if *count > 1 {
+                out.push(format!(
+                    "{} ended after {} passes since {}: {last}",
+                    stamp(now),
+                    count,
+                    stamp(*since)
+                ));
+            }
+        }
+        self.current = message.map(|m| (m.to_string(), now, 1));
+        self.reminded = None;
+        if let Some(m) = message {
+            out.push(format!("{} {m}", stamp(now)));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lasting_condition_is_said_once_then_summarised_when_it_changes() {
+        let t0: DateTime<Utc> = "2026-12-04T10:00:00Z".parse().unwrap();
+        let at = |m: i64| t0 + chrono::TimeDelta::minutes(m);
+        let mut r = Repeats::default();
+        assert_eq!(r.see(Some("db down"), at(0)), vec!["2026-12-04T10:00:00Z db down"]);
+        for m in 1..10 {
+            assert!(r.see(Some("db down"), at(m)).is_empty(), "said once");
+        }
+        assert_eq!(
+            r.see(Some("gate waits"), at(10)),
+            vec![
+                "2026-12-04T10:10:00Z ended after 10 passes since 2026-12-04T10:00:00Z: db down",
+                "2026-12-04T10:10:00Z gate waits"
+            ]
+        );
+        // An hour on, a reminder; then quiet again.
+        assert!(r.see(Some("gate waits"), at(69)).is_empty());
+        assert_eq!(r.see(Some("gate waits"), at(70)).len(), 1);
+        assert!(r.see(Some("gate waits"), at(71)).is_empty());
+        // Said once and gone: nothing to summarise.
+        let mut once = Repeats::default();
+        once.see(Some("x"), at(0));
+        assert!(once.see(None, at(1)).is_empty());
+        assert!(once.see(None, at(2)).is_empty());
     }
 }
