@@ -156,6 +156,19 @@ pub enum Soak {
     NotApplicable,
 }
 
+/// What the soak of a contract's expand was when the contract was planned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SoakEvidence {
+    /// The contract migration.
+    pub migration: String,
+    /// The expand it waited for, and when that finished.
+    pub expand: String,
+    pub applied_at: DateTime<Utc>,
+    /// How long the expand had been applied when the contract was planned.
+    pub soaked_seconds: u64,
+    pub required_seconds: u64,
+}
+
 /// The verdict on one migration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Verdict {
@@ -167,6 +180,9 @@ pub struct Verdict {
     pub reasons: Vec<String>,
     /// What allows it, or what is still checked at run time.
     pub notes: Vec<String>,
+    /// A contract's soak, as history showed it.
+    #[serde(default)]
+    pub soak: Option<SoakEvidence>,
 }
 
 /// Inputs of the gate for one migration.
@@ -184,6 +200,7 @@ pub fn evaluate(input: &GateInput<'_>) -> Verdict {
     let c = input.carrier;
     let mut reasons = Vec::new();
     let mut notes = Vec::new();
+    let mut soak_evidence = None;
     let destructive = lint::has_destructive_or_incompatible(input.findings);
     if matches!(c.phase, Phase::Expand | Phase::Migrate) {
         for f in input
@@ -249,6 +266,13 @@ pub fn evaluate(input: &GateInput<'_>) -> Verdict {
             )),
             Soak::ExpandAppliedAt { id, at } => {
                 let soaked = (input.now - *at).to_std().unwrap_or_default();
+                soak_evidence = Some(SoakEvidence {
+                    migration: c.id.clone(),
+                    expand: id.clone(),
+                    applied_at: *at,
+                    soaked_seconds: soaked.as_secs(),
+                    required_seconds: soak.as_secs(),
+                });
                 if soaked < soak {
                     reasons.push(format!(
                         "expand {id} was applied {} ago; the contract waits until it soaked {}",
@@ -267,6 +291,7 @@ pub fn evaluate(input: &GateInput<'_>) -> Verdict {
         needs_approval,
         reasons,
         notes,
+        soak: soak_evidence,
     }
 }
 

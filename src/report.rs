@@ -24,6 +24,40 @@ pub struct MigrationEvidence {
     pub timeout_seconds: u64,
 }
 
+/// The statement a migration failed at, and the error.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FailedStatement {
+    pub migration: String,
+    /// `file#data-key` (or `file`) and the 1-based line the statement starts at.
+    pub origin: String,
+    pub line: usize,
+    pub sql: String,
+    pub error: String,
+    /// Statements that completed before it, of all.
+    pub done: usize,
+    pub total: usize,
+}
+
+impl FailedStatement {
+    /// The statement the failed migration outcome points at, if any.
+    fn of(run: &RunRecord) -> Option<Self> {
+        run.migrate_results.iter().find_map(|(id, o)| {
+            let error = o.error.clone()?;
+            let m = run.migrations.iter().find(|m| &m.id == id)?;
+            let st = m.statements.get(o.statements_done)?;
+            Some(FailedStatement {
+                migration: id.clone(),
+                origin: st.origin.clone(),
+                line: st.line,
+                sql: st.sql.trim().to_string(),
+                error,
+                done: o.statements_done,
+                total: o.statements_total,
+            })
+        })
+    }
+}
+
 /// The report.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
@@ -48,12 +82,18 @@ pub struct Report {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub facts: Vec<String>,
     pub approvals: Vec<String>,
+    /// The soak of each contract's expand when the run was planned.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub soak: Vec<crate::policy::SoakEvidence>,
     pub checkpoint: Option<CheckpointRecord>,
     pub recovery_point: Option<RecoveryPoint>,
     pub steps: Vec<Step>,
     pub verify: Vec<(String, bool, String)>,
     pub health: Vec<String>,
     pub failure: Option<String>,
+    /// The statement a migration failed at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_statement: Option<FailedStatement>,
     pub remediation: Option<String>,
     pub restore: Option<RestoreRecord>,
     pub revert: Option<RevertRecord>,
@@ -147,6 +187,7 @@ impl Report {
             findings: run.findings.clone(),
             facts: run.facts.clone(),
             approvals: run.approvals.clone(),
+            soak: run.soak.clone(),
             checkpoint: run.checkpoint.clone(),
             recovery_point: run.recovery_point.clone(),
             steps: run.steps.clone(),
@@ -162,6 +203,7 @@ impl Report {
                 .map(|s| s.detail.clone())
                 .collect(),
             failure: run.failure.as_ref().map(|f| format!("{} in {}", f.message, f.phase)),
+            failed_statement: FailedStatement::of(run),
             remediation: run.restore_decision.clone(),
             restore: run.restore.clone(),
             revert: run.revert.clone(),
@@ -251,6 +293,17 @@ pub fn markdown(r: &Report) -> String {
             short(&m.checksum)
         );
     }
+    for k in &r.soak {
+        let _ = writeln!(
+            s,
+            "\nSoak: contract {} waited for expand {}, applied {}: it had soaked {} when this run was planned (needs {}).",
+            k.migration,
+            k.expand,
+            k.applied_at.to_rfc3339(),
+            crate::status::span(k.soaked_seconds as f64),
+            crate::status::span(k.required_seconds as f64)
+        );
+    }
     if !r.already_applied.is_empty() {
         let _ = writeln!(s, "\nAlready applied (skipped): {}", r.already_applied.join(", "));
     }
@@ -338,6 +391,14 @@ pub fn markdown(r: &Report) -> String {
         let _ = writeln!(s, "\n## Verify\n");
         for (id, passed, detail) in &r.verify {
             let _ = writeln!(s, "- {id}: {} ({detail})", if *passed { "passed" } else { "FAILED" });
+            if let Some(q) = r
+                .migrations
+                .iter()
+                .find(|m| &m.id == id)
+                .and_then(|m| m.verify.as_ref())
+            {
+                let _ = writeln!(s, "\n  ```sql\n{}\n  ```", indent(q.trim(), "  "));
+            }
         }
     }
     if !r.health.is_empty() {
@@ -345,6 +406,20 @@ pub fn markdown(r: &Report) -> String {
         for h in &r.health {
             let _ = writeln!(s, "- {h}");
         }
+    }
+    if let Some(f) = &r.failed_statement {
+        let _ = writeln!(
+            s,
+            "\n## Failed statement\n\n{} failed at `{}:{}` (statement {} of {}; the {} before it completed):\n\n```sql\n{}\n```\n\n```text\n{}\n```",
+            f.migration,
+            f.origin,
+            f.line,
+            f.done + 1,
+            f.total,
+            f.done,
+            f.sql,
+            f.error
+        );
     }
     if r.failure.is_some() || r.remediation.is_some() || r.revert.is_some() {
         let _ = writeln!(s, "\n## Remediation\n");
@@ -402,6 +477,14 @@ pub fn markdown(r: &Report) -> String {
         let _ = writeln!(s, "- {c}");
     }
     s
+}
+
+/// `text` with `prefix` before each line.
+fn indent(text: &str, prefix: &str) -> String {
+    text.lines()
+        .map(|l| format!("{prefix}{l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn short(sha: &str) -> &str {

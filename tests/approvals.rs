@@ -201,6 +201,18 @@ async fn valid_approval_runs_the_contract_after_a_restore_drill() {
     assert_eq!(qty_column(&f).await, 0, "column dropped");
     let report = f.reports().pop().unwrap();
     assert_eq!(report["outcome"], "Succeeded");
+    // The soak the contract relied on is evidence in the report.
+    let soak = &report["soak"][0];
+    assert_eq!(soak["migration"], "0002-drop-qty", "{report}");
+    assert_eq!(soak["expand"], "0001-orders", "{report}");
+    assert_eq!(soak["required_seconds"], 1, "{report}");
+    assert!(soak["soaked_seconds"].as_u64().unwrap() >= 1, "{report}");
+    let run = report["run"].as_str().unwrap();
+    let md = std::fs::read_to_string(f.state().join("runs").join(run).join("report.md")).unwrap();
+    assert!(
+        md.contains("Soak: contract 0002-drop-qty waited for expand 0001-orders, applied "),
+        "{md}"
+    );
     let drill = report["checkpoint"]["restore_drill"].as_str().unwrap();
     assert!(
         drill.starts_with("passed: a copy restored from the checkpoint started and answered")

@@ -128,6 +128,33 @@ async fn failure_inside_one_transaction_reverts_on_upstream_without_restore() {
         report["remediation"].as_str().unwrap().contains("zero data loss"),
         "{report}"
     );
+    // The failing statement, where it is written, and its error.
+    let failed = &report["failed_statement"];
+    assert_eq!(
+        failed["origin"], "apps/shop/migrations/0002-broken.yaml#002.sql",
+        "{report}"
+    );
+    assert_eq!(failed["sql"], "INSERT INTO no_such_table VALUES (1)", "{report}");
+    assert_eq!(
+        (failed["done"].as_u64(), failed["total"].as_u64()),
+        (Some(2), Some(3)),
+        "{report}"
+    );
+    assert!(failed["error"].as_str().unwrap().contains("no_such_table"), "{report}");
+    let md = std::fs::read_to_string(
+        f.state()
+            .join("runs")
+            .join(report["run"].as_str().unwrap())
+            .join("report.md"),
+    )
+    .unwrap();
+    let line = failed["line"].as_u64().unwrap();
+    assert!(
+        md.contains(&format!(
+            "0002-broken failed at `apps/shop/migrations/0002-broken.yaml#002.sql:{line}` (statement 3 of 3"
+        )),
+        "{md}"
+    );
     // `status` says what the gate waits for and since when, and each run's
     // age and duration.
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
@@ -286,6 +313,18 @@ async fn failed_verify_after_commit_restores_by_pitr_and_reverts() {
     assert!(
         report["restore"]["target"].as_str().unwrap().starts_with("lsn "),
         "{report}"
+    );
+    let md = std::fs::read_to_string(
+        f.state()
+            .join("runs")
+            .join(report["run"].as_str().unwrap())
+            .join("report.md"),
+    )
+    .unwrap();
+    // The verify query and what it returned.
+    assert!(
+        md.contains("FAILED (verify returned 1 row(s); first column: f)\n\n  ```sql\n  SELECT count(*) = 0 FROM orders WHERE total IS NULL\n  ```"),
+        "{md}"
     );
 }
 

@@ -563,6 +563,7 @@ impl Engine {
                 .iter()
                 .flat_map(|v| v.notes.iter().filter(|n| n.starts_with("approved by")).cloned())
                 .collect(),
+            soak: prepared.verdicts.iter().filter_map(|v| v.soak.clone()).collect(),
             needs_drill: prepared.needs_drill(),
             phase: Phase::Pending,
             steps: Vec::new(),

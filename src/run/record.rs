@@ -160,6 +160,9 @@ pub struct RunRecord {
     /// Approvals that allowed the run (`approver (source)`).
     #[serde(default)]
     pub approvals: Vec<String>,
+    /// The soak of each contract's expand when the run was planned.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub soak: Vec<crate::policy::SoakEvidence>,
     /// A restore drill must pass before the migration runs (approved runs).
     #[serde(default)]
     pub needs_drill: bool,

@@ -77,6 +77,7 @@ impl Build {
                 findings: Vec::new(),
                 facts: Vec::new(),
                 approvals: Vec::new(),
+                soak: Vec::new(),
                 needs_drill: false,
                 phase: Phase::Pending,
                 steps: Vec::new(),
