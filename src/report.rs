@@ -127,10 +127,13 @@ impl Report {
                 (Some(c), None) => c.completed_at,
                 (None, None) => r.started_at,
             };
+            // It ends when the old server stopped taking writes (when the
+            // backend knows it), not when the restore began.
+            let to = r.writes_stopped_at.unwrap_or(r.started_at);
             DataLossWindow {
                 from,
-                to: r.started_at,
-                seconds: (r.started_at - from).num_milliseconds() as f64 / 1000.0,
+                to,
+                seconds: (to - from).num_milliseconds() as f64 / 1000.0,
             }
         });
         let timeout = run.migrations.first().map(|m| m.timeout.as_secs()).unwrap_or(0);
@@ -448,6 +451,9 @@ pub fn markdown(r: &Report) -> String {
                     w.to.to_rfc3339(),
                     w.seconds
                 );
+                if let Some(rs) = &r.restore {
+                    scope(&mut s, rs, r.checkpoint.as_ref().map(|c| c.backend.as_str()));
+                }
             }
             None => {
                 let _ = writeln!(s, "- data-loss window: none (no restore)");
@@ -477,6 +483,47 @@ pub fn markdown(r: &Report) -> String {
         let _ = writeln!(s, "- {c}");
     }
     s
+}
+
+/// What the restore took back, and how to read what it discarded.
+fn scope(s: &mut String, rs: &RestoreRecord, backend: Option<&str>) {
+    use std::fmt::Write;
+    let whole = matches!(backend, Some("local" | "pgbackrest" | "cnpg"));
+    match (whole, rs.databases.as_slice()) {
+        (true, []) => {
+            let _ = writeln!(
+                s,
+                "- scope: the whole server went back (every database on it), not only this run's"
+            );
+        }
+        (true, dbs) => {
+            let _ = writeln!(
+                s,
+                "- scope: the whole server went back, all {} of its databases: {}",
+                dbs.len(),
+                dbs.join(", ")
+            );
+        }
+        (false, dbs) if !dbs.is_empty() => {
+            let _ = writeln!(s, "- scope: only database {} went back", dbs.join(", "));
+        }
+        _ => {}
+    }
+    if let Some(stopped) = rs.writes_stopped_at {
+        let _ = writeln!(
+            s,
+            "- the old server took writes until {} (stopped {:.3}s after the restore began)",
+            stopped.to_rfc3339(),
+            (stopped - rs.started_at).num_milliseconds() as f64 / 1000.0
+        );
+    }
+    if let Some(l) = &rs.lost_commits {
+        let _ = writeln!(
+            s,
+            "- transactions lost: {} committed after the recovery point (WAL {} to {}, timeline {}; the migration's own are among them). List them with `{}`, or start a server on a copy of `{}` and read the rows",
+            l.count, l.from_lsn, l.to_lsn, l.timeline, l.command, rs.kept
+        );
+    }
 }
 
 /// `text` with `prefix` before each line.

@@ -458,6 +458,9 @@ impl Checkpoint for CnpgBackend {
             target: format!("targetTime {target_time} from WAL archive serverName {old_server}"),
             kept: format!("the old Cluster's backups and WAL under serverName {old_server}; the new Cluster archives as {new_server}{held}"),
             manifest_patch: Some(ManifestPatch { kind: "Cluster".into(), namespace: ns.clone(), name: name.clone(), merge, hold }),
+            databases: Vec::new(),
+            writes_stopped_at: None,
+            lost_commits: None,
         })
     }
 }

@@ -134,6 +134,9 @@ impl Checkpoint for DumpBackend {
                     target: format!("dump taken at {}", checkpoint.completed_at.to_rfc3339()),
                     kept: format!("database {kept}"),
                     manifest_patch: None,
+                    databases: vec![name.clone()],
+                    writes_stopped_at: None,
+                    lost_commits: None,
                 });
             }
             if finished {
@@ -192,6 +195,9 @@ impl Checkpoint for DumpBackend {
             target: format!("dump taken at {}", checkpoint.completed_at.to_rfc3339()),
             kept: format!("database {kept}"),
             manifest_patch: None,
+            databases: vec![name.clone()],
+            writes_stopped_at: None,
+            lost_commits: None,
         })
     }
 

@@ -24,6 +24,7 @@ mod catalog;
 pub use catalog::unused_bases;
 mod drill;
 mod restore;
+mod window;
 
 pub(crate) use restore::pause_point;
 

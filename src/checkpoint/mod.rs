@@ -133,6 +133,30 @@ pub struct RestoreRecord {
     /// recreated CNPG Cluster); it goes into the revert.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest_patch: Option<ManifestPatch>,
+    /// What went back with it: every database of a server a PITR rewound,
+    /// or the one database a dump restored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub databases: Vec<String>,
+    /// When the old server stopped taking writes: the data-loss window ends
+    /// here, not when the restore began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writes_stopped_at: Option<DateTime<Utc>>,
+    /// Transactions that committed after the recovery point, counted in the WAL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_commits: Option<LostCommits>,
+}
+
+/// The transactions a restore discarded, as the WAL records them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LostCommits {
+    /// COMMIT records between the recovery point and the end of the old WAL
+    /// (the migration's own transactions among them).
+    pub count: u64,
+    pub from_lsn: String,
+    pub to_lsn: String,
+    pub timeline: u32,
+    /// The command that lists them.
+    pub command: String,
 }
 
 /// A JSON merge patch for one object's manifest in the repository.

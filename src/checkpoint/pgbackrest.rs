@@ -361,6 +361,9 @@ impl Checkpoint for PgBackRestBackend {
             target: format!("lsn {} from pgBackRest backup {set}", target.lsn),
             kept,
             manifest_patch: None,
+            databases: Vec::new(),
+            writes_stopped_at: None,
+            lost_commits: None,
         })
     }
 

@@ -69,6 +69,9 @@ impl LocalBackend {
             target: target_text.clone(),
             kept: kept.display().to_string(),
             manifest_patch: None,
+            databases: Vec::new(),
+            writes_stopped_at: None,
+            lost_commits: None,
         };
         if kept.exists() && marker.exists() {
             // Resumed after the restored server was started: it may be live.
@@ -81,6 +84,8 @@ impl LocalBackend {
             self.server().clear_recovery_settings(db).await?;
             return Ok(record(started_at));
         }
+        // Measured only by the attempt that stops the old server.
+        let (mut databases, mut writes_stopped_at, mut lost_commits) = (Vec::new(), None, None);
         let owner = if kept.exists() {
             // Resumed before the restored server ever started: the data directory
             // holds only files this restore extracted.
@@ -107,6 +112,7 @@ impl LocalBackend {
                 std::fs::remove_file(&marker).map_err(Self::io("remove an old restore marker", &marker))?;
             }
             let owner = pgbin::owner_of(&self.pgdata).map_err(Self::tool("inspecting the data directory"))?;
+            databases = self.databases(db).await;
             self.flush_wal(db, target).await;
             tracing::debug!("restore: the target's WAL is archived; stopping the server");
             let pgdata = self.pgdata.to_string_lossy().into_owned();
@@ -119,9 +125,20 @@ impl LocalBackend {
                     )
                     .await?;
             }
+            writes_stopped_at = Some(Utc::now());
             tokio::fs::rename(&self.pgdata, &kept)
                 .await
                 .map_err(Self::io("keep the old data directory", &kept))?;
+            if !target.lsn.is_empty() {
+                let scratch = self.store.join(run_id).join("wal-window");
+                match self.lost_commits(&kept, &target.lsn, &scratch).await {
+                    Ok(lost) => lost_commits = Some(lost),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not count the transactions of the data-loss window in the WAL")
+                    }
+                }
+                let _ = std::fs::remove_dir_all(&scratch);
+            }
             owner
         };
 
@@ -150,7 +167,12 @@ impl LocalBackend {
         tracing::debug!("restore: the restored server is promoted");
         pause_point("restored-server-promoted").await;
         self.server().clear_recovery_settings(db).await?;
-        Ok(record(started_at))
+        Ok(RestoreRecord {
+            databases,
+            writes_stopped_at,
+            lost_commits,
+            ..record(started_at)
+        })
     }
 
     /// Builds the new data directory from the base backup and recovers it to

@@ -206,6 +206,9 @@ fn ok(action: &Action, run: &RunRecord) -> Observation {
             target: "lsn 0/16B3748".into(),
             kept: "/backups/before-restore".into(),
             manifest_patch: None,
+            databases: Vec::new(),
+            writes_stopped_at: None,
+            lost_commits: None,
         })),
         Action::RevertGate => O::GateReverted(Ok("gaterevert00".into())),
         Action::Revert => O::Reverted(Ok(RevertRecord {
