@@ -348,6 +348,7 @@ pub async fn export(db: &Database, dir: &Path, bindir: &Path, jobs: u32, progres
         })
     };
     let child = cmd.spawn().map_err(spawn)?;
+    let _progress = crate::progress::Progress::bytes_of("export: pg_dump", partial.clone(), None);
     let mut wait = Box::pin(child.wait_with_output());
     let out = loop {
         tokio::select! {

@@ -26,6 +26,7 @@
 //! - [`k8s`]: the controller: `MigrationRun` store, verified pause of Flux Kustomizations,
 //!   cluster side of a run, Job migrations, leader election, metrics and events
 //! - [`local`], [`demo`], [`cli`]: wiring for the command line
+//! - [`progress`]: bars and spinners for long work, on a terminal only
 //! - [`db`], [`pgbin`], [`pgserver`], [`sandbox`]: connections, PostgreSQL programs,
 //!   throwaway servers and git remotes (demo, tests, benchmarks)
 
@@ -48,6 +49,7 @@ pub mod pgbin;
 pub mod pgserver;
 pub mod plan;
 pub mod policy;
+pub mod progress;
 pub mod prune;
 pub mod report;
 pub mod run;

@@ -55,6 +55,7 @@ impl Checkpoint for DumpBackend {
         let started_at = Utc::now();
         let mut cmd = crate::checkpoint::program(&self.bindir, "pg_dump", None)?;
         cmd.envs(db.libpq_env()).args(["-Fc", "--no-password", "-f"]).arg(&file);
+        let _progress = crate::progress::Progress::bytes_of("checkpoint: pg_dump", file.clone(), None);
         pgbin::run(cmd, "pg_dump")
             .await
             .map_err(|source| CheckpointError::Tool {
@@ -167,12 +168,14 @@ impl Checkpoint for DumpBackend {
         cmd.envs(db.sibling("postgres").libpq_env())
             .args(["--create", "--exit-on-error", "--no-password", "-d", "postgres"])
             .arg(&checkpoint.location);
+        let progress = crate::progress::Progress::spinner(&format!("restore: pg_restore of {}", db.dbname()));
         pgbin::run(cmd, "pg_restore")
             .await
             .map_err(|source| CheckpointError::Tool {
                 step: format!("pg_restore into {}", db.describe()),
                 source,
             })?;
+        drop(progress);
         // From now on the restored database is live: a resumed restore keeps it.
         if let Some(dir) = restored.parent() {
             std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Io {

@@ -188,7 +188,10 @@ pub async fn import(db: &Database, file: &Path, bindir: &Path, opts: ImportOptio
         cmd.arg("--no-privileges");
     }
     cmd.arg(file);
-    if let Err(source) = pgbin::run(cmd, "pg_restore").await {
+    let progress = crate::progress::Progress::spinner(&format!("import: pg_restore into {}", db.dbname()));
+    let restored = pgbin::run(cmd, "pg_restore").await;
+    drop(progress);
+    if let Err(source) = restored {
         // Parallel workers commit as they go: drop whatever exists now that
         // did not before, then the intent. If that fails too, the intent
         // stays and `rollback` finishes the job.

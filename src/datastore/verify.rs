@@ -229,8 +229,10 @@ pub async fn verify(source: &Database, target: &Database) -> Result<Vec<TableDif
     let (s, t) = tokio::try_join!(source.connect(), target.connect())?;
     let (st, tt) = tokio::try_join!(tables(source, &s), tables(target, &t))?;
     let names: BTreeSet<&String> = st.keys().chain(tt.keys()).collect();
+    let progress = crate::progress::Progress::items("verify", names.len() as u64, "tables");
     let mut out = Vec::new();
     for name in names {
+        progress.inc();
         let (Some(a), Some(b)) = (st.get(name), tt.get(name)) else {
             out.push(one_sided(source, &s, target, &t, name, st.contains_key(name)).await?);
             continue;

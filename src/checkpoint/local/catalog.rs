@@ -120,9 +120,11 @@ impl LocalBackend {
             .arg(&partial)
             .args(["-Ft", "-X", "stream", "-c", "fast", "--no-password", "-l"])
             .arg(format!("backstop {label}"));
+        let progress = crate::progress::Progress::bytes_of("base backup", partial.clone(), None);
         pgbin::run(cmd, "pg_basebackup")
             .await
             .map_err(Self::tool(format!("pg_basebackup of {}", db.describe())))?;
+        drop(progress);
         let (timeline, start_lsn) = manifest_start(&partial.join("backup_manifest"))?;
         let base = BaseBackup {
             label: label.clone(),

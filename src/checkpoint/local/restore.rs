@@ -193,7 +193,13 @@ impl LocalBackend {
         std::fs::create_dir(&self.pgdata).map_err(Self::io("create data directory", &self.pgdata))?;
         set_mode_0700(&self.pgdata).map_err(Self::io("set data directory mode", &self.pgdata))?;
         tracing::debug!(base = %base.display(), "restore: extracting the base backup");
+        let progress = crate::progress::Progress::bytes_of(
+            "restore: extracting the base backup",
+            self.pgdata.clone(),
+            std::fs::metadata(base.join("base.tar")).ok().map(|m| m.len()),
+        );
         untar(&base.join("base.tar"), &self.pgdata).await?;
+        drop(progress);
         let wal = self.pgdata.join("pg_wal");
         tokio::fs::create_dir_all(&wal)
             .await
@@ -224,6 +230,7 @@ impl LocalBackend {
             .map_err(Self::io("record that the restored server starts", &marker))?;
         self.server().start(owner, "starting the restored server").await?;
         tracing::debug!("restore: the restored server started; waiting for the end of recovery");
+        let _progress = crate::progress::Progress::spinner(&format!("restore: replaying WAL to {}", target.lsn));
         self.server().await_promotion(db).await
     }
 
