@@ -309,7 +309,9 @@ pub struct PauseArgs {
     /// Who holds the pause (recorded in backstop.dev/suspended-by).
     #[arg(long, env = "BACKSTOP_OWNER", default_value = "cli")]
     pub owner: String,
-    /// Seconds to wait for kustomize-controller to confirm the pause.
+    /// Seconds to wait for kustomize-controller to confirm: for `lock`, that
+    /// it saw the suspension (no apply is in flight); for `unlock`, that it
+    /// reconciled the resumed Kustomization.
     #[arg(long, env = "BACKSTOP_TIMEOUT", default_value_t = 60)]
     pub timeout: u64,
 }
@@ -376,8 +378,10 @@ pub enum DatastoreStep {
         #[arg(long, env = "BACKSTOP_NO_PRIVILEGES")]
         no_privileges: bool,
     },
-    /// Compare every table: row counts and content checksums computed in the
-    /// databases, chunked in primary-key order. Exit 1 when they differ.
+    /// Compare every table: its row count and the sum of a 64-bit hash of
+    /// every row, computed in each database at once; only a table whose sums
+    /// differ is read in key-hash buckets to name the rows. Exit 1 when any
+    /// table differs.
     Verify {
         /// The source database: a libpq URL (`postgresql://user@host:port/db`,
         /// with `sslmode=...` as libpq reads it). Prefer the variable when it
@@ -479,7 +483,9 @@ pub struct RunArgs {
     /// Branch Flux follows; only backstop moves it, only forward.
     #[arg(long, env = "BACKSTOP_GATE", default_value = "backstop/gate")]
     pub gate: String,
-    /// Folder of the repo to guard (a Kustomization's spec.path); default: all.
+    /// Folder of the repo to guard, relative to its root (a Kustomization's
+    /// spec.path, e.g. `apps/shop`); carriers and manifests outside it do not
+    /// hold its gate. Default: the whole repository.
     #[arg(long, env = "BACKSTOP_PATH", default_value = "")]
     pub path: String,
     /// What `backstop.dev/checkpoint: backup` means: `local` (base backup + WAL
@@ -502,8 +508,12 @@ pub struct RunArgs {
     pub pgbackrest_config: Option<PathBuf>,
     #[command(flatten)]
     pub base_backup: BasePolicyArgs,
-    /// How to revert code on failure; overrides the carriers' backstop.dev/revert.
-    #[arg(long, env = "BACKSTOP_REVERT", value_parser = parse_revert)]
+    /// How to revert code on failure, for every carrier (overrides their
+    /// backstop.dev/revert): `commit` pushes a revert commit to the upstream
+    /// branch; `pull-request` pushes a revert branch and opens a pull request
+    /// on --forge (with --forge none, the branch only, for a person to open).
+    /// Default: each carrier's annotation, `pull-request` when it has none.
+    #[arg(long, env = "BACKSTOP_REVERT", value_parser = parse_revert, value_name = "commit|pull-request")]
     pub revert: Option<RevertMode>,
     /// State directory: journal, checkpoints, runs/<id>/report.{md,json}.
     #[arg(long, env = "BACKSTOP_STATE", default_value = ".backstop")]
@@ -1014,6 +1024,10 @@ async fn run_local(args: RunArgs) -> anyhow::Result<u8> {
             max: Duration::from_secs(args.retry_max.max(args.retry_backoff)),
         },
     };
+    if let Err(e) = local::check_repo(&opts.repo) {
+        eprintln!("backstop: {e}");
+        return Ok(EXIT_BAD_INPUT);
+    }
     // One process per state directory, for its whole life.
     let _state_lock = match crate::owner::StateLock::acquire(&opts.state) {
         Ok(lock) => lock,

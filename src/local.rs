@@ -105,10 +105,34 @@ pub enum LocalError {
     Forge(#[from] ForgeError),
     #[error(transparent)]
     Owner(#[from] crate::owner::OwnerError),
+    #[error(
+        "--repo {repo}: no such directory, and not a URL git can fetch (https://, ssh://, file://, or user@host:path)"
+    )]
+    NoRepo { repo: String },
+}
+
+/// Refuses a `--repo` that is neither a URL nor an existing path: a
+/// mistyped path is said as such (git would call it an unsupported URL
+/// protocol), before anything is created.
+pub fn check_repo(repo: &str) -> Result<(), LocalError> {
+    if !is_url(repo) && !std::path::Path::new(repo).exists() {
+        return Err(LocalError::NoRepo { repo: repo.to_string() });
+    }
+    Ok(())
+}
+
+/// Whether `repo` is written as a URL (`scheme://`, or scp-like
+/// `[user@]host:path`) rather than a path on this machine.
+fn is_url(repo: &str) -> bool {
+    repo.contains("://")
+        || repo
+            .split_once(':')
+            .is_some_and(|(host, _)| !host.is_empty() && !host.contains('/'))
 }
 
 /// Builds the engine for local mode.
 pub async fn engine(opts: &LocalOptions) -> Result<Engine, LocalError> {
+    check_repo(&opts.repo)?;
     std::fs::create_dir_all(&opts.state).map_err(|source| LocalError::State {
         path: opts.state.clone(),
         source,

@@ -176,6 +176,29 @@ async fn unreachable_remote_is_a_configuration_error_naming_the_url() {
 }
 
 #[tokio::test]
+async fn a_mistyped_repository_path_is_named_as_a_missing_directory_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let missing = dir.path().join("no-such-sre.git");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args(["run", "--once", "--repo"])
+        .arg(&missing)
+        .arg("--state")
+        .arg(&state)
+        .output()
+        .await
+        .unwrap();
+    let text = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains(&format!("--repo {}: no such directory", missing.display())),
+        "{text}"
+    );
+    assert!(!text.contains("unsupported URL protocol"), "{text}");
+    assert!(!state.exists(), "nothing created for a refused repository");
+}
+
+#[tokio::test]
 async fn pgdata_of_another_server_than_the_url_is_refused_before_any_checkpoint() {
     let f = Fixture::new().await;
     let other = backstop::pgserver::PgServer::start().await.expect("second server");
