@@ -86,7 +86,7 @@ async fn main() -> Res<()> {
                     };
                     datastore::lock(&s, "source", "bench", "bench", &[]).await?;
                     let lock = lap();
-                    datastore::export(&s, &out, &bindir, 2, |_| {}).await?;
+                    datastore::export(&s, &out, &bindir, 2).await?;
                     let export = lap();
                     let opts = ImportOptions {
                         jobs: 2,

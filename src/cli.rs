@@ -844,16 +844,7 @@ async fn datastore(step: DatastoreStep) -> anyhow::Result<u8> {
                     step: "finding pg_dump".into(),
                     source: e,
                 })?;
-                let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-                let progress = |bytes: u64| {
-                    if tty {
-                        eprint!("\rexporting: {:.1} MB written", bytes as f64 / 1048576.0);
-                    }
-                };
-                let done = ds::export(&ds::database(&source, "source")?, &file, &bindir, jobs, progress).await?;
-                if tty {
-                    eprintln!();
-                }
+                let done = ds::export(&ds::database(&source, "source")?, &file, &bindir, jobs).await?;
                 println!("{done}");
             }
             DatastoreStep::Import {

@@ -10,7 +10,6 @@
 //! and says what it found.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::Serialize;
 use tokio_postgres::Client;
@@ -91,6 +90,7 @@ const USER_SCHEMAS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema'
 /// Builds a connectable database from a URL given on the command line.
 pub fn database(url: &str, side: &'static str) -> Result<Database> {
     Database::from_url(DatabaseRef::Url { var: side.to_string() }, url, None)
+        .map(|db| db.labelled(side))
         .map_err(|source| DatastoreError::Url { side, source })
 }
 
@@ -295,8 +295,8 @@ pub async fn unlock(db: &Database, force: bool) -> Result<String> {
 /// and zlib would make the export ten times slower for a smaller dump that
 /// is deleted after the move. The dump is written to `<dir>.partial` and
 /// renamed when complete, so a killed export never leaves a directory that
-/// looks like a dump. `progress` gets bytes written so far.
-pub async fn export(db: &Database, dir: &Path, bindir: &Path, jobs: u32, progress: impl Fn(u64)) -> Result<String> {
+/// looks like a dump. Progress (bytes written, rate) is drawn on a terminal.
+pub async fn export(db: &Database, dir: &Path, bindir: &Path, jobs: u32) -> Result<String> {
     let client = db.connect().await?;
     match lock_record(db, &client).await? {
         Some(rec) if rec.locked => {}
@@ -348,15 +348,9 @@ pub async fn export(db: &Database, dir: &Path, bindir: &Path, jobs: u32, progres
         })
     };
     let child = cmd.spawn().map_err(spawn)?;
-    let _progress = crate::progress::Progress::bytes_of("export: pg_dump", partial.clone(), None);
-    let mut wait = Box::pin(child.wait_with_output());
-    let out = loop {
-        tokio::select! {
-            out = &mut wait => break out,
-            _ = tokio::time::sleep(Duration::from_millis(250)) => progress(dir_size(&partial)),
-        }
-    };
-    let out = out.map_err(spawn)?;
+    let progress = crate::progress::Progress::bytes_of("export: pg_dump", partial.clone(), None);
+    let out = child.wait_with_output().await.map_err(spawn)?;
+    drop(progress);
     if !out.status.success() {
         let _ = std::fs::remove_dir_all(&partial);
         return Err(tool(PgBinError::Failed {
@@ -394,7 +388,6 @@ pub async fn export(db: &Database, dir: &Path, bindir: &Path, jobs: u32, progres
         .await
         .map_err(q(db, "recording the export"))?;
     let size = dir_size(dir);
-    progress(size);
     Ok(format!(
         "exported {} to {} ({size} bytes, pg_dump directory format)",
         db.describe(),

@@ -33,6 +33,9 @@ pub struct Database {
     pub reference: DatabaseRef,
     config: tokio_postgres::Config,
     tls: Tls,
+    /// What messages call it instead of the reference (`source`, `target`
+    /// for a datastore move, whose URLs come from flags, not a carrier).
+    label: Option<&'static str>,
 }
 
 impl std::fmt::Debug for Database {
@@ -57,7 +60,12 @@ impl Database {
         if let Some(name) = database_name {
             config.dbname(name);
         }
-        Ok(Self { reference, config, tls })
+        Ok(Self {
+            reference,
+            config,
+            tls,
+            label: None,
+        })
     }
 
     /// Resolves `url:VAR` from the environment. Other references need a cluster.
@@ -69,6 +77,12 @@ impl Database {
         };
         let url = std::env::var(var).map_err(|_| DbError::MissingVar { var: var.clone() })?;
         Self::from_url(reference.clone(), &url, database_name)
+    }
+
+    /// The same database, called `label` in messages.
+    pub fn labelled(mut self, label: &'static str) -> Self {
+        self.label = Some(label);
+        self
     }
 
     /// The database name inside the server.
@@ -86,7 +100,10 @@ impl Database {
             .unwrap_or_else(|| "localhost".into());
         let port = self.config.get_ports().first().copied().unwrap_or(5432);
         let user = self.config.get_user().unwrap_or("");
-        format!("{} ({user}@{host}:{port}/{})", self.reference, self.dbname())
+        match self.label {
+            Some(label) => format!("{label} ({user}@{host}:{port}/{})", self.dbname()),
+            None => format!("{} ({user}@{host}:{port}/{})", self.reference, self.dbname()),
+        }
     }
 
     /// Opens a connection; the connection task runs on the runtime.
@@ -144,6 +161,7 @@ impl Database {
             reference: self.reference.clone(),
             config,
             tls: self.tls.clone(),
+            label: self.label,
         }
     }
 
@@ -163,6 +181,7 @@ impl Database {
             reference: self.reference.clone(),
             config,
             tls: Tls::default(),
+            label: self.label,
         }
     }
 
