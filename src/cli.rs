@@ -251,8 +251,10 @@ pub enum Command {
         #[arg(long, env = "BACKSTOP_STATE", default_value = ".backstop")]
         state: PathBuf,
         /// Checkpoints of the newest this many ended runs are kept (0: all).
-        #[arg(long, env = "BACKSTOP_KEEP_CHECKPOINTS", default_value_t = 5)]
-        keep_checkpoints: usize,
+        /// Default 5, as `run`; with --set-aside and no --keep-checkpoints,
+        /// only the named set-aside data is deleted.
+        #[arg(long, env = "BACKSTOP_KEEP_CHECKPOINTS")]
+        keep_checkpoints: Option<usize>,
         /// List what would be deleted and what is kept, and why; delete nothing.
         #[arg(long)]
         dry_run: bool,
@@ -544,10 +546,11 @@ pub struct RunArgs {
     /// Longest wait between retries, in seconds.
     #[arg(long, env = "BACKSTOP_RETRY_MAX", default_value_t = 600)]
     pub retry_max: u64,
-    /// Checkpoints (base backups, dumps, and data directories a restore set
-    /// aside) of the newest this many ended runs are kept; older ones are
-    /// deleted after each pass. Never deleted: an open run's, or a failed
-    /// run's until `backstop ack`. 0 keeps everything.
+    /// Checkpoints (dumps, and base backups no kept run relies on) of the
+    /// newest this many ended runs are kept; older ones are deleted after
+    /// each pass. Never deleted: an open run's, a failed run's until
+    /// `backstop ack`, and the data directory a restore set aside (only
+    /// `backstop prune --set-aside RUN` deletes it). 0 keeps everything.
     #[arg(long, env = "BACKSTOP_KEEP_CHECKPOINTS", default_value_t = 5)]
     pub keep_checkpoints: usize,
     /// Forge that revert pull requests are opened on (`none`: push the branch only).
@@ -648,9 +651,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             by,
             output,
         } => {
+            let keep = match (keep_checkpoints, set_aside.is_empty()) {
+                (Some(k), _) => Some(k),
+                (None, true) => Some(5),
+                (None, false) => None,
+            };
             let opts = crate::prune::PruneOptions {
                 state,
-                keep: keep_checkpoints,
+                keep,
                 dry_run,
                 set_aside,
                 by,
@@ -1052,7 +1060,10 @@ async fn run_local(args: RunArgs) -> anyhow::Result<u8> {
                     (Format::Text, true) => print!("{}", summary.text()),
                     (Format::Text, false) => print!("{}", summary.runs_text()),
                 }
-                let waiting = report.waiting.as_ref().map(|w| format!("backstop: waiting: {w}"));
+                let waiting = report
+                    .waiting
+                    .as_ref()
+                    .map(|w| (crate::run::wait_subject(w), format!("backstop: waiting: {w}")));
                 (pass_exit_code(&report), waiting)
             }
             Err(e) => {
@@ -1060,16 +1071,18 @@ async fn run_local(args: RunArgs) -> anyhow::Result<u8> {
                     EngineError::Git(_) => EXIT_BAD_INPUT,
                     EngineError::Gate(_) | EngineError::Store(_) => EXIT_NEEDS_PERSON,
                 };
-                (code, Some(format!("backstop: {}", crate::run::chain(&e))))
+                let text = format!("backstop: {}", crate::run::chain(&e));
+                (code, Some((text.clone(), text)))
             }
         };
         if args.once {
-            if let Some(line) = lasting {
+            if let Some((_, line)) = lasting {
                 eprintln!("{line}");
             }
             return Ok(code);
         }
-        for line in repeats.see(lasting.as_deref(), chrono::Utc::now()) {
+        let seen = lasting.as_ref().map(|(k, t)| (k.as_str(), t.as_str()));
+        for line in repeats.see_keyed(seen, chrono::Utc::now()) {
             eprintln!("{line}");
         }
         tokio::select! {
@@ -1171,14 +1184,16 @@ fn print_report(state: &std::path::Path, id: &str, json: bool) -> anyhow::Result
 }
 
 async fn prune(opts: &crate::prune::PruneOptions, output: Format) -> anyhow::Result<u8> {
-    // A dry run reads; deleting needs the state to itself.
-    let _lock = if opts.dry_run {
+    // A dry run reads, and so does deleting only what a person named (no
+    // pass touches set-aside data; the record of it needs no lock):
+    // deleting checkpoints needs the state to itself.
+    let _lock = if opts.dry_run || opts.keep.is_none() {
         None
     } else {
         match crate::owner::StateLock::acquire(&opts.state) {
             Ok(lock) => Some(lock),
             Err(e @ crate::owner::OwnerError::StateBusy { .. }) => {
-                eprintln!("backstop: {e}; its passes apply retention themselves (see `backstop prune --dry-run`)");
+                eprintln!("backstop: {e}; its passes apply checkpoint retention themselves (see `backstop prune --dry-run`; `--set-aside RUN` alone needs no lock)");
                 return Ok(EXIT_BUSY);
             }
             Err(e) => {

@@ -269,6 +269,16 @@ impl RunStore for Journal {
         }
     }
 
+    async fn write_file(&self, run: &RunRecord, name: &str, bytes: &[u8]) -> Result<Option<String>, StoreError> {
+        let path = self.run_dir(&run.id).join(name);
+        write_atomic(&path, bytes).map_err(|e| StoreError {
+            action: "write a file of the run",
+            run: run.id.clone(),
+            source: e.into(),
+        })?;
+        Ok(Some(path.display().to_string()))
+    }
+
     async fn write_report(&self, run: &RunRecord, report: &Report) -> Result<String, StoreError> {
         let dir = self.run_dir(&run.id);
         let err = |e: std::io::Error| StoreError {

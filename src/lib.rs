@@ -16,6 +16,7 @@
 //!   executor driving the traits below ([`run::exec`]), durable through a [`run::RunStore`]
 //! - [`checkpoint`]: backends that checkpoint and restore ([`checkpoint::local`] PITR,
 //!   [`checkpoint::dump`], [`checkpoint::cnpg`] Backups and Cluster recovery)
+//! - [`capture`]: the writes a restore discards, read from a logical slot, and `replay`
 //! - [`runner`]: migration runners and the history table
 //! - [`cluster`]: lock / health / database resolution ([`cluster::LocalCluster`] in local mode)
 //! - [`forge`]: revert pull requests
@@ -30,6 +31,7 @@
 //! - [`db`], [`pgbin`], [`pgserver`], [`sandbox`]: connections, PostgreSQL programs,
 //!   throwaway servers and git remotes (demo, tests, benchmarks)
 
+pub mod capture;
 pub mod checkpoint;
 pub mod cli;
 pub mod cluster;

@@ -37,6 +37,12 @@ pub struct PgServer {
 impl PgServer {
     /// initdb + start on a free loopback port, `archive_mode = on` archiving to [`archive`](Self::archive).
     pub async fn start() -> Result<Self, PgServerError> {
+        Self::start_with("").await
+    }
+
+    /// [`start`](Self::start) with `settings` (postgresql.conf lines, e.g.
+    /// `wal_level = logical`) after the defaults.
+    pub async fn start_with(settings: &str) -> Result<Self, PgServerError> {
         let bindir = pgbin::bindir()?;
         let root = tempfile::Builder::new()
             .prefix("backstop-pg-")
@@ -82,7 +88,8 @@ impl PgServer {
              max_wal_senders = 4\nfsync = off\nsynchronous_commit = off\nfull_page_writes = on\nlog_min_messages = warning\n",
             sock = root.path().display(),
             arch = archive.display(),
-        );
+        ) + settings
+            + "\n";
         append(&data.join("postgresql.conf"), &conf).map_err(io)?;
         let mut server = Self {
             root,

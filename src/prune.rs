@@ -25,8 +25,9 @@ use crate::run::{Acknowledged, RunRecord, RunStore, StoreError};
 #[derive(Debug, Clone)]
 pub struct PruneOptions {
     pub state: PathBuf,
-    /// Checkpoints of the newest this many ended runs are kept (0: all).
-    pub keep: usize,
+    /// Checkpoints of the newest this many ended runs are kept (0: all);
+    /// None: no checkpoint retention (only `set_aside`).
+    pub keep: Option<usize>,
     /// List, delete nothing.
     pub dry_run: bool,
     /// Runs (id, id prefix or commit prefix) whose set-aside data a person
@@ -70,7 +71,7 @@ impl What {
 #[derive(Debug, Clone, Serialize)]
 pub struct PruneReport {
     pub dry_run: bool,
-    pub keep: usize,
+    pub keep: Option<usize>,
     pub deleted: Vec<Item>,
     pub kept: Vec<Item>,
     pub freed_bytes: u64,
@@ -85,6 +86,12 @@ pub enum PruneError {
     #[error("delete {what} {path}")]
     Delete {
         what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading which base backups runs rely on in {path}")]
+    Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -116,10 +123,12 @@ pub async fn prune(opts: &PruneOptions) -> Result<PruneReport, PruneError> {
         freed_bytes: 0,
     };
     let mut going = HashSet::new();
-    for (run, verdict) in retention::verdicts(&runs, opts.keep) {
+    for (run, verdict) in opts.keep.map(|k| retention::verdicts(&runs, k)).unwrap_or_default() {
+        let keep = opts.keep.unwrap_or_default();
         let dir = store.join(&run.id);
-        // A backend that keeps nothing here (a CNPG Backup) is not ours to prune.
-        if verdict == Verdict::AlreadyDeleted || !dir.exists() {
+        // A backend that keeps nothing here (a CNPG Backup) is not ours to
+        // prune, and an id that is not one backstop gives names no folder.
+        if verdict == Verdict::AlreadyDeleted || !crate::checkpoint::is_run_id(&run.id) || !dir.is_dir() {
             continue;
         }
         let item = Item {
@@ -127,7 +136,7 @@ pub async fn prune(opts: &PruneOptions) -> Result<PruneReport, PruneError> {
             run: Some(run.id.clone()),
             path: dir.display().to_string(),
             bytes: tree_size(&dir),
-            why: verdict.why(opts.keep),
+            why: verdict.why(keep),
         };
         if verdict == Verdict::Delete {
             going.insert(run.id.clone());
@@ -136,14 +145,28 @@ pub async fn prune(opts: &PruneOptions) -> Result<PruneReport, PruneError> {
             report.kept.push(item);
         }
     }
-    for (dir, label) in crate::checkpoint::local::unused_bases(&store, &going) {
-        report.deleted.push(Item {
-            what: What::BaseBackup,
-            run: None,
-            bytes: tree_size(&dir),
-            path: dir.display().to_string(),
-            why: format!("{label}: not the newest, and no kept run relies on it"),
-        });
+    // Base backups only with retention on; a base the journal says a kept
+    // run's checkpoint relies on stays even if its marker file is gone.
+    if opts.keep.is_some_and(|k| k > 0) {
+        let also_used: HashSet<String> = runs
+            .iter()
+            .filter(|r| !going.contains(&r.id) && !r.checkpoint_pruned)
+            .filter_map(|r| r.checkpoint.as_ref()?.base.as_ref().map(|b| b.base.label.clone()))
+            .collect();
+        let unused =
+            crate::checkpoint::local::unused_bases(&store, &going, &also_used).map_err(|source| PruneError::Read {
+                path: store.clone(),
+                source,
+            })?;
+        for (dir, label) in unused {
+            report.deleted.push(Item {
+                what: What::BaseBackup,
+                run: None,
+                bytes: tree_size(&dir),
+                path: dir.display().to_string(),
+                why: format!("{label}: not the newest, and no kept run relies on it"),
+            });
+        }
     }
     for run in &runs {
         let Some(path) = set_aside_dir(run) else { continue };
@@ -161,8 +184,14 @@ pub async fn prune(opts: &PruneOptions) -> Result<PruneReport, PruneError> {
             item.why = format!("{} asked for it", opts.by);
             report.deleted.push(item);
         } else {
-            item.why
-                .push_str(&format!("; `backstop prune --set-aside {}` deletes it", run.id));
+            if !run.phase.is_terminal() {
+                item.why.push_str("; the run is not over");
+            } else if run.awaits_person() {
+                item.why.push_str("; the run waits for `backstop ack` first");
+            } else {
+                item.why
+                    .push_str(&format!("; `backstop prune --set-aside {}` deletes it", run.id));
+            }
             report.kept.push(item);
         }
     }
@@ -186,6 +215,16 @@ async fn delete(
     for what in order {
         for item in report.deleted.iter().filter(|i| i.what == what) {
             let path = PathBuf::from(&item.path);
+            // Checked again right before: a person may have started a server
+            // on it to read the lost writes since the listing.
+            if what == What::SetAside {
+                if let Some(pid) = live_postmaster(&path) {
+                    return Err(PruneError::Refused(format!(
+                        "a server (pid {pid}) now runs on {}: stop it first",
+                        path.display()
+                    )));
+                }
+            }
             remove_tree(path.clone()).await.map_err(|source| PruneError::Delete {
                 what: what.as_str(),
                 path,
@@ -227,7 +266,7 @@ async fn delete(
 /// names one: an absolute path whose name is `<pgdata>.backstop-<run id>`
 /// (anything else in a record is never deleted).
 fn set_aside_dir(run: &RunRecord) -> Option<PathBuf> {
-    if run.checkpoint.as_ref()?.backend != "local" {
+    if run.checkpoint.as_ref()?.backend != "local" || !crate::checkpoint::is_run_id(&run.id) {
         return None;
     }
     let path = PathBuf::from(&run.restore.as_ref()?.kept);
@@ -282,11 +321,16 @@ fn set_aside_of(journal: &Journal, name: &str) -> Result<(RunRecord, PathBuf), P
     Ok((run, path))
 }
 
-/// The pid of a running server whose data directory is `dir`.
-fn live_postmaster(dir: &Path) -> Option<u32> {
+/// The pid of a running server whose data directory is `dir` (a process
+/// with the pid its `postmaster.pid` names is alive: `kill(pid, 0)`).
+fn live_postmaster(dir: &Path) -> Option<i32> {
     let text = std::fs::read_to_string(dir.join("postmaster.pid")).ok()?;
-    let pid: u32 = text.lines().next()?.trim().parse().ok()?;
-    Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+    let alive = match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+        Ok(()) => true,
+        Err(e) => e == nix::errno::Errno::EPERM,
+    };
+    (pid > 0 && alive).then_some(pid)
 }
 
 /// The text rendering.

@@ -36,6 +36,9 @@ pub struct FailedStatement {
     /// Statements that completed before it, of all.
     pub done: usize,
     pub total: usize,
+    /// They ran in one transaction, which PostgreSQL rolled back.
+    #[serde(default)]
+    pub rolled_back: bool,
 }
 
 impl FailedStatement {
@@ -44,7 +47,9 @@ impl FailedStatement {
         run.migrate_results.iter().find_map(|(id, o)| {
             let error = o.error.clone()?;
             let m = run.migrations.iter().find(|m| &m.id == id)?;
-            let st = m.statements.get(o.statements_done)?;
+            // Only a statement the runner saw fail: not an interrupted run
+            // (unknown how far it got) nor a checksum refusal.
+            let st = m.statements.get(o.failed_at?)?;
             Some(FailedStatement {
                 migration: id.clone(),
                 origin: st.origin.clone(),
@@ -53,6 +58,7 @@ impl FailedStatement {
                 error,
                 done: o.statements_done,
                 total: o.statements_total,
+                rolled_back: o.transactional,
             })
         })
     }
@@ -114,6 +120,12 @@ pub struct DataLossWindow {
     pub from: DateTime<Utc>,
     pub to: DateTime<Utc>,
     pub seconds: f64,
+    /// The application's transactions and rows committed in it, when the
+    /// run captured them ([`crate::capture`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transactions: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<usize>,
 }
 
 impl Report {
@@ -130,10 +142,16 @@ impl Report {
             // It ends when the old server stopped taking writes (when the
             // backend knows it), not when the restore began.
             let to = r.writes_stopped_at.unwrap_or(r.started_at);
+            let kept = match &r.lost_writes {
+                Some(crate::capture::Captured::Kept(w)) => Some(w),
+                _ => None,
+            };
             DataLossWindow {
                 from,
                 to,
                 seconds: (to - from).num_milliseconds() as f64 / 1000.0,
+                transactions: kept.map(|w| w.transactions),
+                rows: kept.map(|w| w.rows.values().flat_map(|ops| ops.values()).sum()),
             }
         });
         let timeout = run.migrations.first().map(|m| m.timeout.as_secs()).unwrap_or(0);
@@ -233,7 +251,15 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(s, "**Outcome: {}** ({verdict})\n", r.outcome);
     if let Some(next) = &r.next_steps {
         let _ = writeln!(s, "## Next steps\n\n{next}\n");
+        let local = r.checkpoint.as_ref().is_some_and(|c| c.backend == "local");
         match (&r.restore, &r.set_aside_deleted) {
+            (Some(restore), None) if !local => {
+                let _ = writeln!(
+                    s,
+                    "What the restore replaced is kept: {}. backstop never deletes it; remove it yourself once nobody needs those writes.\n",
+                    restore.kept
+                );
+            }
             (Some(restore), None) => {
                 let _ = writeln!(
                     s,
@@ -363,6 +389,18 @@ pub fn markdown(r: &Report) -> String {
     }
     if let Some(p) = &r.recovery_point {
         let _ = writeln!(s, "- recovery point: {} (LSN {})", p.time.to_rfc3339(), p.lsn);
+        match &p.capture {
+            Some(crate::capture::Capture::Slot { name, start_lsn }) => {
+                let _ = writeln!(
+                    s,
+                    "- writes after it are captured: logical slot `{name}` from LSN {start_lsn} (dropped when the run ends)"
+                );
+            }
+            Some(crate::capture::Capture::Unavailable { why }) => {
+                let _ = writeln!(s, "- writes after it are not captured: {why}");
+            }
+            None => {}
+        }
     }
 
     if let Some(chart) = timeline(r) {
@@ -413,13 +451,17 @@ pub fn markdown(r: &Report) -> String {
     if let Some(f) = &r.failed_statement {
         let _ = writeln!(
             s,
-            "\n## Failed statement\n\n{} failed at `{}:{}` (statement {} of {}; the {} before it completed):\n\n```sql\n{}\n```\n\n```text\n{}\n```",
+            "\n## Failed statement\n\n{} failed at `{}:{}` (statement {} of {}; {}):\n\n```sql\n{}\n```\n\n```text\n{}\n```",
             f.migration,
             f.origin,
             f.line,
             f.done + 1,
             f.total,
-            f.done,
+            if f.rolled_back {
+                format!("the {} before it ran in the same transaction, which PostgreSQL rolled back", f.done)
+            } else {
+                format!("the {} before it were committed", f.done)
+            },
             f.sql,
             f.error
         );
@@ -446,13 +488,18 @@ pub fn markdown(r: &Report) -> String {
             Some(w) => {
                 let _ = writeln!(
                     s,
-                    "- data-loss window: writes from {} to {} ({:.3}s) are not in the restored database",
+                    "- data-loss window: writes from {} to {} ({:.3}s) are not in the restored database{}",
                     w.from.to_rfc3339(),
                     w.to.to_rfc3339(),
-                    w.seconds
+                    w.seconds,
+                    match (w.transactions, w.rows) {
+                        (Some(t), Some(n)) =>
+                            format!(": {t} transactions of the application, {n} rows (kept, see below)"),
+                        _ => String::new(),
+                    }
                 );
                 if let Some(rs) = &r.restore {
-                    scope(&mut s, rs, r.checkpoint.as_ref().map(|c| c.backend.as_str()));
+                    scope(&mut s, rs, r.checkpoint.as_ref().map(|c| c.backend.as_str()), &r.run);
                 }
             }
             None => {
@@ -486,7 +533,7 @@ pub fn markdown(r: &Report) -> String {
 }
 
 /// What the restore took back, and how to read what it discarded.
-fn scope(s: &mut String, rs: &RestoreRecord, backend: Option<&str>) {
+fn scope(s: &mut String, rs: &RestoreRecord, backend: Option<&str>, run: &str) {
     use std::fmt::Write;
     let whole = matches!(backend, Some("local" | "pgbackrest" | "cnpg"));
     match (whole, rs.databases.as_slice()) {
@@ -517,7 +564,33 @@ fn scope(s: &mut String, rs: &RestoreRecord, backend: Option<&str>) {
             (stopped - rs.started_at).num_milliseconds() as f64 / 1000.0
         );
     }
-    if let Some(l) = &rs.lost_commits {
+    match &rs.lost_writes {
+        Some(crate::capture::Captured::Kept(w)) => {
+            let rows: Vec<String> = w
+                .rows
+                .iter()
+                .flat_map(|(t, ops)| ops.iter().map(move |(op, n)| format!("{t} {op} {n}")))
+                .collect();
+            let _ = writeln!(
+                s,
+                "- writes kept: {} transactions of the application ({}), committed {} to {}; the migration's own {} left out. {}`backstop replay {}` puts back those that touch no migrated table, stopping at the first conflict",
+                w.transactions,
+                if rows.is_empty() { "no rows".to_string() } else { rows.join(", ") },
+                w.first_commit.as_deref().unwrap_or("-"),
+                w.last_commit.as_deref().unwrap_or("-"),
+                w.own_left_out,
+                w.file.as_deref().map(|f| format!("They are in `{f}`; ")).unwrap_or_default(),
+                run
+            );
+        }
+        Some(crate::capture::Captured::NotKept { why }) => {
+            let _ = writeln!(s, "- writes not kept: {why}");
+        }
+        None => {}
+    }
+    if let Some(why) = rs.lost_commits.as_ref().and_then(|l| l.not_counted.as_ref()) {
+        let _ = writeln!(s, "- transactions lost: not counted ({why})");
+    } else if let Some(l) = &rs.lost_commits {
         let _ = writeln!(
             s,
             "- transactions lost: {} committed after the recovery point (WAL {} to {}, timeline {}; the migration's own are among them). List them with `{}`, or start a server on a copy of `{}` and read the rows",

@@ -61,6 +61,14 @@ pub struct MigrateOutcome {
     /// when a single transaction failed (PostgreSQL rolled it back).
     pub committed: bool,
     pub duration_ms: u64,
+    /// Transaction ids (32-bit, as WAL decoding shows them) of what the
+    /// migration committed: its writes are not lost writes of a restore.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub own_xids: Vec<u32>,
+    /// Index of the statement that failed or was cut off (None: the failure
+    /// was not a statement's, or nothing is known of which one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_at: Option<usize>,
 }
 
 /// What a verify query returned.
@@ -335,6 +343,7 @@ impl Runner for SqlRunner {
         Ok(RecoveryPoint {
             time: row.get(0),
             lsn: row.get(1),
+            capture: None,
         })
     }
 
@@ -404,6 +413,8 @@ impl Runner for SqlRunner {
                 }),
                 committed: same,
                 duration_ms: started.elapsed().as_millis() as u64,
+                own_xids: Vec::new(),
+                failed_at: None,
             });
         }
         let timeout_ms = m.timeout.as_millis().to_string();
@@ -415,6 +426,8 @@ impl Runner for SqlRunner {
         let transactional = m.statements.iter().all(|s| s.transactional);
         let total = m.statements.len();
         let mut done = 0usize;
+        let mut own_xids: Vec<u32> = Vec::new();
+        let mut running: Option<usize> = None;
         let phase = m.phase.as_str();
         let history = |success: bool| {
             let client = &client;
@@ -436,11 +449,23 @@ impl Runner for SqlRunner {
             for s in &m.statements {
                 let span = tracing::debug_span!("statement", origin = %s.origin, line = s.line);
                 let _g = span.enter();
-                client.batch_execute(&s.sql).await?;
+                running = Some(done);
+                if !transactional && s.transactional {
+                    // Its own transaction, as autocommit would run it, so that
+                    // its xid is known (carriers hold no transaction control).
+                    client.batch_execute("BEGIN").await?;
+                    client.batch_execute(&s.sql).await?;
+                    own_xids.push(current_xid(&client).await?);
+                    client.batch_execute("COMMIT").await?;
+                } else {
+                    client.batch_execute(&s.sql).await?;
+                }
                 done += 1;
+                running = None;
             }
             history(true).await?;
             if transactional {
+                own_xids.push(current_xid(&client).await?);
                 client.batch_execute("COMMIT").await?;
             }
             Ok::<(), tokio_postgres::Error>(())
@@ -462,6 +487,7 @@ impl Runner for SqlRunner {
             }
         }
         let _ = client.query_one("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY]).await;
+        let failed_at = error.as_ref().and(running);
         Ok(MigrateOutcome {
             transactional,
             statements_done: done,
@@ -469,6 +495,8 @@ impl Runner for SqlRunner {
             committed: error.is_none() || !transactional,
             error,
             duration_ms: started.elapsed().as_millis() as u64,
+            own_xids,
+            failed_at,
         })
     }
 
@@ -518,4 +546,12 @@ impl Runner for SqlRunner {
         };
         Ok(VerifyOutcome { passed, detail })
     }
+}
+
+/// The 32-bit id (as WAL decoding shows it) of the transaction open on `client`.
+async fn current_xid(client: &tokio_postgres::Client) -> Result<u32, tokio_postgres::Error> {
+    let row = client
+        .query_one("SELECT (txid_current() % 4294967296)::bigint", &[])
+        .await?;
+    Ok(row.get::<_, i64>(0) as u32)
 }

@@ -254,7 +254,11 @@ async fn assert_restored(f: &Fixture, c1: &str, schema: &str) {
     let run = report["run"].as_str().unwrap();
     let md = std::fs::read_to_string(f.state().join("runs").join(run).join("report.md")).unwrap();
     assert!(md.contains("## Next steps\n\nthe revert commit "), "{md}");
-    assert!(md.contains("The state from before the restore is kept at `"), "{md}");
+    assert!(
+        md.contains("The state from before the restore is kept at `")
+            || md.contains("What the restore replaced is kept: database "),
+        "{md}"
+    );
     assert_timeline(&md);
 }
 

@@ -217,22 +217,34 @@ async fn prune_deletes_old_checkpoints_keeps_the_set_aside_data_until_named_and_
     assert!(f.state().exists());
     std::fs::write(&entry, original).unwrap();
 
-    // Named by a person: the set-aside data goes, and the report says who and when.
-    let (out, done) = prune(
-        &f,
-        &[
-            "--keep-checkpoints",
-            "1",
-            "--set-aside",
-            &failed_run,
-            "--by",
-            "alice",
-            "-o",
-            "json",
-        ],
-    );
+    // A hostile journal entry (an id of "..", oldest of all) names no folder
+    // to delete.
+    let mut evil = edited_copy(&f, &good_run);
+    evil["id"] = serde_json::json!("..");
+    evil["created_at"] = serde_json::json!("2000-01-01T00:00:00Z");
+    evil["checkpoint_pruned"] = serde_json::json!(false);
+    std::fs::write(
+        f.state().join("journal").join("evil.json"),
+        serde_json::to_vec(&evil).unwrap(),
+    )
+    .unwrap();
+    let (out, done) = prune(&f, &["--keep-checkpoints", "1", "-o", "json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(f.state().join("journal").exists(), "the state survives: {done:#}");
+    assert_eq!(f.checkpoints(), 1);
+    std::fs::remove_file(f.state().join("journal").join("evil.json")).unwrap();
+
+    // Named by a person (and nothing else asked): only the set-aside data
+    // goes, checkpoints stay, and the report says who and when.
+    let (out, done) = prune(&f, &["--set-aside", &failed_run, "--by", "alice", "-o", "json"]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(items(&done, "deleted", "set-aside").len(), 1, "{done:#}");
+    assert_eq!(
+        done["deleted"].as_array().unwrap().len(),
+        1,
+        "only the named data: {done:#}"
+    );
+    assert_eq!(f.checkpoints(), 1);
     assert_eq!(f.kept_data_dirs(), 0);
     let md = std::fs::read_to_string(f.state().join("runs").join(&failed_run).join("report.md")).unwrap();
     assert!(md.contains("was deleted by alice"), "{md}");
@@ -241,4 +253,9 @@ async fn prune_deletes_old_checkpoints_keeps_the_set_aside_data_until_named_and_
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("already gone"), "{}", text(&out));
     assert_eq!(f.checkpoints(), 1);
+}
+
+/// A run's journal entry, parsed.
+fn edited_copy(f: &Fixture, run: &str) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(f.state().join("journal").join(format!("{run}.json"))).unwrap()).unwrap()
 }

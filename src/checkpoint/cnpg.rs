@@ -461,6 +461,7 @@ impl Checkpoint for CnpgBackend {
             databases: Vec::new(),
             writes_stopped_at: None,
             lost_commits: None,
+            lost_writes: None,
         })
     }
 }

@@ -138,6 +138,7 @@ impl Checkpoint for DumpBackend {
                     databases: vec![name.clone()],
                     writes_stopped_at: None,
                     lost_commits: None,
+                    lost_writes: None,
                 });
             }
             if finished {
@@ -201,6 +202,7 @@ impl Checkpoint for DumpBackend {
             databases: vec![name.clone()],
             writes_stopped_at: None,
             lost_commits: None,
+            lost_writes: None,
         })
     }
 

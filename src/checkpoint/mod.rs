@@ -118,6 +118,10 @@ pub struct RecoveryPoint {
     pub time: DateTime<Utc>,
     /// `pg_current_wal_insert_lsn()` at that time.
     pub lsn: String,
+    /// The logical slot that captures the writes after it, or why none
+    /// ([`crate::capture`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<crate::capture::Capture>,
 }
 
 /// What a restore did.
@@ -144,6 +148,10 @@ pub struct RestoreRecord {
     /// Transactions that committed after the recovery point, counted in the WAL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lost_commits: Option<LostCommits>,
+    /// The writes themselves, read from the run's logical slot before the
+    /// restore ([`crate::capture`]), or why they were not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_writes: Option<crate::capture::Captured>,
 }
 
 /// The transactions a restore discarded, as the WAL records them.
@@ -157,6 +165,23 @@ pub struct LostCommits {
     pub timeline: u32,
     /// The command that lists them.
     pub command: String,
+    /// Why they could not be counted (then `count` means nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_counted: Option<String>,
+}
+
+impl LostCommits {
+    /// The record of a count that failed, and why.
+    pub fn not_counted(why: String) -> Self {
+        LostCommits {
+            count: 0,
+            from_lsn: String::new(),
+            to_lsn: String::new(),
+            timeline: 0,
+            command: String::new(),
+            not_counted: Some(why),
+        }
+    }
 }
 
 /// A JSON merge patch for one object's manifest in the repository.
@@ -243,9 +268,33 @@ impl Checkpoint for Unavailable {
     }
 }
 
+/// Whether `id` has the shape backstop gives run ids (`YYYYMMDD-HHMMSSmmm-
+/// <commit>`): a journal entry edited by hand or hostile must never make a
+/// deletion reach outside the run's own folder (`..`, `/`, empty).
+pub fn is_run_id(id: &str) -> bool {
+    let mut parts = id.splitn(3, '-');
+    let (Some(day), Some(time), Some(commit)) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    day.len() == 8
+        && day.bytes().all(|b| b.is_ascii_digit())
+        && time.len() == 9
+        && time.bytes().all(|b| b.is_ascii_digit())
+        && !commit.is_empty()
+        && commit.len() <= 40
+        && commit.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// Retention's deletion for backends that keep a run's checkpoint in
 /// `<store>/<run_id>/`; returns the bytes freed.
 pub(crate) async fn prune_run_dir(store: &std::path::Path, run_id: &str) -> Result<u64, CheckpointError> {
+    if !is_run_id(run_id) {
+        return Err(CheckpointError::Io {
+            step: "delete a checkpoint retention let go",
+            path: store.join(run_id),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a backstop run id"),
+        });
+    }
     let dir = store.join(run_id);
     remove_tree(dir.clone()).await.map_err(|source| CheckpointError::Io {
         step: "delete a checkpoint retention let go",
@@ -295,4 +344,24 @@ pub(crate) fn program(
         step: format!("finding {name}"),
         source,
     })
+}
+
+#[cfg(test)]
+mod run_id_tests {
+    #[test]
+    fn only_backstop_run_ids_name_a_folder_to_delete() {
+        assert!(super::is_run_id("20261204-174512345-1a2b3c4"));
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "/etc",
+            "20261204-174512345-",
+            "20261204-174512345-1a2b/../x",
+            "2026120-174512345-1a2b3c4",
+        ] {
+            assert!(!super::is_run_id(bad), "{bad:?}");
+        }
+    }
 }

@@ -364,6 +364,7 @@ impl Checkpoint for PgBackRestBackend {
             databases: Vec::new(),
             writes_stopped_at: None,
             lost_commits: None,
+            lost_writes: None,
         })
     }
 

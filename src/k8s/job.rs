@@ -68,6 +68,8 @@ impl KubeRunner {
             // A Job may have written anything: a failure restores the checkpoint.
             committed: true,
             duration_ms: started.elapsed().as_millis() as u64,
+            own_xids: Vec::new(),
+            failed_at: None,
         };
         let Some(mut manifest) = m.job.clone() else {
             return Ok(fail("the carrier holds no Job".into()));
@@ -139,6 +141,8 @@ impl KubeRunner {
                     }),
                     committed: true,
                     duration_ms: started.elapsed().as_millis() as u64,
+                    own_xids: Vec::new(),
+                    failed_at: None,
                 })
             }
             Err(e) => Ok(fail(format!("{e}; log tail: {logs}"))),

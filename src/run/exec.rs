@@ -139,7 +139,18 @@ impl Engine {
             Action::Checkpoint => O::Checkpointed(self.take_checkpoint(run, cache).await),
             Action::Drill => O::Drilled(self.drill(run, cache).await),
             Action::RecoveryPoint => O::RecoveryPoint(match self.database(run, cache).await {
-                Ok(db) => self.runner.recovery_point(&db).await.map_err(|e| transient(&e)),
+                Ok(db) => {
+                    // The slot first: it then sees everything committed after the point.
+                    let capture = match &run.checkpoint {
+                        Some(_) => Some(crate::capture::start(&db, &run.id).await),
+                        None => None,
+                    };
+                    self.runner
+                        .recovery_point(&db)
+                        .await
+                        .map(|p| crate::checkpoint::RecoveryPoint { capture, ..p })
+                        .map_err(|e| transient(&e))
+                }
                 Err(f) => Err(f),
             }),
             Action::Migrate(i) => {
@@ -228,6 +239,13 @@ impl Engine {
                     .and_then(|p| p.hold.as_deref())
                     .filter(|_| !run.hold_released);
                 O::Unlocked(self.cluster.unlock(&run.id, held).await.map_err(|e| transient(&e)))
+            }
+            Action::ReleaseCapture => {
+                let slot = run.capture_slot().unwrap_or_default();
+                O::CaptureReleased(match self.database(run, cache).await {
+                    Ok(db) => crate::capture::release(&db, slot).await,
+                    Err(f) => crate::capture::SlotRelease::Failed { why: f.message },
+                })
             }
             Action::Report => {
                 let report = Report::from_run(run);
@@ -358,13 +376,72 @@ impl Engine {
         let point = run.recovery_point.clone().unwrap_or(crate::checkpoint::RecoveryPoint {
             time: checkpoint.completed_at,
             lsn: String::new(),
+            capture: None,
         });
         let backend = self.backend_named(&checkpoint.backend)?;
         let db = self.database(run, cache).await.map_err(|f| Fault::failed(f.message))?;
-        backend
+        let lost = self.keep_lost_writes(run, &db, &point).await;
+        let mut record = backend
             .restore(&db, &checkpoint, &point, &run.id)
             .await
-            .map_err(|e| Fault::failed(chain(&e)))
+            .map_err(|e| Fault::failed(chain(&e)))?;
+        record.lost_writes = lost;
+        Ok(record)
+    }
+
+    /// Reads what the restore will discard from the run's slot, writes it to
+    /// the run folder, and drops the slot ([`crate::capture`]).
+    async fn keep_lost_writes(
+        &self,
+        run: &RunRecord,
+        db: &Database,
+        point: &crate::checkpoint::RecoveryPoint,
+    ) -> Option<crate::capture::Captured> {
+        use crate::capture::{self, Capture, Captured};
+        let name = match point.capture.as_ref()? {
+            Capture::Slot { name, .. } => name.clone(),
+            Capture::Unavailable { why } => return Some(Captured::NotKept { why: why.clone() }),
+        };
+        let own: std::collections::HashSet<u32> = run
+            .migrate_results
+            .iter()
+            .flat_map(|(_, o)| o.own_xids.iter().copied())
+            .collect();
+        let kept = async {
+            let (file, own_left_out) = capture::read(db, &run.id, &name, &point.lsn, &own)
+                .await
+                .map_err(|e| chain(&e))?;
+            let json = serde_json::to_vec_pretty(&file).map_err(|e| e.to_string())?;
+            let store = |e: crate::run::StoreError| chain(&e);
+            self.store
+                .write_file(run, "lost-writes.json", &json)
+                .await
+                .map_err(store)?;
+            let path = self
+                .store
+                .write_file(run, "lost-writes.sql", file.sql().as_bytes())
+                .await
+                .map_err(store)?;
+            Ok::<_, String>(file.summary(own_left_out, path))
+        }
+        .await;
+        // Whatever was read, the slot goes now (the restore may not take it away).
+        if let capture::SlotRelease::Failed { why } = capture::release(db, &name).await {
+            tracing::warn!(slot = %name, error = %why, "could not drop the run's logical slot before the restore");
+        }
+        Some(match kept {
+            Ok(summary) => {
+                tracing::info!(
+                    transactions = summary.transactions,
+                    "kept the writes the restore discards"
+                );
+                Captured::Kept(summary)
+            }
+            Err(why) => {
+                tracing::warn!(error = %why, "could not read the writes the restore discards");
+                Captured::NotKept { why }
+            }
+        })
     }
 
     /// Reverts the promoted commit on the gate itself (the bad code is live),

@@ -48,6 +48,9 @@ pub enum Action {
     Revert,
     PullRequest,
     Unlock,
+    /// Drop the run's logical slot (whatever the outcome; a forgotten slot
+    /// retains WAL forever).
+    ReleaseCapture,
     Report,
     /// A retry is due at this time; nothing to do before.
     Wait(DateTime<Utc>),
@@ -77,6 +80,7 @@ impl Action {
             },
             Action::PullRequest => "pull-request".into(),
             Action::Unlock => "unlock".into(),
+            Action::ReleaseCapture => "release-capture".into(),
             Action::Report => "report".into(),
         })
     }
@@ -150,6 +154,9 @@ pub enum Observation {
     PullRequest(Result<Option<String>, Fault>),
     Unlocked(Result<String, Fault>),
     Reported(Result<String, String>),
+    /// Never a fault: a slot that could not be dropped is reported, and the
+    /// run ends anyway.
+    CaptureReleased(crate::capture::SlotRelease),
 }
 
 /// Timing of retries after transient faults.
@@ -249,7 +256,9 @@ pub fn end_of(run: &RunRecord) -> Phase {
 /// What the run must do next.
 pub fn next(run: &RunRecord, now: DateTime<Utc>) -> Action {
     if run.phase.is_terminal() {
-        return if run.report_written {
+        return if run.capture_slot().is_some() && run.capture_released.is_none() {
+            Action::ReleaseCapture
+        } else if run.report_written {
             Action::Done
         } else {
             Action::Report
@@ -469,6 +478,8 @@ pub fn apply(run: &mut RunRecord, step: &str, obs: Observation, now: DateTime<Ut
                             error: None,
                             committed: true,
                             duration_ms: 0,
+                            own_xids: Vec::new(),
+                            failed_at: None,
                         },
                     ));
                     done(
@@ -499,6 +510,8 @@ pub fn apply(run: &mut RunRecord, step: &str, obs: Observation, now: DateTime<Ut
                         error: Some("interrupted while running statement by statement; not in history".into()),
                         committed: true,
                         duration_ms: 0,
+                        own_xids: Vec::new(),
+                        failed_at: None,
                     };
                     run.migrate_results.push((m.id.clone(), outcome));
                     close(
@@ -622,6 +635,20 @@ pub fn apply(run: &mut RunRecord, step: &str, obs: Observation, now: DateTime<Ut
                 run.remediation_errors.push(format!("unlock failed: {}", f.message));
             }
         },
+        O::CaptureReleased(r) => {
+            use crate::capture::SlotRelease;
+            let slot = run.capture_slot().unwrap_or_default().to_string();
+            let (ok, detail) = match &r {
+                SlotRelease::Dropped => (true, format!("dropped logical slot {slot}")),
+                SlotRelease::Gone => (true, format!("logical slot {slot} is gone (the restore took the server back before it)")),
+                SlotRelease::Failed { why } => (
+                    false,
+                    format!("logical slot {slot} could not be dropped ({why}); it retains WAL until a person runs SELECT pg_drop_replication_slot('{slot}')"),
+                ),
+            };
+            close(run, step, ok, detail, now);
+            run.capture_released = Some(r);
+        }
         O::Reported(r) => {
             let (ok, detail) = match r {
                 Ok(location) => (true, location),

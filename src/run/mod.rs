@@ -587,6 +587,7 @@ impl Engine {
             report_written: false,
             acknowledged: None,
             set_aside_deleted: None,
+            capture_released: None,
         }
     }
 
@@ -636,7 +637,9 @@ impl Engine {
 }
 
 /// What identifies a wait across passes (for "said once").
-fn wait_subject(w: &Wait) -> String {
+/// What a wait is about, stable while it lasts (its text may change:
+/// attempts, next try).
+pub fn wait_subject(w: &Wait) -> String {
     match w {
         Wait::Refused { commit, message } => format!("refused {commit} {message}"),
         Wait::RunFailed { run, .. } => format!("run {run} failed"),

@@ -188,7 +188,7 @@ pub struct RunRecord {
     /// Whatever the restore held (a Kustomization) was released.
     #[serde(default)]
     pub hold_released: bool,
-    /// Retention deleted the run's checkpoint (and any data its restore set aside).
+    /// Retention deleted the run's checkpoint (never the data its restore set aside).
     #[serde(default)]
     pub checkpoint_pruned: bool,
     /// What the hold still waits for (shown on the run until released).
@@ -209,6 +209,9 @@ pub struct RunRecord {
     /// (`backstop prune --set-aside`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub set_aside_deleted: Option<Acknowledged>,
+    /// The run's logical slot was let go ([`crate::capture`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture_released: Option<crate::capture::SlotRelease>,
 }
 
 /// Who did what a person must do for a run (took it over, deleted what it
@@ -248,6 +251,14 @@ impl RunRecord {
     /// has taken it over yet (`backstop ack`): it holds the gate and its claim.
     pub fn awaits_person(&self) -> bool {
         self.phase == Phase::Failed && self.acknowledged.is_none()
+    }
+
+    /// The logical slot the run created, if any.
+    pub fn capture_slot(&self) -> Option<&str> {
+        match self.recovery_point.as_ref()?.capture.as_ref()? {
+            crate::capture::Capture::Slot { name, .. } => Some(name),
+            crate::capture::Capture::Unavailable { .. } => None,
+        }
     }
 
     /// Whether the run still has work (including writing its report).
@@ -293,6 +304,12 @@ pub trait RunStore: Send + Sync {
     async fn list(&self) -> Result<Vec<RunRecord>, StoreError>;
     /// Publishes the evidence report; returns where it is.
     async fn write_report(&self, run: &RunRecord, report: &Report) -> Result<String, StoreError>;
+    /// Writes a file of the run beside its report (`lost-writes.sql`);
+    /// where it went, or None when this store keeps no files.
+    async fn write_file(&self, run: &RunRecord, name: &str, bytes: &[u8]) -> Result<Option<String>, StoreError> {
+        let _ = (run, name, bytes);
+        Ok(None)
+    }
     /// Records where the gate of `path` is and what it waits for.
     async fn save_gate(&self, status: &crate::gate::GateStatus) -> Result<(), StoreError> {
         let _ = status;

@@ -187,7 +187,8 @@ impl PassSummary {
 /// keeps a long one from going quiet in the log.
 #[derive(Debug, Default)]
 pub struct Repeats {
-    current: Option<(String, DateTime<Utc>, u64)>,
+    /// Key, text last said, since, passes.
+    current: Option<(String, String, DateTime<Utc>, u64)>,
     reminded: Option<DateTime<Utc>>,
 }
 
@@ -198,11 +199,19 @@ impl Repeats {
     /// Lines to print for this pass, which saw `message` (or nothing when
     /// `None`: the condition ended).
     pub fn see(&mut self, message: Option<&str>, now: DateTime<Utc>) -> Vec<String> {
+        self.see_keyed(message.map(|m| (m, m)), now)
+    }
+
+    /// [`see`](Self::see) for a condition whose text changes while it
+    /// lasts (attempt counts, next try): `key` says which condition it is.
+    pub fn see_keyed(&mut self, seen: Option<(&str, &str)>, now: DateTime<Utc>) -> Vec<String> {
         let stamp = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         let mut out = Vec::new();
-        if let Some((last, since, count)) = &mut self.current {
-            if Some(last.as_str()) == message {
+        if let Some((key, last, since, count)) = &mut self.current {
+            if let Some((k, text)) = seen.filter(|(k, _)| *k == key.as_str()) {
+                let _ = k;
                 *count += 1;
+                *last = text.to_string();
                 let due = self.reminded.unwrap_or(*since) + REMIND_EVERY;
                 if now >= due {
                     out.push(format!(
@@ -224,9 +233,9 @@ impl Repeats {
                 ));
             }
         }
-        self.current = message.map(|m| (m.to_string(), now, 1));
+        self.current = seen.map(|(k, m)| (k.to_string(), m.to_string(), now, 1));
         self.reminded = None;
-        if let Some(m) = message {
+        if let Some((_, m)) = seen {
             out.push(format!("{} {m}", stamp(now)));
         }
         out
@@ -257,6 +266,14 @@ mod tests {
         assert!(r.see(Some("gate waits"), at(69)).is_empty());
         assert_eq!(r.see(Some("gate waits"), at(70)).len(), 1);
         assert!(r.see(Some("gate waits"), at(71)).is_empty());
+        // A text that changes under one key (attempt 1, 2, ...) is one condition.
+        let mut keyed = Repeats::default();
+        assert_eq!(keyed.see_keyed(Some(("db", "down, attempt 1")), at(0)).len(), 1);
+        assert!(keyed.see_keyed(Some(("db", "down, attempt 2")), at(1)).is_empty());
+        assert_eq!(
+            keyed.see_keyed(None, at(2)),
+            vec!["2026-12-04T10:02:00Z ended after 2 passes since 2026-12-04T10:00:00Z: down, attempt 2"]
+        );
         // Said once and gone: nothing to summarise.
         let mut once = Repeats::default();
         once.see(Some("x"), at(0));

@@ -405,6 +405,7 @@ pub fn fake_cnpg_operator(client: kube::Client, f: &Fixture) -> tokio::task::Joi
                 let point = RecoveryPoint {
                     time: naive.and_utc(),
                     lsn: String::new(),
+                    capture: None,
                 };
                 backend
                     .restore(

@@ -235,7 +235,9 @@ impl LocalBackend {
     /// run relies on; returns the bytes freed.
     pub(super) async fn prune_bases(&self) -> Result<u64, CheckpointError> {
         let mut freed = 0;
-        for (dir, label) in unused_bases(&self.store, &Default::default()) {
+        let unused = unused_bases(&self.store, &Default::default(), &Default::default())
+            .map_err(Self::io("read which base backups runs rely on", &self.store))?;
+        for (dir, label) in unused {
             freed += crate::checkpoint::remove_tree(dir.clone())
                 .await
                 .map_err(Self::io("delete a base backup no kept run relies on", &dir))?;
@@ -247,22 +249,44 @@ impl LocalBackend {
 
 /// Base backups in checkpoint store `store` (folder and label, oldest first)
 /// that are not the newest and that no run relies on once the checkpoints
-/// of the runs in `going` are deleted too.
-pub fn unused_bases(store: &Path, going: &std::collections::HashSet<String>) -> Vec<(PathBuf, String)> {
-    let used: std::collections::HashSet<String> = std::fs::read_dir(store)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| !going.contains(e.file_name().to_string_lossy().as_ref()))
-        .filter_map(|e| std::fs::read_to_string(e.path().join(USES)).ok())
-        .map(|l| l.trim().to_string())
-        .collect();
+/// of the runs in `going` are deleted too; `also_used` are labels the
+/// journal says kept runs rely on. Fails closed: a folder or marker that
+/// cannot be read is an error, never "nothing relies on it".
+pub fn unused_bases(
+    store: &Path,
+    going: &std::collections::HashSet<String>,
+    also_used: &std::collections::HashSet<String>,
+) -> std::io::Result<Vec<(PathBuf, String)>> {
+    let mut used = also_used.clone();
+    let entries = match std::fs::read_dir(store) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        if going.contains(entry.file_name().to_string_lossy().as_ref()) {
+            continue;
+        }
+        match std::fs::read_to_string(entry.path().join(USES)) {
+            Ok(label) => {
+                used.insert(label.trim().to_string());
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
     let mut all = all_bases(&store.join("base"));
     all.pop();
-    all.into_iter()
+    Ok(all
+        .into_iter()
         .filter(|(_, meta)| !used.contains(&meta.base.label))
         .map(|(dir, meta)| (dir, meta.base.label))
-        .collect()
+        .collect())
 }
 
 /// Complete base backups in `dir`, oldest first.

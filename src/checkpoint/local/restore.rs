@@ -72,6 +72,7 @@ impl LocalBackend {
             databases: Vec::new(),
             writes_stopped_at: None,
             lost_commits: None,
+            lost_writes: None,
         };
         if kept.exists() && marker.exists() {
             // Resumed after the restored server was started: it may be live.
@@ -129,16 +130,6 @@ impl LocalBackend {
             tokio::fs::rename(&self.pgdata, &kept)
                 .await
                 .map_err(Self::io("keep the old data directory", &kept))?;
-            if !target.lsn.is_empty() {
-                let scratch = self.store.join(run_id).join("wal-window");
-                match self.lost_commits(&kept, &target.lsn, &scratch).await {
-                    Ok(lost) => lost_commits = Some(lost),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "could not count the transactions of the data-loss window in the WAL")
-                    }
-                }
-                let _ = std::fs::remove_dir_all(&scratch);
-            }
             owner
         };
 
@@ -167,6 +158,19 @@ impl LocalBackend {
         tracing::debug!("restore: the restored server is promoted");
         pause_point("restored-server-promoted").await;
         self.server().clear_recovery_settings(db).await?;
+        // Counted once the database is back (reading the WAL takes time), from
+        // the kept directory, which nothing writes to any more.
+        if writes_stopped_at.is_some() && !target.lsn.is_empty() {
+            let scratch = self.store.join(run_id).join("wal-window");
+            lost_commits = Some(match self.lost_commits(&kept, &target.lsn, &scratch).await {
+                Ok(lost) => lost,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not count the transactions of the data-loss window in the WAL");
+                    crate::checkpoint::LostCommits::not_counted(e)
+                }
+            });
+            let _ = std::fs::remove_dir_all(&scratch);
+        }
         Ok(RestoreRecord {
             databases,
             writes_stopped_at,

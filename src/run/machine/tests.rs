@@ -100,6 +100,7 @@ impl Build {
                 report_written: false,
                 acknowledged: None,
                 set_aside_deleted: None,
+                capture_released: None,
             },
         }
     }
@@ -162,6 +163,8 @@ fn committed(statements: usize) -> MigrateOutcome {
         error: None,
         committed: true,
         duration_ms: 7,
+        own_xids: Vec::new(),
+        failed_at: None,
     }
 }
 
@@ -174,6 +177,8 @@ fn rolled_back_in_transaction() -> MigrateOutcome {
         error: Some("relation \"t\" already exists".into()),
         committed: false,
         duration_ms: 3,
+        own_xids: Vec::new(),
+        failed_at: None,
     }
 }
 
@@ -188,6 +193,7 @@ fn ok(action: &Action, run: &RunRecord) -> Observation {
         Action::RecoveryPoint => O::RecoveryPoint(Ok(RecoveryPoint {
             time: t0(),
             lsn: "0/16B3748".into(),
+            capture: None,
         })),
         Action::Migrate(i) => O::Migrated(*i, Ok(committed(run.migrations[*i].statements.len()))),
         Action::Recover(i) => O::Recovered(*i, Ok(Recovered::Applied)),
@@ -209,6 +215,7 @@ fn ok(action: &Action, run: &RunRecord) -> Observation {
             databases: Vec::new(),
             writes_stopped_at: None,
             lost_commits: None,
+            lost_writes: None,
         })),
         Action::RevertGate => O::GateReverted(Ok("gaterevert00".into())),
         Action::Revert => O::Reverted(Ok(RevertRecord {
@@ -225,6 +232,7 @@ fn ok(action: &Action, run: &RunRecord) -> Observation {
         Action::PullRequest => O::PullRequest(Ok(Some("https://forge.example/pr/1".into()))),
         Action::Unlock => O::Unlocked(Ok("unlocked".into())),
         Action::Report => O::Reported(Ok("reports/run.json".into())),
+        Action::ReleaseCapture => O::CaptureReleased(crate::capture::SlotRelease::Dropped),
         Action::Advance(_) | Action::Wait(_) | Action::Done => panic!("{action:?} has no observation"),
     }
 }

@@ -1,0 +1,342 @@
+//! Capturing the writes a restore would discard, and giving them back.
+//!
+//! Where the server decodes WAL (`wal_level = logical`) and the role may
+//! create replication slots, a run creates a logical slot (`test_decoding`)
+//! right before it reads its recovery point, so the slot sees every change
+//! committed after that point. Before a restore, the changes are read from
+//! the slot without consuming it (`pg_logical_slot_peek_changes`). The
+//! migration's own transactions (their xids, recorded by the runner),
+//! backstop's own tables (`backstop.*`) and anything committed at or before
+//! the recovery point are dropped. The rest is written to the run folder as
+//! `lost-writes.sql` (one transaction per source transaction, in commit
+//! order) and `lost-writes.json` (what `backstop replay` applies). The slot
+//! is dropped whatever the outcome: after the read, and again when the run
+//! ends (a crash between its creation and its drop is settled on resume;
+//! the name is the run's). A slot forgotten on a live server retains WAL
+//! forever: `status` warns about a run whose drop failed.
+//!
+//! When the server cannot decode, the run says why once (plan and report)
+//! and restores as before: only the window's length is known.
+
+pub mod decode;
+pub mod replay;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::base::parse_lsn;
+use crate::db::Database;
+pub use decode::{Change, Op, Txn, Value};
+
+/// Whether a run captures its lost writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Capture {
+    /// A logical slot created right before the recovery point.
+    Slot { name: String, start_lsn: String },
+    /// The server cannot decode; why, in words.
+    Unavailable { why: String },
+}
+
+/// How the run's slot was let go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SlotRelease {
+    Dropped,
+    /// Not there any more (a PITR restore takes the server back to before it).
+    Gone,
+    /// Could not be dropped: it retains WAL until a person drops it.
+    Failed {
+        why: String,
+    },
+}
+
+/// The lost writes of a restore, summarised (the report and the run record).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LostWrites {
+    pub transactions: usize,
+    /// `table` → `INSERT|UPDATE|DELETE|TRUNCATE` → rows.
+    pub rows: BTreeMap<String, BTreeMap<String, usize>>,
+    pub first_commit: Option<String>,
+    pub last_commit: Option<String>,
+    /// The migration's own transactions left out.
+    pub own_left_out: usize,
+    /// Where they were written (`lost-writes.sql`), when the store keeps files.
+    pub file: Option<String>,
+}
+
+/// Whether a restore kept the writes it discarded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Captured {
+    Kept(LostWrites),
+    NotKept { why: String },
+}
+
+/// What `lost-writes.json` holds: the transactions and each table's key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LostFile {
+    pub run: String,
+    pub recovery_lsn: String,
+    pub transactions: Vec<Txn>,
+    /// Primary-key columns per table (for UPDATE/DELETE without an old key).
+    pub keys: HashMap<String, Vec<String>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("connecting to {database}")]
+    Connect {
+        database: String,
+        #[source]
+        source: crate::db::DbError,
+    },
+    #[error("{step} on {database}")]
+    Query {
+        database: String,
+        step: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("reading the changes of slot {slot}")]
+    Decode {
+        slot: String,
+        #[source]
+        source: decode::DecodeError,
+    },
+}
+
+/// The slot name of run `run_id` (lower case, at most 63 bytes).
+pub fn slot_name(run_id: &str) -> String {
+    let mut name: String = format!("backstop_{run_id}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    name.truncate(63);
+    name
+}
+
+fn query(db: &Database, step: &'static str) -> impl FnOnce(tokio_postgres::Error) -> CaptureError {
+    let database = db.describe();
+    move |source| CaptureError::Query { database, step, source }
+}
+
+async fn connect(db: &Database) -> Result<tokio_postgres::Client, CaptureError> {
+    db.connect().await.map_err(|source| CaptureError::Connect {
+        database: db.describe(),
+        source,
+    })
+}
+
+/// Creates run `run_id`'s slot (replacing one a crashed attempt left), or
+/// says why the server cannot capture. Never fails the run.
+pub async fn start(db: &Database, run_id: &str) -> Capture {
+    match try_start(db, run_id).await {
+        Ok(c) => c,
+        Err(e) => Capture::Unavailable {
+            why: crate::run::chain(&e),
+        },
+    }
+}
+
+async fn try_start(db: &Database, run_id: &str) -> Result<Capture, CaptureError> {
+    let client = connect(db).await?;
+    let level: String = client
+        .query_one("SELECT current_setting('wal_level')", &[])
+        .await
+        .map_err(query(db, "reading wal_level"))?
+        .get(0);
+    if level != "logical" {
+        return Ok(Capture::Unavailable {
+            why: format!("wal_level is {level}, not logical: the writes a restore discards are counted, not kept"),
+        });
+    }
+    let name = slot_name(run_id);
+    drop_slot_with(&client, db, &name).await?;
+    let lsn: String = client
+        .query_one(
+            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'test_decoding')",
+            &[&name],
+        )
+        .await
+        .map_err(query(db, "creating a logical replication slot"))?
+        .get(0);
+    tracing::info!(slot = %name, lsn = %lsn, "capturing the writes after the recovery point");
+    Ok(Capture::Slot { name, start_lsn: lsn })
+}
+
+async fn drop_slot_with(client: &tokio_postgres::Client, db: &Database, name: &str) -> Result<bool, CaptureError> {
+    let n = client
+        .execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&name],
+        )
+        .await
+        .map_err(query(db, "dropping the logical replication slot"))?;
+    Ok(n > 0)
+}
+
+/// Drops slot `name` if it exists.
+pub async fn release(db: &Database, name: &str) -> SlotRelease {
+    let result = async {
+        let client = connect(db).await?;
+        drop_slot_with(&client, db, name).await
+    }
+    .await;
+    match result {
+        Ok(true) => SlotRelease::Dropped,
+        Ok(false) => SlotRelease::Gone,
+        Err(e) => SlotRelease::Failed {
+            why: crate::run::chain(&e),
+        },
+    }
+}
+
+/// Reads the writes committed after `recovery_lsn` from slot `slot`,
+/// leaving out transactions `own` (the migration's xids) and backstop's
+/// own tables.
+pub async fn read(
+    db: &Database,
+    run_id: &str,
+    slot: &str,
+    recovery_lsn: &str,
+    own: &HashSet<u32>,
+) -> Result<(LostFile, usize), CaptureError> {
+    let client = connect(db).await?;
+    let rows = client
+        .query(
+            "SELECT lsn::text, data FROM pg_logical_slot_peek_changes($1, NULL, NULL,
+                'include-xids', '1', 'include-timestamp', '1', 'skip-empty-xacts', '1')",
+            &[&slot],
+        )
+        .await
+        .map_err(query(db, "reading the changes since the recovery point"))?;
+    let pairs: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let all = decode::transactions(pairs.iter().map(|(l, d)| (l.as_str(), d.as_str()))).map_err(|source| {
+        CaptureError::Decode {
+            slot: slot.to_string(),
+            source,
+        }
+    })?;
+    let after = parse_lsn(recovery_lsn).unwrap_or(0);
+    let mut own_left_out = 0;
+    let mut transactions = Vec::new();
+    for mut t in all {
+        if parse_lsn(&t.commit_lsn).unwrap_or(0) <= after {
+            continue;
+        }
+        if own.contains(&t.xid) {
+            own_left_out += 1;
+            continue;
+        }
+        t.changes.retain(|c| !c.table.starts_with("backstop."));
+        if !t.changes.is_empty() {
+            transactions.push(t);
+        }
+    }
+    let tables: HashSet<&str> = transactions
+        .iter()
+        .flat_map(|t| t.changes.iter().map(|c| c.table.as_str()))
+        .collect();
+    let mut keys = HashMap::new();
+    for table in tables {
+        let cols: Vec<String> = client
+            .query(
+                "SELECT quote_ident(a.attname) FROM pg_index i
+                   JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+                  WHERE i.indrelid = $1::text::regclass AND i.indisprimary ORDER BY a.attnum",
+                &[&table],
+            )
+            .await
+            .map_err(query(db, "reading a table's primary key"))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        keys.insert(table.to_string(), cols);
+    }
+    Ok((
+        LostFile {
+            run: run_id.to_string(),
+            recovery_lsn: recovery_lsn.to_string(),
+            transactions,
+            keys,
+        },
+        own_left_out,
+    ))
+}
+
+impl LostFile {
+    /// The summary for the report.
+    pub fn summary(&self, own_left_out: usize, file: Option<String>) -> LostWrites {
+        let mut rows: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+        for c in self.transactions.iter().flat_map(|t| &t.changes) {
+            *rows
+                .entry(c.table.clone())
+                .or_default()
+                .entry(c.op.as_str().into())
+                .or_default() += 1;
+        }
+        LostWrites {
+            transactions: self.transactions.len(),
+            rows,
+            first_commit: self.transactions.first().map(|t| t.committed_at.clone()),
+            last_commit: self.transactions.last().map(|t| t.committed_at.clone()),
+            own_left_out,
+            file,
+        }
+    }
+
+    /// `lost-writes.sql`: one transaction per source transaction, in
+    /// commit order; a change that cannot be redone safely is a comment.
+    pub fn sql(&self) -> String {
+        use std::fmt::Write;
+        let mut s = format!(
+            "-- Writes committed after the recovery point ({}) of backstop run {},\n-- discarded by its restore. `backstop replay {}` applies them, stopping\n-- at the first conflict; or review and run this file by hand.\n",
+            self.recovery_lsn, self.run, self.run
+        );
+        for t in &self.transactions {
+            let _ = writeln!(
+                s,
+                "\n-- xid {} committed {} (lsn {})\nBEGIN;",
+                t.xid, t.committed_at, t.commit_lsn
+            );
+            for c in &t.changes {
+                let key = self.keys.get(&c.table).map(Vec::as_slice).unwrap_or_default();
+                match decode::statement(c, key) {
+                    Some(sql) => {
+                        let _ = writeln!(s, "{sql};");
+                    }
+                    None => {
+                        let _ = writeln!(
+                            s,
+                            "-- not redone: {} on {} has no key to find the row by",
+                            c.op.as_str(),
+                            c.table
+                        );
+                    }
+                }
+            }
+            let _ = writeln!(s, "COMMIT;");
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_names_are_valid_and_per_run() {
+        let n = slot_name("20261204-181000123-AbC1234");
+        assert_eq!(n, "backstop_20261204_181000123_abc1234");
+        assert!(slot_name(&"x".repeat(100)).len() <= 63);
+    }
+}
