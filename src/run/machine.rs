@@ -133,6 +133,8 @@ pub enum Recovered {
 }
 
 /// What happened when an action was performed.
+// One lives at a time, between an action and its fold: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Observation {
     Locked(Result<String, Fault>),
