@@ -183,6 +183,41 @@ async fn drop_slot_with(client: &tokio_postgres::Client, db: &Database, name: &s
     Ok(n > 0)
 }
 
+/// Stops the application writing to the run's database before the slot is
+/// read, so that nothing commits between the read and the restore: new
+/// connections are refused (`ALLOW_CONNECTIONS false`, WAL-logged after the
+/// recovery point, so the restored database does not keep it) and the other
+/// sessions are ended (their open transactions abort). [`reopen`] undoes it
+/// when the restore does not happen.
+pub async fn quiesce(db: &Database, keep_pid: i32) -> Result<u64, CaptureError> {
+    // From another database: PostgreSQL refuses it for the current one.
+    let client = connect(&db.sibling("postgres")).await?;
+    let name = db.dbname().replace('"', "\"\"");
+    client
+        .batch_execute(&format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false"))
+        .await
+        .map_err(query(db, "refusing new connections"))?;
+    let ended = client
+        .execute(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity
+              WHERE datname = $1 AND pid <> $2 AND backend_type = 'client backend'",
+            &[&db.dbname(), &keep_pid],
+        )
+        .await
+        .map_err(query(db, "ending the application's sessions"))?;
+    Ok(ended)
+}
+
+/// Lets connections in again after [`quiesce`] (the restore did not run).
+pub async fn reopen(db: &Database) -> Result<(), CaptureError> {
+    let client = connect(&db.sibling("postgres")).await?;
+    let name = db.dbname().replace('"', "\"\"");
+    client
+        .batch_execute(&format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS true"))
+        .await
+        .map_err(query(db, "allowing connections again"))
+}
+
 /// Drops slot `name` if it exists.
 pub async fn release(db: &Database, name: &str) -> SlotRelease {
     let result = async {
@@ -199,9 +234,9 @@ pub async fn release(db: &Database, name: &str) -> SlotRelease {
     }
 }
 
-/// Reads the writes committed after `recovery_lsn` from slot `slot`,
-/// leaving out transactions `own` (the migration's xids) and backstop's
-/// own tables.
+/// Closes the database to the application ([`quiesce`]), then reads the
+/// writes committed after `recovery_lsn` from slot `slot`, leaving out
+/// transactions `own` (the migration's xids) and backstop's own tables.
 pub async fn read(
     db: &Database,
     run_id: &str,
@@ -209,7 +244,18 @@ pub async fn read(
     recovery_lsn: &str,
     own: &HashSet<u32>,
 ) -> Result<(LostFile, usize), CaptureError> {
+    // Connected first: once closed, the database takes no new connection.
     let client = connect(db).await?;
+    let me: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .map_err(query(db, "reading its own session"))?
+        .get(0);
+    let ended = quiesce(db, me).await?;
+    tracing::info!(
+        sessions = ended,
+        "the application's sessions are ended before the restore"
+    );
     let rows = client
         .query(
             "SELECT lsn::text, data FROM pg_logical_slot_peek_changes($1, NULL, NULL,

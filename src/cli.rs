@@ -278,6 +278,43 @@ pub enum Command {
         )]
         output: Format,
     },
+    /// Put back the writes a run's restore discarded (kept in its run folder
+    /// as lost-writes.sql/json when the server decodes WAL: wal_level =
+    /// logical). One source transaction at a time, in commit order; those
+    /// that touch a table the migration changed are left for a person; it
+    /// stops at the first conflict (a row no longer as it was), naming it.
+    /// Applied transactions are recorded (backstop.replayed): running it
+    /// again goes on where it stopped. Exit 0 when all were applied or left,
+    /// 3 when it stopped at a conflict, 2 when it cannot start.
+    Replay {
+        /// Run id, id prefix or commit prefix.
+        run: String,
+        /// State directory holding the journal.
+        #[arg(long, env = "BACKSTOP_STATE", default_value = ".backstop")]
+        state: PathBuf,
+        /// The database (libpq URL); default: the run's carrier's
+        /// url:VAR read from the environment, as `run` does.
+        #[arg(long, env = "BACKSTOP_DATABASE_URL", hide_env_values = true)]
+        database_url: Option<String>,
+        /// Apply everything in one transaction and roll it back: says what
+        /// would apply and where it would stop, changes nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Only transactions whose every change is on these tables
+        /// (comma separated, as `schema.table` or `table`).
+        #[arg(long, value_delimiter = ',')]
+        tables: Vec<String>,
+        /// `text` or `json`: {dry_run, applied: [xid], already: [xid],
+        /// left: [[xid, why]], stopped: [xid, why] | null}.
+        #[arg(
+            short = 'o',
+            long = "output",
+            env = "BACKSTOP_OUTPUT",
+            value_enum,
+            default_value = "text"
+        )]
+        output: Format,
+    },
     /// Print one run's evidence report (by id, id prefix or commit prefix).
     Report {
         /// Run id.
@@ -643,6 +680,44 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             json,
         } => print_report(&state, &run, json || output == Format::Json),
         Command::Ack { run, state, by, note } => ack(&state, &run, by, note).await,
+        Command::Replay {
+            run,
+            state,
+            database_url,
+            dry_run,
+            tables,
+            output,
+        } => {
+            use crate::capture::replay;
+            let opts = replay::ReplayOptions {
+                state,
+                run,
+                database_url,
+                dry_run,
+                tables,
+            };
+            match replay::replay_run(&opts).await {
+                Ok(done) => {
+                    match output {
+                        Format::Json => println!("{}", serde_json::to_string_pretty(&done)?),
+                        Format::Text => print!("{}", replay::text(&done)),
+                    }
+                    Ok(if done.stopped.is_some() {
+                        EXIT_NEEDS_PERSON
+                    } else {
+                        EXIT_OK
+                    })
+                }
+                Err(e @ replay::ReplayError::Refused(_)) => {
+                    eprintln!("backstop: {e}");
+                    Ok(EXIT_BAD_INPUT)
+                }
+                Err(e) => {
+                    eprintln!("backstop: {}", crate::run::chain(&e));
+                    Ok(EXIT_BAD_INPUT)
+                }
+            }
+        }
         Command::Prune {
             state,
             keep_checkpoints,

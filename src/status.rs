@@ -37,7 +37,18 @@ impl RunLine {
             .then(|| run.steps.iter().filter_map(|s| s.finished_at).max())
             .flatten();
         let end = finished_at.unwrap_or(now);
-        let action = if run.awaits_person() {
+        let slot_left = match (&run.capture_released, run.capture_slot()) {
+            (Some(crate::capture::SlotRelease::Failed { why }), Some(slot)) => Some(format!(
+                "logical slot {slot} could not be dropped ({why}): it retains WAL until SELECT pg_drop_replication_slot('{slot}')"
+            )),
+            (None, Some(slot)) if run.phase.is_terminal() => Some(format!(
+                "logical slot {slot} is not dropped yet (the run's next pass drops it)"
+            )),
+            _ => None,
+        };
+        let action = if let Some(warning) = slot_left {
+            Some(warning)
+        } else if run.awaits_person() {
             Some(format!(
                 "a person must act: read `backstop report {}`, put the database right, then `backstop ack {}`",
                 run.id, run.id

@@ -178,3 +178,141 @@ async fn apply(client: &tokio_postgres::Client, file: &LostFile, t: &Txn) -> Res
     }
     Ok(())
 }
+
+/// What `backstop replay` was asked.
+#[derive(Debug, Clone)]
+pub struct ReplayOptions {
+    pub state: std::path::PathBuf,
+    pub run: String,
+    /// The database; default: the run's carrier's `url:VAR` from the environment.
+    pub database_url: Option<String>,
+    pub dry_run: bool,
+    pub tables: Vec<String>,
+}
+
+/// Why replay cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("{0}")]
+    Refused(String),
+    #[error("reading {path}")]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("the database of run {run}")]
+    Database {
+        run: String,
+        #[source]
+        source: crate::db::DbError,
+    },
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+}
+
+/// The tables the run's migrations name (as written, qualified or not).
+pub fn migrated_tables(run: &crate::run::RunRecord) -> HashSet<String> {
+    run.migrations
+        .iter()
+        .flat_map(|m| m.statements.iter())
+        .filter_map(|s| pg_query::parse(&s.sql, 0).ok())
+        .flat_map(|p| p.tables())
+        .collect()
+}
+
+/// Finds run `opts.run`, reads its `lost-writes.json` and replays it.
+pub async fn replay_run(opts: &ReplayOptions) -> Result<Replayed, ReplayError> {
+    let journal = crate::journal::Journal::new(&opts.state);
+    let read = |path: &std::path::Path, e: Box<dyn std::error::Error + Send + Sync>| ReplayError::Read {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let run = match journal.lookup(&opts.run).map_err(|e| read(&opts.state, Box::new(e)))? {
+        crate::journal::Lookup::Found(run) => *run,
+        crate::journal::Lookup::Missing => {
+            return Err(ReplayError::Refused(format!(
+                "no run {:?} (see `backstop status`)",
+                opts.run
+            )))
+        }
+        crate::journal::Lookup::Ambiguous(runs) => {
+            let ids: Vec<&str> = runs.iter().map(|r| r.id.as_str()).collect();
+            return Err(ReplayError::Refused(format!(
+                "{:?} is ambiguous: it matches {}",
+                opts.run,
+                ids.join(", ")
+            )));
+        }
+    };
+    if !run.phase.is_terminal() {
+        return Err(ReplayError::Refused(format!(
+            "run {} is not over ({}): replay after its restore",
+            run.id, run.phase
+        )));
+    }
+    if run.restore.is_none() {
+        return Err(ReplayError::Refused(format!(
+            "run {} did not restore: no write was lost",
+            run.id
+        )));
+    }
+    let path = journal.run_dir(&run.id).join("lost-writes.json");
+    let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => ReplayError::Refused(format!(
+            "run {} kept no lost writes ({} is missing: the server could not decode WAL, see its report)",
+            run.id,
+            path.display()
+        )),
+        _ => read(&path, Box::new(e)),
+    })?;
+    let file: LostFile = serde_json::from_slice(&bytes).map_err(|e| read(&path, Box::new(e)))?;
+    let db = match (&opts.database_url, run.migrations.first()) {
+        (Some(url), _) => Database::from_url(
+            crate::manifests::DatabaseRef::Url {
+                var: "BACKSTOP_DATABASE_URL".into(),
+            },
+            url,
+            None,
+        ),
+        (None, Some(m)) => Database::from_env(&m.database, m.database_name.as_deref()),
+        (None, None) => {
+            return Err(ReplayError::Refused(format!(
+                "run {} names no database: give --database-url",
+                run.id
+            )))
+        }
+    }
+    .map_err(|source| ReplayError::Database {
+        run: run.id.clone(),
+        source,
+    })?;
+    let only: HashSet<String> = opts.tables.iter().cloned().collect();
+    Ok(replay(&db, &file, &migrated_tables(&run), &only, opts.dry_run).await?)
+}
+
+/// The text rendering.
+pub fn text(r: &Replayed) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let verb = if r.dry_run { "would apply" } else { "applied" };
+    let _ = writeln!(
+        s,
+        "{verb} {} transactions{}",
+        r.applied.len(),
+        if r.dry_run { " (dry run: rolled back)" } else { "" }
+    );
+    if !r.already.is_empty() {
+        let _ = writeln!(s, "already applied by an earlier replay: {}", r.already.len());
+    }
+    for (xid, why) in &r.left {
+        let _ = writeln!(s, "left for a person: xid {xid}: {why}");
+    }
+    if let Some((xid, why)) = &r.stopped {
+        let _ = writeln!(
+            s,
+            "stopped at xid {xid}: {why}\nnothing of it was applied; the transactions after it were not tried. Fix the row (or apply the rest by hand from lost-writes.sql), then run replay again: it goes on where it stopped"
+        );
+    }
+    s
+}

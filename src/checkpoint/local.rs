@@ -80,8 +80,20 @@ impl LocalBackend {
     /// switches segments and waits (bounded) for it. Later segments are not
     /// needed. Best effort: when the server is down, the old data directory's
     /// `pg_wal` supplies what the archive lacks.
+    /// A connection to the server: to `db`, or to its `postgres` database
+    /// when `db` refuses connections (a restore that kept the lost writes
+    /// closed it first).
+    pub(crate) async fn server_connection(db: &Database) -> Option<tokio_postgres::Client> {
+        match db.connect().await {
+            Ok(c) => Some(c),
+            Err(_) => db.sibling("postgres").connect().await.ok(),
+        }
+    }
+
     async fn flush_wal(&self, db: &Database, target: &RecoveryPoint) {
-        let Ok(client) = db.connect().await else { return };
+        let Some(client) = Self::server_connection(db).await else {
+            return;
+        };
         // Without an LSN (a time target), the segment being written now.
         let lsn = if target.lsn.is_empty() {
             "pg_current_wal_lsn()".to_string()

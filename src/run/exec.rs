@@ -381,10 +381,19 @@ impl Engine {
         let backend = self.backend_named(&checkpoint.backend)?;
         let db = self.database(run, cache).await.map_err(|f| Fault::failed(f.message))?;
         let lost = self.keep_lost_writes(run, &db, &point).await;
-        let mut record = backend
-            .restore(&db, &checkpoint, &point, &run.id)
-            .await
-            .map_err(|e| Fault::failed(chain(&e)))?;
+        let quiesced = matches!(point.capture, Some(crate::capture::Capture::Slot { .. }));
+        let mut record = match backend.restore(&db, &checkpoint, &point, &run.id).await {
+            Ok(r) => r,
+            Err(e) => {
+                // The database stays what it was: let the application back in.
+                if quiesced {
+                    if let Err(e) = crate::capture::reopen(&db).await {
+                        tracing::error!(error = %chain(&e), "the database still refuses connections after a failed restore: ALTER DATABASE ... ALLOW_CONNECTIONS true");
+                    }
+                }
+                return Err(Fault::failed(chain(&e)));
+            }
+        };
         record.lost_writes = lost;
         Ok(record)
     }
@@ -408,6 +417,8 @@ impl Engine {
             .flat_map(|(_, o)| o.own_xids.iter().copied())
             .collect();
         let kept = async {
+            // `read` closes the database first: nothing may commit between
+            // the read and the restore.
             let (file, own_left_out) = capture::read(db, &run.id, &name, &point.lsn, &own)
                 .await
                 .map_err(|e| chain(&e))?;

@@ -149,7 +149,12 @@ pub struct Fixture {
 impl Fixture {
     /// Server with database `shop`, remote with a base commit on main and the gate there.
     pub async fn new() -> Self {
-        let server = PgServer::start().await.expect("start PostgreSQL");
+        Self::with_settings("").await
+    }
+
+    /// [`Fixture::new`] on a server with extra postgresql.conf `settings`.
+    pub async fn with_settings(settings: &str) -> Self {
+        let server = PgServer::start_with(settings).await.expect("start PostgreSQL");
         server.create_database("shop").await.expect("create database");
         let dir = tempfile::tempdir().expect("tempdir");
         let remote = BareRemote::init(&dir.path().join("sre.git")).expect("init remote");

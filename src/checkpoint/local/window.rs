@@ -14,7 +14,7 @@ impl LocalBackend {
     /// The databases a PITR of this server rewinds (best effort: empty when
     /// the server cannot be asked).
     pub(super) async fn databases(&self, db: &Database) -> Vec<String> {
-        let Ok(client) = db.connect().await else {
+        let Some(client) = Self::server_connection(db).await else {
             return Vec::new();
         };
         client

@@ -1,0 +1,254 @@
+//! The writes a restore discards are kept and given back (`wal_level =
+//! logical`): an application writes continuously while a migration commits
+//! and then fails its verify; the restore takes the server back; the report
+//! counts exactly the application's lost transactions, `lost-writes.sql`
+//! holds them and none of the migration's own, `backstop replay` puts them
+//! back (stopping at a conflict, going on after it), and the run's slot is
+//! gone whatever happened, a crash included.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+use common::*;
+
+const LOGICAL: &str = "wal_level = logical\nmax_replication_slots = 10";
+
+/// The app's own table, which no migration touches.
+async fn events_table(f: &Fixture) {
+    f.client()
+        .await
+        .batch_execute("CREATE TABLE events (id bigint PRIMARY KEY, note text NOT NULL)")
+        .await
+        .unwrap();
+}
+
+/// Writes one row per transaction into `events` until its connection is
+/// ended; returns the ids whose COMMIT the server acknowledged.
+fn writer(url: String) -> (tokio::task::JoinHandle<()>, Arc<Mutex<Vec<i64>>>) {
+    let committed = Arc::new(Mutex::new(Vec::new()));
+    let out = committed.clone();
+    let task = tokio::spawn(async move {
+        let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await else {
+            return;
+        };
+        tokio::spawn(conn);
+        for id in 1_000i64.. {
+            let note = format!("written by the app, it's row {id}");
+            match client
+                .execute("INSERT INTO events (id, note) VALUES ($1, $2)", &[&id, &note])
+                .await
+            {
+                Ok(_) => out.lock().unwrap().push(id),
+                Err(_) => return,
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    });
+    (task, committed)
+}
+
+async fn event_ids(f: &Fixture) -> BTreeSet<i64> {
+    f.client()
+        .await
+        .query("SELECT id FROM events WHERE id >= 1000", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn backstop_slots(f: &Fixture) -> i64 {
+    f.count("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'backstop_%'")
+        .await
+}
+
+fn replay(f: &Fixture, run: &str, args: &[&str]) -> (std::process::Output, serde_json::Value) {
+    let out = std::process::Command::new(bin())
+        .args(["replay", run, "--state"])
+        .arg(f.state())
+        .args(args)
+        .env(DB_VAR, f.server.url("shop"))
+        .output()
+        .unwrap();
+    let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out, json)
+}
+
+#[tokio::test]
+async fn a_restore_keeps_the_apps_lost_writes_and_replay_gives_them_back() {
+    let f = Fixture::with_settings(LOGICAL).await;
+    f.commit_carrier(&orders_table(), "create orders");
+    assert!(f.run(&[]).await.status.success());
+    insert_orders(&f).await;
+    events_table(&f).await;
+
+    let (task, committed) = writer(f.server.url("shop"));
+    // The app is writing before the run starts and goes on until the
+    // restore ends its session.
+    wait_until("the app writes", || {
+        let n = committed.lock().unwrap().len();
+        async move { n >= 20 }
+    })
+    .await;
+    f.commit_carrier(&failing_backfill(""), "backfill totals");
+    let out = f.run(&["--revert", "commit"]).await;
+    assert_eq!(out.status.code(), Some(1), "rolled back:\n{}", text(&out));
+    task.await.unwrap();
+    let written: BTreeSet<i64> = committed.lock().unwrap().iter().copied().collect();
+    let survived = event_ids(&f).await;
+    let lost: BTreeSet<i64> = written.difference(&survived).copied().collect();
+    assert!(survived.is_subset(&written));
+    assert!(!lost.is_empty(), "the app wrote during the window: {}", text(&out));
+
+    // The report counts exactly the app's lost transactions.
+    let report = f.reports().pop().unwrap();
+    let run = report["run"].as_str().unwrap().to_string();
+    let kept = &report["restore"]["lost_writes"]["kept"];
+    assert_eq!(kept["transactions"].as_u64(), Some(lost.len() as u64), "{report:#}");
+    assert_eq!(
+        kept["rows"]["public.events"]["INSERT"].as_u64(),
+        Some(lost.len() as u64),
+        "{report:#}"
+    );
+    assert!(
+        kept["own_left_out"].as_u64().unwrap() >= 1,
+        "the migration's own: {report:#}"
+    );
+    assert_eq!(
+        report["data_loss_window"]["transactions"].as_u64(),
+        Some(lost.len() as u64)
+    );
+    let md = std::fs::read_to_string(f.state().join("runs").join(&run).join("report.md")).unwrap();
+    assert!(
+        md.contains(&format!(
+            "- writes kept: {} transactions of the application",
+            lost.len()
+        )),
+        "{md}"
+    );
+
+    // lost-writes.sql holds them, and nothing of the migration's own.
+    let sql = std::fs::read_to_string(f.state().join("runs").join(&run).join("lost-writes.sql")).unwrap();
+    for id in &lost {
+        assert!(sql.contains(&format!("'{id}'::bigint")), "{id} in lost-writes.sql");
+    }
+    assert_eq!(
+        sql.matches("BEGIN;").count(),
+        lost.len(),
+        "one transaction per source transaction"
+    );
+    assert!(
+        !sql.contains("orders"),
+        "the migration's own writes are left out:\n{sql}"
+    );
+    assert!(!sql.contains("backstop."), "backstop's own tables are left out");
+
+    // The slot is gone: read before the restore, dropped when the run ended.
+    assert_eq!(backstop_slots(&f).await, 0);
+
+    // A row written since the restore conflicts with the first lost insert:
+    // replay stops there, applies nothing of it, says which row.
+    let first = *lost.iter().next().unwrap();
+    f.client()
+        .await
+        .execute(
+            "INSERT INTO events (id, note) VALUES ($1, 'written after the restore')",
+            &[&first],
+        )
+        .await
+        .unwrap();
+    let (out, done) = replay(&f, &run, &["-o", "json"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert_eq!(done["applied"].as_array().unwrap().len(), 0, "{done:#}");
+    let why = done["stopped"][1].as_str().unwrap();
+    assert!(
+        why.contains("INSERT on public.events") && why.contains("duplicate key"),
+        "{why}"
+    );
+    assert_eq!(event_ids(&f).await, survived.iter().copied().chain([first]).collect());
+
+    // A dry run after the conflict is removed says all would apply, and
+    // changes nothing.
+    f.client()
+        .await
+        .execute("DELETE FROM events WHERE id = $1", &[&first])
+        .await
+        .unwrap();
+    let (out, dry) = replay(&f, &run, &["--dry-run", "-o", "json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(dry["applied"].as_array().unwrap().len(), lost.len());
+    assert_eq!(event_ids(&f).await, survived);
+
+    // Replay puts them back: the rows equal what the app wrote.
+    let (out, _) = replay(&f, &run, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("applied {} transactions", lost.len())),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(event_ids(&f).await, written);
+    let notes = f
+        .count(&format!(
+            "SELECT count(*) FROM events WHERE id >= 1000 AND note = 'written by the app, it''s row ' || id"
+        ))
+        .await;
+    assert_eq!(notes as usize, written.len(), "values as written, quotes included");
+    // Again: nothing twice.
+    let (out, again) = replay(&f, &run, &["-o", "json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(again["already"].as_array().unwrap().len(), lost.len());
+    assert_eq!(event_ids(&f).await, written);
+}
+
+#[tokio::test]
+async fn a_crash_between_the_slots_creation_and_its_drop_leaves_no_slot_after_resume() {
+    let f = Fixture::with_settings(LOGICAL).await;
+    f.commit_carrier(&orders_table(), "create orders");
+    let out = f.run_env(&[], &[("BACKSTOP_TEST_CRASH_AT", "Verifying")]).await;
+    assert_eq!(out.status.code(), Some(86), "crashed:\n{}", text(&out));
+    assert_eq!(backstop_slots(&f).await, 1, "the slot was created before the crash");
+    let out = f.run(&[]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(backstop_slots(&f).await, 0, "dropped when the resumed run ended");
+    let report = f.reports().pop().unwrap();
+    let step = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "release-capture")
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        step["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("dropped logical slot backstop_"),
+        "{report:#}"
+    );
+}
+
+#[tokio::test]
+async fn without_logical_decoding_the_run_says_so_and_restores_as_before() {
+    let (f, _) = with_orders().await;
+    f.commit_carrier(&failing_backfill(""), "backfill totals");
+    let out = f.run(&["--revert", "commit"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let report = f.reports().pop().unwrap();
+    let why = report["restore"]["lost_writes"]["not-kept"]["why"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(why.contains("wal_level is replica"), "{report:#}");
+    let run = report["run"].as_str().unwrap();
+    let md = std::fs::read_to_string(f.state().join("runs").join(run).join("report.md")).unwrap();
+    assert!(
+        md.contains("- writes after it are not captured: wal_level is replica"),
+        "{md}"
+    );
+    let (out, _) = replay(&f, run, &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("kept no lost writes"), "{}", text(&out));
+}
