@@ -192,9 +192,7 @@ async fn a_restore_keeps_the_apps_lost_writes_and_replay_gives_them_back() {
     );
     assert_eq!(event_ids(&f).await, written);
     let notes = f
-        .count(&format!(
-            "SELECT count(*) FROM events WHERE id >= 1000 AND note = 'written by the app, it''s row ' || id"
-        ))
+        .count("SELECT count(*) FROM events WHERE id >= 1000 AND note = 'written by the app, it''s row ' || id")
         .await;
     assert_eq!(notes as usize, written.len(), "values as written, quotes included");
     // Again: nothing twice.
