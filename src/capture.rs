@@ -256,6 +256,16 @@ pub async fn read(
         sessions = ended,
         "the application's sessions are ended before the restore"
     );
+    // Decoding reads WAL only up to what is flushed, and commits made with
+    // synchronous_commit = off may not be yet: one synchronous commit of our
+    // own flushes everything before it.
+    client
+        .batch_execute(
+            "SET synchronous_commit = on;
+             SELECT pg_logical_emit_message(true, 'backstop', 'lost writes read');",
+        )
+        .await
+        .map_err(query(db, "flushing the WAL before reading the slot"))?;
     let rows = client
         .query(
             "SELECT lsn::text, data FROM pg_logical_slot_peek_changes($1, NULL, NULL,
