@@ -394,6 +394,10 @@ pub struct RangePlan {
     pub approvals: Vec<Approval>,
     pub verdicts: Vec<Verdict>,
     pub allowed: bool,
+    /// Whether a restore would keep the writes it discards (known with a
+    /// database: its `wal_level`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lost_writes: Option<String>,
 }
 
 impl RangePlan {
@@ -459,6 +463,10 @@ pub async fn plan_range(
         approvals,
         verdicts,
         allowed,
+        lost_writes: catalog.map(|c| match c.wal_level.as_str() {
+            "logical" => "a restore would keep the writes it discards (wal_level is logical): lost-writes.sql and `backstop replay`".to_string(),
+            other => format!("a restore would not keep the writes it discards (wal_level is {other}, not logical): only their count"),
+        }),
     })
 }
 
@@ -519,6 +527,9 @@ pub fn render_plan(p: &RangePlan) -> String {
         for n in &v.notes {
             let _ = writeln!(s, "    note: {n}");
         }
+    }
+    if let Some(l) = &p.lost_writes {
+        let _ = writeln!(s, "\nlost writes: {l}");
     }
     let _ = writeln!(
         s,

@@ -221,6 +221,15 @@ async fn plan_with_a_database_url_shows_the_facts_and_keeps_the_plan_hash() {
     let blind: serde_json::Value = serde_json::from_slice(&blind.stdout).unwrap();
     let live: serde_json::Value = serde_json::from_slice(&live.stdout).unwrap();
     assert_eq!(blind["plan_hash"], live["plan_hash"], "facts never change the hash");
+    // Said once in the plan: whether a restore would keep the lost writes.
+    assert!(blind["lost_writes"].is_null());
+    assert!(
+        live["lost_writes"]
+            .as_str()
+            .unwrap()
+            .contains("would not keep the writes it discards (wal_level is replica"),
+        "{live}"
+    );
     let findings = live["migrations"][0]["findings"].as_array().unwrap();
     let severities: Vec<(&str, &str)> = findings
         .iter()

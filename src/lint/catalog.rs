@@ -36,6 +36,10 @@ pub struct Catalog {
     /// Function volatility by (unqualified) name: the most volatile overload
     /// (`i` immutable, `s` stable, `v` volatile).
     pub functions: BTreeMap<String, char>,
+    /// The server's `wal_level` (whether a run can keep the writes a
+    /// restore discards: [`crate::capture`]).
+    #[serde(default)]
+    pub wal_level: String,
 }
 
 /// One relation.
@@ -200,8 +204,14 @@ impl Catalog {
             .await
             .map_err(q("search_path"))?
             .get(0);
+        let wal_level: String = client
+            .query_one("SELECT current_setting('wal_level')", &[])
+            .await
+            .map_err(q("wal_level"))?
+            .get(0);
         let mut cat = Catalog {
             default_schema,
+            wal_level,
             ..Catalog::default()
         };
         let rows = client
