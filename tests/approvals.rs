@@ -208,7 +208,7 @@ async fn valid_approval_runs_the_contract_after_a_restore_drill() {
     assert_eq!(soak["required_seconds"], 1, "{report}");
     assert!(soak["soaked_seconds"].as_u64().unwrap() >= 1, "{report}");
     let run = report["run"].as_str().unwrap();
-    let md = std::fs::read_to_string(f.state().join("runs").join(run).join("report.md")).unwrap();
+    let md = f.report_md(run);
     assert!(
         md.contains("Soak: contract 0002-drop-qty waited for expand 0001-orders, applied "),
         "{md}"

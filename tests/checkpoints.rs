@@ -84,13 +84,7 @@ async fn a_second_checkpoint_reuses_the_base_backup_and_the_restore_replays_the_
         taken_because(&third).unwrap().contains("no base backup on timeline 2"),
         "{third}"
     );
-    let md = std::fs::read_to_string(
-        f.state()
-            .join("runs")
-            .join(third["run"].as_str().unwrap())
-            .join("report.md"),
-    )
-    .unwrap();
+    let md = f.report_md(third["run"].as_str().unwrap());
     assert!(md.contains("a restore starts from: base backup"), "{md}");
 }
 

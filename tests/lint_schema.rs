@@ -276,13 +276,7 @@ async fn a_runs_plan_phase_judges_against_the_catalog_small_runs_large_needs_app
     assert!(finding["facts"].as_str().unwrap().contains("public.tiny"), "{report}");
     // The suppression's reason is in the evidence report.
     assert_eq!(finding["ignored"], "only the nightly import writes tiny", "{report}");
-    let md = std::fs::read_to_string(
-        f.state()
-            .join("runs")
-            .join(report["run"].as_str().unwrap())
-            .join("report.md"),
-    )
-    .unwrap();
+    let md = f.report_md(report["run"].as_str().unwrap());
     assert!(
         md.contains("**ignored** by `backstop:ignore`: only the nightly import writes tiny"),
         "{md}"

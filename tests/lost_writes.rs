@@ -121,7 +121,7 @@ async fn a_restore_keeps_the_apps_lost_writes_and_replay_gives_them_back() {
         report["data_loss_window"]["transactions"].as_u64(),
         Some(lost.len() as u64)
     );
-    let md = std::fs::read_to_string(f.state().join("runs").join(&run).join("report.md")).unwrap();
+    let md = f.report_md(&run);
     assert!(
         md.contains(&format!(
             "- writes kept: {} transactions of the application",
@@ -241,7 +241,7 @@ async fn without_logical_decoding_the_run_says_so_and_restores_as_before() {
         .unwrap_or_default();
     assert!(why.contains("wal_level is replica"), "{report:#}");
     let run = report["run"].as_str().unwrap();
-    let md = std::fs::read_to_string(f.state().join("runs").join(run).join("report.md")).unwrap();
+    let md = f.report_md(run);
     assert!(
         md.contains("- writes after it are not captured: wal_level is replica"),
         "{md}"

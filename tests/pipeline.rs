@@ -141,13 +141,7 @@ async fn failure_inside_one_transaction_reverts_on_upstream_without_restore() {
         "{report}"
     );
     assert!(failed["error"].as_str().unwrap().contains("no_such_table"), "{report}");
-    let md = std::fs::read_to_string(
-        f.state()
-            .join("runs")
-            .join(report["run"].as_str().unwrap())
-            .join("report.md"),
-    )
-    .unwrap();
+    let md = f.report_md(report["run"].as_str().unwrap());
     let line = failed["line"].as_u64().unwrap();
     assert!(
         md.contains(&format!(
@@ -252,7 +246,7 @@ async fn assert_restored(f: &Fixture, c1: &str, schema: &str) {
     let next = report["next_steps"].as_str().unwrap();
     assert!(next.contains("is on main: fix the migration in a new commit"), "{next}");
     let run = report["run"].as_str().unwrap();
-    let md = std::fs::read_to_string(f.state().join("runs").join(run).join("report.md")).unwrap();
+    let md = f.report_md(run);
     assert!(md.contains("## Next steps\n\nthe revert commit "), "{md}");
     assert!(
         md.contains("The state from before the restore is kept at `")
@@ -318,13 +312,7 @@ async fn failed_verify_after_commit_restores_by_pitr_and_reverts() {
         report["restore"]["target"].as_str().unwrap().starts_with("lsn "),
         "{report}"
     );
-    let md = std::fs::read_to_string(
-        f.state()
-            .join("runs")
-            .join(report["run"].as_str().unwrap())
-            .join("report.md"),
-    )
-    .unwrap();
+    let md = f.report_md(report["run"].as_str().unwrap());
     // The verify query and what it returned.
     assert!(
         md.contains("FAILED (verify returned 1 row(s); first column: f)\n\n  ```sql\n  SELECT count(*) = 0 FROM orders WHERE total IS NULL\n  ```"),

@@ -26,7 +26,7 @@ async fn restored_report(inserts: usize) -> (Fixture, serde_json::Value, String)
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let report = f.reports().pop().unwrap();
     let run = report["run"].as_str().unwrap().to_string();
-    let md = std::fs::read_to_string(f.state().join("runs").join(&run).join("report.md")).unwrap();
+    let md = f.report_md(&run);
     (f, report, md)
 }
 

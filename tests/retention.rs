@@ -246,7 +246,7 @@ async fn prune_deletes_old_checkpoints_keeps_the_set_aside_data_until_named_and_
     );
     assert_eq!(f.checkpoints(), 1);
     assert_eq!(f.kept_data_dirs(), 0);
-    let md = std::fs::read_to_string(f.state().join("runs").join(&failed_run).join("report.md")).unwrap();
+    let md = f.report_md(&failed_run);
     assert!(md.contains("was deleted by alice"), "{md}");
     // A second time it is already gone: refused, nothing else touched.
     let (out, _) = prune(&f, &["--set-aside", &failed_run]);

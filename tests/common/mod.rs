@@ -362,6 +362,11 @@ impl Fixture {
     }
 
     /// Journal entries.
+    /// The Markdown evidence report of run `run`.
+    pub fn report_md(&self, run: &str) -> String {
+        std::fs::read_to_string(self.state().join("runs").join(run).join("report.md")).expect("read report.md")
+    }
+
     /// Runs in the journal (not the leftovers of an interrupted atomic write).
     pub fn journal_len(&self) -> usize {
         std::fs::read_dir(self.state().join("journal"))
