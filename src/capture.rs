@@ -35,8 +35,20 @@ pub use decode::{Change, Op, Txn, Value};
 pub enum Capture {
     /// A logical slot created right before the recovery point.
     Slot { name: String, start_lsn: String },
-    /// The server cannot decode; why, in words.
-    Unavailable { why: String },
+    /// Not captured; why, in words. `maybe_created`: the attempt went as far
+    /// as creating the slot, which may exist (it is dropped by name).
+    Unavailable {
+        why: String,
+        #[serde(default)]
+        maybe_created: bool,
+    },
+}
+
+/// Backends whose restore goes exactly to the recovery point's LSN: only
+/// there do the slot's changes after that LSN equal what the restore
+/// discards (a dump restores to when it was taken; CNPG to a time).
+pub fn backend_restores_to_the_lsn(backend: &str) -> bool {
+    matches!(backend, "local" | "pgbackrest")
 }
 
 /// How the run's slot was let go.
@@ -99,6 +111,10 @@ pub enum CaptureError {
         #[source]
         source: tokio_postgres::Error,
     },
+    #[error("slot {slot} is not on {database} (already restored, or dropped)")]
+    NoSlot { slot: String, database: String },
+    #[error("sessions on {database} did not end within 10 s: writes could still commit after the read")]
+    Busy { database: String },
     #[error("reading the changes of slot {slot}")]
     Decode {
         slot: String,
@@ -138,10 +154,17 @@ async fn connect(db: &Database) -> Result<tokio_postgres::Client, CaptureError> 
 /// Creates run `run_id`'s slot (replacing one a crashed attempt left), or
 /// says why the server cannot capture. Never fails the run.
 pub async fn start(db: &Database, run_id: &str) -> Capture {
-    match try_start(db, run_id).await {
-        Ok(c) => c,
-        Err(e) => Capture::Unavailable {
+    // Creating a logical slot waits for every transaction in progress: an
+    // idle-in-transaction session must not hold the run.
+    match tokio::time::timeout(std::time::Duration::from_secs(30), try_start(db, run_id)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => Capture::Unavailable {
             why: crate::run::chain(&e),
+            maybe_created: true,
+        },
+        Err(_) => Capture::Unavailable {
+            why: "creating the logical slot waited 30 s for transactions in progress".into(),
+            maybe_created: true,
         },
     }
 }
@@ -156,6 +179,7 @@ async fn try_start(db: &Database, run_id: &str) -> Result<Capture, CaptureError>
     if level != "logical" {
         return Ok(Capture::Unavailable {
             why: format!("wal_level is {level}, not logical: the writes a restore discards are counted, not kept"),
+            maybe_created: false,
         });
     }
     let name = slot_name(run_id);
@@ -199,13 +223,31 @@ pub async fn quiesce(db: &Database, keep_pid: i32) -> Result<u64, CaptureError> 
         .map_err(query(db, "refusing new connections"))?;
     let ended = client
         .execute(
-            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
               WHERE datname = $1 AND pid <> $2 AND backend_type = 'client backend'",
             &[&db.dbname(), &keep_pid],
         )
         .await
         .map_err(query(db, "ending the application's sessions"))?;
-    Ok(ended)
+    // Ended means gone: a session still there could commit after the read.
+    for _ in 0..200 {
+        let left: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = $1 AND pid <> $2 AND backend_type = 'client backend'",
+                &[&db.dbname(), &keep_pid],
+            )
+            .await
+            .map_err(query(db, "waiting for the application's sessions to end"))?
+            .get(0);
+        if left == 0 {
+            return Ok(ended);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    Err(CaptureError::Busy {
+        database: db.describe(),
+    })
 }
 
 /// Lets connections in again after [`quiesce`] (the restore did not run).
@@ -246,6 +288,21 @@ pub async fn read(
 ) -> Result<(LostFile, usize), CaptureError> {
     // Connected first: once closed, the database takes no new connection.
     let client = connect(db).await?;
+    // Only the database the slot belongs to is closed (a resumed restore
+    // must never close the restored, live one).
+    let here = client
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()",
+            &[&slot],
+        )
+        .await
+        .map_err(query(db, "looking for the run's slot"))?;
+    if here.is_none() {
+        return Err(CaptureError::NoSlot {
+            slot: slot.to_string(),
+            database: db.describe(),
+        });
+    }
     let me: i32 = client
         .query_one("SELECT pg_backend_pid()", &[])
         .await
@@ -261,7 +318,7 @@ pub async fn read(
     // own flushes everything before it.
     client
         .batch_execute(
-            "SET synchronous_commit = on;
+            "SET synchronous_commit = local;
              SELECT pg_logical_emit_message(true, 'backstop', 'lost writes read');",
         )
         .await
@@ -281,11 +338,11 @@ pub async fn read(
             source,
         }
     })?;
-    let after = parse_lsn(recovery_lsn).unwrap_or(0);
+    let after = parse_lsn(recovery_lsn).unwrap_or(u64::MAX);
     let mut own_left_out = 0;
     let mut transactions = Vec::new();
     for mut t in all {
-        if parse_lsn(&t.commit_lsn).unwrap_or(0) <= after {
+        if parse_lsn(&t.commit_lsn).unwrap_or(u64::MAX) <= after {
             continue;
         }
         if own.contains(&t.xid) {
@@ -307,7 +364,7 @@ pub async fn read(
             .query(
                 "SELECT quote_ident(a.attname) FROM pg_index i
                    JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
-                  WHERE i.indrelid = $1::text::regclass AND i.indisprimary ORDER BY a.attnum",
+                  WHERE i.indrelid = to_regclass($1) AND i.indisprimary ORDER BY a.attnum",
                 &[&table],
             )
             .await

@@ -269,6 +269,10 @@ impl RunStore for Journal {
         }
     }
 
+    fn keeps_files(&self) -> bool {
+        true
+    }
+
     async fn write_file(&self, run: &RunRecord, name: &str, bytes: &[u8]) -> Result<Option<String>, StoreError> {
         let path = self.run_dir(&run.id).join(name);
         write_atomic(&path, bytes).map_err(|e| StoreError {

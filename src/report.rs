@@ -396,7 +396,7 @@ pub fn markdown(r: &Report) -> String {
                     "- writes after it are captured: logical slot `{name}` from LSN {start_lsn} (dropped when the run ends)"
                 );
             }
-            Some(crate::capture::Capture::Unavailable { why }) => {
+            Some(crate::capture::Capture::Unavailable { why, .. }) => {
                 let _ = writeln!(s, "- writes after it are not captured: {why}");
             }
             None => {}

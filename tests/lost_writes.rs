@@ -133,7 +133,7 @@ async fn a_restore_keeps_the_apps_lost_writes_and_replay_gives_them_back() {
     // lost-writes.sql holds them, and nothing of the migration's own.
     let sql = std::fs::read_to_string(f.state().join("runs").join(&run).join("lost-writes.sql")).unwrap();
     for id in &lost {
-        assert!(sql.contains(&format!("'{id}'::bigint")), "{id} in lost-writes.sql");
+        assert!(sql.contains(&format!("VALUES ('{id}', ")), "{id} in lost-writes.sql");
     }
     assert_eq!(
         sql.matches("BEGIN;").count(),
@@ -249,4 +249,43 @@ async fn without_logical_decoding_the_run_says_so_and_restores_as_before() {
     let (out, _) = replay(&f, run, &[]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("kept no lost writes"), "{}", text(&out));
+}
+
+#[tokio::test]
+async fn a_restore_resumed_after_a_kill_never_closes_the_restored_database() {
+    let f = Fixture::with_settings(LOGICAL).await;
+    f.commit_carrier(&orders_table(), "create orders");
+    assert!(f.run(&[]).await.status.success());
+    insert_orders(&f).await;
+    f.commit_carrier(&failing_backfill(""), "backfill totals");
+    let mut child = f.spawn_run(
+        &f.state(),
+        &["--revert", "commit"],
+        &[("BACKSTOP_TEST_PAUSE_AT", "restored-server-promoted")],
+    );
+    wait_for_line(&mut child, "test pause at restored-server-promoted").await;
+    // The application writes to the restored, promoted server; then backstop dies.
+    f.client()
+        .await
+        .batch_execute("INSERT INTO orders (customer, qty) VALUES ('after-restore', 9)")
+        .await
+        .unwrap();
+    kill9(child).await;
+
+    let out = f.run(&["--revert", "commit"]).await;
+    assert_eq!(out.status.code(), Some(1), "rolled back: {}", text(&out));
+    // The resumed restore found no slot in the live database and left it open.
+    let open = f
+        .count("SELECT count(*) FROM pg_database WHERE datname = 'shop' AND datallowconn")
+        .await;
+    assert_eq!(open, 1, "the restored database takes connections: {}", text(&out));
+    assert_eq!(
+        f.count("SELECT count(*) FROM orders WHERE customer = 'after-restore'")
+            .await,
+        1
+    );
+    assert_eq!(backstop_slots(&f).await, 0);
+    // The first attempt's files are there.
+    let run = f.reports().pop().unwrap()["run"].as_str().unwrap().to_string();
+    assert!(f.state().join("runs").join(&run).join("lost-writes.sql").exists());
 }

@@ -20,6 +20,10 @@ pub struct Value {
     pub column: String,
     pub ty: String,
     pub text: Option<String>,
+    /// A TOASTed value the UPDATE did not change (WAL does not carry it):
+    /// left out of the statement.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unchanged: bool,
 }
 
 /// What a change did.
@@ -195,6 +199,7 @@ fn values(line: &str, s: &str) -> Result<Vec<Value>, DecodeError> {
             .ok_or_else(|| bad(line, "column type"))?;
         let ty = s[ty_start..close].to_string();
         i = close + 2;
+        let mut unchanged = false;
         let text = if b.get(i) == Some(&b'\'') {
             let mut v = String::new();
             i += 1;
@@ -222,24 +227,29 @@ fn values(line: &str, s: &str) -> Result<Vec<Value>, DecodeError> {
                 "null" => None,
                 v if v.starts_with("B'") && v.ends_with('\'') && v.len() >= 3 => Some(v[2..v.len() - 1].to_string()),
                 "unchanged-toast-datum" => {
-                    return Err(bad(
-                        line,
-                        "an unchanged TOAST value (set REPLICA IDENTITY FULL to capture it)",
-                    ))
+                    unchanged = true;
+                    None
                 }
                 v => Some(v.to_string()),
             }
         };
-        out.push(Value { column, ty, text });
+        out.push(Value {
+            column,
+            ty,
+            text,
+            unchanged,
+        });
     }
     Ok(out)
 }
 
-/// `'text'::type`, or NULL.
+/// `'text'`, or NULL. Untyped: PostgreSQL reads it as the column's own
+/// type, typmod included (decoding names types without their typmod, and
+/// `'abc'::character` would be `char(1)`).
 pub fn literal(v: &Value) -> String {
     match &v.text {
         None => "NULL".into(),
-        Some(t) => format!("'{}'::{}", t.replace('\'', "''"), v.ty),
+        Some(t) => format!("'{}'", t.replace('\'', "''")),
     }
 }
 
@@ -247,6 +257,7 @@ pub fn literal(v: &Value) -> String {
 pub fn matches(values: &[Value]) -> String {
     values
         .iter()
+        .filter(|v| !v.unchanged)
         .map(|v| match v.text {
             None => format!("{} IS NULL", v.column),
             Some(_) => format!("{} = {}", v.column, literal(v)),
@@ -277,6 +288,7 @@ pub fn statement(c: &Change, key: &[String]) -> Option<String> {
                 c.table,
                 c.new
                     .iter()
+                    .filter(|v| !v.unchanged)
                     .map(|v| format!("{} = {}", v.column, literal(v)))
                     .collect::<Vec<_>>()
                     .join(", "),
@@ -284,7 +296,8 @@ pub fn statement(c: &Change, key: &[String]) -> Option<String> {
             ))
         }
         Op::Delete => (!c.old.is_empty()).then(|| format!("DELETE FROM {} WHERE {}", c.table, matches(&c.old))),
-        Op::Truncate => Some(format!("TRUNCATE {}", c.table)),
+        // Never redone by a program: it would erase what was written since.
+        Op::Truncate => None,
     }
 }
 
@@ -315,15 +328,15 @@ mod tests {
         let key = vec!["id".to_string()];
         assert_eq!(
             statement(&t.changes[0], &key).unwrap(),
-            "INSERT INTO public.orders (id, customer, note, tags) VALUES ('4'::bigint, 'it''s: x'::text, NULL, '{a,b}'::text[])"
+            "INSERT INTO public.orders (id, customer, note, tags) VALUES ('4', 'it''s: x', NULL, '{a,b}')"
         );
         assert_eq!(
             statement(&t.changes[2], &key).unwrap(),
-            "UPDATE public.orders SET id = '5'::bigint, customer = 'z'::text WHERE id = '5'::bigint"
+            "UPDATE public.orders SET id = '5', customer = 'z' WHERE id = '5'"
         );
         assert_eq!(
             statement(&t.changes[3], &key).unwrap(),
-            "DELETE FROM public.orders WHERE id = '5'::bigint"
+            "DELETE FROM public.orders WHERE id = '5'"
         );
         assert_eq!(statement(&t.changes[2], &[]), None, "no key: not redone blindly");
     }
@@ -334,11 +347,26 @@ mod tests {
             "table public.orders: INSERT: id[bigint]:'unterminated",
             "table public.orders: MERGE: id[bigint]:1",
             "DROP TABLE orders",
-            "table public.orders: UPDATE: id[bigint]:1 big[text]:unchanged-toast-datum",
         ] {
             let rows = [("0/1", "BEGIN 1"), ("0/2", line), ("0/3", "COMMIT 1")];
             assert!(transactions(rows).is_err(), "{line}");
         }
         assert!(transactions([("0/1", "COMMIT 1")]).is_err());
+        // An unchanged TOAST value is left out, not guessed; TRUNCATE is never redone.
+        let rows = [
+            ("0/1", "BEGIN 1"),
+            (
+                "0/2",
+                "table public.t: UPDATE: id[bigint]:1 big[text]:unchanged-toast-datum n[integer]:2",
+            ),
+            ("0/3", "table public.t: TRUNCATE: (no-flags)"),
+            ("0/4", "COMMIT 1"),
+        ];
+        let t = &transactions(rows).unwrap()[0];
+        assert_eq!(
+            statement(&t.changes[0], &["id".to_string()]).unwrap(),
+            "UPDATE public.t SET id = '1', n = '2' WHERE id = '1'"
+        );
+        assert_eq!(statement(&t.changes[1], &[]), None);
     }
 }

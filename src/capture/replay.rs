@@ -4,10 +4,14 @@
 //! - A transaction that touches a table the migration changed is left for a
 //!   person (its rows may not fit the restored schema's meaning); so is one
 //!   outside `--tables` when that is given.
-//! - Each change must find its row as it was: an INSERT must not meet an
-//!   existing key, an UPDATE or DELETE must match exactly one row by its old
-//!   key. Anything else is a conflict: that transaction is rolled back and
-//!   replay stops there, naming the row.
+//! - Each change must find its row: an INSERT must not meet an existing
+//!   key, an UPDATE or DELETE must match exactly one row by its old key (by
+//!   the whole old row only with `REPLICA IDENTITY FULL`: with the default
+//!   identity, a row the application changed since the restore is matched by
+//!   key and overwritten). Anything else is a conflict: that transaction is
+//!   rolled back and replay stops there, naming the row. A TRUNCATE always
+//!   stops it. A transaction left for a person holds its tables: later ones
+//!   on them are left too, so commit order is kept per table.
 //! - Applied transactions are recorded in `backstop.replayed` in the same
 //!   transaction, so a second replay goes on where the first stopped.
 //! - `--dry-run` applies everything in one transaction and rolls it back.
@@ -78,21 +82,27 @@ pub async fn replay(
             .await
             .map_err(query(db, "beginning the dry run"))?;
     }
+    // Tables a left transaction touched: a later transaction on them is
+    // left too, so that no older write lands on top of a newer one.
+    let mut held: HashSet<String> = HashSet::new();
     for t in &file.transactions {
         if done.contains(&t.xid) {
             out.already.push(t.xid);
             continue;
         }
-        if let Some(c) = t.changes.iter().find(|c| named(&c.table, migrated)) {
-            out.left
-                .push((t.xid, format!("touches {}, which the migration changed", c.table)));
+        let why = if let Some(c) = t.changes.iter().find(|c| named(&c.table, migrated)) {
+            Some(format!("touches {}, which the migration changed", c.table))
+        } else if let Some(c) = t.changes.iter().find(|c| held.contains(&c.table)) {
+            Some(format!("touches {} after a transaction left for a person", c.table))
+        } else if let Some(c) = t.changes.iter().find(|c| !only.is_empty() && !named(&c.table, only)) {
+            Some(format!("touches {}, not in --tables", c.table))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            held.extend(t.changes.iter().map(|c| c.table.clone()));
+            out.left.push((t.xid, why));
             continue;
-        }
-        if !only.is_empty() {
-            if let Some(c) = t.changes.iter().find(|c| !named(&c.table, only)) {
-                out.left.push((t.xid, format!("touches {}, not in --tables", c.table)));
-                continue;
-            }
         }
         let (begin, end_ok, end_bad) = if dry_run {
             (
@@ -146,14 +156,20 @@ async fn apply(client: &tokio_postgres::Client, file: &LostFile, t: &Txn) -> Res
     for c in &t.changes {
         let key = file.keys.get(&c.table).map(Vec::as_slice).unwrap_or_default();
         let Some(sql) = decode::statement(c, key) else {
-            return Err(format!(
-                "{} on {} has no key to find its row by: replay it by hand from lost-writes.sql",
-                c.op.as_str(),
-                c.table
-            ));
+            return Err(match c.op {
+                Op::Truncate => format!(
+                    "TRUNCATE of {} is never replayed by a program (it would erase what was written since the restore): decide by hand",
+                    c.table
+                ),
+                _ => format!(
+                    "{} on {} has no key to find its row by: replay it by hand from lost-writes.sql",
+                    c.op.as_str(),
+                    c.table
+                ),
+            });
         };
         match client.execute(sql.as_str(), &[]).await {
-            Ok(n) if c.op == Op::Insert || c.op == Op::Truncate || n == 1 => {}
+            Ok(n) if c.op == Op::Insert || n == 1 => {}
             Ok(n) => {
                 let old = if c.old.is_empty() {
                     c.new.iter().filter(|v| key.contains(&v.column)).cloned().collect()

@@ -300,7 +300,7 @@ impl Checkpoint for PgBackRestBackend {
         if !started.exists() {
             if !begun.exists() {
                 // The target's segment goes to the archive before the server stops.
-                if let Ok(client) = db.connect().await {
+                if let Some(client) = crate::checkpoint::local::LocalBackend::server_connection(db).await {
                     if let Ok((_, here)) = self.here(db, &client).await {
                         kept = format!(
                             "the writes after LSN {} stay in pgBackRest stanza {}'s WAL archive on timeline {} (a restore with --type=lsn --target-timeline={} brings them back)",

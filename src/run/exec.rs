@@ -140,14 +140,20 @@ impl Engine {
             Action::Drill => O::Drilled(self.drill(run, cache).await),
             Action::RecoveryPoint => O::RecoveryPoint(match self.database(run, cache).await {
                 Ok(db) => {
-                    // The slot first: it then sees everything committed after the point.
+                    // The slot first: it then sees everything committed after
+                    // the point. Only where a restore goes to exactly that LSN.
                     let capture = match &run.checkpoint {
-                        Some(_) => Some(crate::capture::start(&db, &run.id).await),
-                        None => None,
+                        Some(c) if crate::capture::backend_restores_to_the_lsn(&c.backend) => {
+                            Some(crate::capture::start(&db, &run.id).await)
+                        }
+                        _ => None,
                     };
-                    self.runner
-                        .recovery_point(&db)
-                        .await
+                    let point = self.runner.recovery_point(&db).await;
+                    if point.is_err() && capture.is_some() {
+                        // Not recorded, so never released later: let it go now.
+                        let _ = crate::capture::release(&db, &crate::capture::slot_name(&run.id)).await;
+                    }
+                    point
                         .map(|p| crate::checkpoint::RecoveryPoint { capture, ..p })
                         .map_err(|e| transient(&e))
                 }
@@ -243,7 +249,7 @@ impl Engine {
             Action::ReleaseCapture => {
                 let slot = run.capture_slot().unwrap_or_default();
                 O::CaptureReleased(match self.database(run, cache).await {
-                    Ok(db) => crate::capture::release(&db, slot).await,
+                    Ok(db) => crate::capture::release(&db, &slot).await,
                     Err(f) => crate::capture::SlotRelease::Failed { why: f.message },
                 })
             }
@@ -382,18 +388,27 @@ impl Engine {
         let db = self.database(run, cache).await.map_err(|f| Fault::failed(f.message))?;
         let lost = self.keep_lost_writes(run, &db, &point).await;
         let quiesced = matches!(point.capture, Some(crate::capture::Capture::Slot { .. }));
-        let mut record = match backend.restore(&db, &checkpoint, &point, &run.id).await {
-            Ok(r) => r,
-            Err(e) => {
-                // The database stays what it was: let the application back in.
-                if quiesced {
-                    if let Err(e) = crate::capture::reopen(&db).await {
-                        tracing::error!(error = %chain(&e), "the database still refuses connections after a failed restore: ALTER DATABASE ... ALLOW_CONNECTIONS true");
-                    }
-                }
-                return Err(Fault::failed(chain(&e)));
-            }
+        let restored = backend.restore(&db, &checkpoint, &point, &run.id).await;
+        // Whatever happened, the application is let back in (a no-op where
+        // the restore already took the database back to before the close).
+        let reopened = if quiesced {
+            crate::capture::reopen(&db).await.err().map(|e| {
+                format!(
+                    "; the database still refuses connections ({}): run ALTER DATABASE {} ALLOW_CONNECTIONS true",
+                    chain(&e),
+                    db.dbname()
+                )
+            })
+        } else {
+            None
         };
+        let mut record = match restored {
+            Ok(r) => r,
+            Err(e) => return Err(Fault::failed(format!("{}{}", chain(&e), reopened.unwrap_or_default()))),
+        };
+        if let Some(warning) = reopened {
+            tracing::error!("{}", warning.trim_start_matches("; "));
+        }
         record.lost_writes = lost;
         Ok(record)
     }
@@ -409,8 +424,14 @@ impl Engine {
         use crate::capture::{self, Capture, Captured};
         let name = match point.capture.as_ref()? {
             Capture::Slot { name, .. } => name.clone(),
-            Capture::Unavailable { why } => return Some(Captured::NotKept { why: why.clone() }),
+            Capture::Unavailable { why, .. } => return Some(Captured::NotKept { why: why.clone() }),
         };
+        if !self.store.keeps_files() {
+            // Read, they would be kept nowhere: do not close the database for that.
+            return Some(Captured::NotKept {
+                why: "this run store keeps no files (the controller): the writes are counted, not kept".into(),
+            });
+        }
         let own: std::collections::HashSet<u32> = run
             .migrate_results
             .iter()
@@ -436,10 +457,8 @@ impl Engine {
             Ok::<_, String>(file.summary(own_left_out, path))
         }
         .await;
-        // Whatever was read, the slot goes now (the restore may not take it away).
-        if let capture::SlotRelease::Failed { why } = capture::release(db, &name).await {
-            tracing::warn!(slot = %name, error = %why, "could not drop the run's logical slot before the restore");
-        }
+        // The slot stays until the run's release step: a restore to the
+        // recovery point takes it away, and a restore that fails leaves it.
         Some(match kept {
             Ok(summary) => {
                 tracing::info!(

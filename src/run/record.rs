@@ -254,9 +254,12 @@ impl RunRecord {
     }
 
     /// The logical slot the run created, if any.
-    pub fn capture_slot(&self) -> Option<&str> {
+    pub fn capture_slot(&self) -> Option<String> {
         match self.recovery_point.as_ref()?.capture.as_ref()? {
-            crate::capture::Capture::Slot { name, .. } => Some(name),
+            crate::capture::Capture::Slot { name, .. } => Some(name.clone()),
+            crate::capture::Capture::Unavailable {
+                maybe_created: true, ..
+            } => Some(crate::capture::slot_name(&self.id)),
             crate::capture::Capture::Unavailable { .. } => None,
         }
     }
@@ -306,6 +309,10 @@ pub trait RunStore: Send + Sync {
     async fn write_report(&self, run: &RunRecord, report: &Report) -> Result<String, StoreError>;
     /// Writes a file of the run beside its report (`lost-writes.sql`);
     /// where it went, or None when this store keeps no files.
+    /// Whether [`write_file`](Self::write_file) keeps anything.
+    fn keeps_files(&self) -> bool {
+        false
+    }
     async fn write_file(&self, run: &RunRecord, name: &str, bytes: &[u8]) -> Result<Option<String>, StoreError> {
         let _ = (run, name, bytes);
         Ok(None)
