@@ -94,10 +94,11 @@ pub async fn replay(
             Some(format!("touches {}, which the migration changed", c.table))
         } else if let Some(c) = t.changes.iter().find(|c| held.contains(&c.table)) {
             Some(format!("touches {} after a transaction left for a person", c.table))
-        } else if let Some(c) = t.changes.iter().find(|c| !only.is_empty() && !named(&c.table, only)) {
-            Some(format!("touches {}, not in --tables", c.table))
         } else {
-            None
+            t.changes
+                .iter()
+                .find(|c| !only.is_empty() && !named(&c.table, only))
+                .map(|c| format!("touches {}, not in --tables", c.table))
         };
         if let Some(why) = why {
             held.extend(t.changes.iter().map(|c| c.table.clone()));
