@@ -289,3 +289,109 @@ async fn a_restore_resumed_after_a_kill_never_closes_the_restored_database() {
     let run = f.reports().pop().unwrap()["run"].as_str().unwrap().to_string();
     assert!(f.state().join("runs").join(&run).join("lost-writes.sql").exists());
 }
+
+/// Like [`writer`], with updates and deletes: each transaction inserts a
+/// row, and every third also updates the row before it, every fifth deletes
+/// the one two before. Returns the table as the acknowledged commits left it.
+fn mixed_writer(
+    url: String,
+) -> (
+    tokio::task::JoinHandle<()>,
+    Arc<Mutex<std::collections::BTreeMap<i64, String>>>,
+) {
+    let model = Arc::new(Mutex::new(std::collections::BTreeMap::new()));
+    let out = model.clone();
+    let task = tokio::spawn(async move {
+        let Ok((mut client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await else {
+            return;
+        };
+        tokio::spawn(conn);
+        for id in 1_000i64.. {
+            let Ok(tx) = client.transaction().await else { return };
+            let note = format!("row {id}");
+            let mut ops: Vec<(i64, Option<String>)> = vec![(id, Some(note.clone()))];
+            if tx
+                .execute("INSERT INTO events (id, note) VALUES ($1, $2)", &[&id, &note])
+                .await
+                .is_err()
+            {
+                return;
+            }
+            if id % 3 == 0 {
+                let prev = id - 1;
+                let new = format!("row {prev} updated by {id}");
+                if tx
+                    .execute("UPDATE events SET note = $2 WHERE id = $1", &[&prev, &new])
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                ops.push((prev, Some(new)));
+            }
+            if id % 5 == 0 {
+                let gone = id - 2;
+                if tx.execute("DELETE FROM events WHERE id = $1", &[&gone]).await.is_err() {
+                    return;
+                }
+                ops.push((gone, None));
+            }
+            if tx.commit().await.is_err() {
+                return;
+            }
+            {
+                let mut m = out.lock().unwrap();
+                for (k, v) in ops {
+                    match v {
+                        Some(v) => {
+                            m.insert(k, v);
+                        }
+                        None => {
+                            m.remove(&k);
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    });
+    (task, model)
+}
+
+#[tokio::test]
+async fn replay_of_inserts_updates_and_deletes_leaves_the_table_as_the_app_left_it() {
+    let f = Fixture::with_settings(LOGICAL).await;
+    f.commit_carrier(&orders_table(), "create orders");
+    assert!(f.run(&[]).await.status.success());
+    insert_orders(&f).await;
+    events_table(&f).await;
+    let (task, model) = mixed_writer(f.server.url("shop"));
+    wait_until("the app writes", || {
+        let n = model.lock().unwrap().len();
+        async move { n >= 20 }
+    })
+    .await;
+    f.commit_carrier(&failing_backfill(""), "backfill totals");
+    let out = f.run(&["--revert", "commit"]).await;
+    assert_eq!(out.status.code(), Some(1), "rolled back:\n{}", text(&out));
+    task.await.unwrap();
+    let expected = model.lock().unwrap().clone();
+    let table = || async {
+        f.client()
+            .await
+            .query("SELECT id, note FROM events WHERE id >= 1000 ORDER BY id", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1)))
+            .collect::<std::collections::BTreeMap<i64, String>>()
+    };
+    assert_ne!(table().await, expected, "the restore took writes away");
+    let report = f.reports().pop().unwrap();
+    let run = report["run"].as_str().unwrap().to_string();
+    let kept = &report["restore"]["lost_writes"]["kept"];
+    assert!(kept["transactions"].as_u64().unwrap() >= 1, "{report:#}");
+    let (out, _) = replay(&f, &run, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(table().await, expected, "after replay: {}", text(&out));
+}
