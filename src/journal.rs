@@ -273,6 +273,18 @@ impl RunStore for Journal {
         true
     }
 
+    async fn read_file(&self, run: &RunRecord, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match std::fs::read(self.run_dir(&run.id).join(name)) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError {
+                action: "read a file of the run",
+                run: run.id.clone(),
+                source: e.into(),
+            }),
+        }
+    }
+
     async fn write_file(&self, run: &RunRecord, name: &str, bytes: &[u8]) -> Result<Option<String>, StoreError> {
         let path = self.run_dir(&run.id).join(name);
         write_atomic(&path, bytes).map_err(|e| StoreError {

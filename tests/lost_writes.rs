@@ -285,9 +285,14 @@ async fn a_restore_resumed_after_a_kill_never_closes_the_restored_database() {
         1
     );
     assert_eq!(backstop_slots(&f).await, 0);
-    // The first attempt's files are there.
-    let run = f.reports().pop().unwrap()["run"].as_str().unwrap().to_string();
+    // The first attempt's files are there, and the report still says so.
+    let report = f.reports().pop().unwrap();
+    let run = report["run"].as_str().unwrap().to_string();
     assert!(f.state().join("runs").join(&run).join("lost-writes.sql").exists());
+    assert!(
+        report["restore"]["lost_writes"]["kept"]["transactions"].is_u64(),
+        "{report:#}"
+    );
 }
 
 /// Like [`writer`], with updates and deletes: each transaction inserts a

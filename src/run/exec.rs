@@ -440,11 +440,20 @@ impl Engine {
         let kept = async {
             // `read` closes the database first: nothing may commit between
             // the read and the restore.
-            let (file, own_left_out) = capture::read(db, &run.id, &name, &point.lsn, &own)
-                .await
-                .map_err(|e| chain(&e))?;
-            let json = serde_json::to_vec_pretty(&file).map_err(|e| e.to_string())?;
+            const SUMMARY: &str = "lost-writes-summary.json";
             let store = |e: crate::run::StoreError| chain(&e);
+            let (file, own_left_out) = match capture::read(db, &run.id, &name, &point.lsn, &own).await {
+                Ok(read) => read,
+                // Resumed after the restore: an earlier attempt kept them.
+                Err(e @ capture::CaptureError::NoSlot { .. }) => {
+                    return match self.store.read_file(run, SUMMARY).await.map_err(store)? {
+                        Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| e.to_string()),
+                        None => Err(chain(&e)),
+                    };
+                }
+                Err(e) => return Err(chain(&e)),
+            };
+            let json = serde_json::to_vec_pretty(&file).map_err(|e| e.to_string())?;
             self.store
                 .write_file(run, "lost-writes.json", &json)
                 .await
@@ -454,7 +463,10 @@ impl Engine {
                 .write_file(run, "lost-writes.sql", file.sql().as_bytes())
                 .await
                 .map_err(store)?;
-            Ok::<_, String>(file.summary(own_left_out, path))
+            let summary = file.summary(own_left_out, path);
+            let bytes = serde_json::to_vec_pretty(&summary).map_err(|e| e.to_string())?;
+            self.store.write_file(run, SUMMARY, &bytes).await.map_err(store)?;
+            Ok::<_, String>(summary)
         }
         .await;
         // The slot stays until the run's release step: a restore to the

@@ -309,6 +309,11 @@ pub trait RunStore: Send + Sync {
     async fn write_report(&self, run: &RunRecord, report: &Report) -> Result<String, StoreError>;
     /// Writes a file of the run beside its report (`lost-writes.sql`);
     /// where it went, or None when this store keeps no files.
+    /// A file [`write_file`](Self::write_file) wrote for the run, if any.
+    async fn read_file(&self, run: &RunRecord, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let _ = (run, name);
+        Ok(None)
+    }
     /// Whether [`write_file`](Self::write_file) keeps anything.
     fn keeps_files(&self) -> bool {
         false
