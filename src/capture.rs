@@ -20,6 +20,7 @@
 
 pub mod decode;
 pub mod replay;
+pub mod sequences;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -76,6 +77,10 @@ pub struct LostWrites {
     pub own_left_out: usize,
     /// Where they were written (`lost-writes.sql`), when the store keeps files.
     pub file: Option<String>,
+    /// Sequences moved forward after the restore, past the ids the lost
+    /// writes used ([`sequences`]); None: not (yet) done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequences_advanced: Option<usize>,
 }
 
 /// Whether a restore kept the writes it discarded.
@@ -94,6 +99,9 @@ pub struct LostFile {
     pub transactions: Vec<Txn>,
     /// Primary-key columns per table (for UPDATE/DELETE without an old key).
     pub keys: HashMap<String, Vec<String>>,
+    /// The sequences' values before the restore ([`sequences`]).
+    #[serde(default)]
+    pub sequences: Vec<sequences::SequenceValue>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -260,6 +268,12 @@ pub async fn reopen(db: &Database) -> Result<(), CaptureError> {
         .map_err(query(db, "allowing connections again"))
 }
 
+/// Moves the sequences forward after a restore ([`sequences::advance`]).
+pub async fn advance_sequences(db: &Database, values: &[sequences::SequenceValue]) -> Result<usize, CaptureError> {
+    let client = connect(db).await?;
+    sequences::advance(&client, db, values).await
+}
+
 /// Drops slot `name` if it exists.
 pub async fn release(db: &Database, name: &str) -> SlotRelease {
     let result = async {
@@ -374,12 +388,15 @@ pub async fn read(
             .collect();
         keys.insert(table.to_string(), cols);
     }
+    // Still closed: no id is handed out between this read and the restore.
+    let sequences = sequences::read(&client, db).await?;
     Ok((
         LostFile {
             run: run_id.to_string(),
             recovery_lsn: recovery_lsn.to_string(),
             transactions,
             keys,
+            sequences,
         },
         own_left_out,
     ))
@@ -403,6 +420,7 @@ impl LostFile {
             last_commit: self.transactions.last().map(|t| t.committed_at.clone()),
             own_left_out,
             file,
+            sequences_advanced: None,
         }
     }
 

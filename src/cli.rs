@@ -554,6 +554,13 @@ pub struct RunArgs {
     /// Default: each carrier's annotation, `pull-request` when it has none.
     #[arg(long, env = "BACKSTOP_REVERT", value_parser = parse_revert, value_name = "commit|pull-request")]
     pub revert: Option<RevertMode>,
+    /// After a restore, put back at once the writes it discarded that touch
+    /// no table the migration changed (as `backstop.dev/replay: auto` on
+    /// every carrier), stopping at the first conflict; the rest stay in the
+    /// run's lost-writes.sql for `backstop replay`. Off by default: the
+    /// writes are kept, and a person decides.
+    #[arg(long, env = "BACKSTOP_REPLAY_LOST_WRITES")]
+    pub replay_lost_writes: bool,
     /// State directory: journal, checkpoints, runs/<id>/report.{md,json}.
     #[arg(long, env = "BACKSTOP_STATE", default_value = ".backstop")]
     pub state: PathBuf,
@@ -1087,6 +1094,7 @@ async fn run_local(args: RunArgs) -> anyhow::Result<u8> {
         pgdata: args.pgdata,
         wal_archive: args.wal_archive,
         revert: args.revert,
+        replay_lost_writes: args.replay_lost_writes,
         state: args.state.clone(),
         env: Default::default(),
         keep_checkpoints: args.keep_checkpoints,

@@ -86,6 +86,7 @@ pub async fn run(keep: bool) -> Result<(), DemoError> {
         pgdata: Some(server.data_dir()),
         wal_archive: Some(server.archive()),
         revert: None,
+        replay_lost_writes: false,
         state: root.join("state"),
         env: HashMap::from([("SHOP_DATABASE_URL".to_string(), server.url("shop"))]),
         git_auth: Default::default(),

@@ -40,6 +40,8 @@ pub struct LocalOptions {
     pub pgdata: Option<PathBuf>,
     pub wal_archive: Option<PathBuf>,
     pub revert: Option<RevertMode>,
+    /// Puts the lost writes back after every restore (as `backstop.dev/replay: auto` on each carrier).
+    pub replay_lost_writes: bool,
     pub state: PathBuf,
     /// `url:VAR` values that take precedence over the environment.
     pub env: HashMap<String, String>,
@@ -206,6 +208,7 @@ pub async fn engine(opts: &LocalOptions) -> Result<Engine, LocalError> {
             also_guarded: Vec::new(),
             steward: true,
             revert: opts.revert,
+            replay_lost_writes: opts.replay_lost_writes,
             backoff: opts.backoff,
             owner: crate::owner::state_id(&opts.state)?,
             keep_checkpoints: opts.keep_checkpoints,

@@ -102,6 +102,9 @@ pub struct Report {
     pub failed_statement: Option<FailedStatement>,
     pub remediation: Option<String>,
     pub restore: Option<RestoreRecord>,
+    /// The run's own replay of the lost writes (`backstop.dev/replay: auto`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_writes_replay: Option<crate::capture::replay::AutoReplay>,
     pub revert: Option<RevertRecord>,
     pub remediation_errors: Vec<String>,
     /// A person took the failed run over (`backstop ack`).
@@ -227,6 +230,7 @@ impl Report {
             failed_statement: FailedStatement::of(run),
             remediation: run.restore_decision.clone(),
             restore: run.restore.clone(),
+            lost_writes_replay: run.lost_writes_replay.clone(),
             revert: run.revert.clone(),
             remediation_errors: run.remediation_errors.clone(),
             acknowledged: run.acknowledged.clone(),
@@ -500,6 +504,7 @@ pub fn markdown(r: &Report) -> String {
                 );
                 if let Some(rs) = &r.restore {
                     scope(&mut s, rs, r.checkpoint.as_ref().map(|c| c.backend.as_str()), &r.run);
+                    replayed(&mut s, r.lost_writes_replay.as_ref(), &r.run);
                 }
             }
             None => {
@@ -533,6 +538,38 @@ pub fn markdown(r: &Report) -> String {
 }
 
 /// What the restore took back, and how to read what it discarded.
+/// What the run's own replay of the lost writes did.
+fn replayed(s: &mut String, replay: Option<&crate::capture::replay::AutoReplay>, run: &str) {
+    use crate::capture::replay::AutoReplay;
+    use std::fmt::Write;
+    match replay {
+        Some(AutoReplay::Replayed(r)) => {
+            let _ = writeln!(
+                s,
+                "- writes put back by the run (`backstop.dev/replay: auto`): {} transactions applied, {} left for a person",
+                r.applied.len() + r.already.len(),
+                r.left.len()
+            );
+            for (xid, why) in &r.left {
+                let _ = writeln!(s, "  - left: xid {xid}: {why}");
+            }
+            if let Some((xid, why)) = &r.stopped {
+                let _ = writeln!(
+                    s,
+                    "  - stopped at xid {xid}: {why}; fix the row, then `backstop replay {run}` goes on from there"
+                );
+            }
+        }
+        Some(AutoReplay::NotReplayed { why }) => {
+            let _ = writeln!(
+                s,
+                "- writes not put back by the run ({why}): `backstop replay {run}` can"
+            );
+        }
+        None => {}
+    }
+}
+
 fn scope(s: &mut String, rs: &RestoreRecord, backend: Option<&str>, run: &str) {
     use std::fmt::Write;
     let whole = matches!(backend, Some("local" | "pgbackrest" | "cnpg"));
@@ -582,6 +619,12 @@ fn scope(s: &mut String, rs: &RestoreRecord, backend: Option<&str>, run: &str) {
                 w.file.as_deref().map(|f| format!("They are in `{f}`; ")).unwrap_or_default(),
                 run
             );
+            if let Some(n) = w.sequences_advanced {
+                let _ = writeln!(
+                    s,
+                    "- sequences: {n} moved forward after the restore, past the ids the lost writes had used (the application does not hand them out again)"
+                );
+            }
         }
         Some(crate::capture::Captured::NotKept { why }) => {
             let _ = writeln!(s, "- writes not kept: {why}");

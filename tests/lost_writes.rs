@@ -400,3 +400,113 @@ async fn replay_of_inserts_updates_and_deletes_leaves_the_table_as_the_app_left_
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(table().await, expected, "after replay: {}", text(&out));
 }
+
+/// Inserts one row per transaction into `tickets` (a `bigserial` key the
+/// server hands out) until its connection is ended; returns the rows whose
+/// COMMIT the server acknowledged, by id.
+fn serial_writer(
+    url: String,
+) -> (
+    tokio::task::JoinHandle<()>,
+    Arc<Mutex<std::collections::BTreeMap<i64, String>>>,
+) {
+    let rows = Arc::new(Mutex::new(std::collections::BTreeMap::new()));
+    let out = rows.clone();
+    let task = tokio::spawn(async move {
+        let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await else {
+            return;
+        };
+        tokio::spawn(conn);
+        for n in 0.. {
+            let note = format!("ticket {n}");
+            match client
+                .query_one("INSERT INTO tickets (note) VALUES ($1) RETURNING id", &[&note])
+                .await
+            {
+                Ok(row) => {
+                    out.lock().unwrap().insert(row.get::<_, i64>(0), note);
+                }
+                Err(_) => return,
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    });
+    (task, rows)
+}
+
+#[tokio::test]
+async fn a_run_asked_to_replay_puts_the_lost_rows_back_itself_and_their_ids_are_never_handed_out_again() {
+    let f = Fixture::with_settings(LOGICAL).await;
+    f.commit_carrier(&orders_table(), "create orders");
+    assert!(f.run(&[]).await.status.success());
+    insert_orders(&f).await;
+    f.client()
+        .await
+        .batch_execute("CREATE TABLE tickets (id bigserial PRIMARY KEY, note text NOT NULL)")
+        .await
+        .unwrap();
+    let (task, model) = serial_writer(f.server.url("shop"));
+    wait_until("the app writes", || {
+        let n = model.lock().unwrap().len();
+        async move { n >= 20 }
+    })
+    .await;
+    // Asked on the carrier: the run replays what its restore discarded.
+    f.commit_carrier(&failing_backfill("").annotation("replay", "auto"), "backfill totals");
+    let out = f.run(&["--revert", "commit"]).await;
+    assert_eq!(out.status.code(), Some(1), "rolled back:\n{}", text(&out));
+    task.await.unwrap();
+    let written = model.lock().unwrap().clone();
+    let table = f
+        .client()
+        .await
+        .query("SELECT id, note FROM tickets ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1)))
+        .collect::<std::collections::BTreeMap<i64, String>>();
+    assert_eq!(
+        table,
+        written,
+        "every acknowledged row is back, as written:\n{}",
+        text(&out)
+    );
+
+    let report = f.reports().pop().unwrap();
+    let run = report["run"].as_str().unwrap().to_string();
+    let kept = &report["restore"]["lost_writes"]["kept"];
+    let lost = kept["transactions"].as_u64().unwrap();
+    assert!(lost >= 1, "the app wrote during the window: {report:#}");
+    assert!(kept["sequences_advanced"].as_u64().unwrap() >= 1, "{report:#}");
+    let replayed = &report["lost_writes_replay"]["replayed"];
+    assert_eq!(replayed["applied"].as_array().unwrap().len() as u64, lost, "{report:#}");
+    assert!(replayed["stopped"].is_null(), "{report:#}");
+    let md = f.report_md(&run);
+    assert!(
+        md.contains(&format!(
+            "- writes put back by the run (`backstop.dev/replay: auto`): {lost} transactions applied, 0 left"
+        )),
+        "{md}"
+    );
+    assert!(md.contains("- sequences: "), "{md}");
+
+    // The sequence went past the lost rows' ids at the restore: the
+    // application's next row takes a fresh one.
+    let next: i64 = f
+        .client()
+        .await
+        .query_one("INSERT INTO tickets (note) VALUES ('after') RETURNING id", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let highest = *written.keys().last().unwrap();
+    assert!(next > highest, "new id {next} after the lost ones (up to {highest})");
+
+    // A person's replay afterwards finds nothing left to do.
+    let (out, again) = replay(&f, &run, &["-o", "json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(again["already"].as_array().unwrap().len() as u64, lost);
+    assert!(again["applied"].as_array().unwrap().is_empty());
+    assert_eq!(backstop_slots(&f).await, 0);
+}

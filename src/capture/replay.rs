@@ -18,14 +18,26 @@
 
 use std::collections::HashSet;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::decode::{self, Op, Txn};
 use super::{connect, query, CaptureError, LostFile};
 use crate::db::Database;
 
+/// What the run's own replay (`backstop.dev/replay: auto`,
+/// `--replay-lost-writes`) did after its restore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AutoReplay {
+    Replayed(Replayed),
+    /// It could not start (the database, the file); `backstop replay` can.
+    NotReplayed {
+        why: String,
+    },
+}
+
 /// What replay did (or would do, dry).
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Replayed {
     pub dry_run: bool,
     pub applied: Vec<u32>,
@@ -35,6 +47,10 @@ pub struct Replayed {
     pub left: Vec<(u32, String)>,
     /// The conflict replay stopped at.
     pub stopped: Option<(u32, String)>,
+    /// Sequences moved past the ids the lost writes used (not in a dry run:
+    /// `setval` cannot be rolled back).
+    #[serde(default)]
+    pub sequences_advanced: usize,
 }
 
 /// Whether `table` (`schema.name` as decoded) is one of `names` (as the
@@ -74,6 +90,12 @@ pub async fn replay(
         dry_run,
         ..Default::default()
     };
+    if !dry_run {
+        // Before any row goes back: the application must not hand out one
+        // of their ids meanwhile (done after the restore too; again here for
+        // a restore resumed after a crash).
+        out.sequences_advanced = super::sequences::advance(&client, db, &file.sequences).await?;
+    }
     // One connection: SAVEPOINTs inside a dry run's outer transaction, a
     // real transaction per source transaction otherwise.
     if dry_run {
@@ -319,6 +341,13 @@ pub fn text(r: &Replayed) -> String {
         r.applied.len(),
         if r.dry_run { " (dry run: rolled back)" } else { "" }
     );
+    if r.sequences_advanced > 0 {
+        let _ = writeln!(
+            s,
+            "moved {} sequences past the ids the lost writes used",
+            r.sequences_advanced
+        );
+    }
     if !r.already.is_empty() {
         let _ = writeln!(s, "already applied by an earlier replay: {}", r.already.len());
     }

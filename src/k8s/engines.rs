@@ -367,6 +367,7 @@ async fn engine_for(
             also_guarded: peers.paths,
             steward: peers.steward,
             revert: None,
+            replay_lost_writes: false,
             backoff: Default::default(),
             // One leader-elected controller guards a Kustomization.
             owner: format!("k8s:{ns}/{name}"),

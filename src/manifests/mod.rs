@@ -32,6 +32,7 @@ const KNOWN_KEYS: &[&str] = &[
     "verify",
     "checkpoint",
     "revert",
+    "replay",
     "timeout",
     "approved-by",
     "soak",
@@ -118,6 +119,18 @@ keyword_enum!(
     /// How the code is reverted on failure.
     RevertMode { PullRequest = "pull-request", Commit = "commit" }
 );
+keyword_enum!(
+    /// Whether the writes a restore discarded are put back by the run itself
+    /// (`backstop.dev/replay`, see [`crate::capture::replay`]).
+    ReplayMode { Manual = "manual", Auto = "auto" }
+);
+// keyword_enum! derives for every enum alike; only this one has a default.
+#[allow(clippy::derivable_impls)]
+impl Default for ReplayMode {
+    fn default() -> Self {
+        Self::Manual
+    }
+}
 
 /// A parsed, validated migration carrier.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,6 +155,9 @@ pub struct Carrier {
     pub run: RunKind,
     pub checkpoint: CheckpointKind,
     pub revert: RevertMode,
+    /// `backstop.dev/replay`: `auto` puts the lost writes back after a restore.
+    #[serde(default)]
+    pub replay: ReplayMode,
     /// Bound on migrate + verify.
     #[serde(with = "duration_secs")]
     pub timeout: Duration,
@@ -476,6 +492,10 @@ fn parse_carrier(
         Some(r) => RevertMode::parse(r).map_err(|m| ctx.error("revert", m))?,
         None => RevertMode::PullRequest,
     };
+    let replay = match ann.get("replay") {
+        Some(r) => ReplayMode::parse(r.trim()).map_err(|m| ctx.error("replay", m))?,
+        None => ReplayMode::Manual,
+    };
     let timeout = match ann.get("timeout") {
         Some(t) => parse_duration(t)
             .and_then(|d| limits::check_timeout(t, d).map(|()| d))
@@ -650,6 +670,7 @@ fn parse_carrier(
         run,
         checkpoint,
         revert,
+        replay,
         timeout,
         approved_by: ann.get("approved-by").cloned(),
         soak,

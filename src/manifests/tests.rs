@@ -67,6 +67,32 @@ fn unknown_phase_names_file_line_and_key() {
 }
 
 #[test]
+fn replay_is_manual_unless_a_carrier_says_auto_and_other_values_are_named() {
+    let parse = |extra: &str| {
+        let text = CARRIER.replace(
+            "    backstop.dev/verify: check\n",
+            &format!("    backstop.dev/verify: check\n{extra}"),
+        );
+        let s = snap(&[("a/m.yaml", &text)]);
+        parse_file(&s, "a/m.yaml", text.as_bytes())
+    };
+    assert_eq!(parse("").unwrap()[0].replay, ReplayMode::Manual);
+    assert_eq!(
+        parse("    backstop.dev/replay: auto\n").unwrap()[0].replay,
+        ReplayMode::Auto
+    );
+    let errs = parse("    backstop.dev/replay: always\n").unwrap_err();
+    assert_eq!(errs[0].key.as_deref(), Some("backstop.dev/replay"));
+    assert!(
+        errs[0]
+            .to_string()
+            .contains("backstop.dev/replay: unknown value \"always\" (expected one of: manual, auto)"),
+        "{}",
+        errs[0]
+    );
+}
+
+#[test]
 fn broken_yaml_reports_its_line() {
     let text = "kind: ConfigMap\nmetadata:\n  name: [unclosed\n";
     let errs = parse_file(&Snapshot::new(), "x.yaml", text.as_bytes()).unwrap_err();

@@ -228,6 +228,7 @@ impl Engine {
                 )
             }
             Action::Restore => O::Restored(self.restore(run, cache).await),
+            Action::ReplayLostWrites => O::ReplayedLostWrites(self.replay_lost_writes(run, cache).await),
             Action::RevertGate => O::GateReverted(self.revert_gate(run).await),
             Action::Revert => O::Reverted(self.revert(run).await),
             Action::PullRequest => {
@@ -386,7 +387,10 @@ impl Engine {
         });
         let backend = self.backend_named(&checkpoint.backend)?;
         let db = self.database(run, cache).await.map_err(|f| Fault::failed(f.message))?;
-        let lost = self.keep_lost_writes(run, &db, &point).await;
+        let (lost, sequences) = match self.keep_lost_writes(run, &db, &point).await {
+            Some((captured, sequences)) => (Some(captured), sequences),
+            None => (None, Vec::new()),
+        };
         let quiesced = matches!(point.capture, Some(crate::capture::Capture::Slot { .. }));
         let restored = backend.restore(&db, &checkpoint, &point, &run.id).await;
         // Whatever happened, the application is let back in (a no-op where
@@ -410,6 +414,16 @@ impl Engine {
             tracing::error!("{}", warning.trim_start_matches("; "));
         }
         record.lost_writes = lost;
+        if let Some(crate::capture::Captured::Kept(summary)) = record.lost_writes.as_mut() {
+            // At once: the application hands out ids again from here on.
+            match crate::capture::advance_sequences(&db, &sequences).await {
+                Ok(moved) => summary.sequences_advanced = Some(moved),
+                Err(e) => tracing::warn!(
+                    error = %chain(&e),
+                    "could not move the sequences past the ids the lost writes used; `backstop replay` tries again"
+                ),
+            }
+        }
         Ok(record)
     }
 
@@ -420,17 +434,16 @@ impl Engine {
         run: &RunRecord,
         db: &Database,
         point: &crate::checkpoint::RecoveryPoint,
-    ) -> Option<crate::capture::Captured> {
-        use crate::capture::{self, Capture, Captured};
+    ) -> Option<(crate::capture::Captured, Vec<crate::capture::sequences::SequenceValue>)> {
+        use crate::capture::{self, Capture, Captured, LostFile};
+        let not_kept = |why: String| Some((Captured::NotKept { why }, Vec::new()));
         let name = match point.capture.as_ref()? {
             Capture::Slot { name, .. } => name.clone(),
-            Capture::Unavailable { why, .. } => return Some(Captured::NotKept { why: why.clone() }),
+            Capture::Unavailable { why, .. } => return not_kept(why.clone()),
         };
         if !self.store.keeps_files() {
             // Read, they would be kept nowhere: do not close the database for that.
-            return Some(Captured::NotKept {
-                why: "this run store keeps no files (the controller): the writes are counted, not kept".into(),
-            });
+            return not_kept("this run store keeps no files (the controller): the writes are counted, not kept".into());
         }
         let own: std::collections::HashSet<u32> = run
             .migrate_results
@@ -446,10 +459,19 @@ impl Engine {
                 Ok(read) => read,
                 // Resumed after the restore: an earlier attempt kept them.
                 Err(e @ capture::CaptureError::NoSlot { .. }) => {
-                    return match self.store.read_file(run, SUMMARY).await.map_err(store)? {
-                        Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| e.to_string()),
-                        None => Err(chain(&e)),
+                    let Some(bytes) = self.store.read_file(run, SUMMARY).await.map_err(store)? else {
+                        return Err(chain(&e));
                     };
+                    let summary = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+                    let sequences = match self.store.read_file(run, "lost-writes.json").await.map_err(store)? {
+                        Some(bytes) => {
+                            serde_json::from_slice::<LostFile>(&bytes)
+                                .map_err(|e| e.to_string())?
+                                .sequences
+                        }
+                        None => Vec::new(),
+                    };
+                    return Ok((summary, sequences));
                 }
                 Err(e) => return Err(chain(&e)),
             };
@@ -466,24 +488,64 @@ impl Engine {
             let summary = file.summary(own_left_out, path);
             let bytes = serde_json::to_vec_pretty(&summary).map_err(|e| e.to_string())?;
             self.store.write_file(run, SUMMARY, &bytes).await.map_err(store)?;
-            Ok::<_, String>(summary)
+            Ok::<_, String>((summary, file.sequences))
         }
         .await;
         // The slot stays until the run's release step: a restore to the
         // recovery point takes it away, and a restore that fails leaves it.
-        Some(match kept {
-            Ok(summary) => {
+        match kept {
+            Ok((summary, sequences)) => {
                 tracing::info!(
                     transactions = summary.transactions,
                     "kept the writes the restore discards"
                 );
-                Captured::Kept(summary)
+                Some((Captured::Kept(summary), sequences))
             }
             Err(why) => {
                 tracing::warn!(error = %why, "could not read the writes the restore discards");
-                Captured::NotKept { why }
+                not_kept(why)
             }
-        })
+        }
+    }
+
+    /// The run's own replay of the writes its restore kept
+    /// ([`crate::capture::replay`]): all tables but the migrated ones,
+    /// stopping at the first conflict.
+    async fn replay_lost_writes(
+        &self,
+        run: &RunRecord,
+        cache: &mut Option<Database>,
+    ) -> crate::capture::replay::AutoReplay {
+        use crate::capture::replay::{self, AutoReplay};
+        let not = |why: String| {
+            tracing::warn!(error = %why, "the lost writes were not replayed; `backstop replay` can");
+            AutoReplay::NotReplayed { why }
+        };
+        let file = match self.store.read_file(run, "lost-writes.json").await {
+            Ok(Some(bytes)) => match serde_json::from_slice::<crate::capture::LostFile>(&bytes) {
+                Ok(file) => file,
+                Err(e) => return not(format!("lost-writes.json: {e}")),
+            },
+            Ok(None) => return not("lost-writes.json is missing".into()),
+            Err(e) => return not(chain(&e)),
+        };
+        let db = match self.database(run, cache).await {
+            Ok(db) => db,
+            Err(f) => return not(f.message),
+        };
+        let everything = std::collections::HashSet::new();
+        match replay::replay(&db, &file, &replay::migrated_tables(run), &everything, false).await {
+            Ok(done) => {
+                tracing::info!(
+                    applied = done.applied.len(),
+                    left = done.left.len(),
+                    stopped = done.stopped.is_some(),
+                    "replayed the lost writes"
+                );
+                AutoReplay::Replayed(done)
+            }
+            Err(e) => not(chain(&e)),
+        }
     }
 
     /// Reverts the promoted commit on the gate itself (the bad code is live),

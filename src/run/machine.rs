@@ -42,6 +42,8 @@ pub enum Action {
     /// Wait until the promoted revision is live and healthy.
     Health,
     Restore,
+    /// Put back the writes the restore discarded (`backstop.dev/replay: auto`).
+    ReplayLostWrites,
     /// Revert the promoted commit on the gate itself.
     RevertGate,
     /// Revert the commit on upstream or on a revert branch.
@@ -73,6 +75,7 @@ impl Action {
             Action::Promote => "promote".into(),
             Action::Health => "health".into(),
             Action::Restore => "restore".into(),
+            Action::ReplayLostWrites => "replay-lost-writes".into(),
             Action::RevertGate => "gate-revert".into(),
             Action::Revert => match revert_mode(run) {
                 RevertMode::Commit => "revert-commit".into(),
@@ -150,6 +153,9 @@ pub enum Observation {
     Promoted(Result<(String, String), Fault>),
     Healthy(Result<String, Fault>),
     Restored(Result<RestoreRecord, Fault>),
+    /// Never a fault: replay that cannot start or stops at a conflict is
+    /// reported, and the remediation goes on (the writes stay in the file).
+    ReplayedLostWrites(crate::capture::replay::AutoReplay),
     GateReverted(Result<String, Fault>),
     Reverted(Result<RevertRecord, Fault>),
     /// The pull request's URL (None: no forge configured).
@@ -316,6 +322,21 @@ pub fn next(run: &RunRecord, now: DateTime<Utc>) -> Action {
     }
 }
 
+/// Whether the run still owes its own replay of the writes its restore
+/// kept: asked for (`backstop.dev/replay: auto` on a carrier), the restore
+/// kept them, and no replay has finished. One interrupted by a crash is
+/// done again: replay skips what `backstop.replayed` says it applied.
+fn wants_replay(run: &RunRecord) -> bool {
+    run.migrations
+        .iter()
+        .any(|m| m.replay == crate::manifests::ReplayMode::Auto)
+        && matches!(
+            run.restore.as_ref().and_then(|r| r.lost_writes.as_ref()),
+            Some(crate::capture::Captured::Kept(w)) if w.transactions > 0
+        )
+        && run.lost_writes_replay.is_none()
+}
+
 fn remediation(run: &RunRecord) -> Action {
     let Some(failure) = &run.failure else {
         return Action::Advance(Phase::Unlocking);
@@ -323,6 +344,9 @@ fn remediation(run: &RunRecord) -> Action {
     let restore_finished = step_done(run, "restore") && !run.open_step("restore");
     if failure.data_changed && run.checkpoint.is_some() && run.restore.is_none() && !restore_finished {
         return Action::Restore;
+    }
+    if wants_replay(run) {
+        return Action::ReplayLostWrites;
     }
     let gate_moved = run.promoted_to.as_deref() != Some(run.gate_before.as_str());
     if run.promoted && gate_moved && run.gate_revert.is_none() && !step_failed_for_good(run, "gate-revert") {
@@ -596,6 +620,26 @@ pub fn apply(run: &mut RunRecord, step: &str, obs: Observation, now: DateTime<Ut
                 run.remediation_errors.push(format!("restore failed: {}", f.message));
             }
         },
+        O::ReplayedLostWrites(r) => {
+            use crate::capture::replay::AutoReplay;
+            let (ok, detail) = match &r {
+                AutoReplay::Replayed(done) => (
+                    done.stopped.is_none(),
+                    format!(
+                        "put back {} transactions of lost writes, {} left for a person{}",
+                        done.applied.len() + done.already.len(),
+                        done.left.len(),
+                        done.stopped
+                            .as_ref()
+                            .map(|(xid, why)| format!("; stopped at xid {xid}: {why}"))
+                            .unwrap_or_default()
+                    ),
+                ),
+                AutoReplay::NotReplayed { why } => (false, format!("lost writes not replayed: {why}")),
+            };
+            close(run, step, ok, detail, now);
+            run.lost_writes_replay = Some(r);
+        }
         O::GateReverted(r) => match r {
             Ok(sha) => {
                 run.gate_revert = Some(sha.clone());

@@ -72,6 +72,8 @@ pub struct Settings {
     pub steward: bool,
     /// Overrides the carriers' `backstop.dev/revert` when set.
     pub revert: Option<RevertMode>,
+    /// Sets every carrier's `backstop.dev/replay` to `auto` when true.
+    pub replay_lost_writes: bool,
     /// Waits after transient faults.
     pub backoff: Backoff,
     /// This instance's identity when it claims a database ([`crate::owner`]).
@@ -540,9 +542,12 @@ impl Engine {
     fn new_run(&self, prepared: &Prepared, gate: &str, retry: Option<Retry>) -> RunRecord {
         let now = Utc::now();
         let mut migrations = prepared.migrations.clone();
-        if let Some(mode) = self.settings.revert {
-            for m in &mut migrations {
+        for m in &mut migrations {
+            if let Some(mode) = self.settings.revert {
                 m.revert = mode;
+            }
+            if self.settings.replay_lost_writes {
+                m.replay = crate::manifests::ReplayMode::Auto;
             }
         }
         RunRecord {
@@ -588,6 +593,7 @@ impl Engine {
             acknowledged: None,
             set_aside_deleted: None,
             capture_released: None,
+            lost_writes_replay: None,
         }
     }
 

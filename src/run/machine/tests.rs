@@ -101,6 +101,7 @@ impl Build {
                 acknowledged: None,
                 set_aside_deleted: None,
                 capture_released: None,
+                lost_writes_replay: None,
             },
         }
     }
@@ -233,6 +234,12 @@ fn ok(action: &Action, run: &RunRecord) -> Observation {
         Action::Unlock => O::Unlocked(Ok("unlocked".into())),
         Action::Report => O::Reported(Ok("reports/run.json".into())),
         Action::ReleaseCapture => O::CaptureReleased(crate::capture::SlotRelease::Dropped),
+        Action::ReplayLostWrites => O::ReplayedLostWrites(crate::capture::replay::AutoReplay::Replayed(
+            crate::capture::replay::Replayed {
+                applied: vec![7],
+                ..Default::default()
+            },
+        )),
         Action::Advance(_) | Action::Wait(_) | Action::Done => panic!("{action:?} has no observation"),
     }
 }
@@ -945,6 +952,87 @@ fn verify_failure_after_commit_restores_then_reverts_and_ends_rolled_back() {
     assert_eq!(last_step(&run, "restore").ok, Some(true));
     assert!(run.remediation_errors.is_empty());
     assert_eq!(run.phase, Phase::RolledBack);
+}
+
+/// A restore that kept `n` transactions of lost writes.
+fn restored_keeping(n: usize) -> Observation {
+    let Observation::Restored(Ok(mut rec)) = ok(&Action::Restore, &run_of(&["m1"])) else {
+        unreachable!()
+    };
+    rec.lost_writes = Some(crate::capture::Captured::Kept(crate::capture::LostWrites {
+        transactions: n,
+        rows: Default::default(),
+        first_commit: None,
+        last_commit: None,
+        own_left_out: 0,
+        file: None,
+        sequences_advanced: Some(1),
+    }));
+    Observation::Restored(Ok(rec))
+}
+
+fn failing_verify(a: &Action) -> Option<Observation> {
+    match a {
+        Action::Verify(i) => Some(Observation::Verified(
+            *i,
+            Ok(VerifyOutcome {
+                passed: false,
+                detail: "0 rows".into(),
+            }),
+        )),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_run_asked_to_replay_puts_kept_writes_back_right_after_its_restore_and_only_then() {
+    // Asked, and the restore kept writes: replay comes right after it.
+    let mut run = run_of(&["m1"]);
+    run.migrations[0].replay = crate::manifests::ReplayMode::Auto;
+    let actions = play(&mut run, t0(), |a, _| match a {
+        Action::Restore => Some(restored_keeping(3)),
+        a => failing_verify(a),
+    });
+    let from = actions.iter().position(|a| *a == Action::Restore).unwrap();
+    assert_eq!(
+        performed(&actions[from..from + 3]),
+        vec![Action::Restore, Action::ReplayLostWrites, Action::Revert]
+    );
+    assert_eq!(last_step(&run, "replay-lost-writes").ok, Some(true));
+    assert!(run.lost_writes_replay.is_some());
+    assert_eq!(run.phase, Phase::RolledBack);
+
+    // A replay that stops at a conflict is reported, never retried, and
+    // the run still ends rolled back (the writes stay in the file).
+    let mut run = run_of(&["m1"]);
+    run.migrations[0].replay = crate::manifests::ReplayMode::Auto;
+    let actions = play(&mut run, t0(), |a, _| match a {
+        Action::Restore => Some(restored_keeping(3)),
+        Action::ReplayLostWrites => Some(Observation::ReplayedLostWrites(
+            crate::capture::replay::AutoReplay::Replayed(crate::capture::replay::Replayed {
+                stopped: Some((9, "duplicate key".into())),
+                ..Default::default()
+            }),
+        )),
+        a => failing_verify(a),
+    });
+    assert_eq!(actions.iter().filter(|a| **a == Action::ReplayLostWrites).count(), 1);
+    assert_eq!(last_step(&run, "replay-lost-writes").ok, Some(false));
+    assert!(run.remediation_errors.is_empty());
+    assert_eq!(run.phase, Phase::RolledBack);
+
+    // Not asked, or nothing kept: no replay.
+    for (auto, kept) in [(false, 3), (true, 0)] {
+        let mut run = run_of(&["m1"]);
+        if auto {
+            run.migrations[0].replay = crate::manifests::ReplayMode::Auto;
+        }
+        let actions = play(&mut run, t0(), |a, _| match a {
+            Action::Restore => Some(restored_keeping(kept)),
+            a => failing_verify(a),
+        });
+        assert!(!actions.contains(&Action::ReplayLostWrites), "auto {auto}, kept {kept}");
+    }
 }
 
 #[test]
