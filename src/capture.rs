@@ -35,7 +35,16 @@ pub use decode::{Change, Op, Txn, Value};
 #[serde(rename_all = "kebab-case")]
 pub enum Capture {
     /// A logical slot created right before the recovery point.
-    Slot { name: String, start_lsn: String },
+    Slot {
+        name: String,
+        start_lsn: String,
+        /// The transaction id taken with the recovery point
+        /// ([`recovery_point`]): a row whose `xmin` follows it was written
+        /// after the point (or after the restore), so replay never
+        /// overwrites it blindly. None in records from before it existed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        xid_horizon: Option<u64>,
+    },
     /// Not captured; why, in words. `maybe_created`: the attempt went as far
     /// as creating the slot, which may exist (it is dropped by name).
     Unavailable {
@@ -102,6 +111,14 @@ pub struct LostFile {
     /// The sequences' values before the restore ([`sequences`]).
     #[serde(default)]
     pub sequences: Vec<sequences::SequenceValue>,
+    /// The recovery point's transaction-id horizon ([`recovery_point`]):
+    /// replay takes a row whose `xmin` follows it as changed since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xid_horizon: Option<u64>,
+    /// Tables with `REPLICA IDENTITY FULL`: their UPDATEs and DELETEs carry
+    /// the whole old row, matched as it is; the others carry only the key.
+    #[serde(default)]
+    pub full_identity: std::collections::BTreeSet<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -201,7 +218,11 @@ async fn try_start(db: &Database, run_id: &str) -> Result<Capture, CaptureError>
         .map_err(query(db, "creating a logical replication slot"))?
         .get(0);
     tracing::info!(slot = %name, lsn = %lsn, "capturing the writes after the recovery point");
-    Ok(Capture::Slot { name, start_lsn: lsn })
+    Ok(Capture::Slot {
+        name,
+        start_lsn: lsn,
+        xid_horizon: None,
+    })
 }
 
 async fn drop_slot_with(client: &tokio_postgres::Client, db: &Database, name: &str) -> Result<bool, CaptureError> {
@@ -268,6 +289,36 @@ pub async fn reopen(db: &Database) -> Result<(), CaptureError> {
         .map_err(query(db, "allowing connections again"))
 }
 
+/// The recovery point of a run that captures, with its transaction-id
+/// horizon, in one statement evaluated in order: `txid_current()` takes an
+/// id X, the transactional message writes a WAL record carrying X, and the
+/// LSN is read after that record. A restore to the LSN replays the record,
+/// so the restored server hands out ids after X only; and every row the
+/// restore brings back was committed before the LSN, so by a transaction
+/// whose id is below X, except one that took its id and committed in the
+/// microseconds between the two calls (its row is then taken as changed:
+/// a false conflict at replay, never an overwrite).
+pub async fn recovery_point(db: &Database) -> Result<(crate::checkpoint::RecoveryPoint, u64), CaptureError> {
+    let client = connect(db).await?;
+    let row = client
+        .query_one(
+            "SELECT txid_current(), pg_logical_emit_message(true, 'backstop', 'recovery point')::text,
+                    pg_current_wal_insert_lsn()::text, clock_timestamp()",
+            &[],
+        )
+        .await
+        .map_err(query(db, "reading the recovery point"))?;
+    let xid: i64 = row.get(0);
+    Ok((
+        crate::checkpoint::RecoveryPoint {
+            time: row.get(3),
+            lsn: row.get(2),
+            capture: None,
+        },
+        xid as u64,
+    ))
+}
+
 /// Moves the sequences forward after a restore ([`sequences::advance`]).
 pub async fn advance_sequences(db: &Database, values: &[sequences::SequenceValue]) -> Result<usize, CaptureError> {
     let client = connect(db).await?;
@@ -298,6 +349,7 @@ pub async fn read(
     run_id: &str,
     slot: &str,
     recovery_lsn: &str,
+    xid_horizon: Option<u64>,
     own: &HashSet<u32>,
 ) -> Result<(LostFile, usize), CaptureError> {
     // Connected first: once closed, the database takes no new connection.
@@ -373,7 +425,18 @@ pub async fn read(
         .flat_map(|t| t.changes.iter().map(|c| c.table.as_str()))
         .collect();
     let mut keys = HashMap::new();
+    let mut full_identity = std::collections::BTreeSet::new();
     for table in tables {
+        let full = client
+            .query_opt(
+                "SELECT 1 FROM pg_class WHERE oid = to_regclass($1) AND relreplident = 'f'",
+                &[&table],
+            )
+            .await
+            .map_err(query(db, "reading a table's replica identity"))?;
+        if full.is_some() {
+            full_identity.insert(table.to_string());
+        }
         let cols: Vec<String> = client
             .query(
                 "SELECT quote_ident(a.attname) FROM pg_index i
@@ -397,6 +460,8 @@ pub async fn read(
             transactions,
             keys,
             sequences,
+            xid_horizon,
+            full_identity,
         },
         own_left_out,
     ))

@@ -304,7 +304,12 @@ pub enum Command {
         /// (comma separated, as `schema.table` or `table`).
         #[arg(long, value_delimiter = ',')]
         tables: Vec<String>,
-        /// `text` or `json`: {dry_run, applied: [xid], already: [xid],
+        /// Transactions (xids, comma separated) a person has handled after
+        /// replay stopped at them: kept the row as it is now, or applied
+        /// the change by hand. Recorded as done; replay goes on past them.
+        #[arg(long, value_delimiter = ',', value_name = "XID")]
+        skip: Vec<u32>,
+        /// `text` or `json`: {dry_run, applied: [xid], already: [xid], skipped: [xid],
         /// left: [[xid, why]], stopped: [xid, why] | null}.
         #[arg(
             short = 'o',
@@ -693,6 +698,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             database_url,
             dry_run,
             tables,
+            skip,
             output,
         } => {
             use crate::capture::replay;
@@ -702,6 +708,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                 database_url,
                 dry_run,
                 tables,
+                skip,
             };
             match replay::replay_run(&opts).await {
                 Ok(done) => {

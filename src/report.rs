@@ -394,7 +394,7 @@ pub fn markdown(r: &Report) -> String {
     if let Some(p) = &r.recovery_point {
         let _ = writeln!(s, "- recovery point: {} (LSN {})", p.time.to_rfc3339(), p.lsn);
         match &p.capture {
-            Some(crate::capture::Capture::Slot { name, start_lsn }) => {
+            Some(crate::capture::Capture::Slot { name, start_lsn, .. }) => {
                 let _ = writeln!(
                     s,
                     "- writes after it are captured: logical slot `{name}` from LSN {start_lsn} (dropped when the run ends)"

@@ -397,11 +397,17 @@ async fn replay_of_inserts_updates_and_deletes_leaves_the_table_as_the_app_left_
     let kept = &report["restore"]["lost_writes"]["kept"];
     assert!(kept["transactions"].as_u64().unwrap() >= 1, "{report:#}");
     let (out, _) = replay(&f, &run, &[]);
-    assert!(out.status.success(), "{}", text(&out));
+    let sql = std::fs::read_to_string(f.state().join("runs").join(&run).join("lost-writes.sql")).unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{sql}\nrestored: {:?}\n{report:#}",
+        text(&out),
+        table().await
+    );
     assert_eq!(table().await, expected, "after replay: {}", text(&out));
 }
 
-/// Inserts one row per transaction into `tickets` (a `bigserial` key the
+/// Inserts ten rows per transaction into `tickets` (a `bigserial` key the
 /// server hands out) until its connection is ended; returns the rows whose
 /// COMMIT the server acknowledged, by id.
 fn serial_writer(
@@ -419,12 +425,21 @@ fn serial_writer(
         tokio::spawn(conn);
         for n in 0.. {
             let note = format!("ticket {n}");
+            // Ten ids a transaction: more than the 32 a sequence logs ahead
+            // are handed out in the window, so the restored sequence is
+            // behind the lost rows' ids.
             match client
-                .query_one("INSERT INTO tickets (note) VALUES ($1) RETURNING id", &[&note])
+                .query(
+                    "INSERT INTO tickets (note) SELECT $1 || '.' || g FROM generate_series(1, 10) g RETURNING id, note",
+                    &[&note],
+                )
                 .await
             {
-                Ok(row) => {
-                    out.lock().unwrap().insert(row.get::<_, i64>(0), note);
+                Ok(rows) => {
+                    let mut m = out.lock().unwrap();
+                    for row in rows {
+                        m.insert(row.get::<_, i64>(0), row.get::<_, String>(1));
+                    }
                 }
                 Err(_) => return,
             }
@@ -509,4 +524,129 @@ async fn a_run_asked_to_replay_puts_the_lost_rows_back_itself_and_their_ids_are_
     assert_eq!(again["already"].as_array().unwrap().len() as u64, lost);
     assert!(again["applied"].as_array().unwrap().is_empty());
     assert_eq!(backstop_slots(&f).await, 0);
+}
+
+/// Adds 1 to one of five accounts per transaction (rows that were there
+/// before the run, default replica identity: their changes carry only the
+/// key) until its connection is ended; returns the balances as the
+/// acknowledged commits left them.
+fn account_writer(
+    url: String,
+) -> (
+    tokio::task::JoinHandle<()>,
+    Arc<Mutex<std::collections::BTreeMap<i32, i64>>>,
+) {
+    let balances = Arc::new(Mutex::new(
+        (1..=5)
+            .map(|id| (id, 0i64))
+            .collect::<std::collections::BTreeMap<i32, i64>>(),
+    ));
+    let out = balances.clone();
+    let task = tokio::spawn(async move {
+        let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await else {
+            return;
+        };
+        tokio::spawn(conn);
+        for n in 0i32.. {
+            let id = n % 5 + 1;
+            match client
+                .query_one(
+                    "UPDATE accounts SET balance = balance + 1 WHERE id = $1 RETURNING balance",
+                    &[&id],
+                )
+                .await
+            {
+                Ok(row) => {
+                    out.lock().unwrap().insert(id, row.get(0));
+                }
+                Err(_) => return,
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    });
+    (task, balances)
+}
+
+#[tokio::test]
+async fn replay_never_overwrites_a_row_the_app_changed_since_the_restore_and_skip_goes_on_past_it() {
+    let f = Fixture::with_settings(LOGICAL).await;
+    f.commit_carrier(&orders_table(), "create orders");
+    assert!(f.run(&[]).await.status.success());
+    insert_orders(&f).await;
+    f.client()
+        .await
+        .batch_execute(
+            "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL);
+             INSERT INTO accounts SELECT g, 0 FROM generate_series(1, 5) g;",
+        )
+        .await
+        .unwrap();
+    let (task, model) = account_writer(f.server.url("shop"));
+    wait_until("the app writes", || {
+        let n: i64 = model.lock().unwrap().values().sum();
+        async move { n >= 20 }
+    })
+    .await;
+    f.commit_carrier(&failing_backfill(""), "backfill totals");
+    let out = f.run(&["--revert", "commit"]).await;
+    assert_eq!(out.status.code(), Some(1), "rolled back:\n{}", text(&out));
+    task.await.unwrap();
+    let expected = model.lock().unwrap().clone();
+    let balances = || async {
+        f.client()
+            .await
+            .query("SELECT id, balance FROM accounts ORDER BY id", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get::<_, i32>(0), r.get::<_, i64>(1)))
+            .collect::<std::collections::BTreeMap<i32, i64>>()
+    };
+    let restored = balances().await;
+    assert_ne!(restored, expected, "the restore took updates away");
+    let report = f.reports().pop().unwrap();
+    let run = report["run"].as_str().unwrap().to_string();
+    let kept = report["restore"]["lost_writes"]["kept"]["rows"]["public.accounts"]["UPDATE"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(kept >= 5, "lost updates on every account: {report:#}");
+
+    // The application writes account 3 again after the restore.
+    f.client()
+        .await
+        .execute("UPDATE accounts SET balance = 1000 WHERE id = 3", &[])
+        .await
+        .unwrap();
+    // Replay applies the lost updates of the other accounts (rows as the
+    // restore brought them back, then as replay itself left them), and
+    // stops at the first on account 3 without touching it.
+    let (out, done) = replay(&f, &run, &["-o", "json"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let why = done["stopped"][1].as_str().unwrap();
+    assert!(
+        why.contains("UPDATE on public.accounts where id = '3'") && why.contains("written after the recovery point"),
+        "{why}"
+    );
+    assert_eq!(balances().await[&3], 1000, "never overwritten");
+    // A person keeps the app's value: each lost update of account 3 is
+    // skipped as it comes; the others go on.
+    let mut skipped = 0;
+    let mut stopped = done["stopped"][0].as_u64();
+    while let Some(xid) = stopped {
+        skipped += 1;
+        assert!(skipped < 1_000, "replay must go on past skipped transactions");
+        let (out, done) = replay(&f, &run, &["--skip", &xid.to_string(), "-o", "json"]);
+        assert!(matches!(out.status.code(), Some(0 | 3)), "{}", text(&out));
+        assert_eq!(done["skipped"][0].as_u64(), Some(xid), "{done:#}");
+        stopped = done["stopped"][0].as_u64();
+    }
+    let after = balances().await;
+    for id in [1, 2, 4, 5] {
+        assert_eq!(after[&id], expected[&id], "account {id}: {after:?} vs {expected:?}");
+    }
+    assert_eq!(after[&3], 1000);
+    // An xid that is not in the file is refused before anything runs.
+    let (out, _) = replay(&f, &run, &["--skip", "1"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("--skip 1: no such transaction"), "{}", text(&out));
 }

@@ -266,11 +266,20 @@ pub fn matches(values: &[Value]) -> String {
         .join(" AND ")
 }
 
+/// What finds `c`'s row: its old image as decoded (the whole row with
+/// `REPLICA IDENTITY FULL`, else the key), or for an UPDATE that left the
+/// key alone (decoded with no old image) the key columns of its new row.
+pub fn old_image(c: &Change, key: &[String]) -> Vec<Value> {
+    match (c.op, c.old.is_empty()) {
+        (Op::Update, true) => c.new.iter().filter(|v| key.contains(&v.column)).cloned().collect(),
+        _ => c.old.clone(),
+    }
+}
+
 /// The statement that redoes `c`; `key` names the columns that identify a
 /// row of its table (its primary key), used when the change carries no old
 /// key of its own. None when it cannot be redone safely (no key).
 pub fn statement(c: &Change, key: &[String]) -> Option<String> {
-    let keyed = |vals: &[Value]| -> Vec<Value> { vals.iter().filter(|v| key.contains(&v.column)).cloned().collect() };
     match c.op {
         Op::Insert => Some(format!(
             "INSERT INTO {} ({}) VALUES ({})",
@@ -279,7 +288,7 @@ pub fn statement(c: &Change, key: &[String]) -> Option<String> {
             c.new.iter().map(literal).collect::<Vec<_>>().join(", ")
         )),
         Op::Update => {
-            let old = if c.old.is_empty() { keyed(&c.new) } else { c.old.clone() };
+            let old = old_image(c, key);
             if old.is_empty() {
                 return None;
             }

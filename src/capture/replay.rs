@@ -4,13 +4,17 @@
 //! - A transaction that touches a table the migration changed is left for a
 //!   person (its rows may not fit the restored schema's meaning); so is one
 //!   outside `--tables` when that is given.
-//! - Each change must find its row: an INSERT must not meet an existing
-//!   key, an UPDATE or DELETE must match exactly one row by its old key (by
-//!   the whole old row only with `REPLICA IDENTITY FULL`: with the default
-//!   identity, a row the application changed since the restore is matched by
-//!   key and overwritten). Anything else is a conflict: that transaction is
-//!   rolled back and replay stops there, naming the row. A TRUNCATE always
-//!   stops it. A transaction left for a person holds its tables: later ones
+//! - Each change must find its row as it was: an INSERT must not meet an
+//!   existing key; an UPDATE or DELETE must match exactly one row, by its
+//!   whole old row with `REPLICA IDENTITY FULL`, and with the default
+//!   identity (whose changes carry only the key) by its key and by who
+//!   wrote the row: its `xmin` must come before the recovery point's
+//!   transaction-id horizon ([`crate::capture::recovery_point`]: the row is
+//!   as the restore brought it back) or be replay's own. A row the
+//!   application wrote since the restore is never overwritten. Anything
+//!   else is a conflict: that transaction is rolled back and replay stops
+//!   there, naming the row; `--skip XID` records a person's decision and
+//!   replay goes on. A TRUNCATE always stops it. A transaction left for a person holds its tables: later ones
 //!   on them are left too, so commit order is kept per table.
 //! - Applied transactions are recorded in `backstop.replayed` in the same
 //!   transaction, so a second replay goes on where the first stopped.
@@ -41,8 +45,11 @@ pub enum AutoReplay {
 pub struct Replayed {
     pub dry_run: bool,
     pub applied: Vec<u32>,
-    /// Already applied by an earlier replay.
+    /// Already applied by an earlier replay (or skipped by a person).
     pub already: Vec<u32>,
+    /// Skipped now, as a person asked (`--skip`): recorded as handled.
+    #[serde(default)]
+    pub skipped: Vec<u32>,
     /// Left for a person, with why.
     pub left: Vec<(u32, String)>,
     /// The conflict replay stopped at.
@@ -69,13 +76,15 @@ pub async fn replay(
     file: &LostFile,
     migrated: &HashSet<String>,
     only: &HashSet<String>,
+    skip: &HashSet<u32>,
     dry_run: bool,
 ) -> Result<Replayed, CaptureError> {
     let client = connect(db).await?;
     client
         .batch_execute(
             "CREATE SCHEMA IF NOT EXISTS backstop;
-             CREATE TABLE IF NOT EXISTS backstop.replayed (run text, xid bigint, at timestamptz DEFAULT now(), PRIMARY KEY (run, xid))",
+             CREATE TABLE IF NOT EXISTS backstop.replayed (run text, xid bigint, at timestamptz DEFAULT now(), PRIMARY KEY (run, xid));
+             ALTER TABLE backstop.replayed ADD COLUMN IF NOT EXISTS by_xid bigint",
         )
         .await
         .map_err(query(db, "creating backstop.replayed"))?;
@@ -107,9 +116,37 @@ pub async fn replay(
     // Tables a left transaction touched: a later transaction on them is
     // left too, so that no older write lands on top of a newer one.
     let mut held: HashSet<String> = HashSet::new();
+    let mut seen = Seen {
+        horizon: file.xid_horizon,
+        near: client
+            .query_one("SELECT txid_snapshot_xmax(txid_current_snapshot())", &[])
+            .await
+            .map_err(query(db, "reading the transaction-id counter"))?
+            .get::<_, i64>(0) as u64,
+        ours: client
+            .query("SELECT by_xid FROM backstop.replayed WHERE by_xid IS NOT NULL", &[])
+            .await
+            .map_err(query(db, "reading backstop.replayed"))?
+            .iter()
+            .map(|r| r.get::<_, i64>(0) as u32)
+            .collect(),
+    };
     for t in &file.transactions {
         if done.contains(&t.xid) {
             out.already.push(t.xid);
+            continue;
+        }
+        if skip.contains(&t.xid) {
+            // A person's decision (kept the row as it is now, or applied the
+            // change by hand): recorded, so replay goes on past it.
+            client
+                .execute(
+                    "INSERT INTO backstop.replayed (run, xid) VALUES ($1, $2)",
+                    &[&file.run, &(t.xid as i64)],
+                )
+                .await
+                .map_err(query(db, "recording a skipped transaction"))?;
+            out.skipped.push(t.xid);
             continue;
         }
         let why = if let Some(c) = t.changes.iter().find(|c| named(&c.table, migrated)) {
@@ -140,11 +177,13 @@ pub async fn replay(
             .batch_execute(begin)
             .await
             .map_err(query(db, "beginning a replayed transaction"))?;
-        match apply(&client, file, t).await {
+        match apply(&client, file, t, &mut seen).await {
             Ok(()) => {
+                // The row versions replay writes carry this id (`xmin`): a
+                // later replay knows them as its own, not as changes since.
                 client
                     .execute(
-                        "INSERT INTO backstop.replayed (run, xid) VALUES ($1, $2)",
+                        "INSERT INTO backstop.replayed (run, xid, by_xid) VALUES ($1, $2, (txid_current() % 4294967296)::bigint)",
                         &[&file.run, &(t.xid as i64)],
                     )
                     .await
@@ -174,10 +213,80 @@ pub async fn replay(
     Ok(out)
 }
 
+/// What tells a row changed since the recovery point from one the restore
+/// brought back, for tables whose changes carry only the key.
+struct Seen {
+    /// [`LostFile::xid_horizon`]; None (an older file): matched by key only.
+    horizon: Option<u64>,
+    /// A full transaction id near the rows' (the counter at the start).
+    near: u64,
+    /// The 32-bit ids of the row versions replay itself wrote.
+    ours: HashSet<u32>,
+}
+
+/// The full (epoch-qualified) id of 32-bit `xid`: of the candidates one
+/// epoch apart, the nearest to `near` (rows are within 2^31 of it).
+fn full_xid(xid: u32, near: u64) -> u64 {
+    let base = (near & !0xffff_ffff) | u64::from(xid);
+    [base.checked_sub(1 << 32), Some(base), base.checked_add(1 << 32)]
+        .into_iter()
+        .flatten()
+        .min_by_key(|c| c.abs_diff(near))
+        .unwrap_or(base)
+}
+
+/// Why a key-only UPDATE or DELETE must not touch its row now: gone, or
+/// written after the recovery point by someone other than replay. Locks
+/// the row (FOR UPDATE) so that it stays as checked until the change.
+async fn changed_since(
+    client: &tokio_postgres::Client,
+    c: &super::decode::Change,
+    old: &[super::decode::Value],
+    seen: &Seen,
+) -> Result<Option<String>, String> {
+    let Some(horizon) = seen.horizon else { return Ok(None) };
+    let sql = format!(
+        "SELECT xmin::text FROM {} WHERE {} FOR UPDATE",
+        c.table,
+        decode::matches(old)
+    );
+    let rows = client.query(sql.as_str(), &[]).await.map_err(|e| {
+        let why = e
+            .as_db_error()
+            .map(|d| d.message().to_string())
+            .unwrap_or_else(|| e.to_string());
+        format!("{} on {}: {why}", c.op.as_str(), c.table)
+    })?;
+    let where_ = decode::matches(old);
+    let [row] = rows.as_slice() else {
+        return Ok(Some(format!(
+            "{} on {} matched {} rows where {where_}: the row no longer matches its old image (deleted since the restore)",
+            c.op.as_str(),
+            c.table,
+            rows.len()
+        )));
+    };
+    let xmin: u32 = row.get::<_, String>(0).parse().unwrap_or(u32::MAX);
+    if seen.ours.contains(&xmin) || full_xid(xmin, seen.near) < horizon {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "{} on {} where {where_}: the row was written after the recovery point (xmin {xmin}), by the application since the restore: replaying would overwrite it",
+        c.op.as_str(),
+        c.table
+    )))
+}
+
 /// Applies one transaction's changes; the conflict, in words.
-async fn apply(client: &tokio_postgres::Client, file: &LostFile, t: &Txn) -> Result<(), String> {
+async fn apply(client: &tokio_postgres::Client, file: &LostFile, t: &Txn, seen: &mut Seen) -> Result<(), String> {
     for c in &t.changes {
         let key = file.keys.get(&c.table).map(Vec::as_slice).unwrap_or_default();
+        let key_only = c.op != Op::Insert && !file.full_identity.contains(&c.table);
+        if key_only && decode::statement(c, key).is_some() {
+            if let Some(why) = changed_since(client, c, &decode::old_image(c, key), seen).await? {
+                return Err(why);
+            }
+        }
         let Some(sql) = decode::statement(c, key) else {
             return Err(match c.op {
                 Op::Truncate => format!(
@@ -191,14 +300,21 @@ async fn apply(client: &tokio_postgres::Client, file: &LostFile, t: &Txn) -> Res
                 ),
             });
         };
-        match client.execute(sql.as_str(), &[]).await {
+        // One row back per row changed; an INSERT's or UPDATE's carries the
+        // new row version's xmin: replay's own, for the checks after.
+        let sql = format!("{sql} RETURNING xmin::text");
+        match client.query(sql.as_str(), &[]).await.map(|rows| {
+            if c.op != Op::Delete {
+                seen.ours.extend(
+                    rows.iter()
+                        .filter_map(|r| r.try_get::<_, String>(0).ok()?.parse::<u32>().ok()),
+                );
+            }
+            rows.len()
+        }) {
             Ok(n) if c.op == Op::Insert || n == 1 => {}
             Ok(n) => {
-                let old = if c.old.is_empty() {
-                    c.new.iter().filter(|v| key.contains(&v.column)).cloned().collect()
-                } else {
-                    c.old.clone()
-                };
+                let old = decode::old_image(c, key);
                 return Err(format!(
                     "{} on {} matched {n} rows where {}: the row no longer matches its old image (changed or deleted since the restore)",
                     c.op.as_str(),
@@ -227,6 +343,8 @@ pub struct ReplayOptions {
     pub database_url: Option<String>,
     pub dry_run: bool,
     pub tables: Vec<String>,
+    /// Transactions a person handled: recorded as done, not applied.
+    pub skip: Vec<u32>,
 }
 
 /// Why replay cannot start.
@@ -327,7 +445,22 @@ pub async fn replay_run(opts: &ReplayOptions) -> Result<Replayed, ReplayError> {
         source,
     })?;
     let only: HashSet<String> = opts.tables.iter().cloned().collect();
-    Ok(replay(&db, &file, &migrated_tables(&run), &only, opts.dry_run).await?)
+    let unknown: Vec<String> = opts
+        .skip
+        .iter()
+        .filter(|x| !file.transactions.iter().any(|t| t.xid == **x))
+        .map(|x| x.to_string())
+        .collect();
+    if !unknown.is_empty() {
+        return Err(ReplayError::Refused(format!(
+            "--skip {}: no such transaction in {} (see `backstop replay {} --dry-run`)",
+            unknown.join(","),
+            path.display(),
+            run.id
+        )));
+    }
+    let skip: HashSet<u32> = opts.skip.iter().copied().collect();
+    Ok(replay(&db, &file, &migrated_tables(&run), &only, &skip, opts.dry_run).await?)
 }
 
 /// The text rendering.
@@ -348,6 +481,9 @@ pub fn text(r: &Replayed) -> String {
             r.sequences_advanced
         );
     }
+    if !r.skipped.is_empty() {
+        let _ = writeln!(s, "skipped as asked (recorded as handled): {}", r.skipped.len());
+    }
     if !r.already.is_empty() {
         let _ = writeln!(s, "already applied by an earlier replay: {}", r.already.len());
     }
@@ -357,8 +493,27 @@ pub fn text(r: &Replayed) -> String {
     if let Some((xid, why)) = &r.stopped {
         let _ = writeln!(
             s,
-            "stopped at xid {xid}: {why}\nnothing of it was applied; the transactions after it were not tried. Fix the row (or apply the rest by hand from lost-writes.sql), then run replay again: it goes on where it stopped"
+            "stopped at xid {xid}: {why}\nnothing of it was applied; the transactions after it were not tried. Decide for that row: keep it as it is now, or apply the transaction by hand from lost-writes.sql; then `--skip {xid}` records it as handled and replay goes on where it stopped"
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rows_32_bit_xmin_is_placed_in_the_epoch_nearest_the_counter() {
+        let epoch = 3u64 << 32;
+        // Same epoch, below and above the counter.
+        assert_eq!(full_xid(100, epoch + 5_000), epoch + 100);
+        assert_eq!(full_xid(9_000, epoch + 5_000), epoch + 9_000);
+        // Just before the counter wrapped into this epoch: the one before.
+        assert_eq!(full_xid(u32::MAX - 10, epoch + 5), epoch - 11);
+        // Counter near the end of an epoch, row just after the wrap.
+        assert_eq!(full_xid(3, epoch + u64::from(u32::MAX) - 2), epoch + (1 << 32) + 3);
+        // Epoch 0: never below zero.
+        assert_eq!(full_xid(u32::MAX, 10), u64::from(u32::MAX));
+    }
 }

@@ -148,14 +148,35 @@ impl Engine {
                         }
                         _ => None,
                     };
-                    let point = self.runner.recovery_point(&db).await;
-                    if point.is_err() && capture.is_some() {
+                    let capture_attempted = capture.is_some();
+                    let point = match capture {
+                        Some(crate::capture::Capture::Slot {
+                            name,
+                            start_lsn,
+                            xid_horizon: _,
+                        }) => crate::capture::recovery_point(&db)
+                            .await
+                            .map(|(p, xid)| crate::checkpoint::RecoveryPoint {
+                                capture: Some(crate::capture::Capture::Slot {
+                                    name,
+                                    start_lsn,
+                                    xid_horizon: Some(xid),
+                                }),
+                                ..p
+                            })
+                            .map_err(|e| transient(&e)),
+                        capture => self
+                            .runner
+                            .recovery_point(&db)
+                            .await
+                            .map(|p| crate::checkpoint::RecoveryPoint { capture, ..p })
+                            .map_err(|e| transient(&e)),
+                    };
+                    if point.is_err() && capture_attempted {
                         // Not recorded, so never released later: let it go now.
                         let _ = crate::capture::release(&db, &crate::capture::slot_name(&run.id)).await;
                     }
                     point
-                        .map(|p| crate::checkpoint::RecoveryPoint { capture, ..p })
-                        .map_err(|e| transient(&e))
                 }
                 Err(f) => Err(f),
             }),
@@ -437,8 +458,8 @@ impl Engine {
     ) -> Option<(crate::capture::Captured, Vec<crate::capture::sequences::SequenceValue>)> {
         use crate::capture::{self, Capture, Captured, LostFile};
         let not_kept = |why: String| Some((Captured::NotKept { why }, Vec::new()));
-        let name = match point.capture.as_ref()? {
-            Capture::Slot { name, .. } => name.clone(),
+        let (name, horizon) = match point.capture.as_ref()? {
+            Capture::Slot { name, xid_horizon, .. } => (name.clone(), *xid_horizon),
             Capture::Unavailable { why, .. } => return not_kept(why.clone()),
         };
         if !self.store.keeps_files() {
@@ -455,7 +476,7 @@ impl Engine {
             // the read and the restore.
             const SUMMARY: &str = "lost-writes-summary.json";
             let store = |e: crate::run::StoreError| chain(&e);
-            let (file, own_left_out) = match capture::read(db, &run.id, &name, &point.lsn, &own).await {
+            let (file, own_left_out) = match capture::read(db, &run.id, &name, &point.lsn, horizon, &own).await {
                 Ok(read) => read,
                 // Resumed after the restore: an earlier attempt kept them.
                 Err(e @ capture::CaptureError::NoSlot { .. }) => {
@@ -534,7 +555,16 @@ impl Engine {
             Err(f) => return not(f.message),
         };
         let everything = std::collections::HashSet::new();
-        match replay::replay(&db, &file, &replay::migrated_tables(run), &everything, false).await {
+        match replay::replay(
+            &db,
+            &file,
+            &replay::migrated_tables(run),
+            &everything,
+            &Default::default(),
+            false,
+        )
+        .await
+        {
             Ok(done) => {
                 tracing::info!(
                     applied = done.applied.len(),
