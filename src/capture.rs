@@ -61,6 +61,17 @@ pub fn backend_restores_to_the_lsn(backend: &str) -> bool {
     matches!(backend, "local" | "pgbackrest")
 }
 
+/// Why a run on `backend` keeps no lost writes (it restores elsewhere than
+/// the recovery point's LSN, see [`backend_restores_to_the_lsn`]).
+pub fn why_not_captured(backend: &str) -> String {
+    let to = match backend {
+        "dump" => "to when its dump was taken",
+        "cnpg" => "to a time (recoveryTarget.targetTime), on a new Cluster",
+        _ => "elsewhere",
+    };
+    format!("the {backend} backend restores {to}, not to the recovery point's LSN: the writes after it are not kept")
+}
+
 /// How the run's slot was let go.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -90,6 +101,9 @@ pub struct LostWrites {
     /// writes used ([`sequences`]); None: not (yet) done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sequences_advanced: Option<usize>,
+    /// Sequences that could not be moved (name, why), or why none was.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sequences_not_moved: Vec<(String, String)>,
 }
 
 /// Whether a restore kept the writes it discarded.
@@ -115,10 +129,6 @@ pub struct LostFile {
     /// replay takes a row whose `xmin` follows it as changed since.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xid_horizon: Option<u64>,
-    /// Tables with `REPLICA IDENTITY FULL`: their UPDATEs and DELETEs carry
-    /// the whole old row, matched as it is; the others carry only the key.
-    #[serde(default)]
-    pub full_identity: std::collections::BTreeSet<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -290,29 +300,38 @@ pub async fn reopen(db: &Database) -> Result<(), CaptureError> {
 }
 
 /// The recovery point of a run that captures, with its transaction-id
-/// horizon, in one statement evaluated in order: `txid_current()` takes an
-/// id X, the transactional message writes a WAL record carrying X, and the
-/// LSN is read after that record. A restore to the LSN replays the record,
-/// so the restored server hands out ids after X only; and every row the
-/// restore brings back was committed before the LSN, so by a transaction
-/// whose id is below X, except one that took its id and committed in the
-/// microseconds between the two calls (its row is then taken as changed:
-/// a false conflict at replay, never an overwrite).
+/// horizon X. A transactional logical message takes X for its transaction
+/// and writes a WAL record carrying it; the point is the LSN that record
+/// ends at (what `pg_logical_emit_message` returns). A restore to the LSN
+/// (exclusive) replays that record, and replay moves the server's counter
+/// past every id it sees, so the restored server hands out ids above X
+/// only. Every row the restore brings back was committed before the LSN,
+/// by a transaction whose id is below X, except one that took its id and
+/// committed in the microseconds between X's assignment and the record (its
+/// row is then taken as changed: a false conflict at replay, never an
+/// overwrite). The message's transaction then rolls back: it wrote nothing.
 pub async fn recovery_point(db: &Database) -> Result<(crate::checkpoint::RecoveryPoint, u64), CaptureError> {
     let client = connect(db).await?;
+    client
+        .batch_execute("BEGIN")
+        .await
+        .map_err(query(db, "beginning the recovery point"))?;
     let row = client
         .query_one(
-            "SELECT txid_current(), pg_logical_emit_message(true, 'backstop', 'recovery point')::text,
-                    pg_current_wal_insert_lsn()::text, clock_timestamp()",
+            "SELECT pg_logical_emit_message(true, 'backstop', 'recovery point')::text, clock_timestamp(), txid_current()",
             &[],
         )
         .await
         .map_err(query(db, "reading the recovery point"))?;
-    let xid: i64 = row.get(0);
+    client
+        .batch_execute("ROLLBACK")
+        .await
+        .map_err(query(db, "ending the recovery point"))?;
+    let xid: i64 = row.get(2);
     Ok((
         crate::checkpoint::RecoveryPoint {
-            time: row.get(3),
-            lsn: row.get(2),
+            time: row.get(1),
+            lsn: row.get(0),
             capture: None,
         },
         xid as u64,
@@ -320,9 +339,12 @@ pub async fn recovery_point(db: &Database) -> Result<(crate::checkpoint::Recover
 }
 
 /// Moves the sequences forward after a restore ([`sequences::advance`]).
-pub async fn advance_sequences(db: &Database, values: &[sequences::SequenceValue]) -> Result<usize, CaptureError> {
+pub async fn advance_sequences(
+    db: &Database,
+    values: &[sequences::SequenceValue],
+) -> Result<sequences::Advanced, CaptureError> {
     let client = connect(db).await?;
-    sequences::advance(&client, db, values).await
+    Ok(sequences::advance(&client, values).await)
 }
 
 /// Drops slot `name` if it exists.
@@ -425,18 +447,7 @@ pub async fn read(
         .flat_map(|t| t.changes.iter().map(|c| c.table.as_str()))
         .collect();
     let mut keys = HashMap::new();
-    let mut full_identity = std::collections::BTreeSet::new();
     for table in tables {
-        let full = client
-            .query_opt(
-                "SELECT 1 FROM pg_class WHERE oid = to_regclass($1) AND relreplident = 'f'",
-                &[&table],
-            )
-            .await
-            .map_err(query(db, "reading a table's replica identity"))?;
-        if full.is_some() {
-            full_identity.insert(table.to_string());
-        }
         let cols: Vec<String> = client
             .query(
                 "SELECT quote_ident(a.attname) FROM pg_index i
@@ -461,7 +472,6 @@ pub async fn read(
             keys,
             sequences,
             xid_horizon,
-            full_identity,
         },
         own_left_out,
     ))
@@ -486,6 +496,7 @@ impl LostFile {
             own_left_out,
             file,
             sequences_advanced: None,
+            sequences_not_moved: Vec::new(),
         }
     }
 

@@ -309,6 +309,13 @@ pub enum Command {
         /// the change by hand. Recorded as done; replay goes on past them.
         #[arg(long, value_delimiter = ',', value_name = "XID")]
         skip: Vec<u32>,
+        /// For lost writes kept by an older backstop (no transaction-id
+        /// horizon in lost-writes.json): match UPDATEs and DELETEs that
+        /// carry only their key by that key alone, overwriting a row the
+        /// application may have changed since the restore. Without it those
+        /// stop replay for a person to check.
+        #[arg(long)]
+        match_by_key: bool,
         /// `text` or `json`: {dry_run, applied: [xid], already: [xid], skipped: [xid],
         /// left: [[xid, why]], stopped: [xid, why] | null}.
         #[arg(
@@ -699,6 +706,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             dry_run,
             tables,
             skip,
+            match_by_key,
             output,
         } => {
             use crate::capture::replay;
@@ -709,6 +717,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                 dry_run,
                 tables,
                 skip,
+                match_by_key,
             };
             match replay::replay_run(&opts).await {
                 Ok(done) => {

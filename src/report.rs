@@ -537,7 +537,6 @@ pub fn markdown(r: &Report) -> String {
     s
 }
 
-/// What the restore took back, and how to read what it discarded.
 /// What the run's own replay of the lost writes did.
 fn replayed(s: &mut String, replay: Option<&crate::capture::replay::AutoReplay>, run: &str) {
     use crate::capture::replay::AutoReplay;
@@ -546,17 +545,21 @@ fn replayed(s: &mut String, replay: Option<&crate::capture::replay::AutoReplay>,
         Some(AutoReplay::Replayed(r)) => {
             let _ = writeln!(
                 s,
-                "- writes put back by the run (`backstop.dev/replay: auto`): {} transactions applied, {} left for a person",
-                r.applied.len() + r.already.len(),
+                "- writes put back by the run (`backstop.dev/replay: auto`): {} transactions applied ({} by an earlier attempt), {} left for a person",
+                r.applied.len(),
+                r.already.len(),
                 r.left.len()
             );
+            for (name, why) in &r.sequences_not_moved {
+                let _ = writeln!(s, "  - sequence {name} not moved past the lost ids: {why}");
+            }
             for (xid, why) in &r.left {
                 let _ = writeln!(s, "  - left: xid {xid}: {why}");
             }
             if let Some((xid, why)) = &r.stopped {
                 let _ = writeln!(
                     s,
-                    "  - stopped at xid {xid}: {why}; fix the row, then `backstop replay {run}` goes on from there"
+                    "  - stopped at xid {xid}: {why}. Keep the row as it is or apply that transaction by hand from lost-writes.sql, then `backstop replay {run} --skip {xid}` records it and goes on"
                 );
             }
         }
@@ -570,6 +573,7 @@ fn replayed(s: &mut String, replay: Option<&crate::capture::replay::AutoReplay>,
     }
 }
 
+/// What the restore took back, and how to read what it discarded.
 fn scope(s: &mut String, rs: &RestoreRecord, backend: Option<&str>, run: &str) {
     use std::fmt::Write;
     let whole = matches!(backend, Some("local" | "pgbackrest" | "cnpg"));
@@ -623,6 +627,12 @@ fn scope(s: &mut String, rs: &RestoreRecord, backend: Option<&str>, run: &str) {
                 let _ = writeln!(
                     s,
                     "- sequences: {n} moved forward after the restore, past the ids the lost writes had used (the application does not hand them out again)"
+                );
+            }
+            for (name, why) in &w.sequences_not_moved {
+                let _ = writeln!(
+                    s,
+                    "- sequence {name} NOT moved past the ids the lost writes used ({why}): the application may hand them out again, and replay stops at such a row; `backstop replay {run}` tries again"
                 );
             }
         }

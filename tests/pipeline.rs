@@ -355,6 +355,13 @@ async fn failed_verify_with_dump_checkpoint_restores_from_the_dump() {
     assert_restored(&f, &c1, &schema).await;
     let report = f.reports().pop().unwrap();
     assert_eq!(report["checkpoint"]["backend"], "dump");
+    // Said once: a dump restores to when it was taken, so the writes after
+    // the recovery point are not what it discards, and are not kept.
+    let md = f.report_md(report["run"].as_str().unwrap());
+    assert!(
+        md.contains("- writes after it are not captured: the dump backend restores to when its dump was taken"),
+        "{md}"
+    );
     let kept = f
         .count("SELECT count(*) FROM pg_database WHERE datname LIKE 'shop_backstop_%'")
         .await;

@@ -58,6 +58,27 @@ pub struct Replayed {
     /// `setval` cannot be rolled back).
     #[serde(default)]
     pub sequences_advanced: usize,
+    /// Sequences that could not be moved (name, why).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sequences_not_moved: Vec<(String, String)>,
+}
+
+/// How replay goes.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Only transactions whose every change is on these tables (empty: all).
+    pub only: HashSet<String>,
+    /// Transactions a person handled: recorded as done, not applied.
+    pub skip: HashSet<u32>,
+    /// Apply in one transaction and roll it back.
+    pub dry_run: bool,
+    /// Match key-only UPDATEs and DELETEs by key alone where the file has no
+    /// transaction-id horizon (captured before backstop kept one).
+    pub match_by_key: bool,
+    /// Bound each statement (`lock_timeout` 5 s, `statement_timeout` 60 s;
+    /// a timeout is a conflict): the run's own replay must not hold up the
+    /// rest of its remediation behind an application's row lock.
+    pub bounded: bool,
 }
 
 /// Whether `table` (`schema.name` as decoded) is one of `names` (as the
@@ -70,16 +91,21 @@ fn named(table: &str, names: &HashSet<String>) -> bool {
 }
 
 /// Applies `file`'s transactions to `db`; `migrated` are the tables the
-/// run's migrations touched, `only` the tables asked for (empty: all).
+/// run's migrations touched.
 pub async fn replay(
     db: &Database,
     file: &LostFile,
     migrated: &HashSet<String>,
-    only: &HashSet<String>,
-    skip: &HashSet<u32>,
-    dry_run: bool,
+    opts: &Options,
 ) -> Result<Replayed, CaptureError> {
+    let (only, skip, dry_run) = (&opts.only, &opts.skip, opts.dry_run);
     let client = connect(db).await?;
+    if opts.bounded {
+        client
+            .batch_execute("SET lock_timeout = '5s'; SET statement_timeout = '60s'")
+            .await
+            .map_err(query(db, "bounding the replay's statements"))?;
+    }
     client
         .batch_execute(
             "CREATE SCHEMA IF NOT EXISTS backstop;
@@ -103,7 +129,9 @@ pub async fn replay(
         // Before any row goes back: the application must not hand out one
         // of their ids meanwhile (done after the restore too; again here for
         // a restore resumed after a crash).
-        out.sequences_advanced = super::sequences::advance(&client, db, &file.sequences).await?;
+        let moved = super::sequences::advance(&client, &file.sequences).await;
+        out.sequences_advanced = moved.moved;
+        out.sequences_not_moved = moved.failed;
     }
     // One connection: SAVEPOINTs inside a dry run's outer transaction, a
     // real transaction per source transaction otherwise.
@@ -118,17 +146,22 @@ pub async fn replay(
     let mut held: HashSet<String> = HashSet::new();
     let mut seen = Seen {
         horizon: file.xid_horizon,
+        match_by_key: opts.match_by_key,
         near: client
             .query_one("SELECT txid_snapshot_xmax(txid_current_snapshot())", &[])
             .await
             .map_err(query(db, "reading the transaction-id counter"))?
             .get::<_, i64>(0) as u64,
+        // This run's earlier replays only: another run's are not ours.
         ours: client
-            .query("SELECT by_xid FROM backstop.replayed WHERE by_xid IS NOT NULL", &[])
+            .query(
+                "SELECT by_xid FROM backstop.replayed WHERE run = $1 AND by_xid IS NOT NULL",
+                &[&file.run],
+            )
             .await
             .map_err(query(db, "reading backstop.replayed"))?
             .iter()
-            .map(|r| r.get::<_, i64>(0) as u32)
+            .map(|r| r.get::<_, i64>(0) as u64)
             .collect(),
     };
     for t in &file.transactions {
@@ -183,7 +216,7 @@ pub async fn replay(
                 // later replay knows them as its own, not as changes since.
                 client
                     .execute(
-                        "INSERT INTO backstop.replayed (run, xid, by_xid) VALUES ($1, $2, (txid_current() % 4294967296)::bigint)",
+                        "INSERT INTO backstop.replayed (run, xid, by_xid) VALUES ($1, $2, txid_current())",
                         &[&file.run, &(t.xid as i64)],
                     )
                     .await
@@ -216,12 +249,14 @@ pub async fn replay(
 /// What tells a row changed since the recovery point from one the restore
 /// brought back, for tables whose changes carry only the key.
 struct Seen {
-    /// [`LostFile::xid_horizon`]; None (an older file): matched by key only.
+    /// [`LostFile::xid_horizon`]; None: an older file.
     horizon: Option<u64>,
+    /// Without a horizon, match by key alone (`--match-by-key`).
+    match_by_key: bool,
     /// A full transaction id near the rows' (the counter at the start).
     near: u64,
-    /// The 32-bit ids of the row versions replay itself wrote.
-    ours: HashSet<u32>,
+    /// The full ids of the row versions this run's replay wrote.
+    ours: HashSet<u64>,
 }
 
 /// The full (epoch-qualified) id of 32-bit `xid`: of the candidates one
@@ -244,7 +279,17 @@ async fn changed_since(
     old: &[super::decode::Value],
     seen: &Seen,
 ) -> Result<Option<String>, String> {
-    let Some(horizon) = seen.horizon else { return Ok(None) };
+    let horizon = match (seen.horizon, seen.match_by_key) {
+        (Some(h), _) => h,
+        (None, true) => return Ok(None),
+        (None, false) => {
+            return Ok(Some(format!(
+                "{} on {} carries only its key, and this file has no transaction-id horizon (captured by an older backstop): replay cannot tell whether the row changed since the restore. Check the row, then --skip this transaction, or give --match-by-key to match by key alone",
+                c.op.as_str(),
+                c.table
+            )))
+        }
+    };
     let sql = format!(
         "SELECT xmin::text FROM {} WHERE {} FOR UPDATE",
         c.table,
@@ -266,12 +311,12 @@ async fn changed_since(
             rows.len()
         )));
     };
-    let xmin: u32 = row.get::<_, String>(0).parse().unwrap_or(u32::MAX);
-    if seen.ours.contains(&xmin) || full_xid(xmin, seen.near) < horizon {
+    let xmin = full_xid(row.get::<_, String>(0).parse().unwrap_or(u32::MAX), seen.near);
+    if seen.ours.contains(&xmin) || xmin < horizon {
         return Ok(None);
     }
     Ok(Some(format!(
-        "{} on {} where {where_}: the row was written after the recovery point (xmin {xmin}), by the application since the restore: replaying would overwrite it",
+        "{} on {} where {where_}: the row was written after the recovery point (xmin {xmin} >= horizon {horizon}): by the application or a person since the restore (or committed as the point was taken); replaying would overwrite it",
         c.op.as_str(),
         c.table
     )))
@@ -281,7 +326,9 @@ async fn changed_since(
 async fn apply(client: &tokio_postgres::Client, file: &LostFile, t: &Txn, seen: &mut Seen) -> Result<(), String> {
     for c in &t.changes {
         let key = file.keys.get(&c.table).map(Vec::as_slice).unwrap_or_default();
-        let key_only = c.op != Op::Insert && !file.full_identity.contains(&c.table);
+        // Per change: with `REPLICA IDENTITY FULL` (then) the old image holds
+        // the whole row and is matched as it is; otherwise only the key.
+        let key_only = c.op != Op::Insert && c.old.iter().all(|v| key.contains(&v.column));
         if key_only && decode::statement(c, key).is_some() {
             if let Some(why) = changed_since(client, c, &decode::old_image(c, key), seen).await? {
                 return Err(why);
@@ -305,9 +352,11 @@ async fn apply(client: &tokio_postgres::Client, file: &LostFile, t: &Txn, seen: 
         let sql = format!("{sql} RETURNING xmin::text");
         match client.query(sql.as_str(), &[]).await.map(|rows| {
             if c.op != Op::Delete {
+                let near = seen.near;
                 seen.ours.extend(
                     rows.iter()
-                        .filter_map(|r| r.try_get::<_, String>(0).ok()?.parse::<u32>().ok()),
+                        .filter_map(|r| r.try_get::<_, String>(0).ok()?.parse::<u32>().ok())
+                        .map(|x| full_xid(x, near)),
                 );
             }
             rows.len()
@@ -345,6 +394,8 @@ pub struct ReplayOptions {
     pub tables: Vec<String>,
     /// Transactions a person handled: recorded as done, not applied.
     pub skip: Vec<u32>,
+    /// See [`Options::match_by_key`].
+    pub match_by_key: bool,
 }
 
 /// Why replay cannot start.
@@ -368,14 +419,41 @@ pub enum ReplayError {
     Capture(#[from] CaptureError),
 }
 
-/// The tables the run's migrations name (as written, qualified or not).
-pub fn migrated_tables(run: &crate::run::RunRecord) -> HashSet<String> {
-    run.migrations
-        .iter()
-        .flat_map(|m| m.statements.iter())
-        .filter_map(|s| pg_query::parse(&s.sql, 0).ok())
-        .flat_map(|p| p.tables())
-        .collect()
+/// The tables the run's migrations name (as written, qualified or not), or
+/// why they cannot be known: a `job` migration runs SQL backstop never
+/// sees, and a DO block, a CALL, or a SELECT (of a function) can write to
+/// tables its text does not name. Replay must then not guess which tables
+/// are safe.
+pub fn migrated_tables(migrations: &[crate::manifests::Carrier]) -> Result<HashSet<String>, String> {
+    let mut tables = HashSet::new();
+    for m in migrations {
+        if m.run == crate::manifests::RunKind::Job {
+            return Err(format!(
+                "migration {} is a job: backstop cannot tell which tables it changed",
+                m.id
+            ));
+        }
+        for s in &m.statements {
+            let parsed = pg_query::parse(&s.sql, 0).map_err(|e| {
+                format!(
+                    "a statement of migration {} at {}:{} does not parse ({e})",
+                    m.id, m.file, s.line
+                )
+            })?;
+            if let Some(kind) = parsed
+                .statement_types()
+                .into_iter()
+                .find(|k| matches!(*k, "DoStmt" | "CallStmt" | "SelectStmt" | "ExecuteStmt"))
+            {
+                return Err(format!(
+                    "migration {} runs a {kind} at {}:{}, which can change tables its text does not name",
+                    m.id, m.file, s.line
+                ));
+            }
+            tables.extend(parsed.tables());
+        }
+    }
+    Ok(tables)
 }
 
 /// Finds run `opts.run`, reads its `lost-writes.json` and replays it.
@@ -459,8 +537,24 @@ pub async fn replay_run(opts: &ReplayOptions) -> Result<Replayed, ReplayError> {
             run.id
         )));
     }
-    let skip: HashSet<u32> = opts.skip.iter().copied().collect();
-    Ok(replay(&db, &file, &migrated_tables(&run), &only, &skip, opts.dry_run).await?)
+    // Unknown migrated tables: only the tables a person names are replayed.
+    let migrated = match migrated_tables(&run.migrations) {
+        Ok(tables) => tables,
+        Err(why) if only.is_empty() => {
+            return Err(ReplayError::Refused(format!(
+                "{why}: name the tables to replay with --tables (none the migration changed)"
+            )))
+        }
+        Err(_) => HashSet::new(),
+    };
+    let how = Options {
+        only,
+        skip: opts.skip.iter().copied().collect(),
+        dry_run: opts.dry_run,
+        match_by_key: opts.match_by_key,
+        bounded: false,
+    };
+    Ok(replay(&db, &file, &migrated, &how).await?)
 }
 
 /// The text rendering.
@@ -480,6 +574,9 @@ pub fn text(r: &Replayed) -> String {
             "moved {} sequences past the ids the lost writes used",
             r.sequences_advanced
         );
+    }
+    for (name, why) in &r.sequences_not_moved {
+        let _ = writeln!(s, "sequence {name} NOT moved past the ids the lost writes used: {why}");
     }
     if !r.skipped.is_empty() {
         let _ = writeln!(s, "skipped as asked (recorded as handled): {}", r.skipped.len());
@@ -502,6 +599,42 @@ pub fn text(r: &Replayed) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn carriers(yaml: &str) -> Vec<crate::manifests::Carrier> {
+        let snap = crate::manifests::Snapshot::from([("m/a.yaml".to_string(), yaml.as_bytes().to_vec())]);
+        crate::manifests::parse_file(&snap, "m/a.yaml", yaml.as_bytes()).unwrap()
+    }
+
+    fn sql_carrier(sql: &str) -> Vec<crate::manifests::Carrier> {
+        carriers(&format!(
+            "kind: ConfigMap\nmetadata:\n  name: a\n  annotations:\n    backstop.dev/migration: a\n    backstop.dev/database: url:DB\ndata:\n  a.sql: {sql:?}\n"
+        ))
+    }
+
+    #[test]
+    fn migrated_tables_are_named_or_replay_is_told_they_cannot_be_known() {
+        let tables = migrated_tables(&sql_carrier(
+            "ALTER TABLE orders ADD COLUMN t int; UPDATE public.items SET n = 1;",
+        ))
+        .unwrap();
+        assert!(
+            tables.contains("orders") && tables.contains("public.items"),
+            "{tables:?}"
+        );
+        for sql in [
+            "DO $$ BEGIN UPDATE orders SET n = 1; END $$;",
+            "CALL backfill();",
+            "SELECT backfill_totals();",
+        ] {
+            let why = migrated_tables(&sql_carrier(sql)).unwrap_err();
+            assert!(why.contains("can change tables its text does not name"), "{sql}: {why}");
+        }
+        let job = carriers(
+            "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: j\n  annotations:\n    backstop.dev/migration: m\n    backstop.dev/database: url:DB\n    backstop.dev/run: job\n    kustomize.toolkit.fluxcd.io/reconcile: disabled\nspec: {template: {spec: {containers: []}}}\n",
+        );
+        let why = migrated_tables(&job).unwrap_err();
+        assert!(why.contains("migration m is a job"), "{why}");
+    }
 
     #[test]
     fn a_rows_32_bit_xmin_is_placed_in_the_epoch_nearest_the_counter() {

@@ -21,7 +21,7 @@ use crate::db::Database;
 /// One sequence's value before the restore.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SequenceValue {
-    /// `schema.name`, quoted where needed (`quote_ident`).
+    /// `schema.name`, quoted where needed (`format('%I.%I')`).
     pub sequence: String,
     pub last_value: i64,
 }
@@ -32,7 +32,7 @@ pub struct SequenceValue {
 pub async fn read(client: &tokio_postgres::Client, db: &Database) -> Result<Vec<SequenceValue>, CaptureError> {
     let rows = client
         .query(
-            "SELECT quote_ident(schemaname) || '.' || quote_ident(sequencename), last_value
+            "SELECT format('%I.%I', schemaname, sequencename), last_value
                FROM pg_sequences
               WHERE last_value IS NOT NULL AND increment_by > 0 AND NOT cycle
                 AND schemaname NOT IN ('pg_catalog', 'information_schema', 'backstop')
@@ -50,29 +50,47 @@ pub async fn read(client: &tokio_postgres::Client, db: &Database) -> Result<Vec<
         .collect())
 }
 
+/// What [`advance`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Advanced {
+    /// Sequences moved forward.
+    pub moved: usize,
+    /// Sequences that could not be moved, with the server's reason (a role
+    /// without UPDATE on it, a value past its maximum): their ids may be
+    /// handed out again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<(String, String)>,
+}
+
 /// Moves each sequence that still exists (the migration may have created
-/// it) forward to at least its value before the restore; how many moved.
-pub async fn advance(
-    client: &tokio_postgres::Client,
-    db: &Database,
-    values: &[SequenceValue],
-) -> Result<usize, CaptureError> {
-    let mut moved = 0;
+/// it) forward to at least its value before the restore, one at a time: a
+/// sequence that cannot be moved is reported and the others still are.
+/// Never moves one back: read and set in one statement, only where it is
+/// behind (an application `nextval` in the microseconds between the two
+/// could only be overtaken forward).
+pub async fn advance(client: &tokio_postgres::Client, values: &[SequenceValue]) -> Advanced {
+    let mut out = Advanced::default();
     for v in values {
-        // `setval` only where it moves forward: a sequence used since the
-        // restore past the old value is left where it is.
-        let n = client
+        let moved = client
             .execute(
-                "SELECT setval(s.seqrelid, $2, true)
-                   FROM pg_sequence s
-                   JOIN pg_sequences v ON format('%I.%I', v.schemaname, v.sequencename)::regclass = s.seqrelid
-                  WHERE s.seqrelid = to_regclass($1)
-                    AND coalesce(v.last_value, s.seqstart - s.seqincrement) < $2",
+                "SELECT setval(to_regclass($1), $2, true)
+                   FROM pg_sequences s
+                  WHERE format('%I.%I', s.schemaname, s.sequencename) = $1
+                    AND coalesce(s.last_value, s.start_value - s.increment_by) < $2",
                 &[&v.sequence, &v.last_value],
             )
-            .await
-            .map_err(query(db, "moving a sequence past the ids the lost writes used"))?;
-        moved += n as usize;
+            .await;
+        match moved {
+            Ok(n) => out.moved += n as usize,
+            Err(e) => {
+                let why = e
+                    .as_db_error()
+                    .map(|d| d.message().to_string())
+                    .unwrap_or_else(|| e.to_string());
+                tracing::warn!(sequence = %v.sequence, error = %why, "could not move a sequence past the ids the lost writes used");
+                out.failed.push((v.sequence.clone(), why));
+            }
+        }
     }
-    Ok(moved)
+    out
 }

@@ -146,9 +146,22 @@ impl Engine {
                         Some(c) if crate::capture::backend_restores_to_the_lsn(&c.backend) => {
                             Some(crate::capture::start(&db, &run.id).await)
                         }
-                        _ => None,
+                        // The report says why under the recovery point (and a
+                        // restore's, that they were not kept): no slot is made.
+                        Some(c) => Some(crate::capture::Capture::Unavailable {
+                            why: crate::capture::why_not_captured(&c.backend),
+                            maybe_created: false,
+                        }),
+                        None => None,
                     };
-                    let capture_attempted = capture.is_some();
+                    let capture_attempted = matches!(
+                        capture,
+                        Some(crate::capture::Capture::Slot { .. })
+                            | Some(crate::capture::Capture::Unavailable {
+                                maybe_created: true,
+                                ..
+                            })
+                    );
                     let point = match capture {
                         Some(crate::capture::Capture::Slot {
                             name,
@@ -408,12 +421,31 @@ impl Engine {
         });
         let backend = self.backend_named(&checkpoint.backend)?;
         let db = self.database(run, cache).await.map_err(|f| Fault::failed(f.message))?;
-        let (lost, sequences) = match self.keep_lost_writes(run, &db, &point).await {
+        let (mut lost, sequences) = match self.keep_lost_writes(run, &db, &point).await {
             Some((captured, sequences)) => (Some(captured), sequences),
             None => (None, Vec::new()),
         };
         let quiesced = matches!(point.capture, Some(crate::capture::Capture::Slot { .. }));
         let restored = backend.restore(&db, &checkpoint, &point, &run.id).await;
+        if let (Ok(_), Some(crate::capture::Captured::Kept(summary))) = (&restored, lost.as_mut()) {
+            // At once, before the database is opened again: the application
+            // hands out ids from here on. (A restore that brings the database
+            // back open leaves the milliseconds since its promotion: an
+            // insert then may take a lost row's id, and replay stops at it.)
+            match crate::capture::advance_sequences(&db, &sequences).await {
+                Ok(done) => {
+                    summary.sequences_advanced = Some(done.moved);
+                    summary.sequences_not_moved = done.failed;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        error = %chain(&e),
+                        "could not move the sequences past the ids the lost writes used; `backstop replay` tries again"
+                    );
+                    summary.sequences_not_moved = vec![("(all)".into(), chain(&e))];
+                }
+            }
+        }
         // Whatever happened, the application is let back in (a no-op where
         // the restore already took the database back to before the close).
         let reopened = if quiesced {
@@ -435,16 +467,6 @@ impl Engine {
             tracing::error!("{}", warning.trim_start_matches("; "));
         }
         record.lost_writes = lost;
-        if let Some(crate::capture::Captured::Kept(summary)) = record.lost_writes.as_mut() {
-            // At once: the application hands out ids again from here on.
-            match crate::capture::advance_sequences(&db, &sequences).await {
-                Ok(moved) => summary.sequences_advanced = Some(moved),
-                Err(e) => tracing::warn!(
-                    error = %chain(&e),
-                    "could not move the sequences past the ids the lost writes used; `backstop replay` tries again"
-                ),
-            }
-        }
         Ok(record)
     }
 
@@ -554,17 +576,19 @@ impl Engine {
             Ok(db) => db,
             Err(f) => return not(f.message),
         };
-        let everything = std::collections::HashSet::new();
-        match replay::replay(
-            &db,
-            &file,
-            &replay::migrated_tables(run),
-            &everything,
-            &Default::default(),
-            false,
-        )
-        .await
-        {
+        let migrated = match replay::migrated_tables(&run.migrations) {
+            Ok(tables) => tables,
+            Err(why) => {
+                return not(format!(
+                    "{why}; `backstop replay --tables` replays the tables a person names"
+                ))
+            }
+        };
+        let how = replay::Options {
+            bounded: true,
+            ..Default::default()
+        };
+        match replay::replay(&db, &file, &migrated, &how).await {
             Ok(done) => {
                 tracing::info!(
                     applied = done.applied.len(),

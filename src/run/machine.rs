@@ -345,12 +345,14 @@ fn remediation(run: &RunRecord) -> Action {
     if failure.data_changed && run.checkpoint.is_some() && run.restore.is_none() && !restore_finished {
         return Action::Restore;
     }
-    if wants_replay(run) {
-        return Action::ReplayLostWrites;
-    }
+    // The bad code off the gate first (when it was promoted): replay is
+    // not what should keep it live.
     let gate_moved = run.promoted_to.as_deref() != Some(run.gate_before.as_str());
     if run.promoted && gate_moved && run.gate_revert.is_none() && !step_failed_for_good(run, "gate-revert") {
         return Action::RevertGate;
+    }
+    if wants_replay(run) {
+        return Action::ReplayLostWrites;
     }
     let revert_step = Action::Revert.step(run).unwrap_or_default();
     if run.revert.is_none() && !step_failed_for_good(run, &revert_step) {
@@ -626,8 +628,9 @@ pub fn apply(run: &mut RunRecord, step: &str, obs: Observation, now: DateTime<Ut
                 AutoReplay::Replayed(done) => (
                     done.stopped.is_none(),
                     format!(
-                        "put back {} transactions of lost writes, {} left for a person{}",
-                        done.applied.len() + done.already.len(),
+                        "put back {} transactions of lost writes ({} already), {} left for a person{}",
+                        done.applied.len(),
+                        done.already.len(),
                         done.left.len(),
                         done.stopped
                             .as_ref()

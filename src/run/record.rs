@@ -198,11 +198,11 @@ pub struct RunRecord {
     /// promoted (the bad code was live): its sha.
     #[serde(default)]
     pub gate_revert: Option<String>,
-    /// Remediation steps that failed (a person must act).
     /// The run's own replay of the lost writes after its restore
     /// (`backstop.dev/replay: auto`); None: not asked, or not yet done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lost_writes_replay: Option<crate::capture::replay::AutoReplay>,
+    /// Remediation steps that failed (a person must act).
     pub remediation_errors: Vec<String>,
     pub report_written: bool,
     /// A person took over a run whose remediation did not complete

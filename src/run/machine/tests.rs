@@ -967,6 +967,7 @@ fn restored_keeping(n: usize) -> Observation {
         own_left_out: 0,
         file: None,
         sequences_advanced: Some(1),
+        sequences_not_moved: Vec::new(),
     }));
     Observation::Restored(Ok(rec))
 }
