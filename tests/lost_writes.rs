@@ -661,3 +661,57 @@ async fn replay_never_overwrites_a_row_the_app_changed_since_the_restore_and_ski
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("--skip 1: no such transaction"), "{}", text(&out));
 }
+
+#[tokio::test]
+async fn a_run_killed_during_its_own_replay_resumes_it_and_puts_each_write_back_once() {
+    let f = Fixture::with_settings(LOGICAL).await;
+    f.commit_carrier(&orders_table(), "create orders");
+    assert!(f.run(&[]).await.status.success());
+    insert_orders(&f).await;
+    f.client()
+        .await
+        .batch_execute("CREATE TABLE tickets (id bigserial PRIMARY KEY, note text NOT NULL)")
+        .await
+        .unwrap();
+    let (task, model) = serial_writer(f.server.url("shop"));
+    wait_until("the app writes", || {
+        let n = model.lock().unwrap().len();
+        async move { n >= 100 }
+    })
+    .await;
+    f.commit_carrier(&failing_backfill("").annotation("replay", "auto"), "backfill totals");
+    // Killed right after replay committed its first transaction.
+    let mut child = f.spawn_run(
+        &f.state(),
+        &["--revert", "commit"],
+        &[("BACKSTOP_TEST_PAUSE_AT", "lost-write-replayed")],
+    );
+    wait_for_line(&mut child, "test pause at lost-write-replayed").await;
+    kill9(child).await;
+    task.await.unwrap();
+    let written = model.lock().unwrap().clone();
+
+    let out = f.run(&["--revert", "commit"]).await;
+    assert_eq!(out.status.code(), Some(1), "rolled back: {}", text(&out));
+    let table = f
+        .client()
+        .await
+        .query("SELECT id, note FROM tickets ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1)))
+        .collect::<std::collections::BTreeMap<i64, String>>();
+    assert_eq!(table, written, "each acknowledged row back, once:\n{}", text(&out));
+    let report = f.reports().pop().unwrap();
+    let lost = report["restore"]["lost_writes"]["kept"]["transactions"]
+        .as_u64()
+        .unwrap();
+    let replayed = &report["lost_writes_replay"]["replayed"];
+    let applied = replayed["applied"].as_array().unwrap().len() as u64;
+    let already = replayed["already"].as_array().unwrap().len() as u64;
+    assert_eq!(already, 1, "the killed attempt's transaction: {report:#}");
+    assert_eq!(applied + already, lost, "{report:#}");
+    assert!(replayed["stopped"].is_null(), "{report:#}");
+    assert_eq!(backstop_slots(&f).await, 0);
+}

@@ -226,6 +226,9 @@ pub async fn replay(
                     .await
                     .map_err(query(db, "committing a replayed transaction"))?;
                 out.applied.push(t.xid);
+                if out.applied.len() == 1 {
+                    crate::checkpoint::local::pause_point("lost-write-replayed").await;
+                }
             }
             Err(why) => {
                 client
