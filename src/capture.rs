@@ -56,9 +56,9 @@ pub enum Capture {
 
 /// Backends whose restore goes exactly to the recovery point's LSN: only
 /// there do the slot's changes after that LSN equal what the restore
-/// discards (a dump restores to when it was taken; CNPG to a time).
+/// discards (a dump restores to when it was taken).
 pub fn backend_restores_to_the_lsn(backend: &str) -> bool {
-    matches!(backend, "local" | "pgbackrest")
+    matches!(backend, "local" | "pgbackrest" | "cnpg")
 }
 
 /// Why a run on `backend` keeps no lost writes (it restores elsewhere than
@@ -66,7 +66,6 @@ pub fn backend_restores_to_the_lsn(backend: &str) -> bool {
 pub fn why_not_captured(backend: &str) -> String {
     let to = match backend {
         "dump" => "to when its dump was taken",
-        "cnpg" => "to a time (recoveryTarget.targetTime), on a new Cluster",
         _ => "elsewhere",
     };
     format!("the {backend} backend restores {to}, not to the recovery point's LSN: the writes after it are not kept")

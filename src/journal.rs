@@ -196,6 +196,31 @@ fn read_side(path: &Path) -> Option<crate::run::Acknowledged> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 
+/// File `name` of run `run` in its folder `dir`; None when there is none.
+/// (Both stores keep a run's files in a folder of their own.)
+pub(crate) fn read_run_file(dir: &Path, run: &str, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    match std::fs::read(dir.join(name)) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StoreError {
+            action: "read a file of the run",
+            run: run.to_string(),
+            source: e.into(),
+        }),
+    }
+}
+
+/// Writes file `name` of run `run` into its folder `dir`, atomically; its path.
+pub(crate) fn write_run_file(dir: &Path, run: &str, name: &str, bytes: &[u8]) -> Result<Option<String>, StoreError> {
+    let path = dir.join(name);
+    write_atomic(&path, bytes).map_err(|e| StoreError {
+        action: "write a file of the run",
+        run: run.to_string(),
+        source: e.into(),
+    })?;
+    Ok(Some(path.display().to_string()))
+}
+
 /// Writes `bytes` to `path` atomically.
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -274,25 +299,11 @@ impl RunStore for Journal {
     }
 
     async fn read_file(&self, run: &RunRecord, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        match std::fs::read(self.run_dir(&run.id).join(name)) {
-            Ok(bytes) => Ok(Some(bytes)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(StoreError {
-                action: "read a file of the run",
-                run: run.id.clone(),
-                source: e.into(),
-            }),
-        }
+        read_run_file(&self.run_dir(&run.id), &run.id, name)
     }
 
     async fn write_file(&self, run: &RunRecord, name: &str, bytes: &[u8]) -> Result<Option<String>, StoreError> {
-        let path = self.run_dir(&run.id).join(name);
-        write_atomic(&path, bytes).map_err(|e| StoreError {
-            action: "write a file of the run",
-            run: run.id.clone(),
-            source: e.into(),
-        })?;
-        Ok(Some(path.display().to_string()))
+        write_run_file(&self.run_dir(&run.id), &run.id, name, bytes)
     }
 
     async fn write_report(&self, run: &RunRecord, report: &Report) -> Result<String, StoreError> {

@@ -418,7 +418,9 @@ async fn cnpg_restore_holds_the_cluster_owner_until_its_artifact_carries_the_rec
     // The Cluster was recreated from the old archive at the recovery point.
     let cluster = clusters.get("app-db").await.unwrap();
     assert_eq!(cluster.data["spec"]["bootstrap"]["recovery"]["source"], "app-db");
-    assert!(cluster.data["spec"]["bootstrap"]["recovery"]["recoveryTarget"]["targetTime"].is_string());
+    let target = &cluster.data["spec"]["bootstrap"]["recovery"]["recoveryTarget"];
+    assert!(target["targetLSN"].is_string(), "to the recovery point's LSN: {target}");
+    assert_eq!(target["exclusive"], true, "{target}");
     assert_ne!(
         cluster.data["spec"]["backup"]["barmanObjectStore"]["serverName"], "app-db",
         "a new, empty archive"
@@ -707,5 +709,110 @@ async fn controller_opens_the_revert_pull_request_with_the_token_from_a_secret()
     assert_eq!(
         record["revert"]["pull_request"],
         "https://github.example/platform/sre/pull/4"
+    );
+}
+
+#[tokio::test]
+async fn a_cnpg_restore_keeps_the_apps_lost_writes_beside_the_report_and_the_run_puts_them_back() {
+    let Some(s) = setup_with_settings("wal_level = logical\nmax_replication_slots = 10").await else {
+        return;
+    };
+    let clusters = cnpg_cluster(&s).await;
+    continuous_archiving(&clusters, "True").await;
+    let operator = fake_cnpg_operator(s.plane.client.clone(), &s.f);
+    s.orders_applied().await;
+    s.f.client()
+        .await
+        .batch_execute("CREATE TABLE events (id bigint PRIMARY KEY, note text NOT NULL)")
+        .await
+        .unwrap();
+    // The application writes one row per transaction until the restore
+    // ends its session; `written` holds what the server acknowledged.
+    let written = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+    let app = {
+        let (url, out) = (s.f.server.url("shop"), written.clone());
+        tokio::spawn(async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            for id in 1_000i64.. {
+                if client
+                    .execute("INSERT INTO events (id, note) VALUES ($1, 'from the app')", &[&id])
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                out.lock().unwrap().insert(id);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    wait_until("the app writes", || {
+        let n = written.lock().unwrap().len();
+        async move { n >= 20 }
+    })
+    .await;
+    // Default checkpoint (a CNPG Backup); the run replays what its restore discards.
+    let bad = carrier("0002-backfill")
+        .database("cnpg:app-db")
+        .phase("migrate")
+        .annotation("replay", "auto")
+        .sql(
+            "001.sql",
+            "ALTER TABLE orders ADD COLUMN total int;\nUPDATE orders SET total = 1 WHERE qty > 1;",
+        )
+        .verify("SELECT count(*) = 0 FROM orders WHERE total IS NULL");
+    s.f.commit_carrier(&bad, "backfill totals");
+    let mut controller = s.controller(&[]);
+    let run = s.finished_run().await;
+    controller.kill().await.ok();
+    operator.abort();
+    app.await.unwrap();
+    assert_eq!(
+        Setup::ready(&run),
+        ("False".into(), "RolledBack".into()),
+        "{:?}",
+        run.status
+    );
+    let run_id = run.metadata.name.clone().unwrap();
+
+    // Kept beside the report, counted exactly, and put back by the run.
+    let folder = s.f.state().join("default").join("shop").join("runs").join(&run_id);
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(folder.join("report.json")).unwrap()).unwrap();
+    let kept = &report["restore"]["lost_writes"]["kept"];
+    let lost = kept["transactions"].as_u64().unwrap_or(0);
+    assert!(lost >= 1, "the app wrote after the recovery point: {report:#}");
+    assert_eq!(
+        kept["rows"]["public.events"]["INSERT"].as_u64(),
+        Some(lost),
+        "{report:#}"
+    );
+    let sql = std::fs::read_to_string(folder.join("lost-writes.sql")).unwrap();
+    assert_eq!(sql.matches("BEGIN;").count() as u64, lost);
+    assert!(
+        !sql.contains("orders"),
+        "the migration's own writes are left out:\n{sql}"
+    );
+    assert!(
+        report["restore"]["target"].as_str().unwrap().starts_with("targetLSN "),
+        "{report:#}"
+    );
+    let replayed = &report["lost_writes_replay"]["replayed"];
+    assert_eq!(replayed["applied"].as_array().unwrap().len() as u64, lost, "{report:#}");
+    let rows: std::collections::BTreeSet<i64> =
+        s.f.client()
+            .await
+            .query("SELECT id FROM events", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+    assert_eq!(rows, *written.lock().unwrap(), "every acknowledged write is there");
+    assert_eq!(
+        s.f.count("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'backstop_%'")
+            .await,
+        0
     );
 }

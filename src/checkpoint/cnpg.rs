@@ -4,8 +4,9 @@
 //! new `Backup`, with the method the Cluster's backup configuration uses, only
 //! when the [`BasePolicy`] says so or archiving is not healthy; restore
 //! is CNPG's only kind, a new Cluster bootstrapped by `recovery` from the old
-//! WAL archive (`source` = the old `serverName`, `recoveryTarget.targetTime` =
-//! the time read before the migration) writing to a new archive `serverName`
+//! WAL archive (`source` = the old `serverName`, `recoveryTarget.targetLSN` =
+//! the recovery point read before the migration, exclusive; `targetTime` for
+//! a record without one) writing to a new archive `serverName`
 //! (CNPG requires an empty archive). The Kustomization that owns the Cluster
 //! (labels `kustomize.toolkit.fluxcd.io/name|namespace`) is paused first so
 //! Flux does not recreate the old Cluster, and stays paused.
@@ -324,6 +325,18 @@ impl Checkpoint for CnpgBackend {
             .await
             .map_err(kube_err("CNPG Cluster", format!("{ns}/{name}")))?;
         let target_time = target.time.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string();
+        // The recovery point's LSN, exclusive (as the local backends): exactly
+        // what was committed before it, so the writes a logical slot saw
+        // after it are exactly what the restore discards. A record from
+        // before LSNs were read goes to the time.
+        let (recovery_target, target_text) = if super::base::parse_lsn(&target.lsn).is_some() {
+            (
+                json!({"targetLSN": target.lsn, "exclusive": true}),
+                format!("targetLSN {} (exclusive)", target.lsn),
+            )
+        } else {
+            (json!({"targetTime": target_time}), format!("targetTime {target_time}"))
+        };
         let restored = old
             .metadata
             .annotations
@@ -361,8 +374,7 @@ impl Checkpoint for CnpgBackend {
             let short: String = run_id.chars().rev().take(7).collect::<String>().chars().rev().collect();
             let new_server = format!("{name}-r{short}");
             let mut spec = old.data["spec"].clone();
-            spec["bootstrap"] =
-                json!({"recovery": {"source": old_server, "recoveryTarget": {"targetTime": target_time}}});
+            spec["bootstrap"] = json!({"recovery": {"source": old_server, "recoveryTarget": recovery_target}});
             let store = old.data["spec"]["backup"]["barmanObjectStore"].clone();
             let mut external = json!({"name": old_server});
             if store.is_null() {
@@ -455,7 +467,7 @@ impl Checkpoint for CnpgBackend {
         Ok(RestoreRecord {
             started_at,
             finished_at: Utc::now(),
-            target: format!("targetTime {target_time} from WAL archive serverName {old_server}"),
+            target: format!("{target_text} from WAL archive serverName {old_server}"),
             kept: format!("the old Cluster's backups and WAL under serverName {old_server}; the new Cluster archives as {new_server}{held}"),
             manifest_patch: Some(ManifestPatch { kind: "Cluster".into(), namespace: ns.clone(), name: name.clone(), merge, hold }),
             databases: Vec::new(),

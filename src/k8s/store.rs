@@ -278,6 +278,22 @@ impl RunStore for MigrationRunStore {
         Ok(runs)
     }
 
+    /// A run's files (the lost writes) go beside its report, on the
+    /// controller's --state volume: durable with --durable-state; without
+    /// it a pod restart loses them as it loses the reports, and a restore
+    /// resumed after that says they were not kept.
+    fn keeps_files(&self) -> bool {
+        true
+    }
+
+    async fn read_file(&self, run: &RunRecord, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        crate::journal::read_run_file(&self.reports.join(&run.id), &run.id, name)
+    }
+
+    async fn write_file(&self, run: &RunRecord, name: &str, bytes: &[u8]) -> Result<Option<String>, StoreError> {
+        crate::journal::write_run_file(&self.reports.join(&run.id), &run.id, name, bytes)
+    }
+
     async fn write_report(&self, run: &RunRecord, report: &Report) -> Result<String, StoreError> {
         let dir = self.reports.join(&run.id);
         let io = |e: std::io::Error| StoreError {

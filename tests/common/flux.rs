@@ -99,8 +99,20 @@ pub async fn setup() -> Option<Setup> {
 }
 
 pub async fn setup_with_tokens(tokens: &[&str]) -> Option<Setup> {
+    setup_on(tokens, None).await
+}
+
+/// [`setup`] with PostgreSQL settings (`postgresql.conf` lines) of its own.
+pub async fn setup_with_settings(settings: &str) -> Option<Setup> {
+    setup_on(&[], Some(settings)).await
+}
+
+async fn setup_on(tokens: &[&str], settings: Option<&str>) -> Option<Setup> {
     let plane = ControlPlane::start(tokens).await?;
-    let f = Fixture::new().await;
+    let f = match settings {
+        Some(s) => Fixture::with_settings(s).await,
+        None => Fixture::new().await,
+    };
     let root = f.remote.path().parent().unwrap().to_path_buf();
     let git = super::http::git_server(root, "flux", "git-password").await;
     let client = plane.client.clone();
@@ -359,7 +371,7 @@ pub async fn cnpg_cluster_owned_by(s: &Setup, owner: &str) -> Api<DynamicObject>
 }
 
 /// Plays the CNPG operator: completes Backups with a real base backup of the
-/// test's server, and performs a real PITR (to `recoveryTarget.targetTime`)
+/// test's server, and performs a real PITR (to `recoveryTarget.targetLSN`, exclusive, or `targetTime`)
 /// for a Cluster recreated with `bootstrap.recovery`.
 pub fn fake_cnpg_operator(client: kube::Client, f: &Fixture) -> tokio::task::JoinHandle<()> {
     use backstop::checkpoint::{local::LocalBackend, Checkpoint, RecoveryPoint};
@@ -399,13 +411,29 @@ pub fn fake_cnpg_operator(client: kube::Client, f: &Fixture) -> tokio::task::Joi
                 if recovery.is_null() || c.data["status"]["phase"].as_str() == Some("Cluster in healthy state") {
                     continue;
                 }
-                let t = recovery["recoveryTarget"]["targetTime"].as_str().unwrap();
-                let naive =
-                    chrono::NaiveDateTime::parse_from_str(t.trim_end_matches("+00"), "%Y-%m-%d %H:%M:%S%.f").unwrap();
-                let point = RecoveryPoint {
-                    time: naive.and_utc(),
-                    lsn: String::new(),
-                    capture: None,
+                // What CNPG does with the target: an LSN, exclusive
+                // (recovery_target_inclusive off), or a time.
+                let target = &recovery["recoveryTarget"];
+                let point = match target["targetLSN"].as_str() {
+                    Some(lsn) => {
+                        assert_eq!(target["exclusive"], true, "{target}");
+                        RecoveryPoint {
+                            time: chrono::Utc::now(),
+                            lsn: lsn.to_string(),
+                            capture: None,
+                        }
+                    }
+                    None => {
+                        let t = target["targetTime"].as_str().unwrap();
+                        let naive =
+                            chrono::NaiveDateTime::parse_from_str(t.trim_end_matches("+00"), "%Y-%m-%d %H:%M:%S%.f")
+                                .unwrap();
+                        RecoveryPoint {
+                            time: naive.and_utc(),
+                            lsn: String::new(),
+                            capture: None,
+                        }
+                    }
                 };
                 backend
                     .restore(
