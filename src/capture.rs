@@ -124,6 +124,11 @@ pub struct LostFile {
     /// The sequences' values before the restore ([`sequences`]).
     #[serde(default)]
     pub sequences: Vec<sequences::SequenceValue>,
+    /// The tables the run's migrations changed, or why they cannot be
+    /// known ([`replay::migrated_tables`]): replay from the file alone
+    /// (`--file`, a controller's run) leaves them for a person too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrated: Option<Result<std::collections::BTreeSet<String>, String>>,
     /// The recovery point's transaction-id horizon ([`recovery_point`]):
     /// replay takes a row whose `xmin` follows it as changed since.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -471,6 +476,7 @@ pub async fn read(
             keys,
             sequences,
             xid_horizon,
+            migrated: None,
         },
         own_left_out,
     ))

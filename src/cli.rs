@@ -316,6 +316,12 @@ pub enum Command {
         /// stop replay for a person to check.
         #[arg(long)]
         match_by_key: bool,
+        /// Replay this lost-writes.json instead of finding RUN in the
+        /// journal under --state: a controller's run, whose file is on the
+        /// controller's --state volume (<ns>/<kustomization>/runs/RUN/).
+        /// Needs --database-url; the file must be RUN's.
+        #[arg(long, value_name = "PATH", requires = "database_url")]
+        file: Option<PathBuf>,
         /// `text` or `json`: {dry_run, applied: [xid], already: [xid], skipped: [xid],
         /// left: [[xid, why]], stopped: [xid, why] | null}.
         #[arg(
@@ -707,6 +713,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             tables,
             skip,
             match_by_key,
+            file,
             output,
         } => {
             use crate::capture::replay;
@@ -718,6 +725,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                 tables,
                 skip,
                 match_by_key,
+                file,
             };
             match replay::replay_run(&opts).await {
                 Ok(done) => {

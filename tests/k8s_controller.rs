@@ -810,6 +810,23 @@ async fn a_cnpg_restore_keeps_the_apps_lost_writes_beside_the_report_and_the_run
             .map(|r| r.get(0))
             .collect();
     assert_eq!(rows, *written.lock().unwrap(), "every acknowledged write is there");
+    // A person can replay from the file too (copied off the controller's
+    // volume): here the run already put everything back.
+    let replay = |run: &str| {
+        std::process::Command::new(bin())
+            .args(["replay", run, "-o", "json", "--file"])
+            .arg(folder.join("lost-writes.json"))
+            .args(["--database-url", &s.f.server.url("shop")])
+            .output()
+            .unwrap()
+    };
+    let out = replay(&run_id);
+    assert!(out.status.success(), "{}", text(&out));
+    let done: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(done["already"].as_array().unwrap().len() as u64, lost, "{done:#}");
+    let out = replay("another-run");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("holds the lost writes of run"), "{}", text(&out));
     assert_eq!(
         s.f.count("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'backstop_%'")
             .await,

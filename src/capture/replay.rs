@@ -399,6 +399,10 @@ pub struct ReplayOptions {
     pub skip: Vec<u32>,
     /// See [`Options::match_by_key`].
     pub match_by_key: bool,
+    /// Replay this `lost-writes.json` (a controller's run, copied from its
+    /// --state volume) instead of looking the run up in the journal; needs
+    /// `database_url`.
+    pub file: Option<std::path::PathBuf>,
 }
 
 /// Why replay cannot start.
@@ -459,13 +463,59 @@ pub fn migrated_tables(migrations: &[crate::manifests::Carrier]) -> Result<HashS
     Ok(tables)
 }
 
-/// Finds run `opts.run`, reads its `lost-writes.json` and replays it.
-pub async fn replay_run(opts: &ReplayOptions) -> Result<Replayed, ReplayError> {
-    let journal = crate::journal::Journal::new(&opts.state);
-    let read = |path: &std::path::Path, e: Box<dyn std::error::Error + Send + Sync>| ReplayError::Read {
+/// The file, its path, the database and the migrated tables of a replay.
+type Source = (LostFile, std::path::PathBuf, Database, Result<HashSet<String>, String>);
+
+fn read_err(path: &std::path::Path, e: Box<dyn std::error::Error + Send + Sync>) -> ReplayError {
+    ReplayError::Read {
         path: path.to_path_buf(),
         source: e,
+    }
+}
+
+/// `--file`: the run's lost writes as copied from a controller's volume.
+fn from_file(opts: &ReplayOptions, path: &std::path::Path) -> Result<Source, ReplayError> {
+    let Some(url) = &opts.database_url else {
+        return Err(ReplayError::Refused(
+            "--file needs --database-url (the file names no database)".into(),
+        ));
     };
+    let bytes = std::fs::read(path).map_err(|e| read_err(path, Box::new(e)))?;
+    let file: LostFile = serde_json::from_slice(&bytes).map_err(|e| read_err(path, Box::new(e)))?;
+    if file.run != opts.run {
+        return Err(ReplayError::Refused(format!(
+            "{} holds the lost writes of run {}, not {}",
+            path.display(),
+            file.run,
+            opts.run
+        )));
+    }
+    let db = Database::from_url(
+        crate::manifests::DatabaseRef::Url {
+            var: "BACKSTOP_DATABASE_URL".into(),
+        },
+        url,
+        None,
+    )
+    .map_err(|source| ReplayError::Database {
+        run: file.run.clone(),
+        source,
+    })?;
+    let migrated = match &file.migrated {
+        Some(Ok(tables)) => Ok(tables.iter().cloned().collect()),
+        Some(Err(why)) => Err(why.clone()),
+        None => Err(format!(
+            "{} does not say which tables the migration changed",
+            path.display()
+        )),
+    };
+    Ok((file, path.to_path_buf(), db, migrated))
+}
+
+/// The run looked up in the journal under `--state`.
+async fn from_journal(opts: &ReplayOptions) -> Result<Source, ReplayError> {
+    let journal = crate::journal::Journal::new(&opts.state);
+    let read = read_err;
     let run = match journal.lookup(&opts.run).map_err(|e| read(&opts.state, Box::new(e)))? {
         crate::journal::Lookup::Found(run) => *run,
         crate::journal::Lookup::Missing => {
@@ -525,6 +575,16 @@ pub async fn replay_run(opts: &ReplayOptions) -> Result<Replayed, ReplayError> {
         run: run.id.clone(),
         source,
     })?;
+    let migrated = migrated_tables(&run.migrations);
+    Ok((file, path, db, migrated))
+}
+
+/// Finds run `opts.run`, reads its `lost-writes.json` and replays it.
+pub async fn replay_run(opts: &ReplayOptions) -> Result<Replayed, ReplayError> {
+    let (file, path, db, migrated) = match &opts.file {
+        Some(path) => from_file(opts, path)?,
+        None => from_journal(opts).await?,
+    };
     let only: HashSet<String> = opts.tables.iter().cloned().collect();
     let unknown: Vec<String> = opts
         .skip
@@ -537,11 +597,11 @@ pub async fn replay_run(opts: &ReplayOptions) -> Result<Replayed, ReplayError> {
             "--skip {}: no such transaction in {} (see `backstop replay {} --dry-run`)",
             unknown.join(","),
             path.display(),
-            run.id
+            file.run
         )));
     }
     // Unknown migrated tables: only the tables a person names are replayed.
-    let migrated = match migrated_tables(&run.migrations) {
+    let migrated = match migrated {
         Ok(tables) => tables,
         Err(why) if only.is_empty() => {
             return Err(ReplayError::Refused(format!(

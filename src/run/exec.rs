@@ -498,7 +498,7 @@ impl Engine {
             // the read and the restore.
             const SUMMARY: &str = "lost-writes-summary.json";
             let store = |e: crate::run::StoreError| chain(&e);
-            let (file, own_left_out) = match capture::read(db, &run.id, &name, &point.lsn, horizon, &own).await {
+            let (mut file, own_left_out) = match capture::read(db, &run.id, &name, &point.lsn, horizon, &own).await {
                 Ok(read) => read,
                 // Resumed after the restore: an earlier attempt kept them.
                 Err(e @ capture::CaptureError::NoSlot { .. }) => {
@@ -518,6 +518,7 @@ impl Engine {
                 }
                 Err(e) => return Err(chain(&e)),
             };
+            file.migrated = Some(capture::replay::migrated_tables(&run.migrations).map(|t| t.into_iter().collect()));
             let json = serde_json::to_vec_pretty(&file).map_err(|e| e.to_string())?;
             self.store
                 .write_file(run, "lost-writes.json", &json)
