@@ -152,8 +152,8 @@ pub enum CaptureError {
     },
     #[error("slot {slot} is not on {database} (already restored, or dropped)")]
     NoSlot { slot: String, database: String },
-    #[error("sessions on {database} did not end within 10 s: writes could still commit after the read")]
-    Busy { database: String },
+    #[error("sessions of {roles} on {database} did not end within 10 s (a role may end only its own role's sessions, or with pg_signal_backend): writes could still commit after the read")]
+    Busy { database: String, roles: String },
     #[error("reading the changes of slot {slot}")]
     Decode {
         slot: String,
@@ -197,10 +197,18 @@ pub async fn start(db: &Database, run_id: &str) -> Capture {
     // idle-in-transaction session must not hold the run.
     match tokio::time::timeout(std::time::Duration::from_secs(30), try_start(db, run_id)).await {
         Ok(Ok(c)) => c,
-        Ok(Err(e)) => Capture::Unavailable {
-            why: crate::run::chain(&e),
-            maybe_created: true,
-        },
+        Ok(Err(e)) => {
+            let mut why = crate::run::chain(&e);
+            if why.contains("replication role") || why.contains("permission denied") {
+                why.push_str(
+                    "; the role needs REPLICATION to keep the writes a restore discards (CNPG: spec.managed.roles[].replication: true)",
+                );
+            }
+            Capture::Unavailable {
+                why,
+                maybe_created: true,
+            }
+        }
         Err(_) => Capture::Unavailable {
             why: "creating the logical slot waited 30 s for transactions in progress".into(),
             maybe_created: true,
@@ -264,32 +272,41 @@ pub async fn quiesce(db: &Database, keep_pid: i32) -> Result<u64, CaptureError> 
         .batch_execute(&format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false"))
         .await
         .map_err(query(db, "refusing new connections"))?;
-    let ended = client
-        .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-              WHERE datname = $1 AND pid <> $2 AND backend_type = 'client backend'",
-            &[&db.dbname(), &keep_pid],
-        )
+    const SESSIONS: &str = "SELECT pid, coalesce(usename::text, '?') FROM pg_stat_activity
+          WHERE datname = $1 AND pid <> $2 AND backend_type = 'client backend'";
+    // One at a time: a role may end only its own role's sessions (or with
+    // pg_signal_backend), and one refusal must not leave the rest running.
+    let mut ended = 0;
+    for row in client
+        .query(SESSIONS, &[&db.dbname(), &keep_pid])
         .await
-        .map_err(query(db, "ending the application's sessions"))?;
+        .map_err(query(db, "listing the application's sessions"))?
+    {
+        let pid: i32 = row.get(0);
+        if let Ok(r) = client.query_one("SELECT pg_terminate_backend($1)", &[&pid]).await {
+            ended += u64::from(r.get::<_, bool>(0));
+        }
+    }
     // Ended means gone: a session still there could commit after the read.
+    let mut left = Vec::new();
     for _ in 0..200 {
-        let left: i64 = client
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                  WHERE datname = $1 AND pid <> $2 AND backend_type = 'client backend'",
-                &[&db.dbname(), &keep_pid],
-            )
+        left = client
+            .query(SESSIONS, &[&db.dbname(), &keep_pid])
             .await
             .map_err(query(db, "waiting for the application's sessions to end"))?
-            .get(0);
-        if left == 0 {
+            .iter()
+            .map(|r| r.get::<_, String>(1))
+            .collect::<Vec<_>>();
+        if left.is_empty() {
             return Ok(ended);
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    left.sort();
+    left.dedup();
     Err(CaptureError::Busy {
         database: db.describe(),
+        roles: left.join(", "),
     })
 }
 

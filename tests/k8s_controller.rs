@@ -421,6 +421,11 @@ async fn cnpg_restore_holds_the_cluster_owner_until_its_artifact_carries_the_rec
     let target = &cluster.data["spec"]["bootstrap"]["recovery"]["recoveryTarget"];
     assert!(target["targetLSN"].is_string(), "to the recovery point's LSN: {target}");
     assert_eq!(target["exclusive"], true, "{target}");
+    assert_eq!(
+        target["backupID"],
+        format!("id-{backup_name}"),
+        "the checkpoint's base backup, pinned: {target}"
+    );
     assert_ne!(
         cluster.data["spec"]["backup"]["barmanObjectStore"]["serverName"], "app-db",
         "a new, empty archive"
@@ -765,6 +770,14 @@ async fn a_cnpg_restore_keeps_the_apps_lost_writes_beside_the_report_and_the_run
     s.f.commit_carrier(&bad, "backfill totals");
     let mut controller = s.controller(&[]);
     let run = s.finished_run().await;
+    let run_id = run.metadata.name.clone().unwrap();
+    // The report is the run's last step, after its Ready condition.
+    let folder = s.f.state().join("default").join("shop").join("runs").join(&run_id);
+    wait_until("the run's report", || {
+        let there = folder.join("report.json").exists();
+        async move { there }
+    })
+    .await;
     controller.kill().await.ok();
     operator.abort();
     app.await.unwrap();
@@ -774,10 +787,8 @@ async fn a_cnpg_restore_keeps_the_apps_lost_writes_beside_the_report_and_the_run
         "{:?}",
         run.status
     );
-    let run_id = run.metadata.name.clone().unwrap();
 
     // Kept beside the report, counted exactly, and put back by the run.
-    let folder = s.f.state().join("default").join("shop").join("runs").join(&run_id);
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(folder.join("report.json")).unwrap()).unwrap();
     let kept = &report["restore"]["lost_writes"]["kept"];

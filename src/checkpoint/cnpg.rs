@@ -313,12 +313,26 @@ impl Checkpoint for CnpgBackend {
     async fn restore(
         &self,
         db: &Database,
-        _checkpoint: &CheckpointRecord,
+        checkpoint: &CheckpointRecord,
         target: &RecoveryPoint,
         run_id: &str,
     ) -> Result<RestoreRecord, CheckpointError> {
         let started_at = Utc::now();
         let (ns, name) = cluster_of(db)?;
+        // The base backup the checkpoint named, pinned: CNPG would otherwise
+        // choose one by the target, and operators before barman-cloud's fix
+        // (cloudnative-pg#6536) compared its begin LSN, so a backup that
+        // ended after the recovery point could be chosen and recovery stop
+        // short ("before consistent recovery point") with the old Cluster gone.
+        let backup_id = match checkpoint.base.as_ref() {
+            Some(used) => api(&self.client, &ns, "Backup")
+                .get_opt(&used.base.label)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|b| b.data["status"]["backupId"].as_str().map(str::to_string)),
+            None => None,
+        };
         let clusters = api(&self.client, &ns, "Cluster");
         let old = clusters
             .get(&name)
@@ -329,7 +343,7 @@ impl Checkpoint for CnpgBackend {
         // what was committed before it, so the writes a logical slot saw
         // after it are exactly what the restore discards. A record from
         // before LSNs were read goes to the time.
-        let (recovery_target, target_text) = if super::base::parse_lsn(&target.lsn).is_some() {
+        let (mut recovery_target, mut target_text) = if super::base::parse_lsn(&target.lsn).is_some() {
             (
                 json!({"targetLSN": target.lsn, "exclusive": true}),
                 format!("targetLSN {} (exclusive)", target.lsn),
@@ -337,6 +351,10 @@ impl Checkpoint for CnpgBackend {
         } else {
             (json!({"targetTime": target_time}), format!("targetTime {target_time}"))
         };
+        if let Some(id) = &backup_id {
+            recovery_target["backupID"] = json!(id);
+            target_text = format!("{target_text}, base backup {id}");
+        }
         let restored = old
             .metadata
             .annotations

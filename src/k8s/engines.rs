@@ -357,8 +357,12 @@ async fn engine_for(
         checkpoints,
         forge,
         store: Arc::new(match &engines.fence {
-            Some(fence) => MigrationRunStore::new(client.clone(), &ns, &name, dir.join("runs")).fenced(fence.clone()),
-            None => MigrationRunStore::new(client.clone(), &ns, &name, dir.join("runs")),
+            Some(fence) => MigrationRunStore::new(client.clone(), &ns, &name, dir.join("runs"))
+                .keeping_files(opts.durable_state)
+                .fenced(fence.clone()),
+            None => {
+                MigrationRunStore::new(client.clone(), &ns, &name, dir.join("runs")).keeping_files(opts.durable_state)
+            }
         }),
         settings: Settings {
             upstream,

@@ -24,6 +24,8 @@ pub struct MigrationRunStore {
     kustomization: String,
     reports: PathBuf,
     fence: Option<super::ops::Fence>,
+    /// Whether a run's files are kept: only on a durable --state volume.
+    files: bool,
     /// The last gate status, kept for the engine's life (what the gate waits
     /// for is said once per change, not every pass; the cluster sees it as
     /// Events and refused MigrationRuns).
@@ -39,7 +41,16 @@ impl MigrationRunStore {
             reports,
             fence: None,
             gate: Default::default(),
+            files: false,
         }
+    }
+
+    /// Keeps a run's files (the lost writes) beside its report: only where
+    /// --state is durable, since for a CNPG restore the file is the only
+    /// copy left of those writes.
+    pub fn keeping_files(mut self, durable: bool) -> Self {
+        self.files = durable;
+        self
     }
 
     /// Fences every write with this replica's leadership: a save is refused
@@ -279,11 +290,9 @@ impl RunStore for MigrationRunStore {
     }
 
     /// A run's files (the lost writes) go beside its report, on the
-    /// controller's --state volume: durable with --durable-state; without
-    /// it a pod restart loses them as it loses the reports, and a restore
-    /// resumed after that says they were not kept.
+    /// controller's --state volume, when it is durable (--durable-state).
     fn keeps_files(&self) -> bool {
-        true
+        self.files
     }
 
     async fn read_file(&self, run: &RunRecord, name: &str) -> Result<Option<Vec<u8>>, StoreError> {

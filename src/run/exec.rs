@@ -427,6 +427,15 @@ impl Engine {
         };
         let quiesced = matches!(point.capture, Some(crate::capture::Capture::Slot { .. }));
         let restored = backend.restore(&db, &checkpoint, &point, &run.id).await;
+        // The restored database is resolved again: a CNPG restore recreates
+        // the Cluster, whose app secret and CA may be new.
+        let db = match &restored {
+            Ok(_) => {
+                *cache = None;
+                self.database(run, cache).await.unwrap_or(db)
+            }
+            Err(_) => db,
+        };
         if let (Ok(_), Some(crate::capture::Captured::Kept(summary))) = (&restored, lost.as_mut()) {
             // At once, before the database is opened again: the application
             // hands out ids from here on. (A restore that brings the database
@@ -486,7 +495,9 @@ impl Engine {
         };
         if !self.store.keeps_files() {
             // Read, they would be kept nowhere: do not close the database for that.
-            return not_kept("this run store keeps no files (the controller): the writes are counted, not kept".into());
+            return not_kept(
+                "this run store keeps no files (a controller without --durable-state: its --state volume goes with the pod): the writes are not kept".into(),
+            );
         }
         let own: std::collections::HashSet<u32> = run
             .migrate_results
@@ -500,8 +511,10 @@ impl Engine {
             let store = |e: crate::run::StoreError| chain(&e);
             let (mut file, own_left_out) = match capture::read(db, &run.id, &name, &point.lsn, horizon, &own).await {
                 Ok(read) => read,
-                // Resumed after the restore: an earlier attempt kept them.
-                Err(e @ capture::CaptureError::NoSlot { .. }) => {
+                // Resumed after the restore began (the slot gone with the old
+                // state, or the restored server not answering yet): an
+                // earlier attempt kept them.
+                Err(e) => {
                     let Some(bytes) = self.store.read_file(run, SUMMARY).await.map_err(store)? else {
                         return Err(chain(&e));
                     };
@@ -516,7 +529,6 @@ impl Engine {
                     };
                     return Ok((summary, sequences));
                 }
-                Err(e) => return Err(chain(&e)),
             };
             file.migrated = Some(capture::replay::migrated_tables(&run.migrations).map(|t| t.into_iter().collect()));
             let json = serde_json::to_vec_pretty(&file).map_err(|e| e.to_string())?;

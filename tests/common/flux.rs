@@ -399,7 +399,7 @@ pub fn fake_cnpg_operator(client: kube::Client, f: &Fixture) -> tokio::task::Joi
                     let record = backend.create(&db, &name).await.unwrap();
                     let begin = record.base.as_ref().map(|b| b.base.start_lsn.clone());
                     last = Some(record);
-                    let status = json!({"status": {"phase": "completed", "startedAt": started, "stoppedAt": chrono::Utc::now().to_rfc3339(), "beginLSN": begin}});
+                    let status = json!({"status": {"phase": "completed", "startedAt": started, "stoppedAt": chrono::Utc::now().to_rfc3339(), "beginLSN": begin, "backupId": format!("id-{name}")}});
                     backups
                         .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
                         .await
