@@ -79,10 +79,7 @@ fn replay(f: &Fixture, run: &str, args: &[&str]) -> (std::process::Output, serde
 
 #[tokio::test]
 async fn a_restore_keeps_the_apps_lost_writes_and_replay_gives_them_back() {
-    let f = Fixture::with_settings(LOGICAL).await;
-    f.commit_carrier(&orders_table(), "create orders");
-    assert!(f.run(&[]).await.status.success());
-    insert_orders(&f).await;
+    let f = logical_with_orders().await;
     events_table(&f).await;
 
     let (task, committed) = writer(f.server.url("shop"));
@@ -93,9 +90,7 @@ async fn a_restore_keeps_the_apps_lost_writes_and_replay_gives_them_back() {
         async move { n >= 20 }
     })
     .await;
-    f.commit_carrier(&failing_backfill(""), "backfill totals");
-    let out = f.run(&["--revert", "commit"]).await;
-    assert_eq!(out.status.code(), Some(1), "rolled back:\n{}", text(&out));
+    let out = rolled_back(&f, failing_backfill("")).await;
     task.await.unwrap();
     let written: BTreeSet<i64> = committed.lock().unwrap().iter().copied().collect();
     let survived = event_ids(&f).await;
@@ -253,10 +248,7 @@ async fn without_logical_decoding_the_run_says_so_and_restores_as_before() {
 
 #[tokio::test]
 async fn a_restore_resumed_after_a_kill_never_closes_the_restored_database() {
-    let f = Fixture::with_settings(LOGICAL).await;
-    f.commit_carrier(&orders_table(), "create orders");
-    assert!(f.run(&[]).await.status.success());
-    insert_orders(&f).await;
+    let f = logical_with_orders().await;
     f.commit_carrier(&failing_backfill(""), "backfill totals");
     let mut child = f.spawn_run(
         &f.state(),
@@ -365,10 +357,7 @@ fn mixed_writer(
 
 #[tokio::test]
 async fn replay_of_inserts_updates_and_deletes_leaves_the_table_as_the_app_left_it() {
-    let f = Fixture::with_settings(LOGICAL).await;
-    f.commit_carrier(&orders_table(), "create orders");
-    assert!(f.run(&[]).await.status.success());
-    insert_orders(&f).await;
+    let f = logical_with_orders().await;
     events_table(&f).await;
     let (task, model) = mixed_writer(f.server.url("shop"));
     wait_until("the app writes", || {
@@ -376,9 +365,7 @@ async fn replay_of_inserts_updates_and_deletes_leaves_the_table_as_the_app_left_
         async move { n >= 20 }
     })
     .await;
-    f.commit_carrier(&failing_backfill(""), "backfill totals");
-    let out = f.run(&["--revert", "commit"]).await;
-    assert_eq!(out.status.code(), Some(1), "rolled back:\n{}", text(&out));
+    rolled_back(&f, failing_backfill("")).await;
     task.await.unwrap();
     let expected = model.lock().unwrap().clone();
     let table = || async {
@@ -460,12 +447,33 @@ fn serial_writer(
     (task, rows)
 }
 
-#[tokio::test]
-async fn a_run_asked_to_replay_puts_the_lost_rows_back_itself_and_their_ids_are_never_handed_out_again() {
+/// Pushes `carrier` (a migration that commits and then fails its verify)
+/// and runs it: it is rolled back, restore included.
+async fn rolled_back(f: &Fixture, carrier: CarrierBuilder) -> std::process::Output {
+    f.commit_carrier(&carrier, "backfill totals");
+    let out = f.run(&["--revert", "commit"]).await;
+    assert_eq!(out.status.code(), Some(1), "rolled back:\n{}", text(&out));
+    out
+}
+
+/// A server with `wal_level = logical` and `orders` applied and written.
+async fn logical_with_orders() -> Fixture {
     let f = Fixture::with_settings(LOGICAL).await;
     f.commit_carrier(&orders_table(), "create orders");
     assert!(f.run(&[]).await.status.success());
     insert_orders(&f).await;
+    f
+}
+
+/// `tickets` created and [`serial_writer`] writing into it; once it has
+/// `rows`, a failing migration that replays its lost writes itself is pushed.
+async fn tickets_while_a_replaying_run_is_pushed(
+    f: &Fixture,
+    rows: usize,
+) -> (
+    tokio::task::JoinHandle<()>,
+    Arc<Mutex<std::collections::BTreeMap<i64, String>>>,
+) {
     f.client()
         .await
         .batch_execute("CREATE TABLE tickets (id bigserial PRIMARY KEY, note text NOT NULL)")
@@ -474,24 +482,34 @@ async fn a_run_asked_to_replay_puts_the_lost_rows_back_itself_and_their_ids_are_
     let (task, model) = serial_writer(f.server.url("shop"));
     wait_until("the app writes", || {
         let n = model.lock().unwrap().len();
-        async move { n >= 20 }
+        async move { n >= rows }
     })
     .await;
-    // Asked on the carrier: the run replays what its restore discarded.
     f.commit_carrier(&failing_backfill("").annotation("replay", "auto"), "backfill totals");
-    let out = f.run(&["--revert", "commit"]).await;
-    assert_eq!(out.status.code(), Some(1), "rolled back:\n{}", text(&out));
-    task.await.unwrap();
-    let written = model.lock().unwrap().clone();
-    let table = f
-        .client()
+    (task, model)
+}
+
+async fn tickets(f: &Fixture) -> std::collections::BTreeMap<i64, String> {
+    f.client()
         .await
         .query("SELECT id, note FROM tickets ORDER BY id", &[])
         .await
         .unwrap()
         .iter()
         .map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1)))
-        .collect::<std::collections::BTreeMap<i64, String>>();
+        .collect()
+}
+
+#[tokio::test]
+async fn a_run_asked_to_replay_puts_the_lost_rows_back_itself_and_their_ids_are_never_handed_out_again() {
+    let f = logical_with_orders().await;
+    // Asked on the carrier: the run replays what its restore discarded.
+    let (task, model) = tickets_while_a_replaying_run_is_pushed(&f, 20).await;
+    let out = f.run(&["--revert", "commit"]).await;
+    assert_eq!(out.status.code(), Some(1), "rolled back:\n{}", text(&out));
+    task.await.unwrap();
+    let written = model.lock().unwrap().clone();
+    let table = tickets(&f).await;
     assert_eq!(
         table,
         written,
@@ -580,10 +598,7 @@ fn account_writer(
 
 #[tokio::test]
 async fn replay_never_overwrites_a_row_the_app_changed_since_the_restore_and_skip_goes_on_past_it() {
-    let f = Fixture::with_settings(LOGICAL).await;
-    f.commit_carrier(&orders_table(), "create orders");
-    assert!(f.run(&[]).await.status.success());
-    insert_orders(&f).await;
+    let f = logical_with_orders().await;
     f.client()
         .await
         .batch_execute(
@@ -598,9 +613,7 @@ async fn replay_never_overwrites_a_row_the_app_changed_since_the_restore_and_ski
         async move { n >= 20 }
     })
     .await;
-    f.commit_carrier(&failing_backfill(""), "backfill totals");
-    let out = f.run(&["--revert", "commit"]).await;
-    assert_eq!(out.status.code(), Some(1), "rolled back:\n{}", text(&out));
+    rolled_back(&f, failing_backfill("")).await;
     task.await.unwrap();
     let expected = model.lock().unwrap().clone();
     let balances = || async {
@@ -664,22 +677,8 @@ async fn replay_never_overwrites_a_row_the_app_changed_since_the_restore_and_ski
 
 #[tokio::test]
 async fn a_run_killed_during_its_own_replay_resumes_it_and_puts_each_write_back_once() {
-    let f = Fixture::with_settings(LOGICAL).await;
-    f.commit_carrier(&orders_table(), "create orders");
-    assert!(f.run(&[]).await.status.success());
-    insert_orders(&f).await;
-    f.client()
-        .await
-        .batch_execute("CREATE TABLE tickets (id bigserial PRIMARY KEY, note text NOT NULL)")
-        .await
-        .unwrap();
-    let (task, model) = serial_writer(f.server.url("shop"));
-    wait_until("the app writes", || {
-        let n = model.lock().unwrap().len();
-        async move { n >= 100 }
-    })
-    .await;
-    f.commit_carrier(&failing_backfill("").annotation("replay", "auto"), "backfill totals");
+    let f = logical_with_orders().await;
+    let (task, model) = tickets_while_a_replaying_run_is_pushed(&f, 100).await;
     // Killed right after replay committed its first transaction.
     let mut child = f.spawn_run(
         &f.state(),
@@ -693,15 +692,7 @@ async fn a_run_killed_during_its_own_replay_resumes_it_and_puts_each_write_back_
 
     let out = f.run(&["--revert", "commit"]).await;
     assert_eq!(out.status.code(), Some(1), "rolled back: {}", text(&out));
-    let table = f
-        .client()
-        .await
-        .query("SELECT id, note FROM tickets ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1)))
-        .collect::<std::collections::BTreeMap<i64, String>>();
+    let table = tickets(&f).await;
     assert_eq!(table, written, "each acknowledged row back, once:\n{}", text(&out));
     let report = f.reports().pop().unwrap();
     let lost = report["restore"]["lost_writes"]["kept"]["transactions"]
