@@ -198,6 +198,32 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .map_err(|e| format!("{text:?} is not a size such as 4GiB or 512MiB: {e}"))
 }
 
+/// Waits up to `wait` until the server's archiver has pushed WAL segment
+/// `segment` (same timeline: names order as positions do). Err: what
+/// `pg_stat_archiver` says, when it did not.
+pub async fn await_archived(client: &tokio_postgres::Client, segment: &str, wait: Duration) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let row = client
+            .query_one(
+                "SELECT coalesce(last_archived_wal, ''),
+                        format('pg_stat_archiver: last archived %s, last failed %s at %s, %s failures', coalesce(last_archived_wal, '-'), coalesce(last_failed_wal, '-'), coalesce(last_failed_time::text, '-'), failed_count)
+                   FROM pg_stat_archiver",
+                &[],
+            )
+            .await
+            .map_err(|e| format!("reading pg_stat_archiver: {e}"))?;
+        let last: String = row.get(0);
+        if last.len() == 24 && segment.len() == 24 && last[..8] == segment[..8] && last.as_str() >= segment {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(row.get(1));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

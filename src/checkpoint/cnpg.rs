@@ -107,6 +107,38 @@ fn backup_base(backup: &DynamicObject, timeline: u32) -> Option<BaseBackup> {
     })
 }
 
+impl CnpgBackend {
+    /// Before the old Cluster is deleted: the WAL segment holding the
+    /// recovery point is in the archive, or a recovery could not reach the
+    /// point and nothing would be left to go back to. Switches the segment
+    /// where the role may (waiting otherwise for `archive_timeout`), from the
+    /// `postgres` database (the run's may be closed to connections).
+    async fn confirm_archived(&self, db: &Database, lsn: &str) -> Result<(), CheckpointError> {
+        let server = db.sibling("postgres");
+        let client = server.connect().await.map_err(|e| {
+            other(format!(
+                "connecting to {} to check the WAL archive: {e}",
+                server.describe()
+            ))
+        })?;
+        let segment: String = client
+            .query_one("SELECT pg_walfile_name($1::text::pg_lsn)", &[&lsn])
+            .await
+            .map_err(|e| other(format!("naming the WAL segment of {lsn}: {e}")))?
+            .get(0);
+        if let Err(e) = client.batch_execute("SELECT pg_switch_wal()").await {
+            tracing::debug!(error = %e, "cannot switch the WAL segment; waiting for the archiver");
+        }
+        let wait = self.timeout.min(Duration::from_secs(360));
+        super::base::await_archived(&client, &segment, wait).await.map_err(|detail| {
+            other(format!(
+                "WAL segment {segment}, which holds the recovery point {lsn}, was not archived within {}s ({detail}): the old Cluster is left in place, since a recovery could not reach the point",
+                wait.as_secs()
+            ))
+        })
+    }
+}
+
 /// Timeline and WAL position of the database's server, when it answers.
 async fn server_position(db: &Database) -> Option<ServerPosition> {
     let client = db.connect().await.ok()?;
@@ -370,6 +402,9 @@ impl Checkpoint for CnpgBackend {
                 .to_string();
             (source, server_name(&old), None)
         } else {
+            if parse_lsn(&target.lsn).is_some() {
+                self.confirm_archived(db, &target.lsn).await?;
+            }
             // Keep Flux from putting the old Cluster back while it is replaced.
             let labels = old.metadata.labels.clone().unwrap_or_default();
             let owner = match (

@@ -138,32 +138,15 @@ impl PgBackRestBackend {
             .await
             .map_err(Self::query_err(db, "switching the WAL segment"))?
             .get(0);
-        let deadline = std::time::Instant::now() + ARCHIVE_WAIT;
-        loop {
-            let row = client
-                .query_one(
-                    "SELECT coalesce(last_archived_wal, ''),
-                            format('pg_stat_archiver: last archived %s, last failed %s at %s, %s failures', coalesce(last_archived_wal, '-'), coalesce(last_failed_wal, '-'), coalesce(last_failed_time::text, '-'), failed_count)
-                       FROM pg_stat_archiver",
-                    &[],
-                )
-                .await
-                .map_err(Self::query_err(db, "reading pg_stat_archiver"))?;
-            let last: String = row.get(0);
-            // Same timeline: names order as positions do.
-            if last.len() == 24 && last[..8] == segment[..8] && last.as_str() >= segment.as_str() {
-                return Ok(parse_lsn(&mark).unwrap_or(0));
-            }
-            if std::time::Instant::now() >= deadline {
-                return Err(CheckpointError::ArchiveNotReached {
-                    database: db.describe(),
-                    archive: PathBuf::from(format!("pgbackrest stanza {}", self.stanza)),
-                    segment,
-                    seconds: ARCHIVE_WAIT.as_secs(),
-                    detail: row.get(1),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        match super::base::await_archived(client, &segment, ARCHIVE_WAIT).await {
+            Ok(()) => Ok(parse_lsn(&mark).unwrap_or(0)),
+            Err(detail) => Err(CheckpointError::ArchiveNotReached {
+                database: db.describe(),
+                archive: PathBuf::from(format!("pgbackrest stanza {}", self.stanza)),
+                segment,
+                seconds: ARCHIVE_WAIT.as_secs(),
+                detail,
+            }),
         }
     }
 
