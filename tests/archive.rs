@@ -142,3 +142,35 @@ async fn a_role_without_replication_is_refused_before_anything_is_touched() {
     assert_eq!(out.status.code(), Some(2), "{all}");
     assert!(all.contains("permission denied"), "{all}");
 }
+
+#[tokio::test]
+async fn a_segment_the_archiver_cannot_push_is_reported_not_waited_for_forever() {
+    // What the CNPG restore checks before it deletes the old Cluster (and
+    // pgBackRest after its switch): the segment is archived, or an error
+    // says what pg_stat_archiver saw.
+    let (f, _) = with_orders().await;
+    let c = f.client().await;
+    let segment: String = c
+        .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
+        .await
+        .unwrap()
+        .get(0);
+    backstop::checkpoint::base::await_archived(&c, &segment, std::time::Duration::from_secs(30))
+        .await
+        .expect("a working archive takes the segment");
+    let flag = f.dir.path().join("archive-full");
+    std::fs::write(&flag, "").unwrap();
+    archive_fills_up_when(&f, &flag).await;
+    c.batch_execute("CREATE TABLE after_the_archive_filled (x int)")
+        .await
+        .unwrap();
+    let segment: String = c
+        .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let why = backstop::checkpoint::base::await_archived(&c, &segment, std::time::Duration::from_secs(2))
+        .await
+        .unwrap_err();
+    assert!(why.starts_with("pg_stat_archiver: last archived"), "{why}");
+}
