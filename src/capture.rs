@@ -359,6 +359,21 @@ pub async fn recovery_point(db: &Database) -> Result<(crate::checkpoint::Recover
     ))
 }
 
+/// Whether `slot` is on `db`'s database, read from the `postgres` one; if
+/// so, allows connections to it again.
+async fn reopen_if_slot_is_here(db: &Database, slot: &str) -> bool {
+    let Ok(client) = connect(&db.sibling("postgres")).await else {
+        return false;
+    };
+    let here = client
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND database = $2",
+            &[&slot, &db.dbname()],
+        )
+        .await;
+    matches!(here, Ok(Some(_))) && reopen(db).await.is_ok()
+}
+
 /// Moves the sequences forward after a restore ([`sequences::advance`]).
 pub async fn advance_sequences(
     db: &Database,
@@ -396,7 +411,18 @@ pub async fn read(
     own: &HashSet<u32>,
 ) -> Result<(LostFile, usize), CaptureError> {
     // Connected first: once closed, the database takes no new connection.
-    let client = connect(db).await?;
+    let client = match connect(db).await {
+        Ok(c) => c,
+        // Closed by an attempt that died before it kept the writes: where
+        // the slot is still on it (no restore yet), open it again for this
+        // read, which closes it again at once.
+        Err(e) => {
+            if !reopen_if_slot_is_here(db, slot).await {
+                return Err(e);
+            }
+            connect(db).await?
+        }
+    };
     // Only the database the slot belongs to is closed (a resumed restore
     // must never close the restored, live one).
     let here = client
@@ -418,6 +444,7 @@ pub async fn read(
         .map_err(query(db, "reading its own session"))?
         .get(0);
     let ended = quiesce(db, me).await?;
+    crate::checkpoint::local::pause_point("lost-writes-database-closed").await;
     tracing::info!(
         sessions = ended,
         "the application's sessions are ended before the restore"

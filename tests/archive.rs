@@ -172,5 +172,8 @@ async fn a_segment_the_archiver_cannot_push_is_reported_not_waited_for_forever()
     let why = backstop::checkpoint::base::await_archived(&c, &segment, std::time::Duration::from_secs(2))
         .await
         .unwrap_err();
+    let backstop::checkpoint::base::NotArchived::Waited(why) = why else {
+        panic!("waited, not unreadable: {why:?}")
+    };
     assert!(why.starts_with("pg_stat_archiver: last archived"), "{why}");
 }

@@ -706,3 +706,51 @@ async fn a_run_killed_during_its_own_replay_resumes_it_and_puts_each_write_back_
     assert!(replayed["stopped"].is_null(), "{report:#}");
     assert_eq!(backstop_slots(&f).await, 0);
 }
+
+#[tokio::test]
+async fn killed_after_closing_the_database_the_resumed_restore_still_keeps_every_lost_write() {
+    let f = logical_with_orders().await;
+    events_table(&f).await;
+    let (task, committed) = writer(f.server.url("shop"));
+    wait_until("the app writes", || {
+        let n = committed.lock().unwrap().len();
+        async move { n >= 20 }
+    })
+    .await;
+    f.commit_carrier(&failing_backfill(""), "backfill totals");
+    // Killed with the database closed to the application and nothing kept yet.
+    let mut child = f.spawn_run(
+        &f.state(),
+        &["--revert", "commit"],
+        &[("BACKSTOP_TEST_PAUSE_AT", "lost-writes-database-closed")],
+    );
+    wait_for_line(&mut child, "test pause at lost-writes-database-closed").await;
+    kill9(child).await;
+    task.await.unwrap();
+    assert!(!allows_connections(&f).await, "left closed by the killed attempt");
+    let out = f.run(&["--revert", "commit"]).await;
+    assert_eq!(out.status.code(), Some(1), "rolled back: {}", text(&out));
+    let written: BTreeSet<i64> = committed.lock().unwrap().iter().copied().collect();
+    let lost = written.difference(&event_ids(&f).await).count() as u64;
+    let report = f.reports().pop().unwrap();
+    assert_eq!(
+        report["restore"]["lost_writes"]["kept"]["transactions"].as_u64(),
+        Some(lost),
+        "{report:#}"
+    );
+    assert!(allows_connections(&f).await, "open again");
+    assert_eq!(backstop_slots(&f).await, 0);
+}
+
+/// Whether `shop` takes connections (asked from the `postgres` database).
+async fn allows_connections(f: &Fixture) -> bool {
+    let (client, conn) = tokio_postgres::connect(&f.server.url("postgres"), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .query_one("SELECT datallowconn FROM pg_database WHERE datname = 'shop'", &[])
+        .await
+        .unwrap()
+        .get(0)
+}

@@ -482,7 +482,7 @@ fn from_file(opts: &ReplayOptions, path: &std::path::Path) -> Result<Source, Rep
     };
     let bytes = std::fs::read(path).map_err(|e| read_err(path, Box::new(e)))?;
     let file: LostFile = serde_json::from_slice(&bytes).map_err(|e| read_err(path, Box::new(e)))?;
-    if file.run != opts.run {
+    if !file.run.starts_with(&opts.run) || opts.run.is_empty() {
         return Err(ReplayError::Refused(format!(
             "{} holds the lost writes of run {}, not {}",
             path.display(),

@@ -198,10 +198,18 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .map_err(|e| format!("{text:?} is not a size such as 4GiB or 512MiB: {e}"))
 }
 
+/// Why [`await_archived`] returned without the segment archived.
+#[derive(Debug)]
+pub enum NotArchived {
+    /// Waited in vain; what `pg_stat_archiver` said last.
+    Waited(String),
+    /// `pg_stat_archiver` could not be read (nothing was waited for).
+    Unreadable(tokio_postgres::Error),
+}
+
 /// Waits up to `wait` until the server's archiver has pushed WAL segment
-/// `segment` (same timeline: names order as positions do). Err: what
-/// `pg_stat_archiver` says, when it did not.
-pub async fn await_archived(client: &tokio_postgres::Client, segment: &str, wait: Duration) -> Result<(), String> {
+/// `segment` (same timeline: names order as positions do).
+pub async fn await_archived(client: &tokio_postgres::Client, segment: &str, wait: Duration) -> Result<(), NotArchived> {
     let deadline = std::time::Instant::now() + wait;
     loop {
         let row = client
@@ -212,13 +220,13 @@ pub async fn await_archived(client: &tokio_postgres::Client, segment: &str, wait
                 &[],
             )
             .await
-            .map_err(|e| format!("reading pg_stat_archiver: {e}"))?;
+            .map_err(NotArchived::Unreadable)?;
         let last: String = row.get(0);
         if last.len() == 24 && segment.len() == 24 && last[..8] == segment[..8] && last.as_str() >= segment {
             return Ok(());
         }
         if std::time::Instant::now() >= deadline {
-            return Err(row.get(1));
+            return Err(NotArchived::Waited(row.get(1)));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

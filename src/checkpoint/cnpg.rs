@@ -121,21 +121,34 @@ impl CnpgBackend {
                 server.describe()
             ))
         })?;
-        let segment: String = client
-            .query_one("SELECT pg_walfile_name($1::text::pg_lsn)", &[&lsn])
-            .await
-            .map_err(|e| other(format!("naming the WAL segment of {lsn}: {e}")))?
-            .get(0);
-        if let Err(e) = client.batch_execute("SELECT pg_switch_wal()").await {
-            tracing::debug!(error = %e, "cannot switch the WAL segment; waiting for the archiver");
-        }
+        // Recovery to an LSN (exclusive) reads the record after it before it
+        // stops: the segment to wait for is one past the point, where WAL is
+        // written now (the run wrote after the point). Switched, it is the
+        // segment just closed; else the current one, archived when
+        // archive_timeout closes it.
+        let segment: String = match client.query_one("SELECT pg_walfile_name(pg_switch_wal())", &[]).await {
+            Ok(row) => row.get(0),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot switch the WAL segment; waiting for the archiver");
+                client
+                    .query_one("SELECT pg_walfile_name(pg_current_wal_insert_lsn())", &[])
+                    .await
+                    .map_err(|e| other(format!("naming the current WAL segment of {}: {e}", server.describe())))?
+                    .get(0)
+            }
+        };
         let wait = self.timeout.min(Duration::from_secs(360));
-        super::base::await_archived(&client, &segment, wait).await.map_err(|detail| {
-            other(format!(
-                "WAL segment {segment}, which holds the recovery point {lsn}, was not archived within {}s ({detail}): the old Cluster is left in place, since a recovery could not reach the point",
+        match super::base::await_archived(&client, &segment, wait).await {
+            Ok(()) => Ok(()),
+            Err(super::base::NotArchived::Waited(detail)) => Err(other(format!(
+                "WAL segment {segment}, past the recovery point {lsn}, was not archived within {}s ({detail}): the old Cluster is left in place, since a recovery could not reach the point",
                 wait.as_secs()
-            ))
-        })
+            ))),
+            Err(super::base::NotArchived::Unreadable(e)) => Err(other(format!(
+                "reading pg_stat_archiver on {} to confirm the recovery point {lsn} is archived: {e}; the old Cluster is left in place",
+                server.describe()
+            ))),
+        }
     }
 }
 

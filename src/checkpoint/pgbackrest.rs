@@ -140,7 +140,8 @@ impl PgBackRestBackend {
             .get(0);
         match super::base::await_archived(client, &segment, ARCHIVE_WAIT).await {
             Ok(()) => Ok(parse_lsn(&mark).unwrap_or(0)),
-            Err(detail) => Err(CheckpointError::ArchiveNotReached {
+            Err(super::base::NotArchived::Unreadable(e)) => Err(Self::query_err(db, "reading pg_stat_archiver")(e)),
+            Err(super::base::NotArchived::Waited(detail)) => Err(CheckpointError::ArchiveNotReached {
                 database: db.describe(),
                 archive: PathBuf::from(format!("pgbackrest stanza {}", self.stanza)),
                 segment,

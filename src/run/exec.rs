@@ -513,8 +513,9 @@ impl Engine {
                 Ok(read) => read,
                 // Resumed after the restore began (the slot gone with the old
                 // state, or the restored server not answering yet): an
-                // earlier attempt kept them.
-                Err(e) => {
+                // earlier attempt kept them. Not for other errors: the slot
+                // may hold writes committed after that attempt.
+                Err(e @ (capture::CaptureError::NoSlot { .. } | capture::CaptureError::Connect { .. })) => {
                     let Some(bytes) = self.store.read_file(run, SUMMARY).await.map_err(store)? else {
                         return Err(chain(&e));
                     };
@@ -529,6 +530,7 @@ impl Engine {
                     };
                     return Ok((summary, sequences));
                 }
+                Err(e) => return Err(chain(&e)),
             };
             file.migrated = Some(capture::replay::migrated_tables(&run.migrations).map(|t| t.into_iter().collect()));
             let json = serde_json::to_vec_pretty(&file).map_err(|e| e.to_string())?;
