@@ -150,7 +150,7 @@ pub enum CaptureError {
         #[source]
         source: tokio_postgres::Error,
     },
-    #[error("slot {slot} is not on {database} (already restored, or dropped)")]
+    #[error("slot {slot} is not on {database} (already restored, dropped, or lost with a failover: a logical slot lives on the primary only)")]
     NoSlot { slot: String, database: String },
     #[error("sessions of {roles} on {database} did not end within 10 s (a role may end only its own role's sessions, or with pg_signal_backend): writes could still commit after the read")]
     Busy { database: String, roles: String },
