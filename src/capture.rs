@@ -54,6 +54,40 @@ pub enum Capture {
     },
 }
 
+/// The run-folder files the lost writes are kept in: what replay reads,
+/// the replayable SQL, and the report's summary.
+pub const LOST_FILE: &str = "lost-writes.json";
+pub const LOST_SQL: &str = "lost-writes.sql";
+pub const LOST_SUMMARY: &str = "lost-writes-summary.json";
+
+impl Capture {
+    /// The slot of run `run_id` that may exist and must be dropped by name:
+    /// one created, or one whose creation went far enough to maybe exist.
+    pub fn slot_to_drop(&self, run_id: &str) -> Option<String> {
+        match self {
+            Capture::Slot { name, .. } => Some(name.clone()),
+            Capture::Unavailable {
+                maybe_created: true, ..
+            } => Some(slot_name(run_id)),
+            Capture::Unavailable { .. } => None,
+        }
+    }
+}
+
+/// Whether PostgreSQL refused `e` for want of a privilege (SQLSTATE 42501),
+/// at any depth of its sources.
+fn insufficient_privilege(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(err) = cause {
+        let code = err.downcast_ref::<tokio_postgres::Error>().and_then(|pg| pg.code());
+        if code == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
+            return true;
+        }
+        cause = err.source();
+    }
+    false
+}
+
 /// Backends whose restore goes exactly to the recovery point's LSN: only
 /// there do the slot's changes after that LSN equal what the restore
 /// discards (a dump restores to when it was taken).
@@ -199,7 +233,7 @@ pub async fn start(db: &Database, run_id: &str) -> Capture {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             let mut why = crate::run::chain(&e);
-            if why.contains("replication role") || why.contains("permission denied") {
+            if insufficient_privilege(&e) {
                 why.push_str(
                     "; the role needs REPLICATION to keep the writes a restore discards (CNPG: spec.managed.roles[].replication: true)",
                 );

@@ -368,16 +368,7 @@ async fn replay_of_inserts_updates_and_deletes_leaves_the_table_as_the_app_left_
     rolled_back(&f, failing_backfill("")).await;
     task.await.unwrap();
     let expected = model.lock().unwrap().clone();
-    let table = || async {
-        f.client()
-            .await
-            .query("SELECT id, note FROM events WHERE id >= 1000 ORDER BY id", &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1)))
-            .collect::<std::collections::BTreeMap<i64, String>>()
-    };
+    let table = || rows_of::<i64, String>(&f, "SELECT id, note FROM events WHERE id >= 1000 ORDER BY id");
     assert_ne!(table().await, expected, "the restore took writes away");
     let report = f.reports().pop().unwrap();
     let run = report["run"].as_str().unwrap().to_string();
@@ -490,13 +481,22 @@ async fn tickets_while_a_replaying_run_is_pushed(
 }
 
 async fn tickets(f: &Fixture) -> std::collections::BTreeMap<i64, String> {
+    rows_of(f, "SELECT id, note FROM tickets ORDER BY id").await
+}
+
+/// The two columns of `sql`'s rows, as a map from the first to the second.
+async fn rows_of<K, V>(f: &Fixture, sql: &str) -> std::collections::BTreeMap<K, V>
+where
+    K: for<'a> tokio_postgres::types::FromSql<'a> + Ord,
+    V: for<'a> tokio_postgres::types::FromSql<'a>,
+{
     f.client()
         .await
-        .query("SELECT id, note FROM tickets ORDER BY id", &[])
+        .query(sql, &[])
         .await
         .unwrap()
         .iter()
-        .map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1)))
+        .map(|r| (r.get::<_, K>(0), r.get::<_, V>(1)))
         .collect()
 }
 
@@ -616,16 +616,7 @@ async fn replay_never_overwrites_a_row_the_app_changed_since_the_restore_and_ski
     rolled_back(&f, failing_backfill("")).await;
     task.await.unwrap();
     let expected = model.lock().unwrap().clone();
-    let balances = || async {
-        f.client()
-            .await
-            .query("SELECT id, balance FROM accounts ORDER BY id", &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get::<_, i32>(0), r.get::<_, i64>(1)))
-            .collect::<std::collections::BTreeMap<i32, i64>>()
-    };
+    let balances = || rows_of::<i32, i64>(&f, "SELECT id, balance FROM accounts ORDER BY id");
     let restored = balances().await;
     assert_ne!(restored, expected, "the restore took updates away");
     let report = f.reports().pop().unwrap();
@@ -753,4 +744,24 @@ async fn allows_connections(f: &Fixture) -> bool {
         .await
         .unwrap()
         .get(0)
+}
+
+#[tokio::test]
+async fn a_role_without_replication_is_told_what_it_needs_to_keep_lost_writes() {
+    let f = Fixture::with_settings(LOGICAL).await;
+    f.client()
+        .await
+        .batch_execute("CREATE ROLE app LOGIN; GRANT ALL ON DATABASE shop TO app")
+        .await
+        .unwrap();
+    let url = f.server.url("shop").replace("postgres@", "app@");
+    let db = backstop::db::Database::from_url(backstop::manifests::DatabaseRef::Url { var: "APP".into() }, &url, None)
+        .unwrap();
+    match backstop::capture::start(&db, "20261207-000000000-abc1234").await {
+        backstop::capture::Capture::Unavailable { why, .. } => {
+            assert!(why.contains("the role needs REPLICATION"), "{why}")
+        }
+        other => panic!("no slot without REPLICATION: {other:?}"),
+    }
+    assert_eq!(backstop_slots(&f).await, 0);
 }

@@ -14,8 +14,9 @@
 //!   application wrote since the restore is never overwritten. Anything
 //!   else is a conflict: that transaction is rolled back and replay stops
 //!   there, naming the row; `--skip XID` records a person's decision and
-//!   replay goes on. A TRUNCATE always stops it. A transaction left for a person holds its tables: later ones
-//!   on them are left too, so commit order is kept per table.
+//!   replay goes on. A TRUNCATE always stops it. A transaction left for a
+//!   person holds its tables: later ones on them are left too, so commit
+//!   order is kept per table.
 //! - Applied transactions are recorded in `backstop.replayed` in the same
 //!   transaction, so a second replay goes on where the first stopped.
 //! - `--dry-run` applies everything in one transaction and rolls it back.
@@ -293,11 +294,8 @@ async fn changed_since(
             )))
         }
     };
-    let sql = format!(
-        "SELECT xmin::text FROM {} WHERE {} FOR UPDATE",
-        c.table,
-        decode::matches(old)
-    );
+    let where_ = decode::matches(old);
+    let sql = format!("SELECT xmin::text FROM {} WHERE {where_} FOR UPDATE", c.table);
     let rows = client.query(sql.as_str(), &[]).await.map_err(|e| {
         let why = e
             .as_db_error()
@@ -305,7 +303,6 @@ async fn changed_since(
             .unwrap_or_else(|| e.to_string());
         format!("{} on {}: {why}", c.op.as_str(), c.table)
     })?;
-    let where_ = decode::matches(old);
     let [row] = rows.as_slice() else {
         return Ok(Some(format!(
             "{} on {} matched {} rows where {where_}: the row no longer matches its old image (deleted since the restore)",
@@ -329,14 +326,6 @@ async fn changed_since(
 async fn apply(client: &tokio_postgres::Client, file: &LostFile, t: &Txn, seen: &mut Seen) -> Result<(), String> {
     for c in &t.changes {
         let key = file.keys.get(&c.table).map(Vec::as_slice).unwrap_or_default();
-        // Per change: with `REPLICA IDENTITY FULL` (then) the old image holds
-        // the whole row and is matched as it is; otherwise only the key.
-        let key_only = c.op != Op::Insert && c.old.iter().all(|v| key.contains(&v.column));
-        if key_only && decode::statement(c, key).is_some() {
-            if let Some(why) = changed_since(client, c, &decode::old_image(c, key), seen).await? {
-                return Err(why);
-            }
-        }
         let Some(sql) = decode::statement(c, key) else {
             return Err(match c.op {
                 Op::Truncate => format!(
@@ -350,6 +339,14 @@ async fn apply(client: &tokio_postgres::Client, file: &LostFile, t: &Txn, seen: 
                 ),
             });
         };
+        // Per change: with `REPLICA IDENTITY FULL` (then) the old image holds
+        // the whole row and is matched as it is; otherwise only the key.
+        let key_only = c.op != Op::Insert && c.old.iter().all(|v| key.contains(&v.column));
+        if key_only {
+            if let Some(why) = changed_since(client, c, &decode::old_image(c, key), seen).await? {
+                return Err(why);
+            }
+        }
         // One row back per row changed; an INSERT's or UPDATE's carries the
         // new row version's xmin: replay's own, for the checks after.
         let sql = format!("{sql} RETURNING xmin::text");
@@ -466,6 +463,17 @@ pub fn migrated_tables(migrations: &[crate::manifests::Carrier]) -> Result<HashS
 /// The file, its path, the database and the migrated tables of a replay.
 type Source = (LostFile, std::path::PathBuf, Database, Result<HashSet<String>, String>);
 
+/// The database `--database-url` names.
+fn given_database(url: &str) -> Result<Database, crate::db::DbError> {
+    Database::from_url(
+        crate::manifests::DatabaseRef::Url {
+            var: "BACKSTOP_DATABASE_URL".into(),
+        },
+        url,
+        None,
+    )
+}
+
 fn read_err(path: &std::path::Path, e: Box<dyn std::error::Error + Send + Sync>) -> ReplayError {
     ReplayError::Read {
         path: path.to_path_buf(),
@@ -490,14 +498,7 @@ fn from_file(opts: &ReplayOptions, path: &std::path::Path) -> Result<Source, Rep
             opts.run
         )));
     }
-    let db = Database::from_url(
-        crate::manifests::DatabaseRef::Url {
-            var: "BACKSTOP_DATABASE_URL".into(),
-        },
-        url,
-        None,
-    )
-    .map_err(|source| ReplayError::Database {
+    let db = given_database(url).map_err(|source| ReplayError::Database {
         run: file.run.clone(),
         source,
     })?;
@@ -515,8 +516,10 @@ fn from_file(opts: &ReplayOptions, path: &std::path::Path) -> Result<Source, Rep
 /// The run looked up in the journal under `--state`.
 async fn from_journal(opts: &ReplayOptions) -> Result<Source, ReplayError> {
     let journal = crate::journal::Journal::new(&opts.state);
-    let read = read_err;
-    let run = match journal.lookup(&opts.run).map_err(|e| read(&opts.state, Box::new(e)))? {
+    let run = match journal
+        .lookup(&opts.run)
+        .map_err(|e| read_err(&opts.state, Box::new(e)))?
+    {
         crate::journal::Lookup::Found(run) => *run,
         crate::journal::Lookup::Missing => {
             return Err(ReplayError::Refused(format!(
@@ -545,24 +548,18 @@ async fn from_journal(opts: &ReplayOptions) -> Result<Source, ReplayError> {
             run.id
         )));
     }
-    let path = journal.run_dir(&run.id).join("lost-writes.json");
+    let path = journal.run_dir(&run.id).join(super::LOST_FILE);
     let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => ReplayError::Refused(format!(
             "run {} kept no lost writes ({} is missing: the server could not decode WAL, see its report)",
             run.id,
             path.display()
         )),
-        _ => read(&path, Box::new(e)),
+        _ => read_err(&path, Box::new(e)),
     })?;
-    let file: LostFile = serde_json::from_slice(&bytes).map_err(|e| read(&path, Box::new(e)))?;
+    let file: LostFile = serde_json::from_slice(&bytes).map_err(|e| read_err(&path, Box::new(e)))?;
     let db = match (&opts.database_url, run.migrations.first()) {
-        (Some(url), _) => Database::from_url(
-            crate::manifests::DatabaseRef::Url {
-                var: "BACKSTOP_DATABASE_URL".into(),
-            },
-            url,
-            None,
-        ),
+        (Some(url), _) => given_database(url),
         (None, Some(m)) => Database::from_env(&m.database, m.database_name.as_deref()),
         (None, None) => {
             return Err(ReplayError::Refused(format!(

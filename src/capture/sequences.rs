@@ -8,7 +8,7 @@
 //! So before the restore (the database closed, right after the slot is read)
 //! the value of every ascending, non-cycling sequence is read and kept in
 //! `lost-writes.json`; right after the restore each is moved forward to at
-//! least that value (never backward: `greatest`), and replay does the same
+//! least that value (never backward: only where it is behind), and replay does the same
 //! again before it applies anything (a restore resumed after a crash, or a
 //! sequence a person reset). A gap in a sequence is normal in PostgreSQL;
 //! a reused id is not.

@@ -154,14 +154,7 @@ impl Engine {
                         }),
                         None => None,
                     };
-                    let capture_attempted = matches!(
-                        capture,
-                        Some(crate::capture::Capture::Slot { .. })
-                            | Some(crate::capture::Capture::Unavailable {
-                                maybe_created: true,
-                                ..
-                            })
-                    );
+                    let to_drop = capture.as_ref().and_then(|c| c.slot_to_drop(&run.id));
                     let point = match capture {
                         Some(crate::capture::Capture::Slot {
                             name,
@@ -185,9 +178,9 @@ impl Engine {
                             .map(|p| crate::checkpoint::RecoveryPoint { capture, ..p })
                             .map_err(|e| transient(&e)),
                     };
-                    if point.is_err() && capture_attempted {
+                    if let (Err(_), Some(slot)) = (&point, to_drop) {
                         // Not recorded, so never released later: let it go now.
-                        let _ = crate::capture::release(&db, &crate::capture::slot_name(&run.id)).await;
+                        let _ = crate::capture::release(&db, &slot).await;
                     }
                     point
                 }
@@ -487,7 +480,7 @@ impl Engine {
         db: &Database,
         point: &crate::checkpoint::RecoveryPoint,
     ) -> Option<(crate::capture::Captured, Vec<crate::capture::sequences::SequenceValue>)> {
-        use crate::capture::{self, Capture, Captured, LostFile};
+        use crate::capture::{self, Capture, Captured};
         let not_kept = |why: String| Some((Captured::NotKept { why }, Vec::new()));
         let (name, horizon) = match point.capture.as_ref()? {
             Capture::Slot { name, xid_horizon, .. } => (name.clone(), *xid_horizon),
@@ -507,7 +500,6 @@ impl Engine {
         let kept = async {
             // `read` closes the database first: nothing may commit between
             // the read and the restore.
-            const SUMMARY: &str = "lost-writes-summary.json";
             let store = |e: crate::run::StoreError| chain(&e);
             let (mut file, own_left_out) = match capture::read(db, &run.id, &name, &point.lsn, horizon, &own).await {
                 Ok(read) => read,
@@ -516,18 +508,11 @@ impl Engine {
                 // earlier attempt kept them. Not for other errors: the slot
                 // may hold writes committed after that attempt.
                 Err(e @ (capture::CaptureError::NoSlot { .. } | capture::CaptureError::Connect { .. })) => {
-                    let Some(bytes) = self.store.read_file(run, SUMMARY).await.map_err(store)? else {
+                    let Some(bytes) = self.store.read_file(run, capture::LOST_SUMMARY).await.map_err(store)? else {
                         return Err(chain(&e));
                     };
                     let summary = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
-                    let sequences = match self.store.read_file(run, "lost-writes.json").await.map_err(store)? {
-                        Some(bytes) => {
-                            serde_json::from_slice::<LostFile>(&bytes)
-                                .map_err(|e| e.to_string())?
-                                .sequences
-                        }
-                        None => Vec::new(),
-                    };
+                    let sequences = self.lost_file(run).await?.map(|f| f.sequences).unwrap_or_default();
                     return Ok((summary, sequences));
                 }
                 Err(e) => return Err(chain(&e)),
@@ -535,17 +520,20 @@ impl Engine {
             file.migrated = Some(capture::replay::migrated_tables(&run.migrations).map(|t| t.into_iter().collect()));
             let json = serde_json::to_vec_pretty(&file).map_err(|e| e.to_string())?;
             self.store
-                .write_file(run, "lost-writes.json", &json)
+                .write_file(run, capture::LOST_FILE, &json)
                 .await
                 .map_err(store)?;
             let path = self
                 .store
-                .write_file(run, "lost-writes.sql", file.sql().as_bytes())
+                .write_file(run, capture::LOST_SQL, file.sql().as_bytes())
                 .await
                 .map_err(store)?;
             let summary = file.summary(own_left_out, path);
             let bytes = serde_json::to_vec_pretty(&summary).map_err(|e| e.to_string())?;
-            self.store.write_file(run, SUMMARY, &bytes).await.map_err(store)?;
+            self.store
+                .write_file(run, capture::LOST_SUMMARY, &bytes)
+                .await
+                .map_err(store)?;
             Ok::<_, String>((summary, file.sequences))
         }
         .await;
@@ -566,6 +554,18 @@ impl Engine {
         }
     }
 
+    /// The run's kept `lost-writes.json`, if any; why it cannot be read.
+    async fn lost_file(&self, run: &RunRecord) -> Result<Option<crate::capture::LostFile>, String> {
+        use crate::capture::LOST_FILE;
+        match self.store.read_file(run, LOST_FILE).await {
+            Ok(Some(bytes)) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| format!("{LOST_FILE}: {e}")),
+            Ok(None) => Ok(None),
+            Err(e) => Err(chain(&e)),
+        }
+    }
+
     /// The run's own replay of the writes its restore kept
     /// ([`crate::capture::replay`]): all tables but the migrated ones,
     /// stopping at the first conflict.
@@ -579,13 +579,10 @@ impl Engine {
             tracing::warn!(error = %why, "the lost writes were not replayed; `backstop replay` can");
             AutoReplay::NotReplayed { why }
         };
-        let file = match self.store.read_file(run, "lost-writes.json").await {
-            Ok(Some(bytes)) => match serde_json::from_slice::<crate::capture::LostFile>(&bytes) {
-                Ok(file) => file,
-                Err(e) => return not(format!("lost-writes.json: {e}")),
-            },
-            Ok(None) => return not("lost-writes.json is missing".into()),
-            Err(e) => return not(chain(&e)),
+        let file = match self.lost_file(run).await {
+            Ok(Some(file)) => file,
+            Ok(None) => return not(format!("{} is missing", crate::capture::LOST_FILE)),
+            Err(why) => return not(why),
         };
         let db = match self.database(run, cache).await {
             Ok(db) => db,

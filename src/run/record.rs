@@ -259,13 +259,7 @@ impl RunRecord {
 
     /// The logical slot the run created, if any.
     pub fn capture_slot(&self) -> Option<String> {
-        match self.recovery_point.as_ref()?.capture.as_ref()? {
-            crate::capture::Capture::Slot { name, .. } => Some(name.clone()),
-            crate::capture::Capture::Unavailable {
-                maybe_created: true, ..
-            } => Some(crate::capture::slot_name(&self.id)),
-            crate::capture::Capture::Unavailable { .. } => None,
-        }
+        self.recovery_point.as_ref()?.capture.as_ref()?.slot_to_drop(&self.id)
     }
 
     /// Whether the run still has work (including writing its report).
