@@ -90,7 +90,7 @@ async fn a_restore_keeps_the_apps_lost_writes_and_replay_gives_them_back() {
         async move { n >= 20 }
     })
     .await;
-    let out = rolled_back(&f, failing_backfill("")).await;
+    let out = rolled_back(&f, slow_failing_backfill()).await;
     task.await.unwrap();
     let written: BTreeSet<i64> = committed.lock().unwrap().iter().copied().collect();
     let survived = event_ids(&f).await;
@@ -365,7 +365,7 @@ async fn replay_of_inserts_updates_and_deletes_leaves_the_table_as_the_app_left_
         async move { n >= 20 }
     })
     .await;
-    rolled_back(&f, failing_backfill("")).await;
+    rolled_back(&f, slow_failing_backfill()).await;
     task.await.unwrap();
     let expected = model.lock().unwrap().clone();
     let table = || rows_of::<i64, String>(&f, "SELECT id, note FROM events WHERE id >= 1000 ORDER BY id");
@@ -447,6 +447,12 @@ async fn rolled_back(f: &Fixture, carrier: CarrierBuilder) -> std::process::Outp
     out
 }
 
+/// [`failing_backfill`] whose verify takes 0.3 s (and still fails): the
+/// application's writes in the window are many, whatever the machine's speed.
+fn slow_failing_backfill() -> CarrierBuilder {
+    failing_backfill("").verify("SELECT count(*) = 0 FROM orders, pg_sleep(0.3) WHERE total IS NULL")
+}
+
 /// A server with `wal_level = logical` and `orders` applied and written.
 async fn logical_with_orders() -> Fixture {
     let f = Fixture::with_settings(LOGICAL).await;
@@ -476,7 +482,7 @@ async fn tickets_while_a_replaying_run_is_pushed(
         async move { n >= rows }
     })
     .await;
-    f.commit_carrier(&failing_backfill("").annotation("replay", "auto"), "backfill totals");
+    f.commit_carrier(&slow_failing_backfill().annotation("replay", "auto"), "backfill totals");
     (task, model)
 }
 
@@ -613,7 +619,7 @@ async fn replay_never_overwrites_a_row_the_app_changed_since_the_restore_and_ski
         async move { n >= 20 }
     })
     .await;
-    rolled_back(&f, failing_backfill("")).await;
+    rolled_back(&f, slow_failing_backfill()).await;
     task.await.unwrap();
     let expected = model.lock().unwrap().clone();
     let balances = || rows_of::<i32, i64>(&f, "SELECT id, balance FROM accounts ORDER BY id");
