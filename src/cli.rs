@@ -1070,7 +1070,7 @@ async fn plan(
                     var: "--database-url".into(),
                 };
                 let db = crate::db::Database::from_url(reference, url, None)?;
-                crate::runner::Runner::catalog(&crate::runner::SqlRunner, &db).await?
+                crate::runner::Runner::catalog(&crate::runner::SqlRunner, &db, None).await?
             }
             None => None,
         };

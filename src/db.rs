@@ -1,11 +1,13 @@
 //! Connection targets: a database reference resolved to something connectable,
 //! with the password kept out of `Debug`, logs, command lines and reports.
 
+mod session;
 mod tls;
 
 use tokio_postgres::config::Host;
 use tokio_postgres::{Client, NoTls};
 
+pub use session::{close_idle, idle_count, Session};
 pub use tls::{SslMode, Tls};
 
 use crate::manifests::DatabaseRef;
@@ -134,6 +136,24 @@ impl Database {
             }
         };
         Ok(client)
+    }
+
+    /// A session for bookkeeping: an idle one to the same target when one
+    /// is kept, else a new connection. Hand it back with
+    /// [`Session::release`] when done; dropped, it is closed.
+    pub async fn session(&self) -> Result<Session, DbError> {
+        let key = self.target_key();
+        let client = match session::take(&key) {
+            Some(client) => client,
+            None => self.connect().await?,
+        };
+        Ok(Session::new(client, key))
+    }
+
+    /// What tells two targets apart for reusing sessions: every connection
+    /// setting, the password and TLS included. Kept in memory only.
+    fn target_key(&self) -> String {
+        format!("{:?}|{:?}|{:?}", self.config, self.config.get_password(), self.tls)
     }
 
     /// Cancels the query running on the connection of `token`, over TLS

@@ -242,7 +242,7 @@ fn query_err<'a>(db: &'a Database, step: &'static str) -> impl FnOnce(tokio_post
 /// Claims `db` for `me`: taken when free, refreshed (run id, pid) when `me`'s
 /// instance already holds it, refused when another instance does.
 pub async fn claim(db: &Database, me: &Owner) -> Result<Claim, OwnerError> {
-    let client = db.connect().await?;
+    let client = db.session().await?;
     ensure_schema(&client)
         .await
         .map_err(query_err(db, "creating backstop's tables"))?;
@@ -256,6 +256,7 @@ pub async fn claim(db: &Database, me: &Owner) -> Result<Claim, OwnerError> {
         )
         .await
         .map_err(query_err(db, "claiming the database"))?;
+    client.release().await;
     if row.is_some() {
         return Ok(Claim::Ours);
     }
@@ -271,10 +272,11 @@ pub async fn claim(db: &Database, me: &Owner) -> Result<Claim, OwnerError> {
 
 /// Who owns `db` now (None: nobody, or backstop never ran there).
 pub async fn current(db: &Database) -> Result<Option<Owner>, OwnerError> {
-    let client = db.connect().await?;
+    let client = db.session().await?;
     let rows = client
         .query("SELECT state_id, run_id, host, pid, since FROM backstop.run_owner", &[])
         .await;
+    client.release().await;
     match rows {
         Ok(rows) => Ok(rows.first().map(|r| Owner {
             state: r.get(0),
@@ -290,11 +292,12 @@ pub async fn current(db: &Database) -> Result<Option<Owner>, OwnerError> {
 
 /// Releases `state`'s claim on `db` (no-op when it holds none).
 pub async fn release(db: &Database, state: &str) -> Result<(), OwnerError> {
-    let client = db.connect().await?;
-    match client
+    let client = db.session().await?;
+    let deleted = client
         .execute("DELETE FROM backstop.run_owner WHERE state_id = $1", &[&state])
-        .await
-    {
+        .await;
+    client.release().await;
+    match deleted {
         Ok(_) => Ok(()),
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => Ok(()),
         Err(e) => Err(query_err(db, "releasing the database")(e)),

@@ -11,7 +11,7 @@ use tokio::process::Command;
 /// Failures to find or run a PostgreSQL program.
 #[derive(Debug, thiserror::Error)]
 pub enum PgBinError {
-    #[error("PostgreSQL server programs not found (looked at $BACKSTOP_PG_BINDIR, `pg_config --bindir`, /usr/lib/postgresql/*/bin); install the PostgreSQL server package")]
+    #[error("PostgreSQL server programs not found (looked at $BACKSTOP_PG_BINDIR, pg_ctl on the PATH, /usr/lib/postgresql/*/bin, `pg_config --bindir`); install the PostgreSQL server package")]
     NotFound,
     #[error("failed to start {program}")]
     Spawn { program: String, source: std::io::Error },
@@ -25,7 +25,12 @@ pub enum PgBinError {
     Inspect { path: PathBuf, source: std::io::Error },
 }
 
-/// The folder holding `initdb`, `pg_ctl`, `pg_basebackup`, ...
+/// The folder holding `initdb`, `pg_ctl`, `pg_basebackup`, ...: in this
+/// order, `$BACKSTOP_PG_BINDIR`; the folder of a `pg_ctl` on the `PATH`
+/// (symbolic links followed); the newest `/usr/lib/postgresql/*/bin` (what
+/// Debian's `pg_config` would answer); `pg_config --bindir`. The first
+/// three spawn nothing: on Debian `pg_config` is a script that runs three
+/// programs.
 pub fn bindir() -> Result<PathBuf, PgBinError> {
     let has_server = |d: &Path| d.join("pg_ctl").is_file() && d.join("pg_basebackup").is_file();
     if let Ok(dir) = std::env::var("BACKSTOP_PG_BINDIR") {
@@ -34,11 +39,15 @@ pub fn bindir() -> Result<PathBuf, PgBinError> {
             return Ok(dir);
         }
     }
-    if let Ok(out) = std::process::Command::new("pg_config").arg("--bindir").output() {
-        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        if out.status.success() && has_server(&dir) {
-            return Ok(dir);
-        }
+    let on_path = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|d| std::fs::canonicalize(d.join("pg_ctl")).ok())
+        .filter_map(|p| p.parent().map(Path::to_path_buf))
+        .find(|d| has_server(d));
+    if let Some(dir) = on_path {
+        return Ok(dir);
     }
     let mut candidates: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
         .into_iter()
@@ -51,7 +60,16 @@ pub fn bindir() -> Result<PathBuf, PgBinError> {
         .filter(|(_, d)| has_server(d))
         .collect();
     candidates.sort();
-    candidates.pop().map(|(_, d)| d).ok_or(PgBinError::NotFound)
+    if let Some((_, dir)) = candidates.pop() {
+        return Ok(dir);
+    }
+    if let Ok(out) = std::process::Command::new("pg_config").arg("--bindir").output() {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if out.status.success() && has_server(&dir) {
+            return Ok(dir);
+        }
+    }
+    Err(PgBinError::NotFound)
 }
 
 /// Where the PostgreSQL programs are: a folder given, or found by

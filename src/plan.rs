@@ -294,7 +294,16 @@ pub async fn prepare(
     };
     let (pg_version, catalog) = match migrations.is_empty() {
         true => (runner.server_version(&db).await.map_err(history_err)?, None),
-        false => match runner.catalog(&db).await.map_err(history_err)? {
+        false => match runner
+            .catalog(
+                &db,
+                Some(&crate::lint::catalog::words(
+                    migrations.iter().flat_map(|m| &m.statements).map(|s| s.sql.as_str()),
+                )),
+            )
+            .await
+            .map_err(history_err)?
+        {
             Some((version, catalog)) => (version, Some(catalog)),
             None => (runner.server_version(&db).await.map_err(history_err)?, None),
         },

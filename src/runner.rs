@@ -107,9 +107,14 @@ pub trait Runner: Send + Sync {
     async fn server_version(&self, db: &Database) -> Result<u32, RunnerError>;
     /// The catalog facts the analysis judges statements against, with the
     /// server's major version, over one connection; `None` where the runner
-    /// does not read them (the analysis is then static).
-    async fn catalog(&self, db: &Database) -> Result<Option<(u32, crate::lint::Catalog)>, RunnerError> {
-        let _ = db;
+    /// does not read them (the analysis is then static). Only the functions
+    /// named in `functions` (the migrations' words), when given, are looked up.
+    async fn catalog(
+        &self,
+        db: &Database,
+        functions: Option<&[String]>,
+    ) -> Result<Option<(u32, crate::lint::Catalog)>, RunnerError> {
+        let _ = (db, functions);
         Ok(None)
     }
     /// The recovery point: now, as the server sees it.
@@ -226,7 +231,7 @@ pub async fn record_history(
     started_at: DateTime<Utc>,
     success: bool,
 ) -> Result<(), RunnerError> {
-    let client = db.connect().await?;
+    let client = db.session().await?;
     crate::owner::ensure_schema(&client)
         .await
         .map_err(query_err(db, "creating the history table"))?;
@@ -245,6 +250,7 @@ pub async fn record_history(
         )
         .await
         .map_err(query_err(db, "recording migration history"))?;
+    client.release().await;
     Ok(())
 }
 
@@ -260,13 +266,14 @@ async fn major_version(db: &Database, client: &tokio_postgres::Client) -> Result
 
 /// The newest successful history row matching `filter` (`$1` = `value`).
 async fn history_row(db: &Database, filter: &str, value: &str) -> Result<Option<HistoryRow>, RunnerError> {
-    let client = db.connect().await?;
+    let client = db.session().await?;
     let exists: bool = client
         .query_one("SELECT to_regclass('backstop.migration_history') IS NOT NULL", &[])
         .await
         .map_err(query_err(db, "looking for the history table"))?
         .get(0);
     if !exists {
+        client.release().await;
         return Ok(None);
     }
     let sql = format!(
@@ -276,6 +283,7 @@ async fn history_row(db: &Database, filter: &str, value: &str) -> Result<Option<
         .query_opt(&sql, &[&value])
         .await
         .map_err(query_err(db, "reading migration history"))?;
+    client.release().await;
     Ok(row.as_ref().map(history_of))
 }
 
@@ -302,13 +310,14 @@ impl Runner for SqlRunner {
     }
 
     async fn history(&self, db: &Database) -> Result<Vec<HistoryRow>, RunnerError> {
-        let client = db.connect().await?;
+        let client = db.session().await?;
         let rows = client
             .query(
                 "SELECT DISTINCT ON (id) id, checksum, phase, commit, run_id, finished_at FROM backstop.migration_history WHERE success ORDER BY id, seq DESC",
                 &[],
             )
             .await;
+        client.release().await;
         let rows = match rows {
             Ok(rows) => rows,
             // No history table yet: nothing applied.
@@ -319,27 +328,36 @@ impl Runner for SqlRunner {
     }
 
     async fn server_version(&self, db: &Database) -> Result<u32, RunnerError> {
-        major_version(db, &db.connect().await?).await
+        let client = db.session().await?;
+        let version = major_version(db, &client).await?;
+        client.release().await;
+        Ok(version)
     }
 
-    async fn catalog(&self, db: &Database) -> Result<Option<(u32, crate::lint::Catalog)>, RunnerError> {
-        let client = db.connect().await?;
+    async fn catalog(
+        &self,
+        db: &Database,
+        functions: Option<&[String]>,
+    ) -> Result<Option<(u32, crate::lint::Catalog)>, RunnerError> {
+        let client = db.session().await?;
         let version = major_version(db, &client).await?;
-        let catalog = crate::lint::Catalog::load(&client)
+        let catalog = crate::lint::Catalog::load(&client, functions)
             .await
             .map_err(|e| RunnerError::Catalog {
                 database: db.describe(),
                 source: e,
             })?;
+        client.release().await;
         Ok(Some((version, catalog)))
     }
 
     async fn recovery_point(&self, db: &Database) -> Result<RecoveryPoint, RunnerError> {
-        let client = db.connect().await?;
+        let client = db.session().await?;
         let row = client
             .query_one("SELECT clock_timestamp(), pg_current_wal_insert_lsn()::text", &[])
             .await
             .map_err(query_err(db, "reading the recovery point"))?;
+        client.release().await;
         Ok(RecoveryPoint {
             time: row.get(0),
             lsn: row.get(1),

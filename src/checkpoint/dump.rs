@@ -38,7 +38,7 @@ impl Checkpoint for DumpBackend {
     async fn preflight(&self, db: &Database) -> Result<(), CheckpointError> {
         // pg_dump must be there before a run starts, not only when it needs it.
         crate::checkpoint::program(&self.bindir, "pg_dump", None)?;
-        db.connect().await?;
+        db.session().await?.release().await;
         Ok(())
     }
 

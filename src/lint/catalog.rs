@@ -188,6 +188,33 @@ pub struct CatalogError {
     source: tokio_postgres::Error,
 }
 
+/// Every word of `texts` that could name a function, lowercased as
+/// unquoted identifiers are (quoted ones kept as written): the functions a
+/// migration can call are among them.
+pub fn words<'a>(texts: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for text in texts {
+        let mut rest = text;
+        while let Some(c) = rest.chars().next() {
+            if c == '"' {
+                let body = &rest[1..];
+                let end = body.find('"').unwrap_or(body.len());
+                out.insert(body[..end].to_string());
+                rest = body.get(end + 1..).unwrap_or("");
+            } else if c.is_alphabetic() || c == '_' {
+                let end = rest
+                    .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '$'))
+                    .unwrap_or(rest.len());
+                out.insert(rest[..end].to_lowercase());
+                rest = &rest[end..];
+            } else {
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
 impl Catalog {
     /// Looks a relation up by its qualified name.
     pub fn table(&self, qualified: &str) -> Option<&Table> {
@@ -195,39 +222,73 @@ impl Catalog {
     }
 
     /// Reads the facts of every user relation (not `pg_catalog`,
-    /// `information_schema` or TOAST) in five queries.
-    pub async fn load(client: &tokio_postgres::Client) -> Result<Catalog, CatalogError> {
+    /// `information_schema` or TOAST), and the volatility of the functions
+    /// named `functions` (every function when None: a migration can only
+    /// call a function whose name is one of its words). The six queries go
+    /// out together, pipelined on the one connection.
+    pub async fn load(client: &tokio_postgres::Client, functions: Option<&[String]>) -> Result<Catalog, CatalogError> {
         let q = |what: &'static str| move |source| CatalogError { what, source };
         const USER: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'";
-        let default_schema: String = client
-            .query_one("SELECT coalesce((current_schemas(false))[1], 'public')::text", &[])
-            .await
-            .map_err(q("search_path"))?
-            .get(0);
-        let wal_level: String = client
-            .query_one("SELECT current_setting('wal_level')", &[])
-            .await
-            .map_err(q("wal_level"))?
-            .get(0);
+        let tables_sql = format!(
+            "SELECT n.nspname::text, c.relname::text, c.relkind::text, c.reltuples::float8, \
+             CASE WHEN c.relkind = 'p' \
+                  THEN (SELECT coalesce(sum(pg_total_relation_size(t.relid)), 0)::int8 FROM pg_partition_tree(c.oid) t) \
+                  ELSE coalesce(pg_total_relation_size(c.oid), 0) END \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND {USER}"
+        );
+        let columns_sql = format!(
+            "SELECT n.nspname::text, c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod), \
+             a.attnotnull, a.atthasdef \
+             FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'v', 'm', 'f') AND {USER}"
+        );
+        let indexes_sql = format!(
+            "SELECT n.nspname::text, c.relname::text, i.relname::text, x.indisunique, x.indisvalid, \
+             x.indpred IS NOT NULL, \
+             ARRAY(SELECT a.attname::text FROM unnest(x.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) \
+                   LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum AND k.attnum > 0 \
+                   WHERE k.ord <= x.indnkeyatts ORDER BY k.ord) \
+             FROM pg_index x JOIN pg_class c ON c.oid = x.indrelid JOIN pg_class i ON i.oid = x.indexrelid \
+             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {USER}"
+        );
+        let constraints_sql = format!(
+            "SELECT n.nspname::text, c.relname::text, k.conname::text, k.contype::text, k.convalidated \
+             FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid \
+             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {USER}"
+        );
+        // The most volatile overload of each name: a default that calls the
+        // name is judged by the worst one it could resolve to.
+        const FUNCTIONS: &str =
+            "SELECT proname::text, max(CASE provolatile WHEN 'v' THEN 3 WHEN 's' THEN 2 ELSE 1 END)::int4 FROM pg_proc";
+        let functions_sql = match functions {
+            Some(_) => format!("{FUNCTIONS} WHERE proname = ANY($1::text[]) GROUP BY proname"),
+            None => format!("{FUNCTIONS} GROUP BY proname"),
+        };
+        let function_rows = async {
+            match functions {
+                Some(names) => client.query(&functions_sql, &[&names]).await,
+                None => client.query(&functions_sql, &[]).await,
+            }
+        };
+        let (settings, tables, columns, indexes, constraints, function_rows) = tokio::join!(
+            client.query_one(
+                "SELECT coalesce((current_schemas(false))[1], 'public')::text, current_setting('wal_level')",
+                &[],
+            ),
+            client.query(&tables_sql, &[]),
+            client.query(&columns_sql, &[]),
+            client.query(&indexes_sql, &[]),
+            client.query(&constraints_sql, &[]),
+            function_rows,
+        );
+        let settings = settings.map_err(q("settings"))?;
         let mut cat = Catalog {
-            default_schema,
-            wal_level,
+            default_schema: settings.get(0),
+            wal_level: settings.get(1),
             ..Catalog::default()
         };
-        let rows = client
-            .query(
-                &format!(
-                    "SELECT n.nspname::text, c.relname::text, c.relkind::text, c.reltuples::float8, \
-                     CASE WHEN c.relkind = 'p' \
-                          THEN (SELECT coalesce(sum(pg_total_relation_size(t.relid)), 0)::int8 FROM pg_partition_tree(c.oid) t) \
-                          ELSE coalesce(pg_total_relation_size(c.oid), 0) END \
-                     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                     WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND {USER}"
-                ),
-                &[],
-            )
-            .await
-            .map_err(q("tables"))?;
+        let rows = tables.map_err(q("tables"))?;
         for r in rows {
             let (schema, name, kind): (String, String, String) = (r.get(0), r.get(1), r.get(2));
             let rows: f64 = r.get(3);
@@ -241,18 +302,7 @@ impl Catalog {
                 },
             );
         }
-        let rows = client
-            .query(
-                &format!(
-                    "SELECT n.nspname::text, c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod), \
-                     a.attnotnull, a.atthasdef \
-                     FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
-                     WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'v', 'm', 'f') AND {USER}"
-                ),
-                &[],
-            )
-            .await
-            .map_err(q("columns"))?;
+        let rows = columns.map_err(q("columns"))?;
         for r in rows {
             let key = format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1));
             if let Some(t) = cat.tables.get_mut(&key) {
@@ -266,21 +316,7 @@ impl Catalog {
                 );
             }
         }
-        let rows = client
-            .query(
-                &format!(
-                    "SELECT n.nspname::text, c.relname::text, i.relname::text, x.indisunique, x.indisvalid, \
-                     x.indpred IS NOT NULL, \
-                     ARRAY(SELECT a.attname::text FROM unnest(x.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) \
-                           LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum AND k.attnum > 0 \
-                           WHERE k.ord <= x.indnkeyatts ORDER BY k.ord) \
-                     FROM pg_index x JOIN pg_class c ON c.oid = x.indrelid JOIN pg_class i ON i.oid = x.indexrelid \
-                     JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {USER}"
-                ),
-                &[],
-            )
-            .await
-            .map_err(q("indexes"))?;
+        let rows = indexes.map_err(q("indexes"))?;
         for r in rows {
             let key = format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1));
             if let Some(t) = cat.tables.get_mut(&key) {
@@ -293,17 +329,7 @@ impl Catalog {
                 });
             }
         }
-        let rows = client
-            .query(
-                &format!(
-                    "SELECT n.nspname::text, c.relname::text, k.conname::text, k.contype::text, k.convalidated \
-                     FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid \
-                     JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {USER}"
-                ),
-                &[],
-            )
-            .await
-            .map_err(q("constraints"))?;
+        let rows = constraints.map_err(q("constraints"))?;
         for r in rows {
             let key = format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1));
             if let Some(t) = cat.tables.get_mut(&key) {
@@ -316,16 +342,7 @@ impl Catalog {
                 );
             }
         }
-        // The most volatile overload of each name: a default that calls the
-        // name is judged by the worst one it could resolve to.
-        let rows = client
-            .query(
-                "SELECT proname::text, max(CASE provolatile WHEN 'v' THEN 3 WHEN 's' THEN 2 ELSE 1 END)::int4 \
-                 FROM pg_proc GROUP BY proname",
-                &[],
-            )
-            .await
-            .map_err(q("functions"))?;
+        let rows = function_rows.map_err(q("functions"))?;
         for r in rows {
             let v = match r.get::<_, i32>(1) {
                 3 => 'v',
@@ -359,5 +376,25 @@ mod tests {
         );
         assert!(empty.is_small());
         assert_eq!(empty.lock_estimate(), "under a second");
+    }
+
+    #[test]
+    fn the_words_of_a_migration_name_every_function_it_can_call() {
+        let w = words([
+            "ALTER TABLE t ADD c text DEFAULT App.Make_Token() || \"MixedCase\"(1)",
+            "SELECT nextval('s'), x$1, ünïcode_fn()",
+        ]);
+        for name in [
+            "alter",
+            "app",
+            "make_token",
+            "MixedCase",
+            "nextval",
+            "x$1",
+            "ünïcode_fn",
+        ] {
+            assert!(w.iter().any(|x| x == name), "{name} in {w:?}");
+        }
+        assert!(!w.iter().any(|x| x.is_empty() || x == "1" || x == "("), "{w:?}");
     }
 }

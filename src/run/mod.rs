@@ -321,6 +321,7 @@ impl Engine {
         }
         let view = self.gate();
         let gate_tree = view.tree(&gate).await?;
+        tracing::debug!("the gate's guarded tree read");
         let exempt = exempt_at_gate(&gate_tree, &runs);
         if let Some(reverted) = runs
             .iter()
@@ -354,9 +355,14 @@ impl Engine {
         if pending.is_empty() {
             return Ok(());
         }
+        tracing::debug!(commits = pending.len(), "pending commits listed");
         let trees = view.trees(&gate_tree, &pending).await?;
+        tracing::debug!("the guarded tree of each pending commit read");
         let candidates = match plan::discover(&self.git, &gate, &head, &self.settings.path, &trees, &pending).await {
-            Ok(c) => c,
+            Ok(c) => {
+                tracing::debug!(candidates = c.len(), "migrations discovered");
+                c
+            }
             Err(e) => {
                 report.waiting = Some(self.plan_wait(&e, &head).await);
                 report.gate = self.advance(&gate, &trees, &exempt).await?;

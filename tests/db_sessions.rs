@@ -1,0 +1,125 @@
+//! Bookkeeping sessions are reused within a pass, and never lent dirty: a
+//! released session comes back reset (settings, temporary tables, advisory
+//! locks gone), a session left in a transaction or dropped without release
+//! is closed, and a session whose backend was terminated is not lent again.
+//! Against a real PostgreSQL.
+
+use backstop::pgserver::PgServer;
+
+async fn pid(client: &tokio_postgres::Client) -> i32 {
+    client.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0)
+}
+
+#[tokio::test]
+async fn a_released_session_is_lent_again_with_everything_its_holder_set_reset() {
+    let server = PgServer::start().await.unwrap();
+    let db = server.database("postgres").unwrap();
+    let s = db.session().await.unwrap();
+    let first = pid(&s).await;
+    s.batch_execute(
+        "SET statement_timeout = 1234; SET application_name = 'dirty';
+         CREATE TEMP TABLE scratch (x int); SELECT pg_advisory_lock(42);",
+    )
+    .await
+    .unwrap();
+    s.release().await;
+
+    let s = db.session().await.unwrap();
+    assert_eq!(pid(&s).await, first, "the released session is reused");
+    let row = s
+        .query_one(
+            "SELECT current_setting('statement_timeout'), current_setting('application_name'),
+                    to_regclass('pg_temp.scratch') IS NULL,
+                    (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid())",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "0");
+    assert_eq!(row.get::<_, String>(1), "");
+    assert!(row.get::<_, bool>(2), "the temporary table is gone");
+    assert_eq!(row.get::<_, i64>(3), 0, "the advisory lock is released");
+    s.release().await;
+}
+
+#[tokio::test]
+async fn a_session_left_in_a_transaction_or_dropped_is_closed_not_lent() {
+    let server = PgServer::start().await.unwrap();
+    let db = server.database("postgres").unwrap();
+    let s = db.session().await.unwrap();
+    let first = pid(&s).await;
+    s.batch_execute("BEGIN; CREATE TABLE half_done (x int)").await.unwrap();
+    s.release().await;
+    let s = db.session().await.unwrap();
+    let second = pid(&s).await;
+    assert_ne!(second, first, "a session inside a transaction is never lent");
+    // The open transaction died with its session: nothing half-done stays.
+    let exists: bool = s
+        .query_one("SELECT to_regclass('half_done') IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!exists);
+
+    s.batch_execute("BEGIN; SELECT 1/0").await.unwrap_err();
+    s.release().await;
+    let s = db.session().await.unwrap();
+    let third = pid(&s).await;
+    assert_ne!(third, second, "a session in an aborted transaction is never lent");
+
+    drop(s);
+    let s = db.session().await.unwrap();
+    assert_ne!(pid(&s).await, third, "a session dropped without release is closed");
+}
+
+#[tokio::test]
+async fn a_session_whose_backend_was_terminated_is_not_lent_again() {
+    let server = PgServer::start().await.unwrap();
+    let db = server.database("postgres").unwrap();
+    let s = db.session().await.unwrap();
+    let first = pid(&s).await;
+    s.release().await;
+    let other = server.database("postgres").unwrap().connect().await.unwrap();
+    other
+        .query_one("SELECT pg_terminate_backend($1)", &[&first])
+        .await
+        .unwrap();
+    // The connection task sees the server hang up.
+    for _ in 0..100 {
+        let gone: bool = other
+            .query_one(
+                "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)",
+                &[&first],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if gone {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let s = db.session().await.unwrap();
+    assert_ne!(pid(&s).await, first);
+    s.query_one("SELECT 1", &[]).await.unwrap();
+}
+
+#[tokio::test]
+async fn sessions_to_another_database_or_role_are_not_shared() {
+    let server = PgServer::start().await.unwrap();
+    server.create_database("shop").await.unwrap();
+    let a = server.database("postgres").unwrap();
+    let b = server.database("shop").unwrap();
+    let s = a.session().await.unwrap();
+    let first = pid(&s).await;
+    s.release().await;
+    let s = b.session().await.unwrap();
+    assert_ne!(pid(&s).await, first);
+    let name: String = s
+        .query_one("SELECT current_database()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(name, "shop");
+}
