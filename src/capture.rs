@@ -299,6 +299,8 @@ async fn drop_slot_with(client: &tokio_postgres::Client, db: &Database, name: &s
 /// sessions are ended (their open transactions abort). [`reopen`] undoes it
 /// when the restore does not happen.
 pub async fn quiesce(db: &Database, keep_pid: i32) -> Result<u64, CaptureError> {
+    // backstop's own idle sessions end without being signalled.
+    crate::db::close_idle();
     // From another database: PostgreSQL refuses it for the current one.
     let client = connect(&db.sibling("postgres")).await?;
     let name = db.dbname().replace('"', "\"\"");
