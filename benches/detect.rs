@@ -7,10 +7,15 @@
 //! `50,500,2000` pending commits, each changing one file outside the guarded
 //! path; the middle one adds a migration under `apps/shop`):
 //!
-//! - **warm**: `backstop run --once` with its mirror already fetched up to
-//!   the gate, against the git pipeline `git fetch` + `git log --first-parent
+//! - **warm**: every object already fetched on both sides (the gate's
+//!   pass ran, and the mirror has fetched main since): `backstop run
+//!   --once` against the git pipeline `git fetch` + `git log --first-parent
 //!   --name-only gate..main -- apps/shop` + `git show` | `grep` of each file
-//!   named + `psql -c 'select 1'` + `git push` of the gate;
+//!   named + `psql -c 'select 1'` + `git push` of the gate, on a mirror clone
+//!   holding every object with main rewound to the gate: detection alone;
+//! - **with fetch**: both sides hold the objects up to the gate only, so
+//!   both fetch the pending commits (backstop's mirror after a pass at the
+//!   gate, git's a mirror clone taken then);
 //! - **first**: the same pass from an empty state against `git clone --mirror
 //!   --no-local` (a fetch of everything).
 //!
@@ -51,81 +56,97 @@ async fn main() -> Res<()> {
     server.create_database("shop").await?;
     let url = server.url("shop");
     let psql = server.bindir().join("psql");
-    println!("files\tcommits\twarm backstop\twarm git pipeline\tratio\tfirst pass\tgit clone --mirror\tratio");
+    println!(
+        "files\tcommits\twarm backstop\twarm git pipeline\tratio\twith fetch backstop\twith fetch git pipeline\tratio\tfirst pass\tgit clone --mirror\tratio"
+    );
     for &n in &files {
         for &m in &commits {
             let dir = tempfile::tempdir()?;
             let remote = build(dir.path(), n, m)?;
             let base = rev(&remote, &format!("refs/heads/{GATE}"))?;
-            let mut warm = (Vec::new(), Vec::new());
-            let mut first = (Vec::new(), Vec::new());
-            // The warm state: a pass with the gate at main's first commit
-            // fetches everything once; kept and copied for each rep.
-            let pristine = dir.path().join("pristine");
             let head = rev(&remote, "refs/heads/main")?;
+            // Both sides up to the gate only: a pass with the gate at main's
+            // first commit, and a mirror clone of that moment.
+            let at_gate = dir.path().join("at-gate");
+            let clone_at_gate = dir.path().join("clone-at-gate");
             git(&remote, &["update-ref", "refs/heads/main", &base])?;
-            common::run_once(&remote, &pristine, &url)?;
+            common::run_once(&remote, &at_gate, &url)?;
+            clone_mirror(&remote, &clone_at_gate, None)?;
+            git(&clone_at_gate, &["config", "--unset", "remote.origin.mirror"])?;
             git(&remote, &["update-ref", "refs/heads/main", &head])?;
-            for rep in 0..reps {
-                let reset = |remote: &Path| -> Res<()> {
-                    git(remote, &["update-ref", &format!("refs/heads/{GATE}"), &base])?;
-                    psql_run(&psql, &url, "DROP SCHEMA IF EXISTS backstop CASCADE")?;
+            // Both sides with every object already fetched (warm): backstop's
+            // mirror fetched, git's clone with main rewound to the gate.
+            let fetched = dir.path().join("fetched");
+            let clone_fetched = dir.path().join("clone-fetched");
+            copy_dir(&at_gate, &fetched)?;
+            git(
+                &fetched.join("git").join("mirror.git"),
+                &[
+                    "fetch",
+                    "-q",
+                    "--prune",
+                    "origin",
+                    "+refs/heads/*:refs/remotes/origin/*",
+                ],
+            )?;
+            clone_mirror(&remote, &clone_fetched, Some(&base))?;
+            let (mut warm, mut fetching, mut first) = (
+                (Vec::new(), Vec::new()),
+                (Vec::new(), Vec::new()),
+                (Vec::new(), Vec::new()),
+            );
+            let reset = |remote: &Path| -> Res<()> {
+                git(remote, &["update-ref", &format!("refs/heads/{GATE}"), &base])?;
+                psql_run(&psql, &url, "DROP SCHEMA IF EXISTS backstop CASCADE")?;
+                Ok(())
+            };
+            // One measured pair: backstop from a copy of `state` (None: an
+            // empty state), git from a copy of `clone` (None: a clone).
+            let pair =
+                |rep: usize, state: Option<&Path>, clone: Option<&Path>, out: &mut (Vec<f64>, Vec<f64>)| -> Res<()> {
+                    for side in if rep % 2 == 0 { [0, 1] } else { [1, 0] } {
+                        reset(&remote)?;
+                        let work = dir.path().join(format!("work-{rep}-{side}"));
+                        if side == 0 {
+                            if let Some(state) = state {
+                                copy_dir(state, &work)?;
+                            }
+                            let t = Instant::now();
+                            common::run_once(&remote, &work, &url)?;
+                            out.0.push(t.elapsed().as_secs_f64());
+                            moved(&remote, &base)?;
+                        } else {
+                            let t = match clone {
+                                Some(clone) => {
+                                    copy_dir(clone, &work)?;
+                                    let t = Instant::now();
+                                    git_pipeline(&work, &psql, &url)?;
+                                    moved(&remote, &base)?;
+                                    t
+                                }
+                                None => {
+                                    let t = Instant::now();
+                                    clone_mirror(&remote, &work, None)?;
+                                    t
+                                }
+                            };
+                            out.1.push(t.elapsed().as_secs_f64());
+                        }
+                        std::fs::remove_dir_all(&work)?;
+                    }
                     Ok(())
                 };
-                // Alternate which side goes first.
-                for side in if rep % 2 == 0 { [0, 1] } else { [1, 0] } {
-                    reset(&remote)?;
-                    if side == 0 {
-                        let state = dir.path().join(format!("state-{rep}"));
-                        copy_dir(&pristine, &state)?;
-                        let t = Instant::now();
-                        common::run_once(&remote, &state, &url)?;
-                        warm.0.push(t.elapsed().as_secs_f64());
-                        moved(&remote, &base)?;
-                        std::fs::remove_dir_all(&state)?;
-                    } else {
-                        let clone = dir.path().join(format!("clone-{rep}"));
-                        clone_mirror(&remote, &clone, Some(&base))?;
-                        let t = Instant::now();
-                        git_pipeline(&clone, &psql, &url)?;
-                        warm.1.push(t.elapsed().as_secs_f64());
-                        moved(&remote, &base)?;
-                        std::fs::remove_dir_all(&clone)?;
-                    }
-                }
-                for side in if rep % 2 == 0 { [0, 1] } else { [1, 0] } {
-                    reset(&remote)?;
-                    if side == 0 {
-                        let state = dir.path().join(format!("cold-{rep}"));
-                        let t = Instant::now();
-                        common::run_once(&remote, &state, &url)?;
-                        first.0.push(t.elapsed().as_secs_f64());
-                        moved(&remote, &base)?;
-                        std::fs::remove_dir_all(&state)?;
-                    } else {
-                        let clone = dir.path().join(format!("mirror-{rep}"));
-                        let t = Instant::now();
-                        clone_mirror(&remote, &clone, None)?;
-                        first.1.push(t.elapsed().as_secs_f64());
-                        std::fs::remove_dir_all(&clone)?;
-                    }
-                }
+            for rep in 0..reps {
+                pair(rep, Some(&fetched), Some(&clone_fetched), &mut warm)?;
+                pair(rep, Some(&at_gate), Some(&clone_at_gate), &mut fetching)?;
+                pair(rep, None, None, &mut first)?;
             }
-            let (w, wg, f, fg) = (
-                median(&mut warm.0),
-                median(&mut warm.1),
-                median(&mut first.0),
-                median(&mut first.1),
-            );
-            println!(
-                "{n}\t{m}\t{:.3} s\t{:.3} s\t{:.2}\t{:.3} s\t{:.3} s\t{:.2}",
-                w,
-                wg,
-                w / wg,
-                f,
-                fg,
-                f / fg
-            );
+            let mut row = format!("{n}\t{m}");
+            for (b, g) in [&mut warm, &mut fetching, &mut first] {
+                let (b, g) = (median(b), median(g));
+                row.push_str(&format!("\t{b:.3} s\t{g:.3} s\t{:.2}", b / g));
+            }
+            println!("{row}");
         }
     }
     Ok(())

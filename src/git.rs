@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::manifests::Snapshot;
 
+mod process;
+pub use process::{bound_network_waits, init_deferring_ca_bundle, CONNECT_TIMEOUT, SERVER_TIMEOUT};
+
 /// Failures of git operations; each names the step and the ref or remote.
 #[derive(Debug, thiserror::Error)]
 pub enum GitError {
@@ -356,6 +359,7 @@ impl GitRepo {
                 source,
             };
             let mut remote = repo.find_remote("origin").map_err(err)?;
+            process::trust_for_https(&this.url);
             let mut opts = git2::FetchOptions::new();
             opts.prune(git2::FetchPrune::On);
             opts.remote_callbacks(this.auth.callbacks());
@@ -830,6 +834,7 @@ impl GitRepo {
             let local = local.as_str();
             repo.reference(local, oid(&sha)?, true, "backstop push").map_err(err)?;
             let mut remote = repo.find_remote("origin").map_err(err)?;
+            process::trust_for_https(&this.url);
             let mut rejected: Option<String> = None;
             {
                 let mut callbacks = this.auth.callbacks();
@@ -1069,41 +1074,6 @@ fn userinfo(url: &str) -> Option<(&str, &str, &str)> {
     let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
     let at = authority.rfind('@')?;
     Some((scheme, &rest[..at], &rest[at + 1..]))
-}
-
-/// How long a git server may take to accept a connection.
-pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-/// How long a git server may stay silent in the middle of a fetch or push.
-pub const SERVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
-
-/// Bounds every git network operation of this process: libgit2 waits
-/// forever on a server that stops answering, and a fetch or push that
-/// hangs holds its mirror (every Kustomization on that repository) with
-/// it. A timed-out fetch or push is a transient failure, retried with
-/// backoff like any other. Called once at startup, before any git
-/// operation (libgit2's options are process-wide). Also turns off
-/// libgit2's second hashing of every object it reads.
-pub fn bound_network_waits() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(set_network_timeouts);
-}
-
-fn set_network_timeouts() {
-    let ms = |d: std::time::Duration| i32::try_from(d.as_millis()).unwrap_or(i32::MAX);
-    // SAFETY: libgit2's global options are set once, at startup, before
-    // any git operation of this process.
-    unsafe {
-        if let Err(e) = git2::opts::set_server_connect_timeout_in_milliseconds(ms(CONNECT_TIMEOUT)) {
-            tracing::warn!(error = %e, "cannot bound git connection waits");
-        }
-        if let Err(e) = git2::opts::set_server_timeout_in_milliseconds(ms(SERVER_TIMEOUT)) {
-            tracing::warn!(error = %e, "cannot bound git server waits");
-        }
-    }
-    // libgit2 hashes every object again each time it reads one (git does
-    // not): a third of a detection pass. The mirror's objects were checked
-    // when they arrived (index-pack verifies every object of a fetched pack).
-    git2::opts::strict_hash_verification(false);
 }
 
 /// A URL without user information (`https://user:token@host` → `https://host`).

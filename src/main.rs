@@ -13,6 +13,8 @@ fn main() -> ExitCode {
     unsafe {
         nix::libc::mallopt(nix::libc::M_ARENA_MAX, 2);
     }
+    // Also before any other thread: it sets environment variables.
+    backstop::git::init_deferring_ca_bundle();
     let filter = tracing_subscriber::EnvFilter::try_from_env("BACKSTOP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()

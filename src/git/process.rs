@@ -1,0 +1,89 @@
+//! libgit2's process-wide settings: bounded network waits, no second
+//! hashing of every object read, and its CA bundle loaded only when an
+//! https remote needs it.
+
+use std::path::PathBuf;
+use std::sync::{Once, OnceLock};
+
+/// How long a git server may take to accept a connection.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a git server may stay silent in the middle of a fetch or push.
+pub const SERVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Bounds every git network operation of this process: libgit2 waits
+/// forever on a server that stops answering, and a fetch or push that
+/// hangs holds its mirror (every Kustomization on that repository) with
+/// it. A timed-out fetch or push is a transient failure, retried with
+/// backoff like any other. Called once at startup, before any git
+/// operation (libgit2's options are process-wide). Also turns off
+/// libgit2's second hashing of every object it reads.
+pub fn bound_network_waits() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(set_network_timeouts);
+}
+
+fn set_network_timeouts() {
+    let ms = |d: std::time::Duration| i32::try_from(d.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: libgit2's global options are set once, at startup, before
+    // any git operation of this process.
+    unsafe {
+        if let Err(e) = git2::opts::set_server_connect_timeout_in_milliseconds(ms(CONNECT_TIMEOUT)) {
+            tracing::warn!(error = %e, "cannot bound git connection waits");
+        }
+        if let Err(e) = git2::opts::set_server_timeout_in_milliseconds(ms(SERVER_TIMEOUT)) {
+            tracing::warn!(error = %e, "cannot bound git server waits");
+        }
+    }
+    // libgit2 hashes every object again each time it reads one (git does
+    // not): a third of a detection pass. The mirror's objects were checked
+    // when they arrived (index-pack verifies every object of a fetched pack).
+    git2::opts::strict_hash_verification(false);
+}
+
+/// The CA bundle libgit2 was started without (None: nothing was deferred,
+/// or the system has no bundle).
+static DEFERRED: OnceLock<Option<PathBuf>> = OnceLock::new();
+
+/// Starts libgit2 without reading OpenSSL's CA bundle: libgit2 parses the
+/// whole bundle when it starts (about 20 ms, a fifth of a pass that runs
+/// nothing), though only an https remote needs it; [`trust_for_https`]
+/// loads it before the first https fetch or push. The process environment
+/// ends as git2 would have left it (`SSL_CERT_FILE` the bundle it probes
+/// for, unless one was set), so every other TLS user is unchanged.
+///
+/// Call first thing in `main`, before any other thread exists: it changes
+/// the process environment.
+pub fn init_deferring_ca_bundle() {
+    // What git2 would have set: the variable when it names a file, else
+    // the bundle found in the usual places.
+    let bundle = openssl_probe::probe().cert_file;
+    // An existing, empty file: git2's probe keeps it, and OpenSSL loads
+    // nothing from it (the hashed certificate folder is still looked at,
+    // lazily, per certificate).
+    std::env::set_var("SSL_CERT_FILE", "/dev/null");
+    // Any option starts libgit2 (and OpenSSL's context with it).
+    bound_network_waits();
+    match &bundle {
+        Some(file) => std::env::set_var("SSL_CERT_FILE", file),
+        None => std::env::remove_var("SSL_CERT_FILE"),
+    }
+    let _ = DEFERRED.set(bundle);
+}
+
+/// Loads the deferred CA bundle into libgit2, once, before libgit2 talks
+/// to `url` (only https needs it).
+pub(super) fn trust_for_https(url: &str) {
+    static LOADED: Once = Once::new();
+    if !url.starts_with("https://") {
+        return;
+    }
+    let Some(Some(bundle)) = DEFERRED.get() else {
+        return;
+    };
+    LOADED.call_once(|| {
+        // SAFETY: every https operation waits here until this is done.
+        if let Err(e) = unsafe { git2::opts::set_ssl_cert_file(bundle) } {
+            tracing::warn!(bundle = %bundle.display(), error = %e, "cannot load the CA bundle for https remotes");
+        }
+    });
+}
