@@ -36,10 +36,19 @@ impl Engine {
                 .max()
                 .unwrap_or(std::time::Duration::from_secs(600)),
         };
+        // A phase change is a pure decision from what the record holds: it is
+        // written with the next step's intent (or when the drive stops), not
+        // on its own. A crash before that write resumes at the old phase,
+        // which decides the same change again.
+        let mut unsaved = false;
         loop {
             crash_point(run.phase);
             let now = Utc::now();
             let action = machine::next(run, now);
+            if unsaved && matches!(action, Action::Done | Action::Wait(_)) {
+                // Both return below.
+                self.store.save(run).await?;
+            }
             match action {
                 Action::Done => {
                     let outcome = run.outcome().unwrap_or(Outcome::Failed);
@@ -77,12 +86,13 @@ impl Engine {
                 Action::Advance(phase) => {
                     tracing::info!(from = %run.phase, to = %phase, "phase");
                     machine::advance(run, phase);
-                    self.store.save(run).await?;
+                    unsaved = true;
                 }
                 action => {
                     let name = action.step(run).unwrap_or_default();
                     machine::begin(run, &name, now);
                     self.store.save(run).await?;
+                    unsaved = false;
                     let observed = self.perform(&action, run, &mut db).await;
                     let before = run.retry.clone();
                     machine::apply(run, &name, observed, Utc::now(), policy);
