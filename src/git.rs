@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::manifests::Snapshot;
 
+mod local;
 mod process;
 pub use process::{bound_network_waits, init_deferring_ca_bundle, CONNECT_TIMEOUT, SERVER_TIMEOUT};
 
@@ -368,74 +369,6 @@ impl GitRepo {
                 .map_err(err)
         })
         .await
-    }
-
-    /// A remote on this machine (a path or `file://`) is fetched by git
-    /// itself when it is installed: libgit2's local transport builds the pack
-    /// in our process and took a second for 2,000 new commits that `git
-    /// fetch` (upload-pack, as on any forge) brings in 50 ms. No credentials
-    /// are involved. False when git is missing or failed (libgit2 then
-    /// fetches, and its error is the one reported).
-    async fn fetch_local_with_git(&self) -> bool {
-        let local = self.url.starts_with("file://") || (!self.url.contains("://") && Path::new(&self.url).exists());
-        if !local {
-            return false;
-        }
-        // The branches as the mirror last saw them: nothing to fetch (and no
-        // process to start, the common case of a pass's second fetch).
-        let remote = PathBuf::from(self.url.strip_prefix("file://").unwrap_or(&self.url));
-        let current = self
-            .blocking(move |this| {
-                let branches = |repo: &Repository, prefix: &str| -> Option<Vec<(String, git2::Oid)>> {
-                    let mut out = Vec::new();
-                    for r in repo.references_glob(&format!("{prefix}*")).ok()? {
-                        let r = r.ok()?;
-                        out.push((r.name().ok()?.strip_prefix(prefix)?.to_string(), r.target()?));
-                    }
-                    out.sort();
-                    Some(out)
-                };
-                let theirs = Repository::open_bare(&remote)
-                    .ok()
-                    .and_then(|r| branches(&r, "refs/heads/"));
-                let ours = branches(&this.repo()?, "refs/remotes/origin/");
-                Ok(theirs.is_some() && theirs == ours)
-            })
-            .await
-            .unwrap_or(false);
-        if current {
-            return true;
-        }
-        let mut cmd = tokio::process::Command::new("git");
-        cmd.arg("-C")
-            .arg(&self.mirror)
-            .args([
-                "-c",
-                "gc.auto=0",
-                "-c",
-                "maintenance.auto=false",
-                // Keep every fetch a pack, as libgit2 does: `maintain` repacks.
-                "-c",
-                "fetch.unpackLimit=1",
-                "fetch",
-                "--quiet",
-                "--prune",
-                "origin",
-                "+refs/heads/*:refs/remotes/origin/*",
-            ])
-            .stdin(std::process::Stdio::null());
-        crate::pgbin::dies_with_us(&mut cmd);
-        match cmd.output().await {
-            Ok(out) if out.status.success() => true,
-            Ok(out) => {
-                tracing::debug!(stderr = %String::from_utf8_lossy(&out.stderr).trim(), "git fetch failed; fetching with libgit2");
-                false
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot run git; fetching with libgit2");
-                false
-            }
-        }
     }
 
     /// The commit a remote branch points at (as of the last fetch).
@@ -816,7 +749,34 @@ impl GitRepo {
         self.push_inner(checked.sha(), branch, force).await
     }
 
+    /// Records in the mirror that the remote's `branch` is at `sha` (after
+    /// a push git made: what libgit2's push records itself).
+    async fn pushed(&self, sha: &str, branch: &str) -> Result<()> {
+        let (sha, branch) = (sha.to_string(), branch.to_string());
+        self.blocking(move |this| {
+            this.repo()?
+                .reference(
+                    &format!("refs/remotes/origin/{branch}"),
+                    oid(&sha)?,
+                    true,
+                    "backstop push",
+                )
+                .map_err(|source| GitError::Push {
+                    sha: sha.clone(),
+                    branch: branch.clone(),
+                    url: this.url.clone(),
+                    source,
+                })?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn push_inner(&self, sha: &str, branch: &str, force: bool) -> Result<()> {
+        if let Some(pushed) = self.push_local_with_git(sha, branch, force).await {
+            pushed?;
+            return self.pushed(sha, branch).await;
+        }
         let (sha, branch) = (sha.to_string(), branch.to_string());
         self.blocking(move |this| {
             let repo = this.repo()?;

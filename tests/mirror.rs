@@ -251,3 +251,52 @@ async fn pending_touches_names_the_paths_the_pending_commits_change() {
     repo.fetch().await.unwrap();
     assert_eq!(repo.pending_touches("gate", "main", "apps/b").await.unwrap(), None);
 }
+
+/// A push to a remote on this machine is git's: a branch that is not a
+/// fast-forward of the pushed commit is a rejection with git's reason (the
+/// revert loop retries on it) and nothing moves; a fast-forward moves the
+/// branch, and the mirror records where the remote's branch now is.
+#[tokio::test]
+async fn a_push_to_a_local_remote_is_rejected_unless_a_fast_forward_and_the_mirror_follows() {
+    let (_dir, remote, work, mirror) = remote_and_work();
+    let commit = |name: &str| {
+        std::fs::write(work.join(name), name).unwrap();
+        git(&work, &["add", "-A"]);
+        git(&work, &["commit", "-q", "-m", name]);
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(&work)
+            .args(["rev-parse", "HEAD"])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let a = commit("a");
+    let b = commit("b");
+    git(
+        &work,
+        &["push", "-q", "origin", "main", &format!("{a}:refs/heads/other")],
+    );
+    let repo = GitRepo::open(&mirror, remote.to_str().unwrap()).await.unwrap();
+    repo.fetch().await.unwrap();
+    // main is at b: pushing a would go backwards.
+    let err = repo.push(&a, "main").await.unwrap_err();
+    assert!(
+        matches!(err, backstop::git::GitError::Rejected { ref reason, .. } if reason.contains("non-fast-forward")),
+        "{err:?}"
+    );
+    let remote_main = |name: &str| {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(&remote)
+            .args(["rev-parse", &format!("refs/heads/{name}")])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    assert_eq!(remote_main("main"), b, "a rejected push moves nothing");
+    // other is at a: b is a fast-forward.
+    repo.push(&b, "other").await.unwrap();
+    assert_eq!(remote_main("other"), b);
+    assert_eq!(repo.branch("other").await.unwrap().as_deref(), Some(b.as_str()));
+}
