@@ -104,7 +104,7 @@ async fn main() -> Res<()> {
             // empty state), git from a copy of `clone` (None: a clone).
             let pair =
                 |rep: usize, state: Option<&Path>, clone: Option<&Path>, out: &mut (Vec<f64>, Vec<f64>)| -> Res<()> {
-                    for side in if rep % 2 == 0 { [0, 1] } else { [1, 0] } {
+                    for side in if rep.is_multiple_of(2) { [0, 1] } else { [1, 0] } {
                         reset(&remote)?;
                         let work = dir.path().join(format!("work-{rep}-{side}"));
                         if side == 0 {
