@@ -3,6 +3,7 @@
 //! evidence reports under `<state>/runs/<run-id>/report.{md,json}`, and the
 //! gate status of each guarded path under `<state>/gate/<path>.json`.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -11,9 +12,23 @@ use crate::report::{self, Report};
 use crate::run::{RunRecord, RunStore, StoreError};
 
 /// Journal rooted at a state directory.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Journal {
     state: PathBuf,
+    /// Records already parsed, by file, with what identified the file then:
+    /// every write replaces a file (a new inode), so an unchanged identity
+    /// is an unchanged record, and a pass that lists the runs several times
+    /// parses each only once (the journal keeps every run ever made).
+    parsed: std::sync::Arc<std::sync::Mutex<HashMap<PathBuf, (FileId, RunRecord)>>>,
+}
+
+/// A file's inode, length and modification time.
+type FileId = (u64, u64, Option<std::time::SystemTime>);
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal").field("state", &self.state).finish()
+    }
 }
 
 /// What a run id or prefix names.
@@ -30,6 +45,7 @@ impl Journal {
     pub fn new(state: &Path) -> Self {
         Self {
             state: state.to_path_buf(),
+            parsed: Default::default(),
         }
     }
 
@@ -151,10 +167,26 @@ impl Journal {
             Err(e) => return Err(err("read the journal", e.into())),
         };
         let mut runs = Vec::new();
+        let mut parsed = self.parsed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = std::collections::HashSet::new();
         for entry in entries {
-            let path = entry.map_err(|e| err("read the journal", e.into()))?.path();
+            let entry = entry.map_err(|e| err("read the journal", e.into()))?;
+            let path = entry.path();
             if path.extension().and_then(|e| e.to_str()) != Some("json") {
                 continue;
+            }
+            let meta = entry.metadata().map_err(|e| err("read a journal entry", e.into()))?;
+            let id: FileId = (
+                std::os::unix::fs::MetadataExt::ino(&meta),
+                meta.len(),
+                meta.modified().ok(),
+            );
+            seen.insert(path.clone());
+            if let Some((was, run)) = parsed.get(&path) {
+                if *was == id {
+                    runs.push(run.clone());
+                    continue;
+                }
             }
             let text = std::fs::read(&path).map_err(|e| err("read a journal entry", e.into()))?;
             let run: RunRecord = serde_json::from_slice(&text).map_err(|e| StoreError {
@@ -162,22 +194,40 @@ impl Journal {
                 run: path.display().to_string(),
                 source: e.into(),
             })?;
+            parsed.insert(path, (id, run.clone()));
             runs.push(run);
         }
+        parsed.retain(|path, _| seen.contains(path));
+        drop(parsed);
         // `backstop ack` writes beside the journal (a running `backstop run`
         // holds the state lock): merged here.
-        // So does `backstop prune --set-aside`.
+        // So does `backstop prune --set-aside`. Each folder is listed once,
+        // and only the files there are read.
+        let (acks, deletions) = (
+            side_files(&self.state.join("acks")),
+            side_files(&self.state.join("set-aside-deleted")),
+        );
         for run in runs.iter_mut() {
-            if run.acknowledged.is_none() {
+            if run.acknowledged.is_none() && acks.contains(&run.id) {
                 run.acknowledged = read_side(&self.ack_file(&run.id));
             }
-            if run.set_aside_deleted.is_none() {
+            if run.set_aside_deleted.is_none() && deletions.contains(&run.id) {
                 run.set_aside_deleted = read_side(&self.set_aside_file(&run.id));
             }
         }
         runs.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
         Ok(runs)
     }
+}
+
+/// The run ids of the `<id>.json` files in `dir` (none when it is missing).
+fn side_files(dir: &Path) -> std::collections::HashSet<String> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".json").map(str::to_string))
+        .collect()
 }
 
 /// Writes a person's record about run `id` beside the journal.
@@ -258,6 +308,10 @@ async fn write_json(
 impl RunStore for Journal {
     async fn save(&self, run: &RunRecord) -> Result<(), StoreError> {
         let path = self.journal_dir().join(format!("{}.json", run.id));
+        // Forgotten before the write: the next listing reads the file again,
+        // whatever its identity (the clock that stamps files is coarse, and
+        // a freed inode can come back).
+        self.parsed.lock().unwrap_or_else(|e| e.into_inner()).remove(&path);
         write_json(path, run, ("encode the run", "write the journal"), &run.id).await
     }
 

@@ -135,9 +135,13 @@ async fn controller_killed_mid_run_resumes_from_the_migration_run_without_a_seco
     assert_eq!(status.code(), Some(86), "the test switch ended the controller mid-run");
     let list = s.runs.list(&ListParams::default()).await.unwrap();
     assert_eq!(list.items.len(), 1);
-    assert_eq!(
-        list.items[0].status.as_ref().unwrap().phase.as_deref(),
-        Some("Migrating")
+    // A phase change is written with the next step's intent: killed right at
+    // the change, the run still says the phase before it, whose step (the
+    // checkpoint) is done; the resumed run makes the same change.
+    let phase = list.items[0].status.as_ref().unwrap().phase.clone();
+    assert!(
+        matches!(phase.as_deref(), Some("Checkpointing" | "Migrating")),
+        "{phase:?}"
     );
     let mut controller = s.controller(&[]);
     let run = s.finished_run().await;
