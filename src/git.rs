@@ -360,7 +360,7 @@ impl GitRepo {
                 source,
             };
             let mut remote = repo.find_remote("origin").map_err(err)?;
-            process::trust_for_https(&this.url);
+            process::load_ca_bundle();
             let mut opts = git2::FetchOptions::new();
             opts.prune(git2::FetchPrune::On);
             opts.remote_callbacks(this.auth.callbacks());
@@ -665,11 +665,13 @@ impl GitRepo {
             // What each prefix names in a tree: a commit whose every prefix
             // names the same object as in the one before changed nothing
             // there, and needs no diff (most commits of a busy repository).
-            let at_prefixes = |tree: &git2::Tree<'_>| -> std::result::Result<Vec<Option<git2::Oid>>, git2::Error> {
+            type At = Option<(git2::Oid, i32)>;
+            let at_prefixes = |tree: &git2::Tree<'_>| -> std::result::Result<Vec<At>, git2::Error> {
                 prefixes
                     .iter()
                     .map(|p| match tree.get_path(Path::new(p)) {
-                        Ok(entry) => Ok(Some(entry.id())),
+                        // The mode too: a file made executable changed.
+                        Ok(entry) => Ok(Some((entry.id(), entry.filemode()))),
                         Err(e) if e.code() == git2::ErrorCode::NotFound => Ok(None),
                         Err(e) => Err(e),
                     })
@@ -794,7 +796,7 @@ impl GitRepo {
             let local = local.as_str();
             repo.reference(local, oid(&sha)?, true, "backstop push").map_err(err)?;
             let mut remote = repo.find_remote("origin").map_err(err)?;
-            process::trust_for_https(&this.url);
+            process::load_ca_bundle();
             let mut rejected: Option<String> = None;
             {
                 let mut callbacks = this.auth.callbacks();

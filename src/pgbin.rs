@@ -11,7 +11,7 @@ use tokio::process::Command;
 /// Failures to find or run a PostgreSQL program.
 #[derive(Debug, thiserror::Error)]
 pub enum PgBinError {
-    #[error("PostgreSQL server programs not found (looked at $BACKSTOP_PG_BINDIR, pg_ctl on the PATH, /usr/lib/postgresql/*/bin, `pg_config --bindir`); install the PostgreSQL server package")]
+    #[error("PostgreSQL server programs not found (looked at $BACKSTOP_PG_BINDIR, /usr/lib/postgresql/*/bin, pg_ctl on the PATH, `pg_config --bindir`); install the PostgreSQL server package")]
     NotFound,
     #[error("failed to start {program}")]
     Spawn { program: String, source: std::io::Error },
@@ -26,11 +26,11 @@ pub enum PgBinError {
 }
 
 /// The folder holding `initdb`, `pg_ctl`, `pg_basebackup`, ...: in this
-/// order, `$BACKSTOP_PG_BINDIR`; the folder of a `pg_ctl` on the `PATH`
-/// (symbolic links followed); the newest `/usr/lib/postgresql/*/bin` (what
-/// Debian's `pg_config` would answer); `pg_config --bindir`. The first
-/// three spawn nothing: on Debian `pg_config` is a script that runs three
-/// programs.
+/// order, `$BACKSTOP_PG_BINDIR`; the newest `/usr/lib/postgresql/*/bin`
+/// (Debian's layout, and what its `pg_config` answers); the folder of a
+/// `pg_ctl` on the `PATH` (symbolic links followed); `pg_config --bindir`.
+/// The first three spawn nothing: on Debian `pg_config` is a script that
+/// runs three programs.
 pub fn bindir() -> Result<PathBuf, PgBinError> {
     let has_server = |d: &Path| d.join("pg_ctl").is_file() && d.join("pg_basebackup").is_file();
     if let Ok(dir) = std::env::var("BACKSTOP_PG_BINDIR") {
@@ -38,16 +38,6 @@ pub fn bindir() -> Result<PathBuf, PgBinError> {
         if has_server(&dir) {
             return Ok(dir);
         }
-    }
-    let on_path = std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|d| std::fs::canonicalize(d.join("pg_ctl")).ok())
-        .filter_map(|p| p.parent().map(Path::to_path_buf))
-        .find(|d| has_server(d));
-    if let Some(dir) = on_path {
-        return Ok(dir);
     }
     let mut candidates: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
         .into_iter()
@@ -61,6 +51,16 @@ pub fn bindir() -> Result<PathBuf, PgBinError> {
         .collect();
     candidates.sort();
     if let Some((_, dir)) = candidates.pop() {
+        return Ok(dir);
+    }
+    let on_path = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|d| std::fs::canonicalize(d.join("pg_ctl")).ok())
+        .filter_map(|p| p.parent().map(Path::to_path_buf))
+        .find(|d| has_server(d));
+    if let Some(dir) = on_path {
         return Ok(dir);
     }
     if let Ok(out) = std::process::Command::new("pg_config").arg("--bindir").output() {

@@ -368,9 +368,11 @@ impl Runner for SqlRunner {
     async fn migrate(&self, db: &Database, m: &Carrier, who: RunIdentity<'_>) -> Result<MigrateOutcome, RunnerError> {
         let started = std::time::Instant::now();
         let started_at = Utc::now();
-        // A bookkeeping session, reset when it came back (and reset again
-        // when this one goes back: see `db::Session`); closed on any failure.
-        let client = db.session().await?;
+        // A connection of its own, not a reused session: the migration must
+        // see the database's current defaults (an earlier migration's `ALTER
+        // DATABASE … SET` applies to new sessions only), and what it leaves
+        // in its session (loaded modules, dblink connections) must go with it.
+        let client = db.connect().await?;
         // Named for the run, so that a restarted backstop can end what a
         // killed one left running before it decides what committed.
         client
@@ -420,7 +422,6 @@ impl Runner for SqlRunner {
         };
         if let Some((run_id, checksum)) = existing {
             let _ = client.query_one("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY]).await;
-            client.release().await;
             let same = checksum == m.checksum;
             return Ok(MigrateOutcome {
                 transactional: m.statements.iter().all(|s| s.transactional),
@@ -508,9 +509,8 @@ impl Runner for SqlRunner {
             }
         }
         let _ = client.query_one("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY]).await;
-        if error.is_none() {
-            client.release().await;
-        }
+        // Sessions opened before the migration may hold defaults it changed.
+        crate::db::close_idle();
         let failed_at = error.as_ref().and(running);
         Ok(MigrateOutcome {
             transactional,
@@ -525,7 +525,8 @@ impl Runner for SqlRunner {
     }
 
     async fn verify(&self, db: &Database, sql: &str, timeout: Duration) -> Result<VerifyOutcome, RunnerError> {
-        let client = db.session().await?;
+        // Its own connection, as the migration's: the verify is the team's SQL.
+        let client = db.connect().await?;
         client
             .batch_execute(&format!("SET statement_timeout = {}", timeout.as_millis()))
             .await
@@ -536,9 +537,7 @@ impl Runner for SqlRunner {
             .await
             .map_err(query_err(db, "starting the read-only verify transaction"))?;
         let result = client.simple_query(sql).await;
-        if client.batch_execute("ROLLBACK").await.is_ok() {
-            client.release().await;
-        }
+        let _ = client.batch_execute("ROLLBACK").await;
         let rows = match result {
             Ok(rows) => rows,
             Err(e) => {

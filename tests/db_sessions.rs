@@ -1,7 +1,8 @@
 //! Bookkeeping sessions are reused within a pass, and never lent dirty: a
 //! released session comes back reset (settings, temporary tables, advisory
 //! locks gone), a session left in a transaction or dropped without release
-//! is closed, and a session whose backend was terminated is not lent again.
+//! is closed, a session whose backend was terminated is not lent again, and
+//! the statements the client keeps for looking types up survive the reset.
 //! Against a real PostgreSQL.
 
 use backstop::pgserver::PgServer;
@@ -122,4 +123,24 @@ async fn sessions_to_another_database_or_role_are_not_shared() {
         .unwrap()
         .get(0);
     assert_eq!(name, "shop");
+}
+
+/// tokio-postgres prepares statements of its own to look types up, once per
+/// client: a reset that deallocated them would break the next session's
+/// first query returning a type of the database's own.
+#[tokio::test]
+async fn a_reused_session_still_looks_up_the_databases_own_types() {
+    let server = PgServer::start().await.unwrap();
+    let db = server.database("postgres").unwrap();
+    let s = db.session().await.unwrap();
+    s.batch_execute("CREATE TYPE mood1 AS ENUM ('a'); CREATE TYPE mood2 AS ENUM ('b')")
+        .await
+        .unwrap();
+    let first = pid(&s).await;
+    s.prepare("SELECT 'a'::mood1").await.unwrap();
+    s.release().await;
+    let s = db.session().await.unwrap();
+    assert_eq!(pid(&s).await, first);
+    s.prepare("SELECT 'b'::mood2").await.unwrap();
+    s.release().await;
 }

@@ -1,24 +1,30 @@
 //! Reused connections for backstop's own bookkeeping (the owner claim, the
 //! history, the catalog, the recovery point): a pass asks for a session many
 //! times, and a new PostgreSQL backend costs a fork and a login each time.
+//! Only backstop's own SQL runs on them: a migration and its verify get a
+//! connection of their own, and every idle session is closed after a
+//! migration (it may have changed the database's defaults, which only new
+//! sessions see).
 //!
 //! A session goes back for reuse only when its holder hands it back with
-//! [`Session::release`], and only after `DISCARD ALL` succeeded on it.
-//! PostgreSQL refuses `DISCARD ALL` inside a transaction block (open or
-//! aborted), so a session that was left in a transaction is closed instead
-//! of being lent to someone else; and it resets everything a holder may
-//! have set (settings, role, temporary tables, advisory locks, prepared
-//! statements). A session dropped without `release` (an early return, an
-//! error, a cancelled future) is closed, as a plain connection would be.
+//! [`Session::release`], and only when it is outside any transaction block
+//! (`transaction_timestamp() = statement_timestamp()` holds only for a
+//! statement's own implicit transaction; in an aborted one the check fails)
+//! and after its session state is reset (settings, role, cursors,
+//! listeners, advisory locks, temporary tables, sequence caches). It is
+//! not `DISCARD ALL`: that also deallocates the statements the client keeps
+//! prepared for looking types up. A session dropped without `release` (an
+//! early return, an error, a cancelled future) is closed, as a plain
+//! connection would be.
 //!
-//! Idle sessions are kept for [`IDLE_FOR`] at most, [`IDLE_PER_TARGET`] per
-//! target, so a long-running controller does not hold connections to
-//! databases it is not working on. A session whose server went away
-//! (restarted by a restore, or its runtime gone) is never lent: its
-//! connection task has ended and [`Client::is_closed`] says so.
+//! Idle sessions are kept for [`IDLE_FOR`] at most (a timer closes them),
+//! [`IDLE_PER_TARGET`] per target, so a long-running controller does not
+//! hold connections to databases it is not working on. A session whose
+//! server went away (restarted by a restore, or its runtime gone) is never
+//! lent: its connection task has ended and [`Client::is_closed`] says so.
 //!
 //! Why not deadpool-postgres: its recycling runs the reset statements
-//! without proving that no transaction is open, and a pool per target
+//! without checking that no transaction is open, and a pool per target
 //! would still need this registry of targets.
 
 use std::collections::HashMap;
@@ -57,12 +63,42 @@ pub(super) fn take(key: &str) -> Option<Client> {
 
 fn put(key: String, client: Client) {
     let now = Instant::now();
-    let mut idle = idle().lock().unwrap_or_else(|e| e.into_inner());
-    prune(&mut idle, now);
-    let kept = idle.entry(key).or_default();
-    if kept.len() < IDLE_PER_TARGET {
+    {
+        let mut idle = idle().lock().unwrap_or_else(|e| e.into_inner());
+        prune(&mut idle, now);
+        let kept = idle.entry(key).or_default();
+        if kept.len() >= IDLE_PER_TARGET {
+            return;
+        }
         kept.push((client, now));
     }
+    // Closed when nobody took it in time, even if nobody asks again.
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async {
+            tokio::time::sleep(IDLE_FOR + Duration::from_millis(10)).await;
+            prune(&mut idle().lock().unwrap_or_else(|e| e.into_inner()), Instant::now());
+        });
+    }
+}
+
+/// Ends what a holder may have set in its session, after checking that it
+/// is outside any transaction block: true when the session may be lent.
+const RESET: &str = "SELECT transaction_timestamp() = statement_timestamp();
+    RESET ALL; SET SESSION AUTHORIZATION DEFAULT; CLOSE ALL; UNLISTEN *;
+    SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES";
+
+/// How long the reset may take before the session is closed instead.
+const RESET_WITHIN: Duration = Duration::from_secs(2);
+
+async fn reset(client: &Client) -> bool {
+    let Ok(Ok(messages)) = tokio::time::timeout(RESET_WITHIN, client.simple_query(RESET)).await else {
+        return false;
+    };
+    // The first row is the transaction check.
+    messages.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0) == Some("t")),
+        _ => None,
+    }) == Some(true)
 }
 
 /// Closes every idle session (the end of a pass, or of the process).
@@ -88,16 +124,14 @@ impl Session {
         Self { client, key }
     }
 
-    /// Hands the session back for reuse: reset with `DISCARD ALL`, or closed
-    /// when that fails (a transaction was left open, or the server is gone).
+    /// Hands the session back for reuse, reset; closed instead when it is
+    /// inside a transaction block (open or aborted), the reset fails or
+    /// takes too long, or the server is gone.
     pub async fn release(self) {
         let Self { client, key } = self;
-        if client.is_closed() || client.batch_execute("DISCARD ALL").await.is_err() {
+        if client.is_closed() || !reset(&client).await {
             return;
         }
-        // DISCARD ALL deallocated the statements the client cached for
-        // looking types up.
-        client.clear_type_cache();
         put(key, client);
     }
 }

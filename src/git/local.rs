@@ -64,12 +64,16 @@ impl GitRepo {
                 // Keep every fetch a pack, as libgit2 does: `maintain` repacks.
                 "-c",
                 "fetch.unpackLimit=1",
+                "-c",
+                "core.hooksPath=/dev/null",
                 "fetch",
                 "--quiet",
                 "--prune",
                 "origin",
                 "+refs/heads/*:refs/remotes/origin/*",
             ])
+            .env_remove("GIT_DIR")
+            .env_remove("GIT_WORK_TREE")
             .stdin(std::process::Stdio::null());
         crate::pgbin::dies_with_us(&mut cmd);
         match cmd.output().await {
@@ -94,7 +98,11 @@ impl GitRepo {
         let mut cmd = tokio::process::Command::new("git");
         cmd.arg("-C")
             .arg(&self.mirror)
-            .args(["-c", "gc.auto=0", "push", "--porcelain", "origin", &refspec])
+            // Nobody's hooks: the push is backstop's, as libgit2's would be.
+            .args(["-c", "gc.auto=0", "-c", "core.hooksPath=/dev/null"])
+            .args(["push", "--porcelain", "--no-verify", "origin", &refspec])
+            .env_remove("GIT_DIR")
+            .env_remove("GIT_WORK_TREE")
             .stdin(std::process::Stdio::null());
         crate::pgbin::dies_with_us(&mut cmd);
         let out = match cmd.output().await {

@@ -46,8 +46,8 @@ static DEFERRED: OnceLock<Option<PathBuf>> = OnceLock::new();
 
 /// Starts libgit2 without reading OpenSSL's CA bundle: libgit2 parses the
 /// whole bundle when it starts (about 20 ms, a fifth of a pass that runs
-/// nothing), though only an https remote needs it; [`trust_for_https`]
-/// loads it before the first https fetch or push. The process environment
+/// nothing), though only a remote over the network needs it;
+/// [`load_ca_bundle`] loads it before libgit2's first fetch or push. The process environment
 /// ends as git2 would have left it (`SSL_CERT_FILE` the bundle it probes
 /// for, unless one was set), so every other TLS user is unchanged.
 ///
@@ -70,18 +70,16 @@ pub fn init_deferring_ca_bundle() {
     let _ = DEFERRED.set(bundle);
 }
 
-/// Loads the deferred CA bundle into libgit2, once, before libgit2 talks
-/// to `url` (only https needs it).
-pub(super) fn trust_for_https(url: &str) {
+/// Loads the deferred CA bundle into libgit2, once, before libgit2's first
+/// network fetch or push: whatever the URL says, a redirect or a
+/// `url.<base>.insteadOf` rewrite can still lead to https.
+pub(super) fn load_ca_bundle() {
     static LOADED: Once = Once::new();
-    if !url.starts_with("https://") {
-        return;
-    }
     let Some(Some(bundle)) = DEFERRED.get() else {
         return;
     };
     LOADED.call_once(|| {
-        // SAFETY: every https operation waits here until this is done.
+        // SAFETY: every libgit2 network operation waits here until this is done.
         if let Err(e) = unsafe { git2::opts::set_ssl_cert_file(bundle) } {
             tracing::warn!(bundle = %bundle.display(), error = %e, "cannot load the CA bundle for https remotes");
         }
