@@ -751,34 +751,7 @@ impl GitRepo {
         self.push_inner(checked.sha(), branch, force).await
     }
 
-    /// Records in the mirror that the remote's `branch` is at `sha` (after
-    /// a push git made: what libgit2's push records itself).
-    async fn pushed(&self, sha: &str, branch: &str) -> Result<()> {
-        let (sha, branch) = (sha.to_string(), branch.to_string());
-        self.blocking(move |this| {
-            this.repo()?
-                .reference(
-                    &format!("refs/remotes/origin/{branch}"),
-                    oid(&sha)?,
-                    true,
-                    "backstop push",
-                )
-                .map_err(|source| GitError::Push {
-                    sha: sha.clone(),
-                    branch: branch.clone(),
-                    url: this.url.clone(),
-                    source,
-                })?;
-            Ok(())
-        })
-        .await
-    }
-
     async fn push_inner(&self, sha: &str, branch: &str, force: bool) -> Result<()> {
-        if let Some(pushed) = self.push_local_with_git(sha, branch, force).await {
-            pushed?;
-            return self.pushed(sha, branch).await;
-        }
         let (sha, branch) = (sha.to_string(), branch.to_string());
         self.blocking(move |this| {
             let repo = this.repo()?;
