@@ -360,7 +360,9 @@ impl GitRepo {
                 source,
             };
             let mut remote = repo.find_remote("origin").map_err(err)?;
-            process::load_ca_bundle();
+            if this.local_remote().is_none() {
+                process::load_ca_bundle();
+            }
             let mut opts = git2::FetchOptions::new();
             opts.prune(git2::FetchPrune::On);
             opts.remote_callbacks(this.auth.callbacks());
@@ -769,7 +771,9 @@ impl GitRepo {
             let local = local.as_str();
             repo.reference(local, oid(&sha)?, true, "backstop push").map_err(err)?;
             let mut remote = repo.find_remote("origin").map_err(err)?;
-            process::load_ca_bundle();
+            if this.local_remote().is_none() {
+                process::load_ca_bundle();
+            }
             let mut rejected: Option<String> = None;
             {
                 let mut callbacks = this.auth.callbacks();

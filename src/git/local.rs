@@ -15,7 +15,7 @@ use super::GitRepo;
 
 impl GitRepo {
     /// The remote's folder, when it is on this machine.
-    fn local_remote(&self) -> Option<PathBuf> {
+    pub(super) fn local_remote(&self) -> Option<PathBuf> {
         let local = self.url.starts_with("file://") || (!self.url.contains("://") && Path::new(&self.url).exists());
         local.then(|| PathBuf::from(self.url.strip_prefix("file://").unwrap_or(&self.url)))
     }

@@ -71,8 +71,9 @@ pub fn init_deferring_ca_bundle() {
 }
 
 /// Loads the deferred CA bundle into libgit2, once, before libgit2's first
-/// network fetch or push: whatever the URL says, a redirect or a
-/// `url.<base>.insteadOf` rewrite can still lead to https.
+/// fetch or push of a remote that is not on this machine: whatever its URL
+/// says, a redirect or a `url.<base>.insteadOf` rewrite can still lead to
+/// https.
 pub(super) fn load_ca_bundle() {
     static LOADED: Once = Once::new();
     let Some(Some(bundle)) = DEFERRED.get() else {
