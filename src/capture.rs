@@ -299,8 +299,6 @@ async fn drop_slot_with(client: &tokio_postgres::Client, db: &Database, name: &s
 /// sessions are ended (their open transactions abort). [`reopen`] undoes it
 /// when the restore does not happen.
 pub async fn quiesce(db: &Database, keep_pid: i32) -> Result<u64, CaptureError> {
-    // backstop's own idle sessions end without being signalled.
-    crate::db::close_idle();
     // From another database: PostgreSQL refuses it for the current one.
     let client = connect(&db.sibling("postgres")).await?;
     let name = db.dbname().replace('"', "\"\"");
@@ -308,38 +306,13 @@ pub async fn quiesce(db: &Database, keep_pid: i32) -> Result<u64, CaptureError> 
         .batch_execute(&format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false"))
         .await
         .map_err(query(db, "refusing new connections"))?;
-    const SESSIONS: &str = "SELECT pid, coalesce(usename::text, '?') FROM pg_stat_activity
-          WHERE datname = $1 AND pid <> $2 AND backend_type = 'client backend'";
-    // One at a time: a role may end only its own role's sessions (or with
-    // pg_signal_backend), and one refusal must not leave the rest running.
-    let mut ended = 0;
-    for row in client
-        .query(SESSIONS, &[&db.dbname(), &keep_pid])
-        .await
-        .map_err(query(db, "listing the application's sessions"))?
-    {
-        let pid: i32 = row.get(0);
-        if let Ok(r) = client.query_one("SELECT pg_terminate_backend($1)", &[&pid]).await {
-            ended += u64::from(r.get::<_, bool>(0));
-        }
-    }
     // Ended means gone: a session still there could commit after the read.
-    let mut left = Vec::new();
-    for _ in 0..200 {
-        left = client
-            .query(SESSIONS, &[&db.dbname(), &keep_pid])
-            .await
-            .map_err(query(db, "waiting for the application's sessions to end"))?
-            .iter()
-            .map(|r| r.get::<_, String>(1))
-            .collect::<Vec<_>>();
-        if left.is_empty() {
-            return Ok(ended);
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let (ended, left) = crate::db::end_sessions_on(&client, db.dbname(), keep_pid)
+        .await
+        .map_err(query(db, "ending the application's sessions"))?;
+    if left.is_empty() {
+        return Ok(ended);
     }
-    left.sort();
-    left.dedup();
     Err(CaptureError::Busy {
         database: db.describe(),
         roles: left.join(", "),

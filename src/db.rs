@@ -7,7 +7,7 @@ mod tls;
 use tokio_postgres::config::Host;
 use tokio_postgres::{Client, NoTls};
 
-pub use session::{close_idle, idle_count, Session};
+pub use session::{close_idle, Session};
 pub use tls::{SslMode, Tls};
 
 use crate::manifests::DatabaseRef;
@@ -235,6 +235,46 @@ fn host_text(h: &Host) -> String {
         Host::Tcp(s) => s.clone(),
         Host::Unix(p) => p.display().to_string(),
     }
+}
+
+/// Ends every other client session on database `dbname` (not `keep_pid`)
+/// and waits, up to ten seconds, until the server has: `pg_terminate_backend`
+/// only signals. One at a time: a role may end only its own role's sessions
+/// (or with pg_signal_backend), and one refusal must not leave the rest
+/// running. backstop's own idle sessions are closed first, without being
+/// signalled. `client` is connected to another database of the server.
+/// Returns how many were ended and the roles of those still there.
+pub async fn end_sessions_on(
+    client: &Client,
+    dbname: &str,
+    keep_pid: i32,
+) -> Result<(u64, Vec<String>), tokio_postgres::Error> {
+    close_idle();
+    const SESSIONS: &str = "SELECT pid, coalesce(usename::text, '?') FROM pg_stat_activity
+          WHERE datname = $1 AND pid <> $2 AND backend_type = 'client backend'";
+    let mut ended = 0;
+    for row in client.query(SESSIONS, &[&dbname, &keep_pid]).await? {
+        let pid: i32 = row.get(0);
+        if let Ok(r) = client.query_one("SELECT pg_terminate_backend($1)", &[&pid]).await {
+            ended += u64::from(r.get::<_, bool>(0));
+        }
+    }
+    let mut left = Vec::new();
+    for _ in 0..200 {
+        left = client
+            .query(SESSIONS, &[&dbname, &keep_pid])
+            .await?
+            .iter()
+            .map(|r| r.get::<_, String>(1))
+            .collect::<Vec<_>>();
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    left.sort();
+    left.dedup();
+    Ok((ended, left))
 }
 
 /// Quotes an SQL identifier.

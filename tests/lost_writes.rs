@@ -49,6 +49,17 @@ fn writer(url: String) -> (tokio::task::JoinHandle<()>, Arc<Mutex<Vec<i64>>>) {
     (task, committed)
 }
 
+/// [`writer`] on the fixture's `shop`, once it has committed 20 rows.
+async fn app_writing(f: &Fixture) -> (tokio::task::JoinHandle<()>, Arc<Mutex<Vec<i64>>>) {
+    let (task, committed) = writer(f.server.url("shop"));
+    wait_until("the app writes", || {
+        let n = committed.lock().unwrap().len();
+        async move { n >= 20 }
+    })
+    .await;
+    (task, committed)
+}
+
 async fn event_ids(f: &Fixture) -> BTreeSet<i64> {
     f.client()
         .await
@@ -82,14 +93,9 @@ async fn a_restore_keeps_the_apps_lost_writes_and_replay_gives_them_back() {
     let f = logical_with_orders().await;
     events_table(&f).await;
 
-    let (task, committed) = writer(f.server.url("shop"));
     // The app is writing before the run starts and goes on until the
     // restore ends its session.
-    wait_until("the app writes", || {
-        let n = committed.lock().unwrap().len();
-        async move { n >= 20 }
-    })
-    .await;
+    let (task, committed) = app_writing(&f).await;
     let out = rolled_back(&f, slow_failing_backfill()).await;
     task.await.unwrap();
     let written: BTreeSet<i64> = committed.lock().unwrap().iter().copied().collect();
@@ -708,12 +714,7 @@ async fn a_run_killed_during_its_own_replay_resumes_it_and_puts_each_write_back_
 async fn killed_after_closing_the_database_the_resumed_restore_still_keeps_every_lost_write() {
     let f = logical_with_orders().await;
     events_table(&f).await;
-    let (task, committed) = writer(f.server.url("shop"));
-    wait_until("the app writes", || {
-        let n = committed.lock().unwrap().len();
-        async move { n >= 20 }
-    })
-    .await;
+    let (task, committed) = app_writing(&f).await;
     f.commit_carrier(&failing_backfill(""), "backfill totals");
     // Killed with the database closed to the application and nothing kept yet.
     let mut child = f.spawn_run(

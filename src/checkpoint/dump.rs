@@ -140,7 +140,8 @@ impl Checkpoint for DumpBackend {
                 });
             }
             if finished {
-                close_sessions(&client, &name)
+                // A rename or drop fails while a session is still there.
+                crate::db::end_sessions_on(&client, &name, 0)
                     .await
                     .map_err(query("closing sessions"))?;
                 client
@@ -153,7 +154,7 @@ impl Checkpoint for DumpBackend {
                 .batch_execute(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS false", ident(&name)))
                 .await
                 .map_err(query("refusing new connections"))?;
-            close_sessions(&client, &name)
+            crate::db::end_sessions_on(&client, &name, 0)
                 .await
                 .map_err(query("closing sessions"))?;
             client
@@ -207,33 +208,4 @@ impl Checkpoint for DumpBackend {
     async fn prune(&self, run_id: &str) -> Result<u64, CheckpointError> {
         super::prune_run_dir(&self.store, run_id).await
     }
-}
-
-/// Ends every other session on database `name` and waits (up to ten
-/// seconds) until the server has: `pg_terminate_backend` only signals, and
-/// a rename or drop fails while one is still there (backstop's own idle
-/// bookkeeping session included).
-async fn close_sessions(client: &tokio_postgres::Client, name: &str) -> Result<(), tokio_postgres::Error> {
-    // backstop's own idle sessions go first, without being signalled.
-    crate::db::close_idle();
-    client
-        .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
-            &[&name],
-        )
-        .await?;
-    for _ in 0..200 {
-        let left: i64 = client
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
-                &[&name],
-            )
-            .await?
-            .get(0);
-        if left == 0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    Ok(())
 }

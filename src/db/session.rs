@@ -106,13 +106,6 @@ pub fn close_idle() {
     idle().lock().unwrap_or_else(|e| e.into_inner()).clear();
 }
 
-/// How many idle sessions are kept (for tests).
-pub fn idle_count() -> usize {
-    let mut idle = idle().lock().unwrap_or_else(|e| e.into_inner());
-    prune(&mut idle, Instant::now());
-    idle.values().map(Vec::len).sum()
-}
-
 /// A connection lent for a while; derefs to the client.
 pub struct Session {
     client: Client,
