@@ -36,10 +36,11 @@ impl Engine {
                 .max()
                 .unwrap_or(std::time::Duration::from_secs(600)),
         };
-        // A phase change is a pure decision from what the record holds: it is
-        // written with the next step's intent (or when the drive stops), not
-        // on its own. A crash before that write resumes at the old phase,
-        // which decides the same change again.
+        // What the record learns between two intents (a step's result, a
+        // phase change: pure decisions from what the record holds) is
+        // written with the next step's intent, or when the drive stops. A
+        // crash before that write resumes from the last intent, which decides
+        // the same again.
         let mut unsaved = false;
         loop {
             crash_point(run.phase);
@@ -91,13 +92,22 @@ impl Engine {
                 action => {
                     let name = action.step(run).unwrap_or_default();
                     machine::begin(run, &name, now);
-                    self.store.save(run).await?;
-                    unsaved = false;
+                    if action.acts_outside() {
+                        // The intent is on disk before the step acts.
+                        self.store.save(run).await?;
+                    }
                     let observed = self.perform(&action, run, &mut db).await;
                     let before = run.retry.clone();
                     machine::apply(run, &name, observed, Utc::now(), policy);
-                    self.store.save(run).await?;
+                    // The result goes out with the next step's intent (or
+                    // when the drive stops): a crash before that write finds
+                    // this step open, as a crash while it acted would, and
+                    // the machine takes that case already (a migration asks
+                    // the history, a checkpoint is taken again, a gate move
+                    // is checked again).
+                    unsaved = true;
                     if machine::retrying_in_place(run, &name, before.as_ref()) {
+                        self.store.save(run).await?;
                         // The step is tried again on a later pass, never in a loop here.
                         let r = run.retry.as_ref();
                         tracing::warn!(

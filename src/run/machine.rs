@@ -60,6 +60,14 @@ pub enum Action {
 }
 
 impl Action {
+    /// Whether the step changes anything outside the record, so that its
+    /// intent must be on disk before it acts (a crash then finds it open).
+    /// Planning only reads the record; the report is written again whole
+    /// by a pass that finds it missing.
+    pub fn acts_outside(&self) -> bool {
+        !matches!(self, Action::Plan | Action::Report | Action::Advance(_) | Action::Wait(_) | Action::Done)
+    }
+
     /// The name of the step the action records (None: no step).
     pub fn step(&self, run: &RunRecord) -> Option<String> {
         let migration = |i: &usize| run.migrations.get(*i).map(|m| m.id.clone()).unwrap_or_default();
