@@ -142,12 +142,25 @@ impl Database {
     /// is kept, else a new connection. Hand it back with
     /// [`Session::release`] when done; dropped, it is closed.
     pub async fn session(&self) -> Result<Session, DbError> {
+        self.session_born_after(None).await
+    }
+
+    /// A session that logged in at most `within` ago (an idle one, else a
+    /// new connection): it has the database's and role's defaults as a new
+    /// connection would, up to what changed in that time. For a migration,
+    /// which never hands it back.
+    pub async fn fresh_session(&self, within: std::time::Duration) -> Result<Session, DbError> {
+        self.session_born_after(std::time::Instant::now().checked_sub(within))
+            .await
+    }
+
+    async fn session_born_after(&self, after: Option<std::time::Instant>) -> Result<Session, DbError> {
         let key = self.target_key();
-        let client = match session::take(&key) {
-            Some(client) => client,
-            None => self.connect().await?,
+        let (client, born) = match session::take(&key, after) {
+            Some(kept) => kept,
+            None => (self.connect().await?, std::time::Instant::now()),
         };
-        Ok(Session::new(client, key))
+        Ok(Session::new(client, key, born))
     }
 
     /// What tells two targets apart for reusing sessions: every connection

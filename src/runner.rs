@@ -13,6 +13,10 @@ use crate::db::{Database, DbError};
 use crate::manifests::Carrier;
 use crate::owner::{Claim, Owner, OwnerError};
 
+/// How recently the session a migration runs on may have logged in (see
+/// [`crate::db::Database::fresh_session`]).
+const FRESH_WITHIN: Duration = Duration::from_secs(2);
+
 /// Failures to talk to the database (not failures of the migration itself,
 /// which are reported in [`MigrateOutcome`]).
 #[derive(Debug, thiserror::Error)]
@@ -368,11 +372,14 @@ impl Runner for SqlRunner {
     async fn migrate(&self, db: &Database, m: &Carrier, who: RunIdentity<'_>) -> Result<MigrateOutcome, RunnerError> {
         let started = std::time::Instant::now();
         let started_at = Utc::now();
-        // A connection of its own, not a reused session: the migration must
-        // see the database's current defaults (an earlier migration's `ALTER
-        // DATABASE … SET` applies to new sessions only), and what it leaves
-        // in its session (loaded modules, dblink connections) must go with it.
-        let client = db.connect().await?;
+        // The pass's idle bookkeeping session when it logged in moments
+        // ago, else a new connection; never given back: what the migration
+        // leaves in its session (loaded modules, dblink connections,
+        // prepared statements) goes with it. Idle sessions are all closed
+        // after a migration (its `ALTER DATABASE … SET` reaches new sessions
+        // only), so the one taken here has the defaults a new connection
+        // would have, up to what someone else changed since its login.
+        let client = db.fresh_session(FRESH_WITHIN).await?;
         // Named for the run, so that a restarted backstop can end what a
         // killed one left running before it decides what committed.
         client

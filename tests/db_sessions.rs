@@ -144,3 +144,32 @@ async fn a_reused_session_still_looks_up_the_databases_own_types() {
     s.prepare("SELECT 'b'::mood2").await.unwrap();
     s.release().await;
 }
+
+#[tokio::test]
+async fn a_fresh_session_is_one_that_logged_in_within_the_bound_with_the_current_defaults() {
+    let server = PgServer::start().await.unwrap();
+    let db = server.database("postgres").unwrap();
+    let s = db.session().await.unwrap();
+    let old = pid(&s).await;
+    s.release().await;
+    let admin = db.connect().await.unwrap();
+    admin
+        .batch_execute("ALTER DATABASE postgres SET lock_timeout = '7s'")
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Logged in 300 ms ago: too old for a 100 ms bound, so a new login that
+    // has the new default.
+    let m = db.fresh_session(std::time::Duration::from_millis(100)).await.unwrap();
+    assert_ne!(pid(&m).await, old, "the older session is not taken");
+    let timeout: String = m
+        .query_one("SELECT current_setting('lock_timeout')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(timeout, "7s");
+    drop(m);
+    // Within the bound, the idle session is taken.
+    let m = db.fresh_session(std::time::Duration::from_secs(60)).await.unwrap();
+    assert_eq!(pid(&m).await, old, "a young enough idle session is reused");
+}

@@ -296,3 +296,93 @@ async fn a_push_is_refused_unless_a_fast_forward_and_the_mirror_follows() {
     assert_eq!(remote_main("other"), b);
     assert_eq!(repo.branch("other").await.unwrap().as_deref(), Some(b.as_str()));
 }
+
+/// `refs/heads/*` of `remote` as `git for-each-ref` lists them, under the
+/// mirror's `refs/remotes/origin/*` names.
+fn branches(repo: &std::path::Path, prefix: &str) -> String {
+    git(repo, &["for-each-ref", "--format=%(objectname) %(refname)", prefix]).replace(prefix, "")
+}
+
+#[tokio::test]
+async fn fetches_of_a_local_remote_mirror_every_branch_whatever_the_history_seeded() {
+    // Seeded random histories: commits in nested folders, submodule
+    // entries, new and deleted branches, force-pushes that drop commits,
+    // bursts above the in-process copy's caps. After every fetch the mirror
+    // holds exactly the remote's branches, with every object they reach;
+    // a few commits are copied in process (git's fetch, which writes
+    // FETCH_HEAD, did not run), a burst is fetched by git.
+    let seeds: Vec<u64> = std::env::var("BACKSTOP_MIRROR_SEEDS")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 2]);
+    for seed in seeds {
+        let (_dir, remote, work, mirror) = remote_and_work();
+        let mut rng = SplitMix(seed);
+        std::fs::write(work.join("base.txt"), "base").unwrap();
+        git(&work, &["add", "-A"]);
+        git(&work, &["commit", "-q", "-m", "base"]);
+        git(&work, &["push", "-q", "origin", "main"]);
+        let repo = GitRepo::open(&mirror, remote.to_str().unwrap()).await.unwrap();
+        repo.fetch().await.unwrap();
+        let mut n = 0;
+        for round in 0..25 {
+            let burst = rng.chance(10);
+            let commits = if burst { 70 } else { 1 + rng.below(3) };
+            for _ in 0..commits {
+                n += 1;
+                let dir = work.join(format!("apps/a{}/b{}", rng.below(3), rng.below(3)));
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(dir.join(format!("f{}.yaml", rng.below(5))), format!("n: {n}\n")).unwrap();
+                git(&work, &["add", "-A"]);
+                if rng.chance(10) {
+                    // A submodule entry: its commit is in another repository.
+                    let sha = format!("{:040x}", rng.next() as u128 * 7919 + n as u128);
+                    git(
+                        &work,
+                        &["update-index", "--add", "--cacheinfo", &format!("160000,{sha},sub{n}")],
+                    );
+                }
+                git(&work, &["commit", "-q", "-m", &format!("c{n}")]);
+            }
+            git(&work, &["push", "-q", "origin", "HEAD:main"]);
+            if rng.chance(30) {
+                git(
+                    &work,
+                    &[
+                        "push",
+                        "-q",
+                        "origin",
+                        &format!("HEAD~1:refs/heads/topic{}", rng.below(3)),
+                    ],
+                );
+            }
+            if rng.chance(20) {
+                let gone = format!("topic{}", rng.below(3));
+                let _ = std::process::Command::new("git")
+                    .arg("-C")
+                    .arg(&remote)
+                    .args(["branch", "-D", &gone])
+                    .output();
+            }
+            if rng.chance(15) {
+                // A force-push that drops the newest commit.
+                git(&work, &["reset", "-q", "--hard", "HEAD~1"]);
+                git(&work, &["push", "-q", "-f", "origin", "HEAD:main"]);
+            }
+            let _ = std::fs::remove_file(mirror.join("FETCH_HEAD"));
+            repo.fetch().await.unwrap();
+            let ctx = format!("seed {seed} round {round} (BACKSTOP_MIRROR_SEEDS={seed})");
+            assert_eq!(
+                branches(&mirror, "refs/remotes/origin/"),
+                branches(&remote, "refs/heads/"),
+                "{ctx}"
+            );
+            git(&mirror, &["fsck", "--connectivity-only", "--no-dangling"]);
+            assert_eq!(
+                mirror.join("FETCH_HEAD").exists(),
+                burst,
+                "{ctx}: git fetched only the burst"
+            );
+        }
+    }
+}

@@ -427,3 +427,24 @@ async fn watching_says_a_lasting_wait_once_with_its_time_not_every_pass() {
         "the wait is not repeated on stdout either: {stdout}"
     );
 }
+
+#[tokio::test]
+async fn a_migration_sees_the_database_defaults_an_earlier_migration_of_the_same_run_set() {
+    // The second migration runs on a session that logged in after the first
+    // committed (idle sessions are closed after every migration): a session
+    // from before would still have the old lock_timeout.
+    let f = Fixture::new().await;
+    let set = carrier("0001-defaults").sql("001.sql", "ALTER DATABASE shop SET lock_timeout = '7s';");
+    let check = carrier("0002-check").sql(
+        "001.sql",
+        "DO $$ BEGIN IF current_setting('lock_timeout') <> '7s' THEN RAISE EXCEPTION 'stale session defaults: lock_timeout %', current_setting('lock_timeout'); END IF; END $$;",
+    );
+    f.commit_files(
+        &[(&set.path(), &set.yaml()), (&check.path(), &check.yaml())],
+        "set a default and rely on it",
+    );
+    let out = f.run(&["--checkpoint", "dump"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let reports = f.reports();
+    assert_eq!(reports[0]["outcome"], "Succeeded", "{}", text(&out));
+}

@@ -1,10 +1,13 @@
 //! Reused connections for backstop's own bookkeeping (the owner claim, the
 //! history, the catalog, the recovery point): a pass asks for a session many
 //! times, and a new PostgreSQL backend costs a fork and a login each time.
-//! Only backstop's own SQL runs on them: a migration and its verify get a
-//! connection of their own, and every idle session is closed after a
-//! migration (it may have changed the database's defaults, which only new
-//! sessions see).
+//! Only backstop's own SQL runs on a session that goes back for reuse. A
+//! migration may take one that logged in moments ago ([`Database::fresh_session`])
+//! and never gives it back: what it leaves in it goes with it. Every idle
+//! session is closed after a migration (it may have changed the database's
+//! defaults, which only new sessions see).
+//!
+//! [`Database::fresh_session`]: super::Database::fresh_session
 //!
 //! A session goes back for reuse only when its holder hands it back with
 //! [`Session::release`], and only when it is outside any transaction block
@@ -38,7 +41,14 @@ pub const IDLE_FOR: Duration = Duration::from_secs(5);
 /// How many idle sessions are kept per target.
 pub const IDLE_PER_TARGET: usize = 2;
 
-type Idle = HashMap<String, Vec<(Client, Instant)>>;
+/// An idle session: since when it is idle, and when it logged in.
+struct Kept {
+    client: Client,
+    idle_since: Instant,
+    born: Instant,
+}
+
+type Idle = HashMap<String, Vec<Kept>>;
 
 fn idle() -> &'static Mutex<Idle> {
     static IDLE: OnceLock<Mutex<Idle>> = OnceLock::new();
@@ -48,20 +58,25 @@ fn idle() -> &'static Mutex<Idle> {
 /// Drops idle sessions kept too long (their connection tasks end with them).
 fn prune(idle: &mut Idle, now: Instant) {
     idle.retain(|_, v| {
-        v.retain(|(c, at)| !c.is_closed() && now.duration_since(*at) < IDLE_FOR);
+        v.retain(|k| !k.client.is_closed() && now.duration_since(k.idle_since) < IDLE_FOR);
         !v.is_empty()
     });
 }
 
-/// An idle session to `key`, if one is kept and still open.
-pub(super) fn take(key: &str) -> Option<Client> {
+/// An idle session to `key` (with its login time), if one is kept, still
+/// open, and logged in after `born_after` when given.
+pub(super) fn take(key: &str, born_after: Option<Instant>) -> Option<(Client, Instant)> {
     let mut idle = idle().lock().unwrap_or_else(|e| e.into_inner());
     prune(&mut idle, Instant::now());
-    let client = idle.get_mut(key)?.pop().map(|(c, _)| c);
-    client
+    let kept = idle.get_mut(key)?;
+    let i = kept
+        .iter()
+        .rposition(|k| born_after.is_none_or(|after| k.born > after))?;
+    let k = kept.remove(i);
+    Some((k.client, k.born))
 }
 
-fn put(key: String, client: Client) {
+fn put(key: String, client: Client, born: Instant) {
     let now = Instant::now();
     {
         let mut idle = idle().lock().unwrap_or_else(|e| e.into_inner());
@@ -70,7 +85,11 @@ fn put(key: String, client: Client) {
         if kept.len() >= IDLE_PER_TARGET {
             return;
         }
-        kept.push((client, now));
+        kept.push(Kept {
+            client,
+            idle_since: now,
+            born,
+        });
     }
     // Closed when nobody took it in time, even if nobody asks again.
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -110,22 +129,23 @@ pub fn close_idle() {
 pub struct Session {
     client: Client,
     key: String,
+    born: Instant,
 }
 
 impl Session {
-    pub(super) fn new(client: Client, key: String) -> Self {
-        Self { client, key }
+    pub(super) fn new(client: Client, key: String, born: Instant) -> Self {
+        Self { client, key, born }
     }
 
     /// Hands the session back for reuse, reset; closed instead when it is
     /// inside a transaction block (open or aborted), the reset fails or
     /// takes too long, or the server is gone.
     pub async fn release(self) {
-        let Self { client, key } = self;
+        let Self { client, key, born } = self;
         if client.is_closed() || !reset(&client).await {
             return;
         }
-        put(key, client);
+        put(key, client, born);
     }
 }
 

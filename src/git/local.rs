@@ -1,15 +1,19 @@
 //! A remote on this machine (a path or `file://`: the demo, tests, a
-//! repository served from the same disk) is fetched by git's own programs
-//! when git is installed, as a forge's server would answer: libgit2's local
-//! transport builds the pack in our process. No credentials are involved.
-//! When git is missing or fails, libgit2 fetches and its error is the one
-//! reported. Pushes stay libgit2's: `git push` starts eight processes (22 ms
-//! on a small repository, against 6 ms), though libgit2 walks the whole
-//! tree of each remote branch (40 ms a push at 80,000 files).
+//! repository served from the same disk). A fetch that brings a few commits
+//! (most of them: a pass's fetch is a commit or two) copies what the mirror
+//! lacks in process, as one pack ([`copy_few`]); more, and git's own
+//! programs fetch, as a forge's server would answer (libgit2's local
+//! transport builds the pack in our process and is slow at volume). No
+//! credentials are involved. When git is missing or fails, libgit2 fetches
+//! and its error is the one reported. Pushes stay libgit2's: `git push`
+//! starts eight processes (22 ms on a small repository, against 6 ms),
+//! though libgit2 walks the whole tree of each remote branch (40 ms a push
+//! at 80,000 files).
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use git2::Repository;
+use git2::{Oid, Repository};
 
 use super::GitRepo;
 
@@ -31,27 +35,32 @@ impl GitRepo {
             return false;
         };
         // The branches as the mirror last saw them: nothing to fetch (and no
-        // process to start, the common case of a pass's second fetch).
-        let current = self
+        // process to start, the common case of a pass's second fetch). A few
+        // new commits are copied in process; more, and git fetches.
+        let done = self
             .blocking(move |this| {
-                let branches = |repo: &Repository, prefix: &str| -> Option<Vec<(String, git2::Oid)>> {
-                    let mut out = Vec::new();
-                    for r in repo.references_glob(&format!("{prefix}*")).ok()? {
-                        let r = r.ok()?;
-                        out.push((r.name().ok()?.strip_prefix(prefix)?.to_string(), r.target()?));
-                    }
-                    out.sort();
-                    Some(out)
+                let theirs = Repository::open_bare(&remote).ok().and_then(|r| {
+                    let branches = branches(&r, "refs/heads/")?;
+                    Some((r, branches))
+                });
+                let mirror = this.repo()?;
+                let Some((remote, theirs)) = theirs else {
+                    return Ok(false);
                 };
-                let theirs = Repository::open_bare(&remote)
-                    .ok()
-                    .and_then(|r| branches(&r, "refs/heads/"));
-                let ours = branches(&this.repo()?, "refs/remotes/origin/");
-                Ok(theirs.is_some() && theirs == ours)
+                if branches(&mirror, "refs/remotes/origin/").as_ref() == Some(&theirs) {
+                    return Ok(true);
+                }
+                match copy_few(&mirror, &remote, &theirs) {
+                    Ok(copied) => Ok(copied),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "copying the new commits in process failed; git fetches");
+                        Ok(false)
+                    }
+                }
             })
             .await
             .unwrap_or(false);
-        if current {
+        if done {
             return true;
         }
         let mut cmd = tokio::process::Command::new("git");
@@ -89,4 +98,122 @@ impl GitRepo {
             }
         }
     }
+}
+
+/// A repository's branches under `prefix` (name, commit), sorted; None when
+/// one is symbolic or unreadable.
+fn branches(repo: &Repository, prefix: &str) -> Option<Vec<(String, Oid)>> {
+    let mut out = Vec::new();
+    for r in repo.references_glob(&format!("{prefix}*")).ok()? {
+        let r = r.ok()?;
+        out.push((r.name().ok()?.strip_prefix(prefix)?.to_string(), r.target()?));
+    }
+    out.sort();
+    Some(out)
+}
+
+/// Most new commits, and objects, that [`copy_few`] copies; above, git
+/// fetches (its upload-pack and index-pack are faster at volume).
+const COPY_MAX_COMMITS: usize = 64;
+const COPY_MAX_OBJECTS: usize = 4096;
+
+/// Copies what the mirror lacks of `remote`'s branches `theirs` as one pack,
+/// then points (and prunes) `refs/remotes/origin/*` as `git fetch --prune`
+/// would. A pass's fetch is usually a commit or two: git's fetch is six
+/// processes (16 ms here), this is about a millisecond.
+///
+/// Relies on what every fetch keeps true of the mirror: an object it holds
+/// comes with everything it reaches (packs are indexed whole before a ref
+/// names them). So the walk stops at any commit or tree the mirror has, and
+/// the pack is written before any ref moves. Ok(false), with nothing
+/// changed, when there is more to copy than the caps or anything unusual
+/// (a branch that is not a commit, a shallow remote): git then fetches.
+fn copy_few(mirror: &Repository, remote: &Repository, theirs: &[(String, Oid)]) -> Result<bool, git2::Error> {
+    let ours = mirror.odb()?;
+    let mut seen = HashSet::new();
+    // New commits, children before parents.
+    let mut commits = Vec::new();
+    let mut stack: Vec<Oid> = theirs.iter().map(|(_, id)| *id).collect();
+    while let Some(id) = stack.pop() {
+        if ours.exists(id) || !seen.insert(id) {
+            continue;
+        }
+        let Ok(commit) = remote.find_commit(id) else {
+            return Ok(false);
+        };
+        if commits.len() == COPY_MAX_COMMITS {
+            return Ok(false);
+        }
+        stack.extend(commit.parent_ids());
+        commits.push(commit);
+    }
+    // Their trees and blobs, each object after what it names.
+    let mut objects = Vec::new();
+    for commit in &commits {
+        if !copy_tree(remote, &ours, commit.tree_id(), &mut seen, &mut objects)? {
+            return Ok(false);
+        }
+    }
+    objects.extend(commits.iter().rev().map(|c| c.id()));
+    if objects.len() > COPY_MAX_OBJECTS {
+        return Ok(false);
+    }
+    if !objects.is_empty() {
+        let mut pack = remote.packbuilder()?;
+        for id in &objects {
+            pack.insert_object(*id, None)?;
+        }
+        let mut buf = git2::Buf::new();
+        pack.write_buf(&mut buf)?;
+        let mut writer = ours.packwriter()?;
+        std::io::Write::write_all(&mut writer, &buf)
+            .map_err(|e| git2::Error::from_str(&format!("writing the pack into the mirror: {e}")))?;
+        writer.commit()?;
+        // Indexed under the names they hash to: a corrupt object would be missing.
+        let ours = mirror.odb()?;
+        if let Some(id) = objects.iter().find(|id| !ours.exists(**id)) {
+            return Err(git2::Error::from_str(&format!("object {id} did not reach the mirror")));
+        }
+    }
+    let prefix = "refs/remotes/origin/";
+    for (name, id) in theirs {
+        mirror.reference(&format!("{prefix}{name}"), *id, true, "backstop: fetch")?;
+    }
+    for (name, _) in branches(mirror, prefix).unwrap_or_default() {
+        if !theirs.iter().any(|(n, _)| *n == name) {
+            mirror.find_reference(&format!("{prefix}{name}"))?.delete()?;
+        }
+    }
+    Ok(true)
+}
+
+/// Adds the objects of tree `id` the mirror lacks to `out` (children first).
+/// False when there are more than [`COPY_MAX_OBJECTS`].
+fn copy_tree(
+    remote: &Repository,
+    ours: &git2::Odb<'_>,
+    id: Oid,
+    seen: &mut HashSet<Oid>,
+    out: &mut Vec<Oid>,
+) -> Result<bool, git2::Error> {
+    if ours.exists(id) || !seen.insert(id) {
+        return Ok(true);
+    }
+    let tree = remote.find_tree(id)?;
+    for entry in tree.iter() {
+        // A submodule's commit (a gitlink) lives in another repository.
+        let copied = match entry.kind() {
+            Some(git2::ObjectType::Tree) => copy_tree(remote, ours, entry.id(), seen, out)?,
+            Some(git2::ObjectType::Blob) if !ours.exists(entry.id()) && seen.insert(entry.id()) => {
+                out.push(entry.id());
+                true
+            }
+            _ => true,
+        };
+        if !copied || out.len() > COPY_MAX_OBJECTS {
+            return Ok(false);
+        }
+    }
+    out.push(id);
+    Ok(true)
 }

@@ -65,7 +65,10 @@ impl Action {
     /// Planning only reads the record; the report is written again whole
     /// by a pass that finds it missing.
     pub fn acts_outside(&self) -> bool {
-        !matches!(self, Action::Plan | Action::Report | Action::Advance(_) | Action::Wait(_) | Action::Done)
+        !matches!(
+            self,
+            Action::Plan | Action::Report | Action::Advance(_) | Action::Wait(_) | Action::Done
+        )
     }
 
     /// The name of the step the action records (None: no step).
