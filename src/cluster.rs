@@ -35,6 +35,13 @@ pub trait Cluster: Send + Sync {
     /// manifest is live: when that is the guarded target itself, it stays
     /// paused and only [`release`](Self::release) resumes it.
     async fn unlock(&self, run_id: &str, held: Option<&str>) -> Result<String, ClusterError>;
+    /// Whether [`lock`](Self::lock), [`promote`](Self::promote) and
+    /// [`unlock`](Self::unlock) change anything outside the run's record
+    /// (false: local mode, where they only say what holds deployments back),
+    /// so that their intent must be on disk before they act.
+    fn acts(&self) -> bool {
+        true
+    }
     /// Releases another object a restore held for the run (`NS/NAME` of a
     /// Kustomization owning a recreated database cluster).
     async fn release(&self, held: &str, run_id: &str) -> Result<String, ClusterError> {
@@ -70,6 +77,10 @@ impl Cluster for LocalCluster {
                 reference: other.to_string(),
             }),
         }
+    }
+
+    fn acts(&self) -> bool {
+        false
     }
 
     async fn lock(&self, _run_id: &str) -> Result<String, ClusterError> {
