@@ -386,3 +386,40 @@ async fn fetches_of_a_local_remote_mirror_every_branch_whatever_the_history_seed
         }
     }
 }
+
+#[tokio::test]
+async fn a_local_remote_with_a_branch_on_a_tree_is_mirrored_and_one_on_a_missing_object_fails_leaving_the_mirror_as_it_was(
+) {
+    let (_dir, remote, work, mirror) = remote_and_work();
+    std::fs::write(work.join("a.txt"), "a").unwrap();
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "a"]);
+    git(&work, &["push", "-q", "origin", "main"]);
+    let repo = GitRepo::open(&mirror, remote.to_str().unwrap()).await.unwrap();
+    repo.fetch().await.unwrap();
+    // A branch written by hand onto a tree (git itself refuses to): the
+    // in-process copy leaves it to git, which fetches it as it is.
+    let tree = git(&remote, &["rev-parse", "main^{tree}"]);
+    std::fs::write(remote.join("refs/heads/odd"), &tree).unwrap();
+    std::fs::write(work.join("b.txt"), "b").unwrap();
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "b"]);
+    git(&work, &["push", "-q", "origin", "main"]);
+    repo.fetch().await.unwrap();
+    assert_eq!(
+        branches(&mirror, "refs/remotes/origin/"),
+        branches(&remote, "refs/heads/")
+    );
+    let before = branches(&mirror, "refs/remotes/origin/");
+    // A branch on an object the remote does not have: the fetch fails and
+    // no ref of the mirror moves.
+    std::fs::write(work.join("c.txt"), "c").unwrap();
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "c"]);
+    git(&work, &["push", "-q", "origin", "main"]);
+    std::fs::write(remote.join("refs/heads/broken"), format!("{}\n", "1".repeat(40))).unwrap();
+    let err = repo.fetch().await.unwrap_err();
+    assert!(err.to_string().contains("failed to fetch"), "{err}");
+    assert_eq!(branches(&mirror, "refs/remotes/origin/"), before);
+    git(&mirror, &["fsck", "--connectivity-only", "--no-dangling"]);
+}
