@@ -132,7 +132,8 @@ fn is_url(repo: &str) -> bool {
             .is_some_and(|(host, _)| !host.is_empty() && !host.contains('/'))
 }
 
-/// Builds the engine for local mode.
+/// Builds the engine for local mode. The caller holds the state
+/// directory's lock ([`crate::owner::StateLock`]): nothing else uses its mirror.
 pub async fn engine(opts: &LocalOptions) -> Result<Engine, LocalError> {
     check_repo(&opts.repo)?;
     std::fs::create_dir_all(&opts.state).map_err(|source| LocalError::State {
@@ -146,10 +147,11 @@ pub async fn engine(opts: &LocalOptions) -> Result<Engine, LocalError> {
     } else {
         opts.repo.clone()
     };
-    let git = GitRepo::open(&opts.state.join("git").join("mirror.git"), &repo)
-        .await?
-        .with_auth(opts.git_auth.clone())
-        .protect(&opts.gate);
+    let git = GitRepo::open(&opts.state.join("git").join("mirror.git"), &repo).await?;
+    // The caller holds the state directory's lock (one process): a lock file
+    // in the mirror is a killed predecessor's.
+    git.clear_stale_locks().await;
+    let git = git.with_auth(opts.git_auth.clone()).protect(&opts.gate);
     let forge: Arc<dyn Forge> = match &opts.forge {
         Some(f) => f.build()?,
         None => Arc::new(NoForge),

@@ -98,3 +98,54 @@ crash_tests! {
     rollback_resumes_after_crash_at_unlocking: "Unlocking", true;
     rollback_resumes_after_crash_at_rolled_back: "RolledBack", true;
 }
+
+#[tokio::test]
+async fn lock_files_a_killed_process_left_in_the_mirror_are_removed_and_the_next_pass_runs() {
+    // SIGKILL while libgit2 updates a ref leaves `<ref>.lock`: every later
+    // fetch of that ref would fail until a person deleted it. The state's
+    // lock admits one process, so the next one removes them.
+    let (f, _) = with_orders().await;
+    let mirror = f.state().join("git").join("mirror.git");
+    let left = [
+        mirror.join("refs/remotes/origin/main.lock"),
+        mirror.join(format!("refs/remotes/origin/{GATE}.lock")),
+        mirror.join("packed-refs.lock"),
+    ];
+    for lock in &left {
+        std::fs::write(lock, "").unwrap();
+    }
+    let c2 = f.commit_carrier(&passing(), "add note");
+    let out = f.run(&["--revert", "commit"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains("removed a lock file a killed process left"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(f.gate(), c2);
+    for lock in &left {
+        assert!(!lock.exists(), "{} is gone", lock.display());
+    }
+}
+
+#[tokio::test]
+async fn a_lock_a_killed_push_left_in_a_local_remote_makes_the_run_wait_without_revert_until_removed() {
+    // The remote is not backstop's: a lock there may be anyone's, so the run
+    // waits (naming the file) and nothing is reverted; once a person removes
+    // it, the next pass promotes.
+    let (f, _) = with_orders().await;
+    let lock = f.remote.path().join(format!("refs/heads/{GATE}.lock"));
+    std::fs::write(&lock, "").unwrap();
+    let c2 = f.commit_carrier(&passing(), "add note");
+    let out = f.run(&["--revert", "commit", "--retry-backoff", "0"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains(&format!("{GATE}.lock")), "{}", text(&out));
+    assert!(text(&out).contains("nothing was reverted"), "{}", text(&out));
+    assert_ne!(f.gate(), c2);
+    f.assert_nothing_reverted();
+    std::fs::remove_file(&lock).unwrap();
+    let out = f.run(&["--revert", "commit", "--retry-backoff", "0"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(f.gate(), c2, "{}", text(&out));
+    assert_eq!(f.reports().last().unwrap()["outcome"], "Succeeded");
+}

@@ -18,6 +18,52 @@ use git2::{Oid, Repository};
 use super::GitRepo;
 
 impl GitRepo {
+    /// Removes the lock files a killed process left in the mirror (a ref,
+    /// `packed-refs`, `config`, `HEAD`): with one left, every later fetch or
+    /// push of that ref fails until a person deletes it. Only for a caller
+    /// that has the mirror to itself, before anything else touches it: local
+    /// mode calls it under the state directory's lock, which admits one
+    /// process, so any lock found then is a dead process's. Returns how
+    /// many were removed.
+    pub async fn clear_stale_locks(&self) -> usize {
+        let mirror = self.mirror.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut found = Vec::new();
+            let mut dirs = vec![mirror.join("refs")];
+            while let Some(dir) = dirs.pop() {
+                for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                    let path = entry.path();
+                    match entry.file_type() {
+                        Ok(t) if t.is_dir() => dirs.push(path),
+                        Ok(t) if t.is_file() && path.extension().is_some_and(|x| x == "lock") => found.push(path),
+                        _ => {}
+                    }
+                }
+            }
+            found.extend(
+                ["packed-refs.lock", "config.lock", "HEAD.lock"]
+                    .iter()
+                    .map(|f| mirror.join(f))
+                    .filter(|p| p.is_file()),
+            );
+            found
+                .into_iter()
+                .filter(|lock| match std::fs::remove_file(lock) {
+                    Ok(()) => {
+                        tracing::warn!(lock = %lock.display(), "removed a lock file a killed process left in the git mirror");
+                        true
+                    }
+                    Err(e) => {
+                        tracing::warn!(lock = %lock.display(), error = %e, "cannot remove a lock file left in the git mirror");
+                        false
+                    }
+                })
+                .count()
+        })
+        .await
+        .unwrap_or(0)
+    }
+
     /// The remote's folder, when it is on this machine.
     pub(super) fn local_remote(&self) -> Option<PathBuf> {
         let local = self.url.starts_with("file://") || (!self.url.contains("://") && Path::new(&self.url).exists());
