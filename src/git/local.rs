@@ -23,8 +23,9 @@ impl GitRepo {
     /// push of that ref fails until a person deletes it. Only for a caller
     /// that has the mirror to itself, before anything else touches it: local
     /// mode calls it under the state directory's lock, which admits one
-    /// process, so any lock found then is a dead process's. Returns how
-    /// many were removed.
+    /// process, so any lock found then is a dead process's; the controller
+    /// at its first use of each mirror (one leader per state directory).
+    /// Returns how many were removed.
     pub async fn clear_stale_locks(&self) -> usize {
         let mirror = self.mirror.clone();
         tokio::task::spawn_blocking(move || {
