@@ -150,7 +150,8 @@ impl Database {
     /// connection would, up to what changed in that time. For a migration,
     /// which never hands it back.
     pub async fn fresh_session(&self, within: std::time::Duration) -> Result<Session, DbError> {
-        self.session_born_after(std::time::Instant::now().checked_sub(within))
+        let now = std::time::Instant::now();
+        self.session_born_after(Some(now.checked_sub(within).unwrap_or(now)))
             .await
     }
 
@@ -158,7 +159,12 @@ impl Database {
         let key = self.target_key();
         let (client, born) = match session::take(&key, after) {
             Some(kept) => kept,
-            None => (self.connect().await?, std::time::Instant::now()),
+            // Born when its login began: what it reads of the defaults is
+            // at least that recent.
+            None => {
+                let started = std::time::Instant::now();
+                (self.connect().await?, started)
+            }
         };
         Ok(Session::new(client, key, born))
     }

@@ -147,11 +147,14 @@ pub async fn engine(opts: &LocalOptions) -> Result<Engine, LocalError> {
     } else {
         opts.repo.clone()
     };
-    let git = GitRepo::open(&opts.state.join("git").join("mirror.git"), &repo).await?;
+    let mirror = opts.state.join("git").join("mirror.git");
     // The caller holds the state directory's lock (one process): a lock file
     // in the mirror is a killed predecessor's.
-    git.clear_stale_locks().await;
-    let git = git.with_auth(opts.git_auth.clone()).protect(&opts.gate);
+    GitRepo::clear_stale_locks(&mirror).await;
+    let git = GitRepo::open(&mirror, &repo)
+        .await?
+        .with_auth(opts.git_auth.clone())
+        .protect(&opts.gate);
     let forge: Arc<dyn Forge> = match &opts.forge {
         Some(f) => f.build()?,
         None => Arc::new(NoForge),

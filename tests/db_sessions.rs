@@ -7,12 +7,17 @@
 
 use backstop::pgserver::PgServer;
 
+/// The idle sessions are one per process, and one test closes them all (as
+/// a migration does): the tests of this file take turns.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn pid(client: &tokio_postgres::Client) -> i32 {
     client.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0)
 }
 
 #[tokio::test]
 async fn a_released_session_is_lent_again_with_everything_its_holder_set_reset() {
+    let _turn = SERIAL.lock().await;
     let server = PgServer::start().await.unwrap();
     let db = server.database("postgres").unwrap();
     let s = db.session().await.unwrap();
@@ -45,6 +50,7 @@ async fn a_released_session_is_lent_again_with_everything_its_holder_set_reset()
 
 #[tokio::test]
 async fn a_session_left_in_a_transaction_or_dropped_is_closed_not_lent() {
+    let _turn = SERIAL.lock().await;
     let server = PgServer::start().await.unwrap();
     let db = server.database("postgres").unwrap();
     let s = db.session().await.unwrap();
@@ -75,6 +81,7 @@ async fn a_session_left_in_a_transaction_or_dropped_is_closed_not_lent() {
 
 #[tokio::test]
 async fn a_session_whose_backend_was_terminated_is_not_lent_again() {
+    let _turn = SERIAL.lock().await;
     let server = PgServer::start().await.unwrap();
     let db = server.database("postgres").unwrap();
     let s = db.session().await.unwrap();
@@ -108,6 +115,7 @@ async fn a_session_whose_backend_was_terminated_is_not_lent_again() {
 
 #[tokio::test]
 async fn sessions_to_another_database_or_role_are_not_shared() {
+    let _turn = SERIAL.lock().await;
     let server = PgServer::start().await.unwrap();
     server.create_database("shop").await.unwrap();
     let a = server.database("postgres").unwrap();
@@ -130,6 +138,7 @@ async fn sessions_to_another_database_or_role_are_not_shared() {
 /// first query returning a type of the database's own.
 #[tokio::test]
 async fn a_reused_session_still_looks_up_the_databases_own_types() {
+    let _turn = SERIAL.lock().await;
     let server = PgServer::start().await.unwrap();
     let db = server.database("postgres").unwrap();
     let s = db.session().await.unwrap();
@@ -147,6 +156,7 @@ async fn a_reused_session_still_looks_up_the_databases_own_types() {
 
 #[tokio::test]
 async fn a_fresh_session_is_one_that_logged_in_within_the_bound_with_the_current_defaults() {
+    let _turn = SERIAL.lock().await;
     let server = PgServer::start().await.unwrap();
     let db = server.database("postgres").unwrap();
     let s = db.session().await.unwrap();
@@ -172,4 +182,31 @@ async fn a_fresh_session_is_one_that_logged_in_within_the_bound_with_the_current
     // Within the bound, the idle session is taken.
     let m = db.fresh_session(std::time::Duration::from_secs(60)).await.unwrap();
     assert_eq!(pid(&m).await, old, "a young enough idle session is reused");
+}
+
+#[tokio::test]
+async fn a_session_lent_while_a_migration_closed_the_idle_ones_is_not_kept_when_released() {
+    let _turn = SERIAL.lock().await;
+    // Another task (a controller's other reconcile) holds a session while a
+    // migration changes the database's defaults and closes the idle ones:
+    // given back later, it is closed, not lent to the next migration.
+    let server = PgServer::start().await.unwrap();
+    let db = server.database("postgres").unwrap();
+    let held = db.session().await.unwrap();
+    let old = pid(&held).await;
+    let admin = db.connect().await.unwrap();
+    admin
+        .batch_execute("ALTER DATABASE postgres SET lock_timeout = '9s'")
+        .await
+        .unwrap();
+    backstop::db::close_idle();
+    held.release().await;
+    let m = db.fresh_session(std::time::Duration::from_secs(60)).await.unwrap();
+    assert_ne!(pid(&m).await, old, "the session from before the migration is not lent");
+    let timeout: String = m
+        .query_one("SELECT current_setting('lock_timeout')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(timeout, "9s");
 }

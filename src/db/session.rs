@@ -76,8 +76,24 @@ pub(super) fn take(key: &str, born_after: Option<Instant>) -> Option<(Client, In
     Some((k.client, k.born))
 }
 
+/// When [`close_idle`] last ran (after a migration).
+fn closed_at() -> &'static Mutex<Option<Instant>> {
+    static CLOSED: OnceLock<Mutex<Option<Instant>>> = OnceLock::new();
+    CLOSED.get_or_init(|| Mutex::new(None))
+}
+
 fn put(key: String, client: Client, born: Instant) {
     let now = Instant::now();
+    // One that began its login before the last migration ended was out (lent)
+    // when that migration closed the idle ones: it may hold the defaults the
+    // migration changed, and a later migration may take what is kept here.
+    if closed_at()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .is_some_and(|closed| born <= closed)
+    {
+        return;
+    }
     {
         let mut idle = idle().lock().unwrap_or_else(|e| e.into_inner());
         prune(&mut idle, now);
@@ -120,8 +136,10 @@ async fn reset(client: &Client) -> bool {
     }) == Some(true)
 }
 
-/// Closes every idle session (the end of a pass, or of the process).
+/// Closes every idle session, and every one lent now when it comes back
+/// (after a migration: they may hold the defaults it changed).
 pub fn close_idle() {
+    *closed_at().lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
     idle().lock().unwrap_or_else(|e| e.into_inner()).clear();
 }
 

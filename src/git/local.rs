@@ -18,16 +18,25 @@ use git2::{Oid, Repository};
 use super::GitRepo;
 
 impl GitRepo {
-    /// Removes the lock files a killed process left in the mirror (a ref,
-    /// `packed-refs`, `config`, `HEAD`): with one left, every later fetch or
-    /// push of that ref fails until a person deletes it. Only for a caller
-    /// that has the mirror to itself, before anything else touches it: local
-    /// mode calls it under the state directory's lock, which admits one
-    /// process, so any lock found then is a dead process's; the controller
-    /// at its first use of each mirror (one leader per state directory).
-    /// Returns how many were removed.
-    pub async fn clear_stale_locks(&self) -> usize {
-        let mirror = self.mirror.clone();
+    /// Removes the lock files a killed process left in the mirror at
+    /// `mirror` (a ref, `packed-refs`, `config`, `HEAD`): with one left,
+    /// every later fetch or push of that ref fails until a person deletes
+    /// it. Once per mirror per process, before it opens the mirror, so
+    /// nothing of this process holds one yet: local mode calls it under the
+    /// state directory's lock, which admits one process, and the controller
+    /// at its first use of a mirror (one leader per state directory; a later
+    /// term of the same process, whose earlier tasks may still write, does
+    /// not clear again). Returns how many were removed.
+    pub async fn clear_stale_locks(mirror: &Path) -> usize {
+        static CLEARED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+        {
+            let mut cleared = CLEARED.lock().unwrap_or_else(|e| e.into_inner());
+            if cleared.iter().any(|m| m == mirror) {
+                return 0;
+            }
+            cleared.push(mirror.to_path_buf());
+        }
+        let mirror = mirror.to_path_buf();
         tokio::task::spawn_blocking(move || {
             let mut found = Vec::new();
             let mut dirs = vec![mirror.join("refs")];
@@ -94,10 +103,14 @@ impl GitRepo {
                 let Some((remote, theirs)) = theirs else {
                     return Ok(false);
                 };
-                if branches(&mirror, "refs/remotes/origin/").as_ref() == Some(&theirs) {
+                // A symbolic ref among ours: git sorts that out.
+                let Some(ours) = branches(&mirror, "refs/remotes/origin/") else {
+                    return Ok(false);
+                };
+                if ours == theirs {
                     return Ok(true);
                 }
-                match copy_few(&mirror, &remote, &theirs) {
+                match copy_few(&mirror, &remote, &theirs, &ours) {
                     Ok(copied) => Ok(copied),
                     Err(e) => {
                         tracing::debug!(error = %e, "copying the new commits in process failed; git fetches");
@@ -174,8 +187,17 @@ const COPY_MAX_OBJECTS: usize = 4096;
 /// names them). So the walk stops at any commit or tree the mirror has, and
 /// the pack is written before any ref moves. Ok(false), with nothing
 /// changed, when there is more to copy than the caps or anything unusual
-/// (a branch that is not a commit, a shallow remote): git then fetches.
-fn copy_few(mirror: &Repository, remote: &Repository, theirs: &[(String, Oid)]) -> Result<bool, git2::Error> {
+/// (a branch that is not a commit, a shallow remote): git then fetches, as
+/// it does when a ref of the mirror moved since `before` was read.
+fn copy_few(
+    mirror: &Repository,
+    remote: &Repository,
+    theirs: &[(String, Oid)],
+    before: &[(String, Oid)],
+) -> Result<bool, git2::Error> {
+    if remote.is_shallow() {
+        return Ok(false);
+    }
     let ours = mirror.odb()?;
     let mut seen = HashSet::new();
     // New commits, children before parents.
@@ -222,13 +244,32 @@ fn copy_few(mirror: &Repository, remote: &Repository, theirs: &[(String, Oid)]) 
             return Err(git2::Error::from_str(&format!("object {id} did not reach the mirror")));
         }
     }
+    // Each ref moves only from what it was when read (a push by another
+    // clone of this mirror may have moved it since): otherwise this fails and
+    // git fetches, as its own ref transaction would.
     let prefix = "refs/remotes/origin/";
+    let was = |name: &str| before.iter().find(|(n, _)| n == name).map(|(_, id)| *id);
     for (name, id) in theirs {
-        mirror.reference(&format!("{prefix}{name}"), *id, true, "backstop: fetch")?;
+        let full = format!("{prefix}{name}");
+        match was(name) {
+            Some(old) if old == *id => {}
+            Some(old) => {
+                mirror.reference_matching(&full, *id, true, old, "backstop: fetch")?;
+            }
+            None => {
+                mirror.reference(&full, *id, false, "backstop: fetch")?;
+            }
+        }
     }
-    for (name, _) in branches(mirror, prefix).unwrap_or_default() {
-        if !theirs.iter().any(|(n, _)| *n == name) {
-            mirror.find_reference(&format!("{prefix}{name}"))?.delete()?;
+    for (name, old) in before {
+        if !theirs.iter().any(|(n, _)| n == name) {
+            let mut r = mirror.find_reference(&format!("{prefix}{name}"))?;
+            if r.target() != Some(*old) {
+                return Err(git2::Error::from_str(&format!(
+                    "{prefix}{name} moved while it was fetched"
+                )));
+            }
+            r.delete()?;
         }
     }
     Ok(true)

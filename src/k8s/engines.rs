@@ -111,11 +111,11 @@ impl Engines {
         let dir = self.opts.state.join("git").join(format!("{}.git", &digest[..16]));
         std::fs::create_dir_all(self.opts.state.join("git"))
             .map_err(|e| format!("failed to create {}: {e}", self.opts.state.join("git").display()))?;
-        let repo = GitRepo::open(&dir, url).await.map_err(|e| crate::run::chain(&e))?;
         // The first use of this mirror by this process (the leader's, with
         // the state directory to itself): a lock file in it is a killed
         // predecessor's, such as the same pod's container before a restart.
-        repo.clear_stale_locks().await;
+        GitRepo::clear_stale_locks(&dir).await;
+        let repo = GitRepo::open(&dir, url).await.map_err(|e| crate::run::chain(&e))?;
         mirrors.insert(url.to_string(), repo.clone());
         Ok(repo)
     }

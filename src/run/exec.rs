@@ -905,8 +905,9 @@ fn revert_pull_request(run: &RunRecord, branch: &str, upstream: &str) -> PullReq
 }
 
 /// Test hook (debug builds only): `BACKSTOP_TEST_CRASH_AT=<Phase>` ends the
-/// process abruptly (exit 86, no cleanup) when a run enters that phase, right
-/// after the journal recorded it.
+/// process abruptly (exit 86, no cleanup) when the drive is about to act in
+/// that phase (the journal may still hold the step before: a phase change
+/// and a step's result are written with the next step's intent).
 fn crash_point(phase: Phase) {
     #[cfg(debug_assertions)]
     if std::env::var("BACKSTOP_TEST_CRASH_AT").ok().as_deref() == Some(phase.as_str()) {
