@@ -767,6 +767,19 @@ impl GitRepo {
             // sharing a repository) push concurrently, and a ref shared
             // between them could send one's commit to the other's branch.
             // (Not under `refs/backstop/push`: older versions left that ref behind.)
+            if let Some(remote) = this.local_remote() {
+                if let Some(pushed) = local::push_in_place(&remote, oid(&sha)?, &branch, force) {
+                    pushed.map_err(err)?;
+                    repo.reference(
+                        &format!("refs/remotes/origin/{branch}"),
+                        oid(&sha)?,
+                        true,
+                        "backstop push",
+                    )
+                    .map_err(err)?;
+                    return Ok(());
+                }
+            }
             let local = format!("refs/backstop/pushing/{sha}");
             let local = local.as_str();
             repo.reference(local, oid(&sha)?, true, "backstop push").map_err(err)?;

@@ -305,3 +305,42 @@ fn copy_tree(
     out.push(id);
     Ok(true)
 }
+
+/// Moves `refs/heads/{branch}` of the remote at `remote` (on this disk) to
+/// `sha` in place, when the remote already holds that commit: a gate move
+/// to a commit of upstream, the usual push. libgit2's push would build a
+/// pack first, marking the whole tree of every remote branch as
+/// uninteresting (40 ms a push at 80,000 files), to send nothing. As its
+/// local push does, no hook runs; unlike it, the ref moves only from the
+/// value checked (compare and swap under the ref's lock), so a push that
+/// raced another fails instead of overwriting it. A move that is not a
+/// fast-forward is refused unless `force`. None: the remote lacks the
+/// commit (or is not a bare repository), and libgit2 pushes.
+pub(super) fn push_in_place(remote: &Path, sha: Oid, branch: &str, force: bool) -> Option<Result<(), git2::Error>> {
+    let repo = Repository::open_bare(remote).ok()?;
+    if !repo.odb().ok()?.exists(sha) || repo.find_commit(sha).is_err() {
+        return None;
+    }
+    let name = format!("refs/heads/{branch}");
+    let current = match repo.find_reference(&name) {
+        Ok(r) => match r.target() {
+            Some(id) => Some(id),
+            // A symbolic branch: libgit2's push decides.
+            None => return None,
+        },
+        Err(e) if e.code() == git2::ErrorCode::NotFound => None,
+        Err(e) => return Some(Err(e)),
+    };
+    Some((|| {
+        match current {
+            Some(id) if id == sha => Ok(()),
+            Some(id) => {
+                if !force && !repo.graph_descendant_of(sha, id)? {
+                    return Err(git2::Error::from_str("cannot push non-fastforwardable reference"));
+                }
+                repo.reference_matching(&name, sha, true, id, "backstop: push").map(|_| ())
+            }
+            None => repo.reference(&name, sha, false, "backstop: push").map(|_| ()),
+        }
+    })())
+}
