@@ -155,6 +155,27 @@ impl Database {
             .await
     }
 
+    /// Opens a bookkeeping session in the background and keeps it idle, so
+    /// that the next [`session`](Self::session) need not wait for a login:
+    /// after a migration, whose end closed them all, while the run goes on
+    /// to its verify and the gate. Best effort: a login that fails is
+    /// logged at debug and the next session connects as usual.
+    pub fn prewarm_session(&self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let db = self.clone();
+        runtime.spawn(async move {
+            let started = std::time::Instant::now();
+            match db.connect().await {
+                Ok(client) => session::put(db.target_key(), client, started),
+                Err(e) => {
+                    tracing::debug!(database = %db.describe(), error = %e, "could not open a bookkeeping session ahead")
+                }
+            }
+        });
+    }
+
     async fn session_born_after(&self, after: Option<std::time::Instant>) -> Result<Session, DbError> {
         let key = self.target_key();
         let (client, born) = match session::take(&key, after) {

@@ -353,12 +353,28 @@ pub struct GateView<'a> {
     /// This instance's state id: a database another instance owns mid-run
     /// counts as unreadable (its history may be rolled back by that run).
     pub me: &'a str,
+    /// The tree [`tree`](Self::tree) read last.
+    pub last: &'a LastTree,
 }
+
+/// The guarded tree read last, by commit and paths: a commit's tree never
+/// changes, and a pass reads the gate's twice (to schedule, and again at
+/// the gate move), parsing every manifest under the paths each time.
+pub type LastTree = std::sync::Mutex<Option<(String, std::sync::Arc<TreeState>)>>;
 
 impl GateView<'_> {
     /// The carriers and broken files of `sha`'s guarded tree.
     pub async fn tree(&self, sha: &str) -> Result<TreeState, GitError> {
-        Ok(TreeState::parse(sha, &snapshot(self.git, &self.paths(), sha).await?))
+        let key = format!("{sha} {}", self.paths().join("\n"));
+        let kept = self.last.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some((k, tree)) = kept {
+            if k == key {
+                return Ok((*tree).clone());
+            }
+        }
+        let tree = TreeState::parse(sha, &snapshot(self.git, &self.paths(), sha).await?);
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((key, std::sync::Arc::new(tree.clone())));
+        Ok(tree)
     }
 
     /// The guarded path and the others deployed from the same gate.

@@ -193,6 +193,7 @@ pub async fn engine(opts: &LocalOptions) -> Result<Engine, LocalError> {
     checkpoints.insert(CheckpointKind::Backup, backup);
     checkpoints.insert(CheckpointKind::Dump, dump);
     Ok(Engine {
+        last_gate_tree: Default::default(),
         git,
         cluster: Arc::new(LocalCluster {
             overrides: opts.env.clone(),

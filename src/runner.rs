@@ -518,6 +518,8 @@ impl Runner for SqlRunner {
         let _ = client.query_one("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY]).await;
         // Sessions opened before the migration may hold defaults it changed.
         crate::db::close_idle();
+        // The run's next bookkeeping (the gate's history check) need not wait for a login.
+        db.prewarm_session();
         let failed_at = error.as_ref().and(running);
         Ok(MigrateOutcome {
             transactional,

@@ -82,7 +82,7 @@ fn closed_at() -> &'static Mutex<Option<Instant>> {
     CLOSED.get_or_init(|| Mutex::new(None))
 }
 
-fn put(key: String, client: Client, born: Instant) {
+pub(super) fn put(key: String, client: Client, born: Instant) {
     let now = Instant::now();
     // One that began its login before the last migration ended was out (lent)
     // when that migration closed the idle ones: it may hold the defaults the

@@ -331,16 +331,15 @@ pub(super) fn push_in_place(remote: &Path, sha: Oid, branch: &str, force: bool) 
         Err(e) if e.code() == git2::ErrorCode::NotFound => None,
         Err(e) => return Some(Err(e)),
     };
-    Some((|| {
-        match current {
-            Some(id) if id == sha => Ok(()),
-            Some(id) => {
-                if !force && !repo.graph_descendant_of(sha, id)? {
-                    return Err(git2::Error::from_str("cannot push non-fastforwardable reference"));
-                }
-                repo.reference_matching(&name, sha, true, id, "backstop: push").map(|_| ())
+    Some((|| match current {
+        Some(id) if id == sha => Ok(()),
+        Some(id) => {
+            if !force && !repo.graph_descendant_of(sha, id)? {
+                return Err(git2::Error::from_str("cannot push non-fastforwardable reference"));
             }
-            None => repo.reference(&name, sha, false, "backstop: push").map(|_| ()),
+            repo.reference_matching(&name, sha, true, id, "backstop: push")
+                .map(|_| ())
         }
+        None => repo.reference(&name, sha, false, "backstop: push").map(|_| ()),
     })())
 }

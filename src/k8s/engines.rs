@@ -348,6 +348,7 @@ async fn engine_for(
         name: name.clone(),
     };
     Ok(Engine {
+        last_gate_tree: Default::default(),
         git,
         cluster: Arc::new(KubeCluster {
             client: client.clone(),

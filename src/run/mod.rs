@@ -106,6 +106,9 @@ pub struct Engine {
     pub forge: Arc<dyn Forge>,
     pub store: Arc<dyn RunStore>,
     pub settings: Settings,
+    /// The gate tree read last (a pass reads the gate's tree to schedule,
+    /// and again at the gate move): see [`GateView::tree`].
+    pub last_gate_tree: crate::gate::LastTree,
 }
 
 /// The answer to a claim, as the scheduler sees it.
@@ -155,6 +158,7 @@ impl Engine {
             path: &self.settings.path,
             also: &self.settings.also_guarded,
             me: &self.settings.owner,
+            last: &self.last_gate_tree,
         }
     }
 
