@@ -763,55 +763,13 @@ impl GitRepo {
                 url: this.url.clone(),
                 source,
             };
-            // One local ref per commit: clones of one mirror (Kustomizations
-            // sharing a repository) push concurrently, and a ref shared
-            // between them could send one's commit to the other's branch.
-            // (Not under `refs/backstop/push`: older versions left that ref behind.)
-            if let Some(remote) = this.local_remote() {
-                if let Some(pushed) = local::push_in_place(&remote, oid(&sha)?, &branch, force) {
-                    pushed.map_err(err)?;
-                    repo.reference(
-                        &format!("refs/remotes/origin/{branch}"),
-                        oid(&sha)?,
-                        true,
-                        "backstop push",
-                    )
-                    .map_err(err)?;
-                    return Ok(());
-                }
-            }
-            let local = format!("refs/backstop/pushing/{sha}");
-            let local = local.as_str();
-            repo.reference(local, oid(&sha)?, true, "backstop push").map_err(err)?;
-            let mut remote = repo.find_remote("origin").map_err(err)?;
-            if this.local_remote().is_none() {
-                process::load_ca_bundle();
-            }
-            let mut rejected: Option<String> = None;
-            {
-                let mut callbacks = this.auth.callbacks();
-                callbacks.push_update_reference(|_, status| {
-                    if let Some(msg) = status {
-                        rejected = Some(msg.to_string());
-                    }
-                    Ok(())
-                });
-                let mut opts = git2::PushOptions::new();
-                opts.remote_callbacks(callbacks);
-                let refspec = format!("{}{local}:refs/heads/{branch}", if force { "+" } else { "" });
-                let pushed = remote.push(&[refspec.as_str()], Some(&mut opts));
-                if let Ok(mut r) = repo.find_reference(local) {
-                    let _ = r.delete();
-                }
-                pushed.map_err(err)?;
-            }
-            if let Some(reason) = rejected {
-                return Err(GitError::Rejected {
-                    sha: sha.clone(),
-                    branch: branch.clone(),
-                    url: this.url.clone(),
-                    reason,
-                });
+            let in_place = match this.local_remote() {
+                Some(remote) => local::push_in_place(&remote, oid(&sha)?, &branch, force),
+                None => None,
+            };
+            match in_place {
+                Some(pushed) => pushed.map_err(err)?,
+                None => this.push_with_libgit2(&repo, &sha, &branch, force)?,
             }
             // Keep the mirror's view of the remote in step with what we pushed.
             repo.reference(
@@ -824,6 +782,56 @@ impl GitRepo {
             Ok(())
         })
         .await
+    }
+
+    /// Pushes `sha` to `branch` with libgit2 (a remote elsewhere, or one on
+    /// this disk that lacks the commit): the remote's refusal is
+    /// [`GitError::Rejected`].
+    fn push_with_libgit2(&self, repo: &Repository, sha: &str, branch: &str, force: bool) -> Result<()> {
+        let err = |source| GitError::Push {
+            sha: sha.to_string(),
+            branch: branch.to_string(),
+            url: self.url.clone(),
+            source,
+        };
+        // One local ref per commit: clones of one mirror (Kustomizations
+        // sharing a repository) push concurrently, and a ref shared
+        // between them could send one's commit to the other's branch.
+        // (Not under `refs/backstop/push`: older versions left that ref behind.)
+        let local = format!("refs/backstop/pushing/{sha}");
+        let local = local.as_str();
+        repo.reference(local, oid(sha)?, true, "backstop push").map_err(err)?;
+        let mut remote = repo.find_remote("origin").map_err(err)?;
+        if self.local_remote().is_none() {
+            process::load_ca_bundle();
+        }
+        let mut rejected: Option<String> = None;
+        {
+            let mut callbacks = self.auth.callbacks();
+            callbacks.push_update_reference(|_, status| {
+                if let Some(msg) = status {
+                    rejected = Some(msg.to_string());
+                }
+                Ok(())
+            });
+            let mut opts = git2::PushOptions::new();
+            opts.remote_callbacks(callbacks);
+            let refspec = format!("{}{local}:refs/heads/{branch}", if force { "+" } else { "" });
+            let pushed = remote.push(&[refspec.as_str()], Some(&mut opts));
+            if let Ok(mut r) = repo.find_reference(local) {
+                let _ = r.delete();
+            }
+            pushed.map_err(err)?;
+        }
+        if let Some(reason) = rejected {
+            return Err(GitError::Rejected {
+                sha: sha.to_string(),
+                branch: branch.to_string(),
+                url: self.url.clone(),
+                reason,
+            });
+        }
+        Ok(())
     }
 
     /// Writes (without pushing) a commit on top of `onto` that reverts `sha`.
