@@ -764,7 +764,15 @@ impl GitRepo {
                 source,
             };
             let in_place = match this.local_remote() {
-                Some(remote) => local::push_in_place(&remote, oid(&sha)?, &branch, force),
+                Some(remote) => {
+                    // A forced move goes from the value the caller checked:
+                    // the mirror's, as fetched before the check.
+                    let expected = repo
+                        .find_reference(&format!("refs/remotes/origin/{branch}"))
+                        .ok()
+                        .and_then(|r| r.target());
+                    local::push_in_place(&remote, oid(&sha)?, &branch, force, expected)
+                }
                 None => None,
             };
             match in_place {

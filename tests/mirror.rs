@@ -423,3 +423,28 @@ async fn a_local_remote_with_a_branch_on_a_tree_is_mirrored_and_one_on_a_missing
     assert_eq!(branches(&mirror, "refs/remotes/origin/"), before);
     git(&mirror, &["fsck", "--connectivity-only", "--no-dangling"]);
 }
+
+#[tokio::test]
+async fn a_push_to_a_repository_with_a_work_tree_is_refused_and_moves_nothing() {
+    // Given as its `.git` folder, a clone with a work tree opens like a bare
+    // repository; moving one of its branches under the work tree would make
+    // the next commit there undo what the gate carries. libgit2 refuses it.
+    let (_dir, remote, work, mirror) = remote_and_work();
+    std::fs::write(work.join("a.txt"), "a").unwrap();
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "a"]);
+    git(&work, &["push", "-q", "origin", "main"]);
+    let a = git(&work, &["rev-parse", "HEAD"]).trim().to_string();
+    std::fs::write(work.join("b.txt"), "b").unwrap();
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "b"]);
+    let b = git(&work, &["rev-parse", "HEAD"]).trim().to_string();
+    git(&work, &["branch", "gate", &a]);
+    let _ = remote;
+    let repo = GitRepo::open(&mirror, work.join(".git").to_str().unwrap())
+        .await
+        .unwrap();
+    repo.fetch().await.unwrap();
+    assert!(repo.push(&b, "gate").await.is_err());
+    assert_eq!(git(&work, &["rev-parse", "gate"]).trim(), a, "the branch did not move");
+}

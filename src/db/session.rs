@@ -84,18 +84,21 @@ fn closed_at() -> &'static Mutex<Option<Instant>> {
 
 pub(super) fn put(key: String, client: Client, born: Instant) {
     let now = Instant::now();
-    // One that began its login before the last migration ended was out (lent)
-    // when that migration closed the idle ones: it may hold the defaults the
-    // migration changed, and a later migration may take what is kept here.
-    if closed_at()
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .is_some_and(|closed| born <= closed)
     {
-        return;
-    }
-    {
+        // The idle lock first, as in `close_idle`: the check and the insert
+        // are one step against it.
         let mut idle = idle().lock().unwrap_or_else(|e| e.into_inner());
+        // One that began its login before the last migration ended was out
+        // (lent) when that migration closed the idle ones: it may hold the
+        // defaults the migration changed, and a later migration may take
+        // what is kept here.
+        if closed_at()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|closed| born <= closed)
+        {
+            return;
+        }
         prune(&mut idle, now);
         let kept = idle.entry(key).or_default();
         if kept.len() >= IDLE_PER_TARGET {
@@ -139,8 +142,9 @@ async fn reset(client: &Client) -> bool {
 /// Closes every idle session, and every one lent now when it comes back
 /// (after a migration: they may hold the defaults it changed).
 pub fn close_idle() {
+    let mut idle = idle().lock().unwrap_or_else(|e| e.into_inner());
     *closed_at().lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-    idle().lock().unwrap_or_else(|e| e.into_inner()).clear();
+    idle.clear();
 }
 
 /// A connection lent for a while; derefs to the client.

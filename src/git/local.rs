@@ -5,10 +5,10 @@
 //! programs fetch, as a forge's server would answer (libgit2's local
 //! transport builds the pack in our process and is slow at volume). No
 //! credentials are involved. When git is missing or fails, libgit2 fetches
-//! and its error is the one reported. Pushes stay libgit2's: `git push`
-//! starts eight processes (22 ms on a small repository, against 6 ms),
-//! though libgit2 walks the whole tree of each remote branch (40 ms a push
-//! at 80,000 files).
+//! and its error is the one reported. A push of a commit the remote already
+//! reaches (a gate move) moves the ref in place ([`push_in_place`]); any
+//! other push is libgit2's (`git push` starts eight processes: 22 ms on a
+//! small repository, against 6 ms).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -185,8 +185,8 @@ const COPY_MAX_OBJECTS: usize = 4096;
 /// Relies on what every fetch keeps true of the mirror: an object it holds
 /// comes with everything it reaches (packs are indexed whole before a ref
 /// names them). So the walk stops at any commit or tree the mirror has, and
-/// the pack is written before any ref moves. Ok(false), with nothing
-/// changed, when there is more to copy than the caps or anything unusual
+/// the pack is written before any ref moves. Ok(false), with no ref moved,
+/// when there is more to copy than the caps or anything unusual
 /// (a branch that is not a commit, a shallow remote): git then fetches, as
 /// it does when a ref of the mirror moved since `before` was read.
 fn copy_few(
@@ -307,35 +307,48 @@ fn copy_tree(
 }
 
 /// Moves `refs/heads/{branch}` of the remote at `remote` (on this disk) to
-/// `sha` in place, when the remote already holds that commit: a gate move
-/// to a commit of upstream, the usual push. libgit2's push would build a
-/// pack first, marking the whole tree of every remote branch as
-/// uninteresting (40 ms a push at 80,000 files), to send nothing. As its
-/// local push does, no hook runs; unlike it, the ref moves only from the
-/// value checked (compare and swap under the ref's lock), so a push that
-/// raced another fails instead of overwriting it. A move that is not a
-/// fast-forward is refused unless `force`. None: the remote lacks the
-/// commit (or is not a bare repository), and libgit2 pushes.
-pub(super) fn push_in_place(remote: &Path, sha: Oid, branch: &str, force: bool) -> Option<Result<(), git2::Error>> {
-    let repo = Repository::open_bare(remote).ok()?;
-    if !repo.odb().ok()?.exists(sha) || repo.find_commit(sha).is_err() {
+/// `sha` in place, when the remote already reaches that commit from one of
+/// its branches (so its history is whole there): a gate move to a commit of
+/// upstream, the usual push. libgit2's push would build a pack first,
+/// marking the whole tree of every remote branch as uninteresting (40 ms a
+/// push at 80,000 files), to send nothing. As its local push does, no hook
+/// runs; unlike it, the ref moves only from the value checked (compare and
+/// swap under the ref's lock), so a push that raced another fails instead
+/// of overwriting it. A move that is not a fast-forward is refused unless
+/// `force`, and a forced one moves only from `expected` (the value the
+/// caller checked; a revert pushed meanwhile is not overwritten). None: the
+/// remote is not a bare repository, or does not reach the commit, or the
+/// branch is symbolic; libgit2 pushes.
+pub(super) fn push_in_place(
+    remote: &Path,
+    sha: Oid,
+    branch: &str,
+    force: bool,
+    expected: Option<Oid>,
+) -> Option<Result<(), git2::Error>> {
+    let repo = Repository::open(remote).ok()?;
+    if !repo.is_bare() || repo.find_commit(sha).is_err() {
+        return None;
+    }
+    let tips = branches(&repo, "refs/heads/")?;
+    let reached = tips
+        .iter()
+        .any(|(_, tip)| *tip == sha || repo.graph_descendant_of(*tip, sha).unwrap_or(false));
+    if !reached {
         return None;
     }
     let name = format!("refs/heads/{branch}");
-    let current = match repo.find_reference(&name) {
-        Ok(r) => match r.target() {
-            Some(id) => Some(id),
-            // A symbolic branch: libgit2's push decides.
-            None => return None,
-        },
-        Err(e) if e.code() == git2::ErrorCode::NotFound => None,
-        Err(e) => return Some(Err(e)),
-    };
+    let current = tips.iter().find(|(n, _)| n == branch).map(|(_, id)| *id);
     Some((|| match current {
         Some(id) if id == sha => Ok(()),
         Some(id) => {
             if !force && !repo.graph_descendant_of(sha, id)? {
                 return Err(git2::Error::from_str("cannot push non-fastforwardable reference"));
+            }
+            if force && expected.is_some_and(|e| e != id) {
+                return Err(git2::Error::from_str(&format!(
+                    "{name} moved since it was checked (it is at {id}); not forcing it"
+                )));
             }
             repo.reference_matching(&name, sha, true, id, "backstop: push")
                 .map(|_| ())
