@@ -360,20 +360,19 @@ pub struct GateView<'a> {
 /// The guarded tree read last, by commit and paths: a commit's tree never
 /// changes, and a pass reads the gate's twice (to schedule, and again at
 /// the gate move), parsing every manifest under the paths each time.
-pub type LastTree = std::sync::Mutex<Option<(String, std::sync::Arc<TreeState>)>>;
+pub type LastTree = std::sync::Mutex<Option<(String, TreeState)>>;
 
 impl GateView<'_> {
     /// The carriers and broken files of `sha`'s guarded tree.
     pub async fn tree(&self, sha: &str) -> Result<TreeState, GitError> {
         let key = format!("{sha} {}", self.paths().join("\n"));
-        let kept = self.last.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some((k, tree)) = kept {
-            if k == key {
-                return Ok((*tree).clone());
+        if let Some((k, tree)) = &*self.last.lock().unwrap_or_else(|e| e.into_inner()) {
+            if *k == key {
+                return Ok(tree.clone());
             }
         }
         let tree = TreeState::parse(sha, &snapshot(self.git, &self.paths(), sha).await?);
-        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((key, std::sync::Arc::new(tree.clone())));
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((key, tree.clone()));
         Ok(tree)
     }
 

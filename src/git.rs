@@ -350,7 +350,7 @@ impl GitRepo {
     }
 
     async fn fetch_only(&self) -> Result<()> {
-        if self.fetch_local_with_git().await {
+        if self.fetch_local().await {
             return Ok(());
         }
         self.blocking(|this| {

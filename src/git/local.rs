@@ -80,13 +80,15 @@ impl GitRepo {
         local.then(|| PathBuf::from(self.url.strip_prefix("file://").unwrap_or(&self.url)))
     }
 
-    /// A remote on this machine (a path or `file://`) is fetched by git
-    /// itself when it is installed: libgit2's local transport builds the pack
-    /// in our process and took a second for 2,000 new commits that `git
-    /// fetch` (upload-pack, as on any forge) brings in 50 ms. No credentials
-    /// are involved. False when git is missing or failed (libgit2 then
+    /// Fetches a remote on this machine (a path or `file://`): nothing when
+    /// the mirror already has its branches, a few new commits copied in
+    /// process ([`copy_few`]), more by git itself when it is installed
+    /// (libgit2's local transport builds the pack in our process and took a
+    /// second for 2,000 new commits that `git fetch`, upload-pack as on any
+    /// forge, brings in 50 ms). No credentials are involved. False when it
+    /// is not such a remote, or git is missing or failed (libgit2 then
     /// fetches, and its error is the one reported).
-    pub(super) async fn fetch_local_with_git(&self) -> bool {
+    pub(super) async fn fetch_local(&self) -> bool {
         let Some(remote) = self.local_remote() else {
             return false;
         };

@@ -92,8 +92,7 @@ impl Engine {
                 action => {
                     let name = action.step(run).unwrap_or_default();
                     machine::begin(run, &name, now);
-                    let cluster_step = matches!(action, Action::Lock | Action::Health | Action::Unlock);
-                    if action.acts_outside() && (self.cluster.acts() || !cluster_step) {
+                    if action.acts_outside(self.cluster.acts()) {
                         // The intent is on disk before the step acts.
                         self.store.save(run).await?;
                     }

@@ -63,12 +63,15 @@ impl Action {
     /// Whether the step changes anything outside the record, so that its
     /// intent must be on disk before it acts (a crash then finds it open).
     /// Planning only reads the record; the report is written again whole
-    /// by a pass that finds it missing.
-    pub fn acts_outside(&self) -> bool {
-        !matches!(
-            self,
-            Action::Plan | Action::Report | Action::Advance(_) | Action::Wait(_) | Action::Done
-        )
+    /// by a pass that finds it missing; lock, health and unlock act only
+    /// where the cluster does (`cluster_acts`: not in local mode, where they
+    /// only say that the gate holds deployments back).
+    pub fn acts_outside(&self, cluster_acts: bool) -> bool {
+        match self {
+            Action::Plan | Action::Report | Action::Advance(_) | Action::Wait(_) | Action::Done => false,
+            Action::Lock | Action::Health | Action::Unlock => cluster_acts,
+            _ => true,
+        }
     }
 
     /// The name of the step the action records (None: no step).
