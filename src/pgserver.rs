@@ -36,6 +36,11 @@ pub struct PgServer {
 
 impl PgServer {
     /// initdb + start on a free loopback port, `archive_mode = on` archiving to [`archive`](Self::archive).
+    ///
+    /// `max_wal_size` is 64 MB, not the 1 GB default: the checkpoint's
+    /// preflight asks for `max_wal_size` free in the archive, and a throwaway
+    /// server (the tests, `backstop demo`) must run on a machine whose temp
+    /// directory has less than a gigabyte free.
     pub async fn start() -> Result<Self, PgServerError> {
         Self::start_with("").await
     }
@@ -85,7 +90,7 @@ impl PgServer {
         let conf = format!(
             "\n# backstop test server\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{sock}'\n\
              wal_level = replica\narchive_mode = on\narchive_command = 'test ! -f {arch}/%f && cp %p {arch}/%f'\n\
-             max_wal_senders = 4\nfsync = off\nsynchronous_commit = off\nfull_page_writes = on\nlog_min_messages = warning\n",
+             max_wal_senders = 4\nmax_wal_size = 64MB\nmin_wal_size = 32MB\nfsync = off\nsynchronous_commit = off\nfull_page_writes = on\nlog_min_messages = warning\n",
             sock = root.path().display(),
             arch = archive.display(),
         ) + settings

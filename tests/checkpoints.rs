@@ -189,3 +189,30 @@ async fn retention_deletes_base_backups_no_kept_run_relies_on_but_never_the_newe
     assert_eq!(f.base_backups(), 1, "both kept runs rely on the newest");
     assert_eq!(f.checkpoints(), 2);
 }
+
+#[tokio::test]
+async fn a_wal_archive_without_room_for_max_wal_size_stops_before_the_checkpoint_naming_the_archive() {
+    // More WAL may be written before the next checkpoint than any disk here
+    // holds: the preflight must refuse, name the archive and the setting,
+    // and leave nothing taken, run or moved.
+    let f = Fixture::with_settings("max_wal_size = 1000TB").await;
+    let c1 = f.commit_carrier(&orders_table(), "create orders");
+    let out = f.run(&[]).await;
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    let archive = f.server.archive().display().to_string();
+    assert!(said.contains("the WAL archive") && said.contains(&archive), "{said}");
+    assert!(
+        said.contains("max_wal_size") && said.contains("MiB are needed"),
+        "{said}"
+    );
+    assert_eq!(f.gate(), f.base, "the gate stays before {c1}");
+    assert_eq!(f.checkpoints(), 0, "no checkpoint taken");
+    assert_eq!(
+        f.count("SELECT count(*) FROM information_schema.tables WHERE table_name = 'orders'")
+            .await,
+        0,
+        "the migration did not run"
+    );
+    f.assert_nothing_reverted();
+}

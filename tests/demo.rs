@@ -19,9 +19,20 @@ fn demo(args: &[&str]) -> (Output, String) {
     (out, stdout)
 }
 
+/// The temporary directory the demo's folders are made in (`TMPDIR` or
+/// `/tmp`), without a trailing slash.
+fn tmp() -> String {
+    std::env::temp_dir()
+        .display()
+        .to_string()
+        .trim_end_matches('/')
+        .to_string()
+}
+
 /// The output with what changes from run to run (run ids, commit ids,
 /// temporary folders, the window's length) replaced by placeholders.
 fn normalise(text: &str) -> Vec<String> {
+    let text = text.replace(&tmp(), "/tmp");
     let patterns = [
         (r"\d{8}-\d{9}-[0-9a-f]{7}", "RUN"),
         (r"/tmp/backstop-(demo|pg)-[A-Za-z0-9]+", "/tmp/backstop-$1-X"),
@@ -81,11 +92,14 @@ fn demo_promotes_one_migration_and_rolls_back_the_other_printing_what_the_readme
 #[test]
 fn demo_keep_cites_only_folders_that_still_exist() {
     let (_, stdout) = demo(&["--keep"]);
-    let paths: Vec<String> = regex::Regex::new(r"/tmp/backstop-[A-Za-z0-9/._-]+[A-Za-z0-9]")
-        .unwrap()
-        .find_iter(&stdout)
-        .map(|m| m.as_str().to_string())
-        .collect();
+    let paths: Vec<String> = regex::Regex::new(&format!(
+        r"{}/backstop-[A-Za-z0-9/._-]+[A-Za-z0-9]",
+        regex::escape(&tmp())
+    ))
+    .unwrap()
+    .find_iter(&stdout)
+    .map(|m| m.as_str().to_string())
+    .collect();
     assert!(paths.len() >= 4, "{stdout}");
     for p in &paths {
         assert!(
@@ -94,11 +108,12 @@ fn demo_keep_cites_only_folders_that_still_exist() {
         );
     }
     assert!(stdout.contains("kept: the remote, state and reports under"), "{stdout}");
-    let roots: std::collections::BTreeSet<String> = regex::Regex::new(r"/tmp/backstop-(demo|pg)-[A-Za-z0-9]+")
-        .unwrap()
-        .find_iter(&stdout)
-        .map(|m| m.as_str().to_string())
-        .collect();
+    let roots: std::collections::BTreeSet<String> =
+        regex::Regex::new(&format!(r"{}/backstop-(demo|pg)-[A-Za-z0-9]+", regex::escape(&tmp())))
+            .unwrap()
+            .find_iter(&stdout)
+            .map(|m| m.as_str().to_string())
+            .collect();
     assert_eq!(roots.len(), 2, "{stdout}");
     // The set-aside data directory is kept with the server's folder.
     let pg = roots.iter().find(|r| r.contains("backstop-pg-")).unwrap();
