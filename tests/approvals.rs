@@ -197,7 +197,7 @@ async fn valid_approval_runs_the_contract_after_a_restore_drill() {
     let out = f.run(&[]).await;
     let text = text(&out);
     assert_eq!(out.status.code(), Some(0), "{text}");
-    assert_eq!(f.gate(), approved);
+    assert_eq!(f.gate(), approved, "{text}");
     assert_eq!(qty_column(&f).await, 0, "column dropped");
     let report = f.reports().pop().unwrap();
     assert_eq!(report["outcome"], "Succeeded");
@@ -256,7 +256,7 @@ async fn approval_by_commit_trailer_counts_and_survives_reformatting() {
     let out = f.run(&[]).await;
     let text = text(&out);
     assert_eq!(out.status.code(), Some(0), "{text}");
-    assert_eq!(f.gate(), approved);
+    assert_eq!(f.gate(), approved, "{text}");
     assert_eq!(qty_column(&f).await, 0);
 }
 
@@ -305,4 +305,37 @@ async fn report_with_a_prefix_of_several_runs_says_it_is_ambiguous_and_lists_the
     for id in &runs {
         assert!(said.contains(id.as_str()), "{said}");
     }
+}
+
+#[tokio::test]
+async fn the_restore_drill_passes_on_a_data_directory_with_a_long_path() {
+    // The drill copy lives next to the data directory, named after the base
+    // backup: with a socket there, a path ~45 bytes long already passed
+    // PostgreSQL's 107-byte limit for socket paths and the drill failed.
+    let f = Fixture::new().await;
+    let deep = f
+        .server
+        .root()
+        .join("a-data-directory-somewhere-deep-in-a-volume-mount-0123456789");
+    std::fs::create_dir(&deep).unwrap();
+    if let Some((uid, gid)) = f.server.owner() {
+        nix::unistd::chown(&deep, Some(uid.into()), Some(gid.into())).unwrap();
+    }
+    let pgdata = deep.join("data");
+    std::os::unix::fs::symlink(f.server.data_dir(), &pgdata).unwrap();
+    assert!(pgdata.as_os_str().len() > 60, "{}", pgdata.display());
+
+    f.commit_carrier(&orders_table(), "create orders");
+    let out = f.run_with(&pgdata, &f.server.archive(), &[], &[]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let approved = commit_contract(&f, contract(), |h| format!("alice sha256:{h}")).await;
+    let out = f.run_with(&pgdata, &f.server.archive(), &[], &[]).await;
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert_eq!(f.gate(), approved, "{said}");
+    assert_eq!(qty_column(&f).await, 0, "column dropped");
+    let report = f.reports().pop().unwrap();
+    let drill = report["checkpoint"]["restore_drill"].as_str().unwrap();
+    assert!(drill.starts_with("passed:"), "{drill}");
 }

@@ -47,16 +47,7 @@ impl Server {
         )
         .await
         .map(|_| ())
-        .map_err(|e| match e {
-            CheckpointError::Tool { step, source } => CheckpointError::Tool {
-                step: format!(
-                    "{step} (server log: {})",
-                    pgbin::tail(&std::fs::read_to_string(&log).unwrap_or_default(), 5)
-                ),
-                source,
-            },
-            other => other,
-        })
+        .map_err(|e| with_log_tail(e, &log))
     }
 
     /// Waits until the restored server has left recovery.
@@ -103,5 +94,21 @@ impl Server {
         }
         let _ = client.batch_execute("SELECT pg_reload_conf()").await;
         Ok(())
+    }
+}
+
+/// A failed `pg_ctl start` with the last lines of the server's log in its
+/// step: pg_ctl itself only says "Examine the log output", and the log may
+/// be deleted with its directory.
+pub(crate) fn with_log_tail(e: CheckpointError, log: &std::path::Path) -> CheckpointError {
+    match e {
+        CheckpointError::Tool { step, source } => CheckpointError::Tool {
+            step: format!(
+                "{step} (server log: {})",
+                pgbin::tail(&std::fs::read_to_string(log).unwrap_or_default(), 5)
+            ),
+            source,
+        },
+        other => other,
     }
 }

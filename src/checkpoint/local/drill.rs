@@ -83,9 +83,12 @@ impl LocalBackend {
             .and_then(|l| l.local_addr())
             .map_err(Self::io("find a free port", &dir))?
             .port();
+        // TCP only: a socket in the drill directory would have a path of the
+        // data directory's length plus the label's, and PostgreSQL refuses
+        // socket paths over 107 bytes (the drill then failed on a data
+        // directory only ~45 bytes long).
         let options = format!(
-            "-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='{}' -c archive_mode=off -c hot_standby=on",
-            dir.display()
+            "-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c archive_mode=off -c hot_standby=on"
         );
         let log = dir.join("backstop-drill.log");
         let dir_s = dir.to_string_lossy().into_owned();
@@ -107,7 +110,8 @@ impl LocalBackend {
                 owner,
                 "starting the drill copy",
             )
-            .await;
+            .await
+            .map_err(|e| crate::checkpoint::server::with_log_tail(e, &log));
         let copy = db.at("127.0.0.1", port);
         let answer = match started {
             Ok(_) if checkpoint.base.is_some() => match self.await_copy_promoted(&copy, &dir).await {
