@@ -129,6 +129,15 @@ pub fn command(bindir: &Path, program: &str, owner: Option<(u32, u32)>) -> Comma
     cmd
 }
 
+/// Makes `cmd` speak untranslated English: backstop reads the output of
+/// `pg_controldata` and `pg_waldump`, whose labels and messages PostgreSQL
+/// translates (`LANG=de_DE.UTF-8` turns "Database system identifier" into
+/// "Datenbanksystemidentifikation"). Only for tools whose output is parsed:
+/// a server started by backstop keeps the environment's locale.
+pub fn untranslated(cmd: &mut Command) -> &mut Command {
+    cmd.env("LC_ALL", "C").env_remove("LANGUAGE")
+}
+
 /// A command for a system tool found on `PATH` (`tar`, `chown`), that dies with backstop.
 pub fn tool(program: &str) -> Command {
     let mut cmd = Command::new(program);

@@ -448,3 +448,29 @@ async fn a_migration_sees_the_database_defaults_an_earlier_migration_of_the_same
     let reports = f.reports();
     assert_eq!(reports[0]["outcome"], "Succeeded", "{}", text(&out));
 }
+
+#[tokio::test]
+async fn a_rollback_works_and_measures_its_window_when_the_tools_speak_german() {
+    // PostgreSQL's tools translate their output; backstop reads
+    // pg_controldata's (the same-server preflight, the window) and
+    // pg_waldump's. LANGUAGE translates even under the C.UTF-8 locale.
+    let german = [("LC_ALL", "C.UTF-8"), ("LANGUAGE", "de")];
+    let f = Fixture::new().await;
+    let c1 = f.commit_carrier(&orders_table(), "create orders");
+    let out = f.run_env(&[], &german).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    insert_orders(&f).await;
+    let schema = f.schema().await;
+    f.commit_carrier(&failing_backfill(""), "backfill totals");
+    let out = f.run_env(&["--revert", "commit"], &german).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(f.gate(), c1);
+    assert_eq!(f.schema().await, schema);
+    let report = f.reports().pop().unwrap();
+    let lost = &report["restore"]["lost_commits"];
+    assert!(lost["not_counted"].is_null(), "{lost}");
+    assert!(
+        lost["count"].as_u64().unwrap() >= 1,
+        "the migration's own commits: {lost}"
+    );
+}

@@ -139,7 +139,7 @@ impl LocalBackend {
             })?
             .get(0);
         let mut cmd = crate::checkpoint::program(&self.bindir, "pg_controldata", None)?;
-        cmd.arg("-D").arg(&self.pgdata);
+        pgbin::untranslated(&mut cmd).arg("-D").arg(&self.pgdata);
         let out = pgbin::run(cmd, "pg_controldata")
             .await
             .map_err(Self::tool(format!("pg_controldata of {}", self.pgdata.display())))?;

@@ -38,7 +38,7 @@ impl LocalBackend {
         scratch: &Path,
     ) -> Result<LostCommits, String> {
         let mut cmd = self.bindir.command("pg_controldata", None).map_err(|e| e.to_string())?;
-        cmd.arg("-D").arg(kept);
+        pgbin::untranslated(&mut cmd).arg("-D").arg(kept);
         let control = pgbin::run(cmd, "pg_controldata").await.map_err(|e| e.to_string())?;
         let field = |name: &str| {
             control
@@ -66,7 +66,7 @@ impl LocalBackend {
             format!("--end={to_lsn}"),
         ];
         let mut cmd = self.bindir.command("pg_waldump", None).map_err(|e| e.to_string())?;
-        cmd.arg("--path").arg(scratch).args(&args);
+        pgbin::untranslated(&mut cmd).arg("--path").arg(scratch).args(&args);
         let out = cmd
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
