@@ -8,6 +8,9 @@ fn progress_is_drawn_on_a_terminal_and_never_into_a_pipe() {
     let tty = std::process::Command::new("script")
         .args(["-qec", &format!("{bin} demo"), "/dev/null"])
         .env_remove("BACKSTOP_PROGRESS")
+        // indicatif draws nothing where TERM is unset or dumb, as a CI job's
+        // environment often is; a terminal says what it is.
+        .env("TERM", "xterm")
         .output()
         .expect("script (util-linux) runs the demo on a pseudo-terminal");
     let drawn = String::from_utf8_lossy(&tty.stdout);
