@@ -48,6 +48,15 @@ impl PgServer {
     /// [`start`](Self::start) with `settings` (postgresql.conf lines, e.g.
     /// `wal_level = logical`) after the defaults.
     pub async fn start_with(settings: &str) -> Result<Self, PgServerError> {
+        Self::start_with_segments(settings, 16).await
+    }
+
+    /// [`start_with`](Self::start_with) on WAL segments of `mib` MiB (a power
+    /// of two, 1 to 1024; PostgreSQL's default is 16). Every checkpoint
+    /// switches a segment, and the archive keeps each whole: test servers
+    /// that checkpoint dozens of times use 1 MiB segments so that the suite
+    /// fits in a temp directory of under a gigabyte.
+    pub async fn start_with_segments(settings: &str, mib: u32) -> Result<Self, PgServerError> {
         let bindir = pgbin::bindir()?;
         let root = tempfile::Builder::new()
             .prefix("backstop-pg-")
@@ -84,6 +93,7 @@ impl PgServer {
             "--no-sync",
             "--locale=C",
         ]);
+        initdb.arg(format!("--wal-segsize={mib}"));
         pgbin::run(initdb, "initdb").await?;
         let port = free_port().map_err(io)?;
         let archive = root.path().join("archive");

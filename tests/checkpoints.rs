@@ -141,8 +141,10 @@ async fn a_gap_in_the_archive_after_the_base_backup_makes_the_checkpoint_take_a_
     let mark = checkpoint_of(&first)["base"]["checkpoint_lsn"].as_str().unwrap();
     let (hi, lo) = mark.split_once('/').unwrap();
     let lsn = (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap();
-    let segno = lsn / (16 << 20);
-    let segment = format!("00000001{:08X}{:08X}", segno >> 8, segno & 0xff);
+    let size = u64::from(WAL_SEGMENT_MIB) << 20;
+    let per_id = 0x1_0000_0000 / size;
+    let segno = lsn / size;
+    let segment = format!("00000001{:08X}{:08X}", segno / per_id, segno % per_id);
     std::fs::remove_file(f.server.archive().join(&segment)).unwrap();
     app_writes(&f, 1_000).await;
     let schema = f.schema().await;

@@ -138,6 +138,11 @@ where
     }
 }
 
+/// The fixture's WAL segment size: 1 MiB, not the default 16, so that the
+/// archives of the suite's many checkpoints fit a small temp directory (and
+/// every path that names or counts segments runs on a size not the default).
+pub const WAL_SEGMENT_MIB: u32 = 1;
+
 /// A server, a remote and a state directory.
 pub struct Fixture {
     pub server: PgServer,
@@ -154,7 +159,9 @@ impl Fixture {
 
     /// [`Fixture::new`] on a server with extra postgresql.conf `settings`.
     pub async fn with_settings(settings: &str) -> Self {
-        let server = PgServer::start_with(settings).await.expect("start PostgreSQL");
+        let server = PgServer::start_with_segments(settings, WAL_SEGMENT_MIB)
+            .await
+            .expect("start PostgreSQL");
         server.create_database("shop").await.expect("create database");
         let dir = tempfile::tempdir().expect("tempdir");
         let remote = BareRemote::init(&dir.path().join("sre.git")).expect("init remote");
