@@ -32,6 +32,15 @@ fn keygen(path: &Path) {
     assert!(st.success());
 }
 
+/// The name of the user the tests run as (the effective uid's, not `$USER`,
+/// which `su` and CI runners do not always set to match).
+fn login_name() -> String {
+    nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .unwrap()
+        .expect("the effective user has a passwd entry")
+        .name
+}
+
 fn sshd_binary() -> Option<PathBuf> {
     let p = PathBuf::from("/usr/sbin/sshd");
     if p.exists() {
@@ -54,7 +63,7 @@ fn start_sshd(authorized: &Path) -> Option<Sshd> {
         .local_addr()
         .unwrap()
         .port();
-    let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+    let user = login_name();
     let config = format!(
         "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nAuthorizedKeysFile {auth}\nPasswordAuthentication no\n\
          KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nStrictModes no\nUsePAM no\nPidFile {d}/sshd.pid\n\
@@ -69,13 +78,19 @@ fn start_sshd(authorized: &Path) -> Option<Sshd> {
         .arg(dir.path().join("sshd_config"))
         .spawn()
         .unwrap();
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
+    let mut sshd = Sshd { child, port, dir };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(status) = sshd.child.try_wait().unwrap() {
+            panic!("sshd exited before it listened on port {port}: {status}");
         }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sshd did not listen on port {port} within 30 s"
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    Some(Sshd { child, port, dir })
+    Some(sshd)
 }
 
 fn known_hosts(sshd: &Sshd, out: &Path) {
@@ -111,7 +126,7 @@ async fn push_over_ssh_with_a_deploy_key_checks_the_host_key() {
     let Some(sshd) = start_sshd(&authorized) else { return };
     let f = Fixture::new().await;
     let c1 = f.commit_carrier(&orders_table(), "create orders");
-    let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+    let user = login_name();
     let url = format!("ssh://{user}@127.0.0.1:{}{}", sshd.port, f.remote.path().display());
 
     // A known_hosts that lists another key for this host: refused before auth.
