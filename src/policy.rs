@@ -183,6 +183,9 @@ pub struct Verdict {
     /// A contract's soak, as history showed it.
     #[serde(default)]
     pub soak: Option<SoakEvidence>,
+    /// The approval that lets it run, in words (also among `notes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved: Option<String>,
 }
 
 /// Inputs of the gate for one migration.
@@ -200,6 +203,7 @@ pub fn evaluate(input: &GateInput<'_>) -> Verdict {
     let c = input.carrier;
     let mut reasons = Vec::new();
     let mut notes = Vec::new();
+    let mut approved = None;
     let mut soak_evidence = None;
     let destructive = lint::has_destructive_or_incompatible(input.findings);
     if matches!(c.phase, Phase::Expand | Phase::Migrate) {
@@ -226,7 +230,11 @@ pub fn evaluate(input: &GateInput<'_>) -> Verdict {
     let needs_approval = c.phase == Phase::Contract || destructive || errors > 0;
     if needs_approval && reasons.is_empty() {
         match input.approvals.iter().find(|a| a.matches(input.plan_hash)) {
-            Some(a) => notes.push(format!("approved by {} for plan {} ({})", a.approver, short(input.plan_hash), a.source)),
+            Some(a) => {
+                let said = format!("approved by {} for plan {} ({})", a.approver, short(input.plan_hash), a.source);
+                notes.push(said.clone());
+                approved = Some(said);
+            }
             None if input.approvals.is_empty() => reasons.push(format!(
                 "{} needs an approval: backstop.dev/approved-by or a Backstop-Approved-By: trailer reading `<approver> sha256:{}`",
                 c.id,
@@ -292,6 +300,7 @@ pub fn evaluate(input: &GateInput<'_>) -> Verdict {
         reasons,
         notes,
         soak: soak_evidence,
+        approved,
     }
 }
 

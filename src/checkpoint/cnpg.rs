@@ -351,6 +351,7 @@ impl Checkpoint for CnpgBackend {
             completed_at: Utc::now(),
             size_bytes: 0,
             restore_drill: "not run (cnpg backend: restore recreates the Cluster)".into(),
+            drill: crate::checkpoint::DrillVerdict::NotRun,
             base: Some(used),
         })
     }

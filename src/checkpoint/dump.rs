@@ -70,11 +70,16 @@ impl Checkpoint for DumpBackend {
             completed_at: Utc::now(),
             size_bytes: tree_size(&file),
             restore_drill: "not run (dump backend)".into(),
+            drill: crate::checkpoint::DrillVerdict::NotRun,
             base: None,
         })
     }
 
-    async fn drill(&self, _db: &Database, checkpoint: &CheckpointRecord) -> Result<String, CheckpointError> {
+    async fn drill(
+        &self,
+        _db: &Database,
+        checkpoint: &CheckpointRecord,
+    ) -> Result<crate::checkpoint::DrillOutcome, CheckpointError> {
         let mut cmd = crate::checkpoint::program(&self.bindir, "pg_restore", None)?;
         cmd.arg("--list").arg(&checkpoint.location);
         let listing = pgbin::run(cmd, "pg_restore --list")
@@ -87,7 +92,9 @@ impl Checkpoint for DumpBackend {
             .lines()
             .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
             .count();
-        Ok(format!("the dump is readable: {entries} entries listed by pg_restore"))
+        Ok(crate::checkpoint::DrillOutcome::Passed(format!(
+            "the dump is readable: {entries} entries listed by pg_restore"
+        )))
     }
 
     async fn restore(

@@ -408,12 +408,19 @@ impl Checkpoint for LocalBackend {
             completed_at: Utc::now(),
             size_bytes: if due.is_some() { used.base.size_bytes } else { 0 },
             restore_drill: "not run (local backend: restore is exercised on failure)".into(),
+            drill: crate::checkpoint::DrillVerdict::NotRun,
             base: Some(used),
         })
     }
 
-    async fn drill(&self, db: &Database, checkpoint: &CheckpointRecord) -> Result<String, CheckpointError> {
-        self.drill_copy(db, checkpoint).await
+    async fn drill(
+        &self,
+        db: &Database,
+        checkpoint: &CheckpointRecord,
+    ) -> Result<crate::checkpoint::DrillOutcome, CheckpointError> {
+        self.drill_copy(db, checkpoint)
+            .await
+            .map(crate::checkpoint::DrillOutcome::Passed)
     }
 
     async fn restore(

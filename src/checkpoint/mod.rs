@@ -103,12 +103,37 @@ pub struct CheckpointRecord {
     pub started_at: DateTime<Utc>,
     pub completed_at: DateTime<Utc>,
     pub size_bytes: u64,
-    /// Result of a restore drill, where the backend runs one.
+    /// Result of a restore drill, where the backend runs one, in words.
     pub restore_drill: String,
+    /// Where the restore drill stands; what decides whether it runs again.
+    /// Journals written before this field read as [`DrillVerdict::NotRun`]:
+    /// a run that needs a drill then drills again (a copy apart from the
+    /// live database, so that costs time only).
+    #[serde(default)]
+    pub drill: DrillVerdict,
     /// The base backup a restore starts from and the WAL it replays, for
     /// backends whose checkpoint is a recovery point ([`base`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base: Option<base::BaseUse>,
+}
+
+/// What a restore drill found when it did not fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DrillOutcome {
+    /// A copy restored from the checkpoint came up and answered; what it showed.
+    Passed(String),
+    /// The backend cannot run a drill; why.
+    NotSupported(String),
+}
+
+/// Where a checkpoint's restore drill stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DrillVerdict {
+    #[default]
+    NotRun,
+    Passed,
+    NotSupported,
+    Failed,
 }
 
 /// The point a restore goes back to: read over the database connection just
@@ -208,9 +233,12 @@ pub trait Checkpoint: Send + Sync {
     async fn create(&self, db: &Database, run_id: &str) -> Result<CheckpointRecord, CheckpointError>;
     /// Proves the checkpoint restores: brings a copy up apart from the live
     /// database and queries it. Backends that cannot say so.
-    async fn drill(&self, db: &Database, checkpoint: &CheckpointRecord) -> Result<String, CheckpointError> {
+    async fn drill(&self, db: &Database, checkpoint: &CheckpointRecord) -> Result<DrillOutcome, CheckpointError> {
         let _ = (db, checkpoint);
-        Ok(format!("not supported by the {} backend", self.name()))
+        Ok(DrillOutcome::NotSupported(format!(
+            "not supported by the {} backend",
+            self.name()
+        )))
     }
     /// Brings `db` back to `target` from `checkpoint`. Safe to call again after
     /// an interruption: the state before the first attempt stays kept.

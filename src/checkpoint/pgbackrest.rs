@@ -246,6 +246,7 @@ impl Checkpoint for PgBackRestBackend {
             completed_at: Utc::now(),
             size_bytes: if due.is_some() { used.base.size_bytes } else { 0 },
             restore_drill: "not run (pgbackrest backend: restore is exercised on failure)".into(),
+            drill: crate::checkpoint::DrillVerdict::NotRun,
             base: Some(used),
         })
     }

@@ -340,7 +340,11 @@ impl Engine {
             .map_err(|e| Fault::transient(format!("checkpoint failed: {}", chain(&e))))
     }
 
-    async fn drill(&self, run: &RunRecord, cache: &mut Option<Database>) -> Result<String, Fault> {
+    async fn drill(
+        &self,
+        run: &RunRecord,
+        cache: &mut Option<Database>,
+    ) -> Result<crate::checkpoint::DrillOutcome, Fault> {
         let Some(record) = &run.checkpoint else {
             return Err(Fault::refused("no checkpoint to drill"));
         };

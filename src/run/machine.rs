@@ -18,7 +18,7 @@
 use chrono::{DateTime, Duration, Utc};
 
 use super::record::{Failure, FailureKind, Phase, Retry, RevertRecord, RunRecord, Step, StepDetail};
-use crate::checkpoint::{CheckpointRecord, RecoveryPoint, RestoreRecord};
+use crate::checkpoint::{CheckpointRecord, DrillOutcome, DrillVerdict, RecoveryPoint, RestoreRecord};
 use crate::manifests::{Order, RevertMode};
 use crate::runner::{MigrateOutcome, VerifyOutcome};
 
@@ -158,7 +158,7 @@ pub enum Observation {
     Planned(String),
     /// `None`: the migrations' checkpoint kind is `none`.
     Checkpointed(Result<Option<CheckpointRecord>, Fault>),
-    Drilled(Result<String, Fault>),
+    Drilled(Result<crate::checkpoint::DrillOutcome, Fault>),
     RecoveryPoint(Result<RecoveryPoint, Fault>),
     Migrated(usize, Result<MigrateOutcome, Fault>),
     Recovered(usize, Result<Recovered, Fault>),
@@ -243,7 +243,7 @@ fn drill_pending(run: &RunRecord) -> bool {
         && run
             .checkpoint
             .as_ref()
-            .is_some_and(|c| !c.restore_drill.starts_with("passed") && !c.restore_drill.starts_with("not supported"))
+            .is_some_and(|c| !matches!(c.drill, DrillVerdict::Passed | DrillVerdict::NotSupported))
 }
 
 /// The phase after `phase` on the success path, by order.
@@ -454,17 +454,19 @@ pub fn apply(run: &mut RunRecord, step: &str, obs: Observation, now: DateTime<Ut
         },
         O::Drilled(r) => match r {
             Ok(d) => {
+                let (verdict, said, detail) = match d {
+                    DrillOutcome::Passed(d) => (DrillVerdict::Passed, format!("passed: {d}"), d),
+                    DrillOutcome::NotSupported(d) => (DrillVerdict::NotSupported, d.clone(), d),
+                };
                 if let Some(c) = run.checkpoint.as_mut() {
-                    c.restore_drill = if d.starts_with("not supported") {
-                        d.clone()
-                    } else {
-                        format!("passed: {d}")
-                    };
+                    c.drill = verdict;
+                    c.restore_drill = said;
                 }
-                done(run, step, ok_detail(d), now)
+                done(run, step, ok_detail(detail), now)
             }
             Err(f) => {
                 if let Some(c) = run.checkpoint.as_mut() {
+                    c.drill = DrillVerdict::Failed;
                     c.restore_drill = format!("failed: {}", f.message);
                 }
                 fault(run, step, f, false, now, policy)

@@ -573,11 +573,7 @@ impl Engine {
             plan_hash: prepared.plan_hash.clone(),
             findings: prepared.findings.clone(),
             facts: prepared.facts.clone(),
-            approvals: prepared
-                .verdicts
-                .iter()
-                .flat_map(|v| v.notes.iter().filter(|n| n.starts_with("approved by")).cloned())
-                .collect(),
+            approvals: prepared.verdicts.iter().filter_map(|v| v.approved.clone()).collect(),
             soak: prepared.verdicts.iter().filter_map(|v| v.soak.clone()).collect(),
             needs_drill: prepared.needs_drill(),
             phase: Phase::Pending,

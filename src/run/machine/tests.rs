@@ -152,6 +152,7 @@ fn checkpoint_record() -> CheckpointRecord {
         completed_at: t0(),
         size_bytes: 1234,
         restore_drill: String::new(),
+        drill: crate::checkpoint::DrillVerdict::NotRun,
         base: None,
     }
 }
@@ -190,7 +191,9 @@ fn ok(action: &Action, run: &RunRecord) -> Observation {
         Action::Lock => O::Locked(Ok("locked".into())),
         Action::Plan => O::Planned("plan ok".into()),
         Action::Checkpoint => O::Checkpointed(Ok(Some(checkpoint_record()))),
-        Action::Drill => O::Drilled(Ok("restored into scratch".into())),
+        Action::Drill => O::Drilled(Ok(crate::checkpoint::DrillOutcome::Passed(
+            "restored into scratch".into(),
+        ))),
         Action::RecoveryPoint => O::RecoveryPoint(Ok(RecoveryPoint {
             time: t0(),
             lsn: "0/16B3748".into(),
@@ -531,6 +534,10 @@ fn restore_drill_runs_once_after_the_checkpoint_when_the_run_needs_one() {
         run.checkpoint.as_ref().unwrap().restore_drill,
         "passed: restored into scratch"
     );
+    assert_eq!(
+        run.checkpoint.as_ref().unwrap().drill,
+        crate::checkpoint::DrillVerdict::Passed
+    );
     assert_eq!(last_step(&run, "restore-drill").ok, Some(true));
     assert_eq!(run.phase, Phase::Succeeded);
 }
@@ -539,11 +546,15 @@ fn restore_drill_runs_once_after_the_checkpoint_when_the_run_needs_one() {
 fn restore_drill_not_needed_when_the_backend_does_not_support_it() {
     let mut run = Build::new(&["m1"]).needs_drill().build();
     let actions = performed(&play(&mut run, t0(), |a, _| match a {
-        Action::Drill => Some(Observation::Drilled(Ok("not supported by local".into()))),
+        Action::Drill => Some(Observation::Drilled(Ok(crate::checkpoint::DrillOutcome::NotSupported(
+            "cannot drill".into(),
+        )))),
         _ => None,
     }));
     assert_eq!(actions.iter().filter(|a| **a == Action::Drill).count(), 1);
-    assert_eq!(run.checkpoint.as_ref().unwrap().restore_drill, "not supported by local");
+    let checkpoint = run.checkpoint.as_ref().unwrap();
+    assert_eq!(checkpoint.restore_drill, "cannot drill");
+    assert_eq!(checkpoint.drill, crate::checkpoint::DrillVerdict::NotSupported);
     assert_eq!(run.phase, Phase::Succeeded);
 }
 
@@ -1693,4 +1704,28 @@ fn backoff_bump_counts_attempts_keeps_since_and_schedules_next() {
     assert_eq!(r2.next_at, at(90));
     assert_eq!(r2.cause, "push failed again");
     assert!(!r2.stalled);
+}
+
+#[test]
+fn a_failed_restore_drill_is_recorded_as_failed_and_the_run_defers_without_migrating() {
+    let mut run = Build::new(&["m1"]).needs_drill().build();
+    let actions = play(&mut run, t0(), |a, _| match a {
+        Action::Drill => Some(Observation::Drilled(Err(Fault::transient("the copy did not start")))),
+        _ => None,
+    });
+    let actions = [actions, play_ok(&mut run, at(1))].concat();
+    assert!(!actions.iter().any(|a| matches!(a, Action::Migrate(_))), "{actions:?}");
+    assert!(!actions.iter().any(is_remediation), "{actions:?}");
+    let checkpoint = run.checkpoint.as_ref().unwrap();
+    assert_eq!(checkpoint.drill, crate::checkpoint::DrillVerdict::Failed);
+    assert_eq!(checkpoint.restore_drill, "failed: the copy did not start");
+    assert_eq!(run.phase, Phase::Deferred);
+}
+
+#[test]
+fn a_checkpoint_recorded_before_the_drill_verdict_existed_reads_as_not_drilled() {
+    let old = r#"{"backend":"local","location":"/b","database":"app","started_at":"2026-01-01T00:00:00Z",
+        "completed_at":"2026-01-01T00:00:00Z","size_bytes":0,"restore_drill":"passed: it answered"}"#;
+    let record: CheckpointRecord = serde_json::from_str(old).unwrap();
+    assert_eq!(record.drill, crate::checkpoint::DrillVerdict::NotRun);
 }
