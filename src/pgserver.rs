@@ -55,7 +55,8 @@ impl PgServer {
     /// of two, 1 to 1024; PostgreSQL's default is 16). Every checkpoint
     /// switches a segment, and the archive keeps each whole: test servers
     /// that checkpoint dozens of times use 1 MiB segments so that the suite
-    /// fits in a temp directory of under a gigabyte.
+    /// fits in a temp directory of under a gigabyte. `min_wal_size` is two
+    /// segments, the least PostgreSQL allows.
     pub async fn start_with_segments(settings: &str, mib: u32) -> Result<Self, PgServerError> {
         let bindir = pgbin::bindir()?;
         let root = tempfile::Builder::new()
@@ -100,9 +101,12 @@ impl PgServer {
         let conf = format!(
             "\n# backstop test server\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{sock}'\n\
              wal_level = replica\narchive_mode = on\narchive_command = 'test ! -f {arch}/%f && cp %p {arch}/%f'\n\
-             max_wal_senders = 4\nmax_wal_size = 64MB\nmin_wal_size = 32MB\nfsync = off\nsynchronous_commit = off\nfull_page_writes = on\nlog_min_messages = warning\n",
+             max_wal_senders = 4\nmax_wal_size = 64MB\nmin_wal_size = {min_wal}MB\nfsync = off\nsynchronous_commit = off\nfull_page_writes = on\nlog_min_messages = warning\n",
             sock = root.path().display(),
             arch = archive.display(),
+            // PostgreSQL's floor (two segments): pg_wal keeps no more recycled
+            // segments than it must.
+            min_wal = 2 * mib,
         ) + settings
             + "\n";
         append(&data.join("postgresql.conf"), &conf).map_err(io)?;
