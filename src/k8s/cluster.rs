@@ -66,11 +66,16 @@ async fn cnpg_ca(
         return Ok(None);
     };
     // Named by content: a file once written never changes under a reader,
-    // and two clusters (or two controllers on one host) with the same name
-    // but different CAs never share one.
+    // and two clusters with the same name but different CAs never share one.
     use sha2::Digest;
     let digest = hex::encode(sha2::Sha256::digest(ca.as_bytes()));
-    let dir = std::env::temp_dir().join("backstop-cnpg-ca").join(namespace);
+    let dir = ca_dir()
+        .map_err(|e| {
+            ClusterError::Other(format!(
+                "failed to create a private directory for the CAs of CNPG clusters: {e}"
+            ))
+        })?
+        .join(namespace);
     let path = dir.join(format!("{cluster}-{}.crt", &digest[..16]));
     if std::fs::read(&path).is_ok_and(|have| have == ca.as_bytes()) {
         return Ok(Some(path));
@@ -87,6 +92,25 @@ async fn cnpg_ca(
             ))
         })?;
     Ok(Some(path))
+}
+
+/// This process's own directory (mode 0700) for the CAs it writes. Not a
+/// fixed path in the shared temp directory: another local user could create
+/// that first and swap a CA file between backstop's check of its content and
+/// libpq's read, and the connection would trust their CA.
+fn ca_dir() -> std::io::Result<&'static std::path::Path> {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    if let Some(dir) = DIR.get() {
+        return Ok(dir.path());
+    }
+    use std::os::unix::fs::PermissionsExt;
+    // Asked for: tempfile's default follows the umask (0755 here).
+    let dir = tempfile::Builder::new()
+        .prefix("backstop-cnpg-ca-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir()?;
+    // A second thread's directory, if it lost the race, is removed here.
+    Ok(DIR.get_or_init(|| dir).path())
 }
 
 /// `url` with `sslmode=verify-full` and `sslrootcert=<ca>`, unless it names
@@ -248,6 +272,15 @@ pub fn artifact_sha(revision: &str) -> Option<&str> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn cnpg_cas_go_to_one_private_directory_of_this_process() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = super::ca_dir().unwrap();
+        assert_eq!(super::ca_dir().unwrap(), dir);
+        let mode = std::fs::metadata(dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{}", dir.display());
+    }
+
     #[test]
     fn a_cnpg_ca_turns_on_verify_full_unless_the_url_chose_an_sslmode() {
         let ca = std::path::Path::new("/tmp/ca dir/x.crt");
