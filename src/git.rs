@@ -105,7 +105,29 @@ pub struct GitRepo {
     /// Shared too: the files the commits pending between two shas change
     /// (see [`pending_touches`](Self::pending_touches)).
     touched: TouchedCache,
+    /// Shared too: handles of the mirror kept open (see [`with_repo`](Self::with_repo)).
+    handles: Handles,
 }
+
+/// Open handles of one mirror, kept for reuse.
+#[derive(Clone, Default)]
+struct Handles(std::sync::Arc<std::sync::Mutex<Vec<Repository>>>);
+
+impl Handles {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Repository>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl std::fmt::Debug for Handles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Handles({} kept)", self.lock().len())
+    }
+}
+
+/// How many handles of a mirror are kept open: one per git task running at
+/// once in the controller is plenty.
+const KEPT_HANDLES: usize = 4;
 
 /// Files changed by the commits pending between (gate, upstream) shas.
 type TouchedCache = std::sync::Arc<std::sync::Mutex<HashMap<(Oid, Oid), std::sync::Arc<BTreeSet<String>>>>>;
@@ -174,6 +196,7 @@ impl GitRepo {
             hint: Default::default(),
             source: None,
             touched: Default::default(),
+            handles: Default::default(),
         })
     }
 
@@ -218,14 +241,14 @@ impl GitRepo {
             hint: Default::default(),
             source: None,
             touched: Default::default(),
+            handles: Default::default(),
         })
     }
 
     /// Resolves a revision (`HEAD~1`, a branch, a sha prefix) to a commit sha.
     pub async fn resolve(&self, rev: &str) -> Result<String> {
         let rev = rev.to_string();
-        self.blocking(move |this| {
-            let repo = this.repo()?;
+        self.blocking_repo(move |_, repo| {
             let read = |source| GitError::Read {
                 sha: rev.clone(),
                 source,
@@ -239,16 +262,41 @@ impl GitRepo {
         .await
     }
 
-    fn repo(&self) -> Result<Repository> {
-        Repository::open(&self.mirror).map_err(|source| GitError::Open {
-            path: self.mirror.clone(),
-            source,
-        })
+    /// Runs `f` on a handle of the mirror: a kept one when there is one,
+    /// else a newly opened one. Opening reads three config files and lists
+    /// every pack; a pass asks a dozen times. A handle goes back to be kept
+    /// (up to [`KEPT_HANDLES`]) only when `f` succeeded. A kept handle sees
+    /// what others write: refs are read from disk at each lookup, and an
+    /// object it cannot find makes libgit2 look for new packs first. After a
+    /// repack ([`maintain`](Self::maintain)) the kept handles are dropped.
+    fn with_repo<T>(&self, f: impl FnOnce(&Repository) -> Result<T>) -> Result<T> {
+        let kept = self.handles.lock().pop();
+        let repo = match kept {
+            Some(repo) => repo,
+            None => Repository::open(&self.mirror).map_err(|source| GitError::Open {
+                path: self.mirror.clone(),
+                source,
+            })?,
+        };
+        let out = f(&repo)?;
+        let mut handles = self.handles.lock();
+        if handles.len() < KEPT_HANDLES {
+            handles.push(repo);
+        }
+        Ok(out)
     }
 
     async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&Self) -> Result<T> + Send + 'static) -> Result<T> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || f(&this)).await?
+    }
+
+    /// [`blocking`](Self::blocking) with a handle of the mirror ([`with_repo`](Self::with_repo)).
+    async fn blocking_repo<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Self, &Repository) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.blocking(move |this| this.with_repo(|repo| f(this, repo))).await
     }
 
     /// Fetches every branch of the remote (pruning deleted ones), then
@@ -341,7 +389,11 @@ impl GitRepo {
         cmd.arg("-C").arg(&self.mirror).args(["repack", "-a", "-d", "-k", "-q"]);
         crate::pgbin::dies_with_us(&mut cmd);
         match cmd.output().await {
-            Ok(out) if out.status.success() => tracing::info!(packs, "repacked the git mirror"),
+            Ok(out) if out.status.success() => {
+                // Their packs are gone: open afresh rather than trust a refresh.
+                self.handles.lock().clear();
+                tracing::info!(packs, "repacked the git mirror")
+            }
             Ok(out) => tracing::warn!(
                 packs,
                 stderr = %String::from_utf8_lossy(&out.stderr).trim(),
@@ -357,8 +409,7 @@ impl GitRepo {
         if self.fetch_local().await {
             return Ok(());
         }
-        self.blocking(|this| {
-            let repo = this.repo()?;
+        self.blocking_repo(|this, repo| {
             let err = |source| GitError::Fetch {
                 url: this.url.clone(),
                 source,
@@ -380,8 +431,7 @@ impl GitRepo {
     /// The commit a remote branch points at (as of the last fetch).
     pub async fn branch(&self, branch: &str) -> Result<Option<String>> {
         let branch = branch.to_string();
-        self.blocking(move |this| {
-            let repo = this.repo()?;
+        self.blocking_repo(move |_, repo| {
             Ok(repo
                 .refname_to_id(&format!("refs/remotes/origin/{branch}"))
                 .ok()
@@ -401,8 +451,7 @@ impl GitRepo {
     /// Whether `ancestor` is `descendant` or one of its ancestors.
     pub async fn is_ancestor(&self, ancestor: &str, descendant: &str) -> Result<bool> {
         let (a, d) = (ancestor.to_string(), descendant.to_string());
-        self.blocking(move |this| {
-            let repo = this.repo()?;
+        self.blocking_repo(move |_, repo| {
             let (a, d) = (oid(&a)?, oid(&d)?);
             Ok(a == d
                 || repo.graph_descendant_of(d, a).map_err(|source| GitError::Read {

@@ -26,7 +26,7 @@ fn main() -> ExitCode {
         .with_target(false)
         .init();
     let cli = backstop::cli::Cli::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match backstop::cli::runtime_for(&cli) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("backstop: failed to start the async runtime: {e}");

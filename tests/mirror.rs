@@ -63,6 +63,42 @@ async fn packs_left_by_fetches_are_repacked_once_they_pile_up() {
     assert_eq!(snap.len(), GitRepo::PACK_LIMIT + 8);
 }
 
+/// The mirror's handles are kept open between operations: one that read
+/// the mirror before git fetched a burst into a new pack (written by another
+/// process) still reads every new commit and file.
+#[tokio::test]
+async fn a_kept_handle_of_the_mirror_reads_what_git_fetched_into_a_new_pack() {
+    let (_dir, remote, work, mirror) = remote_and_work();
+    let repo = GitRepo::open(&mirror, remote.to_str().unwrap()).await.unwrap();
+    std::fs::write(work.join("first.txt"), "first").unwrap();
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "first"]);
+    git(&work, &["push", "-q", "origin", "main"]);
+    repo.fetch().await.unwrap();
+    let first = repo.require_branch("main").await.unwrap();
+    assert_eq!(repo.snapshot(&first, "").await.unwrap().len(), 1);
+    // More commits than the in-process copy takes: git fetches them.
+    for i in 0..70 {
+        std::fs::write(work.join(format!("f{i}.txt")), format!("content {i}")).unwrap();
+        git(&work, &["add", "-A"]);
+        git(&work, &["commit", "-q", "-m", &format!("c{i}")]);
+    }
+    git(&work, &["push", "-q", "origin", "main"]);
+    let _ = std::fs::remove_file(mirror.join("FETCH_HEAD"));
+    repo.fetch().await.unwrap();
+    assert!(
+        mirror.join("FETCH_HEAD").exists(),
+        "git did not fetch (the test proves nothing)"
+    );
+    let head = repo.require_branch("main").await.unwrap();
+    assert_eq!(head, git(&work, &["rev-parse", "HEAD"]).trim());
+    let snap = repo.snapshot(&head, "").await.unwrap();
+    assert_eq!(snap.len(), 71);
+    assert_eq!(snap.get("f69.txt").map(|b| b.as_slice()), Some(&b"content 69"[..]));
+    let pending = repo.pending(&first, &head, ("first", "main")).await.unwrap();
+    assert_eq!(pending.len(), 70);
+}
+
 /// Kustomizations on one repository share its mirror and push their gates
 /// concurrently: each push lands its own commit on its own branch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -320,15 +320,20 @@ pub(super) async fn run_local(args: RunArgs) -> anyhow::Result<u8> {
             return Ok(EXIT_BAD_INPUT);
         }
     };
-    let state = args.state.clone();
     // Watching: what lasts from pass to pass (an error, the gate's wait) is
     // said once with its time, then summarised when it changes or ends.
     let mut repeats = crate::run::summary::Repeats::default();
     loop {
         let (code, lasting) = match engine.pass().await {
             Ok(report) => {
-                let journal = Journal::new(&state);
-                let summary = crate::run::summary::PassSummary::of(&report, |id| journal.find(id).ok().flatten());
+                // The engine's own store: it has parsed the journal already.
+                let runs = if report.runs.is_empty() {
+                    Vec::new()
+                } else {
+                    engine.store.list().await.unwrap_or_default()
+                };
+                let summary =
+                    crate::run::summary::PassSummary::of(&report, |id| runs.iter().find(|r| r.id == id).cloned());
                 match (args.output, args.once) {
                     (Format::Json, _) => println!("{}", serde_json::to_string(&summary)?),
                     (Format::Text, true) => print!("{}", summary.text()),

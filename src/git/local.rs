@@ -96,23 +96,22 @@ impl GitRepo {
         // process to start, the common case of a pass's second fetch). A few
         // new commits are copied in process; more, and git fetches.
         let done = self
-            .blocking(move |this| {
+            .blocking_repo(move |_, mirror| {
                 let theirs = Repository::open_bare(&remote).ok().and_then(|r| {
                     let branches = branches(&r, "refs/heads/")?;
                     Some((r, branches))
                 });
-                let mirror = this.repo()?;
                 let Some((remote, theirs)) = theirs else {
                     return Ok(false);
                 };
                 // A symbolic ref among ours: git sorts that out.
-                let Some(ours) = branches(&mirror, "refs/remotes/origin/") else {
+                let Some(ours) = branches(mirror, "refs/remotes/origin/") else {
                     return Ok(false);
                 };
                 if ours == theirs {
                     return Ok(true);
                 }
-                match copy_few(&mirror, &remote, &theirs, &ours) {
+                match copy_few(mirror, &remote, &theirs, &ours) {
                     Ok(copied) => Ok(copied),
                     Err(e) => {
                         tracing::debug!(error = %e, "copying the new commits in process failed; git fetches");
