@@ -30,11 +30,11 @@ impl GitRepo {
                     upstream: upstream_name,
                 });
             }
-            let walk = first_parent_walk(&repo, g, u).map_err(read)?;
+            let walk = first_parent_walk(repo, g, u).map_err(read)?;
             let mut out = Vec::new();
             for id in walk {
                 let id = id.map_err(read)?;
-                out.push(commit_info(&repo, id)?);
+                out.push(commit_info(repo, id)?);
             }
             Ok(out)
         })
@@ -69,7 +69,7 @@ impl GitRepo {
                     if !repo.graph_descendant_of(u, g).map_err(read)? {
                         return Ok(None);
                     }
-                    let walk = first_parent_walk(&repo, g, u).map_err(read)?;
+                    let walk = first_parent_walk(repo, g, u).map_err(read)?;
                     let mut files = BTreeSet::new();
                     let mut before = repo.find_commit(g).and_then(|c| c.tree()).map_err(read)?;
                     for id in walk {

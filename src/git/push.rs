@@ -47,7 +47,7 @@ impl GitRepo {
             };
             match in_place {
                 Some(pushed) => pushed.map_err(err)?,
-                None => this.push_with_libgit2(&repo, &sha, &branch, force)?,
+                None => this.push_with_libgit2(repo, &sha, &branch, force)?,
             }
             // Keep the mirror's view of the remote in step with what we pushed.
             repo.reference(
@@ -153,9 +153,9 @@ impl GitRepo {
                 });
             }
             for (path, content) in &files {
-                stage_file(&repo, &mut index, path, content.as_bytes()).map_err(err)?;
+                stage_file(repo, &mut index, path, content.as_bytes()).map_err(err)?;
             }
-            let tree_id = index.write_tree_to(&repo).map_err(err)?;
+            let tree_id = index.write_tree_to(repo).map_err(err)?;
             let tree = repo.find_tree(tree_id).map_err(err)?;
             let sig = git2::Signature::now(BOT_NAME, BOT_EMAIL).map_err(err)?;
             let subject = commit.summary().ok().flatten().unwrap_or("");
