@@ -168,7 +168,7 @@ impl Database {
         runtime.spawn(async move {
             let started = std::time::Instant::now();
             match db.connect().await {
-                Ok(client) => session::put(db.target_key(), client, started),
+                Ok(client) => session::put(db.target_key(), session::Conn::new(client), started),
                 Err(e) => {
                     tracing::debug!(database = %db.describe(), error = %e, "could not open a bookkeeping session ahead")
                 }
@@ -178,16 +178,16 @@ impl Database {
 
     async fn session_born_after(&self, after: Option<std::time::Instant>) -> Result<Session, DbError> {
         let key = self.target_key();
-        let (client, born) = match session::take(&key, after) {
+        let (conn, born) = match session::take(&key, after) {
             Some(kept) => kept,
             // Born when its login began: what it reads of the defaults is
             // at least that recent.
             None => {
                 let started = std::time::Instant::now();
-                (self.connect().await?, started)
+                (session::Conn::new(self.connect().await?), started)
             }
         };
-        Ok(Session::new(client, key, born))
+        Ok(Session::new(conn, key, born))
     }
 
     /// What tells two targets apart for reusing sessions: every connection

@@ -217,7 +217,7 @@ COMMIT;";
 
 /// Creates backstop's tables unless they exist (a role that does not own
 /// them may use them, but `CREATE INDEX IF NOT EXISTS` wants the owner).
-pub async fn ensure_schema(client: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+pub async fn ensure_schema(client: &crate::db::Session) -> Result<(), tokio_postgres::Error> {
     let ready: bool = client
         .query_one(
             "SELECT to_regclass('backstop.migration_history') IS NOT NULL AND to_regclass('backstop.run_owner') IS NOT NULL",

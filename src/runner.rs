@@ -259,7 +259,7 @@ pub async fn record_history(
 }
 
 /// The server's major version (e.g. 15).
-async fn major_version(db: &Database, client: &tokio_postgres::Client) -> Result<u32, RunnerError> {
+async fn major_version(db: &Database, client: &crate::db::Session) -> Result<u32, RunnerError> {
     let v: String = client
         .query_one("SHOW server_version_num", &[])
         .await

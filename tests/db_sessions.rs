@@ -210,3 +210,56 @@ async fn a_session_lent_while_a_migration_closed_the_idle_ones_is_not_kept_when_
         .get(0);
     assert_eq!(timeout, "9s");
 }
+
+#[tokio::test]
+async fn backstops_own_statements_stay_prepared_on_the_connection_between_holders() {
+    let _turn = SERIAL.lock().await;
+    let server = PgServer::start().await.unwrap();
+    let db = server.database("postgres").unwrap();
+    let s = db.session().await.unwrap();
+    let first: i32 = s.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    s.release().await;
+    let s = db.session().await.unwrap();
+    let again: i32 = s.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    assert_eq!(again, first, "the released session is reused");
+    let prepared: i64 = s
+        .query_one(
+            "SELECT count(*) FROM pg_prepared_statements WHERE statement = 'SELECT pg_backend_pid()'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        prepared, 1,
+        "prepared once, by the first holder, and used by the second"
+    );
+    s.release().await;
+}
+
+#[tokio::test]
+async fn a_kept_statement_that_fails_is_prepared_afresh_next_time() {
+    let _turn = SERIAL.lock().await;
+    let server = PgServer::start().await.unwrap();
+    let db = server.database("postgres").unwrap();
+    let other = db.connect().await.unwrap();
+    other
+        .batch_execute("CREATE TABLE t (x int); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let s = db.session().await.unwrap();
+    assert_eq!(s.query("SELECT * FROM t", &[]).await.unwrap()[0].len(), 1);
+    // The table changes shape under the kept plan.
+    other
+        .batch_execute("DROP TABLE t; CREATE TABLE t (x text, y int); INSERT INTO t VALUES ('a', 2)")
+        .await
+        .unwrap();
+    assert!(
+        s.query("SELECT * FROM t", &[]).await.is_err(),
+        "the kept plan no longer fits"
+    );
+    let rows = s.query("SELECT * FROM t", &[]).await.unwrap();
+    assert_eq!(rows[0].len(), 2);
+    assert_eq!(rows[0].get::<_, String>(0), "a");
+    s.release().await;
+}

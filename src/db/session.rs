@@ -26,6 +26,16 @@
 //! server went away (restarted by a restore, or its runtime gone) is never
 //! lent: its connection task has ended and [`Client::is_closed`] says so.
 //!
+//! backstop's own statements go through [`Session::query`] and its
+//! siblings, which keep each statement prepared on the connection (the
+//! statements travel with it between holders): a pass asks the same few
+//! questions several times, and preparing is a round trip of its own. The
+//! reset runs only when a holder reached the client itself (anything but
+//! those methods: a transaction, a batch, a setting); a statement run by
+//! those methods ends in its own implicit transaction and changes no
+//! session state. A cached statement that fails is prepared afresh next
+//! time.
+//!
 //! Why not deadpool-postgres: its recycling runs the reset statements
 //! without checking that no transaction is open, and a pool per target
 //! would still need this registry of targets.
@@ -34,16 +44,36 @@ use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use tokio_postgres::Client;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Row, Statement};
 
 /// How long an idle session is kept.
 pub const IDLE_FOR: Duration = Duration::from_secs(5);
 /// How many idle sessions are kept per target.
 pub const IDLE_PER_TARGET: usize = 2;
 
+/// How many prepared statements a connection keeps; past that they are
+/// all let go (backstop's own number about two dozen).
+const STATEMENTS_KEPT: usize = 64;
+
+/// A connection with the statements prepared on it, by their SQL.
+pub(super) struct Conn {
+    client: Client,
+    statements: HashMap<String, Statement>,
+}
+
+impl Conn {
+    pub(super) fn new(client: Client) -> Self {
+        Self {
+            client,
+            statements: HashMap::new(),
+        }
+    }
+}
+
 /// An idle session: since when it is idle, and when it logged in.
 struct Kept {
-    client: Client,
+    conn: Conn,
     idle_since: Instant,
     born: Instant,
 }
@@ -58,14 +88,14 @@ fn idle() -> &'static Mutex<Idle> {
 /// Drops idle sessions kept too long (their connection tasks end with them).
 fn prune(idle: &mut Idle, now: Instant) {
     idle.retain(|_, v| {
-        v.retain(|k| !k.client.is_closed() && now.duration_since(k.idle_since) < IDLE_FOR);
+        v.retain(|k| !k.conn.client.is_closed() && now.duration_since(k.idle_since) < IDLE_FOR);
         !v.is_empty()
     });
 }
 
 /// An idle session to `key` (with its login time), if one is kept, still
 /// open, and logged in after `born_after` when given.
-pub(super) fn take(key: &str, born_after: Option<Instant>) -> Option<(Client, Instant)> {
+pub(super) fn take(key: &str, born_after: Option<Instant>) -> Option<(Conn, Instant)> {
     let mut idle = idle().lock().unwrap_or_else(|e| e.into_inner());
     prune(&mut idle, Instant::now());
     let kept = idle.get_mut(key)?;
@@ -73,7 +103,7 @@ pub(super) fn take(key: &str, born_after: Option<Instant>) -> Option<(Client, In
         .iter()
         .rposition(|k| born_after.is_none_or(|after| k.born > after))?;
     let k = kept.remove(i);
-    Some((k.client, k.born))
+    Some((k.conn, k.born))
 }
 
 /// When [`close_idle`] last ran (after a migration).
@@ -82,7 +112,7 @@ fn closed_at() -> &'static Mutex<Option<Instant>> {
     CLOSED.get_or_init(|| Mutex::new(None))
 }
 
-pub(super) fn put(key: String, client: Client, born: Instant) {
+pub(super) fn put(key: String, conn: Conn, born: Instant) {
     let now = Instant::now();
     {
         // The idle lock first, as in `close_idle`: the check and the insert
@@ -105,7 +135,7 @@ pub(super) fn put(key: String, client: Client, born: Instant) {
             return;
         }
         kept.push(Kept {
-            client,
+            conn,
             idle_since: now,
             born,
         });
@@ -147,39 +177,118 @@ pub fn close_idle() {
     idle.clear();
 }
 
-/// A connection lent for a while; derefs to the client.
+/// A connection lent for a while. backstop's own statements go through
+/// its methods; it derefs to the client for anything else, and then it is
+/// reset when given back.
 pub struct Session {
     client: Client,
+    statements: Mutex<HashMap<String, Statement>>,
+    /// The holder reached the client itself (see the module's doc).
+    touched: std::sync::atomic::AtomicBool,
     key: String,
     born: Instant,
 }
 
+type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
 impl Session {
-    pub(super) fn new(client: Client, key: String, born: Instant) -> Self {
-        Self { client, key, born }
+    pub(super) fn new(conn: Conn, key: String, born: Instant) -> Self {
+        Self {
+            client: conn.client,
+            statements: Mutex::new(conn.statements),
+            touched: std::sync::atomic::AtomicBool::new(false),
+            key,
+            born,
+        }
     }
 
-    /// Hands the session back for reuse, reset; closed instead when it is
-    /// inside a transaction block (open or aborted), the reset fails or
-    /// takes too long, or the server is gone.
+    /// `sql` prepared on this connection: kept from an earlier use, else
+    /// prepared now and kept.
+    async fn statement(&self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
+        if let Some(st) = self.statements.lock().unwrap_or_else(|e| e.into_inner()).get(sql) {
+            return Ok(st.clone());
+        }
+        let st = self.client.prepare(sql).await?;
+        let mut kept = self.statements.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.len() >= STATEMENTS_KEPT {
+            kept.clear();
+        }
+        kept.insert(sql.to_string(), st.clone());
+        Ok(st)
+    }
+
+    /// What a failed statement leaves: it is prepared afresh next time
+    /// (a changed table can make a kept plan fail).
+    fn forget_on_error<T>(
+        &self,
+        sql: &str,
+        result: Result<T, tokio_postgres::Error>,
+    ) -> Result<T, tokio_postgres::Error> {
+        if result.is_err() {
+            self.statements.lock().unwrap_or_else(|e| e.into_inner()).remove(sql);
+        }
+        result
+    }
+
+    /// [`Client::query`] of backstop's own `sql`, prepared once per connection.
+    pub async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, tokio_postgres::Error> {
+        let st = self.statement(sql).await?;
+        let result = self.client.query(&st, params).await;
+        self.forget_on_error(sql, result)
+    }
+
+    /// [`Client::query_one`] of backstop's own `sql`, prepared once per connection.
+    pub async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, tokio_postgres::Error> {
+        let st = self.statement(sql).await?;
+        let result = self.client.query_one(&st, params).await;
+        self.forget_on_error(sql, result)
+    }
+
+    /// [`Client::query_opt`] of backstop's own `sql`, prepared once per connection.
+    pub async fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>, tokio_postgres::Error> {
+        let st = self.statement(sql).await?;
+        let result = self.client.query_opt(&st, params).await;
+        self.forget_on_error(sql, result)
+    }
+
+    /// [`Client::execute`] of backstop's own `sql`, prepared once per connection.
+    pub async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, tokio_postgres::Error> {
+        let st = self.statement(sql).await?;
+        let result = self.client.execute(&st, params).await;
+        self.forget_on_error(sql, result)
+    }
+
+    /// Hands the session back for reuse; closed instead when the server is
+    /// gone, or, when the holder reached the client itself, when it is
+    /// inside a transaction block (open or aborted) or the reset fails or
+    /// takes too long.
     pub async fn release(self) {
-        let Self { client, key, born } = self;
-        if client.is_closed() || !reset(&client).await {
+        let Self {
+            client,
+            statements,
+            touched,
+            key,
+            born,
+        } = self;
+        if client.is_closed() || (touched.into_inner() && !reset(&client).await) {
             return;
         }
-        put(key, client, born);
+        let statements = statements.into_inner().unwrap_or_else(|e| e.into_inner());
+        put(key, Conn { client, statements }, born);
     }
 }
 
 impl std::ops::Deref for Session {
     type Target = Client;
     fn deref(&self) -> &Client {
+        self.touched.store(true, std::sync::atomic::Ordering::Relaxed);
         &self.client
     }
 }
 
 impl std::ops::DerefMut for Session {
     fn deref_mut(&mut self) -> &mut Client {
+        *self.touched.get_mut() = true;
         &mut self.client
     }
 }
