@@ -178,7 +178,7 @@ impl Database {
 
     async fn session_born_after(&self, after: Option<std::time::Instant>) -> Result<Session, DbError> {
         let key = self.target_key();
-        let (conn, born) = match session::take(&key, after) {
+        let (mut conn, born) = match session::take(&key, after) {
             Some(kept) => kept,
             // Born when its login began: what it reads of the defaults is
             // at least that recent.
@@ -187,6 +187,11 @@ impl Database {
                 (session::Conn::new(self.connect().await?), started)
             }
         };
+        if after.is_some() {
+            // For a migration, whose SQL may deallocate them (`DISCARD ALL`):
+            // backstop's own statements on it are prepared there and then.
+            conn.forget_statements();
+        }
         Ok(Session::new(conn, key, born))
     }
 

@@ -109,19 +109,43 @@ pub struct GitRepo {
     handles: Handles,
 }
 
-/// Open handles of one mirror, kept for reuse.
+/// Open handles of one mirror, kept for reuse, with the generation they
+/// belong to: [`Handles::renew`] starts a new one, and a handle of an older
+/// generation that comes back is dropped (one lent while the mirror was
+/// repacked would hold the deleted packs open for as long as it is kept).
 #[derive(Clone, Default)]
-struct Handles(std::sync::Arc<std::sync::Mutex<Vec<Repository>>>);
+struct Handles(std::sync::Arc<std::sync::Mutex<(u64, Vec<Repository>)>>);
 
 impl Handles {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Repository>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, Vec<Repository>)> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A kept handle and the generation it is lent in.
+    fn take(&self) -> (u64, Option<Repository>) {
+        let mut kept = self.lock();
+        (kept.0, kept.1.pop())
+    }
+
+    /// Keeps `repo`, lent in `generation`, unless that has passed or enough are kept.
+    fn give_back(&self, generation: u64, repo: Repository) {
+        let mut kept = self.lock();
+        if kept.0 == generation && kept.1.len() < KEPT_HANDLES {
+            kept.1.push(repo);
+        }
+    }
+
+    /// Drops every kept handle, and every one lent now when it comes back.
+    fn renew(&self) {
+        let mut kept = self.lock();
+        kept.0 += 1;
+        kept.1.clear();
     }
 }
 
 impl std::fmt::Debug for Handles {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Handles({} kept)", self.lock().len())
+        write!(f, "Handles({} kept)", self.lock().1.len())
     }
 }
 
@@ -270,7 +294,7 @@ impl GitRepo {
     /// object it cannot find makes libgit2 look for new packs first. After a
     /// repack ([`maintain`](Self::maintain)) the kept handles are dropped.
     fn with_repo<T>(&self, f: impl FnOnce(&Repository) -> Result<T>) -> Result<T> {
-        let kept = self.handles.lock().pop();
+        let (generation, kept) = self.handles.take();
         let repo = match kept {
             Some(repo) => repo,
             None => Repository::open(&self.mirror).map_err(|source| GitError::Open {
@@ -279,10 +303,7 @@ impl GitRepo {
             })?,
         };
         let out = f(&repo)?;
-        let mut handles = self.handles.lock();
-        if handles.len() < KEPT_HANDLES {
-            handles.push(repo);
-        }
+        self.handles.give_back(generation, repo);
         Ok(out)
     }
 
@@ -338,6 +359,21 @@ impl GitRepo {
         Ok(())
     }
 
+    /// [`fetch`](Self::fetch), unless a fetch of this mirror started less
+    /// than `within` ago and finished.
+    pub async fn fetch_unless_within(&self, within: std::time::Duration) -> Result<()> {
+        if self
+            .fetched
+            .lock()
+            .await
+            .is_some_and(|started| started.elapsed() < within)
+        {
+            tracing::debug!(url = %self.url, "fetch skipped: the mirror was fetched moments ago");
+            return Ok(());
+        }
+        self.fetch().await
+    }
+
     /// This clone follows `source` (a GitRepository, `namespace/name`):
     /// its revision hints ([`hint_source`](Self::hint_source)) are its own.
     pub fn for_source(mut self, source: &str) -> Self {
@@ -390,16 +426,23 @@ impl GitRepo {
         crate::pgbin::dies_with_us(&mut cmd);
         match cmd.output().await {
             Ok(out) if out.status.success() => {
-                // Their packs are gone: open afresh rather than trust a refresh.
-                self.handles.lock().clear();
+                // Their packs are gone: open afresh (libgit2 never drops a
+                // vanished pack from a handle's list; it would stay open).
+                self.handles.renew();
                 tracing::info!(packs, "repacked the git mirror")
             }
-            Ok(out) => tracing::warn!(
-                packs,
-                stderr = %String::from_utf8_lossy(&out.stderr).trim(),
-                "git repack of the mirror failed; it stays usable, only slower"
-            ),
+            Ok(out) => {
+                // Each kept handle holds a descriptor per pack it read: with
+                // packs piling up, keep none past this pass.
+                self.handles.renew();
+                tracing::warn!(
+                    packs,
+                    stderr = %String::from_utf8_lossy(&out.stderr).trim(),
+                    "git repack of the mirror failed; it stays usable, only slower"
+                )
+            }
             Err(e) => {
+                self.handles.renew();
                 tracing::warn!(packs, error = %e, "cannot run git repack on the mirror; it stays usable, only slower")
             }
         }
@@ -561,6 +604,23 @@ mod tests {
                 ("Signed-off-by".into(), "a <b>".into())
             ]
         );
+    }
+
+    #[test]
+    fn a_handle_lent_before_a_repack_is_not_kept_when_it_comes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        Repository::init_bare(dir.path()).unwrap();
+        let handles = Handles::default();
+        let (lent_in, none) = handles.take();
+        assert!(none.is_none());
+        handles.renew();
+        handles.give_back(lent_in, Repository::open_bare(dir.path()).unwrap());
+        assert_eq!(handles.lock().1.len(), 0, "a handle of the old packs");
+        let (now, _) = handles.take();
+        for _ in 0..KEPT_HANDLES + 2 {
+            handles.give_back(now, Repository::open_bare(dir.path()).unwrap());
+        }
+        assert_eq!(handles.lock().1.len(), KEPT_HANDLES);
     }
 
     #[test]

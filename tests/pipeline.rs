@@ -474,3 +474,42 @@ async fn a_rollback_works_and_measures_its_window_when_the_tools_speak_german() 
         "the migration's own commits: {lost}"
     );
 }
+
+/// The gate's move reads the remote gate from the pass's own fetch when the
+/// migration was quick. Someone moving the gate meanwhile (here a person,
+/// past the run's commit, while the migration runs) makes the move wait or
+/// find it there, never fail: nothing is reverted, and by the next pass the
+/// run has succeeded with the gate where the person put it.
+#[tokio::test]
+async fn a_gate_moved_by_someone_else_while_the_migration_runs_is_found_not_reverted() {
+    let f = Fixture::new().await;
+    let c = f.commit_carrier(
+        &carrier("slow").sql("a.sql", "SELECT pg_sleep(1); CREATE TABLE slow (id int);"),
+        "slow migration",
+    );
+    let child = f.spawn_run(&f.state(), &["--revert", "commit", "--retry-backoff", "0"], &[]);
+    wait_until("the migration runs", || async {
+        f.count("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(1)%'")
+            .await
+            > 0
+    })
+    .await;
+    let d = f.commit_files(&[("docs/readme.md", "later")], "a later commit");
+    f.remote.set_branch(GATE, &d).unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    assert!(matches!(out.status.code(), Some(0) | Some(4)), "{}", text(&out));
+    let out = f.run(&["--revert", "commit", "--retry-backoff", "0"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(f.gate(), d);
+    assert!(
+        git(f.remote.path(), &["log", "--format=%H", GATE]).contains(&c),
+        "{c} on the gate"
+    );
+    f.assert_nothing_reverted();
+    assert_eq!(
+        f.count("SELECT count(*) FROM pg_tables WHERE tablename = 'slow'").await,
+        1
+    );
+    let report = f.reports().pop().unwrap();
+    assert_eq!(report["outcome"], "Succeeded", "{report}");
+}

@@ -69,6 +69,10 @@ impl Conn {
             statements: HashMap::new(),
         }
     }
+
+    pub(super) fn forget_statements(&mut self) {
+        self.statements.clear();
+    }
 }
 
 /// An idle session: since when it is idle, and when it logged in.

@@ -19,6 +19,9 @@ use crate::runner::RunIdentity;
 
 mod recover;
 mod revert;
+
+/// How recent a fetch the gate's move reads the remote gate from.
+const PROMOTE_FETCHED_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
 use revert::revert_pull_request;
 
 impl Engine {
@@ -395,7 +398,15 @@ impl Engine {
     async fn promote(&self, run: &RunRecord) -> Result<(String, String), Fault> {
         let gate_name = &self.settings.gate;
         let transient = |e: &GitError| Fault::transient(format!("moving the gate failed: {}", chain(e)));
-        self.git.fetch().await.map_err(|e| transient(&e))?;
+        // The pass fetched moments ago (and the mirror follows backstop's
+        // own pushes): fetch again only after a long migration. A gate moved
+        // meanwhile by someone else makes the push below fail (it moves the
+        // remote only from the gate the mirror last saw), a transient fault
+        // the next pass, which fetches, resolves.
+        self.git
+            .fetch_unless_within(PROMOTE_FETCHED_WITHIN)
+            .await
+            .map_err(|e| transient(&e))?;
         let current = self.git.require_branch(gate_name).await.map_err(|e| transient(&e))?;
         let commit = &run.commit.sha;
         if self

@@ -450,6 +450,11 @@ impl Engine {
     /// Moves the gate to the furthest pending commit whose tree satisfies the
     /// invariant (no move when that is the gate itself or nothing qualifies).
     async fn advance(&self, gate: &str, trees: &[TreeState], exempt: &Exempt) -> Result<String, EngineError> {
+        // At the newest pending commit already: nothing further to reach
+        // (and no history to read).
+        if trees.last().is_none_or(|t| t.sha == gate) {
+            return Ok(gate.to_string());
+        }
         let view = self.gate();
         let history: History = view.history(trees.iter()).await;
         let Some(index) = gate::furthest(trees, &history, exempt) else {
