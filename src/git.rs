@@ -272,7 +272,7 @@ impl GitRepo {
     /// Resolves a revision (`HEAD~1`, a branch, a sha prefix) to a commit sha.
     pub async fn resolve(&self, rev: &str) -> Result<String> {
         let rev = rev.to_string();
-        self.blocking_repo(move |_, repo| {
+        self.blocking(move |_, repo| {
             let read = |source| GitError::Read {
                 sha: rev.clone(),
                 source,
@@ -307,17 +307,14 @@ impl GitRepo {
         Ok(out)
     }
 
-    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&Self) -> Result<T> + Send + 'static) -> Result<T> {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || f(&this)).await?
-    }
-
-    /// [`blocking`](Self::blocking) with a handle of the mirror ([`with_repo`](Self::with_repo)).
-    async fn blocking_repo<T: Send + 'static>(
+    /// Runs `f` on tokio's blocking pool (git2 blocks) with a handle of the
+    /// mirror ([`with_repo`](Self::with_repo)).
+    async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Self, &Repository) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        self.blocking(move |this| this.with_repo(|repo| f(this, repo))).await
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.with_repo(|repo| f(&this, repo))).await?
     }
 
     /// Fetches every branch of the remote (pruning deleted ones), then
@@ -452,7 +449,7 @@ impl GitRepo {
         if self.fetch_local().await {
             return Ok(());
         }
-        self.blocking_repo(|this, repo| {
+        self.blocking(|this, repo| {
             let err = |source| GitError::Fetch {
                 url: this.url.clone(),
                 source,
@@ -474,7 +471,7 @@ impl GitRepo {
     /// The commit a remote branch points at (as of the last fetch).
     pub async fn branch(&self, branch: &str) -> Result<Option<String>> {
         let branch = branch.to_string();
-        self.blocking_repo(move |_, repo| {
+        self.blocking(move |_, repo| {
             Ok(repo
                 .refname_to_id(&format!("refs/remotes/origin/{branch}"))
                 .ok()
@@ -494,7 +491,7 @@ impl GitRepo {
     /// Whether `ancestor` is `descendant` or one of its ancestors.
     pub async fn is_ancestor(&self, ancestor: &str, descendant: &str) -> Result<bool> {
         let (a, d) = (ancestor.to_string(), descendant.to_string());
-        self.blocking_repo(move |_, repo| {
+        self.blocking(move |_, repo| {
             let (a, d) = (oid(&a)?, oid(&d)?);
             Ok(a == d
                 || repo.graph_descendant_of(d, a).map_err(|source| GitError::Read {

@@ -59,19 +59,19 @@ const STATEMENTS_KEPT: usize = 64;
 /// A connection with the statements prepared on it, by their SQL.
 pub(super) struct Conn {
     client: Client,
-    statements: HashMap<String, Statement>,
+    statements: Mutex<HashMap<String, Statement>>,
 }
 
 impl Conn {
     pub(super) fn new(client: Client) -> Self {
         Self {
             client,
-            statements: HashMap::new(),
+            statements: Mutex::default(),
         }
     }
 
     pub(super) fn forget_statements(&mut self) {
-        self.statements.clear();
+        self.statements.get_mut().unwrap_or_else(|e| e.into_inner()).clear();
     }
 }
 
@@ -185,8 +185,7 @@ pub fn close_idle() {
 /// its methods; it derefs to the client for anything else, and then it is
 /// reset when given back.
 pub struct Session {
-    client: Client,
-    statements: Mutex<HashMap<String, Statement>>,
+    conn: Conn,
     /// The holder reached the client itself (see the module's doc).
     touched: std::sync::atomic::AtomicBool,
     key: String,
@@ -198,8 +197,7 @@ type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 impl Session {
     pub(super) fn new(conn: Conn, key: String, born: Instant) -> Self {
         Self {
-            client: conn.client,
-            statements: Mutex::new(conn.statements),
+            conn,
             touched: std::sync::atomic::AtomicBool::new(false),
             key,
             born,
@@ -209,11 +207,11 @@ impl Session {
     /// `sql` prepared on this connection: kept from an earlier use, else
     /// prepared now and kept.
     async fn statement(&self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
-        if let Some(st) = self.statements.lock().unwrap_or_else(|e| e.into_inner()).get(sql) {
+        if let Some(st) = self.conn.statements.lock().unwrap_or_else(|e| e.into_inner()).get(sql) {
             return Ok(st.clone());
         }
-        let st = self.client.prepare(sql).await?;
-        let mut kept = self.statements.lock().unwrap_or_else(|e| e.into_inner());
+        let st = self.conn.client.prepare(sql).await?;
+        let mut kept = self.conn.statements.lock().unwrap_or_else(|e| e.into_inner());
         if kept.len() >= STATEMENTS_KEPT {
             kept.clear();
         }
@@ -229,7 +227,11 @@ impl Session {
         result: Result<T, tokio_postgres::Error>,
     ) -> Result<T, tokio_postgres::Error> {
         if result.is_err() {
-            self.statements.lock().unwrap_or_else(|e| e.into_inner()).remove(sql);
+            self.conn
+                .statements
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(sql);
         }
         result
     }
@@ -237,28 +239,28 @@ impl Session {
     /// [`Client::query`] of backstop's own `sql`, prepared once per connection.
     pub async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, tokio_postgres::Error> {
         let st = self.statement(sql).await?;
-        let result = self.client.query(&st, params).await;
+        let result = self.conn.client.query(&st, params).await;
         self.forget_on_error(sql, result)
     }
 
     /// [`Client::query_one`] of backstop's own `sql`, prepared once per connection.
     pub async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, tokio_postgres::Error> {
         let st = self.statement(sql).await?;
-        let result = self.client.query_one(&st, params).await;
+        let result = self.conn.client.query_one(&st, params).await;
         self.forget_on_error(sql, result)
     }
 
     /// [`Client::query_opt`] of backstop's own `sql`, prepared once per connection.
     pub async fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>, tokio_postgres::Error> {
         let st = self.statement(sql).await?;
-        let result = self.client.query_opt(&st, params).await;
+        let result = self.conn.client.query_opt(&st, params).await;
         self.forget_on_error(sql, result)
     }
 
     /// [`Client::execute`] of backstop's own `sql`, prepared once per connection.
     pub async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, tokio_postgres::Error> {
         let st = self.statement(sql).await?;
-        let result = self.client.execute(&st, params).await;
+        let result = self.conn.client.execute(&st, params).await;
         self.forget_on_error(sql, result)
     }
 
@@ -268,17 +270,15 @@ impl Session {
     /// takes too long.
     pub async fn release(self) {
         let Self {
-            client,
-            statements,
+            conn,
             touched,
             key,
             born,
         } = self;
-        if client.is_closed() || (touched.into_inner() && !reset(&client).await) {
+        if conn.client.is_closed() || (touched.into_inner() && !reset(&conn.client).await) {
             return;
         }
-        let statements = statements.into_inner().unwrap_or_else(|e| e.into_inner());
-        put(key, Conn { client, statements }, born);
+        put(key, conn, born);
     }
 }
 
@@ -286,13 +286,13 @@ impl std::ops::Deref for Session {
     type Target = Client;
     fn deref(&self) -> &Client {
         self.touched.store(true, std::sync::atomic::Ordering::Relaxed);
-        &self.client
+        &self.conn.client
     }
 }
 
 impl std::ops::DerefMut for Session {
     fn deref_mut(&mut self) -> &mut Client {
         *self.touched.get_mut() = true;
-        &mut self.client
+        &mut self.conn.client
     }
 }

@@ -13,7 +13,7 @@ impl GitRepo {
     pub async fn pending(&self, gate: &str, upstream: &str, names: (&str, &str)) -> Result<Vec<CommitInfo>> {
         let (gate, upstream) = (gate.to_string(), upstream.to_string());
         let (gate_name, upstream_name) = (names.0.to_string(), names.1.to_string());
-        self.blocking_repo(move |_, repo| {
+        self.blocking(move |_, repo| {
             let g = oid(&gate)?;
             let u = oid(&upstream)?;
             if g == u {
@@ -50,7 +50,7 @@ impl GitRepo {
     /// it for the cost of one.
     pub async fn pending_touches(&self, gate: &str, upstream: &str, prefix: &str) -> Result<Option<bool>> {
         let (gate, upstream, prefix) = (gate.to_string(), upstream.to_string(), normalize_prefix(prefix));
-        self.blocking_repo(move |this, repo| {
+        self.blocking(move |this, repo| {
             let at = |branch: &str| repo.refname_to_id(&format!("refs/remotes/origin/{branch}")).ok();
             let (Some(g), Some(u)) = (at(&gate), at(&upstream)) else {
                 return Ok(None);
@@ -105,7 +105,7 @@ impl GitRepo {
     /// Metadata of one commit.
     pub async fn commit(&self, sha: &str) -> Result<CommitInfo> {
         let sha = sha.to_string();
-        self.blocking_repo(move |_, repo| commit_info(repo, oid(&sha)?)).await
+        self.blocking(move |_, repo| commit_info(repo, oid(&sha)?)).await
     }
 
     /// Every file under `prefix` (empty = whole tree) at `sha`.
@@ -127,7 +127,7 @@ impl GitRepo {
             .filter(|p| !prefixes.iter().any(|q| q != *p && under(p, q)))
             .cloned()
             .collect();
-        self.blocking_repo(move |_, repo| {
+        self.blocking(move |_, repo| {
             let read = |source| GitError::Read {
                 sha: sha.clone(),
                 source,
@@ -191,7 +191,7 @@ impl GitRepo {
     /// commit's first parent, or everything for a root commit).
     pub async fn changed_paths(&self, from: Option<&str>, to: &str, prefix: &str) -> Result<BTreeSet<String>> {
         let (from, to, prefix) = (from.map(str::to_string), to.to_string(), normalize_prefix(prefix));
-        self.blocking_repo(move |_, repo| {
+        self.blocking(move |_, repo| {
             let read = |source| GitError::Read {
                 sha: to.clone(),
                 source,
@@ -240,7 +240,7 @@ impl GitRepo {
         let (from, shas) = (from.to_string(), shas.to_vec());
         let prefixes: Vec<String> = prefixes.iter().map(|p| normalize_prefix(p)).collect();
         let whole = prefixes.iter().any(|p| p.is_empty());
-        self.blocking_repo(move |_, repo| {
+        self.blocking(move |_, repo| {
             let mut opts = git2::DiffOptions::new();
             if !whole {
                 for prefix in &prefixes {
@@ -336,7 +336,7 @@ impl GitRepo {
             return Ok(None);
         };
         let needle = needle.to_string();
-        self.blocking_repo(move |_, repo| {
+        self.blocking(move |_, repo| {
             let read = |source| GitError::Read {
                 sha: head.clone(),
                 source,

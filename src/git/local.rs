@@ -96,7 +96,7 @@ impl GitRepo {
         // process to start, the common case of a pass's second fetch). A few
         // new commits are copied in process; more, and git fetches.
         let done = self
-            .blocking_repo(move |_, mirror| {
+            .blocking(move |_, mirror| {
                 let theirs = Repository::open_bare(&remote).ok().and_then(|r| {
                     let branches = branches(&r, "refs/heads/")?;
                     Some((r, branches))

@@ -26,7 +26,7 @@ impl GitRepo {
 
     async fn push_inner(&self, sha: &str, branch: &str, force: bool) -> Result<()> {
         let (sha, branch) = (sha.to_string(), branch.to_string());
-        self.blocking_repo(move |this, repo| {
+        self.blocking(move |this, repo| {
             let err = |source| GitError::Push {
                 sha: sha.clone(),
                 branch: branch.clone(),
@@ -129,7 +129,7 @@ impl GitRepo {
         files: Vec<(String, String)>,
     ) -> Result<String> {
         let (sha, onto, body, trailer) = (sha.to_string(), onto.to_string(), body.to_string(), trailer.to_string());
-        self.blocking_repo(move |_, repo| {
+        self.blocking(move |_, repo| {
             let err = |source| GitError::Revert {
                 sha: sha.clone(),
                 source,
