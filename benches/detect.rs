@@ -70,7 +70,7 @@ async fn main() -> Res<()> {
             let at_gate = dir.path().join("at-gate");
             let clone_at_gate = dir.path().join("clone-at-gate");
             git(&remote, &["update-ref", "refs/heads/main", &base])?;
-            common::run_once(&remote, &at_gate, &url)?;
+            common::run_once(Path::new(common::BACKSTOP), &remote, &at_gate, &url)?;
             clone_mirror(&remote, &clone_at_gate, None)?;
             git(&clone_at_gate, &["config", "--unset", "remote.origin.mirror"])?;
             git(&remote, &["update-ref", "refs/heads/main", &head])?;
@@ -112,7 +112,7 @@ async fn main() -> Res<()> {
                                 copy_dir(state, &work)?;
                             }
                             let t = Instant::now();
-                            common::run_once(&remote, &work, &url)?;
+                            common::run_once(Path::new(common::BACKSTOP), &remote, &work, &url)?;
                             out.0.push(t.elapsed().as_secs_f64());
                             moved(&remote, &base)?;
                         } else {

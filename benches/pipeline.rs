@@ -7,11 +7,16 @@
 //! is shown apart: the goal is pass − checkpoint ≤ 2× psql.
 //! Checkpoints and restores: `benches/checkpoint.rs`.
 //!
+//! `BACKSTOP_BENCH_OTHER=/path/to/backstop` also runs another build (each
+//! with a repository, a state and a database of its own, on the same
+//! server) in the same loop, one pass of each per round: the pair shares
+//! the machine's moment, which a run of the bench after another does not.
+//!
 //! `BACKSTOP_BENCH_LOG=debug` prints each pass's log. Figures are printed;
 //! nothing is asserted.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
@@ -25,6 +30,81 @@ fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
+/// One build under test, with what its passes work on.
+struct Subject {
+    name: String,
+    bin: PathBuf,
+    remote: BareRemote,
+    state: PathBuf,
+    url: String,
+    totals: Vec<f64>,
+    checkpoints: Vec<f64>,
+    overheads: Vec<f64>,
+}
+
+impl Subject {
+    async fn new(name: &str, bin: PathBuf, server: &PgServer, dir: &Path) -> Res<Self> {
+        let db = format!("shop_{name}");
+        server.create_database(&db).await?;
+        let remote = BareRemote::init(&dir.join(format!("sre-{name}.git")))?;
+        let base = remote.commit(
+            "main",
+            &[Change::Write(
+                "apps/shop/app.yaml",
+                "kind: ConfigMap\nmetadata: {name: app}\n",
+            )],
+            "base",
+        )?;
+        remote.set_branch("backstop/gate", &base)?;
+        let subject = Self {
+            name: name.to_string(),
+            bin,
+            remote,
+            state: dir.join(format!("state-{name}")),
+            url: server.url(&db),
+            totals: Vec::new(),
+            checkpoints: Vec::new(),
+            overheads: Vec::new(),
+        };
+        // One pass with nothing pending first: the mirror is cloned once.
+        subject.pass()?;
+        Ok(subject)
+    }
+
+    fn pass(&self) -> Res<f64> {
+        let t = Instant::now();
+        common::run_once(&self.bin, self.remote.path(), &self.state, &self.url)?;
+        Ok(t.elapsed().as_secs_f64())
+    }
+
+    /// Pushes migration `i` and runs the pass that applies it.
+    fn round(&mut self, i: u64) -> Res<()> {
+        let yaml = format!(
+            "kind: ConfigMap\nmetadata:\n  name: m{i}\n  annotations:\n    backstop.dev/migration: noop-{i}\n    backstop.dev/database: url:DB\ndata:\n  a.sql: SELECT 1;\n"
+        );
+        let path = format!("apps/shop/m{i}.yaml");
+        self.remote
+            .commit("main", &[Change::Write(&path, &yaml)], &format!("noop {i}"))?;
+        let before = runs(&self.state);
+        let total = self.pass()?;
+        let new: Vec<String> = runs(&self.state).difference(&before).cloned().collect();
+        let [run] = new.as_slice() else {
+            return Err(format!("{}: expected one new run, found {new:?}", self.name).into());
+        };
+        let checkpoint = step_secs(&self.state.join("runs").join(run).join("report.json"), "checkpoint")?;
+        self.totals.push(total);
+        self.checkpoints.push(checkpoint);
+        self.overheads.push(total - checkpoint);
+        Ok(())
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2] * 1000.0
+}
+
 #[tokio::main]
 async fn main() -> Res<()> {
     if std::env::args().any(|a| a == "--list") {
@@ -34,24 +114,12 @@ async fn main() -> Res<()> {
     let server = PgServer::start().await?;
     server.create_database("shop").await?;
     let dir = tempfile::tempdir()?;
-    let remote = BareRemote::init(&dir.path().join("sre.git"))?;
-    let base = remote.commit(
-        "main",
-        &[Change::Write(
-            "apps/shop/app.yaml",
-            "kind: ConfigMap\nmetadata: {name: app}\n",
-        )],
-        "base",
-    )?;
-    remote.set_branch("backstop/gate", &base)?;
-    let state = dir.path().join("state");
+    let mut subjects = vec![Subject::new("this", common::BACKSTOP.into(), &server, dir.path()).await?];
+    if let Some(other) = std::env::var_os("BACKSTOP_BENCH_OTHER") {
+        subjects.push(Subject::new("other", other.into(), &server, dir.path()).await?);
+    }
     let psql = server.bindir().join("psql");
     let url = server.url("shop");
-    let pass = || -> Res<f64> {
-        let t = Instant::now();
-        common::run_once(remote.path(), &state, &url)?;
-        Ok(t.elapsed().as_secs_f64())
-    };
     let anchor = || -> Res<f64> {
         let t = Instant::now();
         let ok = Command::new(&psql)
@@ -64,47 +132,27 @@ async fn main() -> Res<()> {
         }
         Ok(t.elapsed().as_secs_f64())
     };
-    // One pass with nothing pending first: the mirror is cloned once.
-    pass()?;
-    let (mut totals, mut checkpoints, mut overheads, mut psqls) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut psqls = Vec::new();
     for i in 0..passes {
-        let yaml = format!(
-            "kind: ConfigMap\nmetadata:\n  name: m{i}\n  annotations:\n    backstop.dev/migration: noop-{i}\n    backstop.dev/database: url:DB\ndata:\n  a.sql: SELECT 1;\n"
-        );
-        let path = format!("apps/shop/m{i}.yaml");
-        remote.commit("main", &[Change::Write(&path, &yaml)], &format!("noop {i}"))?;
-        let before = runs(&state);
-        let (total, p) = if i % 2 == 0 {
-            let total = pass()?;
-            (total, anchor()?)
-        } else {
-            let p = anchor()?;
-            (pass()?, p)
-        };
-        let new: Vec<String> = runs(&state).difference(&before).cloned().collect();
-        let [run] = new.as_slice() else {
-            return Err(format!("expected one new run, found {new:?}").into());
-        };
-        let checkpoint = step_secs(&state.join("runs").join(run).join("report.json"), "checkpoint")?;
-        totals.push(total);
-        checkpoints.push(checkpoint);
-        overheads.push(total - checkpoint);
-        psqls.push(p);
+        // Who goes first turns with each round, the anchor included.
+        let n = subjects.len() + 1;
+        for k in 0..n {
+            let at = (k + i as usize) % n;
+            match subjects.get_mut(at) {
+                Some(s) => s.round(i)?,
+                None => psqls.push(anchor()?),
+            }
+        }
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2] * 1000.0
-    };
-    let (t, c, o, p) = (
-        median(&mut totals),
-        median(&mut checkpoints),
-        median(&mut overheads),
-        median(&mut psqls),
-    );
-    println!(
-        "no-op pass ({passes} passes, medians): backstop run --once {t:.1} ms, of which checkpoint (pg_dump) {c:.1} ms; pass − checkpoint {o:.1} ms; psql -c 'select 1' {p:.1} ms; ratio {:.2}",
-        o / p
-    );
+    let p = median(&psqls);
+    for s in &subjects {
+        let (t, c, o) = (median(&s.totals), median(&s.checkpoints), median(&s.overheads));
+        println!(
+            "no-op pass, {} build ({passes} passes, medians): backstop run --once {t:.1} ms, of which checkpoint (pg_dump) {c:.1} ms; pass − checkpoint {o:.1} ms; psql -c 'select 1' {p:.1} ms; ratio {:.2}",
+            s.name,
+            o / p
+        );
+    }
     Ok(())
 }
 

@@ -7,7 +7,7 @@ mod tls;
 use tokio_postgres::config::Host;
 use tokio_postgres::{Client, NoTls};
 
-pub use session::{close_idle, Session};
+pub use session::{close_idle, defaults_changed, Session};
 pub use tls::{SslMode, Tls};
 
 use crate::manifests::DatabaseRef;
@@ -139,60 +139,99 @@ impl Database {
     }
 
     /// A session for bookkeeping: an idle one to the same target when one
-    /// is kept, else a new connection. Hand it back with
+    /// is kept (or is logging in), else a new connection. Hand it back with
     /// [`Session::release`] when done; dropped, it is closed.
     pub async fn session(&self) -> Result<Session, DbError> {
-        self.session_born_after(None).await
+        self.session_for(session::Want::default()).await
     }
 
-    /// A session that logged in at most `within` ago (an idle one, else a
-    /// new connection): it has the database's and role's defaults as a new
-    /// connection would, up to what changed in that time. For a migration,
-    /// which never hands it back.
+    /// A bookkeeping session that has the database's and role's defaults
+    /// as they are since the last migration ended: for reading what lints
+    /// the next one (the default schema).
+    pub async fn current_session(&self) -> Result<Session, DbError> {
+        self.session_for(session::Want {
+            born_after: None,
+            current: true,
+        })
+        .await
+    }
+
+    /// A session that logged in at most `within` ago, and after the last
+    /// migration ended (an idle one, else a new connection): it has the
+    /// database's and role's defaults as a new connection would, up to what
+    /// someone else changed in that time. For a migration, which never
+    /// hands it back.
     pub async fn fresh_session(&self, within: std::time::Duration) -> Result<Session, DbError> {
         let now = std::time::Instant::now();
-        self.session_born_after(Some(now.checked_sub(within).unwrap_or(now)))
-            .await
+        let mut session = self
+            .session_for(session::Want {
+                born_after: Some(now.checked_sub(within).unwrap_or(now)),
+                current: true,
+            })
+            .await?;
+        // For a migration, whose SQL may deallocate them (`DISCARD ALL`):
+        // backstop's own statements on it are prepared there and then.
+        session.forget_statements();
+        Ok(session)
     }
 
-    /// Opens a bookkeeping session in the background and keeps it idle, so
-    /// that the next [`session`](Self::session) need not wait for a login:
-    /// after a migration, whose end closed them all, while the run goes on
-    /// to its verify and the gate. Best effort: a login that fails is
-    /// logged at debug and the next session connects as usual.
-    pub fn prewarm_session(&self) {
+    /// Logs in in the background and keeps the session idle, so that a
+    /// later [`session`](Self::session) (or [`fresh_session`](Self::fresh_session))
+    /// need not wait for a login, unless `count` sessions with the current
+    /// defaults are idle or logging in already: at the start of a pass, for
+    /// the databases it releases and claims (1), and while a checkpoint is
+    /// taken, for the migration after it (2: the migration keeps its own,
+    /// the bookkeeping goes on on the other). Best effort: a login that
+    /// fails is logged at debug and the next session connects as usual.
+    pub fn prewarm_session(&self, count: usize) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        let key = self.target_key();
+        let want = session::Want {
+            born_after: None,
+            current: true,
+        };
+        if session::available(&key, want) >= count {
+            return;
+        }
+        let started = std::time::Instant::now();
+        let done = session::logging_in(&key, started);
         let db = self.clone();
         runtime.spawn(async move {
-            let started = std::time::Instant::now();
             match db.connect().await {
-                Ok(client) => session::put(db.target_key(), session::Conn::new(client), started),
+                Ok(client) => session::put(key, session::Conn::new(client), started),
                 Err(e) => {
                     tracing::debug!(database = %db.describe(), error = %e, "could not open a bookkeeping session ahead")
                 }
             }
+            let _ = done.send(true);
         });
     }
 
-    async fn session_born_after(&self, after: Option<std::time::Instant>) -> Result<Session, DbError> {
+    async fn session_for(&self, want: session::Want) -> Result<Session, DbError> {
         let key = self.target_key();
-        let (mut conn, born) = match session::take(&key, after) {
-            Some(kept) => kept,
-            // Born when its login began: what it reads of the defaults is
-            // at least that recent.
-            None => {
-                let started = std::time::Instant::now();
-                (session::Conn::new(self.connect().await?), started)
+        let (conn, born) = match session::take(&key, want) {
+            Ok(kept) => kept,
+            Err(Some(mut login)) => {
+                // A login under way (a prewarm): its session, once it is idle,
+                // unless another holder took it first.
+                let _ = login.wait_for(|done| *done).await;
+                match session::take(&key, want) {
+                    Ok(kept) => kept,
+                    Err(_) => self.login().await?,
+                }
             }
+            Err(None) => self.login().await?,
         };
-        if after.is_some() {
-            // For a migration, whose SQL may deallocate them (`DISCARD ALL`):
-            // backstop's own statements on it are prepared there and then.
-            conn.forget_statements();
-        }
         Ok(Session::new(conn, key, born))
+    }
+
+    /// A new connection, born when its login began: what it reads of the
+    /// defaults is at least that recent.
+    async fn login(&self) -> Result<(session::Conn, std::time::Instant), DbError> {
+        let started = std::time::Instant::now();
+        Ok((session::Conn::new(self.connect().await?), started))
     }
 
     /// What tells two targets apart for reusing sessions: every connection

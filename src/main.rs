@@ -33,7 +33,11 @@ fn main() -> ExitCode {
             return ExitCode::from(backstop::cli::EXIT_NEEDS_PERSON);
         }
     };
-    match runtime.block_on(backstop::cli::run(cli)) {
+    let result = runtime.block_on(backstop::cli::run(cli));
+    // The command is done and the process ends: what is still spawned
+    // (idle database sessions and their timers) is not waited for.
+    runtime.shutdown_background();
+    match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("backstop: {e:#}");

@@ -152,9 +152,14 @@ impl PgServer {
             .arg("-D")
             .arg(self.data_dir())
             .args(["-w", "-t", "60", "-l"])
-            .arg(self.root.path().join("server.log"));
+            .arg(self.log_path());
         pgbin::run(cmd, "pg_ctl start").await?;
         Ok(())
+    }
+
+    /// The server's log (`pg_ctl -l`).
+    pub fn log_path(&self) -> std::path::PathBuf {
+        self.root.path().join("server.log")
     }
 
     /// The data directory.

@@ -297,9 +297,8 @@ pub async fn prepare(
         false => match runner
             .catalog(
                 &db,
-                Some(&crate::lint::catalog::words(
-                    migrations.iter().flat_map(|m| &m.statements).map(|s| s.sql.as_str()),
-                )),
+                crate::lint::catalog::names(migrations.iter().flat_map(|m| &m.statements).map(|s| s.sql.as_str()))
+                    .as_deref(),
             )
             .await
             .map_err(history_err)?

@@ -111,14 +111,15 @@ pub trait Runner: Send + Sync {
     async fn server_version(&self, db: &Database) -> Result<u32, RunnerError>;
     /// The catalog facts the analysis judges statements against, with the
     /// server's major version, over one connection; `None` where the runner
-    /// does not read them (the analysis is then static). Only the functions
-    /// named in `functions` (the migrations' words), when given, are looked up.
+    /// does not read them (the analysis is then static). Only the relations
+    /// and functions named in `names` (the migrations' words), when given,
+    /// are looked up.
     async fn catalog(
         &self,
         db: &Database,
-        functions: Option<&[String]>,
+        names: Option<&[String]>,
     ) -> Result<Option<(u32, crate::lint::Catalog)>, RunnerError> {
-        let _ = (db, functions);
+        let _ = (db, names);
         Ok(None)
     }
     /// The recovery point: now, as the server sees it.
@@ -332,7 +333,8 @@ impl Runner for SqlRunner {
     }
 
     async fn server_version(&self, db: &Database) -> Result<u32, RunnerError> {
-        let client = db.session().await?;
+        // The default schema as the next migration will see it.
+        let client = db.current_session().await?;
         let version = major_version(db, &client).await?;
         client.release().await;
         Ok(version)
@@ -341,16 +343,16 @@ impl Runner for SqlRunner {
     async fn catalog(
         &self,
         db: &Database,
-        functions: Option<&[String]>,
+        names: Option<&[String]>,
     ) -> Result<Option<(u32, crate::lint::Catalog)>, RunnerError> {
-        let client = db.session().await?;
-        let version = major_version(db, &client).await?;
-        let catalog = crate::lint::Catalog::load(&client, functions)
-            .await
-            .map_err(|e| RunnerError::Catalog {
-                database: db.describe(),
-                source: e,
-            })?;
+        // The default schema as the next migration will see it.
+        let client = db.current_session().await?;
+        let (version, catalog) = tokio::join!(major_version(db, &client), crate::lint::Catalog::load(&client, names));
+        let catalog = catalog.map_err(|e| RunnerError::Catalog {
+            database: db.describe(),
+            source: e,
+        })?;
+        let version = version?;
         client.release().await;
         Ok(Some((version, catalog)))
     }
@@ -372,13 +374,13 @@ impl Runner for SqlRunner {
     async fn migrate(&self, db: &Database, m: &Carrier, who: RunIdentity<'_>) -> Result<MigrateOutcome, RunnerError> {
         let started = std::time::Instant::now();
         let started_at = Utc::now();
-        // The pass's idle bookkeeping session when it logged in moments
-        // ago, else a new connection; never given back: what the migration
-        // leaves in its session (loaded modules, dblink connections,
-        // prepared statements) goes with it. Idle sessions are all closed
-        // after a migration (its `ALTER DATABASE … SET` reaches new sessions
-        // only), so the one taken here has the defaults a new connection
-        // would have, up to what someone else changed since its login.
+        // The session that logged in while the checkpoint was taken (or the
+        // pass's idle one) when that was moments ago and after any earlier
+        // migration ended, else a new connection; never given back: what
+        // the migration leaves in its session (loaded modules, dblink
+        // connections, prepared statements) goes with it. So it has the
+        // defaults a new connection would have, up to what someone else
+        // changed since its login.
         let client = db.fresh_session(FRESH_WITHIN).await?;
         // Named for the run, so that a restarted backstop can end what a
         // killed one left running before it decides what committed.
@@ -516,10 +518,9 @@ impl Runner for SqlRunner {
             }
         }
         let _ = client.query_one("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY]).await;
-        // Sessions opened before the migration may hold defaults it changed.
-        crate::db::close_idle();
-        // The run's next bookkeeping (the gate's history check) need not wait for a login.
-        db.prewarm_session();
+        // Sessions that logged in before now may miss the defaults the
+        // migration set: they go on with the bookkeeping only.
+        crate::db::defaults_changed();
         let failed_at = error.as_ref().and(running);
         Ok(MigrateOutcome {
             transactional,

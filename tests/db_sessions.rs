@@ -263,3 +263,70 @@ async fn a_kept_statement_that_fails_is_prepared_afresh_next_time() {
     assert_eq!(rows[0].get::<_, String>(0), "a");
     s.release().await;
 }
+
+#[tokio::test]
+async fn after_a_migration_the_sessions_from_before_serve_the_bookkeeping_but_not_a_migration_or_the_catalog() {
+    let _turn = SERIAL.lock().await;
+    let server = PgServer::start().await.unwrap();
+    let db = server.database("postgres").unwrap();
+    let s = db.session().await.unwrap();
+    let before = pid(&s).await;
+    s.release().await;
+    // A migration changes the database's defaults and ends.
+    let admin = db.connect().await.unwrap();
+    admin
+        .batch_execute("ALTER DATABASE postgres SET lock_timeout = '8s'")
+        .await
+        .unwrap();
+    backstop::db::defaults_changed();
+    let s = db.session().await.unwrap();
+    assert_eq!(pid(&s).await, before, "the bookkeeping goes on on the session it has");
+    s.release().await;
+    for session in [
+        db.current_session().await.unwrap(),
+        db.fresh_session(std::time::Duration::from_secs(60)).await.unwrap(),
+    ] {
+        assert_ne!(pid(&session).await, before, "the session from before is not lent here");
+        let timeout: String = session
+            .query_one("SELECT current_setting('lock_timeout')", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(timeout, "8s");
+    }
+}
+
+/// The client backends on database `db` other than `me`.
+async fn backends(admin: &tokio_postgres::Client, db: &str) -> i64 {
+    admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend' AND pid <> pg_backend_pid()",
+            &[&db],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_holder_waits_for_the_login_a_prewarm_began_instead_of_logging_in_again() {
+    let _turn = SERIAL.lock().await;
+    let server = PgServer::start().await.unwrap();
+    server.create_database("shop").await.unwrap();
+    let admin = server.database("postgres").unwrap().connect().await.unwrap();
+    let db = server.database("shop").unwrap();
+    db.prewarm_session(1);
+    // Asked while that login is under way: it is the one lent.
+    let s = db.session().await.unwrap();
+    assert_eq!(backends(&admin, "shop").await, 1, "one login, not two");
+    s.release().await;
+    // One is idle: a prewarm of one starts nothing; of two, one more.
+    db.prewarm_session(1);
+    db.prewarm_session(2);
+    db.prewarm_session(2);
+    let (a, b) = (db.session().await.unwrap(), db.session().await.unwrap());
+    assert_ne!(pid(&a).await, pid(&b).await);
+    assert_eq!(backends(&admin, "shop").await, 2);
+    a.release().await;
+    b.release().await;
+}

@@ -35,7 +35,16 @@ async fn schema(f: &Fixture) {
 }
 
 async fn catalog(f: &Fixture) -> Catalog {
-    Catalog::load(&f.client().await, None).await.unwrap()
+    catalog_of(f, None).await
+}
+
+/// The catalog read for `names` only (every relation when None).
+async fn catalog_of(f: &Fixture, names: Option<&[String]>) -> Catalog {
+    let db = f.server.database("shop").unwrap();
+    let session = db.session().await.unwrap();
+    let cat = Catalog::load(&session, names).await.unwrap();
+    session.release().await;
+    cat
 }
 
 fn analyse(sql: &str, catalog: Option<&Catalog>) -> lint::Analysis {
@@ -87,6 +96,63 @@ async fn table_size_turns_a_blocking_statement_into_a_warning_or_an_error_with_i
     let blind = analyse("SET lock_timeout = '5s';\nCREATE INDEX tiny_code ON tiny (code);", None);
     assert_eq!(rules(&blind), vec![("BS301".to_string(), Severity::Error)]);
     assert!(blind.findings[0].facts.is_none());
+}
+
+#[tokio::test]
+async fn the_catalog_read_for_what_a_migration_names_judges_it_as_the_whole_catalog_does() {
+    let f = Fixture::new().await;
+    schema(&f).await;
+    f.client()
+        .await
+        .batch_execute(
+            r#"CREATE TABLE "Odd""Name" (id int);
+               CREATE TABLE a_table_whose_name_is_longer_than_the_sixty_three_bytes_postgres_keeps (id int);
+               CREATE TABLE data (id int, v text);"#,
+        )
+        .await
+        .unwrap();
+    let full = catalog(&f).await;
+    let cases = [
+        "SET lock_timeout = '5s';\nCREATE INDEX tiny_code ON tiny (code);",
+        "SET lock_timeout = '5s';\nCREATE INDEX big_payload ON big (payload);",
+        "SET lock_timeout = '5s';\nALTER TABLE parted ADD COLUMN c int NOT NULL DEFAULT 0;",
+        "SET lock_timeout = '5s';\nCREATE TABLE IF NOT EXISTS big (id int);\nCREATE INDEX big_id ON big (id);",
+        "SET lock_timeout = '5s';\nALTER TABLE users ALTER COLUMN name TYPE varchar(10);",
+        "SET lock_timeout = '5s';\nALTER TABLE users DROP CONSTRAINT users_email_key;",
+        "SET lock_timeout = '5s';\nALTER TABLE users ALTER COLUMN status DROP DEFAULT;",
+        "SET lock_timeout = '5s';\nALTER TABLE big ADD COLUMN t text DEFAULT make_token();",
+        "SET lock_timeout = '5s';\nALTER TABLE big ADD COLUMN tenant int DEFAULT tenant_default();",
+        "SET lock_timeout = '5s';\nALTER TABLE users ADD PRIMARY KEY (id);",
+        // An index named, not its table.
+        "SET lock_timeout = '5s';\nDROP INDEX users_id_idx;\nCREATE INDEX users_id_idx ON users (id);",
+        // A doubled quote inside a quoted name, a name PostgreSQL cuts to 63
+        // bytes, and one spelled with Unicode escapes.
+        "SET lock_timeout = '5s';\nALTER TABLE \"Odd\"\"Name\" ADD COLUMN c int NOT NULL DEFAULT 0;",
+        "SET lock_timeout = '5s';\nALTER TABLE a_table_whose_name_is_longer_than_the_sixty_three_bytes_postgres_keeps_indeed ALTER COLUMN id TYPE bigint;",
+        "SET lock_timeout = '5s';\nALTER TABLE U&\"d\\0061ta\" ALTER COLUMN v TYPE int USING v::int;",
+        "SELECT 1;",
+    ];
+    for sql in cases {
+        let names = lint::catalog::names([sql]);
+        let narrowed = catalog_of(&f, names.as_deref()).await;
+        assert!(
+            narrowed.tables.len() < full.tables.len() || names.is_none(),
+            "{sql}: read whole"
+        );
+        let (a, b) = (analyse(sql, Some(&full)), analyse(sql, Some(&narrowed)));
+        assert_eq!(format!("{:?}", a.findings), format!("{:?}", b.findings), "{sql}");
+        assert_eq!(a.facts, b.facts, "{sql}");
+    }
+    // What the analysis found in the whole catalog is there in the narrowed one.
+    let sql = "SET lock_timeout = '5s';\nALTER TABLE \"Odd\"\"Name\" ALTER COLUMN id TYPE bigint;";
+    let narrowed = catalog_of(&f, lint::catalog::names([sql]).as_deref()).await;
+    assert!(
+        narrowed.table("public.Odd\"Name").is_some(),
+        "{:?}",
+        narrowed.tables.keys()
+    );
+    assert!(narrowed.table("public.big").is_none());
+    assert!(lint::catalog::names(["ALTER TABLE u&\"x\" ADD c int"]).is_none());
 }
 
 #[tokio::test]

@@ -513,3 +513,48 @@ async fn a_gate_moved_by_someone_else_while_the_migration_runs_is_found_not_reve
     let report = f.reports().pop().unwrap();
     assert_eq!(report["outcome"], "Succeeded", "{report}");
 }
+
+#[tokio::test]
+async fn a_pass_with_one_migration_logs_in_once_for_its_bookkeeping_before_and_after_the_migration_and_once_for_the_migration(
+) {
+    let f = Fixture::with_settings("log_connections = on\nlog_statement = 'all'\nlog_line_prefix = '%p|'\n").await;
+    // A pass that ran a migration before: its successor starts the
+    // bookkeeping login while it fetches.
+    f.commit_carrier(&orders_table(), "create orders");
+    let url = f.remote.path().display().to_string();
+    let out = f.run_url(&url, &[], &[]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let c2 = f.commit_carrier(
+        &carrier("0002-more").sql("a.sql", "ALTER TABLE orders ADD COLUMN note text;"),
+        "more",
+    );
+    let seen = std::fs::read(f.server.log_path()).unwrap().len();
+    let out = f.run_url(&url, &[], &[]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(f.gate(), c2);
+    let log = String::from_utf8_lossy(&std::fs::read(f.server.log_path()).unwrap()[seen..]).into_owned();
+    let pid_of = |what: &str| -> Vec<String> {
+        log.lines()
+            .filter(|l| l.contains(what))
+            .filter_map(|l| l.split('|').next().map(str::to_string))
+            .collect()
+    };
+    let logins = pid_of("connection authorized: user=postgres database=shop");
+    assert_eq!(
+        logins.len(),
+        3,
+        "backstop's bookkeeping session, the migration's own, and pg_dump's:\n{log}"
+    );
+    let (claim, release, migration) = (
+        pid_of("INSERT INTO backstop.run_owner"),
+        pid_of("DELETE FROM backstop.run_owner"),
+        pid_of("ADD COLUMN note"),
+    );
+    assert_eq!(migration.len(), 1, "{log}");
+    assert!(!claim.is_empty() && !release.is_empty(), "{log}");
+    assert!(
+        claim.iter().chain(&release).all(|p| *p == claim[0]),
+        "the claim, the gate's check after the migration and the release go over one session:\n{log}"
+    );
+    assert_ne!(migration[0], claim[0], "the migration runs on a session of its own");
+}

@@ -5,12 +5,16 @@ use std::process::Command;
 
 pub type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
+/// The binary this build made.
+pub const BACKSTOP: &str = env!("CARGO_BIN_EXE_backstop");
+
 /// Runs `backstop run --once --checkpoint dump` guarding `apps/shop` of
 /// `repo` (reverts as commits), with `DB` set to `url`. Logs at warn, or at
 /// `BACKSTOP_BENCH_LOG` (then printed: where a pass spends its time).
-pub fn run_once(repo: &Path, state: &Path, url: &str) -> Res<()> {
+/// `bin` is the `backstop` binary: [`BACKSTOP`], or another build to compare with.
+pub fn run_once(bin: &Path, repo: &Path, state: &Path, url: &str) -> Res<()> {
     let log = std::env::var("BACKSTOP_BENCH_LOG").ok();
-    let out = Command::new(env!("CARGO_BIN_EXE_backstop"))
+    let out = Command::new(bin)
         .args([
             "run",
             "--once",

@@ -2,12 +2,27 @@
 //! history, the catalog, the recovery point): a pass asks for a session many
 //! times, and a new PostgreSQL backend costs a fork and a login each time.
 //! Only backstop's own SQL runs on a session that goes back for reuse. A
-//! migration may take one that logged in moments ago ([`Database::fresh_session`])
-//! and never gives it back: what it leaves in it goes with it. Every idle
-//! session is closed after a migration (it may have changed the database's
-//! defaults, which only new sessions see).
+//! migration takes one that logged in moments ago ([`Database::fresh_session`])
+//! and never gives it back: what it leaves in it (loaded modules, dblink
+//! connections, prepared statements) goes with it.
 //!
 //! [`Database::fresh_session`]: super::Database::fresh_session
+//!
+//! A migration may change the database's or its role's defaults (`ALTER
+//! DATABASE … SET`), which only sessions that log in afterwards see. Its end
+//! is marked ([`defaults_changed`]): the sessions that logged in before it
+//! stay for bookkeeping, whose statements name everything they touch, but
+//! are never lent where the defaults count, to a later migration or to the
+//! catalog read that lints one ([`Database::current_session`]). So a pass
+//! with one migration logs in twice, both off its critical path: the
+//! bookkeeping session ([`Database::prewarm_session`] when the pass starts)
+//! and the migration's own (prewarmed while the checkpoint is taken), and
+//! the bookkeeping after the migration goes on on the first one, with the
+//! statements it has prepared. A restore ends every session
+//! ([`close_idle`]): none that logged in before it is lent again.
+//!
+//! [`Database::current_session`]: super::Database::current_session
+//! [`Database::prewarm_session`]: super::Database::prewarm_session
 //!
 //! A session goes back for reuse only when its holder hands it back with
 //! [`Session::release`], and only when it is outside any transaction block
@@ -25,6 +40,8 @@
 //! hold connections to databases it is not working on. A session whose
 //! server went away (restarted by a restore, or its runtime gone) is never
 //! lent: its connection task has ended and [`Client::is_closed`] says so.
+//! A holder that finds no idle session waits for a login already under way
+//! to the same target (a prewarm) rather than starting a second one.
 //!
 //! backstop's own statements go through [`Session::query`] and its
 //! siblings, which keep each statement prepared on the connection (the
@@ -38,12 +55,14 @@
 //!
 //! Why not deadpool-postgres: its recycling runs the reset statements
 //! without checking that no transaction is open, and a pool per target
-//! would still need this registry of targets.
+//! would still need this registry of targets, logins under way and the
+//! marks above.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use tokio::sync::watch;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row, Statement};
 
@@ -82,59 +101,116 @@ struct Kept {
     born: Instant,
 }
 
-type Idle = HashMap<String, Vec<Kept>>;
-
-fn idle() -> &'static Mutex<Idle> {
-    static IDLE: OnceLock<Mutex<Idle>> = OnceLock::new();
-    IDLE.get_or_init(|| Mutex::new(HashMap::new()))
+/// Every session this process keeps, and what decides which may be lent.
+#[derive(Default)]
+struct Registry {
+    idle: HashMap<String, Vec<Kept>>,
+    /// Logins under way for [`Registry::idle`], by target: when each began,
+    /// and what says it ended.
+    logging_in: HashMap<String, Vec<(Instant, watch::Receiver<bool>)>>,
+    /// When [`close_idle`] last ran (a restore): nothing that logged in
+    /// before is kept.
+    closed_at: Option<Instant>,
+    /// When [`defaults_changed`] last ran (a migration ended).
+    defaults_at: Option<Instant>,
 }
 
-/// Drops idle sessions kept too long (their connection tasks end with them).
-fn prune(idle: &mut Idle, now: Instant) {
-    idle.retain(|_, v| {
-        v.retain(|k| !k.conn.client.is_closed() && now.duration_since(k.idle_since) < IDLE_FOR);
-        !v.is_empty()
+fn registry() -> MutexGuard<'static, Registry> {
+    static REGISTRY: OnceLock<Mutex<Registry>> = OnceLock::new();
+    REGISTRY
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+impl Registry {
+    /// Drops idle sessions kept too long (their connection tasks end with them).
+    fn prune(&mut self, now: Instant) {
+        self.idle.retain(|_, v| {
+            v.retain(|k| !k.conn.client.is_closed() && now.duration_since(k.idle_since) < IDLE_FOR);
+            !v.is_empty()
+        });
+        self.logging_in.retain(|_, v| {
+            v.retain(|(_, done)| !*done.borrow());
+            !v.is_empty()
+        });
+    }
+}
+
+/// Which sessions a holder may take: any, or only those that logged in
+/// after the instant given, and after the last change of defaults when
+/// `current` is set.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Want {
+    pub born_after: Option<Instant>,
+    pub current: bool,
+}
+
+impl Want {
+    fn admits(&self, born: Instant, defaults_at: Option<Instant>) -> bool {
+        self.born_after.is_none_or(|after| born > after)
+            && (!self.current || defaults_at.is_none_or(|changed| born > changed))
+    }
+}
+
+/// An idle session to `key` (with its login time) that `want` admits, if
+/// one is kept and still open; else what ends a login under way that it
+/// would admit.
+pub(super) fn take(key: &str, want: Want) -> Result<(Conn, Instant), Option<watch::Receiver<bool>>> {
+    let mut reg = registry();
+    reg.prune(Instant::now());
+    let defaults_at = reg.defaults_at;
+    if let Some(kept) = reg.idle.get_mut(key) {
+        if let Some(i) = kept.iter().rposition(|k| want.admits(k.born, defaults_at)) {
+            let k = kept.remove(i);
+            return Ok((k.conn, k.born));
+        }
+    }
+    Err(reg
+        .logging_in
+        .get(key)
+        .and_then(|v| v.iter().rev().find(|(born, _)| want.admits(*born, defaults_at)))
+        .map(|(_, done)| done.clone()))
+}
+
+/// How many sessions to `key` that `want` admits are idle or logging in.
+pub(super) fn available(key: &str, want: Want) -> usize {
+    let mut reg = registry();
+    reg.prune(Instant::now());
+    let defaults_at = reg.defaults_at;
+    let idle = reg
+        .idle
+        .get(key)
+        .map_or(0, |v| v.iter().filter(|k| want.admits(k.born, defaults_at)).count());
+    let coming = reg.logging_in.get(key).map_or(0, |v| {
+        v.iter().filter(|(born, _)| want.admits(*born, defaults_at)).count()
     });
+    idle + coming
 }
 
-/// An idle session to `key` (with its login time), if one is kept, still
-/// open, and logged in after `born_after` when given.
-pub(super) fn take(key: &str, born_after: Option<Instant>) -> Option<(Conn, Instant)> {
-    let mut idle = idle().lock().unwrap_or_else(|e| e.into_inner());
-    prune(&mut idle, Instant::now());
-    let kept = idle.get_mut(key)?;
-    let i = kept
-        .iter()
-        .rposition(|k| born_after.is_none_or(|after| k.born > after))?;
-    let k = kept.remove(i);
-    Some((k.conn, k.born))
-}
-
-/// When [`close_idle`] last ran (after a migration).
-fn closed_at() -> &'static Mutex<Option<Instant>> {
-    static CLOSED: OnceLock<Mutex<Option<Instant>>> = OnceLock::new();
-    CLOSED.get_or_init(|| Mutex::new(None))
+/// Records a login to `key` that began at `born`; the sender says when it
+/// ended (kept idle, or failed).
+pub(super) fn logging_in(key: &str, born: Instant) -> watch::Sender<bool> {
+    let (tx, rx) = watch::channel(false);
+    registry()
+        .logging_in
+        .entry(key.to_string())
+        .or_default()
+        .push((born, rx));
+    tx
 }
 
 pub(super) fn put(key: String, conn: Conn, born: Instant) {
     let now = Instant::now();
     {
-        // The idle lock first, as in `close_idle`: the check and the insert
-        // are one step against it.
-        let mut idle = idle().lock().unwrap_or_else(|e| e.into_inner());
-        // One that began its login before the last migration ended was out
-        // (lent) when that migration closed the idle ones: it may hold the
-        // defaults the migration changed, and a later migration may take
-        // what is kept here.
-        if closed_at()
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some_and(|closed| born <= closed)
-        {
+        let mut reg = registry();
+        // One that logged in before the last restore was out (lent) when the
+        // restore ended the sessions: its server may be another now.
+        if reg.closed_at.is_some_and(|closed| born <= closed) {
             return;
         }
-        prune(&mut idle, now);
-        let kept = idle.entry(key).or_default();
+        reg.prune(now);
+        let kept = reg.idle.entry(key).or_default();
         if kept.len() >= IDLE_PER_TARGET {
             return;
         }
@@ -148,7 +224,7 @@ pub(super) fn put(key: String, conn: Conn, born: Instant) {
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
         runtime.spawn(async {
             tokio::time::sleep(IDLE_FOR + Duration::from_millis(10)).await;
-            prune(&mut idle().lock().unwrap_or_else(|e| e.into_inner()), Instant::now());
+            registry().prune(Instant::now());
         });
     }
 }
@@ -174,11 +250,21 @@ async fn reset(client: &Client) -> bool {
 }
 
 /// Closes every idle session, and every one lent now when it comes back
-/// (after a migration: they may hold the defaults it changed).
+/// (a restore ended them, or is about to).
 pub fn close_idle() {
-    let mut idle = idle().lock().unwrap_or_else(|e| e.into_inner());
-    *closed_at().lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-    idle.clear();
+    let mut reg = registry();
+    let now = Instant::now();
+    reg.closed_at = Some(now);
+    reg.defaults_at = Some(now);
+    reg.idle.clear();
+}
+
+/// Marks the end of a migration: the sessions that logged in before it
+/// may miss the defaults it set, and are no longer lent where those count
+/// (a migration, the catalog read that lints one). They stay for the rest
+/// of the bookkeeping.
+pub fn defaults_changed() {
+    registry().defaults_at = Some(Instant::now());
 }
 
 /// A connection lent for a while. backstop's own statements go through
@@ -195,6 +281,11 @@ pub struct Session {
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
 impl Session {
+    /// Forgets the statements kept on the connection (see [`Conn::forget_statements`]).
+    pub(super) fn forget_statements(&mut self) {
+        self.conn.forget_statements();
+    }
+
     pub(super) fn new(conn: Conn, key: String, born: Instant) -> Self {
         Self {
             conn,

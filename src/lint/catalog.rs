@@ -179,6 +179,18 @@ fn bytes(b: i64) -> String {
     }
 }
 
+/// `sql` with the names as `$1` when there are names.
+async fn query_named(
+    session: &crate::db::Session,
+    sql: &str,
+    names: Option<&[String]>,
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    match names {
+        Some(names) => session.query(sql, &[&names]).await,
+        None => session.query(sql, &[]).await,
+    }
+}
+
 /// Reading the catalog failed.
 #[derive(Debug, thiserror::Error)]
 #[error("failed to read the database catalog ({what})")]
@@ -188,19 +200,33 @@ pub struct CatalogError {
     source: tokio_postgres::Error,
 }
 
-/// Every word of `texts` that could name a function, lowercased as
-/// unquoted identifiers are (quoted ones kept as written): the functions a
-/// migration can call are among them.
+/// Every word of `texts` that could name a function or a relation,
+/// lowercased as unquoted identifiers are (quoted ones kept as written,
+/// a doubled quote inside read as one), and each also cut to the 63 bytes
+/// PostgreSQL keeps of a longer name: the objects a migration can touch
+/// are among them.
 pub fn words<'a>(texts: impl IntoIterator<Item = &'a str>) -> Vec<String> {
     let mut out = std::collections::BTreeSet::new();
     for text in texts {
         let mut rest = text;
         while let Some(c) = rest.chars().next() {
             if c == '"' {
-                let body = &rest[1..];
-                let end = body.find('"').unwrap_or(body.len());
-                out.insert(body[..end].to_string());
-                rest = body.get(end + 1..).unwrap_or("");
+                let mut word = String::new();
+                let mut body = &rest[1..];
+                loop {
+                    let end = body.find('"').unwrap_or(body.len());
+                    word.push_str(&body[..end]);
+                    body = body.get(end + 1..).unwrap_or("");
+                    match body.strip_prefix('"') {
+                        Some(more) => {
+                            word.push('"');
+                            body = more;
+                        }
+                        None => break,
+                    }
+                }
+                out.insert(word);
+                rest = body;
             } else if c.is_alphabetic() || c == '_' {
                 let end = rest
                     .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '$'))
@@ -212,7 +238,35 @@ pub fn words<'a>(texts: impl IntoIterator<Item = &'a str>) -> Vec<String> {
             }
         }
     }
+    let cut: Vec<String> = out.iter().filter_map(|w| truncated(w)).collect();
+    out.extend(cut);
     out.into_iter().collect()
+}
+
+/// The names the catalog read is limited to ([`Catalog::load`]): the
+/// [`words`] of `texts`, or None (read everything) when one writes an
+/// identifier with Unicode escapes (`U&"…"`), whose name its words do not
+/// spell.
+pub fn names<'a>(texts: impl IntoIterator<Item = &'a str> + Clone) -> Option<Vec<String>> {
+    let escaped = texts.clone().into_iter().any(|t| {
+        t.as_bytes()
+            .windows(3)
+            .any(|w| w[0].eq_ignore_ascii_case(&b'u') && w[1] == b'&' && w[2] == b'"')
+    });
+    (!escaped).then(|| words(texts))
+}
+
+/// `word` cut to PostgreSQL's 63-byte names (on a character boundary), when longer.
+fn truncated(word: &str) -> Option<String> {
+    const NAME_BYTES: usize = 63;
+    if word.len() <= NAME_BYTES {
+        return None;
+    }
+    let mut end = NAME_BYTES;
+    while !word.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(word[..end].to_string())
 }
 
 impl Catalog {
@@ -221,66 +275,81 @@ impl Catalog {
         self.tables.get(qualified)
     }
 
-    /// Reads the facts of every user relation (not `pg_catalog`,
-    /// `information_schema` or TOAST), and the volatility of the functions
-    /// named `functions` (every function when None: a migration can only
-    /// call a function whose name is one of its words). The six queries go
-    /// out together, pipelined on the one connection.
-    pub async fn load(client: &tokio_postgres::Client, functions: Option<&[String]>) -> Result<Catalog, CatalogError> {
+    /// Reads the facts of the user relations (not `pg_catalog`,
+    /// `information_schema` or TOAST) and the volatility of the functions
+    /// whose names are among `names` (every one when None). The analysis
+    /// looks up only relations a statement names and functions it calls,
+    /// whose names are among the migration's [`words`]: so the read costs
+    /// what the migration names, not what the database holds (a database
+    /// of 10,000 tables is not read whole for every migration). The
+    /// settings, the functions and the relations named go out together,
+    /// pipelined on the one session; the columns, indexes and constraints
+    /// of the relations found follow, only when some were.
+    pub async fn load(session: &crate::db::Session, names: Option<&[String]>) -> Result<Catalog, CatalogError> {
         let q = |what: &'static str| move |source| CatalogError { what, source };
         const USER: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'";
+        // Every lookup of the analysis is by a relation a statement names
+        // (an index is looked up on the table its CREATE INDEX names).
+        let named = match names {
+            Some(_) => "AND c.relname = ANY($1::text[])",
+            None => "",
+        };
         let tables_sql = format!(
-            "SELECT n.nspname::text, c.relname::text, c.relkind::text, c.reltuples::float8, \
+            "SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text, c.reltuples::float8, \
              CASE WHEN c.relkind = 'p' \
                   THEN (SELECT coalesce(sum(pg_total_relation_size(t.relid)), 0)::int8 FROM pg_partition_tree(c.oid) t) \
                   ELSE coalesce(pg_total_relation_size(c.oid), 0) END \
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND {USER}"
-        );
-        let columns_sql = format!(
-            "SELECT n.nspname::text, c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod), \
-             a.attnotnull, a.atthasdef \
-             FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'v', 'm', 'f') AND {USER}"
-        );
-        let indexes_sql = format!(
-            "SELECT n.nspname::text, c.relname::text, i.relname::text, x.indisunique, x.indisvalid, \
-             x.indpred IS NOT NULL, \
-             ARRAY(SELECT a.attname::text FROM unnest(x.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) \
-                   LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum AND k.attnum > 0 \
-                   WHERE k.ord <= x.indnkeyatts ORDER BY k.ord) \
-             FROM pg_index x JOIN pg_class c ON c.oid = x.indrelid JOIN pg_class i ON i.oid = x.indexrelid \
-             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {USER}"
-        );
-        let constraints_sql = format!(
-            "SELECT n.nspname::text, c.relname::text, k.conname::text, k.contype::text, k.convalidated \
-             FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid \
-             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {USER}"
+             WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND {USER} {named}"
         );
         // The most volatile overload of each name: a default that calls the
         // name is judged by the worst one it could resolve to.
         const FUNCTIONS: &str =
             "SELECT proname::text, max(CASE provolatile WHEN 'v' THEN 3 WHEN 's' THEN 2 ELSE 1 END)::int4 FROM pg_proc";
-        let functions_sql = match functions {
+        let functions_sql = match names {
             Some(_) => format!("{FUNCTIONS} WHERE proname = ANY($1::text[]) GROUP BY proname"),
             None => format!("{FUNCTIONS} GROUP BY proname"),
         };
-        let function_rows = async {
-            match functions {
-                Some(names) => client.query(&functions_sql, &[&names]).await,
-                None => client.query(&functions_sql, &[]).await,
-            }
-        };
-        let (settings, tables, columns, indexes, constraints, function_rows) = tokio::join!(
-            client.query_one(
+        let (settings, tables, function_rows) = tokio::join!(
+            session.query_one(
                 "SELECT coalesce((current_schemas(false))[1], 'public')::text, current_setting('wal_level')",
                 &[],
             ),
-            client.query(&tables_sql, &[]),
-            client.query(&columns_sql, &[]),
-            client.query(&indexes_sql, &[]),
-            client.query(&constraints_sql, &[]),
-            function_rows,
+            query_named(session, &tables_sql, names),
+            query_named(session, &functions_sql, names),
+        );
+        let tables = tables.map_err(q("tables"))?;
+        let oids: Vec<tokio_postgres::types::Oid> = tables.iter().map(|r| r.get(0)).collect();
+        let of_tables = |sql: &'static str| {
+            let oids = &oids;
+            async move {
+                if oids.is_empty() {
+                    return Ok(Vec::new());
+                }
+                session.query(sql, &[oids]).await
+            }
+        };
+        let (columns, indexes, constraints) = tokio::join!(
+            of_tables(
+                "SELECT n.nspname::text, c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod), \
+                 a.attnotnull, a.atthasdef \
+                 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.oid = ANY($1::oid[]) AND a.attnum > 0 AND NOT a.attisdropped"
+            ),
+            of_tables(
+                "SELECT n.nspname::text, c.relname::text, i.relname::text, x.indisunique, x.indisvalid, \
+                 x.indpred IS NOT NULL, \
+                 ARRAY(SELECT a.attname::text FROM unnest(x.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) \
+                       LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum AND k.attnum > 0 \
+                       WHERE k.ord <= x.indnkeyatts ORDER BY k.ord) \
+                 FROM pg_index x JOIN pg_class c ON c.oid = x.indrelid JOIN pg_class i ON i.oid = x.indexrelid \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = ANY($1::oid[])"
+            ),
+            of_tables(
+                "SELECT n.nspname::text, c.relname::text, k.conname::text, k.contype::text, k.convalidated \
+                 FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = ANY($1::oid[])"
+            ),
         );
         let settings = settings.map_err(q("settings"))?;
         let mut cat = Catalog {
@@ -288,16 +357,15 @@ impl Catalog {
             wal_level: settings.get(1),
             ..Catalog::default()
         };
-        let rows = tables.map_err(q("tables"))?;
-        for r in rows {
-            let (schema, name, kind): (String, String, String) = (r.get(0), r.get(1), r.get(2));
-            let rows: f64 = r.get(3);
+        for r in tables {
+            let (schema, name, kind): (String, String, String) = (r.get(1), r.get(2), r.get(3));
+            let rows: f64 = r.get(4);
             cat.tables.insert(
                 format!("{schema}.{name}"),
                 Table {
                     kind: kind.chars().next().unwrap_or('r'),
                     rows: (rows >= 0.0).then_some(rows),
-                    bytes: r.get(4),
+                    bytes: r.get(5),
                     ..Table::default()
                 },
             );
@@ -396,5 +464,17 @@ mod tests {
             assert!(w.iter().any(|x| x == name), "{name} in {w:?}");
         }
         assert!(!w.iter().any(|x| x.is_empty() || x == "1" || x == "("), "{w:?}");
+    }
+
+    #[test]
+    fn a_doubled_quote_is_one_quote_of_the_name_and_a_long_name_is_also_cut_to_63_bytes() {
+        let long = "é".repeat(40);
+        let w = words([format!("ALTER TABLE \"Odd\"\"Name\" ADD c int; DROP TABLE {long}").as_str()]);
+        assert!(w.iter().any(|x| x == "Odd\"Name"), "{w:?}");
+        assert!(w.contains(&long), "{w:?}");
+        // 31 two-byte characters: the 63rd byte would split the 32nd.
+        assert!(w.contains(&"é".repeat(31)), "{w:?}");
+        assert_eq!(names(["SELECT 1"]), Some(vec!["select".to_string()]));
+        assert_eq!(names(["CREATE TABLE U&\"\\0061\" (id int)"]), None);
     }
 }

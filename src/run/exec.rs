@@ -340,6 +340,9 @@ impl Engine {
             Ok(Some(b)) => b,
         };
         let db = self.database(run, cache).await?;
+        // The migration's own session logs in while the checkpoint is taken
+        // (the bookkeeping keeps the pass's): neither waits for a login after.
+        db.prewarm_session(2);
         backend
             .create(&db, &run.id)
             .await

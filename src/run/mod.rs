@@ -179,8 +179,15 @@ impl Engine {
 
     async fn pass_inner(&self, report: &mut PassReport) -> Result<(), EngineError> {
         tracing::debug!("pass started");
-        self.git.fetch().await?;
-        let previous = self.store.list().await?;
+        // The journal is read while git fetches, and the logins the pass
+        // needs first begin once it is read.
+        let (fetched, previous) = tokio::join!(self.git.fetch(), async {
+            let runs = self.store.list().await?;
+            self.warm_up(&runs).await;
+            Ok::<_, StoreError>(runs)
+        });
+        fetched?;
+        let previous = previous?;
         tracing::debug!(runs = previous.len(), "pass read the runs");
         self.open_pending_pull_requests(&previous).await?;
         if let Some(gate) = self.git.branch(&self.settings.gate).await? {
@@ -283,20 +290,27 @@ impl Engine {
     /// Releases claims this instance may still hold (a release that failed,
     /// a run taken over by a person): no run is open when this is called.
     async fn release_owed(&self, runs: &[RunRecord]) {
-        let mut done = std::collections::BTreeSet::new();
-        for run in runs.iter().rev().take(50) {
-            let Some(carrier) = run.migrations.first() else {
-                continue;
-            };
-            let key = gate::database_key(carrier);
-            if !done.insert(key.clone()) {
-                continue;
-            }
-            let held = runs
-                .iter()
-                .any(|r| r.awaits_person() && r.migrations.first().map(gate::database_key).as_ref() == Some(&key));
-            if !held {
-                self.release(carrier).await;
+        for carrier in owed(runs) {
+            self.release(carrier).await;
+        }
+    }
+
+    /// Starts the logins this pass's first steps wait for, while it reads
+    /// git: a session to each database [`release_owed`](Self::release_owed)
+    /// releases (the one a pending migration claims, most of the time).
+    /// Best effort, and nothing when a run awaits a person (the pass stops
+    /// there).
+    async fn warm_up(&self, runs: &[RunRecord]) {
+        if runs.iter().any(|r| r.awaits_person()) {
+            return;
+        }
+        for carrier in owed(runs) {
+            if let Ok(db) = self
+                .cluster
+                .resolve(&carrier.database, carrier.database_name.as_deref())
+                .await
+            {
+                db.prewarm_session(1);
             }
         }
     }
@@ -676,6 +690,30 @@ pub fn is_transient(e: &PlanError) -> bool {
         }
         _ => false,
     }
+}
+
+/// The claims a pass releases when no run is open: on the database of
+/// each of the newest 50 runs, once each, except one a run that awaits a
+/// person holds (a failed remediation keeps its database claimed).
+fn owed(runs: &[RunRecord]) -> Vec<&crate::manifests::Carrier> {
+    let mut done = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    for run in runs.iter().rev().take(50) {
+        let Some(carrier) = run.migrations.first() else {
+            continue;
+        };
+        let key = gate::database_key(carrier);
+        if !done.insert(key.clone()) {
+            continue;
+        }
+        let held = runs
+            .iter()
+            .any(|r| r.awaits_person() && r.migrations.first().map(gate::database_key).as_ref() == Some(&key));
+        if !held {
+            out.push(carrier);
+        }
+    }
+    out
 }
 
 /// Carriers live at the gate that no run ever took (adopted when the path
