@@ -7,7 +7,7 @@ mod tls;
 use tokio_postgres::config::Host;
 use tokio_postgres::{Client, NoTls};
 
-pub use session::{close_idle, defaults_changed, Session};
+pub use session::{close_idle, defaults_changed, DefaultsChangedOnDrop, Session};
 pub use tls::{SslMode, Tls};
 
 use crate::manifests::DatabaseRef;
@@ -215,8 +215,9 @@ impl Database {
             Ok(kept) => kept,
             Err(Some(mut login)) => {
                 // A login under way (a prewarm): its session, once it is idle,
-                // unless another holder took it first.
-                let _ = login.wait_for(|done| *done).await;
+                // unless another holder took it first or it takes longer than
+                // a login of one's own would be worth waiting for.
+                let _ = tokio::time::timeout(session::LOGIN_WAIT, login.wait_for(|done| *done)).await;
                 match session::take(&key, want) {
                     Ok(kept) => kept,
                     Err(_) => self.login().await?,

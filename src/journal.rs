@@ -274,11 +274,24 @@ pub(crate) fn write_run_file(dir: &Path, run: &str, name: &str, bytes: &[u8]) ->
 /// Writes `bytes` to `path` atomically.
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().map(Path::new).unwrap_or(path);
+    write_atomic_all(dir, &[(name, bytes)])
+}
+
+/// Writes each file `(name, bytes)` into `dir` atomically: each is whole
+/// on disk before any takes its name, and the folder is synced once.
+fn write_atomic_all<P: AsRef<Path>>(dir: &Path, files: &[(P, &[u8])]) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
+    let mut written = Vec::with_capacity(files.len());
+    for (name, bytes) in files {
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        tmp.write_all(bytes)?;
+        tmp.as_file().sync_all()?;
+        written.push((tmp, dir.join(name)));
+    }
+    for (tmp, path) in written {
+        tmp.persist(path).map_err(|e| e.error)?;
+    }
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
@@ -372,8 +385,8 @@ impl RunStore for Journal {
             run: run.id.clone(),
             source: e.into(),
         })?;
-        write_atomic(&dir.join("report.json"), &json).map_err(err)?;
-        write_atomic(&dir.join("report.md"), report::markdown(report).as_bytes()).map_err(err)?;
+        let md = report::markdown(report);
+        write_atomic_all(&dir, &[("report.json", &json), ("report.md", md.as_bytes())]).map_err(err)?;
         Ok(dir.join("report.md").display().to_string())
     }
 }

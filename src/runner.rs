@@ -448,6 +448,10 @@ impl Runner for SqlRunner {
                 failed_at: None,
             });
         }
+        // From here the migration's SQL may change the defaults: sessions
+        // that logged in before its end (however it ends, a cancelled
+        // future included) go on with the bookkeeping only.
+        let _marked = crate::db::DefaultsChangedOnDrop;
         let timeout_ms = m.timeout.as_millis().to_string();
         client
             .batch_execute(&format!("SET statement_timeout = {timeout_ms}"))
@@ -518,9 +522,6 @@ impl Runner for SqlRunner {
             }
         }
         let _ = client.query_one("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY]).await;
-        // Sessions that logged in before now may miss the defaults the
-        // migration set: they go on with the bookkeeping only.
-        crate::db::defaults_changed();
         let failed_at = error.as_ref().and(running);
         Ok(MigrateOutcome {
             transactional,

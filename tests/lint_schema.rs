@@ -107,7 +107,8 @@ async fn the_catalog_read_for_what_a_migration_names_judges_it_as_the_whole_cata
         .batch_execute(
             r#"CREATE TABLE "Odd""Name" (id int);
                CREATE TABLE a_table_whose_name_is_longer_than_the_sixty_three_bytes_postgres_keeps (id int);
-               CREATE TABLE data (id int, v text);"#,
+               CREATE TABLE data (id int, v text);
+               CREATE TABLE Ärger (id int, status text NOT NULL DEFAULT 'x');"#,
         )
         .await
         .unwrap();
@@ -130,6 +131,9 @@ async fn the_catalog_read_for_what_a_migration_names_judges_it_as_the_whole_cata
         "SET lock_timeout = '5s';\nALTER TABLE \"Odd\"\"Name\" ADD COLUMN c int NOT NULL DEFAULT 0;",
         "SET lock_timeout = '5s';\nALTER TABLE a_table_whose_name_is_longer_than_the_sixty_three_bytes_postgres_keeps_indeed ALTER COLUMN id TYPE bigint;",
         "SET lock_timeout = '5s';\nALTER TABLE U&\"d\\0061ta\" ALTER COLUMN v TYPE int USING v::int;",
+        // PostgreSQL folds only ASCII letters, and a stray quote in a
+        // comment opens no quoted name.
+        "SET lock_timeout = '5s';\n-- the 27\" screens\nALTER TABLE Ärger ALTER COLUMN status DROP DEFAULT;",
         "SELECT 1;",
     ];
     for sql in cases {

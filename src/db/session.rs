@@ -71,6 +71,9 @@ pub const IDLE_FOR: Duration = Duration::from_secs(5);
 /// How many idle sessions are kept per target.
 pub const IDLE_PER_TARGET: usize = 2;
 
+/// How long a holder waits for a login under way before it logs in itself.
+pub(super) const LOGIN_WAIT: Duration = Duration::from_secs(5);
+
 /// How many prepared statements a connection keeps; past that they are
 /// all let go (backstop's own number about two dozen).
 const STATEMENTS_KEPT: usize = 64;
@@ -130,8 +133,9 @@ impl Registry {
             v.retain(|k| !k.conn.client.is_closed() && now.duration_since(k.idle_since) < IDLE_FOR);
             !v.is_empty()
         });
+        // Ended, or its task gone without saying (the runtime shut down).
         self.logging_in.retain(|_, v| {
-            v.retain(|(_, done)| !*done.borrow());
+            v.retain(|(_, done)| !*done.borrow() && done.has_changed().is_ok());
             !v.is_empty()
         });
     }
@@ -147,9 +151,17 @@ pub(super) struct Want {
 }
 
 impl Want {
-    fn admits(&self, born: Instant, defaults_at: Option<Instant>) -> bool {
+    fn admits(&self, born: Instant, reg: &Registry) -> bool {
         self.born_after.is_none_or(|after| born > after)
-            && (!self.current || defaults_at.is_none_or(|changed| born > changed))
+            && reg.closed_at.is_none_or(|closed| born > closed)
+            && (!self.current || reg.defaults_at.is_none_or(|changed| born > changed))
+    }
+
+    /// Whether any session serves: the bookkeeping's, which takes the
+    /// oldest (the one whose statements are prepared, and not the one
+    /// logged in for a migration).
+    fn any(&self) -> bool {
+        self.born_after.is_none() && !self.current
     }
 }
 
@@ -159,17 +171,24 @@ impl Want {
 pub(super) fn take(key: &str, want: Want) -> Result<(Conn, Instant), Option<watch::Receiver<bool>>> {
     let mut reg = registry();
     reg.prune(Instant::now());
-    let defaults_at = reg.defaults_at;
-    if let Some(kept) = reg.idle.get_mut(key) {
-        if let Some(i) = kept.iter().rposition(|k| want.admits(k.born, defaults_at)) {
-            let k = kept.remove(i);
-            return Ok((k.conn, k.born));
-        }
+    // By login time (the list is in the order sessions came back).
+    let admitted = reg.idle.get(key).map_or(Vec::new(), |kept| {
+        let mut admitted: Vec<(Instant, usize)> = (0..kept.len())
+            .filter(|&i| want.admits(kept[i].born, &reg))
+            .map(|i| (kept[i].born, i))
+            .collect();
+        admitted.sort();
+        admitted
+    });
+    let pick = if want.any() { admitted.first() } else { admitted.last() };
+    if let (Some(&(_, i)), Some(kept)) = (pick, reg.idle.get_mut(key)) {
+        let k = kept.remove(i);
+        return Ok((k.conn, k.born));
     }
     Err(reg
         .logging_in
         .get(key)
-        .and_then(|v| v.iter().rev().find(|(born, _)| want.admits(*born, defaults_at)))
+        .and_then(|v| v.iter().rev().find(|(born, _)| want.admits(*born, &reg)))
         .map(|(_, done)| done.clone()))
 }
 
@@ -177,14 +196,15 @@ pub(super) fn take(key: &str, want: Want) -> Result<(Conn, Instant), Option<watc
 pub(super) fn available(key: &str, want: Want) -> usize {
     let mut reg = registry();
     reg.prune(Instant::now());
-    let defaults_at = reg.defaults_at;
+    let reg = &*reg;
     let idle = reg
         .idle
         .get(key)
-        .map_or(0, |v| v.iter().filter(|k| want.admits(k.born, defaults_at)).count());
-    let coming = reg.logging_in.get(key).map_or(0, |v| {
-        v.iter().filter(|(born, _)| want.admits(*born, defaults_at)).count()
-    });
+        .map_or(0, |v| v.iter().filter(|k| want.admits(k.born, reg)).count());
+    let coming = reg
+        .logging_in
+        .get(key)
+        .map_or(0, |v| v.iter().filter(|(born, _)| want.admits(*born, reg)).count());
     idle + coming
 }
 
@@ -210,9 +230,18 @@ pub(super) fn put(key: String, conn: Conn, born: Instant) {
             return;
         }
         reg.prune(now);
+        let defaults_at = reg.defaults_at;
         let kept = reg.idle.entry(key).or_default();
         if kept.len() >= IDLE_PER_TARGET {
-            return;
+            // A session with the current defaults takes the place of one
+            // from before the last migration (which serves less).
+            let stale = |k: &Kept| defaults_at.is_some_and(|changed| k.born <= changed);
+            match kept.iter().position(stale) {
+                Some(i) if defaults_at.is_none_or(|changed| born > changed) => {
+                    kept.remove(i);
+                }
+                _ => return,
+            }
         }
         kept.push(Kept {
             conn,
@@ -257,6 +286,19 @@ pub fn close_idle() {
     reg.closed_at = Some(now);
     reg.defaults_at = Some(now);
     reg.idle.clear();
+    // A login under way ends refused (it began before this): nobody waits for it.
+    reg.logging_in.clear();
+}
+
+/// Calls [`defaults_changed`] when dropped: held while a migration's SQL
+/// runs, so that its end is marked however it ends (a failure, a timeout,
+/// a future dropped when a controller loses its lease).
+pub struct DefaultsChangedOnDrop;
+
+impl Drop for DefaultsChangedOnDrop {
+    fn drop(&mut self) {
+        defaults_changed();
+    }
 }
 
 /// Marks the end of a migration: the sessions that logged in before it

@@ -179,7 +179,11 @@ impl Runner for KubeRunner {
     async fn migrate(&self, db: &Database, m: &Carrier, who: RunIdentity<'_>) -> Result<MigrateOutcome, RunnerError> {
         match m.run {
             RunKind::Sql => self.sql.migrate(db, m, who).await,
-            RunKind::Job => self.run_job(db, m, who).await,
+            RunKind::Job => {
+                // The Job's SQL may change the defaults as a migration's does.
+                let _marked = crate::db::DefaultsChangedOnDrop;
+                self.run_job(db, m, who).await
+            }
         }
     }
 

@@ -99,7 +99,7 @@ impl Engine {
                 action => {
                     let name = action.step(run).unwrap_or_default();
                     machine::begin(run, &name, now);
-                    if action.acts_outside(self.cluster.acts()) {
+                    if self.acts_outside(&action, run) {
                         // The intent is on disk before the step acts.
                         self.store.save(run).await?;
                     }
@@ -127,6 +127,21 @@ impl Engine {
                     }
                 }
             }
+        }
+    }
+
+    /// Whether `action` changes anything outside the record ([`Action::acts_outside`]).
+    /// A recovery point only reads the server's clock and WAL position,
+    /// unless it starts keeping the writes a restore would discard (a
+    /// logical slot, where the backend restores to exactly that point): then
+    /// its intent goes first, so that a crash finds the slot to drop.
+    fn acts_outside(&self, action: &Action, run: &RunRecord) -> bool {
+        match action {
+            Action::RecoveryPoint => run
+                .checkpoint
+                .as_ref()
+                .is_some_and(|c| crate::capture::backend_restores_to_the_lsn(&c.backend)),
+            action => action.acts_outside(self.cluster.acts()),
         }
     }
 

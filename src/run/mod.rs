@@ -183,7 +183,7 @@ impl Engine {
         // needs first begin once it is read.
         let (fetched, previous) = tokio::join!(self.git.fetch(), async {
             let runs = self.store.list().await?;
-            self.warm_up(&runs).await;
+            self.warm_up(&runs);
             Ok::<_, StoreError>(runs)
         });
         fetched?;
@@ -297,21 +297,24 @@ impl Engine {
 
     /// Starts the logins this pass's first steps wait for, while it reads
     /// git: a session to each database [`release_owed`](Self::release_owed)
-    /// releases (the one a pending migration claims, most of the time).
-    /// Best effort, and nothing when a run awaits a person (the pass stops
-    /// there).
-    async fn warm_up(&self, runs: &[RunRecord]) {
+    /// releases (the one a pending migration claims, most of the time),
+    /// each resolved and logged in in the background. Best effort, and
+    /// nothing when a run awaits a person (the pass stops there).
+    fn warm_up(&self, runs: &[RunRecord]) {
         if runs.iter().any(|r| r.awaits_person()) {
             return;
         }
         for carrier in owed(runs) {
-            if let Ok(db) = self
-                .cluster
-                .resolve(&carrier.database, carrier.database_name.as_deref())
-                .await
-            {
-                db.prewarm_session(1);
-            }
+            let (cluster, reference, name) = (
+                self.cluster.clone(),
+                carrier.database.clone(),
+                carrier.database_name.clone(),
+            );
+            tokio::spawn(async move {
+                if let Ok(db) = cluster.resolve(&reference, name.as_deref()).await {
+                    db.prewarm_session(1);
+                }
+            });
         }
     }
 
