@@ -168,11 +168,15 @@ impl Engine {
         let mut report = PassReport::default();
         let result = self.pass_inner(&mut report).await;
         if result.is_ok() {
-            self.record_status(&report).await?;
             // Retention only has something new to let go when runs ended.
-            if !report.runs.is_empty() {
-                self.prune_checkpoints().await?;
-            }
+            let (status, pruned) = tokio::join!(self.record_status(&report), async {
+                match report.runs.is_empty() {
+                    true => Ok(()),
+                    false => self.prune_checkpoints().await,
+                }
+            });
+            status?;
+            pruned?;
         }
         result.map(|()| report)
     }
@@ -320,9 +324,17 @@ impl Engine {
 
     /// Picks what runs, in order, and moves the gate between runs.
     async fn schedule(&self, report: &mut PassReport, mut runs: Vec<RunRecord>) -> Result<(), EngineError> {
-        self.release_owed(&runs).await;
-        let mut gate = self.git.require_branch(&self.settings.gate).await?;
-        let head = self.git.require_branch(&self.settings.upstream).await?;
+        // The claims are released while git is read (the gate's guarded
+        // tree too, when something is pending: kept for the view below).
+        let ((), branches) = tokio::join!(self.release_owed(&runs), async {
+            let gate = self.git.require_branch(&self.settings.gate).await?;
+            let head = self.git.require_branch(&self.settings.upstream).await?;
+            if gate != head {
+                self.gate().tree(&gate).await?;
+            }
+            Ok::<_, GitError>((gate, head))
+        });
+        let (mut gate, head) = branches?;
         report.gate = gate.clone();
         let holds_revert = runs.iter().any(|r| r.gate_revert.as_deref() == Some(gate.as_str()));
         if gate == head && !holds_revert {
