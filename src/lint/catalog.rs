@@ -226,33 +226,20 @@ pub fn words<'a>(texts: impl IntoIterator<Item = &'a str>) -> Vec<String> {
                 rest = &rest[c.len_utf8()..];
             }
         }
-        // Quoted names, paired from the start.
-        let mut rest = text;
-        while let Some(open) = rest.find('"') {
-            let mut word = String::new();
-            let mut body = &rest[open + 1..];
-            loop {
-                let end = body.find('"').unwrap_or(body.len());
-                word.push_str(&body[..end]);
-                body = body.get(end + 1..).unwrap_or("");
-                match body.strip_prefix('"') {
-                    Some(more) => {
-                        word.push('"');
-                        body = more;
-                    }
-                    None => break,
-                }
-            }
-            out.insert(word);
-            rest = body;
+        // Quoted names, read from every quote (a stray quote in a comment
+        // shifts which quotes pair), a doubled quote read as one. Past 63
+        // bytes only the cut name counts: no read goes further, so this is
+        // linear in the text however its quotes fall.
+        for (open, _) in text.match_indices('"') {
+            out.insert(quoted_name(&text[open + 1..]));
         }
-        // And between any two neighbouring quotes.
+        // And what lies between every two neighbouring quotes.
         let mut spans = text.split('"');
         spans.next();
         let mut spans = spans.peekable();
         while let Some(span) = spans.next() {
             if spans.peek().is_some() {
-                out.insert(span.to_string());
+                out.insert(truncated(span).unwrap_or_else(|| span.to_string()));
             }
         }
     }
@@ -275,9 +262,31 @@ pub fn names<'a>(texts: impl IntoIterator<Item = &'a str> + Clone) -> Option<Vec
     (!escaped).then(|| words(texts))
 }
 
+/// The quoted name `body` starts with (after its opening quote): up to the
+/// closing quote, a doubled quote read as one, cut to 63 bytes.
+fn quoted_name(body: &str) -> String {
+    let mut name = String::new();
+    let mut chars = body.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '"' {
+            if chars.peek() != Some(&'"') {
+                break;
+            }
+            chars.next();
+        }
+        name.push(c);
+        if name.len() > NAME_BYTES {
+            break;
+        }
+    }
+    truncated(&name).unwrap_or(name)
+}
+
+/// The bytes PostgreSQL keeps of a name.
+const NAME_BYTES: usize = 63;
+
 /// `word` cut to PostgreSQL's 63-byte names (on a character boundary), when longer.
 fn truncated(word: &str) -> Option<String> {
-    const NAME_BYTES: usize = 63;
     if word.len() <= NAME_BYTES {
         return None;
     }
@@ -489,10 +498,20 @@ mod tests {
     fn names_are_read_as_postgres_reads_them_whatever_comments_and_strings_hold() {
         // PostgreSQL folds ASCII letters only; a combining accent is part of
         // the name; a stray quote in a comment does not hide what follows.
-        let w = words(["-- 27\" screens\nALTER TABLE Ärger ADD c int; ALTER TABLE cafe\u{301}s DROP x; ALTER TABLE \"MyT\" ADD d int"]);
-        for name in ["Ärger", "cafe\u{301}s", "screens", "MyT"] {
+        let w = words([
+            "-- 27\" screens\nALTER TABLE Ärger ADD c int; ALTER TABLE cafe\u{301}s DROP x; ALTER TABLE \"MyT\" ADD d int",
+            "-- 5\" screens\nALTER TABLE \"a\"\"b\" ADD c int",
+        ]);
+        for name in ["Ärger", "cafe\u{301}s", "screens", "MyT", "a\"b"] {
             assert!(w.iter().any(|x| x == name), "{name} in {w:?}");
         }
+        // Hostile text: 256 KiB of quotes, and a quoted name that never
+        // closes, is read (no read from a quote goes past 63 bytes of name).
+        let w = words([
+            "\"".repeat(1 << 18).as_str(),
+            format!("\"{}", "x\"\"".repeat(1 << 16)).as_str(),
+        ]);
+        assert!(w.iter().all(|x| x.len() <= 63), "{w:?}");
     }
 
     #[test]

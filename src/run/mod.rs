@@ -175,6 +175,10 @@ impl Engine {
                     false => self.prune_checkpoints().await,
                 }
             });
+            if let (Err(_), Err(e)) = (&status, &pruned) {
+                // The status's error is the pass's; this one is said here.
+                tracing::warn!(error = %chain(e), "checkpoint retention failed");
+            }
             status?;
             pruned?;
         }
@@ -303,9 +307,11 @@ impl Engine {
     /// git: a session to each database [`release_owed`](Self::release_owed)
     /// releases (the one a pending migration claims, most of the time),
     /// each resolved and logged in in the background. Best effort, and
-    /// nothing when a run awaits a person (the pass stops there).
+    /// nothing when a run awaits a person (the pass stops there) or is open.
     fn warm_up(&self, runs: &[RunRecord]) {
-        if runs.iter().any(|r| r.awaits_person()) {
+        // Not while a run is open either: resuming it may restore the
+        // database, and a login must not land in the middle of that.
+        if runs.iter().any(|r| r.awaits_person() || r.is_open()) {
             return;
         }
         for carrier in owed(runs) {
@@ -329,7 +335,9 @@ impl Engine {
         let ((), branches) = tokio::join!(self.release_owed(&runs), async {
             let gate = self.git.require_branch(&self.settings.gate).await?;
             let head = self.git.require_branch(&self.settings.upstream).await?;
-            if gate != head {
+            // (Not on a path whose steward moves the gate: it may find
+            // nothing of its own pending and read no tree.)
+            if gate != head && (self.settings.steward || self.settings.also_guarded.is_empty()) {
                 self.gate().tree(&gate).await?;
             }
             Ok::<_, GitError>((gate, head))
