@@ -149,11 +149,7 @@ impl Database {
     /// as they are since the last migration ended: for reading what lints
     /// the next one (the default schema).
     pub async fn current_session(&self) -> Result<Session, DbError> {
-        self.session_for(session::Want {
-            born_after: None,
-            current: true,
-        })
-        .await
+        self.session_for(session::Want::CURRENT).await
     }
 
     /// A session that logged in at most `within` ago, and after the last
@@ -188,11 +184,7 @@ impl Database {
             return;
         };
         let key = self.target_key();
-        let want = session::Want {
-            born_after: None,
-            current: true,
-        };
-        if session::available(&key, want) >= count {
+        if session::available(&key, session::Want::CURRENT) >= count {
             return;
         }
         let started = std::time::Instant::now();

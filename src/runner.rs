@@ -333,8 +333,7 @@ impl Runner for SqlRunner {
     }
 
     async fn server_version(&self, db: &Database) -> Result<u32, RunnerError> {
-        // The default schema as the next migration will see it.
-        let client = db.current_session().await?;
+        let client = db.session().await?;
         let version = major_version(db, &client).await?;
         client.release().await;
         Ok(version)

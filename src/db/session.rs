@@ -151,6 +151,12 @@ pub(super) struct Want {
 }
 
 impl Want {
+    /// Any session with the current defaults.
+    pub const CURRENT: Want = Want {
+        born_after: None,
+        current: true,
+    };
+
     fn admits(&self, born: Instant, reg: &Registry) -> bool {
         self.born_after.is_none_or(|after| born > after)
             && reg.closed_at.is_none_or(|closed| born > closed)
@@ -172,16 +178,15 @@ pub(super) fn take(key: &str, want: Want) -> Result<(Conn, Instant), Option<watc
     let mut reg = registry();
     reg.prune(Instant::now());
     // By login time (the list is in the order sessions came back).
-    let admitted = reg.idle.get(key).map_or(Vec::new(), |kept| {
-        let mut admitted: Vec<(Instant, usize)> = (0..kept.len())
-            .filter(|&i| want.admits(kept[i].born, &reg))
-            .map(|i| (kept[i].born, i))
-            .collect();
-        admitted.sort();
-        admitted
+    let pick = reg.idle.get(key).and_then(|kept| {
+        let admitted = kept.iter().enumerate().filter(|(_, k)| want.admits(k.born, &reg));
+        match want.any() {
+            true => admitted.min_by_key(|(_, k)| k.born),
+            false => admitted.max_by_key(|(_, k)| k.born),
+        }
+        .map(|(i, _)| i)
     });
-    let pick = if want.any() { admitted.first() } else { admitted.last() };
-    if let (Some(&(_, i)), Some(kept)) = (pick, reg.idle.get_mut(key)) {
+    if let (Some(i), Some(kept)) = (pick, reg.idle.get_mut(key)) {
         let k = kept.remove(i);
         return Ok((k.conn, k.born));
     }

@@ -205,9 +205,9 @@ pub struct CatalogError {
 /// Unquoted, a name is a run of letters, digits, `_`, `$` and any non-ASCII
 /// character (as PostgreSQL's scanner reads it), folded as PostgreSQL folds
 /// it (ASCII letters only) and also with every letter lowercased; quoted,
-/// what lies between two quotes with a doubled quote read as one, and also
-/// what lies between every two neighbouring quotes (a stray quote in a
-/// comment shifts which quotes pair). Each is also cut to the 63 bytes
+/// what follows every quote up to the next lone one, a doubled quote read
+/// as one (a stray quote in a comment shifts which quotes pair, so every
+/// quote is read as an opening one). Each is also cut to the 63 bytes
 /// PostgreSQL keeps of a longer name.
 pub fn words<'a>(texts: impl IntoIterator<Item = &'a str>) -> Vec<String> {
     let mut out = std::collections::BTreeSet::new();
@@ -232,15 +232,6 @@ pub fn words<'a>(texts: impl IntoIterator<Item = &'a str>) -> Vec<String> {
         // linear in the text however its quotes fall.
         for (open, _) in text.match_indices('"') {
             out.insert(quoted_name(&text[open + 1..]));
-        }
-        // And what lies between every two neighbouring quotes.
-        let mut spans = text.split('"');
-        spans.next();
-        let mut spans = spans.peekable();
-        while let Some(span) = spans.next() {
-            if spans.peek().is_some() {
-                out.insert(truncated(span).unwrap_or_else(|| span.to_string()));
-            }
         }
     }
     let cut: Vec<String> = out.iter().filter_map(|w| truncated(w)).collect();
