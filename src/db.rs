@@ -159,16 +159,11 @@ impl Database {
     /// hands it back.
     pub async fn fresh_session(&self, within: std::time::Duration) -> Result<Session, DbError> {
         let now = std::time::Instant::now();
-        let mut session = self
-            .session_for(session::Want {
-                born_after: Some(now.checked_sub(within).unwrap_or(now)),
-                current: true,
-            })
-            .await?;
-        // For a migration, whose SQL may deallocate them (`DISCARD ALL`):
-        // backstop's own statements on it are prepared there and then.
-        session.forget_statements();
-        Ok(session)
+        self.session_for(session::Want {
+            born_after: Some(now.checked_sub(within).unwrap_or(now)),
+            current: true,
+        })
+        .await
     }
 
     /// Logs in in the background and keeps the session idle, so that a
@@ -177,9 +172,11 @@ impl Database {
     /// defaults are idle or logging in already: at the start of a pass, for
     /// the databases it releases and claims (1), and while a checkpoint is
     /// taken, for the migration after it (2: the migration keeps its own,
-    /// the bookkeeping goes on on the other). Best effort: a login that
-    /// fails is logged at debug and the next session connects as usual.
-    pub fn prewarm_session(&self, count: usize) {
+    /// the bookkeeping goes on on the other). The statements `ahead` are
+    /// prepared on it before it is lent ([`crate::runner::BOOKKEEPING_AHEAD`],
+    /// [`crate::runner::MIGRATION_AHEAD`]). Best effort: a login that fails
+    /// is logged at debug and the next session connects as usual.
+    pub fn prewarm_session(&self, count: usize, ahead: &'static [&'static str]) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -192,7 +189,11 @@ impl Database {
         let db = self.clone();
         runtime.spawn(async move {
             match db.connect().await {
-                Ok(client) => session::put(key, session::Conn::new(client), started),
+                Ok(client) => {
+                    let conn = session::Conn::new(client);
+                    conn.prepare_ahead(ahead).await;
+                    session::put(key, conn, started)
+                }
                 Err(e) => {
                     tracing::debug!(database = %db.describe(), error = %e, "could not open a bookkeeping session ahead")
                 }

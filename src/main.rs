@@ -33,15 +33,18 @@ fn main() -> ExitCode {
             return ExitCode::from(backstop::cli::EXIT_NEEDS_PERSON);
         }
     };
-    let result = runtime.block_on(backstop::cli::run(cli));
-    // The command is done and the process ends: what is still spawned
-    // (idle database sessions and their timers) is not waited for.
-    runtime.shutdown_background();
-    match result {
-        Ok(code) => ExitCode::from(code),
+    let code = match runtime.block_on(backstop::cli::run(cli)) {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("backstop: {e:#}");
-            ExitCode::from(backstop::cli::EXIT_NEEDS_PERSON)
+            backstop::cli::EXIT_NEEDS_PERSON
         }
-    }
+    };
+    // The command is done (its files synced where they must be, its
+    // children waited for): the process ends without taking the runtime
+    // apart. What is still spawned (idle database sessions and their
+    // timers) is not waited for, and the memory is the kernel's to free,
+    // not ours to walk page by page.
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    std::process::exit(i32::from(code))
 }

@@ -104,8 +104,9 @@ impl StateLock {
         };
         file.set_len(0).map_err(err)?;
         file.rewind().map_err(err)?;
+        // Not synced: the pid is for the person told the state is busy, and
+        // after a crash of the machine no process holds the lock anyway.
         write!(file, "{}", std::process::id()).map_err(err)?;
-        file.sync_all().map_err(err)?;
         Ok(Self { _file: file, path })
     }
 
@@ -215,16 +216,27 @@ CREATE TABLE IF NOT EXISTS backstop.run_owner (
 );
 COMMIT;";
 
+/// Whether backstop's tables exist.
+pub const SCHEMA_READY: &str =
+    "SELECT to_regclass('backstop.migration_history') IS NOT NULL AND to_regclass('backstop.run_owner') IS NOT NULL";
+
+/// Takes the claim, or refreshes this instance's own (`RETURNING` a row
+/// when the claim is this instance's).
+pub const CLAIM: &str = "INSERT INTO backstop.run_owner AS o (state_id, run_id, host, pid, since) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (singleton) DO UPDATE SET run_id = COALESCE(EXCLUDED.run_id, o.run_id), host = EXCLUDED.host, pid = EXCLUDED.pid
+             WHERE o.state_id = EXCLUDED.state_id
+             RETURNING state_id";
+
+/// Who holds the claim.
+pub const OWNER: &str = "SELECT state_id, run_id, host, pid, since FROM backstop.run_owner";
+
+/// Lets an instance's claim go.
+pub const RELEASE: &str = "DELETE FROM backstop.run_owner WHERE state_id = $1";
+
 /// Creates backstop's tables unless they exist (a role that does not own
 /// them may use them, but `CREATE INDEX IF NOT EXISTS` wants the owner).
 pub async fn ensure_schema(client: &crate::db::Session) -> Result<(), tokio_postgres::Error> {
-    let ready: bool = client
-        .query_one(
-            "SELECT to_regclass('backstop.migration_history') IS NOT NULL AND to_regclass('backstop.run_owner') IS NOT NULL",
-            &[],
-        )
-        .await?
-        .get(0);
+    let ready: bool = client.query_one(SCHEMA_READY, &[]).await?.get(0);
     if ready {
         return Ok(());
     }
@@ -247,13 +259,7 @@ pub async fn claim(db: &Database, me: &Owner) -> Result<Claim, OwnerError> {
         .await
         .map_err(query_err(db, "creating backstop's tables"))?;
     let row = client
-        .query_opt(
-            "INSERT INTO backstop.run_owner AS o (state_id, run_id, host, pid, since) VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (singleton) DO UPDATE SET run_id = COALESCE(EXCLUDED.run_id, o.run_id), host = EXCLUDED.host, pid = EXCLUDED.pid
-             WHERE o.state_id = EXCLUDED.state_id
-             RETURNING state_id",
-            &[&me.state, &me.run, &me.host, &(me.pid as i32), &me.since],
-        )
+        .query_opt(CLAIM, &[&me.state, &me.run, &me.host, &(me.pid as i32), &me.since])
         .await
         .map_err(query_err(db, "claiming the database"))?;
     client.release().await;
@@ -273,9 +279,7 @@ pub async fn claim(db: &Database, me: &Owner) -> Result<Claim, OwnerError> {
 /// Who owns `db` now (None: nobody, or backstop never ran there).
 pub async fn current(db: &Database) -> Result<Option<Owner>, OwnerError> {
     let client = db.session().await?;
-    let rows = client
-        .query("SELECT state_id, run_id, host, pid, since FROM backstop.run_owner", &[])
-        .await;
+    let rows = client.query(OWNER, &[]).await;
     client.release().await;
     match rows {
         Ok(rows) => Ok(rows.first().map(|r| Owner {
@@ -293,9 +297,7 @@ pub async fn current(db: &Database) -> Result<Option<Owner>, OwnerError> {
 /// Releases `state`'s claim on `db` (no-op when it holds none).
 pub async fn release(db: &Database, state: &str) -> Result<(), OwnerError> {
     let client = db.session().await?;
-    let deleted = client
-        .execute("DELETE FROM backstop.run_owner WHERE state_id = $1", &[&state])
-        .await;
+    let deleted = client.execute(RELEASE, &[&state]).await;
     client.release().await;
     match deleted {
         Ok(_) => Ok(()),

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use tokio_postgres::types::Type;
 
 use crate::checkpoint::RecoveryPoint;
 use crate::db::{Database, DbError};
@@ -201,6 +202,43 @@ const LOCK_KEY: i64 = 0x6261_636b_7374_6f70;
 
 const INSERT_HISTORY: &str = "INSERT INTO backstop.migration_history (id, checksum, phase, commit, run_id, started_at, finished_at, success) VALUES ($1, $2, $3, $4, $5, $6, now(), $7)";
 
+const SERVER_VERSION: &str = "SHOW server_version_num";
+const HISTORY_TABLE: &str = "SELECT to_regclass('backstop.migration_history') IS NOT NULL";
+const HISTORY_BY_ID: &str = "SELECT id, checksum, phase, commit, run_id, finished_at FROM backstop.migration_history WHERE id = $1 AND success ORDER BY seq DESC LIMIT 1";
+const HISTORY_BY_PHASE: &str = "SELECT id, checksum, phase, commit, run_id, finished_at FROM backstop.migration_history WHERE phase = $1 AND success ORDER BY seq DESC LIMIT 1";
+const HISTORY: &str = "SELECT DISTINCT ON (id) id, checksum, phase, commit, run_id, finished_at FROM backstop.migration_history WHERE success ORDER BY id, seq DESC";
+const RECOVERY_POINT: &str = "SELECT clock_timestamp(), pg_current_wal_insert_lsn()::text";
+const NAME_SESSION: &str = "SELECT set_config('application_name', $1, false)";
+const TRY_LOCK: &str = "SELECT pg_try_advisory_lock($1)";
+const UNLOCK: &str = "SELECT pg_advisory_unlock($1)";
+const APPLIED_UNDER_LOCK: &str =
+    "SELECT run_id, checksum FROM backstop.migration_history WHERE id = $1 AND success ORDER BY seq DESC LIMIT 1";
+const CURRENT_XID: &str = "SELECT (txid_current() % 4294967296)::bigint";
+
+/// What a pass asks a database before its checkpoint (release, claim,
+/// history, server version, the catalog's settings) and after its
+/// migration (owner, history, recovery point): prepared while the pass's
+/// bookkeeping session logs in ([`Database::prewarm_session`]).
+pub const BOOKKEEPING_AHEAD: &[&str] = &[
+    crate::owner::RELEASE,
+    crate::owner::SCHEMA_READY,
+    crate::owner::CLAIM,
+    crate::owner::OWNER,
+    HISTORY_TABLE,
+    HISTORY_BY_ID,
+    HISTORY,
+    SERVER_VERSION,
+    crate::lint::catalog::SETTINGS,
+    RECOVERY_POINT,
+];
+
+/// What a migration asks before its SQL runs: prepared while its session
+/// logs in during the checkpoint. After the SQL, whose statements may
+/// deallocate prepared ones (`DEALLOCATE ALL`, `DISCARD ALL`), backstop
+/// sends only unnamed statements on that session (`query_typed`: one
+/// round trip each, nothing kept on the server to lose).
+pub const MIGRATION_AHEAD: &[&str] = &[NAME_SESSION, crate::owner::SCHEMA_READY, TRY_LOCK, APPLIED_UNDER_LOCK];
+
 /// The `sql` runner.
 #[derive(Debug, Default, Clone)]
 pub struct SqlRunner;
@@ -262,18 +300,19 @@ pub async fn record_history(
 /// The server's major version (e.g. 15).
 async fn major_version(db: &Database, client: &crate::db::Session) -> Result<u32, RunnerError> {
     let v: String = client
-        .query_one("SHOW server_version_num", &[])
+        .query_one(SERVER_VERSION, &[])
         .await
         .map_err(query_err(db, "reading the server version"))?
         .get(0);
     Ok(v.parse::<u32>().unwrap_or(150000) / 10000)
 }
 
-/// The newest successful history row matching `filter` (`$1` = `value`).
-async fn history_row(db: &Database, filter: &str, value: &str) -> Result<Option<HistoryRow>, RunnerError> {
+/// The newest successful history row that `sql` selects with `$1` = `value`
+/// ([`HISTORY_BY_ID`], [`HISTORY_BY_PHASE`]).
+async fn history_row(db: &Database, sql: &str, value: &str) -> Result<Option<HistoryRow>, RunnerError> {
     let client = db.session().await?;
     let exists: bool = client
-        .query_one("SELECT to_regclass('backstop.migration_history') IS NOT NULL", &[])
+        .query_one(HISTORY_TABLE, &[])
         .await
         .map_err(query_err(db, "looking for the history table"))?
         .get(0);
@@ -281,11 +320,8 @@ async fn history_row(db: &Database, filter: &str, value: &str) -> Result<Option<
         client.release().await;
         return Ok(None);
     }
-    let sql = format!(
-        "SELECT id, checksum, phase, commit, run_id, finished_at FROM backstop.migration_history WHERE {filter} AND success ORDER BY seq DESC LIMIT 1"
-    );
     let row = client
-        .query_opt(&sql, &[&value])
+        .query_opt(sql, &[&value])
         .await
         .map_err(query_err(db, "reading migration history"))?;
     client.release().await;
@@ -307,21 +343,16 @@ fn history_of(r: &tokio_postgres::Row) -> HistoryRow {
 #[async_trait::async_trait]
 impl Runner for SqlRunner {
     async fn applied(&self, db: &Database, id: &str) -> Result<Option<HistoryRow>, RunnerError> {
-        history_row(db, "id = $1", id).await
+        history_row(db, HISTORY_BY_ID, id).await
     }
 
     async fn latest_applied(&self, db: &Database, phase: &str) -> Result<Option<HistoryRow>, RunnerError> {
-        history_row(db, "phase = $1", phase).await
+        history_row(db, HISTORY_BY_PHASE, phase).await
     }
 
     async fn history(&self, db: &Database) -> Result<Vec<HistoryRow>, RunnerError> {
         let client = db.session().await?;
-        let rows = client
-            .query(
-                "SELECT DISTINCT ON (id) id, checksum, phase, commit, run_id, finished_at FROM backstop.migration_history WHERE success ORDER BY id, seq DESC",
-                &[],
-            )
-            .await;
+        let rows = client.query(HISTORY, &[]).await;
         client.release().await;
         let rows = match rows {
             Ok(rows) => rows,
@@ -359,7 +390,7 @@ impl Runner for SqlRunner {
     async fn recovery_point(&self, db: &Database) -> Result<RecoveryPoint, RunnerError> {
         let client = db.session().await?;
         let row = client
-            .query_one("SELECT clock_timestamp(), pg_current_wal_insert_lsn()::text", &[])
+            .query_one(RECOVERY_POINT, &[])
             .await
             .map_err(query_err(db, "reading the recovery point"))?;
         client.release().await;
@@ -384,10 +415,7 @@ impl Runner for SqlRunner {
         // Named for the run, so that a restarted backstop can end what a
         // killed one left running before it decides what committed.
         client
-            .query_one(
-                "SELECT set_config('application_name', $1, false)",
-                &[&session_name(who.run_id)],
-            )
+            .query_one(NAME_SESSION, &[&session_name(who.run_id)])
             .await
             .map_err(query_err(db, "naming the session"))?;
         crate::owner::ensure_schema(&client)
@@ -397,7 +425,7 @@ impl Runner for SqlRunner {
         let deadline = tokio::time::Instant::now() + m.timeout;
         loop {
             let got: bool = client
-                .query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK_KEY])
+                .query_one(TRY_LOCK, &[&LOCK_KEY])
                 .await
                 .map_err(query_err(db, "taking the migration lock"))?
                 .get(0);
@@ -415,21 +443,18 @@ impl Runner for SqlRunner {
         // Under the lock: a migration another run (or an earlier attempt of
         // this one) already applied is not applied twice.
         let existing = client
-            .query_opt(
-                "SELECT run_id, checksum FROM backstop.migration_history WHERE id = $1 AND success ORDER BY seq DESC LIMIT 1",
-                &[&m.id],
-            )
+            .query_opt(APPLIED_UNDER_LOCK, &[&m.id])
             .await
             .map_err(query_err(db, "reading migration history under the lock"));
         let existing = match existing {
             Ok(row) => row.map(|r| (r.get::<_, String>(0), r.get::<_, String>(1))),
             Err(e) => {
-                let _ = client.query_one("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY]).await;
+                unlock(&client).await;
                 return Err(e);
             }
         };
         if let Some((run_id, checksum)) = existing {
-            let _ = client.query_one("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY]).await;
+            unlock(&client).await;
             let same = checksum == m.checksum;
             return Ok(MigrateOutcome {
                 transactional: m.statements.iter().all(|s| s.transactional),
@@ -469,9 +494,17 @@ impl Runner for SqlRunner {
             let (commit, run_id) = (who.commit.to_string(), who.run_id.to_string());
             async move {
                 client
-                    .execute(
+                    .query_typed(
                         INSERT_HISTORY,
-                        &[&id, &checksum, &phase, &commit, &run_id, &started_at, &success],
+                        &[
+                            (&id, Type::TEXT),
+                            (&checksum, Type::TEXT),
+                            (&phase, Type::TEXT),
+                            (&commit, Type::TEXT),
+                            (&run_id, Type::TEXT),
+                            (&started_at, Type::TIMESTAMPTZ),
+                            (&success, Type::BOOL),
+                        ],
                     )
                     .await
             }
@@ -520,7 +553,7 @@ impl Runner for SqlRunner {
                 let _ = history(false).await;
             }
         }
-        let _ = client.query_one("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY]).await;
+        unlock(&client).await;
         let failed_at = error.as_ref().and(running);
         Ok(MigrateOutcome {
             transactional,
@@ -583,10 +616,15 @@ impl Runner for SqlRunner {
     }
 }
 
-/// The 32-bit id (as WAL decoding shows it) of the transaction open on `client`.
+/// The 32-bit id (as WAL decoding shows it) of the transaction open on
+/// `client`. Unnamed: it runs after the migration's SQL.
 async fn current_xid(client: &tokio_postgres::Client) -> Result<u32, tokio_postgres::Error> {
-    let row = client
-        .query_one("SELECT (txid_current() % 4294967296)::bigint", &[])
-        .await?;
-    Ok(row.get::<_, i64>(0) as u32)
+    let rows = client.query_typed(CURRENT_XID, &[]).await?;
+    Ok(rows.first().map_or(0, |r| r.get::<_, i64>(0)) as u32)
+}
+
+/// Lets go of the migration lock (best effort: the session ends soon
+/// anyway). Unnamed: it runs after the migration's SQL.
+async fn unlock(client: &tokio_postgres::Client) {
+    let _ = client.query_typed(UNLOCK, &[(&LOCK_KEY, Type::INT8)]).await;
 }

@@ -315,18 +315,54 @@ async fn a_holder_waits_for_the_login_a_prewarm_began_instead_of_logging_in_agai
     server.create_database("shop").await.unwrap();
     let admin = server.database("postgres").unwrap().connect().await.unwrap();
     let db = server.database("shop").unwrap();
-    db.prewarm_session(1);
+    db.prewarm_session(1, &[]);
     // Asked while that login is under way: it is the one lent.
     let s = db.session().await.unwrap();
     assert_eq!(backends(&admin, "shop").await, 1, "one login, not two");
     s.release().await;
     // One is idle: a prewarm of one starts nothing; of two, one more.
-    db.prewarm_session(1);
-    db.prewarm_session(2);
-    db.prewarm_session(2);
+    db.prewarm_session(1, &[]);
+    db.prewarm_session(2, &[]);
+    db.prewarm_session(2, &[]);
     let (a, b) = (db.session().await.unwrap(), db.session().await.unwrap());
     assert_ne!(pid(&a).await, pid(&b).await);
     assert_eq!(backends(&admin, "shop").await, 2);
     a.release().await;
     b.release().await;
+}
+
+#[tokio::test]
+async fn a_prewarmed_session_is_lent_with_the_statements_asked_ahead_prepared_and_one_that_fails_skipped() {
+    let _turn = SERIAL.lock().await;
+    let server = PgServer::start().await.unwrap();
+    server.create_database("shop").await.unwrap();
+    let db = server.database("shop").unwrap();
+    db.prewarm_session(1, &["SELECT 41", "SELECT * FROM no_such_table", "SELECT 42"]);
+    let s = db.session().await.unwrap();
+    let prepared: Vec<String> = s
+        .query(
+            "SELECT statement FROM pg_prepared_statements ORDER BY prepare_time",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        prepared.iter().any(|p| p == "SELECT 41") && prepared.iter().any(|p| p == "SELECT 42"),
+        "prepared while it logged in: {prepared:?}"
+    );
+    assert!(!prepared.iter().any(|p| p.contains("no_such_table")), "{prepared:?}");
+    // Asked again, the statement prepared ahead is the one run: none is added.
+    let n = prepared.len();
+    let v: i32 = s.query_one("SELECT 42", &[]).await.unwrap().get(0);
+    assert_eq!(v, 42);
+    let after = s
+        .query("SELECT statement FROM pg_prepared_statements ORDER BY prepare_time", &[])
+        .await
+        .unwrap()
+        .len();
+    assert_eq!(after, n, "no statement prepared twice");
+    s.release().await;
 }

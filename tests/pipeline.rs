@@ -558,3 +558,22 @@ async fn a_pass_with_one_migration_logs_in_once_for_its_bookkeeping_before_and_a
     );
     assert_ne!(migration[0], claim[0], "the migration runs on a session of its own");
 }
+
+#[tokio::test]
+async fn a_migration_that_deallocates_every_prepared_statement_still_records_its_history_and_promotes() {
+    let f = Fixture::new().await;
+    // Its session logged in while the checkpoint was taken, with backstop's
+    // statements for before the SQL prepared on it: the SQL drops them all.
+    let c1 = f.commit_carrier(
+        &carrier("0001-deallocate").sql("a.sql", "DEALLOCATE ALL;\nCREATE TABLE orders (id int);"),
+        "deallocate",
+    );
+    let out = f.run(&[]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(f.gate(), c1);
+    let rows = f
+        .count("SELECT count(*) FROM backstop.migration_history WHERE id = '0001-deallocate' AND success")
+        .await;
+    assert_eq!(rows, 1);
+    assert_eq!(f.count("SELECT count(*) FROM orders").await, 0);
+}

@@ -92,8 +92,22 @@ impl Conn {
         }
     }
 
-    pub(super) fn forget_statements(&mut self) {
-        self.statements.get_mut().unwrap_or_else(|e| e.into_inner()).clear();
+    /// Prepares `sqls` in one flight (concurrent requests travel pipelined
+    /// on the connection) and keeps those that prepared: a session logged in
+    /// ahead asks its first questions in one round trip each, not two. One
+    /// that fails (a table not there yet) is prepared at its first use, as
+    /// any other statement is.
+    pub(super) async fn prepare_ahead(&self, sqls: &[&str]) {
+        let prepared = futures::future::join_all(sqls.iter().map(|sql| self.client.prepare(sql))).await;
+        let mut kept = self.statements.lock().unwrap_or_else(|e| e.into_inner());
+        for (sql, st) in sqls.iter().zip(prepared) {
+            match st {
+                Ok(st) => {
+                    kept.insert(sql.to_string(), st);
+                }
+                Err(e) => tracing::debug!(error = %e, sql, "statement not prepared ahead"),
+            }
+        }
     }
 }
 
@@ -328,11 +342,6 @@ pub struct Session {
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
 impl Session {
-    /// Forgets the statements kept on the connection (see [`Conn::forget_statements`]).
-    pub(super) fn forget_statements(&mut self) {
-        self.conn.forget_statements();
-    }
-
     pub(super) fn new(conn: Conn, key: String, born: Instant) -> Self {
         Self {
             conn,

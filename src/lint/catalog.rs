@@ -288,6 +288,9 @@ fn truncated(word: &str) -> Option<String> {
     Some(word[..end].to_string())
 }
 
+/// The settings the analysis reads: the default schema and `wal_level`.
+pub const SETTINGS: &str = "SELECT coalesce((current_schemas(false))[1], 'public')::text, current_setting('wal_level')";
+
 impl Catalog {
     /// Looks a relation up by its qualified name.
     pub fn table(&self, qualified: &str) -> Option<&Table> {
@@ -330,10 +333,7 @@ impl Catalog {
             None => format!("{FUNCTIONS} GROUP BY proname"),
         };
         let (settings, tables, function_rows) = tokio::join!(
-            session.query_one(
-                "SELECT coalesce((current_schemas(false))[1], 'public')::text, current_setting('wal_level')",
-                &[],
-            ),
+            session.query_one(SETTINGS, &[]),
             query_named(session, &tables_sql, names),
             query_named(session, &functions_sql, names),
         );

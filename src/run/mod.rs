@@ -322,7 +322,7 @@ impl Engine {
             );
             tokio::spawn(async move {
                 if let Ok(db) = cluster.resolve(&reference, name.as_deref()).await {
-                    db.prewarm_session(1);
+                    db.prewarm_session(1, crate::runner::BOOKKEEPING_AHEAD);
                 }
             });
         }
