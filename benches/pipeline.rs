@@ -12,6 +12,10 @@
 //! server) in the same loop, one pass of each per round: the pair shares
 //! the machine's moment, which a run of the bench after another does not.
 //!
+//! With another build, the median of the rounds' differences is printed
+//! too: steadier than the difference of the two medians when the machine's
+//! speed drifts during the run.
+//!
 //! `BACKSTOP_BENCH_LOG=debug` prints each pass's log. Figures are printed;
 //! nothing is asserted.
 
@@ -151,6 +155,15 @@ async fn main() -> Res<()> {
             "no-op pass, {} build ({passes} passes, medians): backstop run --once {t:.1} ms, of which checkpoint (pg_dump) {c:.1} ms; pass − checkpoint {o:.1} ms; psql -c 'select 1' {p:.1} ms; ratio {:.2}",
             s.name,
             o / p
+        );
+    }
+    if let [this, other] = subjects.as_slice() {
+        // Round by round: the two passes of a round share the machine's moment.
+        let paired = |a: &[f64], b: &[f64]| median(&a.iter().zip(b).map(|(x, y)| x - y).collect::<Vec<_>>());
+        println!(
+            "paired, this − other (median of the {passes} rounds' differences): pass {:+.1} ms, pass − checkpoint {:+.1} ms",
+            paired(&this.totals, &other.totals),
+            paired(&this.overheads, &other.overheads)
         );
     }
     Ok(())

@@ -359,7 +359,10 @@ async fn a_prewarmed_session_is_lent_with_the_statements_asked_ahead_prepared_an
     let v: i32 = s.query_one("SELECT 42", &[]).await.unwrap().get(0);
     assert_eq!(v, 42);
     let after = s
-        .query("SELECT statement FROM pg_prepared_statements ORDER BY prepare_time", &[])
+        .query(
+            "SELECT statement FROM pg_prepared_statements ORDER BY prepare_time",
+            &[],
+        )
         .await
         .unwrap()
         .len();
