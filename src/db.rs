@@ -7,7 +7,7 @@ mod tls;
 use tokio_postgres::config::Host;
 use tokio_postgres::{Client, NoTls};
 
-pub use session::{close_idle, defaults_changed, DefaultsChangedOnDrop, Session};
+pub use session::{close_idle, defaults_changed, DefaultsChangedOnDrop, Session, LOGIN_WAIT};
 pub use tls::{SslMode, Tls};
 
 use crate::manifests::DatabaseRef;
@@ -176,18 +176,18 @@ impl Database {
     /// prepared on it before it is lent ([`crate::runner::BOOKKEEPING_AHEAD`],
     /// [`crate::runner::MIGRATION_AHEAD`]). Best effort: a login that fails
     /// is logged at debug and the next session connects as usual.
-    pub fn prewarm_session(&self, count: usize, ahead: &'static [&'static str]) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
+    /// The login's task is returned (None when none began): it ends when
+    /// the session is kept idle, or the login failed.
+    pub fn prewarm_session(&self, count: usize, ahead: &'static [&'static str]) -> Option<tokio::task::JoinHandle<()>> {
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
         let key = self.target_key();
         if session::available(&key, session::Want::CURRENT) >= count {
-            return;
+            return None;
         }
         let started = std::time::Instant::now();
         let done = session::logging_in(&key, started);
         let db = self.clone();
-        runtime.spawn(async move {
+        Some(runtime.spawn(async move {
             match db.connect().await {
                 Ok(client) => {
                     let conn = session::Conn::new(client);
@@ -199,7 +199,7 @@ impl Database {
                 }
             }
             let _ = done.send(true);
-        });
+        }))
     }
 
     async fn session_for(&self, want: session::Want) -> Result<Session, DbError> {

@@ -53,6 +53,11 @@ impl Journal {
         self.state.join("journal")
     }
 
+    /// The databases the next pass logs in to first ([`RunStore::warm_hint`]).
+    fn warm_file(&self) -> PathBuf {
+        self.state.join("warm.json")
+    }
+
     /// Removes what interrupted atomic writes left (`.tmp*` files beside the
     /// journal and gate status). Only for the holder of the state lock: no
     /// other writer can be mid-write then.
@@ -363,6 +368,22 @@ impl RunStore for Journal {
 
     fn keeps_files(&self) -> bool {
         true
+    }
+
+    async fn warm_hint(&self) -> Vec<crate::run::WarmTarget> {
+        match tokio::fs::read(self.warm_file()).await {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    async fn save_warm_hint(&self, targets: &[crate::run::WarmTarget]) {
+        let Ok(bytes) = serde_json::to_vec(targets) else {
+            return;
+        };
+        if let Err(e) = tokio::fs::write(self.warm_file(), bytes).await {
+            tracing::debug!(error = %e, "could not keep the databases to warm up next pass");
+        }
     }
 
     async fn read_file(&self, run: &RunRecord, name: &str) -> Result<Option<Vec<u8>>, StoreError> {

@@ -236,11 +236,15 @@ pub const RELEASE: &str = "DELETE FROM backstop.run_owner WHERE state_id = $1";
 /// Creates backstop's tables unless they exist (a role that does not own
 /// them may use them, but `CREATE INDEX IF NOT EXISTS` wants the owner).
 pub async fn ensure_schema(client: &crate::db::Session) -> Result<(), tokio_postgres::Error> {
-    let ready: bool = client.query_one(SCHEMA_READY, &[]).await?.get(0);
-    if ready {
+    if client.schema_seen() {
         return Ok(());
     }
-    client.batch_execute(SCHEMA_DDL).await
+    let ready: bool = client.query_one(SCHEMA_READY, &[]).await?.get(0);
+    if !ready {
+        client.batch_execute(SCHEMA_DDL).await?;
+    }
+    client.see_schema();
+    Ok(())
 }
 
 fn query_err<'a>(db: &'a Database, step: &'static str) -> impl FnOnce(tokio_postgres::Error) -> OwnerError + 'a {
@@ -279,9 +283,14 @@ pub async fn claim(db: &Database, me: &Owner) -> Result<Claim, OwnerError> {
 /// Who owns `db` now (None: nobody, or backstop never ran there).
 pub async fn current(db: &Database) -> Result<Option<Owner>, OwnerError> {
     let client = db.session().await?;
-    let rows = client.query(OWNER, &[]).await;
+    let owner = current_on(db, &client).await;
     client.release().await;
-    match rows {
+    owner
+}
+
+/// [`current`], asked on `client`, a session to `db`.
+pub async fn current_on(db: &Database, client: &crate::db::Session) -> Result<Option<Owner>, OwnerError> {
+    match client.query(OWNER, &[]).await {
         Ok(rows) => Ok(rows.first().map(|r| Owner {
             state: r.get(0),
             run: r.get(1),

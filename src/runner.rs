@@ -144,6 +144,15 @@ pub trait Runner: Send + Sync {
     async fn owner(&self, db: &Database) -> Result<Option<Owner>, OwnerError> {
         crate::owner::current(db).await
     }
+    /// [`owner`](Self::owner) and [`history`](Self::history), as the gate's
+    /// check asks them: the history counts only when no other instance
+    /// owns the database.
+    async fn owner_and_history(
+        &self,
+        db: &Database,
+    ) -> (Result<Option<Owner>, OwnerError>, Result<Vec<HistoryRow>, RunnerError>) {
+        (self.owner(db).await, self.history(db).await)
+    }
     /// Releases this instance's claim.
     async fn release(&self, db: &Database, state: &str) -> Result<(), OwnerError> {
         crate::owner::release(db, state).await
@@ -311,11 +320,13 @@ async fn major_version(db: &Database, client: &crate::db::Session) -> Result<u32
 /// ([`HISTORY_BY_ID`], [`HISTORY_BY_PHASE`]).
 async fn history_row(db: &Database, sql: &str, value: &str) -> Result<Option<HistoryRow>, RunnerError> {
     let client = db.session().await?;
-    let exists: bool = client
-        .query_one(HISTORY_TABLE, &[])
-        .await
-        .map_err(query_err(db, "looking for the history table"))?
-        .get(0);
+    // A claim on this session found the table already (it comes first).
+    let exists: bool = client.schema_seen()
+        || client
+            .query_one(HISTORY_TABLE, &[])
+            .await
+            .map_err(query_err(db, "looking for the history table"))?
+            .get::<_, bool>(0);
     if !exists {
         client.release().await;
         return Ok(None);
@@ -326,6 +337,17 @@ async fn history_row(db: &Database, sql: &str, value: &str) -> Result<Option<His
         .map_err(query_err(db, "reading migration history"))?;
     client.release().await;
     Ok(row.as_ref().map(history_of))
+}
+
+/// Every successful history row (the newest per id), asked on `client`, a
+/// session to `db`.
+async fn history_on(db: &Database, client: &crate::db::Session) -> Result<Vec<HistoryRow>, RunnerError> {
+    match client.query(HISTORY, &[]).await {
+        Ok(rows) => Ok(rows.iter().map(history_of).collect()),
+        // No history table yet: nothing applied.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => Ok(Vec::new()),
+        Err(e) => Err(query_err(db, "reading migration history")(e)),
+    }
 }
 
 /// A history row from `SELECT id, checksum, phase, commit, run_id, finished_at`.
@@ -352,15 +374,24 @@ impl Runner for SqlRunner {
 
     async fn history(&self, db: &Database) -> Result<Vec<HistoryRow>, RunnerError> {
         let client = db.session().await?;
-        let rows = client.query(HISTORY, &[]).await;
+        let rows = history_on(db, &client).await;
         client.release().await;
-        let rows = match rows {
-            Ok(rows) => rows,
-            // No history table yet: nothing applied.
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => return Ok(Vec::new()),
-            Err(e) => return Err(query_err(db, "reading migration history")(e)),
+        rows
+    }
+
+    /// Both on one session, in one round trip (the two statements travel
+    /// pipelined).
+    async fn owner_and_history(
+        &self,
+        db: &Database,
+    ) -> (Result<Option<Owner>, OwnerError>, Result<Vec<HistoryRow>, RunnerError>) {
+        let Ok(client) = db.session().await else {
+            // Each says for itself what the session's failure was.
+            return (self.owner(db).await, self.history(db).await);
         };
-        Ok(rows.iter().map(history_of).collect())
+        let both = tokio::join!(crate::owner::current_on(db, &client), history_on(db, &client));
+        client.release().await;
+        both
     }
 
     async fn server_version(&self, db: &Database) -> Result<u32, RunnerError> {

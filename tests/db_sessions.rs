@@ -369,3 +369,26 @@ async fn a_prewarmed_session_is_lent_with_the_statements_asked_ahead_prepared_an
     assert_eq!(after, n, "no statement prepared twice");
     s.release().await;
 }
+
+#[tokio::test]
+async fn a_connection_that_found_backstops_tables_does_not_look_again_and_one_after_a_restore_does() {
+    let _turn = SERIAL.lock().await;
+    let server = PgServer::start().await.unwrap();
+    server.create_database("shop").await.unwrap();
+    let db = server.database("shop").unwrap();
+    let s = db.session().await.unwrap();
+    assert!(!s.schema_seen());
+    backstop::owner::ensure_schema(&s).await.unwrap();
+    assert!(s.schema_seen());
+    s.release().await;
+    let s = db.session().await.unwrap();
+    assert!(s.schema_seen(), "the same connection, lent again");
+    s.release().await;
+    // A restore ends the sessions: the next connection looks for itself.
+    backstop::db::close_idle();
+    let s = db.session().await.unwrap();
+    assert!(!s.schema_seen());
+    backstop::owner::ensure_schema(&s).await.unwrap();
+    assert!(s.schema_seen(), "made or found, it is seen");
+    s.release().await;
+}

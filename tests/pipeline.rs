@@ -577,3 +577,34 @@ async fn a_migration_that_deallocates_every_prepared_statement_still_records_its
     assert_eq!(rows, 1);
     assert_eq!(f.count("SELECT count(*) FROM orders").await, 0);
 }
+
+#[tokio::test]
+async fn a_pass_keeps_the_databases_its_successor_logs_in_to_first_and_a_torn_or_stale_hint_changes_nothing_else() {
+    let f = Fixture::new().await;
+    let hint = f.state().join("warm.json");
+    let hinted = || -> serde_json::Value { serde_json::from_slice(&std::fs::read(&hint).unwrap()).unwrap() };
+    let named = serde_json::json!([[{"kind": "url", "var": DB_VAR}, null]]);
+    f.commit_carrier(&orders_table(), "create orders");
+    let out = f.run(&[]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    // The run's database, by reference: no URL, no password.
+    let out = f.run(&[]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(hinted(), named);
+    // Torn, then naming a variable that is not set: the passes go on, and
+    // the hint is written anew.
+    for (i, bad) in ["[[{\"kind\": \"u", r#"[[{"kind":"url","var":"NO_SUCH_VAR"},null]]"#]
+        .iter()
+        .enumerate()
+    {
+        std::fs::write(&hint, bad).unwrap();
+        let c = f.commit_carrier(
+            &carrier(&format!("000{}-more", i + 2)).sql("a.sql", &format!("ALTER TABLE orders ADD COLUMN c{i} int;")),
+            "more",
+        );
+        let out = f.run(&[]).await;
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        assert_eq!(f.gate(), c);
+        assert_eq!(hinted(), named, "after the hint {bad:?}");
+    }
+}

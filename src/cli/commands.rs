@@ -358,6 +358,11 @@ pub(super) async fn run_local(args: RunArgs) -> anyhow::Result<u8> {
             if let Some((_, line)) = lasting {
                 eprintln!("{line}");
             }
+            // The process ends with this pass, its files synced where they
+            // must be: what the engine holds (git's repositories and their
+            // maps, the records it parsed) is the kernel's to free at exit,
+            // not ours to walk first.
+            std::mem::forget(engine);
             return Ok(code);
         }
         let seen = lasting.as_ref().map(|(k, t)| (k.as_str(), t.as_str()));

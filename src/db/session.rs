@@ -72,7 +72,7 @@ pub const IDLE_FOR: Duration = Duration::from_secs(5);
 pub const IDLE_PER_TARGET: usize = 2;
 
 /// How long a holder waits for a login under way before it logs in itself.
-pub(super) const LOGIN_WAIT: Duration = Duration::from_secs(5);
+pub const LOGIN_WAIT: Duration = Duration::from_secs(5);
 
 /// How many prepared statements a connection keeps; past that they are
 /// all let go (backstop's own number about two dozen).
@@ -82,6 +82,8 @@ const STATEMENTS_KEPT: usize = 64;
 pub(super) struct Conn {
     client: Client,
     statements: Mutex<HashMap<String, Statement>>,
+    /// backstop's tables were found on this connection (see [`Session::schema_seen`]).
+    schema_seen: std::sync::atomic::AtomicBool,
 }
 
 impl Conn {
@@ -89,6 +91,7 @@ impl Conn {
         Self {
             client,
             statements: Mutex::default(),
+            schema_seen: Default::default(),
         }
     }
 
@@ -381,6 +384,20 @@ impl Session {
                 .remove(sql);
         }
         result
+    }
+
+    /// Whether backstop's tables were found (or made) on this connection
+    /// before: a claim need not look again. A restore ends the connection
+    /// (no session from before it is lent again), and a migration that
+    /// dropped them makes the next statement on them fail, as any missing
+    /// table does.
+    pub fn schema_seen(&self) -> bool {
+        self.conn.schema_seen.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records that backstop's tables are there ([`schema_seen`](Self::schema_seen)).
+    pub fn see_schema(&self) {
+        self.conn.schema_seen.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// [`Client::query`] of backstop's own `sql`, prepared once per connection.

@@ -357,7 +357,7 @@ impl Engine {
         let db = self.database(run, cache).await?;
         // The migration's own session logs in while the checkpoint is taken
         // (the bookkeeping keeps the pass's): neither waits for a login after.
-        db.prewarm_session(2, crate::runner::MIGRATION_AHEAD);
+        drop(db.prewarm_session(2, crate::runner::MIGRATION_AHEAD));
         backend
             .create(&db, &run.id)
             .await

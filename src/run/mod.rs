@@ -26,7 +26,7 @@ use chrono::Utc;
 
 pub use record::{
     chain, Acknowledged, Failure, FailureKind, Outcome, Phase, Retry, RevertRecord, RunRecord, RunStore, Step,
-    StepDetail, StoreError,
+    StepDetail, StoreError, WarmTarget,
 };
 
 use crate::checkpoint::{Checkpoint, CheckpointError};
@@ -188,10 +188,13 @@ impl Engine {
     async fn pass_inner(&self, report: &mut PassReport) -> Result<(), EngineError> {
         tracing::debug!("pass started");
         // The journal is read while git fetches, and the logins the pass
-        // needs first begin once it is read.
+        // needs first begin before either: to the databases the previous
+        // pass named (a hint), then to any other the runs read name.
         let (fetched, previous) = tokio::join!(self.git.fetch(), async {
+            let hinted = self.store.warm_hint().await;
+            let early: Vec<_> = hinted.iter().map(|t| self.prewarm(t)).collect();
             let runs = self.store.list().await?;
-            self.warm_up(&runs);
+            self.warm_up(&runs, &hinted, early).await;
             Ok::<_, StoreError>(runs)
         });
         fetched?;
@@ -306,26 +309,46 @@ impl Engine {
     /// Starts the logins this pass's first steps wait for, while it reads
     /// git: a session to each database [`release_owed`](Self::release_owed)
     /// releases (the one a pending migration claims, most of the time),
-    /// each resolved and logged in in the background. Best effort, and
-    /// nothing when a run awaits a person (the pass stops there) or is open.
-    fn warm_up(&self, runs: &[RunRecord]) {
-        // Not while a run is open either: resuming it may restore the
-        // database, and a login must not land in the middle of that.
+    /// each resolved and logged in in the background, and keeps them as
+    /// the next pass's hint. Those the hint named began before the runs
+    /// were read (`early`). Best effort, and nothing more when a run
+    /// awaits a person (the pass stops there) or is open: resuming it may
+    /// restore the database, and a login must not land in the middle of
+    /// that, so the early ones are waited for first (at most
+    /// [`crate::db::LOGIN_WAIT`] each; one slower than that is left to the
+    /// restore, which ends every session of its database before it
+    /// replaces it, and is retried when one gets in its way).
+    async fn warm_up(&self, runs: &[RunRecord], hinted: &[WarmTarget], early: Vec<tokio::task::JoinHandle<()>>) {
         if runs.iter().any(|r| r.awaits_person() || r.is_open()) {
+            for login in early {
+                let _ = tokio::time::timeout(crate::db::LOGIN_WAIT, login).await;
+            }
             return;
         }
-        for carrier in owed(runs) {
-            let (cluster, reference, name) = (
-                self.cluster.clone(),
-                carrier.database.clone(),
-                carrier.database_name.clone(),
-            );
-            tokio::spawn(async move {
-                if let Ok(db) = cluster.resolve(&reference, name.as_deref()).await {
-                    db.prewarm_session(1, crate::runner::BOOKKEEPING_AHEAD);
-                }
-            });
+        let owed: Vec<WarmTarget> = owed(runs)
+            .into_iter()
+            .map(|c| (c.database.clone(), c.database_name.clone()))
+            .collect();
+        for target in owed.iter().filter(|t| !hinted.contains(t)) {
+            drop(self.prewarm(target));
         }
+        if owed != hinted {
+            self.store.save_warm_hint(&owed).await;
+        }
+    }
+
+    /// Resolves `target` and logs in to it in the background, with the
+    /// bookkeeping's first statements prepared; the task ends when the
+    /// login does.
+    fn prewarm(&self, target: &WarmTarget) -> tokio::task::JoinHandle<()> {
+        let (cluster, (reference, name)) = (self.cluster.clone(), target.clone());
+        tokio::spawn(async move {
+            if let Ok(db) = cluster.resolve(&reference, name.as_deref()).await {
+                if let Some(login) = db.prewarm_session(1, crate::runner::BOOKKEEPING_AHEAD) {
+                    let _ = login.await;
+                }
+            }
+        })
     }
 
     /// Picks what runs, in order, and moves the gate between runs.

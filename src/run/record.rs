@@ -330,7 +330,25 @@ pub trait RunStore: Send + Sync {
         let _ = path;
         Ok(None)
     }
+    /// The databases the previous pass found its successor would log in to
+    /// first ([`save_warm_hint`](Self::save_warm_hint)): read before the
+    /// runs are, so those logins overlap the fetch and the journal read.
+    /// Empty when this store keeps no hint, or the hint is missing or
+    /// unreadable.
+    async fn warm_hint(&self) -> Vec<WarmTarget> {
+        Vec::new()
+    }
+    /// Keeps `targets` for the next pass's [`warm_hint`](Self::warm_hint).
+    /// Best effort and not synced: a lost or torn hint only makes a login
+    /// begin later.
+    async fn save_warm_hint(&self, targets: &[WarmTarget]) {
+        let _ = targets;
+    }
 }
+
+/// A database a pass logs in to: its reference and database name, as a
+/// carrier names them (no URL, no secret).
+pub type WarmTarget = (crate::manifests::DatabaseRef, Option<String>);
 
 /// How a step's successful result is written into the record.
 pub trait StepDetail {
