@@ -151,7 +151,12 @@ pub trait Runner: Send + Sync {
         &self,
         db: &Database,
     ) -> (Result<Option<Owner>, OwnerError>, Result<Vec<HistoryRow>, RunnerError>) {
-        (self.owner(db).await, self.history(db).await)
+        let owner = self.owner(db).await;
+        if owner.is_err() {
+            // Not asked: the check stops at the owner's error.
+            return (owner, Ok(Vec::new()));
+        }
+        (owner, self.history(db).await)
     }
     /// Releases this instance's claim.
     async fn release(&self, db: &Database, state: &str) -> Result<(), OwnerError> {
@@ -385,9 +390,10 @@ impl Runner for SqlRunner {
         &self,
         db: &Database,
     ) -> (Result<Option<Owner>, OwnerError>, Result<Vec<HistoryRow>, RunnerError>) {
-        let Ok(client) = db.session().await else {
-            // Each says for itself what the session's failure was.
-            return (self.owner(db).await, self.history(db).await);
+        let client = match db.session().await {
+            Ok(client) => client,
+            // The check stops at the owner's error; the history is not asked.
+            Err(e) => return (Err(e.into()), Ok(Vec::new())),
         };
         let both = tokio::join!(crate::owner::current_on(db, &client), history_on(db, &client));
         client.release().await;

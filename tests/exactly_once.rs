@@ -439,6 +439,9 @@ async fn a_failed_restore_puts_the_original_data_directory_back_and_stops_the_ga
         text(&again)
     );
     assert_eq!(f.gate(), c1);
+    // The database is the person's: the next pass no longer logs in to it ahead.
+    let hint: serde_json::Value = serde_json::from_slice(&std::fs::read(f.state().join("warm.json")).unwrap()).unwrap();
+    assert_eq!(hint, serde_json::json!([]), "the hint names no held database");
     // A person takes it over; then the gate goes on (to the revert, whose tree is c1's).
     let report = f.reports().pop().unwrap();
     // Even while another process (a watching `backstop run`) holds the state.

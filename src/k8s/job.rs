@@ -168,6 +168,16 @@ impl Runner for KubeRunner {
         self.sql.history(db).await
     }
 
+    async fn owner_and_history(
+        &self,
+        db: &Database,
+    ) -> (
+        Result<Option<crate::owner::Owner>, crate::owner::OwnerError>,
+        Result<Vec<HistoryRow>, RunnerError>,
+    ) {
+        self.sql.owner_and_history(db).await
+    }
+
     async fn server_version(&self, db: &Database) -> Result<u32, RunnerError> {
         self.sql.server_version(db).await
     }

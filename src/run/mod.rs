@@ -312,28 +312,40 @@ impl Engine {
     /// each resolved and logged in in the background, and keeps them as
     /// the next pass's hint. Those the hint named began before the runs
     /// were read (`early`). Best effort, and nothing more when a run
-    /// awaits a person (the pass stops there) or is open: resuming it may
-    /// restore the database, and a login must not land in the middle of
-    /// that, so the early ones are waited for first (at most
-    /// [`crate::db::LOGIN_WAIT`] each; one slower than that is left to the
-    /// restore, which ends every session of its database before it
-    /// replaces it, and is retried when one gets in its way).
+    /// awaits a person or is open:
+    /// - a run that awaits a person holds its database for that person
+    ///   (the pass stops there): the early logins are abandoned, and the
+    ///   sessions they opened closed, so none is in the way of what the
+    ///   person does (a `DROP DATABASE`); the hint no longer names it;
+    /// - resuming an open run may restore the database, and a login must
+    ///   not land in the middle of that: the early ones end first, each
+    ///   waited for at most [`crate::db::LOGIN_WAIT`] and abandoned past
+    ///   that (a backend already started for it exits when its client
+    ///   goes; the restore ends every session of its database before it
+    ///   replaces it).
     async fn warm_up(&self, runs: &[RunRecord], hinted: &[WarmTarget], early: Vec<tokio::task::JoinHandle<()>>) {
-        if runs.iter().any(|r| r.awaits_person() || r.is_open()) {
-            for login in early {
-                let _ = tokio::time::timeout(crate::db::LOGIN_WAIT, login).await;
-            }
-            return;
-        }
         let owed: Vec<WarmTarget> = owed(runs)
             .into_iter()
             .map(|c| (c.database.clone(), c.database_name.clone()))
             .collect();
-        for target in owed.iter().filter(|t| !hinted.contains(t)) {
-            drop(self.prewarm(target));
-        }
         if owed != hinted {
             self.store.save_warm_hint(&owed).await;
+        }
+        if runs.iter().any(|r| r.awaits_person()) {
+            early.iter().for_each(|login| login.abort());
+            crate::db::close_idle();
+            return;
+        }
+        if runs.iter().any(|r| r.is_open()) {
+            for mut login in early {
+                if tokio::time::timeout(crate::db::LOGIN_WAIT, &mut login).await.is_err() {
+                    login.abort();
+                }
+            }
+            return;
+        }
+        for target in owed.iter().filter(|t| !hinted.contains(t)) {
+            drop(self.prewarm(target));
         }
     }
 
@@ -345,7 +357,10 @@ impl Engine {
         tokio::spawn(async move {
             if let Ok(db) = cluster.resolve(&reference, name.as_deref()).await {
                 if let Some(login) = db.prewarm_session(1, crate::runner::BOOKKEEPING_AHEAD) {
-                    let _ = login.await;
+                    // Abandoned with this task: a login given up on does
+                    // not go on by itself.
+                    let mut login = AbortOnDrop(login);
+                    let _ = (&mut login.0).await;
                 }
             }
         })
@@ -735,6 +750,15 @@ pub fn is_transient(e: &PlanError) -> bool {
             matches!(**source, CheckpointError::Db(_) | CheckpointError::Query { .. })
         }
         _ => false,
+    }
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
