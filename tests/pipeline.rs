@@ -591,11 +591,22 @@ async fn a_pass_keeps_the_databases_its_successor_logs_in_to_first_and_a_torn_or
     let out = f.run(&[]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_eq!(hinted(), named);
-    // Torn, then naming a variable that is not set: the passes go on, and
-    // the hint is written anew.
-    for (i, bad) in ["[[{\"kind\": \"u", r#"[[{"kind":"url","var":"NO_SUCH_VAR"},null]]"#]
-        .iter()
-        .enumerate()
+    // Torn, naming a variable that is not set, and ten thousand entries (a
+    // pass looks at as many as it could owe, 50): the passes go on, and the
+    // hint is written anew.
+    let many = serde_json::to_string(
+        &(0..10_000)
+            .map(|i| serde_json::json!([{"kind": "url", "var": format!("NO_SUCH_VAR_{i}")}, null]))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    for (i, bad) in [
+        "[[{\"kind\": \"u",
+        r#"[[{"kind":"url","var":"NO_SUCH_VAR"},null]]"#,
+        many.as_str(),
+    ]
+    .iter()
+    .enumerate()
     {
         std::fs::write(&hint, bad).unwrap();
         let c = f.commit_carrier(
@@ -605,6 +616,6 @@ async fn a_pass_keeps_the_databases_its_successor_logs_in_to_first_and_a_torn_or
         let out = f.run(&[]).await;
         assert_eq!(out.status.code(), Some(0), "{}", text(&out));
         assert_eq!(f.gate(), c);
-        assert_eq!(hinted(), named, "after the hint {bad:?}");
+        assert_eq!(hinted(), named, "after bad hint {i}");
     }
 }

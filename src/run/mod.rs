@@ -191,7 +191,9 @@ impl Engine {
         // needs first begin before either: to the databases the previous
         // pass named (a hint), then to any other the runs read name.
         let (fetched, previous) = tokio::join!(self.git.fetch(), async {
-            let hinted = self.store.warm_hint().await;
+            let mut hinted = self.store.warm_hint().await;
+            // As many as a pass owes at most, whatever the file says.
+            hinted.truncate(OWED_WINDOW);
             let early: Vec<_> = hinted.iter().map(|t| self.prewarm(t)).collect();
             let runs = self.store.list().await?;
             self.warm_up(&runs, &hinted, early).await;
@@ -753,6 +755,10 @@ pub fn is_transient(e: &PlanError) -> bool {
     }
 }
 
+/// How many of the newest runs [`owed`] looks at: at most that many
+/// databases are released, and logged in to ahead, by a pass.
+const OWED_WINDOW: usize = 50;
+
 /// Aborts its task when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -763,12 +769,12 @@ impl Drop for AbortOnDrop {
 }
 
 /// The claims a pass releases when no run is open: on the database of
-/// each of the newest 50 runs, once each, except one a run that awaits a
+/// each of the newest [`OWED_WINDOW`] runs, once each, except one a run that awaits a
 /// person holds (a failed remediation keeps its database claimed).
 fn owed(runs: &[RunRecord]) -> Vec<&crate::manifests::Carrier> {
     let mut done = std::collections::BTreeSet::new();
     let mut out = Vec::new();
-    for run in runs.iter().rev().take(50) {
+    for run in runs.iter().rev().take(OWED_WINDOW) {
         let Some(carrier) = run.migrations.first() else {
             continue;
         };
