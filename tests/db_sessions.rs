@@ -339,16 +339,7 @@ async fn a_prewarmed_session_is_lent_with_the_statements_asked_ahead_prepared_an
     let db = server.database("shop").unwrap();
     db.prewarm_session(1, &["SELECT 41", "SELECT * FROM no_such_table", "SELECT 42"]);
     let s = db.session().await.unwrap();
-    let prepared: Vec<String> = s
-        .query(
-            "SELECT statement FROM pg_prepared_statements ORDER BY prepare_time",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let prepared = prepared_on(&s).await;
     assert!(
         prepared.iter().any(|p| p == "SELECT 41") && prepared.iter().any(|p| p == "SELECT 42"),
         "prepared while it logged in: {prepared:?}"
@@ -358,16 +349,22 @@ async fn a_prewarmed_session_is_lent_with_the_statements_asked_ahead_prepared_an
     let n = prepared.len();
     let v: i32 = s.query_one("SELECT 42", &[]).await.unwrap().get(0);
     assert_eq!(v, 42);
-    let after = s
-        .query(
-            "SELECT statement FROM pg_prepared_statements ORDER BY prepare_time",
-            &[],
-        )
-        .await
-        .unwrap()
-        .len();
-    assert_eq!(after, n, "no statement prepared twice");
+    assert_eq!(prepared_on(&s).await.len(), n, "no statement prepared twice");
     s.release().await;
+}
+
+/// The statements prepared on the session's connection, oldest first (the
+/// listing's own included).
+async fn prepared_on(s: &backstop::db::Session) -> Vec<String> {
+    s.query(
+        "SELECT statement FROM pg_prepared_statements ORDER BY prepare_time",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
 }
 
 #[tokio::test]
