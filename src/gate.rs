@@ -399,11 +399,11 @@ impl GateView<'_> {
             }
             let rows = match self.cluster.resolve(&c.database, c.database_name.as_deref()).await {
                 Ok(db) => match self.runner.owner_and_history(&db).await {
-                    (Ok(Some(owner)), _) if owner.state != self.me => Err(format!(
+                    Ok((Some(owner), _)) if owner.state != self.me => Err(format!(
                         "owned mid-run by another {owner}: its history is not final until that run ends"
                     )),
-                    (Ok(_), history) => history.map_err(|e| crate::run::chain(&e)),
-                    (Err(e), _) => Err(crate::run::chain(&e)),
+                    Ok((_, history)) => history.map_err(|e| crate::run::chain(&e)),
+                    Err(e) => Err(crate::run::chain(&e)),
                 },
                 Err(e) => Err(crate::run::chain(&e)),
             };

@@ -144,25 +144,22 @@ pub trait Runner: Send + Sync {
     async fn owner(&self, db: &Database) -> Result<Option<Owner>, OwnerError> {
         crate::owner::current(db).await
     }
-    /// [`owner`](Self::owner) and [`history`](Self::history), as the gate's
-    /// check asks them: the history counts only when no other instance
-    /// owns the database.
-    async fn owner_and_history(
-        &self,
-        db: &Database,
-    ) -> (Result<Option<Owner>, OwnerError>, Result<Vec<HistoryRow>, RunnerError>) {
-        let owner = self.owner(db).await;
-        if owner.is_err() {
-            // Not asked: the check stops at the owner's error.
-            return (owner, Ok(Vec::new()));
-        }
-        (owner, self.history(db).await)
+    /// [`owner`](Self::owner), and [`history`](Self::history) when the
+    /// owner could be read, as the gate's check asks them: the history
+    /// counts only when no other instance owns the database.
+    async fn owner_and_history(&self, db: &Database) -> Result<OwnerAndHistory, OwnerError> {
+        let owner = self.owner(db).await?;
+        Ok((owner, self.history(db).await))
     }
     /// Releases this instance's claim.
     async fn release(&self, db: &Database, state: &str) -> Result<(), OwnerError> {
         crate::owner::release(db, state).await
     }
 }
+
+/// Who owns a database, and its history as it could be read
+/// ([`Runner::owner_and_history`]).
+pub type OwnerAndHistory = (Option<Owner>, Result<Vec<HistoryRow>, RunnerError>);
 
 /// The `application_name` of the sessions a run's migrations use.
 pub fn session_name(run_id: &str) -> String {
@@ -386,18 +383,11 @@ impl Runner for SqlRunner {
 
     /// Both on one session, in one round trip (the two statements travel
     /// pipelined).
-    async fn owner_and_history(
-        &self,
-        db: &Database,
-    ) -> (Result<Option<Owner>, OwnerError>, Result<Vec<HistoryRow>, RunnerError>) {
-        let client = match db.session().await {
-            Ok(client) => client,
-            // The check stops at the owner's error; the history is not asked.
-            Err(e) => return (Err(e.into()), Ok(Vec::new())),
-        };
-        let both = tokio::join!(crate::owner::current_on(db, &client), history_on(db, &client));
+    async fn owner_and_history(&self, db: &Database) -> Result<OwnerAndHistory, OwnerError> {
+        let client = db.session().await?;
+        let (owner, history) = tokio::join!(crate::owner::current_on(db, &client), history_on(db, &client));
         client.release().await;
-        both
+        Ok((owner?, history))
     }
 
     async fn server_version(&self, db: &Database) -> Result<u32, RunnerError> {

@@ -591,12 +591,12 @@ async fn a_pass_keeps_the_databases_its_successor_logs_in_to_first_and_a_torn_or
     let out = f.run(&[]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_eq!(hinted(), named);
-    // Torn, naming a variable that is not set, and ten thousand entries (a
-    // pass looks at as many as it could owe, 50): the passes go on, and the
-    // hint is written anew.
+    // Torn, naming a variable that is not set, and ten thousand databases
+    // of the server that do not exist (a pass looks at as many as it could
+    // owe, 50): the passes go on, and the hint is written anew.
     let many = serde_json::to_string(
         &(0..10_000)
-            .map(|i| serde_json::json!([{"kind": "url", "var": format!("NO_SUCH_VAR_{i}")}, null]))
+            .map(|i| serde_json::json!([{"kind": "url", "var": DB_VAR}, format!("nodb_{i}")]))
             .collect::<Vec<_>>(),
     )
     .unwrap();
@@ -609,6 +609,7 @@ async fn a_pass_keeps_the_databases_its_successor_logs_in_to_first_and_a_torn_or
     .enumerate()
     {
         std::fs::write(&hint, bad).unwrap();
+        let seen = std::fs::read(f.server.log_path()).unwrap().len();
         let c = f.commit_carrier(
             &carrier(&format!("000{}-more", i + 2)).sql("a.sql", &format!("ALTER TABLE orders ADD COLUMN c{i} int;")),
             "more",
@@ -617,5 +618,8 @@ async fn a_pass_keeps_the_databases_its_successor_logs_in_to_first_and_a_torn_or
         assert_eq!(out.status.code(), Some(0), "{}", text(&out));
         assert_eq!(f.gate(), c);
         assert_eq!(hinted(), named, "after bad hint {i}");
+        let log = String::from_utf8_lossy(&std::fs::read(f.server.log_path()).unwrap()[seen..]).into_owned();
+        let tried = log.matches("database \"nodb_").count();
+        assert!(tried <= 50, "logins tried on the hint: {tried}");
     }
 }

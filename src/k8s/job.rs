@@ -171,10 +171,7 @@ impl Runner for KubeRunner {
     async fn owner_and_history(
         &self,
         db: &Database,
-    ) -> (
-        Result<Option<crate::owner::Owner>, crate::owner::OwnerError>,
-        Result<Vec<HistoryRow>, RunnerError>,
-    ) {
+    ) -> Result<crate::runner::OwnerAndHistory, crate::owner::OwnerError> {
         self.sql.owner_and_history(db).await
     }
 

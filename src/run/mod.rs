@@ -167,6 +167,11 @@ impl Engine {
     pub async fn pass(&self) -> Result<PassReport, EngineError> {
         let mut report = PassReport::default();
         let result = self.pass_inner(&mut report).await;
+        if report.runs.iter().any(|(_, outcome, _)| *outcome == Outcome::Failed) {
+            // Its database is held for a person now: the next pass does not
+            // log in to it ahead (nor to any other: it stops at that run).
+            self.store.save_warm_hint(&[]).await;
+        }
         if result.is_ok() {
             // Retention only has something new to let go when runs ended.
             let (status, pruned) = tokio::join!(self.record_status(&report), async {
@@ -315,35 +320,43 @@ impl Engine {
     /// the next pass's hint. Those the hint named began before the runs
     /// were read (`early`). Best effort, and nothing more when a run
     /// awaits a person or is open:
-    /// - a run that awaits a person holds its database for that person
-    ///   (the pass stops there): the early logins are abandoned, and the
-    ///   sessions they opened closed, so none is in the way of what the
-    ///   person does (a `DROP DATABASE`); the hint no longer names it;
+    /// - a run that awaits a person holds its database for that person,
+    ///   and the pass stops there: the early logins are abandoned and the
+    ///   process's idle sessions closed, so none is in the way of what the
+    ///   person does (a `DROP DATABASE`), and the hint is emptied (the
+    ///   pass that ended the run empties it already, see [`Self::pass`];
+    ///   this is for one that died before). Only a pass that began logins
+    ///   on a hint closes anything: the controller's store keeps no hint;
     /// - resuming an open run may restore the database, and a login must
-    ///   not land in the middle of that: the early ones end first, each
-    ///   waited for at most [`crate::db::LOGIN_WAIT`] and abandoned past
-    ///   that (a backend already started for it exits when its client
-    ///   goes; the restore ends every session of its database before it
-    ///   replaces it).
-    async fn warm_up(&self, runs: &[RunRecord], hinted: &[WarmTarget], early: Vec<tokio::task::JoinHandle<()>>) {
-        let owed: Vec<WarmTarget> = owed(runs)
-            .into_iter()
-            .map(|c| (c.database.clone(), c.database_name.clone()))
-            .collect();
+    ///   not land in the middle of that: the early ones are given
+    ///   [`crate::db::LOGIN_WAIT`] in all to end, and abandoned past that.
+    ///   An abandoned login's session is never lent (the restore ends the
+    ///   sessions that began before it), and a backend already started
+    ///   for it exits when its client goes; the restore also ends every
+    ///   session of its database before it replaces it.
+    async fn warm_up(&self, runs: &[RunRecord], hinted: &[WarmTarget], mut early: Vec<tokio::task::JoinHandle<()>>) {
+        let person = runs.iter().any(|r| r.awaits_person());
+        let owed: Vec<WarmTarget> = match person {
+            true => Vec::new(),
+            false => owed(runs)
+                .into_iter()
+                .map(|c| (c.database.clone(), c.database_name.clone()))
+                .collect(),
+        };
         if owed != hinted {
             self.store.save_warm_hint(&owed).await;
         }
-        if runs.iter().any(|r| r.awaits_person()) {
-            early.iter().for_each(|login| login.abort());
-            crate::db::close_idle();
+        if person {
+            if !early.is_empty() {
+                early.iter().for_each(|login| login.abort());
+                crate::db::close_idle();
+            }
             return;
         }
         if runs.iter().any(|r| r.is_open()) {
-            for mut login in early {
-                if tokio::time::timeout(crate::db::LOGIN_WAIT, &mut login).await.is_err() {
-                    login.abort();
-                }
-            }
+            let all = futures::future::join_all(early.iter_mut());
+            let _ = tokio::time::timeout(crate::db::LOGIN_WAIT, all).await;
+            early.iter().for_each(|login| login.abort());
             return;
         }
         for target in owed.iter().filter(|t| !hinted.contains(t)) {
