@@ -101,7 +101,7 @@ pub async fn run(keep: bool) -> Result<(), DemoError> {
     say("commit 1: migration 0001-create-orders (expand)");
     show_migration(GOOD);
     let c1 = remote.commit("main", &[Change::Write(GOOD.0, GOOD.1)], "shop: create orders table")?;
-    let first = pass(&engine, &opts.state).await?;
+    let first = pass(&engine).await?;
     expect(&first, Outcome::Succeeded)?;
     if remote.head("backstop/gate")?.as_deref() != Some(c1.as_str()) {
         return Err(DemoError::Unexpected("the gate did not move to commit 1".into()));
@@ -119,7 +119,7 @@ pub async fn run(keep: bool) -> Result<(), DemoError> {
     say("commit 2: migration 0002-backfill-order-totals (migrate), whose backfill skips orders of quantity 1");
     show_migration(BAD);
     let c2 = remote.commit("main", &[Change::Write(BAD.0, BAD.1)], "shop: backfill order totals")?;
-    let second = pass(&engine, &opts.state).await?;
+    let second = pass(&engine).await?;
     expect(&second, Outcome::RolledBack)?;
 
     let client = server.database("shop")?.connect().await?;
@@ -192,11 +192,11 @@ fn show_migration((file, yaml): (&str, &str)) {
     }
 }
 
-async fn pass(engine: &Engine, state: &std::path::Path) -> Result<PassReport, DemoError> {
+async fn pass(engine: &Engine) -> Result<PassReport, DemoError> {
     say("backstop run --once");
     let report = engine.pass().await.map_err(|e| DemoError::Engine(Box::new(e)))?;
-    let journal = crate::journal::Journal::new(state);
-    let summary = crate::run::summary::PassSummary::of(&report, |id| journal.find(id).ok().flatten());
+    let summary =
+        crate::run::summary::PassSummary::of(&report, |id| report.records.iter().find(|r| r.id == id).cloned());
     for line in summary.text().lines() {
         println!("    {line}");
     }

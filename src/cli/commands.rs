@@ -326,14 +326,9 @@ pub(super) async fn run_local(args: RunArgs) -> anyhow::Result<u8> {
     loop {
         let (code, lasting) = match engine.pass().await {
             Ok(report) => {
-                // The engine's own store: it has parsed the journal already.
-                let runs = if report.runs.is_empty() {
-                    Vec::new()
-                } else {
-                    engine.store.list().await.unwrap_or_default()
-                };
-                let summary =
-                    crate::run::summary::PassSummary::of(&report, |id| runs.iter().find(|r| r.id == id).cloned());
+                let summary = crate::run::summary::PassSummary::of(&report, |id| {
+                    report.records.iter().find(|r| r.id == id).cloned()
+                });
                 match (args.output, args.once) {
                     (Format::Json, _) => println!("{}", serde_json::to_string(&summary)?),
                     (Format::Text, true) => print!("{}", summary.text()),

@@ -88,6 +88,9 @@ pub struct Settings {
 pub struct PassReport {
     /// Runs that ended in this pass: (id, outcome, report location).
     pub runs: Vec<(String, Outcome, String)>,
+    /// Their records as they ended (as saved): what the pass's summary
+    /// says, without reading the journal again.
+    pub records: Vec<RunRecord>,
     /// Where the gate is after the pass.
     pub gate: String,
     /// Why the gate waits, if it does.
@@ -225,6 +228,7 @@ impl Engine {
             let progress = self.drive(&mut run).await?;
             if let Progress::Ended(outcome) = progress {
                 report.runs.push((run.id.clone(), outcome, exec::report_location(&run)));
+                report.records.push(run.clone());
             }
             if progress != Progress::Ended(Outcome::Succeeded) {
                 report.gate = self.git.require_branch(&self.settings.gate).await?;
@@ -524,6 +528,7 @@ impl Engine {
             let progress = self.drive(&mut run).await?;
             if let Progress::Ended(outcome) = progress {
                 report.runs.push((run.id.clone(), outcome, exec::report_location(&run)));
+                report.records.push(run.clone());
             }
             report.gate = self.git.require_branch(&self.settings.gate).await?;
             if progress != Progress::Ended(Outcome::Succeeded) {
