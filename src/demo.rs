@@ -195,8 +195,7 @@ fn show_migration((file, yaml): (&str, &str)) {
 async fn pass(engine: &Engine) -> Result<PassReport, DemoError> {
     say("backstop run --once");
     let report = engine.pass().await.map_err(|e| DemoError::Engine(Box::new(e)))?;
-    let summary =
-        crate::run::summary::PassSummary::of(&report, |id| report.records.iter().find(|r| r.id == id).cloned());
+    let summary = crate::run::summary::PassSummary::of(&report);
     for line in summary.text().lines() {
         println!("    {line}");
     }

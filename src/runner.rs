@@ -222,8 +222,6 @@ const RECOVERY_POINT: &str = "SELECT clock_timestamp(), pg_current_wal_insert_ls
 const NAME_SESSION: &str = "SELECT set_config('application_name', $1, false)";
 const TRY_LOCK: &str = "SELECT pg_try_advisory_lock($1)";
 const UNLOCK: &str = "SELECT pg_advisory_unlock($1)";
-const APPLIED_UNDER_LOCK: &str =
-    "SELECT run_id, checksum FROM backstop.migration_history WHERE id = $1 AND success ORDER BY seq DESC LIMIT 1";
 const CURRENT_XID: &str = "SELECT (txid_current() % 4294967296)::bigint";
 
 /// What a pass asks a database before its checkpoint (release, claim,
@@ -248,7 +246,7 @@ pub const BOOKKEEPING_AHEAD: &[&str] = &[
 /// deallocate prepared ones (`DEALLOCATE ALL`, `DISCARD ALL`), backstop
 /// sends only unnamed statements on that session (`query_typed`: one
 /// round trip each, nothing kept on the server to lose).
-pub const MIGRATION_AHEAD: &[&str] = &[NAME_SESSION, crate::owner::SCHEMA_READY, TRY_LOCK, APPLIED_UNDER_LOCK];
+pub const MIGRATION_AHEAD: &[&str] = &[NAME_SESSION, crate::owner::SCHEMA_READY, TRY_LOCK, HISTORY_BY_ID];
 
 /// The `sql` runner.
 #[derive(Debug, Default, Clone)]
@@ -470,11 +468,11 @@ impl Runner for SqlRunner {
         // Under the lock: a migration another run (or an earlier attempt of
         // this one) already applied is not applied twice.
         let existing = client
-            .query_opt(APPLIED_UNDER_LOCK, &[&m.id])
+            .query_opt(HISTORY_BY_ID, &[&m.id])
             .await
             .map_err(query_err(db, "reading migration history under the lock"));
         let existing = match existing {
-            Ok(row) => row.map(|r| (r.get::<_, String>(0), r.get::<_, String>(1))),
+            Ok(row) => row.as_ref().map(history_of).map(|h| (h.run_id, h.checksum)),
             Err(e) => {
                 unlock(&client).await;
                 return Err(e);

@@ -326,9 +326,7 @@ pub(super) async fn run_local(args: RunArgs) -> anyhow::Result<u8> {
     loop {
         let (code, lasting) = match engine.pass().await {
             Ok(report) => {
-                let summary = crate::run::summary::PassSummary::of(&report, |id| {
-                    report.records.iter().find(|r| r.id == id).cloned()
-                });
+                let summary = crate::run::summary::PassSummary::of(&report);
                 match (args.output, args.once) {
                     (Format::Json, _) => println!("{}", serde_json::to_string(&summary)?),
                     (Format::Text, true) => print!("{}", summary.text()),

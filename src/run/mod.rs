@@ -88,8 +88,8 @@ pub struct Settings {
 pub struct PassReport {
     /// Runs that ended in this pass: (id, outcome, report location).
     pub runs: Vec<(String, Outcome, String)>,
-    /// Their records as they ended (as saved): what the pass's summary
-    /// says, without reading the journal again.
+    /// Their records as they ended (as saved), in the same order: what
+    /// the pass's summary says, without reading the journal again.
     pub records: Vec<RunRecord>,
     /// Where the gate is after the pass.
     pub gate: String,

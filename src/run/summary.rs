@@ -111,17 +111,16 @@ pub fn next_step(run: &RunRecord, outcome: Outcome, report: &str) -> String {
 }
 
 impl PassSummary {
-    /// The summary of a pass; `find` reads a run's record from the journal.
-    pub fn of(report: &PassReport, find: impl Fn(&str) -> Option<RunRecord>) -> Self {
+    /// The summary of a pass, from the records of the runs it ended.
+    pub fn of(report: &PassReport) -> Self {
         PassSummary {
             gate: report.gate.clone(),
             waiting: report.waiting.as_ref().map(|w| w.to_string()),
             runs: report
                 .runs
                 .iter()
-                .filter_map(|(id, outcome, location)| {
-                    find(id).map(|run| RunSummary::of(&run, *outcome, location, &report.gate))
-                })
+                .zip(&report.records)
+                .map(|((_, outcome, location), run)| RunSummary::of(run, *outcome, location, &report.gate))
                 .collect(),
         }
     }
