@@ -220,7 +220,7 @@ impl Journal {
                 run.set_aside_deleted = read_side(&self.set_aside_file(&run.id));
             }
         }
-        runs.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        runs.sort_by(RunRecord::oldest_first);
         Ok(runs)
     }
 }
@@ -297,10 +297,18 @@ fn write_atomic_all<P: AsRef<Path>>(dir: &Path, files: &[(P, &[u8])]) -> std::io
     for (tmp, path) in written {
         tmp.persist(path).map_err(|e| e.error)?;
     }
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
+    sync_dir(dir)
+}
+
+/// Makes the names just given in `dir` durable. A filesystem that cannot
+/// sync a folder at all says so with `EINVAL` (as for a special file):
+/// there the renames are as durable as it makes them. Any other failure is
+/// the write's: a record whose name may not survive a crash is not written.
+pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    match std::fs::File::open(dir)?.sync_all() {
+        Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => Ok(()),
+        done => done,
     }
-    Ok(())
 }
 
 /// Encodes `value` and writes it to `path` atomically, off the async threads.

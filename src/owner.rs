@@ -139,6 +139,9 @@ pub fn state_id(state: &Path) -> Result<String, OwnerError> {
     tmp.write_all(id.as_bytes()).map_err(err)?;
     tmp.as_file().sync_all().map_err(err)?;
     tmp.persist(&path).map_err(|e| err(e.error))?;
+    // Durable by name: an instance that came back with a new id would find
+    // its own claims held by a stranger.
+    crate::journal::sync_dir(state).map_err(err)?;
     Ok(id)
 }
 

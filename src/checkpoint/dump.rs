@@ -191,6 +191,9 @@ impl Checkpoint for DumpBackend {
         }
         std::fs::File::create(&restored)
             .and_then(|f| f.sync_all())
+            // The name too: a marker lost to a crash would restore again
+            // over the live database.
+            .and_then(|()| restored.parent().map_or(Ok(()), crate::journal::sync_dir))
             .map_err(|source| CheckpointError::Io {
                 step: "record the finished restore",
                 path: restored.clone(),

@@ -142,7 +142,7 @@ impl LocalBackend {
         write_synced(&path, text.as_bytes()).map_err(Self::io("record the base backup", &path))?;
         let dir = bases.join(&label);
         std::fs::rename(&partial, &dir).map_err(Self::io("complete the base backup", &dir))?;
-        sync_dir(&bases).map_err(Self::io("complete the base backup", &bases))?;
+        crate::journal::sync_dir(&bases).map_err(Self::io("complete the base backup", &bases))?;
         Ok((dir, base))
     }
 
@@ -344,13 +344,9 @@ pub(super) fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     file.write_all(bytes)?;
     file.sync_all()?;
     if let Some(dir) = path.parent() {
-        sync_dir(dir)?;
+        crate::journal::sync_dir(dir)?;
     }
     Ok(())
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
