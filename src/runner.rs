@@ -74,6 +74,11 @@ pub struct MigrateOutcome {
     /// was not a statement's, or nothing is known of which one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_at: Option<usize>,
+    /// What may still be running the migration after it failed: a Job that
+    /// did not stop when told to (see `k8s::job`). Nothing is restored
+    /// under it: the run holds the database for a person instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub still_running: Option<String>,
 }
 
 /// What a verify query returned.
@@ -495,6 +500,7 @@ impl Runner for SqlRunner {
                 duration_ms: started.elapsed().as_millis() as u64,
                 own_xids: Vec::new(),
                 failed_at: None,
+                still_running: None,
             });
         }
         // From here the migration's SQL may change the defaults: sessions
@@ -589,6 +595,7 @@ impl Runner for SqlRunner {
             duration_ms: started.elapsed().as_millis() as u64,
             own_xids,
             failed_at,
+            still_running: None,
         })
     }
 

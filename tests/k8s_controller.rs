@@ -632,6 +632,154 @@ async fn job_migrations_run_as_uniquely_named_jobs_and_a_failed_job_is_rolled_ba
     );
 }
 
+/// Plays a Job controller for a Job that hangs: it "writes" (a table) and
+/// never ends on its own; once backstop cuts its `activeDeadlineSeconds`,
+/// it is failed (`DeadlineExceeded`) only after `hold`. Returns whether,
+/// all through the hold, what it wrote was still there (no restore ran
+/// under it).
+fn hanging_job_controller(client: kube::Client, url: String, hold: Duration) -> tokio::task::JoinHandle<bool> {
+    tokio::spawn(async move {
+        let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client, "default");
+        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let mut wrote = false;
+        loop {
+            for j in jobs.list(&ListParams::default()).await.unwrap().items {
+                let name = j.metadata.name.clone().unwrap();
+                if !wrote {
+                    c.batch_execute("CREATE TABLE written_by_hanging_job (id int)")
+                        .await
+                        .unwrap();
+                    wrote = true;
+                }
+                if j.spec.as_ref().and_then(|s| s.active_deadline_seconds) != Some(1) {
+                    continue;
+                }
+                // Told to stop: still "running" through the hold.
+                let mut untouched = true;
+                let until = std::time::Instant::now() + hold;
+                while std::time::Instant::now() < until {
+                    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+                    tokio::spawn(conn);
+                    let n: i64 = c
+                        .query_one(
+                            "SELECT count(*) FROM pg_tables WHERE tablename = 'written_by_hanging_job'",
+                            &[],
+                        )
+                        .await
+                        .unwrap()
+                        .get(0);
+                    untouched &= n == 1;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                let now = "2026-01-01T00:00:00Z";
+                let status = json!({"status": {"conditions": [{"type": "Failed", "status": "True",
+                    "reason": "DeadlineExceeded", "lastProbeTime": now, "lastTransitionTime": now}],
+                    "startTime": now}});
+                jobs.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+                    .await
+                    .unwrap();
+                return untouched;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+}
+
+#[tokio::test]
+async fn a_job_that_outlives_its_timeout_is_stopped_before_anything_is_restored_and_kept_as_evidence() {
+    let Some(s) = setup().await else { return };
+    let hold = Duration::from_secs(4);
+    let jobs = hanging_job_controller(s.plane.client.clone(), s.f.server.url("shop"), hold);
+    let gate = s.f.gate();
+    let carrier = job_carrier("0001-hangs", "shop-hangs").replace(
+        "    backstop.dev/run: job\n",
+        "    backstop.dev/run: job\n    backstop.dev/timeout: 3s\n",
+    );
+    s.f.commit_files(&[("apps/shop/migrations/0001-job.yaml", &carrier)], "hanging job");
+    let mut controller = s.controller(&[]);
+    let untouched = tokio::time::timeout(Duration::from_secs(60), jobs)
+        .await
+        .unwrap()
+        .unwrap();
+    let run = s.finished_run().await;
+    controller.kill().await.ok();
+    assert!(untouched, "nothing was restored while the Job was still running");
+    assert_eq!(
+        Setup::ready(&run),
+        ("False".into(), "RolledBack".into()),
+        "{:?}",
+        run.status
+    );
+    assert_eq!(
+        s.f.count("SELECT count(*) FROM pg_tables WHERE tablename = 'written_by_hanging_job'")
+            .await,
+        0,
+        "once it stopped, what it wrote was restored away"
+    );
+    assert_eq!(s.f.gate(), gate);
+    let run_id = run.metadata.name.clone().unwrap();
+    let api: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(s.plane.client.clone(), "default");
+    let job = api
+        .get(&format!("shop-hangs-{run_id}"))
+        .await
+        .expect("the stopped Job is kept, with its status, as evidence");
+    assert_eq!(
+        job.spec.unwrap().active_deadline_seconds,
+        Some(1),
+        "stopped through its deadline"
+    );
+}
+
+#[tokio::test]
+async fn a_job_that_does_not_stop_when_told_is_never_restored_under_and_holds_for_a_person() {
+    let Some(s) = setup().await else { return };
+    // Writes, then never ends (nor honours its deadline).
+    let url = s.f.server.url("shop");
+    let client = s.plane.client.clone();
+    let jobs = tokio::spawn(async move {
+        let api: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client, "default");
+        while api.list(&ListParams::default()).await.unwrap().items.is_empty() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        c.batch_execute("CREATE TABLE written_by_stuck_job (id int)")
+            .await
+            .unwrap();
+    });
+    let gate = s.f.gate();
+    let carrier = job_carrier("0001-stuck", "shop-stuck")
+        .replace(
+            "    backstop.dev/run: job\n",
+            "    backstop.dev/run: job\n    backstop.dev/timeout: 2s\n",
+        )
+        .replace(
+            "      restartPolicy: Never\n",
+            "      restartPolicy: Never\n      terminationGracePeriodSeconds: 0\n",
+        );
+    s.f.commit_files(&[("apps/shop/migrations/0001-job.yaml", &carrier)], "stuck job");
+    let mut controller = s.controller(&[]);
+    let run = s.finished_run().await;
+    controller.kill().await.ok();
+    jobs.await.unwrap();
+    assert_eq!(
+        Setup::ready(&run),
+        ("False".into(), "RemediationFailed".into()),
+        "{:?}",
+        run.status
+    );
+    assert_eq!(
+        s.f.count("SELECT count(*) FROM pg_tables WHERE tablename = 'written_by_stuck_job'")
+            .await,
+        1,
+        "no restore ran while the Job may still write"
+    );
+    assert_eq!(s.f.gate(), gate);
+    let status = serde_json::to_string(&run.status).unwrap();
+    assert!(status.contains("did not stop when told to"), "{status}");
+}
+
 #[tokio::test]
 async fn push_credentials_can_come_from_the_secret_the_kustomization_names() {
     let Some(s) = setup().await else { return };

@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::Utc;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams, LogParams, PostParams};
+use kube::api::{Api, ListParams, LogParams, Patch, PatchParams, PostParams};
 use kube::runtime::wait::await_condition;
 
 use crate::checkpoint::RecoveryPoint;
@@ -70,6 +70,7 @@ impl KubeRunner {
             duration_ms: started.elapsed().as_millis() as u64,
             own_xids: Vec::new(),
             failed_at: None,
+            still_running: None,
         };
         let Some(mut manifest) = m.job.clone() else {
             return Ok(fail("the carrier holds no Job".into()));
@@ -100,13 +101,7 @@ impl KubeRunner {
             Err(e) => return Ok(fail(format!("creating Job {ns}/{name} failed: {e}"))),
         }
         // Watch the Job until it completes or fails, up to the migration's timeout.
-        let ended = |j: Option<&Job>| {
-            let conditions = j.and_then(|j| j.status.as_ref()).and_then(|s| s.conditions.as_ref());
-            conditions.is_some_and(|c| {
-                c.iter()
-                    .any(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")
-            })
-        };
+        let ended = |j: Option<&Job>| j.is_some_and(job_ended);
         let result = match tokio::time::timeout(m.timeout, await_condition(jobs.clone(), &name, ended)).await {
             Ok(Ok(Some(j))) => {
                 let conditions = j.status.and_then(|s| s.conditions).unwrap_or_default();
@@ -124,6 +119,14 @@ impl KubeRunner {
             )),
         };
         let logs = self.log_tail(&ns, &name).await;
+        // A Job that did not end (timed out, or its watch broke) may still
+        // be writing, and so may the pods of one that failed or was deleted
+        // until they are gone: all of it is stopped before the failure is
+        // said, so that no restore runs under it.
+        let still_running = match &result {
+            Err(_) => self.stop(&jobs, &ns, &name, m.timeout).await.err(),
+            Ok(()) => None,
+        };
         match result {
             Ok(()) => {
                 // The Job ran: from here on a failure is an outcome (data may
@@ -143,11 +146,85 @@ impl KubeRunner {
                     duration_ms: started.elapsed().as_millis() as u64,
                     own_xids: Vec::new(),
                     failed_at: None,
+                    still_running: None,
                 })
             }
-            Err(e) => Ok(fail(format!("{e}; log tail: {logs}"))),
+            Err(e) => Ok(MigrateOutcome {
+                still_running,
+                ..fail(format!("{e}; log tail: {logs}"))
+            }),
         }
     }
+
+    /// Stops Job `name` (unless it ended or is gone): its
+    /// `activeDeadlineSeconds` is cut to one second,
+    /// so the Job controller fails it and deletes its pods (the Job stays,
+    /// with its status, as evidence; it also keeps its name, so that a
+    /// resumed run finds it instead of running the migration again). Then
+    /// waits, as long as the migration was given plus its pods' grace
+    /// period, for the Job to end and for none of its pods to be left
+    /// running. Err: what may still be running.
+    async fn stop(&self, jobs: &Api<Job>, ns: &str, name: &str, timeout: Duration) -> Result<(), String> {
+        let what = format!("Job {ns}/{name}");
+        let cut = serde_json::json!({"spec": {"activeDeadlineSeconds": 1}});
+        let told = match jobs.get_opt(name).await {
+            Ok(Some(job)) if !job_ended(&job) => jobs.patch(name, &PatchParams::default(), &Patch::Merge(&cut)).await,
+            // Ended or gone: its pods are what is left to look at.
+            Ok(job) => Ok(job.unwrap_or_default()),
+            Err(e) => Err(e),
+        };
+        let grace = match told {
+            Ok(job) => job
+                .spec
+                .and_then(|s| s.template.spec)
+                .and_then(|s| s.termination_grace_period_seconds)
+                .unwrap_or(30),
+            Err(e) => {
+                tracing::warn!(job = %what, error = %e, "could not tell the Job to stop");
+                return Err(what);
+            }
+        };
+        let bound = timeout + Duration::from_secs(grace.max(0) as u64);
+        let ended = |j: Option<&Job>| j.is_none_or(job_ended);
+        let stopped = async {
+            await_condition(jobs.clone(), name, ended).await.ok()?;
+            // The Job controller deletes the pods it failed; those still
+            // there must have stopped.
+            let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+            let selector = ListParams::default().labels(&format!("job-name={name}"));
+            loop {
+                let list = pods.list(&selector).await.ok()?;
+                if !list.items.iter().any(pod_live) {
+                    return Some(());
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        };
+        match tokio::time::timeout(bound, stopped).await {
+            Ok(Some(())) => Ok(()),
+            _ => {
+                tracing::error!(job = %what, waited_s = bound.as_secs(), "the Job did not stop; nothing is restored under it");
+                Err(what)
+            }
+        }
+    }
+}
+
+/// Whether the Job completed or failed.
+fn job_ended(j: &Job) -> bool {
+    let conditions = j.status.as_ref().and_then(|s| s.conditions.as_ref());
+    conditions.is_some_and(|c| {
+        c.iter()
+            .any(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")
+    })
+}
+
+/// Whether a pod may still be running its containers.
+fn pod_live(p: &Pod) -> bool {
+    !matches!(
+        p.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
 }
 
 #[async_trait::async_trait]

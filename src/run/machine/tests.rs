@@ -2,7 +2,11 @@
 
 use super::*;
 
-use chrono::TimeZone;
+use chrono::{Duration, TimeZone};
+
+use crate::checkpoint::{CheckpointRecord, RecoveryPoint, RestoreRecord};
+use crate::run::record::RevertRecord;
+use crate::runner::VerifyOutcome;
 
 use crate::git::CommitInfo;
 use crate::manifests::{self, Carrier};
@@ -167,6 +171,7 @@ fn committed(statements: usize) -> MigrateOutcome {
         duration_ms: 7,
         own_xids: Vec::new(),
         failed_at: None,
+        still_running: None,
     }
 }
 
@@ -181,6 +186,7 @@ fn rolled_back_in_transaction() -> MigrateOutcome {
         duration_ms: 3,
         own_xids: Vec::new(),
         failed_at: None,
+        still_running: None,
     }
 }
 
@@ -911,6 +917,58 @@ fn failure_inside_one_transaction_reverts_without_restore_and_ends_rolled_back()
     assert_eq!(last_step(&run, "migrate m1").ok, Some(false));
     assert_eq!(run.phase, Phase::RolledBack);
     assert_eq!(end_of(&run), Phase::RolledBack);
+}
+
+/// A Job migration that timed out: it may have written anything.
+fn timed_out_job(still_running: Option<&str>) -> MigrateOutcome {
+    MigrateOutcome {
+        transactional: false,
+        statements_done: 0,
+        statements_total: 0,
+        error: Some("Job default/m1-run did not finish within 600s".into()),
+        committed: true,
+        duration_ms: 600_000,
+        own_xids: Vec::new(),
+        failed_at: None,
+        still_running: still_running.map(str::to_string),
+    }
+}
+
+#[test]
+fn a_failed_migration_that_may_still_be_writing_is_never_restored_under_and_holds_for_a_person() {
+    // Stopped: the usual remediation restores the checkpoint.
+    let mut stopped = run_of(&["m1"]);
+    let actions = play(&mut stopped, t0(), |a, _| match a {
+        Action::Migrate(i) => Some(Observation::Migrated(*i, Ok(timed_out_job(None)))),
+        _ => None,
+    });
+    assert!(actions.contains(&Action::Restore));
+    assert_eq!(stopped.phase, Phase::RolledBack);
+
+    let mut live = run_of(&["m1"]);
+    let actions = play(&mut live, t0(), |a, _| match a {
+        Action::Migrate(i) => Some(Observation::Migrated(*i, Ok(timed_out_job(Some("Job default/m1-run"))))),
+        _ => None,
+    });
+    assert!(!actions.contains(&Action::Restore), "{actions:?}");
+    assert!(live.restore.is_none());
+    // The code change is still taken back, and the run holds for a person.
+    assert!(actions.contains(&Action::Revert), "{actions:?}");
+    assert_eq!(live.phase, Phase::Failed);
+    assert!(live.awaits_person());
+    assert!(
+        live.restore_decision
+            .as_deref()
+            .unwrap()
+            .contains("no restore: Job default/m1-run may still be writing"),
+        "{:?}",
+        live.restore_decision
+    );
+    assert!(
+        live.remediation_errors[0].contains("Job default/m1-run did not stop"),
+        "{:?}",
+        live.remediation_errors
+    );
 }
 
 #[test]
