@@ -285,7 +285,7 @@ impl RunStore for MigrationRunStore {
             .into_iter()
             .filter_map(|mr| record_of(&mr).and_then(Result::ok))
             .collect();
-        runs.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        runs.sort_by(RunRecord::oldest_first);
         Ok(runs)
     }
 

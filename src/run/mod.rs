@@ -536,7 +536,11 @@ impl Engine {
                 return Ok(());
             }
             gate = report.gate.clone();
-            runs = self.store.list().await?;
+            // The run is the only record its drive changed (and it was
+            // saved as it ended): the list is kept without reading the
+            // journal again.
+            runs.push(run);
+            runs.sort_by(RunRecord::oldest_first);
         }
         report.gate = self.advance(&gate, &trees, &exempt).await?;
         Ok(())

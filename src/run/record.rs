@@ -240,6 +240,12 @@ pub enum Outcome {
 }
 
 impl RunRecord {
+    /// The order [`RunStore::list`] gives: oldest first, by creation time
+    /// and then id (two runs made in the same instant stay in one order).
+    pub fn oldest_first(a: &Self, b: &Self) -> std::cmp::Ordering {
+        a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id))
+    }
+
     /// The outcome, once the run is over.
     pub fn outcome(&self) -> Option<Outcome> {
         match self.phase {
@@ -301,7 +307,7 @@ pub struct StoreError {
 pub trait RunStore: Send + Sync {
     /// Writes the record (atomically: all of it or the previous version).
     async fn save(&self, run: &RunRecord) -> Result<(), StoreError>;
-    /// Every recorded run, oldest first.
+    /// Every recorded run, oldest first ([`RunRecord::oldest_first`]).
     async fn list(&self) -> Result<Vec<RunRecord>, StoreError>;
     /// Publishes the evidence report; returns where it is.
     async fn write_report(&self, run: &RunRecord, report: &Report) -> Result<String, StoreError>;

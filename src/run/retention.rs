@@ -43,7 +43,7 @@ impl Verdict {
 /// The verdict on every run that took a checkpoint, oldest first.
 pub fn verdicts(runs: &[RunRecord], keep: usize) -> Vec<(&RunRecord, Verdict)> {
     let mut with: Vec<&RunRecord> = runs.iter().filter(|r| r.checkpoint.is_some()).collect();
-    with.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+    with.sort_by(|a, b| RunRecord::oldest_first(a, b));
     let ended = with
         .iter()
         .filter(|r| r.phase.is_terminal() && !r.awaits_person())
