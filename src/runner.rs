@@ -93,6 +93,10 @@ pub struct VerifyOutcome {
 pub struct RunIdentity<'a> {
     pub run_id: &'a str,
     pub commit: &'a str,
+    /// An attempt of this run began before (backstop stopped while it
+    /// ran): what the runner started then is found again, never started
+    /// twice (a Job is not created again).
+    pub resumed: bool,
 }
 
 /// Executes migrations and answers questions about the database.

@@ -632,32 +632,66 @@ async fn job_migrations_run_as_uniquely_named_jobs_and_a_failed_job_is_rolled_ba
     );
 }
 
-/// Plays a Job controller for a Job that hangs: it "writes" (a table) and
-/// never ends on its own; once backstop cuts its `activeDeadlineSeconds`,
-/// it is failed (`DeadlineExceeded`) only after `hold`. Returns whether,
-/// all through the hold, what it wrote was still there (no restore ran
-/// under it).
+/// Plays a Job controller (and a kubelet) for a Job that hangs: its pod
+/// "writes" (a table) and never ends on its own; once backstop cuts the
+/// Job's `activeDeadlineSeconds`, the Job is failed (`DeadlineExceeded`)
+/// only after `hold`, and its pod stops `hold` later still. Returns whether,
+/// all through, what it wrote was still there (no restore ran under it).
 fn hanging_job_controller(client: kube::Client, url: String, hold: Duration) -> tokio::task::JoinHandle<bool> {
     tokio::spawn(async move {
-        let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client, "default");
+        use k8s_openapi::api::core::v1::Pod;
+        let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client.clone(), "default");
+        let pods: Api<Pod> = Api::namespaced(client, "default");
+        let job = loop {
+            if let Some(j) = jobs.list(&ListParams::default()).await.unwrap().items.pop() {
+                break j;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let name = job.metadata.name.clone().unwrap();
+        // Its pod, labelled as the Job's selector picks it.
+        let labels = job
+            .spec
+            .as_ref()
+            .unwrap()
+            .selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .clone()
+            .unwrap();
+        let pod: Pod = serde_json::from_value(json!({"metadata": {"name": format!("{name}-pod"), "labels": labels},
+            "spec": {"automountServiceAccountToken": false,
+                     "containers": [{"name": "migrate", "image": "registry.example.com/shop-migrate:1.0"}]}}))
+        .unwrap();
+        // (No controller-manager makes the namespace's ServiceAccount.)
+        let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+            Api::namespaced(pods.clone().into_client(), "default");
+        let account = serde_json::from_value(json!({"metadata": {"name": "default"}})).unwrap();
+        let _ = accounts.create(&PostParams::default(), &account).await;
+        pods.create(&PostParams::default(), &pod).await.unwrap();
+        let phase = |p: &str| json!({"status": {"phase": p}});
+        pods.patch_status(
+            &pod.metadata.name.clone().unwrap(),
+            &PatchParams::default(),
+            &Patch::Merge(&phase("Running")),
+        )
+        .await
+        .unwrap();
         let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
         tokio::spawn(conn);
-        let mut wrote = false;
-        loop {
-            for j in jobs.list(&ListParams::default()).await.unwrap().items {
-                let name = j.metadata.name.clone().unwrap();
-                if !wrote {
-                    c.batch_execute("CREATE TABLE written_by_hanging_job (id int)")
-                        .await
-                        .unwrap();
-                    wrote = true;
-                }
-                if j.spec.as_ref().and_then(|s| s.active_deadline_seconds) != Some(1) {
-                    continue;
-                }
-                // Told to stop: still "running" through the hold.
+        c.batch_execute("CREATE TABLE written_by_hanging_job (id int)")
+            .await
+            .unwrap();
+        while jobs.get(&name).await.unwrap().spec.unwrap().active_deadline_seconds != Some(1) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // Told to stop: the Job still "runs" through the hold, then fails;
+        // its pod runs on through a second hold.
+        let untouched = |until: std::time::Instant| {
+            let url = url.clone();
+            async move {
                 let mut untouched = true;
-                let until = std::time::Instant::now() + hold;
                 while std::time::Instant::now() < until {
                     let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
                     tokio::spawn(conn);
@@ -672,24 +706,37 @@ fn hanging_job_controller(client: kube::Client, url: String, hold: Duration) -> 
                     untouched &= n == 1;
                     tokio::time::sleep(Duration::from_millis(300)).await;
                 }
-                let now = "2026-01-01T00:00:00Z";
-                let status = json!({"status": {"conditions": [{"type": "Failed", "status": "True",
-                    "reason": "DeadlineExceeded", "lastProbeTime": now, "lastTransitionTime": now}],
-                    "startTime": now}});
-                jobs.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
-                    .await
-                    .unwrap();
-                return untouched;
+                untouched
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        };
+        let mut kept = untouched(std::time::Instant::now() + hold).await;
+        let now = "2026-01-01T00:00:00Z";
+        let status = json!({"status": {"conditions": [{"type": "Failed", "status": "True",
+            "reason": "DeadlineExceeded", "lastProbeTime": now, "lastTransitionTime": now}],
+            "startTime": now}});
+        jobs.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .unwrap();
+        kept &= untouched(std::time::Instant::now() + hold).await;
+        pods.patch_status(
+            &pod.metadata.name.clone().unwrap(),
+            &PatchParams::default(),
+            &Patch::Merge(&phase("Failed")),
+        )
+        .await
+        .unwrap();
+        kept
     })
 }
 
 #[tokio::test]
 async fn a_job_that_outlives_its_timeout_is_stopped_before_anything_is_restored_and_kept_as_evidence() {
-    let Some(s) = setup().await else { return };
-    let hold = Duration::from_secs(4);
+    // With the shipped roles: stopping a Job takes what they grant.
+    let Some(s) = setup_with_tokens(&[SA_TOKEN]).await else {
+        return;
+    };
+    let kubeconfig = s.install_shipped_roles().await;
+    let hold = Duration::from_secs(3);
     let jobs = hanging_job_controller(s.plane.client.clone(), s.f.server.url("shop"), hold);
     let gate = s.f.gate();
     let carrier = job_carrier("0001-hangs", "shop-hangs").replace(
@@ -697,14 +744,17 @@ async fn a_job_that_outlives_its_timeout_is_stopped_before_anything_is_restored_
         "    backstop.dev/run: job\n    backstop.dev/timeout: 3s\n",
     );
     s.f.commit_files(&[("apps/shop/migrations/0001-job.yaml", &carrier)], "hanging job");
-    let mut controller = s.controller(&[]);
+    let mut controller = s.controller_with("replica-a", 0, &kubeconfig, "backstop-system", &[]);
     let untouched = tokio::time::timeout(Duration::from_secs(60), jobs)
         .await
         .unwrap()
         .unwrap();
     let run = s.finished_run().await;
     controller.kill().await.ok();
-    assert!(untouched, "nothing was restored while the Job was still running");
+    assert!(
+        untouched,
+        "nothing was restored while the Job or its pod was still running"
+    );
     assert_eq!(
         Setup::ready(&run),
         ("False".into(), "RolledBack".into()),
@@ -777,7 +827,20 @@ async fn a_job_that_does_not_stop_when_told_is_never_restored_under_and_holds_fo
     );
     assert_eq!(s.f.gate(), gate);
     let status = serde_json::to_string(&run.status).unwrap();
-    assert!(status.contains("did not stop when told to"), "{status}");
+    assert!(
+        status.contains("did not end within 2s of being told to stop"),
+        "{status}"
+    );
+    let api: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(s.plane.client.clone(), "default");
+    let job = api
+        .get(&format!("shop-stuck-{}", run.metadata.name.clone().unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(
+        job.spec.unwrap().active_deadline_seconds,
+        Some(1),
+        "it was told to stop"
+    );
 }
 
 #[tokio::test]

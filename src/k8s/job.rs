@@ -60,20 +60,21 @@ impl KubeRunner {
     async fn run_job(&self, db: &Database, m: &Carrier, who: RunIdentity<'_>) -> Result<MigrateOutcome, RunnerError> {
         let started = std::time::Instant::now();
         let started_at = Utc::now();
-        let fail = |error: String| MigrateOutcome {
+        let outcome = |error: Option<String>, committed: bool, still_running: Option<String>| MigrateOutcome {
             transactional: false,
             statements_done: 0,
             statements_total: 0,
-            error: Some(error),
-            // A Job may have written anything: a failure restores the checkpoint.
-            committed: true,
+            error,
+            committed,
             duration_ms: started.elapsed().as_millis() as u64,
             own_xids: Vec::new(),
             failed_at: None,
-            still_running: None,
+            still_running,
         };
+        // Certainly nothing ran: the database is as the checkpoint left it.
+        let refused = |error: String| Ok(outcome(Some(error), false, None));
         let Some(mut manifest) = m.job.clone() else {
-            return Ok(fail("the carrier holds no Job".into()));
+            return refused("the carrier holds no Job".into());
         };
         let ns = manifest["metadata"]["namespace"]
             .as_str()
@@ -91,132 +92,210 @@ impl KubeRunner {
         }
         let job: Job = match serde_json::from_value(manifest) {
             Ok(j) => j,
-            Err(e) => return Ok(fail(format!("the carrier is not a valid Job: {e}"))),
+            Err(e) => return refused(format!("the carrier is not a valid Job: {e}")),
         };
         let jobs: Api<Job> = Api::namespaced(self.client.clone(), &ns);
-        match jobs.create(&PostParams::default(), &job).await {
-            Ok(_) => {}
-            // A resumed run finds the Job it created.
-            Err(kube::Error::Api(e)) if e.code == 409 => {}
-            Err(e) => return Ok(fail(format!("creating Job {ns}/{name} failed: {e}"))),
-        }
-        // Watch the Job until it completes or fails, up to the migration's timeout.
-        let ended = |j: Option<&Job>| j.is_some_and(job_ended);
-        let result = match tokio::time::timeout(m.timeout, await_condition(jobs.clone(), &name, ended)).await {
-            Ok(Ok(Some(j))) => {
-                let conditions = j.status.and_then(|s| s.conditions).unwrap_or_default();
-                if conditions.iter().any(|c| c.type_ == "Complete" && c.status == "True") {
-                    Ok(())
-                } else {
-                    Err(format!("Job {ns}/{name} failed"))
+        let what = format!("Job {ns}/{name}");
+        // A resumed attempt (backstop stopped while the Job ran) never
+        // creates the Job again: the one it created is watched, and one
+        // that is gone (deleted, or its TTL ran out) is not run twice.
+        let created = match who.resumed {
+            true => match jobs.get_opt(&name).await {
+                Ok(Some(_)) => Ok(()),
+                Ok(None) => Err(format!(
+                    "{what} of the interrupted attempt is gone; it is not run again"
+                )),
+                Err(e) => Err(format!("reading {what} of the interrupted attempt failed: {e}")),
+            },
+            false => match jobs.create(&PostParams::default(), &job).await {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+                // Refused as it stands (invalid, forbidden, no such
+                // namespace): no Job exists.
+                Err(kube::Error::Api(e)) if matches!(e.code, 400 | 403 | 404 | 422) => {
+                    return refused(format!("creating {what} was refused: {e}"));
                 }
-            }
-            Ok(Ok(None)) => Err(format!("Job {ns}/{name} was deleted before it finished")),
-            Ok(Err(e)) => Err(format!("watching Job {ns}/{name} failed: {e}")),
-            Err(_) => Err(format!(
-                "Job {ns}/{name} did not finish within {}s",
-                m.timeout.as_secs()
-            )),
+                // The request may have been stored before it failed.
+                Err(e) => Err(format!("creating {what} failed: {e}")),
+            },
+        };
+        // Watch the Job until it completes, fails or is deleted, up to the
+        // migration's timeout; a watch that breaks is taken up again.
+        let result = match created {
+            Ok(()) => self.watch(&jobs, &name, m.timeout).await,
+            Err(e) => Err(e),
         };
         let logs = self.log_tail(&ns, &name).await;
-        // A Job that did not end (timed out, or its watch broke) may still
-        // be writing, and so may the pods of one that failed or was deleted
-        // until they are gone: all of it is stopped before the failure is
-        // said, so that no restore runs under it.
-        let still_running = match &result {
-            Err(_) => self.stop(&jobs, &ns, &name, m.timeout).await.err(),
-            Ok(()) => None,
-        };
+        // Whatever the end, none of the Job's pods may be left writing when
+        // the outcome is said: a restore must not run under them. One that
+        // did not end is told to stop first.
+        let stopped = self.stop(&jobs, &ns, &name, m.timeout, result.is_err()).await;
+        let still_running = stopped.err().map(|e| crate::run::chain(&e));
         match result {
             Ok(()) => {
                 // The Job ran: from here on a failure is an outcome (data may
                 // have changed), never a transient error.
                 let recorded = runner::record_history(db, m, who, started_at, true).await;
-                Ok(MigrateOutcome {
-                    transactional: false,
-                    statements_done: 0,
-                    statements_total: 0,
-                    error: recorded.err().map(|e| {
-                        format!(
-                            "the Job completed but its history row could not be written: {}",
-                            crate::run::chain(&e)
-                        )
-                    }),
-                    committed: true,
-                    duration_ms: started.elapsed().as_millis() as u64,
-                    own_xids: Vec::new(),
-                    failed_at: None,
-                    still_running: None,
-                })
+                let error = recorded.err().map(|e| {
+                    format!(
+                        "the Job completed but its history row could not be written: {}",
+                        crate::run::chain(&e)
+                    )
+                });
+                Ok(outcome(error, true, still_running))
             }
-            Err(e) => Ok(MigrateOutcome {
-                still_running,
-                ..fail(format!("{e}; log tail: {logs}"))
-            }),
+            // A Job may have written anything: a failure restores the
+            // checkpoint (once nothing of it runs).
+            Err(e) => Ok(outcome(Some(format!("{e}; log tail: {logs}")), true, still_running)),
         }
     }
 
-    /// Stops Job `name` (unless it ended or is gone): its
-    /// `activeDeadlineSeconds` is cut to one second,
-    /// so the Job controller fails it and deletes its pods (the Job stays,
-    /// with its status, as evidence; it also keeps its name, so that a
-    /// resumed run finds it instead of running the migration again). Then
-    /// waits, as long as the migration was given plus its pods' grace
-    /// period, for the Job to end and for none of its pods to be left
-    /// running. Err: what may still be running.
-    async fn stop(&self, jobs: &Api<Job>, ns: &str, name: &str, timeout: Duration) -> Result<(), String> {
-        let what = format!("Job {ns}/{name}");
-        let cut = serde_json::json!({"spec": {"activeDeadlineSeconds": 1}});
-        let told = match jobs.get_opt(name).await {
-            Ok(Some(job)) if !job_ended(&job) => jobs.patch(name, &PatchParams::default(), &Patch::Merge(&cut)).await,
-            // Ended or gone: its pods are what is left to look at.
-            Ok(job) => Ok(job.unwrap_or_default()),
-            Err(e) => Err(e),
-        };
-        let grace = match told {
-            Ok(job) => job
-                .spec
-                .and_then(|s| s.template.spec)
-                .and_then(|s| s.termination_grace_period_seconds)
-                .unwrap_or(30),
-            Err(e) => {
-                tracing::warn!(job = %what, error = %e, "could not tell the Job to stop");
-                return Err(what);
-            }
-        };
-        let bound = timeout + Duration::from_secs(grace.max(0) as u64);
+    /// Waits for Job `name` to complete (Ok), fail or be deleted (Err), up
+    /// to `timeout`; a watch that breaks is taken up again.
+    async fn watch(&self, jobs: &Api<Job>, name: &str, timeout: Duration) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + timeout;
         let ended = |j: Option<&Job>| j.is_none_or(job_ended);
-        let stopped = async {
-            await_condition(jobs.clone(), name, ended).await.ok()?;
-            // The Job controller deletes the pods it failed; those still
-            // there must have stopped.
-            let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
-            let selector = ListParams::default().labels(&format!("job-name={name}"));
-            loop {
-                let list = pods.list(&selector).await.ok()?;
-                if !list.items.iter().any(pod_live) {
-                    return Some(());
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
+        let what = format!("Job {}/{name}", jobs.namespace().unwrap_or("default"));
+        loop {
+            match tokio::time::timeout_at(deadline, await_condition(jobs.clone(), name, ended)).await {
+                Ok(Ok(Some(j))) if job_completed(&j) => return Ok(()),
+                Ok(Ok(Some(_))) => return Err(format!("{what} failed")),
+                Ok(Ok(None)) => return Err(format!("{what} was deleted before it finished")),
+                Ok(Err(e)) => tracing::debug!(job = %what, error = %e, "the Job's watch broke; watching again"),
+                Err(_) => return Err(format!("{what} did not finish within {}s", timeout.as_secs())),
             }
+            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + WATCH_AGAIN)).await;
+        }
+    }
+
+    /// Makes sure nothing of Job `name` runs any more. When `tell`, and the
+    /// Job has not ended, its `activeDeadlineSeconds` is cut to one second:
+    /// the Job controller fails it and deletes its pods (the Job stays,
+    /// with its status, as evidence, and keeps its name, so that a resumed
+    /// run finds it instead of running the migration again). Then waits,
+    /// as long as the migration was given plus its pods' grace period, for
+    /// the Job to end (or be gone) and for none of its pods (by the Job's
+    /// own selector) to be left running. Reads that fail are tried again
+    /// until then.
+    async fn stop(
+        &self,
+        jobs: &Api<Job>,
+        ns: &str,
+        name: &str,
+        timeout: Duration,
+        tell: bool,
+    ) -> Result<(), StopError> {
+        let job = format!("Job {ns}/{name}");
+        let current = jobs.get_opt(name).await.map_err(|source| StopError::Read {
+            job: job.clone(),
+            source,
+        })?;
+        let current = match current {
+            Some(j) if tell && !job_ended(&j) => {
+                let cut = serde_json::json!({"spec": {"activeDeadlineSeconds": 1}});
+                let told = jobs.patch(name, &PatchParams::default(), &Patch::Merge(&cut)).await;
+                Some(told.map_err(|source| StopError::Tell {
+                    job: job.clone(),
+                    source,
+                })?)
+            }
+            other => other,
         };
-        match tokio::time::timeout(bound, stopped).await {
-            Ok(Some(())) => Ok(()),
-            _ => {
-                tracing::error!(job = %what, waited_s = bound.as_secs(), "the Job did not stop; nothing is restored under it");
-                Err(what)
+        let spec = current.as_ref().and_then(|j| j.spec.as_ref());
+        let grace = spec
+            .and_then(|s| s.template.spec.as_ref())
+            .and_then(|s| s.termination_grace_period_seconds)
+            .unwrap_or(30);
+        let bound = timeout.saturating_add(Duration::from_secs(grace.max(0) as u64));
+        let deadline = tokio::time::Instant::now() + bound;
+        let seconds = bound.as_secs();
+        let ended = |j: Option<&Job>| j.is_none_or(job_ended);
+        loop {
+            match tokio::time::timeout_at(deadline, await_condition(jobs.clone(), name, ended)).await {
+                Ok(Ok(_)) => break,
+                Ok(Err(e)) => tracing::debug!(job = %job, error = %e, "the Job's watch broke; watching again"),
+                Err(_) => return Err(StopError::NotEnded { job, seconds }),
+            }
+            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + WATCH_AGAIN)).await;
+        }
+        // The pods the Job's selector picks (a manual selector sets no
+        // `job-name` label); the Job controller deletes those it failed.
+        let selector = spec
+            .and_then(|s| s.selector.as_ref())
+            .and_then(|s| s.match_labels.as_ref())
+            .filter(|labels| !labels.is_empty())
+            .map(|labels| {
+                labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_else(|| format!("job-name={name}"));
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+        let params = ListParams::default().labels(&selector);
+        loop {
+            let live = pods
+                .list(&params)
+                .await
+                .map(|l| l.items.iter().filter(|p| pod_live(p)).count());
+            match live {
+                Ok(0) => return Ok(()),
+                Ok(_) | Err(_) if tokio::time::Instant::now() + WATCH_AGAIN >= deadline => {
+                    return Err(match live {
+                        Ok(pods) => StopError::PodsLive { job, pods, seconds },
+                        Err(source) => StopError::PodsUnseen { job, source },
+                    });
+                }
+                _ => tokio::time::sleep(WATCH_AGAIN).await,
             }
         }
     }
 }
 
+/// How long to wait before reading a Job or its pods again.
+const WATCH_AGAIN: Duration = Duration::from_secs(1);
+
+/// Why nothing of a Job can be shown to have stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum StopError {
+    #[error("reading {job} failed")]
+    Read {
+        job: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("telling {job} to stop (activeDeadlineSeconds) failed")]
+    Tell {
+        job: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("{job} did not end within {seconds}s of being told to stop")]
+    NotEnded { job: String, seconds: u64 },
+    #[error("{pods} pod(s) of {job} were still running {seconds}s after it was told to stop")]
+    PodsLive { job: String, pods: usize, seconds: u64 },
+    #[error("the pods of {job} could not be listed")]
+    PodsUnseen {
+        job: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
 /// Whether the Job completed or failed.
 fn job_ended(j: &Job) -> bool {
+    job_completed(j) || has_condition(j, "Failed")
+}
+
+/// Whether the Job completed.
+fn job_completed(j: &Job) -> bool {
+    has_condition(j, "Complete")
+}
+
+fn has_condition(j: &Job, kind: &str) -> bool {
     let conditions = j.status.as_ref().and_then(|s| s.conditions.as_ref());
-    conditions.is_some_and(|c| {
-        c.iter()
-            .any(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")
-    })
+    conditions.is_some_and(|c| c.iter().any(|c| c.type_ == kind && c.status == "True"))
 }
 
 /// Whether a pod may still be running its containers.

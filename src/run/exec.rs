@@ -13,7 +13,7 @@ use crate::db::Database;
 use crate::forge::PullRequest;
 use crate::gate::{Exempt, GateError, Move};
 use crate::git::{GitError, GitRepo};
-use crate::manifests::{Order, RevertMode};
+use crate::manifests::{Order, RevertMode, RunKind};
 use crate::report::{self, Report};
 use crate::runner::RunIdentity;
 
@@ -228,24 +228,12 @@ impl Engine {
                 }
                 Err(f) => Err(f),
             }),
-            Action::Migrate(i) => {
-                let m = &run.migrations[*i];
-                let result = match self.database(run, cache).await {
-                    Ok(db) => {
-                        let who = RunIdentity {
-                            run_id: &run.id,
-                            commit: &run.commit.sha,
-                        };
-                        let span = tracing::info_span!("migration", migration = %m.id);
-                        self.runner
-                            .migrate(&db, m, who)
-                            .instrument(span)
-                            .await
-                            .map_err(|e| transient(&e))
-                    }
-                    Err(f) => Err(f),
-                };
-                O::Migrated(*i, result)
+            Action::Migrate(i) => O::Migrated(*i, self.migrate(run, *i, false, cache).await),
+            // A Job migration resumed after backstop stopped is watched
+            // again (its Job, not a new one): there is no transaction whose
+            // absence from the history says it never ran.
+            Action::Recover(i) if run.migrations[*i].run == RunKind::Job => {
+                O::Migrated(*i, self.migrate(run, *i, true, cache).await)
             }
             Action::Recover(i) => {
                 let m = &run.migrations[*i];
@@ -379,6 +367,29 @@ impl Engine {
             .drill(&db, record)
             .await
             .map_err(|e| Fault::transient(format!("restore drill failed: {}", chain(&e))))
+    }
+
+    /// Runs migration `i` of the run (`resumed`: an attempt began before).
+    async fn migrate(
+        &self,
+        run: &RunRecord,
+        i: usize,
+        resumed: bool,
+        cache: &mut Option<Database>,
+    ) -> Result<crate::runner::MigrateOutcome, Fault> {
+        let m = &run.migrations[i];
+        let db = self.database(run, cache).await?;
+        let who = RunIdentity {
+            run_id: &run.id,
+            commit: &run.commit.sha,
+            resumed,
+        };
+        let span = tracing::info_span!("migration", migration = %m.id);
+        self.runner
+            .migrate(&db, m, who)
+            .instrument(span)
+            .await
+            .map_err(|e| Fault::transient(chain(&e)))
     }
 
     fn backend_named(&self, name: &str) -> Result<std::sync::Arc<dyn crate::checkpoint::Checkpoint>, Fault> {

@@ -285,10 +285,11 @@ pub fn apply(run: &mut RunRecord, step: &str, obs: Observation, now: DateTime<Ut
                         if let Some(what) = running {
                             // A restore under a live writer would mix its
                             // writes into the restored data: a person decides.
-                            run.restore_decision =
-                                Some(format!("no restore: {what} may still be writing to the database"));
+                            run.restore_decision = Some(format!(
+                                "no restore: the migration may still be writing to the database ({what})"
+                            ));
                             run.remediation_errors.push(format!(
-                                "{what} did not stop when told to; nothing was restored while it may still write: stop it, then restore by hand or take the run over (backstop ack)"
+                                "{what}; nothing was restored while it may still write: stop it, then restore by hand and take the run over (backstop ack, or the backstop.dev/acknowledged-by annotation on its MigrationRun)"
                             ));
                         }
                     }

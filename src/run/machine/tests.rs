@@ -947,7 +947,12 @@ fn a_failed_migration_that_may_still_be_writing_is_never_restored_under_and_hold
 
     let mut live = run_of(&["m1"]);
     let actions = play(&mut live, t0(), |a, _| match a {
-        Action::Migrate(i) => Some(Observation::Migrated(*i, Ok(timed_out_job(Some("Job default/m1-run"))))),
+        Action::Migrate(i) => Some(Observation::Migrated(
+            *i,
+            Ok(timed_out_job(Some(
+                "Job default/m1-run did not end within 630s of being told to stop",
+            ))),
+        )),
         _ => None,
     });
     assert!(!actions.contains(&Action::Restore), "{actions:?}");
@@ -960,14 +965,41 @@ fn a_failed_migration_that_may_still_be_writing_is_never_restored_under_and_hold
         live.restore_decision
             .as_deref()
             .unwrap()
-            .contains("no restore: Job default/m1-run may still be writing"),
+            .contains("no restore: the migration may still be writing to the database (Job default/m1-run did not end"),
         "{:?}",
         live.restore_decision
     );
     assert!(
-        live.remediation_errors[0].contains("Job default/m1-run did not stop"),
+        live.remediation_errors[0].contains("Job default/m1-run did not end within 630s"),
         "{:?}",
         live.remediation_errors
+    );
+}
+
+#[test]
+fn a_migration_after_apply_that_may_still_be_writing_takes_the_gate_back_without_a_restore() {
+    let mut run = Build::new(&["m1"]).order(Order::AfterApply).build();
+    let still = "Job default/m1-run did not end within 630s of being told to stop";
+    let actions = play(&mut run, t0(), |a, _| match a {
+        Action::Migrate(i) => Some(Observation::Migrated(*i, Ok(timed_out_job(Some(still))))),
+        _ => None,
+    });
+    assert!(!actions.contains(&Action::Restore), "{actions:?}");
+    assert!(
+        actions.contains(&Action::RevertGate),
+        "the promoted code comes off the gate: {actions:?}"
+    );
+    assert_eq!(run.phase, Phase::Failed);
+    // What holds the restore back survives a save and a reload.
+    let reloaded: RunRecord = serde_json::from_str(&serde_json::to_string(&run).unwrap()).unwrap();
+    assert_eq!(reloaded.migrate_results[0].1.still_running.as_deref(), Some(still));
+    let mut resumed = reloaded;
+    resumed.phase = Phase::Remediating;
+    resumed.restore = None;
+    assert_ne!(
+        next(&resumed, t0()),
+        Action::Restore,
+        "a resumed remediation does not restore either"
     );
 }
 
