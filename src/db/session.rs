@@ -100,8 +100,30 @@ impl Conn {
     /// ahead asks its first questions in one round trip each, not two. One
     /// that fails (a table not there yet) is prepared at its first use, as
     /// any other statement is.
+    ///
+    /// Whether backstop's tables are there ([`crate::owner::SCHEMA_READY`],
+    /// the first thing a holder asks) is asked in the same flight rather
+    /// than prepared: when they are, the holder does not ask again
+    /// ([`Session::schema_seen`]).
     pub(super) async fn prepare_ahead(&self, sqls: &[&str]) {
-        let prepared = futures::future::join_all(sqls.iter().map(|sql| self.client.prepare(sql))).await;
+        let probe = sqls.contains(&crate::owner::SCHEMA_READY);
+        let sqls: Vec<&str> = sqls
+            .iter()
+            .copied()
+            .filter(|sql| *sql != crate::owner::SCHEMA_READY)
+            .collect();
+        let (prepared, ready) = tokio::join!(
+            futures::future::join_all(sqls.iter().map(|sql| self.client.prepare(sql))),
+            async {
+                match probe {
+                    true => self.client.query_typed(crate::owner::SCHEMA_READY, &[]).await.ok(),
+                    false => None,
+                }
+            }
+        );
+        if ready.is_some_and(|rows| rows.first().and_then(|r| r.try_get::<_, bool>(0).ok()) == Some(true)) {
+            self.schema_seen.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         let mut kept = self.statements.lock().unwrap_or_else(|e| e.into_inner());
         for (sql, st) in sqls.iter().zip(prepared) {
             match st {
@@ -405,6 +427,18 @@ impl Session {
         let st = self.statement(sql).await?;
         let result = self.conn.client.query(&st, params).await;
         self.forget_on_error(sql, result)
+    }
+
+    /// [`Client::query_typed`]: `sql` asked once, unnamed, in one round
+    /// trip (nothing is prepared or kept on the connection, and the
+    /// session is not marked as reached into, so it is lent again without
+    /// a reset). For a question a pass asks once, such as the catalog's.
+    pub async fn query_once(
+        &self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), tokio_postgres::types::Type)],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        self.conn.client.query_typed(sql, params).await
     }
 
     /// [`Client::query_one`] of backstop's own `sql`, prepared once per connection.

@@ -16,6 +16,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use tokio_postgres::types::Type;
 
 /// Tables at most this large (all forks, indexes and TOAST) are small: a lock
 /// or rewrite on them lasts milliseconds.
@@ -179,15 +180,16 @@ fn bytes(b: i64) -> String {
     }
 }
 
-/// `sql` with the names as `$1` when there are names.
+/// `sql` with the names as `$1` when there are names, asked once (each
+/// pass reads the catalog once: preparing would cost a round trip more).
 async fn query_named(
     session: &crate::db::Session,
     sql: &str,
     names: Option<&[String]>,
 ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
     match names {
-        Some(names) => session.query(sql, &[&names]).await,
-        None => session.query(sql, &[]).await,
+        Some(names) => session.query_once(sql, &[(&names, Type::TEXT_ARRAY)]).await,
+        None => session.query_once(sql, &[]).await,
     }
 }
 
@@ -345,7 +347,7 @@ impl Catalog {
                 if oids.is_empty() {
                     return Ok(Vec::new());
                 }
-                session.query(sql, &[oids]).await
+                session.query_once(sql, &[(oids, Type::OID_ARRAY)]).await
             }
         };
         let (columns, indexes, constraints) = tokio::join!(
