@@ -844,6 +844,76 @@ async fn a_job_that_does_not_stop_when_told_is_never_restored_under_and_holds_fo
 }
 
 #[tokio::test]
+async fn a_job_migration_resumed_after_a_kill_never_creates_its_job_again() {
+    let Some(s) = setup().await else { return };
+    let carrier = job_carrier("0001-once", "shop-once").replace(
+        "    backstop.dev/run: job\n",
+        "    backstop.dev/run: job\n    backstop.dev/timeout: 60s\n",
+    );
+    let gate = s.f.gate();
+    s.f.commit_files(&[("apps/shop/migrations/0001-job.yaml", &carrier)], "job once");
+    let api: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(s.plane.client.clone(), "default");
+    let mut controller = s.controller(&[]);
+    // The Job is created and "writes"; backstop is killed while it runs.
+    let job = loop {
+        if let Some(j) = api.list(&ListParams::default()).await.unwrap().items.pop() {
+            break j;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    s.f.client()
+        .await
+        .batch_execute("CREATE TABLE written_by_the_first_attempt (id int)")
+        .await
+        .unwrap();
+    controller.kill().await.unwrap();
+    // Gone by the time backstop is back (its TTL ran out, or a person).
+    let name = job.metadata.name.clone().unwrap();
+    // (Background: a Job's default, orphan, waits on the garbage
+    // collector, which envtest does not run.)
+    api.delete(&name, &kube::api::DeleteParams::background()).await.unwrap();
+    while api.get_opt(&name).await.unwrap().is_some() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut controller = s.controller(&[]);
+    let mut recreated = false;
+    let run = loop {
+        recreated |= api.get_opt(&name).await.unwrap().is_some();
+        let list = s.runs.list(&ListParams::default()).await.unwrap();
+        let done = list.items.into_iter().find(|r| {
+            r.status
+                .as_ref()
+                .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status != "Unknown"))
+        });
+        if let Some(run) = done {
+            break run;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    controller.kill().await.ok();
+    assert!(!recreated, "the Job of the interrupted attempt was not created again");
+    assert!(api.list(&ListParams::default()).await.unwrap().items.is_empty());
+    assert_eq!(
+        Setup::ready(&run),
+        ("False".into(), "RolledBack".into()),
+        "{:?}",
+        run.status
+    );
+    let status = serde_json::to_string(&run.status).unwrap();
+    assert!(
+        status.contains("of the interrupted attempt is gone; it is not run again"),
+        "{status}"
+    );
+    assert_eq!(
+        s.f.count("SELECT count(*) FROM pg_tables WHERE tablename = 'written_by_the_first_attempt'")
+            .await,
+        0,
+        "what the first attempt may have written was restored away"
+    );
+    assert_eq!(s.f.gate(), gate);
+}
+
+#[tokio::test]
 async fn push_credentials_can_come_from_the_secret_the_kustomization_names() {
     let Some(s) = setup().await else { return };
     let gvk = kube::api::GroupVersionKind::gvk("source.toolkit.fluxcd.io", "v1", "GitRepository");
