@@ -286,6 +286,9 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// Writes each file `(name, bytes)` into `dir` atomically: each is whole
 /// on disk before any takes its name, and the folder is synced once.
 fn write_atomic_all<P: AsRef<Path>>(dir: &Path, files: &[(P, &[u8])]) -> std::io::Result<()> {
+    // A folder made here (a run's first record, its report folder) is a
+    // name in its parent, synced too once the files are in.
+    let made = !dir.is_dir();
     std::fs::create_dir_all(dir)?;
     let mut written = Vec::with_capacity(files.len());
     for (name, bytes) in files {
@@ -297,7 +300,11 @@ fn write_atomic_all<P: AsRef<Path>>(dir: &Path, files: &[(P, &[u8])]) -> std::io
     for (tmp, path) in written {
         tmp.persist(path).map_err(|e| e.error)?;
     }
-    sync_dir(dir)
+    sync_dir(dir)?;
+    match (made, dir.parent()) {
+        (true, Some(parent)) => sync_dir(parent),
+        _ => Ok(()),
+    }
 }
 
 /// Makes the names just given in `dir` durable. A filesystem that cannot
