@@ -286,9 +286,15 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// Writes each file `(name, bytes)` into `dir` atomically: each is whole
 /// on disk before any takes its name, and the folder is synced once.
 fn write_atomic_all<P: AsRef<Path>>(dir: &Path, files: &[(P, &[u8])]) -> std::io::Result<()> {
-    // A folder made here (a run's first record, its report folder) is a
-    // name in its parent, synced too once the files are in.
-    let made = !dir.is_dir();
+    // Folders made here (a run's report folder, the journal's) are names
+    // in their parents, synced too once the files are in: from the first
+    // that existed down.
+    let mut made = Vec::new();
+    let mut at = Some(dir);
+    while let Some(d) = at.filter(|d| !d.as_os_str().is_empty() && !d.is_dir()) {
+        made.push(d.to_path_buf());
+        at = d.parent();
+    }
     std::fs::create_dir_all(dir)?;
     let mut written = Vec::with_capacity(files.len());
     for (name, bytes) in files {
@@ -301,10 +307,13 @@ fn write_atomic_all<P: AsRef<Path>>(dir: &Path, files: &[(P, &[u8])]) -> std::io
         tmp.persist(path).map_err(|e| e.error)?;
     }
     sync_dir(dir)?;
-    match (made, dir.parent()) {
-        (true, Some(parent)) => sync_dir(parent),
-        _ => Ok(()),
+    for folder in made {
+        match folder.parent().filter(|p| !p.as_os_str().is_empty()) {
+            Some(parent) => sync_dir(parent)?,
+            None => sync_dir(Path::new("."))?,
+        }
     }
+    Ok(())
 }
 
 /// Makes the names just given in `dir` durable. A filesystem that cannot

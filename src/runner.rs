@@ -33,6 +33,12 @@ pub enum RunnerError {
         database: String,
         source: crate::lint::catalog::CatalogError,
     },
+    #[error("{step} failed")]
+    Cluster {
+        step: String,
+        #[source]
+        source: kube::Error,
+    },
     #[error("query on {database} failed while {step}")]
     Query {
         database: String,

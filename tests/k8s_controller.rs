@@ -843,18 +843,17 @@ async fn a_job_that_does_not_stop_when_told_is_never_restored_under_and_holds_fo
     );
 }
 
-#[tokio::test]
-async fn a_job_migration_resumed_after_a_kill_never_creates_its_job_again() {
-    let Some(s) = setup().await else { return };
-    let carrier = job_carrier("0001-once", "shop-once").replace(
+/// Commits a Job migration `id` (carrier `name`), starts the controller,
+/// and once its Job exists (and "wrote" a table), SIGKILLs the controller.
+/// Returns the Job.
+async fn kill_while_the_job_runs(s: &Setup, id: &str, name: &str) -> k8s_openapi::api::batch::v1::Job {
+    let carrier = job_carrier(id, name).replace(
         "    backstop.dev/run: job\n",
         "    backstop.dev/run: job\n    backstop.dev/timeout: 60s\n",
     );
-    let gate = s.f.gate();
     s.f.commit_files(&[("apps/shop/migrations/0001-job.yaml", &carrier)], "job once");
     let api: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(s.plane.client.clone(), "default");
     let mut controller = s.controller(&[]);
-    // The Job is created and "writes"; backstop is killed while it runs.
     let job = loop {
         if let Some(j) = api.list(&ListParams::default()).await.unwrap().items.pop() {
             break j;
@@ -867,6 +866,73 @@ async fn a_job_migration_resumed_after_a_kill_never_creates_its_job_again() {
         .await
         .unwrap();
     controller.kill().await.unwrap();
+    job
+}
+
+#[tokio::test]
+async fn a_job_migration_that_completed_and_was_recorded_before_a_kill_is_not_run_or_rolled_back_again() {
+    let Some(s) = setup().await else { return };
+    let gate = s.f.gate();
+    let job = kill_while_the_job_runs(&s, "0001-done", "shop-done").await;
+    // While backstop was down the Job completed, and backstop had written
+    // its history row just before it was killed.
+    let name = job.metadata.name.clone().unwrap();
+    let run_id = job.metadata.labels.as_ref().unwrap()["backstop.dev/run"].clone();
+    let api: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(s.plane.client.clone(), "default");
+    let now = "2026-01-01T00:00:00Z";
+    let status = json!({"status": {"conditions": [{"type": "Complete", "status": "True", "reason": "Completed",
+        "lastProbeTime": now, "lastTransitionTime": now}], "startTime": now}});
+    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+    let record = s.runs.get(&run_id).await.unwrap().status.unwrap().record.unwrap();
+    let (checksum, commit) = (
+        record["migrations"][0]["checksum"].as_str().unwrap().to_string(),
+        record["commit"]["sha"].as_str().unwrap().to_string(),
+    );
+    s.f.client()
+        .await
+        .execute(
+            "INSERT INTO backstop.migration_history (id, checksum, phase, commit, run_id, started_at, finished_at, success) \
+             VALUES ('0001-done', $1, 'expand', $2, $3, now(), now(), true)",
+            &[&checksum, &commit, &run_id],
+        )
+        .await
+        .unwrap();
+    let mut controller = s.controller(&[]);
+    let run = s.finished_run().await;
+    controller.kill().await.ok();
+    assert_eq!(
+        Setup::ready(&run),
+        ("True".into(), "Succeeded".into()),
+        "{:?}",
+        run.status
+    );
+    assert_eq!(
+        api.list(&ListParams::default()).await.unwrap().items.len(),
+        1,
+        "one Job, not two"
+    );
+    assert_eq!(
+        s.f.count("SELECT count(*) FROM pg_tables WHERE tablename = 'written_by_the_first_attempt'")
+            .await,
+        1,
+        "nothing was restored"
+    );
+    assert_eq!(
+        s.f.count("SELECT count(*) FROM backstop.migration_history WHERE id = '0001-done'")
+            .await,
+        1
+    );
+    assert_ne!(s.f.gate(), gate, "the gate moved onto the commit");
+}
+
+#[tokio::test]
+async fn a_job_migration_resumed_after_a_kill_never_creates_its_job_again() {
+    let Some(s) = setup().await else { return };
+    let gate = s.f.gate();
+    let job = kill_while_the_job_runs(&s, "0001-once", "shop-once").await;
+    let api: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(s.plane.client.clone(), "default");
     // Gone by the time backstop is back (its TTL ran out, or a person).
     let name = job.metadata.name.clone().unwrap();
     // (Background: a Job's default, orphan, waits on the garbage

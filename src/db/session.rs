@@ -398,7 +398,13 @@ impl Session {
         sql: &str,
         result: Result<T, tokio_postgres::Error>,
     ) -> Result<T, tokio_postgres::Error> {
-        if result.is_err() {
+        if let Err(e) = &result {
+            // A table or schema gone (a migration dropped backstop's):
+            // the next holder looks for them again.
+            use tokio_postgres::error::SqlState;
+            if matches!(e.code(), Some(c) if *c == SqlState::UNDEFINED_TABLE || *c == SqlState::INVALID_SCHEMA_NAME) {
+                self.conn.schema_seen.store(false, std::sync::atomic::Ordering::Relaxed);
+            }
             self.conn
                 .statements
                 .lock()

@@ -25,18 +25,22 @@ pub struct KubeRunner {
 
 impl KubeRunner {
     /// The Job's name for this run: the carrier's name, then the run id.
+    /// A name cut to fit ends in a digest of the whole one, so that two
+    /// carriers of a run that share a long prefix never share a Job.
     fn job_name(base: &str, run_id: &str) -> String {
+        use sha2::Digest;
         let room = 63usize.saturating_sub(run_id.len() + 1);
-        let base: String = base.chars().take(room).collect();
-        format!("{}-{run_id}", base.trim_end_matches('-'))
+        if base.chars().count() <= room {
+            return format!("{}-{run_id}", base.trim_end_matches('-'));
+        }
+        let digest = hex::encode(&sha2::Sha256::digest(base.as_bytes())[..3]);
+        let cut: String = base.chars().take(room.saturating_sub(digest.len() + 1)).collect();
+        format!("{}-{digest}-{run_id}", cut.trim_end_matches('-'))
     }
 
-    async fn log_tail(&self, ns: &str, job: &str) -> String {
+    async fn log_tail(&self, ns: &str, selector: &str) -> String {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
-        let Ok(list) = pods
-            .list(&ListParams::default().labels(&format!("job-name={job}")))
-            .await
-        else {
+        let Ok(list) = pods.list(&ListParams::default().labels(selector)).await else {
             return "pod logs unavailable".into();
         };
         let mut tails = Vec::new();
@@ -85,6 +89,7 @@ impl KubeRunner {
         manifest["metadata"]["name"] = name.clone().into();
         manifest["metadata"]["namespace"] = ns.clone().into();
         manifest["metadata"]["labels"]["backstop.dev/run"] = who.run_id.into();
+        manifest["metadata"]["annotations"][MIGRATION_ANNOTATION] = m.id.clone().into();
         if let Some(meta) = manifest["metadata"].as_object_mut() {
             for k in ["resourceVersion", "uid", "creationTimestamp"] {
                 meta.remove(k);
@@ -99,17 +104,30 @@ impl KubeRunner {
         // A resumed attempt (backstop stopped while the Job ran) never
         // creates the Job again: the one it created is watched, and one
         // that is gone (deleted, or its TTL ran out) is not run twice.
+        let cluster = |step: String| move |source| RunnerError::Cluster { step, source };
         let created = match who.resumed {
             true => match jobs.get_opt(&name).await {
                 Ok(Some(_)) => Ok(()),
                 Ok(None) => Err(format!(
                     "{what} of the interrupted attempt is gone; it is not run again"
                 )),
-                Err(e) => Err(format!("reading {what} of the interrupted attempt failed: {e}")),
+                // Not known: the step stays open and is resumed again.
+                Err(e) => return Err(cluster(format!("reading {what} of the interrupted attempt"))(e)),
             },
             false => match jobs.create(&PostParams::default(), &job).await {
                 Ok(_) => Ok(()),
-                Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+                // This run's own (made before backstop stopped), or one it
+                // must not take for this migration's.
+                Err(kube::Error::Api(e)) if e.code == 409 => match jobs.get_opt(&name).await {
+                    Ok(Some(found)) if of_this(&found, who.run_id, &m.id) => Ok(()),
+                    Ok(Some(_)) => return refused(format!("{what} exists and is not this run's Job for {}", m.id)),
+                    Ok(None) => Err(format!("{what} was deleted before it finished")),
+                    Err(e) => Err(format!("reading {what} failed: {e}")),
+                },
+                // Throttled: not stored, nothing ran.
+                Err(kube::Error::Api(e)) if e.code == 429 => {
+                    return Err(cluster(format!("creating {what}"))(kube::Error::Api(e)));
+                }
                 // Refused as it stands (invalid, forbidden, no such
                 // namespace): no Job exists.
                 Err(kube::Error::Api(e)) if matches!(e.code, 400 | 403 | 404 | 422) => {
@@ -125,7 +143,11 @@ impl KubeRunner {
             Ok(()) => self.watch(&jobs, &name, m.timeout).await,
             Err(e) => Err(e),
         };
-        let logs = self.log_tail(&ns, &name).await;
+        let selected = match jobs.get_opt(&name).await {
+            Ok(found) => pod_selector(found.as_ref(), &name),
+            Err(_) => format!("job-name={name}"),
+        };
+        let logs = self.log_tail(&ns, &selected).await;
         // Whatever the end, none of the Job's pods may be left writing when
         // the outcome is said: a restore must not run under them. One that
         // did not end is told to stop first.
@@ -186,20 +208,37 @@ impl KubeRunner {
         tell: bool,
     ) -> Result<(), StopError> {
         let job = format!("Job {ns}/{name}");
-        let current = jobs.get_opt(name).await.map_err(|source| StopError::Read {
-            job: job.clone(),
-            source,
-        })?;
-        let current = match current {
-            Some(j) if tell && !job_ended(&j) => {
-                let cut = serde_json::json!({"spec": {"activeDeadlineSeconds": 1}});
-                let told = jobs.patch(name, &PatchParams::default(), &Patch::Merge(&cut)).await;
-                Some(told.map_err(|source| StopError::Tell {
+        // Reads and the patch are tried again (a passing API fault) for as
+        // long as the migration was given.
+        let first = tokio::time::Instant::now() + timeout;
+        let cut = serde_json::json!({"spec": {"activeDeadlineSeconds": 1}});
+        let current = loop {
+            let read = match jobs.get_opt(name).await {
+                Ok(Some(j)) if tell && !job_ended(&j) => {
+                    match jobs.patch(name, &PatchParams::default(), &Patch::Merge(&cut)).await {
+                        Ok(told) => Ok(Some(told)),
+                        // Gone meanwhile: its pods are what is left.
+                        Err(kube::Error::Api(e)) if e.code == 404 => Ok(None),
+                        Err(source) => Err(StopError::Tell {
+                            job: job.clone(),
+                            source,
+                        }),
+                    }
+                }
+                Ok(found) => Ok(found),
+                Err(source) => Err(StopError::Read {
                     job: job.clone(),
                     source,
-                })?)
+                }),
+            };
+            match read {
+                Ok(found) => break found,
+                Err(e) if tokio::time::Instant::now() + WATCH_AGAIN >= first => return Err(e),
+                Err(e) => {
+                    tracing::debug!(job = %job, error = %crate::run::chain(&e), "trying again");
+                    tokio::time::sleep(WATCH_AGAIN).await;
+                }
             }
-            other => other,
         };
         let spec = current.as_ref().and_then(|j| j.spec.as_ref());
         let grace = spec
@@ -220,18 +259,7 @@ impl KubeRunner {
         }
         // The pods the Job's selector picks (a manual selector sets no
         // `job-name` label); the Job controller deletes those it failed.
-        let selector = spec
-            .and_then(|s| s.selector.as_ref())
-            .and_then(|s| s.match_labels.as_ref())
-            .filter(|labels| !labels.is_empty())
-            .map(|labels| {
-                labels
-                    .iter()
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            })
-            .unwrap_or_else(|| format!("job-name={name}"));
+        let selector = pod_selector(current.as_ref(), name);
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
         let params = ListParams::default().labels(&selector);
         loop {
@@ -281,6 +309,53 @@ pub enum StopError {
         #[source]
         source: kube::Error,
     },
+}
+
+/// The annotation a Job of backstop's carries: the migration it runs.
+const MIGRATION_ANNOTATION: &str = "backstop.dev/migration";
+
+/// Whether `job` is run `run`'s Job for migration `id`.
+fn of_this(job: &Job, run: &str, id: &str) -> bool {
+    let meta = &job.metadata;
+    meta.labels
+        .as_ref()
+        .and_then(|l| l.get("backstop.dev/run"))
+        .map(String::as_str)
+        == Some(run)
+        && meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(MIGRATION_ANNOTATION))
+            .map(String::as_str)
+            == Some(id)
+}
+
+/// The label selector of a Job's pods: its own `spec.selector`, whole
+/// (labels and expressions: a manual selector may be either), else the
+/// `job-name` label the Job controller sets.
+fn pod_selector(job: Option<&Job>, name: &str) -> String {
+    let Some(selector) = job.and_then(|j| j.spec.as_ref()).and_then(|s| s.selector.as_ref()) else {
+        return format!("job-name={name}");
+    };
+    let mut terms: Vec<String> = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    for e in selector.match_expressions.iter().flatten() {
+        let values = e.values.clone().unwrap_or_default().join(",");
+        terms.push(match e.operator.as_str() {
+            "In" => format!("{} in ({values})", e.key),
+            "NotIn" => format!("{} notin ({values})", e.key),
+            "Exists" => e.key.clone(),
+            _ => format!("!{}", e.key),
+        });
+    }
+    match terms.is_empty() {
+        true => format!("job-name={name}"),
+        false => terms.join(","),
+    }
 }
 
 /// Whether the Job completed or failed.
@@ -352,5 +427,47 @@ impl Runner for KubeRunner {
 
     async fn verify(&self, db: &Database, sql: &str, timeout: Duration) -> Result<VerifyOutcome, RunnerError> {
         self.sql.verify(db, sql, timeout).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_names_fit_and_two_long_carriers_of_a_run_never_share_one() {
+        let run = "20261207-194903236-0f6e2f1";
+        assert_eq!(
+            KubeRunner::job_name("shop-backfill", run),
+            format!("shop-backfill-{run}")
+        );
+        let a = KubeRunner::job_name(&format!("{}-orders", "x".repeat(40)), run);
+        let b = KubeRunner::job_name(&format!("{}-customers", "x".repeat(40)), run);
+        assert_ne!(a, b);
+        for name in [&a, &b] {
+            assert!(name.len() <= 63, "{name}");
+            assert!(name.ends_with(run), "{name}");
+        }
+    }
+
+    #[test]
+    fn the_pods_of_a_job_are_picked_by_its_whole_selector() {
+        let job: Job = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "m"},
+            "spec": {"manualSelector": true, "template": {"spec": {"containers": []}},
+                     "selector": {"matchLabels": {"app": "migrate"},
+                                  "matchExpressions": [{"key": "tier", "operator": "In", "values": ["a", "b"]},
+                                                       {"key": "canary", "operator": "DoesNotExist"}]}}
+        }))
+        .unwrap();
+        assert_eq!(pod_selector(Some(&job), "m"), "app=migrate,tier in (a,b),!canary");
+        let expressions_only: Job = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "m"},
+            "spec": {"template": {"spec": {"containers": []}},
+                     "selector": {"matchExpressions": [{"key": "run", "operator": "Exists"}]}}
+        }))
+        .unwrap();
+        assert_eq!(pod_selector(Some(&expressions_only), "m"), "run");
+        assert_eq!(pod_selector(None, "m"), "job-name=m");
     }
 }

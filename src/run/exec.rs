@@ -229,11 +229,27 @@ impl Engine {
                 Err(f) => Err(f),
             }),
             Action::Migrate(i) => O::Migrated(*i, self.migrate(run, *i, false, cache).await),
-            // A Job migration resumed after backstop stopped is watched
-            // again (its Job, not a new one): there is no transaction whose
-            // absence from the history says it never ran.
+            // A Job migration resumed after backstop stopped: recorded in
+            // the history by this run (or the same version), it ran;
+            // otherwise its Job (not a new one) is watched again: there is
+            // no transaction whose absence from the history says it never
+            // ran. A fault before that keeps the step open, to resume again.
             Action::Recover(i) if run.migrations[*i].run == RunKind::Job => {
-                O::Migrated(*i, self.migrate(run, *i, true, cache).await)
+                let m = &run.migrations[*i];
+                let applied = match self.database(run, cache).await {
+                    Ok(db) => self.runner.applied(&db, &m.id).await.map_err(|e| transient(&e)),
+                    Err(f) => Err(f),
+                };
+                match applied {
+                    Ok(Some(row)) if row.run_id == run.id || row.checksum == m.checksum => {
+                        O::Recovered(*i, Ok(Recovered::Applied))
+                    }
+                    Ok(_) => match self.migrate(run, *i, true, cache).await {
+                        Ok(outcome) => O::Migrated(*i, Ok(outcome)),
+                        Err(f) => O::Recovered(*i, Err(f)),
+                    },
+                    Err(f) => O::Recovered(*i, Err(f)),
+                }
             }
             Action::Recover(i) => {
                 let m = &run.migrations[*i];

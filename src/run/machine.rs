@@ -150,8 +150,12 @@ fn remediation(run: &RunRecord) -> Action {
     let restore_finished = step_done(run, "restore") && !run.open_step("restore");
     // Never under a migration that may still be writing (a Job that did
     // not stop): the run holds the database for a person instead.
-    let writer_live = run.migrate_results.iter().any(|(_, o)| o.still_running.is_some());
-    if failure.data_changed && run.checkpoint.is_some() && run.restore.is_none() && !restore_finished && !writer_live {
+    if failure.data_changed
+        && run.checkpoint.is_some()
+        && run.restore.is_none()
+        && !restore_finished
+        && live_writer(run).is_none()
+    {
         return Action::Restore;
     }
     // The bad code off the gate first (when it was promoted): replay is
@@ -276,22 +280,11 @@ pub fn apply(run: &mut RunRecord, step: &str, obs: Observation, now: DateTime<Ut
                     let detail = outcome.detail();
                     let error = outcome.error.clone();
                     let committed = outcome.committed;
-                    let running = outcome.still_running.clone();
                     run.migrate_results.push((m.id.clone(), outcome));
                     done(run, step, (error.is_none(), detail), now);
                     if let Some(e) = error {
                         let f = Fault::failed(format!("migration {} failed: {e}", m.id));
                         fault(run, step, f, committed, now, policy);
-                        if let Some(what) = running {
-                            // A restore under a live writer would mix its
-                            // writes into the restored data: a person decides.
-                            run.restore_decision = Some(format!(
-                                "no restore: the migration may still be writing to the database ({what})"
-                            ));
-                            run.remediation_errors.push(format!(
-                                "{what}; nothing was restored while it may still write: stop it, then restore by hand and take the run over (backstop ack, or the backstop.dev/acknowledged-by annotation on its MigrationRun)"
-                            ));
-                        }
                     }
                 }
                 Err(f) => {
@@ -307,7 +300,9 @@ pub fn apply(run: &mut RunRecord, step: &str, obs: Observation, now: DateTime<Ut
             let Some(m) = run.migrations.get(i).cloned() else {
                 return;
             };
-            let transactional = m.statements.iter().all(|s| s.transactional);
+            // (A Job's is none: it has no statements, and its absence from the
+            // history never says it did not run.)
+            let transactional = m.run != crate::manifests::RunKind::Job && m.statements.iter().all(|s| s.transactional);
             match r {
                 Ok(Recovered::Applied) => {
                     let total = m.statements.len();
@@ -602,7 +597,7 @@ fn fault(run: &mut RunRecord, step: &str, f: Fault, changed: bool, now: DateTime
                     );
                     "restore needed (data changed) but the run has no checkpoint".into()
                 }
-            } else if run.migrate_results.is_empty() {
+            } else if run.migrate_results.is_empty() || run.migrate_results.iter().all(|(_, o)| !o.transactional) {
                 "no restore: the migration did not start, the database is unchanged".into()
             } else {
                 "no restore: the migration failed inside one transaction, which PostgreSQL rolled back (zero data loss)"
@@ -614,9 +609,26 @@ fn fault(run: &mut RunRecord, step: &str, f: Fault, changed: bool, now: DateTime
                 data_changed,
                 kind: FailureKind::Failed,
             });
+            if let Some(what) = data_changed.then(|| live_writer(run)).flatten() {
+                // A restore under a live writer would mix its writes into
+                // the restored data (remediation skips it): a person decides.
+                run.restore_decision = Some(format!(
+                    "no restore: a migration may still be writing to the database ({what})"
+                ));
+                run.remediation_errors.push(format!(
+                    "{what}; nothing was restored while it may still write: stop it, then restore by hand and take the run over (backstop ack, or the backstop.dev/acknowledged-by annotation on its MigrationRun)"
+                ));
+            }
             run.phase = Phase::Remediating;
         }
     }
+}
+
+/// What may still be writing to the database: a migration's Job that was
+/// not seen to stop ([`MigrateOutcome::still_running`]), whatever its
+/// own outcome (one that completed can leave pods running).
+pub fn live_writer(run: &RunRecord) -> Option<String> {
+    run.migrate_results.iter().find_map(|(_, o)| o.still_running.clone())
 }
 
 fn remediation_fault(run: &mut RunRecord, step: &str, f: Fault, what: &str, now: DateTime<Utc>, policy: Policy) {

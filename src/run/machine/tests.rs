@@ -965,7 +965,7 @@ fn a_failed_migration_that_may_still_be_writing_is_never_restored_under_and_hold
         live.restore_decision
             .as_deref()
             .unwrap()
-            .contains("no restore: the migration may still be writing to the database (Job default/m1-run did not end"),
+            .contains("no restore: a migration may still be writing to the database (Job default/m1-run did not end"),
         "{:?}",
         live.restore_decision
     );
@@ -1001,6 +1001,66 @@ fn a_migration_after_apply_that_may_still_be_writing_takes_the_gate_back_without
         Action::Restore,
         "a resumed remediation does not restore either"
     );
+}
+
+#[test]
+fn a_verify_failure_after_a_job_that_left_pods_running_holds_for_a_person_without_a_restore() {
+    let mut run = run_of(&["m1"]);
+    run.migrations[0].verify = Some("SELECT false".into());
+    let still = "1 pod(s) of Job default/m1-run were still running 630s after it ended";
+    let actions = play(&mut run, t0(), |a, _| match a {
+        Action::Migrate(i) => Some(Observation::Migrated(
+            *i,
+            Ok(MigrateOutcome {
+                still_running: Some(still.into()),
+                ..committed(0)
+            }),
+        )),
+        Action::Verify(i) => Some(Observation::Verified(
+            *i,
+            Ok(VerifyOutcome {
+                passed: false,
+                detail: "false".into(),
+            }),
+        )),
+        _ => None,
+    });
+    assert!(!actions.contains(&Action::Restore), "{actions:?}");
+    assert_eq!(run.phase, Phase::Failed, "not RolledBack: the data was not restored");
+    assert!(run
+        .restore_decision
+        .as_deref()
+        .unwrap()
+        .starts_with("no restore: a migration may still be writing"));
+    assert!(
+        run.remediation_errors[0].contains(still),
+        "{:?}",
+        run.remediation_errors
+    );
+}
+
+#[test]
+fn a_job_that_was_refused_says_it_did_not_start_and_restores_nothing() {
+    let mut run = run_of(&["m1"]);
+    let actions = play(&mut run, t0(), |a, _| match a {
+        Action::Migrate(i) => Some(Observation::Migrated(
+            *i,
+            Ok(MigrateOutcome {
+                transactional: false,
+                committed: false,
+                error: Some("creating Job default/m1-run was refused: forbidden".into()),
+                ..committed(0)
+            }),
+        )),
+        _ => None,
+    });
+    assert!(!actions.contains(&Action::Restore), "{actions:?}");
+    assert!(
+        run.restore_decision.as_deref().unwrap().contains("did not start"),
+        "{:?}",
+        run.restore_decision
+    );
+    assert_eq!(run.phase, Phase::RolledBack);
 }
 
 #[test]
