@@ -517,11 +517,30 @@ fn job_carrier(id: &str, name: &str) -> String {
     )
 }
 
+/// [`job_carrier`] with `backstop.dev/timeout: {timeout}`.
+fn job_carrier_timing_out(id: &str, name: &str, timeout: &str) -> String {
+    job_carrier(id, name).replace(
+        "    backstop.dev/run: job\n",
+        &format!("    backstop.dev/run: job\n    backstop.dev/timeout: {timeout}\n"),
+    )
+}
+
+/// The Jobs of the namespace the tests use.
+fn jobs_api(client: kube::Client) -> Api<k8s_openapi::api::batch::v1::Job> {
+    Api::namespaced(client, "default")
+}
+
+/// How many tables named `name` the shop database has (0 or 1).
+async fn tables_named(f: &Fixture, name: &str) -> i64 {
+    f.count(&format!("SELECT count(*) FROM pg_tables WHERE tablename = '{name}'"))
+        .await
+}
+
 /// Plays the Job controller: a Job named *-fails fails; others "run" (create a
 /// table in the database, as the migration image would) and complete.
 fn fake_job_controller(client: kube::Client, url: String) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client, "default");
+        let jobs = jobs_api(client);
         loop {
             for j in jobs.list(&ListParams::default()).await.unwrap().items {
                 if j.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some() {
@@ -578,7 +597,7 @@ async fn job_migrations_run_as_uniquely_named_jobs_and_a_failed_job_is_rolled_ba
         run.status
     );
     let run_id = run.metadata.name.clone().unwrap();
-    let api: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(s.plane.client.clone(), "default");
+    let api = jobs_api(s.plane.client.clone());
     let job = api
         .get(&format!("shop-backfill-{run_id}"))
         .await
@@ -590,11 +609,7 @@ async fn job_migrations_run_as_uniquely_named_jobs_and_a_failed_job_is_rolled_ba
             .await,
         1
     );
-    assert_eq!(
-        s.f.count("SELECT count(*) FROM pg_tables WHERE tablename = 'made_by_job'")
-            .await,
-        1
-    );
+    assert_eq!(tables_named(&s.f, "made_by_job").await, 1);
 
     let schema = s.f.schema().await;
     s.runs
@@ -640,7 +655,7 @@ async fn job_migrations_run_as_uniquely_named_jobs_and_a_failed_job_is_rolled_ba
 fn hanging_job_controller(client: kube::Client, url: String, hold: Duration) -> tokio::task::JoinHandle<bool> {
     tokio::spawn(async move {
         use k8s_openapi::api::core::v1::Pod;
-        let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client.clone(), "default");
+        let jobs = jobs_api(client.clone());
         let pods: Api<Pod> = Api::namespaced(client, "default");
         let job = loop {
             if let Some(j) = jobs.list(&ListParams::default()).await.unwrap().items.pop() {
@@ -739,10 +754,7 @@ async fn a_job_that_outlives_its_timeout_is_stopped_before_anything_is_restored_
     let hold = Duration::from_secs(3);
     let jobs = hanging_job_controller(s.plane.client.clone(), s.f.server.url("shop"), hold);
     let gate = s.f.gate();
-    let carrier = job_carrier("0001-hangs", "shop-hangs").replace(
-        "    backstop.dev/run: job\n",
-        "    backstop.dev/run: job\n    backstop.dev/timeout: 3s\n",
-    );
+    let carrier = job_carrier_timing_out("0001-hangs", "shop-hangs", "3s");
     s.f.commit_files(&[("apps/shop/migrations/0001-job.yaml", &carrier)], "hanging job");
     let mut controller = s.controller_with("replica-a", 0, &kubeconfig, "backstop-system", &[]);
     let untouched = tokio::time::timeout(Duration::from_secs(60), jobs)
@@ -762,14 +774,13 @@ async fn a_job_that_outlives_its_timeout_is_stopped_before_anything_is_restored_
         run.status
     );
     assert_eq!(
-        s.f.count("SELECT count(*) FROM pg_tables WHERE tablename = 'written_by_hanging_job'")
-            .await,
+        tables_named(&s.f, "written_by_hanging_job").await,
         0,
         "once it stopped, what it wrote was restored away"
     );
     assert_eq!(s.f.gate(), gate);
     let run_id = run.metadata.name.clone().unwrap();
-    let api: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(s.plane.client.clone(), "default");
+    let api = jobs_api(s.plane.client.clone());
     let job = api
         .get(&format!("shop-hangs-{run_id}"))
         .await
@@ -788,7 +799,7 @@ async fn a_job_that_does_not_stop_when_told_is_never_restored_under_and_holds_fo
     let url = s.f.server.url("shop");
     let client = s.plane.client.clone();
     let jobs = tokio::spawn(async move {
-        let api: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client, "default");
+        let api = jobs_api(client);
         while api.list(&ListParams::default()).await.unwrap().items.is_empty() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -799,15 +810,10 @@ async fn a_job_that_does_not_stop_when_told_is_never_restored_under_and_holds_fo
             .unwrap();
     });
     let gate = s.f.gate();
-    let carrier = job_carrier("0001-stuck", "shop-stuck")
-        .replace(
-            "    backstop.dev/run: job\n",
-            "    backstop.dev/run: job\n    backstop.dev/timeout: 2s\n",
-        )
-        .replace(
-            "      restartPolicy: Never\n",
-            "      restartPolicy: Never\n      terminationGracePeriodSeconds: 0\n",
-        );
+    let carrier = job_carrier_timing_out("0001-stuck", "shop-stuck", "2s").replace(
+        "      restartPolicy: Never\n",
+        "      restartPolicy: Never\n      terminationGracePeriodSeconds: 0\n",
+    );
     s.f.commit_files(&[("apps/shop/migrations/0001-job.yaml", &carrier)], "stuck job");
     let mut controller = s.controller(&[]);
     let run = s.finished_run().await;
@@ -820,8 +826,7 @@ async fn a_job_that_does_not_stop_when_told_is_never_restored_under_and_holds_fo
         run.status
     );
     assert_eq!(
-        s.f.count("SELECT count(*) FROM pg_tables WHERE tablename = 'written_by_stuck_job'")
-            .await,
+        tables_named(&s.f, "written_by_stuck_job").await,
         1,
         "no restore ran while the Job may still write"
     );
@@ -831,7 +836,7 @@ async fn a_job_that_does_not_stop_when_told_is_never_restored_under_and_holds_fo
         status.contains("did not end within 2s of being told to stop"),
         "{status}"
     );
-    let api: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(s.plane.client.clone(), "default");
+    let api = jobs_api(s.plane.client.clone());
     let job = api
         .get(&format!("shop-stuck-{}", run.metadata.name.clone().unwrap()))
         .await
@@ -847,12 +852,9 @@ async fn a_job_that_does_not_stop_when_told_is_never_restored_under_and_holds_fo
 /// and once its Job exists (and "wrote" a table), SIGKILLs the controller.
 /// Returns the Job.
 async fn kill_while_the_job_runs(s: &Setup, id: &str, name: &str) -> k8s_openapi::api::batch::v1::Job {
-    let carrier = job_carrier(id, name).replace(
-        "    backstop.dev/run: job\n",
-        "    backstop.dev/run: job\n    backstop.dev/timeout: 60s\n",
-    );
+    let carrier = job_carrier_timing_out(id, name, "60s");
     s.f.commit_files(&[("apps/shop/migrations/0001-job.yaml", &carrier)], "job once");
-    let api: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(s.plane.client.clone(), "default");
+    let api = jobs_api(s.plane.client.clone());
     let mut controller = s.controller(&[]);
     let job = loop {
         if let Some(j) = api.list(&ListParams::default()).await.unwrap().items.pop() {
@@ -878,7 +880,7 @@ async fn a_job_migration_that_completed_and_was_recorded_before_a_kill_is_not_ru
     // its history row just before it was killed.
     let name = job.metadata.name.clone().unwrap();
     let run_id = job.metadata.labels.as_ref().unwrap()["backstop.dev/run"].clone();
-    let api: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(s.plane.client.clone(), "default");
+    let api = jobs_api(s.plane.client.clone());
     let now = "2026-01-01T00:00:00Z";
     let status = json!({"status": {"conditions": [{"type": "Complete", "status": "True", "reason": "Completed",
         "lastProbeTime": now, "lastTransitionTime": now}], "startTime": now}});
@@ -914,8 +916,7 @@ async fn a_job_migration_that_completed_and_was_recorded_before_a_kill_is_not_ru
         "one Job, not two"
     );
     assert_eq!(
-        s.f.count("SELECT count(*) FROM pg_tables WHERE tablename = 'written_by_the_first_attempt'")
-            .await,
+        tables_named(&s.f, "written_by_the_first_attempt").await,
         1,
         "nothing was restored"
     );
@@ -932,7 +933,7 @@ async fn a_job_migration_resumed_after_a_kill_never_creates_its_job_again() {
     let Some(s) = setup().await else { return };
     let gate = s.f.gate();
     let job = kill_while_the_job_runs(&s, "0001-once", "shop-once").await;
-    let api: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(s.plane.client.clone(), "default");
+    let api = jobs_api(s.plane.client.clone());
     // Gone by the time backstop is back (its TTL ran out, or a person).
     let name = job.metadata.name.clone().unwrap();
     // (Background: a Job's default, orphan, waits on the garbage
@@ -971,8 +972,7 @@ async fn a_job_migration_resumed_after_a_kill_never_creates_its_job_again() {
         "{status}"
     );
     assert_eq!(
-        s.f.count("SELECT count(*) FROM pg_tables WHERE tablename = 'written_by_the_first_attempt'")
-            .await,
+        tables_named(&s.f, "written_by_the_first_attempt").await,
         0,
         "what the first attempt may have written was restored away"
     );
