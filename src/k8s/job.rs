@@ -88,7 +88,7 @@ impl KubeRunner {
         let name = Self::job_name(&base, who.run_id);
         manifest["metadata"]["name"] = name.clone().into();
         manifest["metadata"]["namespace"] = ns.clone().into();
-        manifest["metadata"]["labels"]["backstop.dev/run"] = who.run_id.into();
+        manifest["metadata"]["labels"][RUN_LABEL] = who.run_id.into();
         manifest["metadata"]["annotations"][MIGRATION_ANNOTATION] = m.id.clone().into();
         if let Some(meta) = manifest["metadata"].as_object_mut() {
             for k in ["resourceVersion", "uid", "creationTimestamp"] {
@@ -173,20 +173,14 @@ impl KubeRunner {
     }
 
     /// Waits for Job `name` to complete (Ok), fail or be deleted (Err), up
-    /// to `timeout`; a watch that breaks is taken up again.
+    /// to `timeout`.
     async fn watch(&self, jobs: &Api<Job>, name: &str, timeout: Duration) -> Result<(), String> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let ended = |j: Option<&Job>| j.is_none_or(job_ended);
         let what = format!("Job {}/{name}", jobs.namespace().unwrap_or("default"));
-        loop {
-            match tokio::time::timeout_at(deadline, await_condition(jobs.clone(), name, ended)).await {
-                Ok(Ok(Some(j))) if job_completed(&j) => return Ok(()),
-                Ok(Ok(Some(_))) => return Err(format!("{what} failed")),
-                Ok(Ok(None)) => return Err(format!("{what} was deleted before it finished")),
-                Ok(Err(e)) => tracing::debug!(job = %what, error = %e, "the Job's watch broke; watching again"),
-                Err(_) => return Err(format!("{what} did not finish within {}s", timeout.as_secs())),
-            }
-            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + WATCH_AGAIN)).await;
+        match ended_by(jobs, name, tokio::time::Instant::now() + timeout).await {
+            Some(Some(j)) if job_completed(&j) => Ok(()),
+            Some(Some(_)) => Err(format!("{what} failed")),
+            Some(None) => Err(format!("{what} was deleted before it finished")),
+            None => Err(format!("{what} did not finish within {}s", timeout.as_secs())),
         }
     }
 
@@ -248,14 +242,8 @@ impl KubeRunner {
         let bound = timeout.saturating_add(Duration::from_secs(grace.max(0) as u64));
         let deadline = tokio::time::Instant::now() + bound;
         let seconds = bound.as_secs();
-        let ended = |j: Option<&Job>| j.is_none_or(job_ended);
-        loop {
-            match tokio::time::timeout_at(deadline, await_condition(jobs.clone(), name, ended)).await {
-                Ok(Ok(_)) => break,
-                Ok(Err(e)) => tracing::debug!(job = %job, error = %e, "the Job's watch broke; watching again"),
-                Err(_) => return Err(StopError::NotEnded { job, seconds }),
-            }
-            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + WATCH_AGAIN)).await;
+        if ended_by(jobs, name, deadline).await.is_none() {
+            return Err(StopError::NotEnded { job, seconds });
         }
         // The pods the Job's selector picks (a manual selector sets no
         // `job-name` label); the Job controller deletes those it failed.
@@ -278,6 +266,20 @@ impl KubeRunner {
                 _ => tokio::time::sleep(WATCH_AGAIN).await,
             }
         }
+    }
+}
+
+/// Job `name` once it has ended (Some(Some)) or is gone (Some(None)), or
+/// None when `deadline` passed first; a watch that breaks is taken up again.
+async fn ended_by(jobs: &Api<Job>, name: &str, deadline: tokio::time::Instant) -> Option<Option<Job>> {
+    let ended = |j: Option<&Job>| j.is_none_or(job_ended);
+    loop {
+        match tokio::time::timeout_at(deadline, await_condition(jobs.clone(), name, ended)).await {
+            Ok(Ok(found)) => return Some(found),
+            Ok(Err(e)) => tracing::debug!(job = name, error = %e, "the Job's watch broke; watching again"),
+            Err(_) => return None,
+        }
+        tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + WATCH_AGAIN)).await;
     }
 }
 
@@ -311,17 +313,16 @@ pub enum StopError {
     },
 }
 
+/// The label a Job of backstop's carries: the run that made it.
+const RUN_LABEL: &str = "backstop.dev/run";
+
 /// The annotation a Job of backstop's carries: the migration it runs.
 const MIGRATION_ANNOTATION: &str = "backstop.dev/migration";
 
 /// Whether `job` is run `run`'s Job for migration `id`.
 fn of_this(job: &Job, run: &str, id: &str) -> bool {
     let meta = &job.metadata;
-    meta.labels
-        .as_ref()
-        .and_then(|l| l.get("backstop.dev/run"))
-        .map(String::as_str)
-        == Some(run)
+    meta.labels.as_ref().and_then(|l| l.get(RUN_LABEL)).map(String::as_str) == Some(run)
         && meta
             .annotations
             .as_ref()
@@ -334,27 +335,14 @@ fn of_this(job: &Job, run: &str, id: &str) -> bool {
 /// (labels and expressions: a manual selector may be either), else the
 /// `job-name` label the Job controller sets.
 fn pod_selector(job: Option<&Job>, name: &str) -> String {
-    let Some(selector) = job.and_then(|j| j.spec.as_ref()).and_then(|s| s.selector.as_ref()) else {
-        return format!("job-name={name}");
-    };
-    let mut terms: Vec<String> = selector
-        .match_labels
-        .iter()
-        .flatten()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    for e in selector.match_expressions.iter().flatten() {
-        let values = e.values.clone().unwrap_or_default().join(",");
-        terms.push(match e.operator.as_str() {
-            "In" => format!("{} in ({values})", e.key),
-            "NotIn" => format!("{} notin ({values})", e.key),
-            "Exists" => e.key.clone(),
-            _ => format!("!{}", e.key),
-        });
-    }
-    match terms.is_empty() {
-        true => format!("job-name={name}"),
-        false => terms.join(","),
+    let selector = job
+        .and_then(|j| j.spec.as_ref())
+        .and_then(|s| s.selector.clone())
+        .and_then(|s| kube::core::Selector::try_from(s).ok())
+        .filter(|s| !s.selects_all());
+    match selector {
+        Some(selector) => selector.to_string(),
+        None => format!("job-name={name}"),
     }
 }
 

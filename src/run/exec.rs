@@ -241,9 +241,7 @@ impl Engine {
                     Err(f) => Err(f),
                 };
                 match applied {
-                    Ok(Some(row)) if row.run_id == run.id || row.checksum == m.checksum => {
-                        O::Recovered(*i, Ok(Recovered::Applied))
-                    }
+                    Ok(Some(row)) if ran_before(&row, run, m) => O::Recovered(*i, Ok(Recovered::Applied)),
                     Ok(_) => match self.migrate(run, *i, true, cache).await {
                         Ok(outcome) => O::Migrated(*i, Ok(outcome)),
                         Err(f) => O::Recovered(*i, Err(f)),
@@ -263,9 +261,7 @@ impl Engine {
                                 tracing::warn!(sessions = ended, migration = %m.id, "ended the sessions an interrupted attempt left running");
                             }
                             match self.runner.applied(&db, &m.id).await {
-                                Ok(Some(row)) if row.run_id == run.id || row.checksum == m.checksum => {
-                                    Ok(Recovered::Applied)
-                                }
+                                Ok(Some(row)) if ran_before(&row, run, m) => Ok(Recovered::Applied),
                                 Ok(_) => Ok(Recovered::NotApplied),
                                 Err(e) => Err(transient(&e)),
                             }
@@ -482,6 +478,12 @@ impl Engine {
             Err(GateError::Git(e)) => Err(transient(&e)),
         }
     }
+}
+
+/// Whether the history row says migration `m` ran before this attempt
+/// resumed: recorded by this run, or the same version by any.
+fn ran_before(row: &crate::runner::HistoryRow, run: &RunRecord, m: &crate::manifests::Carrier) -> bool {
+    row.run_id == run.id || row.checksum == m.checksum
 }
 
 /// Where the run's report is.
