@@ -149,3 +149,32 @@ async fn a_lock_a_killed_push_left_in_a_local_remote_makes_the_run_wait_without_
     assert_eq!(f.gate(), c2, "{}", text(&out));
     assert_eq!(f.reports().last().unwrap()["outcome"], "Succeeded");
 }
+
+#[tokio::test]
+async fn a_wait_an_earlier_process_scheduled_follows_a_lowered_retry_backoff() {
+    // A push that meets a lock schedules its retry with the backoff then in
+    // force (30 s by default). Once a person removes the lock, a rerun with
+    // the same backoff still waits it out; one with `--retry-backoff 0`
+    // retries at once instead of waiting for the old schedule.
+    let (f, _) = with_orders().await;
+    let lock = f.remote.path().join(format!("refs/heads/{GATE}.lock"));
+    std::fs::write(&lock, "").unwrap();
+    let c2 = f.commit_carrier(&passing(), "add note");
+    let out = f.run(&["--revert", "commit"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_ne!(f.gate(), c2);
+    std::fs::remove_file(&lock).unwrap();
+    let out = f.run(&["--revert", "commit"]).await;
+    assert_ne!(
+        f.gate(),
+        c2,
+        "the 30 s the first attempt scheduled are waited out: {}",
+        text(&out)
+    );
+    f.assert_nothing_reverted();
+    let out = f.run(&["--revert", "commit", "--retry-backoff", "0"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(f.gate(), c2, "{}", text(&out));
+    assert_eq!(f.reports().last().unwrap()["outcome"], "Succeeded");
+    f.assert_nothing_reverted();
+}

@@ -583,6 +583,8 @@ pub struct RunArgs {
     /// long, a database or remote that cannot be reached); doubles per attempt
     /// up to --retry-max. Transient faults never revert a commit; one that
     /// outlasts the migration's timeout is shown as stalled by `status`.
+    /// A lower value also shortens waits an earlier process scheduled: after
+    /// fixing the cause, `--retry-backoff 0` retries at once.
     #[arg(long, env = "BACKSTOP_RETRY_BACKOFF", default_value_t = 30)]
     pub retry_backoff: u64,
     /// Longest wait between retries, in seconds.

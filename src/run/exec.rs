@@ -49,6 +49,11 @@ impl Engine {
         // crash before that write resumes from the last intent, which decides
         // the same again.
         let mut unsaved = false;
+        // A wait an earlier process scheduled follows this one's backoff
+        // when that is shorter (`--retry-backoff` lowered to retry now).
+        if let Some(r) = run.retry.as_mut() {
+            r.next_at = r.due(&policy.backoff);
+        }
         loop {
             crash_point(run.phase);
             let now = Utc::now();

@@ -426,7 +426,7 @@ impl Engine {
                 continue;
             }
             let last = latest_run_of(&runs, &prepared);
-            if let Some(wait) = last.and_then(|r| blocked_by(r, Utc::now())) {
+            if let Some(wait) = last.and_then(|r| blocked_by(r, Utc::now(), &self.settings.backoff)) {
                 self.release(&candidate.carriers[0]).await;
                 report.waiting = Some(wait);
                 report.gate = self.advance(&gate, &trees, &exempt).await?;
@@ -681,11 +681,16 @@ fn latest_run_of<'a>(runs: &'a [RunRecord], prepared: &Prepared) -> Option<&'a R
 
 /// Whether the last run of these migrations keeps them from running now: a
 /// failed (carrier, checksum) is not retried; a deferred one waits its backoff.
-fn blocked_by(run: &RunRecord, now: chrono::DateTime<Utc>) -> Option<Wait> {
+fn blocked_by(run: &RunRecord, now: chrono::DateTime<Utc>, backoff: &Backoff) -> Option<Wait> {
     match run.outcome() {
         Some(Outcome::RolledBack | Outcome::Failed) => wait_for_run(run),
         Some(Outcome::Deferred) => match &run.retry {
-            Some(r) if r.next_at > now => wait_for_run(run),
+            Some(r) if r.due(backoff) > now => wait_for_run(run).map(|mut wait| {
+                if let Wait::Retrying { next_at, .. } = &mut wait {
+                    *next_at = r.due(backoff);
+                }
+                wait
+            }),
             _ => None,
         },
         _ => None,

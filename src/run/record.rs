@@ -119,6 +119,24 @@ pub struct Retry {
     /// The fault outlasted the migration's timeout: a person should look.
     /// backstop keeps retrying (at the longest backoff) and never reverts.
     pub stalled: bool,
+    /// When the last attempt failed (None in records written before
+    /// backstop kept it): with it, the wait follows the backoff in force,
+    /// not only the one in force when the fault was seen ([`Retry::due`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_at: Option<DateTime<Utc>>,
+}
+
+impl Retry {
+    /// When the step may be tried again under `backoff`: `next_at`, or
+    /// sooner when the backoff has been lowered since (a person who fixed
+    /// the cause and runs again with `--retry-backoff 0` is not kept
+    /// waiting by the 30 s, or 10 min, an earlier process scheduled). A
+    /// raised backoff never lengthens a wait already scheduled.
+    pub fn due(&self, backoff: &crate::run::machine::Backoff) -> DateTime<Utc> {
+        let Some(at) = self.failed_at else { return self.next_at };
+        let delay = chrono::Duration::from_std(backoff.delay(self.attempts)).unwrap_or(chrono::Duration::MAX);
+        self.next_at.min(at.checked_add_signed(delay).unwrap_or(self.next_at))
+    }
 }
 
 /// The revert a run made.

@@ -1879,3 +1879,23 @@ fn a_checkpoint_recorded_before_the_drill_verdict_existed_reads_as_not_drilled()
     let record: CheckpointRecord = serde_json::from_str(old).unwrap();
     assert_eq!(record.drill, crate::checkpoint::DrillVerdict::NotRun);
 }
+
+#[test]
+fn a_scheduled_retry_follows_a_lowered_backoff_and_never_a_raised_one() {
+    let backoff = |base: u64| Backoff {
+        base: std::time::Duration::from_secs(base),
+        max: std::time::Duration::from_secs(600),
+    };
+    let timeout = std::time::Duration::from_secs(600);
+    // The second fault, seen at 30 s under a 30 s backoff: due at 90 s.
+    let first = backoff(30).bump(None, "promote", "locked", t0(), timeout);
+    let r = backoff(30).bump(Some(&first), "promote", "locked", at(30), timeout);
+    assert_eq!((r.next_at, r.failed_at), (at(90), Some(at(30))));
+    assert_eq!(r.due(&backoff(30)), at(90));
+    assert_eq!(r.due(&backoff(0)), at(30), "retried at once");
+    assert_eq!(r.due(&backoff(10)), at(50), "10 s doubled once, from the last fault");
+    assert_eq!(r.due(&backoff(300)), at(90), "a raised backoff does not lengthen it");
+    // A record written before `failed_at` was kept waits as scheduled.
+    let old = Retry { failed_at: None, ..r };
+    assert_eq!(old.due(&backoff(0)), at(90));
+}

@@ -214,6 +214,7 @@ impl Backoff {
             since,
             next_at: now + delay,
             stalled,
+            failed_at: Some(now),
         }
     }
 }
