@@ -2,6 +2,11 @@
 //! the run, backstop waits for `Complete` or `Failed`, keeps the tail of its
 //! pods' logs for the evidence, and records the migration in the history
 //! table. SQL migrations and every database question go to the SQL runner.
+//!
+//! Whether a Job runs is always known before an outcome is said: a create
+//! whose answer was lost is sent again ([`create`]), and a resumed attempt
+//! that finds no Job holds the name first ([`fence`]), so that no create
+//! still on its way can start the migration under a restore.
 
 use std::time::Duration;
 
@@ -107,35 +112,31 @@ impl KubeRunner {
         let cluster = |step: String| move |source| RunnerError::Cluster { step, source };
         let created = match who.resumed {
             true => match jobs.get_opt(&name).await {
-                Ok(Some(_)) => Ok(()),
-                Ok(None) => Err(format!(
+                Ok(Some(found)) if is_fence(&found) => Created::Gone(format!(
                     "{what} of the interrupted attempt is gone; it is not run again"
                 )),
+                Ok(Some(_)) => Created::Ours,
+                // Gone, or never stored, or a create of the killed attempt
+                // still on its way: its name is taken first.
+                Ok(None) => match fence(&jobs, &job, &what, who.run_id, &m.id).await {
+                    Ok(created) => created,
+                    Err(e) => return Err(cluster(format!("holding the name of {what}"))(e)),
+                },
                 // Not known: the step stays open and is resumed again.
                 Err(e) => return Err(cluster(format!("reading {what} of the interrupted attempt"))(e)),
             },
-            false => match jobs.create(&PostParams::default(), &job).await {
-                Ok(_) => Ok(()),
-                // This run's own (made before backstop stopped), or one it
-                // must not take for this migration's.
-                Err(kube::Error::Api(e)) if e.code == 409 => match jobs.get_opt(&name).await {
-                    Ok(Some(found)) if of_this(&found, who.run_id, &m.id) => Ok(()),
-                    Ok(Some(_)) => return refused(format!("{what} exists and is not this run's Job for {}", m.id)),
-                    Ok(None) => Err(format!("{what} was deleted before it finished")),
-                    Err(e) => Err(format!("reading {what} failed: {e}")),
-                },
-                // Throttled: not stored, nothing ran.
-                Err(kube::Error::Api(e)) if e.code == 429 => {
-                    return Err(cluster(format!("creating {what}"))(kube::Error::Api(e)));
-                }
-                // Refused as it stands (invalid, forbidden, no such
-                // namespace): no Job exists.
-                Err(kube::Error::Api(e)) if matches!(e.code, 400 | 403 | 404 | 422) => {
-                    return refused(format!("creating {what} was refused: {e}"));
-                }
-                // The request may have been stored before it failed.
-                Err(e) => Err(format!("creating {what} failed: {e}")),
-            },
+            false => {
+                let deadline = tokio::time::Instant::now() + m.timeout;
+                create(&jobs, &job, &what, who.run_id, &m.id, deadline).await
+            }
+        };
+        let created = match created {
+            Created::Ours => Ok(()),
+            Created::Gone(e) => Err(e),
+            Created::Refused(e) => return refused(e),
+            Created::Throttled(e) => return Err(cluster(format!("creating {what}"))(e)),
+            // Never restored under: a Job may yet run.
+            Created::Unknown(e) => return Ok(outcome(Some(e.clone()), true, Some(e))),
         };
         // Watch the Job until it completes, fails or is deleted, up to the
         // migration's timeout; a watch that breaks is taken up again.
@@ -208,7 +209,7 @@ impl KubeRunner {
         let cut = serde_json::json!({"spec": {"activeDeadlineSeconds": 1}});
         let current = loop {
             let read = match jobs.get_opt(name).await {
-                Ok(Some(j)) if tell && !job_ended(&j) => {
+                Ok(Some(j)) if tell && !job_ended(&j) && !is_fence(&j) => {
                     match jobs.patch(name, &PatchParams::default(), &Patch::Merge(&cut)).await {
                         Ok(told) => Ok(Some(told)),
                         // Gone meanwhile: its pods are what is left.
@@ -242,7 +243,10 @@ impl KubeRunner {
         let bound = timeout.saturating_add(Duration::from_secs(grace.max(0) as u64));
         let deadline = tokio::time::Instant::now() + bound;
         let seconds = bound.as_secs();
-        if ended_by(jobs, name, deadline).await.is_none() {
+        // A name's hold runs no pod: only what the earlier Job left is
+        // waited for.
+        let held = current.as_ref().is_some_and(is_fence);
+        if !held && ended_by(jobs, name, deadline).await.is_none() {
             return Err(StopError::NotEnded { job, seconds });
         }
         // The pods the Job's selector picks (a manual selector sets no
@@ -267,6 +271,115 @@ impl KubeRunner {
             }
         }
     }
+}
+
+/// What creating a migration's Job came to.
+enum Created {
+    /// The Job exists and is this run's: it is watched.
+    Ours,
+    /// Certainly no Job was stored: nothing ran.
+    Refused(String),
+    /// Throttled before anything was stored: the run is tried later.
+    Throttled(kube::Error),
+    /// This run's Job existed and is gone (deleted, its TTL ran out): it
+    /// may have run. Its name is held, so no create still on its way can
+    /// start it afterwards.
+    Gone(String),
+    /// Whether a Job was stored cannot be told (the API server kept
+    /// failing until the migration's timeout): one may yet run.
+    Unknown(String),
+}
+
+/// Creates `job`. A create that fails after it may have been stored (a
+/// server error, a connection lost with the request sent) is sent again
+/// until `deadline`: the name is unique to the run and the migration, so a
+/// second create either stores the one Job or meets the first (409), and
+/// the Job's fate is known either way. Refused or throttled at once:
+/// nothing was stored.
+async fn create(
+    jobs: &Api<Job>,
+    job: &Job,
+    what: &str,
+    run: &str,
+    id: &str,
+    deadline: tokio::time::Instant,
+) -> Created {
+    let name = job.metadata.name.clone().unwrap_or_default();
+    let mut sent = false;
+    loop {
+        let error = match jobs.create(&PostParams::default(), job).await {
+            Ok(_) => return Created::Ours,
+            Err(kube::Error::Api(e)) if e.code == 409 => match jobs.get_opt(&name).await {
+                Ok(Some(found)) if of_this(&found, run, id) && !is_fence(&found) => return Created::Ours,
+                Ok(Some(found)) if is_fence(&found) => {
+                    return Created::Gone(format!("{what} was taken over by an interrupted attempt's hold"))
+                }
+                Ok(Some(_)) => return Created::Refused(format!("{what} exists and is not this run's Job for {id}")),
+                Ok(None) => return Created::Gone(format!("{what} was deleted before it finished")),
+                Err(e) => format!("reading {what} after a conflict failed: {e}"),
+            },
+            Err(kube::Error::Api(e)) if !sent && e.code == 429 => return Created::Throttled(kube::Error::Api(e)),
+            Err(kube::Error::Api(e)) if !sent && matches!(e.code, 400 | 403 | 404 | 422) => {
+                return Created::Refused(format!("creating {what} was refused: {e}"));
+            }
+            Err(e) => {
+                // Refusals say nothing of an earlier attempt; anything else
+                // may have been stored.
+                sent = sent || !matches!(&e, kube::Error::Api(a) if matches!(a.code, 400 | 403 | 404 | 422 | 429));
+                format!("creating {what} failed: {e}")
+            }
+        };
+        if tokio::time::Instant::now() + WATCH_AGAIN >= deadline {
+            return Created::Unknown(format!(
+                "{error}; whether {what} was stored cannot be told, so it may yet run: nothing is restored under it"
+            ));
+        }
+        tracing::warn!(job = %what, error = %error, "creating the migration's Job failed; trying again");
+        tokio::time::sleep(WATCH_AGAIN).await;
+    }
+}
+
+/// Holds the name of `job`, whose interrupted attempt is not in the
+/// cluster, with a Job that runs no pod (`parallelism: 0`) and ends at
+/// once (`activeDeadlineSeconds: 1`): a create of the killed attempt
+/// still on its way then meets it (409) instead of starting the
+/// migration after backstop decided what to restore. When such a create
+/// landed first, that Job is this run's and is watched.
+async fn fence(jobs: &Api<Job>, job: &Job, what: &str, run: &str, id: &str) -> Result<Created, kube::Error> {
+    let mut hold = job.clone();
+    hold.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(FENCE_ANNOTATION.into(), "true".into());
+    if let Some(spec) = hold.spec.as_mut() {
+        spec.parallelism = Some(0);
+        spec.active_deadline_seconds = Some(1);
+    }
+    let gone = || {
+        Created::Gone(format!(
+            "{what} of the interrupted attempt is gone; it is not run again"
+        ))
+    };
+    match jobs.create(&PostParams::default(), &hold).await {
+        Ok(_) => Ok(gone()),
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            let found = jobs.get_opt(hold.metadata.name.as_deref().unwrap_or_default()).await?;
+            Ok(match found {
+                Some(found) if of_this(&found, run, id) && !is_fence(&found) => Created::Ours,
+                _ => gone(),
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether `job` only holds a name ([`fence`]): it runs no pod.
+fn is_fence(job: &Job) -> bool {
+    job.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(FENCE_ANNOTATION))
+        .is_some()
 }
 
 /// Job `name` once it has ended (Some(Some)) or is gone (Some(None)), or
@@ -319,6 +432,9 @@ const RUN_LABEL: &str = "backstop.dev/run";
 /// The annotation a Job of backstop's carries: the migration it runs.
 const MIGRATION_ANNOTATION: &str = "backstop.dev/migration";
 
+/// The annotation of a Job that only holds its name ([`fence`]).
+const FENCE_ANNOTATION: &str = "backstop.dev/holds-name";
+
 /// Whether `job` is run `run`'s Job for migration `id`.
 fn of_this(job: &Job, run: &str, id: &str) -> bool {
     let meta = &job.metadata;
@@ -335,6 +451,9 @@ fn of_this(job: &Job, run: &str, id: &str) -> bool {
 /// (labels and expressions: a manual selector may be either), else the
 /// `job-name` label the Job controller sets.
 fn pod_selector(job: Option<&Job>, name: &str) -> String {
+    // A name's hold has a selector of its own (its uid) unless the carrier
+    // chose one: the pods left are the earlier Job's, found by its name.
+    let job = job.filter(|j| !is_fence(j) || j.spec.as_ref().and_then(|s| s.manual_selector) == Some(true));
     let selector = job
         .and_then(|j| j.spec.as_ref())
         .and_then(|s| s.selector.clone())
