@@ -293,7 +293,16 @@ pub async fn current(db: &Database) -> Result<Option<Owner>, OwnerError> {
 
 /// [`current`], asked on `client`, a session to `db`.
 pub async fn current_on(db: &Database, client: &crate::db::Session) -> Result<Option<Owner>, OwnerError> {
-    match client.query(OWNER, &[]).await {
+    owner_from(db, client.query(OWNER, &[]).await)
+}
+
+/// The owner [`OWNER`]'s answer names (none when backstop's tables are
+/// not there: nobody ever claimed the database).
+pub fn owner_from(
+    db: &Database,
+    rows: Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>,
+) -> Result<Option<Owner>, OwnerError> {
+    match rows {
         Ok(rows) => Ok(rows.first().map(|r| Owner {
             state: r.get(0),
             run: r.get(1),

@@ -357,7 +357,15 @@ async fn history_row(db: &Database, sql: &str, value: &str) -> Result<Option<His
 /// Every successful history row (the newest per id), asked on `client`, a
 /// session to `db`.
 async fn history_on(db: &Database, client: &crate::db::Session) -> Result<Vec<HistoryRow>, RunnerError> {
-    match client.query(HISTORY, &[]).await {
+    history_from(db, client.query(HISTORY, &[]).await)
+}
+
+/// The rows [`HISTORY`]'s answer holds (none when the table is not there).
+fn history_from(
+    db: &Database,
+    rows: Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>,
+) -> Result<Vec<HistoryRow>, RunnerError> {
+    match rows {
         Ok(rows) => Ok(rows.iter().map(history_of).collect()),
         // No history table yet: nothing applied.
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => Ok(Vec::new()),
@@ -394,11 +402,37 @@ impl Runner for SqlRunner {
         rows
     }
 
-    /// Both on one session, in one round trip (the two statements travel
-    /// pipelined).
+    /// Both from one snapshot of the database, in one round trip: a
+    /// read-only repeatable-read transaction whose `BEGIN`, two reads and
+    /// `COMMIT` travel pipelined (unnamed statements, so nothing waits for
+    /// a prepare). Read apart, another instance could claim, migrate and
+    /// record a row between the two, and a row of a run that may yet be
+    /// rolled back would count as applied.
     async fn owner_and_history(&self, db: &Database) -> Result<OwnerAndHistory, OwnerError> {
         let client = db.session().await?;
-        let (owner, history) = tokio::join!(crate::owner::current_on(db, &client), history_on(db, &client));
+        let (begun, owner, history, ended) = tokio::join!(
+            client.query_once("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", &[]),
+            client.query_once(crate::owner::OWNER, &[]),
+            client.query_once(HISTORY, &[]),
+            client.query_once("COMMIT", &[]),
+        );
+        let owner = match begun.and(ended) {
+            Ok(_) => crate::owner::owner_from(db, owner),
+            Err(source) => Err(OwnerError::Query {
+                database: db.describe(),
+                step: "reading the owner and history in one snapshot",
+                source,
+            }),
+        };
+        let history = match (&owner, history) {
+            // No claim table: nobody ever claimed, so no run is under way;
+            // the history (its statement failed with the transaction) is
+            // read on its own.
+            (Ok(None), Err(e)) if e.code() == Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION) => {
+                history_on(db, &client).await
+            }
+            (_, rows) => history_from(db, rows),
+        };
         client.release().await;
         Ok((owner?, history))
     }

@@ -502,3 +502,62 @@ async fn killed_after_a_dump_restore_finished_keeps_the_restored_databases_write
     assert_eq!(f.revert_commits("main"), 1);
     assert_eq!(f.gate(), c1);
 }
+
+#[tokio::test]
+async fn the_gate_reads_the_owner_and_the_history_from_one_snapshot() {
+    // Another instance claims the database, migrates and records its row
+    // between the gate's two reads: seen apart, "nobody owns it" and the
+    // row of a run that may yet be rolled back would both count. The
+    // history read is held back by a lock while that happens.
+    use backstop::runner::Runner;
+    let (f, _) = with_orders().await;
+    let c = f.client().await;
+    c.batch_execute(backstop::owner::SCHEMA_DDL).await.unwrap();
+    let db = backstop::db::Database::from_url(
+        backstop::manifests::DatabaseRef::Url { var: "APP".into() },
+        &f.server.url("shop"),
+        None,
+    )
+    .unwrap();
+    // Once before: the session it keeps has whatever it prepares ready, so
+    // the two reads of the next call go out back to back.
+    backstop::runner::SqlRunner.owner_and_history(&db).await.unwrap();
+    let mut other = f.client().await;
+    let hold = other.transaction().await.unwrap();
+    hold.batch_execute("LOCK TABLE backstop.migration_history IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let read = tokio::spawn(async move { backstop::runner::SqlRunner.owner_and_history(&db).await });
+    // Until the history read waits on the lock (the owner was read).
+    loop {
+        let waiting: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%migration_history%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    hold.batch_execute(
+        "INSERT INTO backstop.run_owner (state_id, run_id, host, pid, since) VALUES ('another', 'r2', 'h', 1, now());
+         INSERT INTO backstop.migration_history (id, checksum, phase, commit, run_id, started_at, finished_at, success)
+         VALUES ('0009-theirs', 'x', 'expand', 'c', 'r2', now(), now(), true)",
+    )
+    .await
+    .unwrap();
+    hold.commit().await.unwrap();
+    let (owner, history) = read.await.unwrap().unwrap();
+    let rows: Vec<String> = history.unwrap().into_iter().map(|r| r.id).collect();
+    match owner {
+        None => assert!(
+            !rows.contains(&"0009-theirs".to_string()),
+            "no owner was seen, so the row of the run under way must not be either: {rows:?}"
+        ),
+        Some(o) => assert_eq!(o.state, "another"),
+    }
+}
