@@ -521,7 +521,8 @@ async fn the_gate_reads_the_owner_and_the_history_from_one_snapshot() {
     .unwrap();
     // Once before: the session it keeps has whatever it prepares ready, so
     // the two reads of the next call go out back to back.
-    backstop::runner::SqlRunner.owner_and_history(&db).await.unwrap();
+    let (_, warm) = backstop::runner::SqlRunner.owner_and_history(&db).await.unwrap();
+    warm.unwrap();
     let mut other = f.client().await;
     let hold = other.transaction().await.unwrap();
     hold.batch_execute("LOCK TABLE backstop.migration_history IN ACCESS EXCLUSIVE MODE")
