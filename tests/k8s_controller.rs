@@ -980,7 +980,7 @@ async fn a_job_migration_resumed_after_a_kill_never_creates_its_job_again() {
     );
     let status = serde_json::to_string(&run.status).unwrap();
     assert!(
-        status.contains("of the interrupted attempt is gone; it is not run again"),
+        status.contains("of the interrupted attempt is gone; its name is now held by a Job that runs no pod"),
         "{status}"
     );
     assert_eq!(

@@ -32,7 +32,10 @@ const RUN: &str = "20261207-000000000-abc1234";
 /// What the layer does to the creates of Jobs.
 #[derive(Clone, Copy)]
 enum Lose {
-    /// The first create fails at once and reaches the server 1.5 s later
+    /// The first create is stored, and its answer replaced by a dropped
+    /// connection.
+    FirstAnswer,
+    /// The first create fails at once and reaches the server 3 s later
     /// (as a request that was sent before the connection dropped).
     FirstLandsLate,
     /// Every create fails and none reaches the server.
@@ -91,13 +94,20 @@ where
             ))
         };
         match self.plan.lose {
+            Lose::FirstAnswer if n == 0 => {
+                let stored = self.inner.call(req);
+                Box::pin(async move {
+                    stored.await?;
+                    Err(lost())
+                })
+            }
             Lose::FirstLandsLate if n == 0 => {
                 let plan = self.plan.clone();
                 Box::pin(async move {
                     let body = req.into_body().collect().await?.to_bytes();
                     let job: Job = serde_json::from_slice(&body)?;
                     tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_millis(1500)).await;
+                        tokio::time::sleep(Duration::from_secs(3)).await;
                         let jobs: Api<Job> = Api::namespaced(plan.plane.clone(), "default");
                         let answer = match jobs.create(&PostParams::default(), &job).await {
                             Ok(_) => Ok(()),
@@ -109,7 +119,7 @@ where
                     Err(lost())
                 })
             }
-            Lose::FirstLandsLate => Box::pin(self.inner.call(req)),
+            Lose::FirstAnswer | Lose::FirstLandsLate => Box::pin(self.inner.call(req)),
             Lose::Every => Box::pin(async move { Err(lost()) }),
         }
     }
@@ -211,31 +221,53 @@ async fn migrate(runner: &backstop::k8s::job::KubeRunner, db: &Database, resumed
 }
 
 #[tokio::test]
-async fn a_create_whose_answer_was_lost_is_sent_again_and_the_one_job_is_watched_to_its_end() {
+async fn a_create_stored_with_its_answer_lost_is_found_by_holding_the_name_and_watched_to_its_end() {
     let Some(s) = setup().await else { return };
-    let plan = s.plan(Lose::FirstLandsLate);
+    let plan = s.plan(Lose::FirstAnswer);
     let runner = s.runner(&plan).await;
     let db = s.db();
     let (outcome, name) = tokio::join!(migrate(&runner, &db, false), s.complete_the_job());
     assert_eq!(outcome.error, None, "{outcome:?}");
     assert!(outcome.committed && outcome.still_running.is_none(), "{outcome:?}");
-    assert!(plan.creates.load(Ordering::SeqCst) >= 2, "the create was sent again");
-    // The first create, still on its way when the second was stored, lands
-    // on the name the run's Job holds: it starts nothing.
+    assert_eq!(plan.creates.load(Ordering::SeqCst), 2, "the Job, then the name's hold");
+    let jobs = s.jobs().list(&Default::default()).await.unwrap().items;
+    assert_eq!(jobs.len(), 1, "one Job");
+    assert!(!held(&jobs[0]), "the Job itself, not a hold: {jobs:?}");
+    assert_eq!(jobs[0].metadata.name.as_deref(), Some(name.as_str()));
+    assert_eq!(
+        s.f.count("SELECT count(*) FROM backstop.migration_history WHERE id = '0001-late' AND success")
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_create_whose_answer_was_lost_is_never_sent_again_and_one_landing_late_starts_nothing() {
+    let Some(s) = setup().await else { return };
+    let plan = s.plan(Lose::FirstLandsLate);
+    let runner = s.runner(&plan).await;
+    let outcome = migrate(&runner, &s.db(), false).await;
+    // The name is held before the lost create lands: nothing ran, nothing
+    // will, and the run counts it as failed (it restores, safely).
+    let error = outcome.error.clone().unwrap_or_default();
+    assert!(error.contains("held by a Job that runs no pod"), "{outcome:?}");
+    assert!(outcome.committed && outcome.still_running.is_none(), "{outcome:?}");
     let late = loop {
         if let Some(late) = *plan.late.lock().unwrap() {
             break late;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(late, Err(409), "the late create met the run's Job");
+    assert_eq!(late, Err(409), "the late create met the hold");
     let jobs = s.jobs().list(&Default::default()).await.unwrap().items;
-    assert_eq!(jobs.len(), 1, "one Job");
-    assert_eq!(jobs[0].metadata.name.as_deref(), Some(name.as_str()));
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert!(held(&jobs[0]), "only the hold: {jobs:?}");
+    assert_eq!(jobs[0].spec.clone().unwrap().parallelism, Some(0));
     assert_eq!(
-        s.f.count("SELECT count(*) FROM backstop.migration_history WHERE id = '0001-late' AND success")
+        s.f.count("SELECT count(*) FROM pg_class WHERE relname = 'migration_history'")
             .await,
-        1
+        0,
+        "nothing ran, nothing was recorded"
     );
 }
 
@@ -265,7 +297,10 @@ async fn a_resumed_attempt_whose_job_is_not_there_holds_its_name_so_a_late_creat
     };
     let outcome = migrate(&runner, &s.db(), true).await;
     let error = outcome.error.clone().unwrap_or_default();
-    assert!(error.contains("is gone; it is not run again"), "{outcome:?}");
+    assert!(
+        error.contains("of the interrupted attempt is gone; its name is now held by a Job that runs no pod"),
+        "{outcome:?}"
+    );
     assert!(outcome.committed && outcome.still_running.is_none(), "{outcome:?}");
     let jobs = s.jobs().list(&Default::default()).await.unwrap().items;
     assert_eq!(jobs.len(), 1, "{jobs:?}");
@@ -273,7 +308,14 @@ async fn a_resumed_attempt_whose_job_is_not_there_holds_its_name_so_a_late_creat
     assert!(held(hold), "{hold:?}");
     let spec = hold.spec.clone().unwrap();
     assert_eq!(spec.parallelism, Some(0), "it runs no pod");
-    assert_eq!(spec.active_deadline_seconds, Some(1), "it ends at once");
+    assert_eq!(
+        spec.active_deadline_seconds, None,
+        "it never ends, so no TTL frees the name"
+    );
+    assert_eq!(
+        hold.metadata.annotations.clone().unwrap()["backstop.dev/holds-name"],
+        RUN
+    );
     // The killed attempt's create, landing now, starts nothing.
     let late = json!({"apiVersion": "batch/v1", "kind": "Job",
         "metadata": {"name": hold.metadata.name.clone().unwrap(), "namespace": "default"},

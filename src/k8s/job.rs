@@ -4,8 +4,8 @@
 //! table. SQL migrations and every database question go to the SQL runner.
 //!
 //! Whether a Job runs is always known before an outcome is said: a create
-//! whose answer was lost is sent again ([`create`]), and a resumed attempt
-//! that finds no Job holds the name first ([`fence`]), so that no create
+//! whose answer was lost, and a resumed attempt that finds no Job, hold the
+//! Job's name with one that runs no pod ([`create`]), so that no create
 //! still on its way can start the migration under a restore.
 
 use std::time::Duration;
@@ -13,13 +13,16 @@ use std::time::Duration;
 use chrono::Utc;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams, LogParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, LogParams, Patch, PatchParams};
 use kube::runtime::wait::await_condition;
 
 use crate::checkpoint::RecoveryPoint;
 use crate::db::Database;
 use crate::manifests::{Carrier, RunKind};
 use crate::runner::{self, HistoryRow, MigrateOutcome, RunIdentity, Runner, RunnerError, SqlRunner, VerifyOutcome};
+
+mod create;
+use create::{is_fence, Created};
 
 /// Runs SQL migrations with [`SqlRunner`] and Job migrations in the cluster.
 #[derive(Clone)]
@@ -95,6 +98,10 @@ impl KubeRunner {
         manifest["metadata"]["namespace"] = ns.clone().into();
         manifest["metadata"]["labels"][RUN_LABEL] = who.run_id.into();
         manifest["metadata"]["annotations"][MIGRATION_ANNOTATION] = m.id.clone().into();
+        // Only a name's hold carries this (a carrier's would pass for one).
+        if let Some(a) = manifest["metadata"]["annotations"].as_object_mut() {
+            a.remove(FENCE_ANNOTATION);
+        }
         if let Some(meta) = manifest["metadata"].as_object_mut() {
             for k in ["resourceVersion", "uid", "creationTimestamp"] {
                 meta.remove(k);
@@ -110,25 +117,23 @@ impl KubeRunner {
         // creates the Job again: the one it created is watched, and one
         // that is gone (deleted, or its TTL ran out) is not run twice.
         let cluster = |step: String| move |source| RunnerError::Cluster { step, source };
+        let deadline = tokio::time::Instant::now() + m.timeout;
         let created = match who.resumed {
             true => match jobs.get_opt(&name).await {
-                Ok(Some(found)) if is_fence(&found) => Created::Gone(format!(
-                    "{what} of the interrupted attempt is gone; it is not run again"
-                )),
-                Ok(Some(_)) => Created::Ours,
+                Ok(Some(found)) => create::found(&found, &what, who.run_id, &m.id),
                 // Gone, or never stored, or a create of the killed attempt
                 // still on its way: its name is taken first.
-                Ok(None) => match fence(&jobs, &job, &what, who.run_id, &m.id).await {
-                    Ok(created) => created,
-                    Err(e) => return Err(cluster(format!("holding the name of {what}"))(e)),
-                },
-                // Not known: the step stays open and is resumed again.
+                Ok(None) => {
+                    let why = format!("{what} of the interrupted attempt is gone");
+                    match create::hold(&jobs, &job, &what, who.run_id, &m.id, deadline, why).await {
+                        Ok(created) => created,
+                        // Not known: the step stays open and is resumed again.
+                        Err(e) => return Err(cluster(format!("holding the name of {what}"))(e)),
+                    }
+                }
                 Err(e) => return Err(cluster(format!("reading {what} of the interrupted attempt"))(e)),
             },
-            false => {
-                let deadline = tokio::time::Instant::now() + m.timeout;
-                create(&jobs, &job, &what, who.run_id, &m.id, deadline).await
-            }
+            false => create::create(&jobs, &job, &what, who.run_id, &m.id, deadline).await,
         };
         let created = match created {
             Created::Ours => Ok(()),
@@ -273,115 +278,6 @@ impl KubeRunner {
     }
 }
 
-/// What creating a migration's Job came to.
-enum Created {
-    /// The Job exists and is this run's: it is watched.
-    Ours,
-    /// Certainly no Job was stored: nothing ran.
-    Refused(String),
-    /// Throttled before anything was stored: the run is tried later.
-    Throttled(kube::Error),
-    /// This run's Job existed and is gone (deleted, its TTL ran out): it
-    /// may have run. Its name is held, so no create still on its way can
-    /// start it afterwards.
-    Gone(String),
-    /// Whether a Job was stored cannot be told (the API server kept
-    /// failing until the migration's timeout): one may yet run.
-    Unknown(String),
-}
-
-/// Creates `job`. A create that fails after it may have been stored (a
-/// server error, a connection lost with the request sent) is sent again
-/// until `deadline`: the name is unique to the run and the migration, so a
-/// second create either stores the one Job or meets the first (409), and
-/// the Job's fate is known either way. Refused or throttled at once:
-/// nothing was stored.
-async fn create(
-    jobs: &Api<Job>,
-    job: &Job,
-    what: &str,
-    run: &str,
-    id: &str,
-    deadline: tokio::time::Instant,
-) -> Created {
-    let name = job.metadata.name.clone().unwrap_or_default();
-    let mut sent = false;
-    loop {
-        let error = match jobs.create(&PostParams::default(), job).await {
-            Ok(_) => return Created::Ours,
-            Err(kube::Error::Api(e)) if e.code == 409 => match jobs.get_opt(&name).await {
-                Ok(Some(found)) if of_this(&found, run, id) && !is_fence(&found) => return Created::Ours,
-                Ok(Some(found)) if is_fence(&found) => {
-                    return Created::Gone(format!("{what} was taken over by an interrupted attempt's hold"))
-                }
-                Ok(Some(_)) => return Created::Refused(format!("{what} exists and is not this run's Job for {id}")),
-                Ok(None) => return Created::Gone(format!("{what} was deleted before it finished")),
-                Err(e) => format!("reading {what} after a conflict failed: {e}"),
-            },
-            Err(kube::Error::Api(e)) if !sent && e.code == 429 => return Created::Throttled(kube::Error::Api(e)),
-            Err(kube::Error::Api(e)) if !sent && matches!(e.code, 400 | 403 | 404 | 422) => {
-                return Created::Refused(format!("creating {what} was refused: {e}"));
-            }
-            Err(e) => {
-                // Refusals say nothing of an earlier attempt; anything else
-                // may have been stored.
-                sent = sent || !matches!(&e, kube::Error::Api(a) if matches!(a.code, 400 | 403 | 404 | 422 | 429));
-                format!("creating {what} failed: {e}")
-            }
-        };
-        if tokio::time::Instant::now() + WATCH_AGAIN >= deadline {
-            return Created::Unknown(format!(
-                "{error}; whether {what} was stored cannot be told, so it may yet run: nothing is restored under it"
-            ));
-        }
-        tracing::warn!(job = %what, error = %error, "creating the migration's Job failed; trying again");
-        tokio::time::sleep(WATCH_AGAIN).await;
-    }
-}
-
-/// Holds the name of `job`, whose interrupted attempt is not in the
-/// cluster, with a Job that runs no pod (`parallelism: 0`) and ends at
-/// once (`activeDeadlineSeconds: 1`): a create of the killed attempt
-/// still on its way then meets it (409) instead of starting the
-/// migration after backstop decided what to restore. When such a create
-/// landed first, that Job is this run's and is watched.
-async fn fence(jobs: &Api<Job>, job: &Job, what: &str, run: &str, id: &str) -> Result<Created, kube::Error> {
-    let mut hold = job.clone();
-    hold.metadata
-        .annotations
-        .get_or_insert_with(Default::default)
-        .insert(FENCE_ANNOTATION.into(), "true".into());
-    if let Some(spec) = hold.spec.as_mut() {
-        spec.parallelism = Some(0);
-        spec.active_deadline_seconds = Some(1);
-    }
-    let gone = || {
-        Created::Gone(format!(
-            "{what} of the interrupted attempt is gone; it is not run again"
-        ))
-    };
-    match jobs.create(&PostParams::default(), &hold).await {
-        Ok(_) => Ok(gone()),
-        Err(kube::Error::Api(e)) if e.code == 409 => {
-            let found = jobs.get_opt(hold.metadata.name.as_deref().unwrap_or_default()).await?;
-            Ok(match found {
-                Some(found) if of_this(&found, run, id) && !is_fence(&found) => Created::Ours,
-                _ => gone(),
-            })
-        }
-        Err(e) => Err(e),
-    }
-}
-
-/// Whether `job` only holds a name ([`fence`]): it runs no pod.
-fn is_fence(job: &Job) -> bool {
-    job.metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(FENCE_ANNOTATION))
-        .is_some()
-}
-
 /// Job `name` once it has ended (Some(Some)) or is gone (Some(None)), or
 /// None when `deadline` passed first; a watch that breaks is taken up again.
 async fn ended_by(jobs: &Api<Job>, name: &str, deadline: tokio::time::Instant) -> Option<Option<Job>> {
@@ -432,7 +328,7 @@ const RUN_LABEL: &str = "backstop.dev/run";
 /// The annotation a Job of backstop's carries: the migration it runs.
 const MIGRATION_ANNOTATION: &str = "backstop.dev/migration";
 
-/// The annotation of a Job that only holds its name ([`fence`]).
+/// The annotation of a Job that only holds its name ([`create::hold`]).
 const FENCE_ANNOTATION: &str = "backstop.dev/holds-name";
 
 /// Whether `job` is run `run`'s Job for migration `id`.
