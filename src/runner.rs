@@ -403,38 +403,36 @@ impl Runner for SqlRunner {
     }
 
     /// Both from one snapshot of the database, in one round trip: a
-    /// read-only repeatable-read transaction whose `BEGIN`, two reads and
-    /// `COMMIT` travel pipelined (unnamed statements, so nothing waits for
-    /// a prepare). Read apart, another instance could claim, migrate and
-    /// record a row between the two, and a row of a run that may yet be
-    /// rolled back would count as applied.
+    /// read-only repeatable-read transaction whose statements travel
+    /// pipelined (unnamed, so nothing waits for a prepare; `biased`, so
+    /// they are sent in this order). `SELECT 1` fixes the snapshot first;
+    /// the owner's read runs under a savepoint, so that a database with no
+    /// claim table yet (which fails it) still has its history read in the
+    /// same snapshot. Read apart, another instance could claim, migrate
+    /// and record a row between the two, and a row of a run that may yet
+    /// be rolled back would count as applied under "nobody owns it".
     async fn owner_and_history(&self, db: &Database) -> Result<OwnerAndHistory, OwnerError> {
         let client = db.session().await?;
-        let (begun, owner, history, ended) = tokio::join!(
+        let (begun, fixed, saved, owner, restored, history, ended) = tokio::join!(
+            biased;
             client.query_once("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", &[]),
+            client.query_once("SELECT 1", &[]),
+            client.query_once("SAVEPOINT owner", &[]),
             client.query_once(crate::owner::OWNER, &[]),
+            client.query_once("ROLLBACK TO SAVEPOINT owner", &[]),
             client.query_once(HISTORY, &[]),
             client.query_once("COMMIT", &[]),
         );
-        let owner = match begun.and(ended) {
-            Ok(_) => crate::owner::owner_from(db, owner),
+        let snapshot = begun.and(fixed).and(saved).and(restored).and(ended);
+        client.release().await;
+        match snapshot {
+            Ok(_) => Ok((crate::owner::owner_from(db, owner)?, history_from(db, history))),
             Err(source) => Err(OwnerError::Query {
                 database: db.describe(),
                 step: "reading the owner and history in one snapshot",
                 source,
             }),
-        };
-        let history = match (&owner, history) {
-            // No claim table: nobody ever claimed, so no run is under way;
-            // the history (its statement failed with the transaction) is
-            // read on its own.
-            (Ok(None), Err(e)) if e.code() == Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION) => {
-                history_on(db, &client).await
-            }
-            (_, rows) => history_from(db, rows),
-        };
-        client.release().await;
-        Ok((owner?, history))
+        }
     }
 
     async fn server_version(&self, db: &Database) -> Result<u32, RunnerError> {

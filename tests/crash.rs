@@ -178,3 +178,62 @@ async fn a_wait_an_earlier_process_scheduled_follows_a_lowered_retry_backoff() {
     assert_eq!(f.reports().last().unwrap()["outcome"], "Succeeded");
     f.assert_nothing_reverted();
 }
+
+#[tokio::test]
+async fn a_server_whose_shutdown_ends_while_the_restore_stops_it_is_restored_not_failed() {
+    // An attempt killed while the server shut down leaves that shutdown
+    // going: it can end between the restore's look at the server and its
+    // `pg_ctl stop`, which then finds no PID file. A stopped server is what
+    // the restore wanted, so it goes on (this once ended `Failed`, holding
+    // for a person, in the kill soak).
+    let (f, _) = with_orders().await;
+    let schema = f.schema().await;
+    f.commit_carrier(&failing_backfill(""), "backfill");
+    let go = f.dir.path().join("go");
+    let mut child = f.spawn_run(
+        &f.state(),
+        &["--revert", "commit"],
+        &[
+            ("BACKSTOP_TEST_PAUSE_AT", "server-stop-looked"),
+            ("BACKSTOP_TEST_PAUSE_UNTIL", go.to_str().unwrap()),
+        ],
+    );
+    // stderr is read to its end (a closed pipe would end the process).
+    let stderr = child.stderr.take().unwrap();
+    let (paused, mut at_pause) = tokio::sync::mpsc::channel(1);
+    let log = tokio::spawn(async move {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let mut seen = String::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("test pause at server-stop-looked") {
+                let _ = paused.send(()).await;
+            }
+            seen.push_str(&line);
+            seen.push('\n');
+        }
+        seen
+    });
+    tokio::time::timeout(std::time::Duration::from_secs(120), at_pause.recv())
+        .await
+        .expect("the restore paused before stopping the server");
+    let pid_file = f.server.data_dir().join("postmaster.pid");
+    let pid_text = std::fs::read_to_string(&pid_file).unwrap();
+    let pid = pid_text.lines().next().unwrap().trim().to_string();
+    let asked = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(asked.success());
+    while pid_file.exists() {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    std::fs::write(&go, "").unwrap();
+    let status = child.wait().await.unwrap();
+    let log = log.await.unwrap();
+    let report = f.reports().pop().unwrap();
+    assert_eq!(report["outcome"], "RolledBack", "{log}\n{report}");
+    assert_eq!(status.code(), Some(1));
+    assert_eq!(f.schema().await, schema);
+    assert_eq!(f.count("SELECT count(*) FROM orders").await, 3);
+}

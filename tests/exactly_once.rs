@@ -519,8 +519,8 @@ async fn the_gate_reads_the_owner_and_the_history_from_one_snapshot() {
         None,
     )
     .unwrap();
-    // Once before: the session it keeps has whatever it prepares ready, so
-    // the two reads of the next call go out back to back.
+    // Once before: the session is kept and lent again, logged in, so the
+    // next call's statements go out back to back.
     let (_, warm) = backstop::runner::SqlRunner.owner_and_history(&db).await.unwrap();
     warm.unwrap();
     let mut other = f.client().await;
@@ -530,7 +530,8 @@ async fn the_gate_reads_the_owner_and_the_history_from_one_snapshot() {
         .unwrap();
     let read = tokio::spawn(async move { backstop::runner::SqlRunner.owner_and_history(&db).await });
     // Until the history read waits on the lock (the owner was read).
-    loop {
+    for tries in 0.. {
+        assert!(tries < 500, "the history read never waited on the lock");
         let waiting: i64 = c
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%migration_history%'",
@@ -561,4 +562,24 @@ async fn the_gate_reads_the_owner_and_the_history_from_one_snapshot() {
         ),
         Some(o) => assert_eq!(o.state, "another"),
     }
+}
+
+#[tokio::test]
+async fn a_database_backstop_never_claimed_has_no_owner_and_no_history_in_one_read() {
+    // No tables yet: the owner's read fails inside the snapshot, and the
+    // history is still read there (empty), not given up as unreadable.
+    use backstop::runner::Runner;
+    let f = Fixture::new().await;
+    let db = backstop::db::Database::from_url(
+        backstop::manifests::DatabaseRef::Url { var: "APP".into() },
+        &f.server.url("shop"),
+        None,
+    )
+    .unwrap();
+    let (owner, history) = backstop::runner::SqlRunner.owner_and_history(&db).await.unwrap();
+    assert!(owner.is_none());
+    assert!(history.unwrap().is_empty());
+    // The session was lent back outside any transaction: a second read works.
+    let (_, again) = backstop::runner::SqlRunner.owner_and_history(&db).await.unwrap();
+    assert!(again.unwrap().is_empty());
 }

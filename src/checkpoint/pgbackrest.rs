@@ -297,16 +297,7 @@ impl Checkpoint for PgBackRestBackend {
                     }
                 }
                 super::local::write_marker(&begun).map_err(io("record that the restore begins", &begun))?;
-                if self.running() {
-                    let pgdata = self.server.pgdata.to_string_lossy().into_owned();
-                    self.server
-                        .pg_ctl(
-                            &["stop", "-D", &pgdata, "-m", "fast", "-w", "-t", "120"],
-                            owner,
-                            "stopping the server",
-                        )
-                        .await?;
-                }
+                self.server.stop("fast", owner, "stopping the server").await?;
                 super::local::pause_point("pgbackrest-server-stopped").await;
             } else if self.running() {
                 return Err(CheckpointError::Misconfigured {

@@ -37,6 +37,31 @@ impl Server {
         })
     }
 
+    /// Stops the server when it runs (`pg_ctl stop -m <mode> -w`). A server
+    /// that stops on its own meanwhile, as when an earlier attempt (killed)
+    /// asked it to shut down and that shutdown ends between the look and
+    /// pg_ctl's, is what was asked: pg_ctl's "PID file does not exist" is
+    /// then no failure. The postmaster removes its PID file last.
+    pub(crate) async fn stop(&self, mode: &str, owner: (u32, u32), step: &str) -> Result<(), CheckpointError> {
+        let pid = self.pgdata.join("postmaster.pid");
+        if !pid.exists() {
+            return Ok(());
+        }
+        super::local::pause_point("server-stop-looked").await;
+        let pgdata = self.pgdata.to_string_lossy().into_owned();
+        match self
+            .pg_ctl(&["stop", "-D", &pgdata, "-m", mode, "-w", "-t", "120"], owner, step)
+            .await
+        {
+            Err(e) if pid.exists() => Err(e),
+            Err(e) => {
+                tracing::debug!(error = %crate::run::chain(&e), "the server stopped on its own meanwhile");
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+        }
+    }
+
     pub(crate) async fn start(&self, owner: (u32, u32), step: &str) -> Result<(), CheckpointError> {
         let log = self.pgdata.join("backstop-restore.log");
         let pgdata = self.pgdata.to_string_lossy().into_owned();

@@ -52,7 +52,11 @@ impl Engine {
         // A wait an earlier process scheduled follows this one's backoff
         // when that is shorter (`--retry-backoff` lowered to retry now).
         if let Some(r) = run.retry.as_mut() {
-            r.next_at = r.due(&policy.backoff);
+            let due = r.due(&policy.backoff);
+            if due != r.next_at {
+                r.next_at = due;
+                unsaved = true;
+            }
         }
         loop {
             crash_point(run.phase);

@@ -40,7 +40,15 @@ pub(crate) async fn pause_point(point: &str) {
     #[cfg(debug_assertions)]
     if std::env::var("BACKSTOP_TEST_PAUSE_AT").ok().as_deref() == Some(point) {
         eprintln!("backstop: test pause at {point}");
-        tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+        // A minute (the test kills the process), or until the file
+        // `BACKSTOP_TEST_PAUSE_UNTIL` names exists (the test let it go on).
+        let until = std::env::var_os("BACKSTOP_TEST_PAUSE_UNTIL").map(PathBuf::from);
+        for _ in 0..1200 {
+            if until.as_ref().is_some_and(|f| f.exists()) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
     #[cfg(not(debug_assertions))]
     let _ = point;
@@ -116,16 +124,7 @@ impl LocalBackend {
             databases = self.databases(db).await;
             self.flush_wal(db, target).await;
             tracing::debug!("restore: the target's WAL is archived; stopping the server");
-            let pgdata = self.pgdata.to_string_lossy().into_owned();
-            if self.pgdata.join("postmaster.pid").exists() {
-                self.server()
-                    .pg_ctl(
-                        &["stop", "-D", &pgdata, "-m", "fast", "-w", "-t", "120"],
-                        owner,
-                        "stopping the server",
-                    )
-                    .await?;
-            }
+            self.server().stop("fast", owner, "stopping the server").await?;
             writes_stopped_at = Some(Utc::now());
             tokio::fs::rename(&self.pgdata, &kept)
                 .await
@@ -241,23 +240,16 @@ impl LocalBackend {
     /// Stops the failed restored server, moves it aside, moves the original
     /// back and starts it. Returns what it did, for the error.
     async fn put_back(&self, kept: &Path, run_id: &str, owner: (u32, u32)) -> String {
-        let pgdata = self.pgdata.to_string_lossy().into_owned();
         let mut failed = self.pgdata.file_name().unwrap_or_default().to_os_string();
         failed.push(format!(".backstop-{run_id}-failed"));
         let failed = self.pgdata.with_file_name(failed);
-        if self.pgdata.join("postmaster.pid").exists() {
-            if let Err(e) = self
-                .server()
-                .pg_ctl(&["stop", "-D", &pgdata, "-m", "immediate", "-w"], owner, "stop")
-                .await
-            {
-                return format!(
-                    "the failed restore's server at {} could not be stopped ({}), so nothing was moved; the original data directory is at {}",
-                    self.pgdata.display(),
-                    crate::run::chain(&e),
-                    kept.display()
-                );
-            }
+        if let Err(e) = self.server().stop("immediate", owner, "stop").await {
+            return format!(
+                "the failed restore's server at {} could not be stopped ({}), so nothing was moved; the original data directory is at {}",
+                self.pgdata.display(),
+                crate::run::chain(&e),
+                kept.display()
+            );
         }
         if !self.pgdata.exists() {
             // Nothing was built: only the original to move back.
