@@ -513,12 +513,7 @@ async fn the_gate_reads_the_owner_and_the_history_from_one_snapshot() {
     let (f, _) = with_orders().await;
     let c = f.client().await;
     c.batch_execute(backstop::owner::SCHEMA_DDL).await.unwrap();
-    let db = backstop::db::Database::from_url(
-        backstop::manifests::DatabaseRef::Url { var: "APP".into() },
-        &f.server.url("shop"),
-        None,
-    )
-    .unwrap();
+    let db = f.database();
     // Once before: the session is kept and lent again, logged in, so the
     // next call's statements go out back to back.
     let (_, warm) = backstop::runner::SqlRunner.owner_and_history(&db).await.unwrap();
@@ -570,12 +565,7 @@ async fn a_database_backstop_never_claimed_has_no_owner_and_no_history_in_one_re
     // history is still read there (empty), not given up as unreadable.
     use backstop::runner::Runner;
     let f = Fixture::new().await;
-    let db = backstop::db::Database::from_url(
-        backstop::manifests::DatabaseRef::Url { var: "APP".into() },
-        &f.server.url("shop"),
-        None,
-    )
-    .unwrap();
+    let db = f.database();
     let (owner, history) = backstop::runner::SqlRunner.owner_and_history(&db).await.unwrap();
     assert!(owner.is_none());
     assert!(history.unwrap().is_empty());

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use backstop::manifests::{Carrier, DatabaseRef, Snapshot};
+use backstop::manifests::{Carrier, Snapshot};
 use backstop::runner::{MigrateOutcome, RunIdentity, Runner, SqlRunner};
 use common::envtest::{ControlPlane, ADMIN_TOKEN};
 use common::*;
@@ -172,8 +172,8 @@ impl Setup {
         backstop::k8s::job::KubeRunner { client, sql: SqlRunner }
     }
 
-    fn db(&self) -> backstop::db::Database {
-        Database::from_url(DatabaseRef::Url { var: "APP".into() }, &self.f.server.url("shop"), None).unwrap()
+    fn db(&self) -> Database {
+        self.f.database()
     }
 
     fn jobs(&self) -> Api<Job> {

@@ -118,6 +118,13 @@ impl KubeRunner {
         // that is gone (deleted, or its TTL ran out) is not run twice.
         let cluster = |step: String| move |source| RunnerError::Cluster { step, source };
         let deadline = tokio::time::Instant::now() + m.timeout;
+        let ask = create::Ask {
+            jobs: &jobs,
+            job: &job,
+            what: &what,
+            run: who.run_id,
+            id: &m.id,
+        };
         let created = match who.resumed {
             true => match jobs.get_opt(&name).await {
                 Ok(Some(found)) => create::found(&found, &what, who.run_id, &m.id),
@@ -125,7 +132,7 @@ impl KubeRunner {
                 // still on its way: its name is taken first.
                 Ok(None) => {
                     let why = format!("{what} of the interrupted attempt is gone");
-                    match create::hold(&jobs, &job, &what, who.run_id, &m.id, deadline, why).await {
+                    match create::hold(&ask, deadline, why).await {
                         Ok(created) => created,
                         // Not known: the step stays open and is resumed again.
                         Err(e) => return Err(cluster(format!("holding the name of {what}"))(e)),
@@ -133,7 +140,7 @@ impl KubeRunner {
                 }
                 Err(e) => return Err(cluster(format!("reading {what} of the interrupted attempt"))(e)),
             },
-            false => create::create(&jobs, &job, &what, who.run_id, &m.id, deadline).await,
+            false => create::create(&ask, deadline).await,
         };
         let created = match created {
             Created::Ours => Ok(()),

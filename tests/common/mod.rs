@@ -322,6 +322,16 @@ impl Fixture {
         self.remote.head("main").expect("main").expect("main exists")
     }
 
+    /// The fixture's `shop` database as backstop names it (`url:APP`).
+    pub fn database(&self) -> backstop::db::Database {
+        backstop::db::Database::from_url(
+            backstop::manifests::DatabaseRef::Url { var: "APP".into() },
+            &self.server.url("shop"),
+            None,
+        )
+        .unwrap()
+    }
+
     pub async fn client(&self) -> tokio_postgres::Client {
         self.server.database("shop").unwrap().connect().await.expect("connect")
     }

@@ -17,6 +17,18 @@ use kube::api::{Api, PostParams};
 
 use super::{of_this, FENCE_ANNOTATION, WATCH_AGAIN};
 
+/// The Job a run creates for one migration, and where.
+#[derive(Clone, Copy)]
+pub(crate) struct Ask<'a> {
+    pub jobs: &'a Api<Job>,
+    pub job: &'a Job,
+    /// `Job <namespace>/<name>`, for messages.
+    pub what: &'a str,
+    pub run: &'a str,
+    /// The migration's id.
+    pub id: &'a str,
+}
+
 /// What creating a migration's Job came to.
 pub(crate) enum Created {
     /// The Job exists and is this run's: it is watched.
@@ -37,14 +49,14 @@ pub(crate) enum Created {
 /// Creates `job`. Refused, throttled, or not sent at all: nothing was
 /// stored. Its answer lost: the name is held ([`hold`]) until `deadline`,
 /// and past that whether a Job runs is [`Created::Unknown`].
-pub(crate) async fn create(
-    jobs: &Api<Job>,
-    job: &Job,
-    what: &str,
-    run: &str,
-    id: &str,
-    deadline: tokio::time::Instant,
-) -> Created {
+pub(crate) async fn create(ask: &Ask<'_>, deadline: tokio::time::Instant) -> Created {
+    let Ask {
+        jobs,
+        job,
+        what,
+        run,
+        id,
+    } = *ask;
     let name = job.metadata.name.clone().unwrap_or_default();
     let why = match jobs.create(&PostParams::default(), job).await {
         Ok(_) => return Created::Ours,
@@ -61,7 +73,7 @@ pub(crate) async fn create(
         Err(e) => format!("creating {what} failed, and whether it was stored cannot be told: {e}"),
     };
     tracing::warn!(job = %what, error = %why, "holding the Job's name to learn whether it runs");
-    match hold(jobs, job, what, run, id, deadline, why).await {
+    match hold(ask, deadline, why).await {
         Ok(created) => created,
         Err(e) => Created::Unknown(format!(
             "whether {what} was stored cannot be told (holding its name failed until the migration's timeout: {e}), so it may yet run: nothing is restored under it"
@@ -100,15 +112,14 @@ pub(crate) fn found(found: &Job, what: &str, run: &str, id: &str) -> Created {
 /// what went before). A conflict: whatever holds the name decides
 /// ([`found`]). Refused: the name cannot be held, so [`Created::Unknown`].
 /// Other errors are tried again until `deadline`, then returned.
-pub(crate) async fn hold(
-    jobs: &Api<Job>,
-    job: &Job,
-    what: &str,
-    run: &str,
-    id: &str,
-    deadline: tokio::time::Instant,
-    why: String,
-) -> Result<Created, kube::Error> {
+pub(crate) async fn hold(ask: &Ask<'_>, deadline: tokio::time::Instant, why: String) -> Result<Created, kube::Error> {
+    let Ask {
+        jobs,
+        job,
+        what,
+        run,
+        id,
+    } = *ask;
     let fence = fence_of(job, run);
     let name = fence.metadata.name.clone().unwrap_or_default();
     loop {
