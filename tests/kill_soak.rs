@@ -3,7 +3,8 @@
 //! until it finishes. Whatever the moment, the end state is the designed one:
 //! a passing migration applied exactly once and promoted with no revert and
 //! no restore; a failing one rolled back with the data as before, one restore
-//! and one revert.
+//! and one revert. The seed also picks the checkpoint: the server's own
+//! PITR (`local`) or a `pg_dump` (`dump`), whose restores differ.
 //!
 //! `BACKSTOP_KILL_SEEDS` (default `1,2`) picks the seeds; each seed is one
 //! fresh server and repository. A failing seed prints the command that
@@ -87,10 +88,40 @@ fn locks_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     found
 }
 
+/// Where the run's checkpoint goes: the server's own data directory and
+/// WAL archive (PITR), or a `pg_dump` (restored with `pg_restore`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    Local,
+    Dump,
+}
+
+impl Mode {
+    fn command(self, f: &Fixture, extra: &[&str]) -> tokio::process::Command {
+        match self {
+            Mode::Local => {
+                let mut cmd = f.command(&f.state(), &f.server.data_dir(), &f.server.archive(), extra, &[]);
+                cmd.kill_on_drop(true);
+                cmd
+            }
+            Mode::Dump => {
+                let mut cmd = f.url_command(f.remote.path().to_str().unwrap(), extra, &[]);
+                cmd.env("BACKSTOP_LOG", "info").kill_on_drop(true);
+                cmd
+            }
+        }
+    }
+}
+
 async fn one_seed(seed: u64) {
     let mut rng = SplitMix(seed);
     let fails = rng.next() % 2 == 1;
     let kills = 1 + rng.next() % 2;
+    // Drawn apart, so that a seed's other choices stay what they were.
+    let mode = match SplitMix(seed ^ 0x6475_6d70).next() % 2 {
+        0 => Mode::Local,
+        _ => Mode::Dump,
+    };
     let (f, c1) = with_orders().await;
     let schema = f.schema().await;
     let migration = if fails {
@@ -102,7 +133,12 @@ async fn one_seed(seed: u64) {
     let mut log = Vec::new();
     for _ in 0..kills {
         let delay = Duration::from_millis(30 + rng.next() % 1200);
-        let mut child = f.spawn_run(&f.state(), &["--revert", "commit"], &[]);
+        let mut child = mode
+            .command(&f, &["--revert", "commit"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn backstop");
         let ended = tokio::time::timeout(delay, child.wait()).await;
         match ended {
             Ok(status) => log.push(format!("ended on its own after <{delay:?}: {:?}", status.unwrap())),
@@ -121,19 +157,20 @@ async fn one_seed(seed: u64) {
         std::fs::remove_file(&lock).unwrap();
         log.push(format!("a person removed {}", lock.display()));
     }
-    let repro = format!("BACKSTOP_KILL_SEEDS={seed} cargo test --test kill_soak -- --nocapture ({log:?})");
+    let repro = format!("BACKSTOP_KILL_SEEDS={seed} cargo test --test kill_soak -- --nocapture ({mode:?}, {log:?})");
     // Rerun until the run has ended (a rerun may meet a transient fault,
     // such as the server still restarting, and wait for the next pass; a
     // killed process may have scheduled a retry with the default 30 s
     // backoff, which `--retry-backoff 0` shortens).
     let rerun = ["--revert", "commit", "--retry-backoff", "0"];
-    let mut out = f.run(&rerun).await;
+    let rerun_once = || async { mode.command(&f, &rerun).output().await.expect("run backstop") };
+    let mut out = rerun_once().await;
     let mut reruns = vec![format!("rerun 1 -> {}\n{}", journal_point(&f), text(&out))];
     for n in 2..=4 {
         if ended(&f) {
             break;
         }
-        out = f.run(&rerun).await;
+        out = rerun_once().await;
         reruns.push(format!("rerun {n} -> {}\n{}", journal_point(&f), text(&out)));
     }
     let all = reruns.join("\n");
@@ -171,7 +208,7 @@ async fn one_seed(seed: u64) {
     assert_eq!(f.journal_len(), 2, "one run for the migration: {repro}");
     assert_eq!(f.count("SELECT count(*) FROM backstop.run_owner").await, 0, "{repro}");
     println!(
-        "kill_soak: seed {seed}: {} {log:?} -> {}",
+        "kill_soak: seed {seed}: {} {mode:?} {log:?} -> {}",
         if fails { "failing" } else { "passing" },
         report["outcome"]
     );
