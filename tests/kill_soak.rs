@@ -6,7 +6,8 @@
 //! and one revert. The seed also picks the checkpoint: the server's own
 //! PITR (`local`) or a `pg_dump` (`dump`), whose restores differ.
 //!
-//! `BACKSTOP_KILL_SEEDS` (default `1,2`) picks the seeds; each seed is one
+//! `BACKSTOP_KILL_SEEDS` (default `1,2,4,17`: failing and passing, local
+//! and dump) picks the seeds; each seed is one
 //! fresh server and repository. A failing seed prints the command that
 //! reproduces it.
 
@@ -74,6 +75,12 @@ fn ended(f: &Fixture) -> bool {
     terminal && run["report_written"] == true
 }
 
+/// Databases a dump restore set aside (`shop_backstop_<run>`).
+async fn set_aside_databases(f: &Fixture) -> i64 {
+    f.count("SELECT count(*) FROM pg_database WHERE datname LIKE 'shop\\_backstop\\_%'")
+        .await
+}
+
 /// The lock files under `dir`, at any depth.
 fn locks_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut found = Vec::new();
@@ -106,7 +113,10 @@ impl Mode {
             }
             Mode::Dump => {
                 let mut cmd = f.url_command(f.remote.path().to_str().unwrap(), extra, &[]);
-                cmd.env("BACKSTOP_LOG", "info").kill_on_drop(true);
+                cmd.env("BACKSTOP_LOG", "info")
+                    .env_remove("BACKSTOP_TEST_CRASH_AT")
+                    .env_remove("BACKSTOP_TEST_PAUSE_AT")
+                    .kill_on_drop(true);
                 cmd
             }
         }
@@ -117,9 +127,12 @@ async fn one_seed(seed: u64) {
     let mut rng = SplitMix(seed);
     let fails = rng.next() % 2 == 1;
     let kills = 1 + rng.next() % 2;
-    // Drawn apart, so that a seed's other choices stay what they were.
-    let mode = match SplitMix(seed ^ 0x6475_6d70).next() % 2 {
-        0 => Mode::Local,
+    // Drawn apart, so that a seed's other choices stay what they were;
+    // `BACKSTOP_KILL_MODE` (local, dump) sets it for every seed.
+    let mode = match std::env::var("BACKSTOP_KILL_MODE").as_deref() {
+        Ok("local") => Mode::Local,
+        Ok("dump") => Mode::Dump,
+        _ if SplitMix(seed ^ 0x6475_6d70).next().is_multiple_of(2) => Mode::Local,
         _ => Mode::Dump,
     };
     let (f, c1) = with_orders().await;
@@ -191,7 +204,14 @@ async fn one_seed(seed: u64) {
         let tree = |sha: &str| git(f.remote.path(), &["rev-parse", &format!("{sha}:apps/shop")]);
         assert_eq!(tree(&f.gate()), tree(&c1), "{repro}");
         assert_eq!(f.revert_commits("main"), 1, "{repro}");
-        assert!(f.kept_data_dirs() <= 1, "{repro}");
+        match mode {
+            Mode::Local => assert!(f.kept_data_dirs() <= 1, "{repro}"),
+            // The database as it was at the restore, kept renamed.
+            Mode::Dump => {
+                assert_eq!(f.kept_data_dirs(), 0, "{repro}");
+                assert_eq!(set_aside_databases(&f).await, 1, "{repro}");
+            }
+        }
     } else {
         assert_eq!(out.status.code(), Some(0), "{repro}\n{all}");
         assert_eq!(report["outcome"], "Succeeded", "{repro}\n{report}");
@@ -204,7 +224,13 @@ async fn one_seed(seed: u64) {
         );
         assert_eq!(f.revert_commits("main"), 0, "{repro}");
         assert_eq!(f.kept_data_dirs(), 0, "{repro}");
+        assert_eq!(set_aside_databases(&f).await, 0, "{repro}");
     }
+    let backend = match mode {
+        Mode::Local => "local",
+        Mode::Dump => "dump",
+    };
+    assert_eq!(report["checkpoint"]["backend"], backend, "{repro}");
     assert_eq!(f.journal_len(), 2, "one run for the migration: {repro}");
     assert_eq!(f.count("SELECT count(*) FROM backstop.run_owner").await, 0, "{repro}");
     println!(
@@ -216,7 +242,7 @@ async fn one_seed(seed: u64) {
 
 #[tokio::test]
 async fn random_kills_end_in_the_designed_state() {
-    let seeds = std::env::var("BACKSTOP_KILL_SEEDS").unwrap_or_else(|_| "1,2".into());
+    let seeds = std::env::var("BACKSTOP_KILL_SEEDS").unwrap_or_else(|_| "1,2,4,17".into());
     for seed in seeds.split(',').filter_map(|s| s.trim().parse().ok()) {
         one_seed(seed).await;
     }

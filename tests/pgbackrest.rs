@@ -207,6 +207,27 @@ async fn a_pgbackrest_restore_killed_at_its_risky_moments_finishes_when_run_agai
 }
 
 #[tokio::test]
+async fn a_pgbackrest_restore_killed_before_the_server_was_down_stops_it_when_run_again() {
+    // Killed after the restore said it began, before the server was down:
+    // the server still running is the original, not one a person started.
+    let (f, config, c1, schema) = failing_migration_pending().await;
+    let flags = flags(&config);
+    let args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let point = "pgbackrest-restore-begun";
+    let mut child = f.spawn_run(&f.state(), &args, &[("BACKSTOP_TEST_PAUSE_AT", point)]);
+    wait_for_line(&mut child, &format!("test pause at {point}")).await;
+    kill9(child).await;
+    assert!(
+        f.server.data_dir().join("postmaster.pid").exists(),
+        "the original still runs"
+    );
+    let out = f.run(&args).await;
+    assert_eq!(out.status.code(), Some(1), "rolled back: {}", text(&out));
+    assert_restored(&f, &c1, &schema).await;
+    assert_eq!(f.revert_commits("main"), 1);
+}
+
+#[tokio::test]
 async fn a_missing_stanza_is_refused_before_anything_is_touched() {
     let f = Fixture::new().await;
     f.commit_carrier(&orders_table(), "create orders");

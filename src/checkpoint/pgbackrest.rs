@@ -19,12 +19,14 @@
 //!   not kept in a directory but stay in the stanza's archive on the old
 //!   timeline (the record says where).
 //! - **Resumable**: `<store>/<run>/restore-begun` is written before the server
-//!   is stopped, `<store>/<run>/restored-server-started` before the restored
-//!   one starts. After the second, a resumed restore only finishes (starts the
-//!   server if down, waits for the promotion); it never restores over a
-//!   server that may have taken writes. Between the two, it runs the
-//!   idempotent `--delta` restore again, unless a server runs there that it
-//!   did not start: then a person decides.
+//!   is stopped, `<store>/<run>/server-stopped` once it is down,
+//!   `<store>/<run>/restored-server-started` before the restored one starts.
+//!   After the last, a resumed restore only finishes (starts the server if
+//!   down, waits for the promotion); it never restores over a server that
+//!   may have taken writes. Before the server is known down, a resumed
+//!   restore stops it (the original, still running or shutting down). After
+//!   that, it runs the idempotent `--delta` restore again, unless a server
+//!   runs there that it did not start: then a person decides.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -55,6 +57,9 @@ pub struct PgBackRestBackend {
 
 const BEGUN: &str = "restore-begun";
 const STARTED: &str = "restored-server-started";
+/// Written once the original server is down: a server running after it was
+/// started by someone else.
+const STOPPED: &str = "server-stopped";
 /// How long a checkpoint waits for the switched segment to be archived.
 const ARCHIVE_WAIT: Duration = Duration::from_secs(30);
 
@@ -261,6 +266,7 @@ impl Checkpoint for PgBackRestBackend {
         let started_at = Utc::now();
         let owner = self.owner()?;
         let (begun, started) = (self.marker(run_id, BEGUN), self.marker(run_id, STARTED));
+        let stopped = self.marker(run_id, STOPPED);
         let io = |step: &'static str, path: &Path| {
             let path = path.to_path_buf();
             move |source| CheckpointError::Io { step, path, source }
@@ -297,7 +303,13 @@ impl Checkpoint for PgBackRestBackend {
                     }
                 }
                 super::local::write_marker(&begun).map_err(io("record that the restore begins", &begun))?;
+                super::local::pause_point("pgbackrest-restore-begun").await;
+            }
+            if !stopped.exists() {
+                // The original server (an attempt killed before it was down
+                // leaves it running, or still shutting down).
                 self.server.stop("fast", owner, "stopping the server").await?;
+                super::local::write_marker(&stopped).map_err(io("record that the server is down", &stopped))?;
                 super::local::pause_point("pgbackrest-server-stopped").await;
             } else if self.running() {
                 return Err(CheckpointError::Misconfigured {
