@@ -4,7 +4,8 @@
 //! a passing migration applied exactly once and promoted with no revert and
 //! no restore; a failing one rolled back with the data as before, one restore
 //! and one revert. The seed also picks the checkpoint: the server's own
-//! PITR (`local`) or a `pg_dump` (`dump`), whose restores differ.
+//! PITR (`local`) or a `pg_dump` (`dump`), whose restores differ;
+//! `BACKSTOP_KILL_MODE` (`local`, `dump`, `pgbackrest`) sets it.
 //!
 //! `BACKSTOP_KILL_SEEDS` (default `1,2,4,17`: failing and passing, local
 //! and dump) picks the seeds; each seed is one
@@ -97,17 +98,37 @@ fn locks_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 
 /// Where the run's checkpoint goes: the server's own data directory and
 /// WAL archive (PITR), or a `pg_dump` (restored with `pg_restore`).
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// `BACKSTOP_KILL_MODE=pgbackrest` puts every seed on a pgBackRest stanza
+/// (recovery points in its archive, restores with `--delta`): slower, so
+/// never drawn.
+#[derive(Debug, Clone, PartialEq)]
 enum Mode {
     Local,
     Dump,
+    PgBackRest(std::path::PathBuf),
 }
 
 impl Mode {
-    fn command(self, f: &Fixture, extra: &[&str]) -> tokio::process::Command {
+    fn name(&self) -> &'static str {
+        match self {
+            Mode::Local => "local",
+            Mode::Dump => "dump",
+            Mode::PgBackRest(_) => "pgbackrest",
+        }
+    }
+
+    fn command(&self, f: &Fixture, extra: &[&str]) -> tokio::process::Command {
         match self {
             Mode::Local => {
                 let mut cmd = f.command(&f.state(), &f.server.data_dir(), &f.server.archive(), extra, &[]);
+                cmd.kill_on_drop(true);
+                cmd
+            }
+            Mode::PgBackRest(config) => {
+                let mut all = common::backrest::checkpoint_flags(config);
+                all.extend(extra.iter().map(|e| e.to_string()));
+                let all: Vec<&str> = all.iter().map(String::as_str).collect();
+                let mut cmd = f.command(&f.state(), &f.server.data_dir(), &f.server.archive(), &all, &[]);
                 cmd.kill_on_drop(true);
                 cmd
             }
@@ -129,13 +150,28 @@ async fn one_seed(seed: u64) {
     let kills = 1 + rng.next() % 2;
     // Drawn apart, so that a seed's other choices stay what they were;
     // `BACKSTOP_KILL_MODE` (local, dump) sets it for every seed.
-    let mode = match std::env::var("BACKSTOP_KILL_MODE").as_deref() {
-        Ok("local") => Mode::Local,
-        Ok("dump") => Mode::Dump,
-        _ if SplitMix(seed ^ 0x6475_6d70).next().is_multiple_of(2) => Mode::Local,
-        _ => Mode::Dump,
+    let forced = std::env::var("BACKSTOP_KILL_MODE").ok();
+    let (mode, f, c1) = match forced.as_deref() {
+        Some("pgbackrest") => {
+            let (f, config) = common::backrest::with_stanza().await;
+            let mode = Mode::PgBackRest(config);
+            let c1 = f.commit_carrier(&orders_table(), "create orders");
+            let out = mode.command(&f, &[]).output().await.unwrap();
+            assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+            insert_orders(&f).await;
+            (mode, f, c1)
+        }
+        other => {
+            let mode = match other {
+                Some("local") => Mode::Local,
+                Some("dump") => Mode::Dump,
+                _ if SplitMix(seed ^ 0x6475_6d70).next().is_multiple_of(2) => Mode::Local,
+                _ => Mode::Dump,
+            };
+            let (f, c1) = with_orders().await;
+            (mode, f, c1)
+        }
     };
-    let (f, c1) = with_orders().await;
     let schema = f.schema().await;
     let migration = if fails {
         failing_backfill("SELECT pg_sleep(0.3);")
@@ -145,7 +181,9 @@ async fn one_seed(seed: u64) {
     let c2 = f.commit_carrier(&migration, "second migration");
     let mut log = Vec::new();
     for _ in 0..kills {
-        let delay = Duration::from_millis(30 + rng.next() % 1200);
+        // A pgBackRest pass takes longer: its kills are spread as far.
+        let scale = if matches!(mode, Mode::PgBackRest(_)) { 4 } else { 1 };
+        let delay = Duration::from_millis(30 + rng.next() % (1200 * scale));
         let mut child = mode
             .command(&f, &["--revert", "commit"])
             .stdout(std::process::Stdio::piped())
@@ -170,7 +208,10 @@ async fn one_seed(seed: u64) {
         std::fs::remove_file(&lock).unwrap();
         log.push(format!("a person removed {}", lock.display()));
     }
-    let repro = format!("BACKSTOP_KILL_SEEDS={seed} cargo test --test kill_soak -- --nocapture ({mode:?}, {log:?})");
+    let repro = format!(
+        "BACKSTOP_KILL_MODE={} BACKSTOP_KILL_SEEDS={seed} cargo test --test kill_soak -- --nocapture ({log:?})",
+        mode.name()
+    );
     // Rerun until the run has ended (a rerun may meet a transient fault,
     // such as the server still restarting, and wait for the next pass; a
     // killed process may have scheduled a retry with the default 30 s
@@ -206,6 +247,8 @@ async fn one_seed(seed: u64) {
         assert_eq!(f.revert_commits("main"), 1, "{repro}");
         match mode {
             Mode::Local => assert!(f.kept_data_dirs() <= 1, "{repro}"),
+            // Restored in place (`--delta`): the lost writes stay in the archive.
+            Mode::PgBackRest(_) => assert_eq!(f.kept_data_dirs(), 0, "{repro}"),
             // The database as it was at the restore, kept renamed.
             Mode::Dump => {
                 assert_eq!(f.kept_data_dirs(), 0, "{repro}");
@@ -226,16 +269,13 @@ async fn one_seed(seed: u64) {
         assert_eq!(f.kept_data_dirs(), 0, "{repro}");
         assert_eq!(set_aside_databases(&f).await, 0, "{repro}");
     }
-    let backend = match mode {
-        Mode::Local => "local",
-        Mode::Dump => "dump",
-    };
-    assert_eq!(report["checkpoint"]["backend"], backend, "{repro}");
+    assert_eq!(report["checkpoint"]["backend"], mode.name(), "{repro}");
     assert_eq!(f.journal_len(), 2, "one run for the migration: {repro}");
     assert_eq!(f.count("SELECT count(*) FROM backstop.run_owner").await, 0, "{repro}");
     println!(
-        "kill_soak: seed {seed}: {} {mode:?} {log:?} -> {}",
+        "kill_soak: seed {seed}: {} {} {log:?} -> {}",
         if fails { "failing" } else { "passing" },
+        mode.name(),
         report["outcome"]
     );
 }

@@ -3,6 +3,7 @@
 //! them, and small builders for migration carriers.
 #![allow(dead_code)]
 
+pub mod backrest;
 pub mod envtest;
 pub mod flux;
 pub mod http;
