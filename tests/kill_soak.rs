@@ -181,9 +181,7 @@ async fn one_seed(seed: u64) {
     let c2 = f.commit_carrier(&migration, "second migration");
     let mut log = Vec::new();
     for _ in 0..kills {
-        // A pgBackRest pass takes longer: its kills are spread as far.
-        let scale = if matches!(mode, Mode::PgBackRest(_)) { 4 } else { 1 };
-        let delay = Duration::from_millis(30 + rng.next() % (1200 * scale));
+        let delay = Duration::from_millis(30 + rng.next() % 1200);
         let mut child = mode
             .command(&f, &["--revert", "commit"])
             .stdout(std::process::Stdio::piped())
