@@ -50,13 +50,7 @@ pub(crate) enum Created {
 /// stored. Its answer lost: the name is held ([`hold`]) until `deadline`,
 /// and past that whether a Job runs is [`Created::Unknown`].
 pub(crate) async fn create(ask: &Ask<'_>, deadline: tokio::time::Instant) -> Created {
-    let Ask {
-        jobs,
-        job,
-        what,
-        run,
-        id,
-    } = *ask;
+    let (jobs, job, what, run, id) = (ask.jobs, ask.job, ask.what, ask.run, ask.id);
     let name = job.metadata.name.clone().unwrap_or_default();
     let why = match jobs.create(&PostParams::default(), job).await {
         Ok(_) => return Created::Ours,
@@ -113,13 +107,7 @@ pub(crate) fn found(found: &Job, what: &str, run: &str, id: &str) -> Created {
 /// ([`found`]). Refused: the name cannot be held, so [`Created::Unknown`].
 /// Other errors are tried again until `deadline`, then returned.
 pub(crate) async fn hold(ask: &Ask<'_>, deadline: tokio::time::Instant, why: String) -> Result<Created, kube::Error> {
-    let Ask {
-        jobs,
-        job,
-        what,
-        run,
-        id,
-    } = *ask;
+    let (jobs, job, what, run, id) = (ask.jobs, ask.job, ask.what, ask.run, ask.id);
     let fence = fence_of(job, run);
     let name = fence.metadata.name.clone().unwrap_or_default();
     loop {
