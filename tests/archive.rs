@@ -16,12 +16,14 @@ use common::*;
 async fn archive_fills_up_when(f: &Fixture, flag: &Path) {
     let arch = f.server.archive();
     let script = f.server.root().join("archive.sh");
+    let ran = f.server.root().join("archive.sh.ran");
     std::fs::write(
         &script,
         format!(
-            "#!/bin/sh\n# $1 = %p, $2 = %f\nif [ -e {flag} ]; then head -c 65536 \"$1\" > {arch}/$2; exit 1; fi\ntest ! -f {arch}/$2 && cp \"$1\" {arch}/$2\n",
+            "#!/bin/sh\n# $1 = %p, $2 = %f\ntouch {ran}\nif [ -e {flag} ]; then head -c 65536 \"$1\" > {arch}/$2; exit 1; fi\ntest ! -f {arch}/$2 && cp \"$1\" {arch}/$2\n",
             flag = flag.display(),
-            arch = arch.display()
+            arch = arch.display(),
+            ran = ran.display()
         ),
     )
     .unwrap();
@@ -35,6 +37,18 @@ async fn archive_fills_up_when(f: &Fixture, flag: &Path) {
     .await
     .unwrap();
     c.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    // The archiver takes the new command at its own pace: until it has run
+    // it once, a segment may still go out through the old one.
+    for tries in 0.. {
+        assert!(tries < 200, "the archiver never ran the new archive_command");
+        c.batch_execute("SELECT pg_logical_emit_message(false, 'backstop-test', 'x'); SELECT pg_switch_wal()")
+            .await
+            .unwrap();
+        if ran.exists() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 fn note_column() -> CarrierBuilder {
