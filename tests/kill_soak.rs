@@ -27,21 +27,27 @@ fn passing() -> CarrierBuilder {
         .verify("SELECT count(*) = 1 FROM information_schema.columns WHERE column_name = 'note'")
 }
 
-/// The phase and last step of the newest run in the journal.
-fn journal_point(f: &Fixture) -> String {
-    let dir = f.state().join("journal");
-    let newest = std::fs::read_dir(&dir)
+/// The second run's journal entry (None until it is recorded: only the
+/// fixture's first run is there).
+fn second_run(f: &Fixture) -> Option<serde_json::Value> {
+    if f.journal_len() < 2 {
+        return None;
+    }
+    let newest = std::fs::read_dir(f.state().join("journal"))
         .into_iter()
         .flatten()
         .flatten()
         .map(|e| e.path())
-        .max();
-    let Some(path) = newest else { return "no run".into() };
-    if f.journal_len() < 2 {
-        // Only the fixture's first run: killed before this run was recorded.
+        .max()?;
+    Some(serde_json::from_slice(&std::fs::read(newest).unwrap()).unwrap())
+}
+
+/// The phase and last step of the newest run in the journal.
+fn journal_point(f: &Fixture) -> String {
+    let Some(run) = second_run(f) else {
+        // Killed before this run was recorded.
         return "before the run was recorded (fetch, plan, claim)".into();
-    }
-    let run: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    };
     let step = run["steps"]
         .as_array()
         .and_then(|s| s.last())
@@ -58,17 +64,7 @@ fn journal_point(f: &Fixture) -> String {
 /// Whether the second run has ended and written its report (a run that
 /// waits for a retry, or was never recorded, has not).
 fn ended(f: &Fixture) -> bool {
-    if f.journal_len() < 2 {
-        return false;
-    }
-    let newest = std::fs::read_dir(f.state().join("journal"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .max();
-    let Some(path) = newest else { return false };
-    let run: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let Some(run) = second_run(f) else { return false };
     let terminal = matches!(
         run["phase"].as_str(),
         Some("Succeeded" | "RolledBack" | "Failed" | "Deferred")
