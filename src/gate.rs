@@ -357,23 +357,63 @@ pub struct GateView<'a> {
     pub last: &'a LastTree,
 }
 
-/// The guarded tree read last, by commit and paths: a commit's tree never
-/// changes, and a pass reads the gate's twice (to schedule, and again at
-/// the gate move), parsing every manifest under the paths each time.
-pub type LastTree = std::sync::Mutex<Option<(String, TreeState)>>;
+/// Guarded trees read or built lately, by commit and paths: a commit's
+/// tree never changes, and a pass reads the gate's twice (to schedule, and
+/// again at the gate move) and checks a pending commit's tree again when
+/// it moves the gate there. A full parse reads every manifest under the
+/// paths; the pending commits' states built incrementally ([`trees`], proven
+/// equal to a full parse by `tests/gate_trees.rs`) are kept here for that
+/// check. Bounded: the oldest entries go first.
+#[derive(Default)]
+pub struct LastTree(std::sync::Mutex<std::collections::VecDeque<(String, TreeState)>>);
+
+impl LastTree {
+    /// Pending commits' trees a pass keeps at most for its gate moves
+    /// (beside the gate's own and the newest pending commit's).
+    pub const PENDING: usize = 8;
+    /// Trees kept at most.
+    const KEPT: usize = Self::PENDING + 4;
+
+    fn get(&self, key: &str) -> Option<TreeState> {
+        let kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        kept.iter().find(|(k, _)| k == key).map(|(_, tree)| tree.clone())
+    }
+
+    fn put(&self, key: String, tree: TreeState) {
+        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        kept.retain(|(k, _)| *k != key);
+        if kept.len() >= Self::KEPT {
+            kept.pop_front();
+        }
+        kept.push_back((key, tree));
+    }
+}
 
 impl GateView<'_> {
     /// The carriers and broken files of `sha`'s guarded tree.
     pub async fn tree(&self, sha: &str) -> Result<TreeState, GitError> {
-        let key = format!("{sha} {}", self.paths().join("\n"));
-        if let Some((k, tree)) = &*self.last.lock().unwrap_or_else(|e| e.into_inner()) {
-            if *k == key {
-                return Ok(tree.clone());
-            }
+        let key = self.key(sha);
+        if let Some(tree) = self.last.get(&key) {
+            return Ok(tree);
         }
         let tree = TreeState::parse(sha, &snapshot(self.git, &self.paths(), sha).await?);
-        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((key, tree.clone()));
+        self.last.put(key, tree.clone());
         Ok(tree)
+    }
+
+    /// Keeps `states` (built by [`trees`](Self::trees)) for [`tree`](Self::tree):
+    /// the gate moves to one of them next. Its own state as a full parse
+    /// has it (what changed against the commit before is not part of it).
+    pub fn remember<'t>(&self, states: impl IntoIterator<Item = &'t TreeState>) {
+        for state in states {
+            let mut tree = state.clone();
+            tree.changed.clear();
+            self.last.put(self.key(&state.sha), tree);
+        }
+    }
+
+    fn key(&self, sha: &str) -> String {
+        format!("{sha} {}", self.paths().join("\n"))
     }
 
     /// The guarded path and the others deployed from the same gate.
@@ -424,6 +464,13 @@ impl GateView<'_> {
     /// Checks `target` against the invariant and moves the gate there.
     /// Returns the sha the gate is at afterwards.
     pub async fn move_to(&self, target: &str, how: Move, exempt: &Exempt) -> Result<String, GateError> {
+        let proof = self.check(target, exempt).await?;
+        self.push(&proof, how).await
+    }
+
+    /// Checks `target` against the invariant; only reads. The proof is what
+    /// [`push`](Self::push) takes.
+    pub async fn check(&self, target: &str, exempt: &Exempt) -> Result<Checked, GateError> {
         let tree = self.tree(target).await?;
         let history = self.history([&tree]).await;
         let found = violations(&tree, &history, exempt);
@@ -433,11 +480,17 @@ impl GateView<'_> {
                 violations: found,
             });
         }
-        let proof = Checked {
+        Ok(Checked {
             sha: target.to_string(),
-        };
+        })
+    }
+
+    /// Moves the gate to a target [`check`](Self::check) passed. Returns the
+    /// sha the gate is at afterwards.
+    pub async fn push(&self, proof: &Checked, how: Move) -> Result<String, GateError> {
+        let target = proof.sha();
         tracing::info!(to = %&target[..target.len().min(7)], ?how, "moving the gate (invariant checked)");
-        self.git.push_gate(&proof, self.branch, how == Move::Join).await?;
+        self.git.push_gate(proof, self.branch, how == Move::Join).await?;
         Ok(target.to_string())
     }
 }

@@ -29,10 +29,20 @@ impl Engine {
     /// transient fault.
     pub async fn drive(&self, run: &mut RunRecord) -> Result<Progress, EngineError> {
         let span = tracing::info_span!("run", run = %run.id, commit = %run.commit.short());
-        self.drive_inner(run).instrument(span).await
+        self.drive_inner(run, false).instrument(span).await
     }
 
-    async fn drive_inner(&self, run: &mut RunRecord) -> Result<Progress, EngineError> {
+    /// Drives a run never saved yet. Its record is first written with the
+    /// intent of the first step that acts outside it (the checkpoint, or the
+    /// lock where the cluster acts), or when the drive stops before one: a
+    /// crash before that leaves no record and nothing done, and the next
+    /// pass plans the commit afresh.
+    pub(super) async fn drive_new(&self, run: &mut RunRecord) -> Result<Progress, EngineError> {
+        let span = tracing::info_span!("run", run = %run.id, commit = %run.commit.short());
+        self.drive_inner(run, true).instrument(span).await
+    }
+
+    async fn drive_inner(&self, run: &mut RunRecord, new: bool) -> Result<Progress, EngineError> {
         let mut db: Option<Database> = None;
         let policy = Policy {
             backoff: self.settings.backoff,
@@ -48,7 +58,7 @@ impl Engine {
         // written with the next step's intent, or when the drive stops. A
         // crash before that write resumes from the last intent, which decides
         // the same again.
-        let mut unsaved = false;
+        let mut unsaved = new;
         // A wait an earlier process scheduled follows this one's backoff
         // when that is shorter (`--retry-backoff` lowered to retry now).
         if let Some(r) = run.retry.as_mut() {
@@ -108,11 +118,23 @@ impl Engine {
                 action => {
                     let name = action.step(run).unwrap_or_default();
                     machine::begin(run, &name, now);
-                    if self.acts_outside(&action, run) {
-                        // The intent is on disk before the step acts.
-                        self.store.save(run).await?;
-                    }
-                    let observed = self.perform(&action, run, &mut db).await;
+                    let observed = match (&action, self.acts_outside(&action, run)) {
+                        (Action::Promote, true) => {
+                            // The gate move's check only reads: it goes on
+                            // while the intent is written, and the gate
+                            // moves once the intent is on disk.
+                            let (saved, check) = tokio::join!(self.store.save(run), self.promote_check(run));
+                            saved?;
+                            Observation::Promoted(self.promote_move(check).await)
+                        }
+                        (_, outside) => {
+                            if outside {
+                                // The intent is on disk before the step acts.
+                                self.store.save(run).await?;
+                            }
+                            self.perform(&action, run, &mut db).await
+                        }
+                    };
                     let before = run.retry.clone();
                     machine::apply(run, &name, observed, Utc::now(), policy);
                     // The result goes out with the next step's intent (or
@@ -446,6 +468,13 @@ impl Engine {
     /// (rewritten by a later commit) leaves the gate where it is: the gate
     /// carries the commit with the run that makes its tree whole.
     async fn promote(&self, run: &RunRecord) -> Result<(String, String), Fault> {
+        let check = self.promote_check(run).await;
+        self.promote_move(check).await
+    }
+
+    /// The reads of [`promote`](Self::promote): where the gate is, and the
+    /// invariant check of the run's commit. Nothing moves.
+    async fn promote_check(&self, run: &RunRecord) -> Result<PromoteCheck, Fault> {
         let gate_name = &self.settings.gate;
         let transient = |e: &GitError| Fault::transient(format!("moving the gate failed: {}", chain(e)));
         // The pass fetched moments ago (and the mirror follows backstop's
@@ -465,15 +494,18 @@ impl Engine {
             .await
             .map_err(|e| transient(&e))?
         {
-            return Ok((current.clone(), format!("gate {gate_name} already at or past {commit}")));
+            return Ok(PromoteCheck::Settled((
+                current.clone(),
+                format!("gate {gate_name} already at or past {commit}"),
+            )));
         }
         let after_apply = run.order == Order::AfterApply;
         let exempt = self.exempt(after_apply.then_some(run)).await?;
-        match self.gate().move_to(commit, Move::FastForward, &exempt).await {
-            Ok(sha) => Ok((sha, format!("gate {gate_name} fast-forwarded to {commit}"))),
+        match self.gate().check(commit, &exempt).await {
+            Ok(proof) => Ok(PromoteCheck::Move(proof)),
             Err(GateError::Invariant { violations, .. }) if !after_apply => {
                 let why: Vec<String> = violations.iter().map(|v| v.to_string()).collect();
-                Ok((
+                Ok(PromoteCheck::Settled((
                     current.clone(),
                     format!(
                         "gate {gate_name} stays at {}: commit {} also holds {}; it moves once those have run",
@@ -481,12 +513,33 @@ impl Engine {
                         run.commit.short(),
                         why.join("; ")
                     ),
-                ))
+                )))
             }
             Err(e @ GateError::Invariant { .. }) => Err(Fault::refused(chain(&e))),
             Err(GateError::Git(e)) => Err(transient(&e)),
         }
     }
+
+    /// The move of [`promote`](Self::promote), once its check passed.
+    async fn promote_move(&self, check: Result<PromoteCheck, Fault>) -> Result<(String, String), Fault> {
+        let gate_name = &self.settings.gate;
+        match check? {
+            PromoteCheck::Settled(done) => Ok(done),
+            PromoteCheck::Move(proof) => match self.gate().push(&proof, Move::FastForward).await {
+                Ok(sha) => Ok((sha, format!("gate {gate_name} fast-forwarded to {}", proof.sha()))),
+                Err(e) => Err(Fault::transient(format!("moving the gate failed: {}", chain(&e)))),
+            },
+        }
+    }
+}
+
+/// What the check before a gate move found.
+enum PromoteCheck {
+    /// The gate stays (already at or past the commit, or the commit waits
+    /// for a later run): where it is, and why.
+    Settled((String, String)),
+    /// The commit passed the invariant check: the gate moves there.
+    Move(crate::gate::Checked),
 }
 
 /// Whether the history row says migration `m` ran before this attempt

@@ -372,6 +372,11 @@ impl Engine {
         let candidates = match plan::discover(&self.git, &gate, &head, &self.settings.path, &trees, &pending).await {
             Ok(c) => {
                 tracing::debug!(candidates = c.len(), "migrations discovered");
+                // The gate moves next to a run's commit, or to the newest
+                // pending commit: their trees are checked again there.
+                // (The first runs' only: later ones are past many moves.)
+                let runs = trees.iter().filter(|t| c.iter().any(|c| c.commit.sha == t.sha));
+                view.remember(runs.take(gate::LastTree::PENDING).chain(trees.last()));
                 c
             }
             Err(e) => {
@@ -382,9 +387,13 @@ impl Engine {
         };
         let checkpoint_for = |k| self.checkpoint_for(k);
         for candidate in candidates {
+            // The claim names the run it is for (for the message another
+            // instance shows): a plan that makes no run releases it.
+            let created = Utc::now();
+            let id = run_id(created, &candidate.commit);
             // Own the database before reading its history: no other instance
             // changes it between this plan and the end of the run.
-            match self.claim(&candidate.carriers[0], None).await {
+            match self.claim(&candidate.carriers[0], Some(&id)).await {
                 Claimed::Ours | Claimed::Unresolved => {}
                 Claimed::Theirs(wait) => {
                     report.waiting = Some(wait);
@@ -434,11 +443,8 @@ impl Engine {
             }
             gate = self.advance(&gate, &trees, &exempt).await?;
             report.gate = gate.clone();
-            let mut run = self.new_run(&prepared, &gate, last.and_then(|r| r.retry.clone()));
-            self.store.save(&run).await?;
-            // Name the run in the claim (for the message another instance shows).
-            let _ = self.claim(&candidate.carriers[0], Some(&run.id)).await;
-            let progress = self.drive(&mut run).await?;
+            let mut run = self.new_run((id, created), &prepared, &gate, last.and_then(|r| r.retry.clone()));
+            let progress = self.drive_new(&mut run).await?;
             if let Progress::Ended(outcome) = progress {
                 report.runs.push((run.id.clone(), outcome, exec::report_location(&run)));
                 report.records.push(run.clone());
@@ -522,8 +528,13 @@ impl Engine {
         }
     }
 
-    fn new_run(&self, prepared: &Prepared, gate: &str, retry: Option<Retry>) -> RunRecord {
-        let now = Utc::now();
+    fn new_run(
+        &self,
+        (id, created_at): (String, chrono::DateTime<Utc>),
+        prepared: &Prepared,
+        gate: &str,
+        retry: Option<Retry>,
+    ) -> RunRecord {
         let mut migrations = prepared.migrations.clone();
         for m in &mut migrations {
             if let Some(mode) = self.settings.revert {
@@ -534,8 +545,8 @@ impl Engine {
             }
         }
         RunRecord {
-            id: format!("{}-{}", now.format("%Y%m%d-%H%M%S%3f"), prepared.commit.short()),
-            created_at: now,
+            id,
+            created_at,
             commit: prepared.commit.clone(),
             upstream_branch: self.settings.upstream.clone(),
             gate_branch: self.settings.gate.clone(),
@@ -559,7 +570,10 @@ impl Engine {
             promoted_to: None,
             failure: None,
             // Carried from a deferred attempt: the stall clock keeps running.
-            retry: retry.map(|r| Retry { next_at: now, ..r }),
+            retry: retry.map(|r| Retry {
+                next_at: created_at,
+                ..r
+            }),
             restore_decision: None,
             restore: None,
             revert: None,
@@ -619,6 +633,11 @@ impl Engine {
             })
             .await
     }
+}
+
+/// The id of a run of `commit` made at `at` (sorts by time).
+fn run_id(at: chrono::DateTime<Utc>, commit: &crate::git::CommitInfo) -> String {
+    format!("{}-{}", at.format("%Y%m%d-%H%M%S%3f"), commit.short())
 }
 
 /// What identifies a wait across passes (for "said once").
