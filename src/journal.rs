@@ -327,6 +327,29 @@ pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Test switch (debug builds only): `BACKSTOP_TEST_FAIL_SAVE=<step>` fails
+/// the save of a record whose newest step is `<step>`, still open (its
+/// intent), as a full or failing disk would.
+fn fail_save_for_test(run: &RunRecord) -> Result<(), StoreError> {
+    #[cfg(debug_assertions)]
+    if let Ok(step) = std::env::var("BACKSTOP_TEST_FAIL_SAVE") {
+        if run
+            .steps
+            .last()
+            .is_some_and(|s| s.name == step && s.finished_at.is_none())
+        {
+            return Err(StoreError {
+                action: "write the journal",
+                run: run.id.clone(),
+                source: format!("test switch BACKSTOP_TEST_FAIL_SAVE={step}").into(),
+            });
+        }
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = run;
+    Ok(())
+}
+
 /// Encodes `value` and writes it to `path` atomically, off the async threads.
 async fn write_json(
     path: PathBuf,
@@ -349,6 +372,7 @@ async fn write_json(
 #[async_trait::async_trait]
 impl RunStore for Journal {
     async fn save(&self, run: &RunRecord) -> Result<(), StoreError> {
+        fail_save_for_test(run)?;
         let path = self.journal_dir().join(format!("{}.json", run.id));
         // Forgotten before the write: the next listing reads the file again,
         // whatever its identity (the clock that stamps files is coarse, and

@@ -13,8 +13,9 @@ fn main() -> ExitCode {
     unsafe {
         nix::libc::mallopt(nix::libc::M_ARENA_MAX, 2);
     }
-    // Also before any other thread: it sets environment variables.
-    backstop::git::init_deferring_ca_bundle();
+    // Also before any other thread: it sets environment variables. libgit2
+    // starts on a thread of its own meanwhile, until `finish` below.
+    let git = backstop::git::start_deferring_ca_bundle();
     let filter = tracing_subscriber::EnvFilter::try_from_env("BACKSTOP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -25,7 +26,12 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none())
         .with_target(false)
         .init();
-    let cli = backstop::cli::Cli::parse();
+    // Parsed before libgit2 has surely started, and said after: an exit
+    // (`--help`, a bad argument) never meets OpenSSL halfway through its start.
+    let cli = backstop::cli::Cli::try_parse();
+    // Before any other thread is made (the runtime's).
+    git.finish();
+    let cli = cli.unwrap_or_else(|e| e.exit());
     let runtime = match backstop::cli::runtime_for(&cli) {
         Ok(rt) => rt,
         Err(e) => {

@@ -246,3 +246,34 @@ async fn a_server_whose_shutdown_ends_while_the_restore_stops_it_is_restored_not
     assert_eq!(f.schema().await, schema);
     assert_eq!(f.count("SELECT count(*) FROM orders").await, 3);
 }
+
+#[tokio::test]
+async fn the_gate_does_not_move_when_the_promote_intent_cannot_be_written() {
+    // The gate move's invariant check reads while its intent is written;
+    // the push waits for the write. A write that fails (test switch
+    // `BACKSTOP_TEST_FAIL_SAVE`, as a full disk would) leaves the gate where
+    // it was and the run open, and the next pass promotes it.
+    let (f, c1) = with_orders().await;
+    let c2 = f.commit_carrier(&passing(), "second migration");
+    let failed = f
+        .run_env(&["--revert", "commit"], &[("BACKSTOP_TEST_FAIL_SAVE", "promote")])
+        .await;
+    let out = text(&failed);
+    assert_eq!(
+        failed.status.code(),
+        Some(3),
+        "a journal that cannot be written needs a person: {out}"
+    );
+    assert!(out.contains("write the journal"), "{out}");
+    assert_eq!(f.gate(), c1, "the gate stays without its move's intent on disk");
+    let resumed = f.run(&["--revert", "commit"]).await;
+    let out = text(&resumed);
+    assert_eq!(resumed.status.code(), Some(0), "{out}");
+    assert!(out.contains("resuming run"), "{out}");
+    assert_eq!(f.gate(), c2);
+    assert_eq!(
+        f.count("SELECT count(*) FROM backstop.migration_history WHERE id = '0002-note'")
+            .await,
+        1
+    );
+}
