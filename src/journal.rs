@@ -1,7 +1,5 @@
 //! The local-mode run store: one JSON file per run under `<state>/journal/`,
-//! replaced atomically on every change (written and synced whole, then
-//! given the name: swapped with the folder's spare file where the
-//! filesystem can, else a new file renamed over it), and the
+//! replaced atomically (write, fsync, rename) on every change, and the
 //! evidence reports under `<state>/runs/<run-id>/report.{md,json}`, and the
 //! gate status of each guarded path under `<state>/gate/<path>.json`.
 
@@ -153,7 +151,7 @@ impl Journal {
             Err(e) => return Err(err("read the gate status", e.into())),
         };
         let mut out = Vec::new();
-        // Only the statuses (`<path>.json`): not the folder's spare file.
+        // Only the statuses (`<path>.json`): not a leftover `.tmp*` file.
         for entry in entries
             .flatten()
             .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
@@ -356,62 +354,7 @@ fn fail_save_for_test(run: &RunRecord) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The spare file of a folder the state's lock holder writes
-/// ([`replace_through_spare`]): not a record (`.json`) and not a leftover
-/// (`.tmp*`) to sweep.
-const SPARE: &str = ".spare";
-
-/// Replaces the existing file `path` with `bytes` atomically without
-/// making a new file: the bytes go into the folder's spare file, synced,
-/// then the spare and `path` swap names (`renameat2(RENAME_EXCHANGE)`) and
-/// the folder is synced; the spare then holds the old content, for the next
-/// write. Creating a file costs the filesystem an inode, and freeing one
-/// (the replaced file) another: on a journal-less ext4 that deleted many
-/// files lately each creation scans past them (~0.3 ms measured here in a
-/// busy `/tmp`; ~15 µs in a quiet folder). Ok(false), nothing written:
-/// there is no such file yet, or the filesystem cannot swap names; the
-/// caller writes a new file. Only for folders no other process writes
-/// (the journal's and the gate status's: the state lock's holder); one
-/// write at a time within the process.
-fn replace_through_spare(path: &Path, bytes: &[u8]) -> std::io::Result<bool> {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        use nix::errno::Errno;
-        use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
-        use std::os::unix::fs::OpenOptionsExt;
-        static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let Some(dir) = path.parent().filter(|_| path.is_file()) else {
-            return Ok(false);
-        };
-        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-        let spare = dir.join(SPARE);
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&spare)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        drop(file);
-        match renameat2(AT_FDCWD, &spare, AT_FDCWD, path, RenameFlags::RENAME_EXCHANGE) {
-            Ok(()) => {}
-            // No swapping here, or the file went away meanwhile.
-            Err(Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP | Errno::ENOENT) => return Ok(false),
-            Err(e) => return Err(e.into()),
-        }
-        sync_dir(dir)?;
-        Ok(true)
-    }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    {
-        let _ = (path, bytes);
-        Ok(false)
-    }
-}
-
-/// Encodes `value` and writes it to `path` atomically, off the async threads
-/// (through the folder's spare when `path` exists: [`replace_through_spare`]).
+/// Encodes `value` and writes it to `path` atomically, off the async threads.
 async fn write_json(
     path: PathBuf,
     value: &impl serde::Serialize,
@@ -424,13 +367,10 @@ async fn write_json(
         source,
     };
     let bytes = serde_json::to_vec_pretty(value).map_err(|e| err(encode, e.into()))?;
-    tokio::task::spawn_blocking(move || match replace_through_spare(&path, &bytes)? {
-        true => Ok(()),
-        false => write_atomic(&path, &bytes),
-    })
-    .await
-    .map_err(|e| err(write, e.into()))?
-    .map_err(|e| err(write, e.into()))
+    tokio::task::spawn_blocking(move || write_atomic(&path, &bytes))
+        .await
+        .map_err(|e| err(write, e.into()))?
+        .map_err(|e| err(write, e.into()))
 }
 
 #[async_trait::async_trait]
@@ -526,52 +466,27 @@ impl RunStore for Journal {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::MetadataExt;
-
     use super::*;
 
-    fn status(gate: &str) -> GateStatus {
-        GateStatus {
+    #[tokio::test]
+    async fn status_lists_the_gate_statuses_and_not_a_write_a_killed_process_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::new(dir.path());
+        let status = GateStatus {
             path: "apps/shop".into(),
             gate_branch: "backstop/gate".into(),
             upstream_branch: "main".into(),
-            gate: gate.into(),
-            upstream: "c0ffee".into(),
+            gate: "a1".into(),
+            upstream: "b2".into(),
             waiting: None,
             since: None,
             updated_at: chrono::Utc::now(),
-        }
-    }
-
-    #[tokio::test]
-    async fn a_replaced_file_swaps_names_with_the_spare_and_no_new_file_is_made() {
-        let dir = tempfile::tempdir().unwrap();
-        let journal = Journal::new(dir.path());
-        let file = journal.gate_file("apps/shop");
-        journal.save_gate(&status("a1")).await.unwrap();
-        let first = std::fs::metadata(&file).unwrap().ino();
-        journal.save_gate(&status("b2")).await.unwrap();
-        let spare = file.with_file_name(SPARE);
-        // The spare holds what was replaced; the file what was written.
-        assert_eq!(std::fs::metadata(&spare).unwrap().ino(), first);
-        let old: GateStatus = serde_json::from_slice(&std::fs::read(&spare).unwrap()).unwrap();
-        assert_eq!(old.gate, "a1");
-        journal.save_gate(&status("c3")).await.unwrap();
-        // The two files take turns: the third write made no file.
-        assert_eq!(std::fs::metadata(&file).unwrap().ino(), first);
-        assert_eq!(journal.load_gate("apps/shop").await.unwrap().unwrap().gate, "c3");
-        assert_eq!(std::fs::metadata(&file).unwrap().mode() & 0o777, 0o600);
-        // `backstop status` lists the statuses, not the spare.
+        };
+        journal.save_gate(&status).await.unwrap();
+        // Half a status: what a process killed mid-write leaves until the
+        // next `backstop run` sweeps it.
+        std::fs::write(dir.path().join("gate").join(".tmpAbC123"), "{\"path\": \"apps/sh").unwrap();
         let gates = journal.gates().unwrap();
-        assert_eq!(gates.len(), 1, "{gates:?}");
-        assert_eq!(gates[0].gate, "c3");
-    }
-
-    #[test]
-    fn a_file_not_there_yet_is_not_written_through_the_spare() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("new.json");
-        assert!(!replace_through_spare(&path, b"{}").unwrap());
-        assert!(!path.exists() && !dir.path().join(SPARE).exists());
+        assert_eq!(gates, vec![status]);
     }
 }

@@ -62,8 +62,10 @@ pub fn init_deferring_ca_bundle() {
 /// OpenSSL start on a thread of their own (about 1.5 ms here: OpenSSL's
 /// configuration and context). Call first thing in `main`, before any other
 /// thread exists, and [`CaBundleDeferral::finish`] before any other thread
-/// is made: the environment is changed only while those two are the
-/// process's only threads, and nothing but reads it meanwhile.
+/// is made. Meanwhile the helper changes the environment (git2 sets
+/// OpenSSL's certificate variables through `std::env`): the caller may
+/// read it only through `std::env`, whose lock orders both, never through
+/// C's `getenv` (a local-time clock reads `TZ` that way).
 pub fn start_deferring_ca_bundle() -> CaBundleDeferral {
     // What git2 would have set: the variable when it names a file, else
     // the bundle found in the usual places.
@@ -91,12 +93,12 @@ impl CaBundleDeferral {
     /// Waits until libgit2 has started, and puts `SSL_CERT_FILE` back as
     /// git2 would have left it. Call before any other thread is made.
     pub fn finish(self) {
-        match self.starting {
-            // A start that panicked is started again here, and says why.
-            Some(thread) => {
-                let _ = thread.join();
-                bound_network_waits();
-            }
+        match self.starting.map(std::thread::JoinHandle::join) {
+            Some(Ok(())) => {}
+            // The helper's panic is this thread's, as it was before the
+            // start moved to a thread of its own.
+            Some(Err(panic)) => std::panic::resume_unwind(panic),
+            // No thread could be made: started here.
             None => bound_network_waits(),
         }
         match &self.bundle {
