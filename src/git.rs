@@ -18,10 +18,7 @@ mod local;
 mod process;
 mod push;
 pub use auth::{redact, split_credentials, GitAuth};
-pub use process::{
-    bound_network_waits, init_deferring_ca_bundle, start_deferring_ca_bundle, CaBundleDeferral, CONNECT_TIMEOUT,
-    SERVER_TIMEOUT,
-};
+pub use process::{bound_network_waits, start_deferring_ca_bundle, CaBundleDeferral, CONNECT_TIMEOUT, SERVER_TIMEOUT};
 
 /// Failures of git operations; each names the step and the ref or remote.
 #[derive(Debug, thiserror::Error)]

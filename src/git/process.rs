@@ -51,21 +51,14 @@ static DEFERRED: OnceLock<Option<PathBuf>> = OnceLock::new();
 /// ends as git2 would have left it (`SSL_CERT_FILE` the bundle it probes
 /// for, unless one was set), so every other TLS user is unchanged.
 ///
-/// Call first thing in `main`, before any other thread exists: it changes
-/// the process environment.
-pub fn init_deferring_ca_bundle() {
-    start_deferring_ca_bundle().finish();
-}
-
-/// [`init_deferring_ca_bundle`] in two halves, so that the process goes on
-/// with its own start (logging, the command line) while libgit2 and
-/// OpenSSL start on a thread of their own (about 1.5 ms here: OpenSSL's
-/// configuration and context). Call first thing in `main`, before any other
-/// thread exists, and [`CaBundleDeferral::finish`] before any other thread
-/// is made. Meanwhile the helper changes the environment (git2 sets
-/// OpenSSL's certificate variables through `std::env`): the caller may
-/// read it only through `std::env`, whose lock orders both, never through
-/// C's `getenv` (a local-time clock reads `TZ` that way).
+/// libgit2 and OpenSSL start on a thread of their own (about 1.5 ms here:
+/// OpenSSL's configuration and context) while the process goes on with its
+/// own start (logging, the command line). Call first thing in `main`,
+/// before any other thread exists, and [`CaBundleDeferral::finish`] before
+/// any other thread is made. Meanwhile the helper changes the environment
+/// (git2 sets OpenSSL's certificate variables through `std::env`): the
+/// caller may read it only through `std::env`, whose lock orders both,
+/// never through C's `getenv` (a local-time clock reads `TZ` that way).
 pub fn start_deferring_ca_bundle() -> CaBundleDeferral {
     // What git2 would have set: the variable when it names a file, else
     // the bundle found in the usual places.
